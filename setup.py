@@ -1,0 +1,23 @@
+"""Packaging: the three programs live in top-level folders but install as pvpn.client,
+pvpn.server and pvpn.gateway, so every import is an absolute ``pvpn.…`` one."""
+
+from setuptools import setup
+
+setup(
+    packages=[
+        "pvpn",
+        "pvpn.io",
+        "pvpn.lab",
+        "pvpn.client",
+        "pvpn.server",
+    ],
+    package_dir={
+        "pvpn": "pvpn",
+        "pvpn.client": "client",
+        "pvpn.server": "server",
+    },
+    package_data={"pvpn": ["py.typed"]},
+    data_files=[("share/pvpn/supervisord.d", ["supervisord.d/pvpn-client.conf",
+                                               "supervisord.d/pvpn-server.conf",
+                                               "supervisord.d/supervisord.conf"])],
+)
