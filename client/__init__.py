@@ -1,0 +1,1 @@
+"""pvpn-client and `pvpn connect`: the client host's programs (installed as pvpn.client)."""

@@ -1,0 +1,397 @@
+"""`pvpn connect`: the user's own tunnel process.
+
+Runs as the user, holds the user's private key and TLS session, and relays packets between
+pvpn-client (over the local unix socket, where the kernel vouches for our uid) and the server.
+While it reconnects, pvpn-client keeps dropping the protected packets: nothing leaks in clear.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from pvpn import auth, tls
+from pvpn.envelope import (
+    EnvelopeDecoder, MsgType, Sequencer, decode_control, encode_control, encode_envelope,
+)
+from pvpn.errors import ConfigError, PvpnError, RemoteProtocolError
+from pvpn.io.loop import set_nodelay
+from pvpn.protocol import (
+    LinkClosed, LinkEstablished, LinkRefused, LinkState, PacketsReceived, UserLink,
+)
+
+CONNECT_TIMEOUT = 10.0
+MAX_BACKOFF = 10.0
+
+
+@dataclass(slots=True)
+class ConnectOptions:
+    host: str
+    port: int
+    prefixes: list[str]
+    key_path: Path
+    remote_user: str
+    socket_path: Path
+    ca_file: str | None = None
+    pinned_cert: str | None = None
+    server_name: str | None = None
+    keepalive: float = 10.0
+    dead_after: float = 30.0
+    client_name: str = field(default_factory=socket.gethostname)
+
+
+class ConnectError(PvpnError):
+    """The VPN could not be brought up; the message says what to do."""
+
+
+def _say(text: str) -> None:
+    print(f"pvpn: {text}", file=sys.stderr, flush=True)
+
+
+class _Stream(asyncio.Protocol):
+    """Forwards asyncio callbacks to plain functions (one per connection)."""
+
+    def __init__(self, on_data: Callable[[bytes], None],
+                 on_lost: Callable[[Exception | None], None]) -> None:
+        self.on_data, self.on_lost = on_data, on_lost
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        self.on_data(data)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.on_lost(exc)
+
+
+class Connector:
+    """Brings one personal VPN up and keeps it up until the user ends it."""
+
+    def __init__(self, options: ConnectOptions, on_up: Callable[[str], None]) -> None:
+        self.opt = options
+        self.on_up = on_up
+        self.key = auth.load_private_key(options.key_path)
+        self.context = tls.make_client_context(ca_file=options.ca_file,
+                                               pinned_certificate=options.pinned_cert)
+        self.loop = asyncio.get_running_loop()
+        self.finished: asyncio.Future[int] = self.loop.create_future()
+        # local side
+        self.local: _Stream | None = None
+        self.local_decoder = EnvelopeDecoder()
+        self.local_seq = Sequencer()
+        self.registered: asyncio.Future[dict[str, Any]] = self.loop.create_future()
+        self.uid = os.getuid()
+        # server side
+        self.link: UserLink | None = None
+        self.remote: _Stream | None = None
+        self.session = b""
+        self.token = b""
+        self.established: asyncio.Future[LinkEstablished] | None = None
+        self.ending = False
+
+    # ------------------------------------------------------------ local socket to pvpn-client
+    async def open_local(self) -> dict[str, Any]:
+        self.local_decoder = EnvelopeDecoder()
+        self.local_seq = Sequencer()
+        self.registered = self.loop.create_future()
+        try:
+            _, proto = await self.loop.create_unix_connection(
+                lambda: _Stream(self._local_data, self._local_lost), str(self.opt.socket_path))
+        except (FileNotFoundError, ConnectionRefusedError):
+            raise ConnectError(
+                f"pvpn-client is not running on this host (nothing listens on "
+                f"{self.opt.socket_path}); ask root to start it (supervisorctl start pvpn-client)"
+            ) from None
+        except PermissionError:
+            raise ConnectError(f"no permission to use {self.opt.socket_path}") from None
+        self.local = proto
+        self._local_send(MsgType.REGISTER, {"prefixes": self.opt.prefixes,
+                                            "server": f"{self.opt.host}:{self.opt.port}"})
+        reply = await asyncio.wait_for(self.registered, CONNECT_TIMEOUT)
+        if self.session:
+            self._local_send(MsgType.ATTACH, {"session": self.session})
+        return reply
+
+    def _local_send(self, mtype: MsgType, fields: dict[str, Any]) -> None:
+        if self.local is not None and self.local.transport is not None:
+            self.local.transport.write(encode_envelope(
+                mtype, self.session, self.uid, self.local_seq.take(), encode_control(fields)))
+
+    def _local_data(self, data: bytes) -> None:
+        packets: list[bytes] = []
+        try:
+            for envelope in self.local_decoder.feed(data):
+                if envelope.type is MsgType.PACKET:
+                    packets.append(envelope.body)
+                    continue
+                fields = decode_control(envelope)
+                if envelope.type is MsgType.REGISTERED and not self.registered.done():
+                    self.registered.set_result(fields)
+                elif envelope.type is MsgType.ERROR:
+                    self._local_error(fields["code"], fields["reason"])
+        except RemoteProtocolError as exc:
+            _say(f"garbage from pvpn-client: {exc}")
+            if self.local and self.local.transport:
+                self.local.transport.close()
+        link = self.link
+        if packets and link is not None and link.state is LinkState.ESTABLISHED:
+            link.send_packets(packets)
+            self._flush_remote()
+
+    def _local_error(self, code: str, reason: str) -> None:
+        if not self.registered.done():
+            self.registered.set_exception(ConnectError(f"pvpn-client refused: {reason}"))
+            return
+        _say(f"{reason}")
+        self.end(0 if code in ("disconnected", "daemon-stopping") else 1, reason, unregister=False)
+
+    def _local_lost(self, exc: Exception | None) -> None:
+        self.local = None
+        if self.ending or self.finished.done():
+            return
+        if not self.registered.done():
+            self.registered.set_exception(ConnectError("pvpn-client closed the connection"))
+            return
+        _say("lost pvpn-client; your protected traffic is held (dropped) until it is back")
+        self.loop.create_task(self._relocal())
+
+    async def _relocal(self) -> None:
+        delay = 0.5
+        for _ in range(120):
+            if self.ending:
+                return
+            try:
+                await self.open_local()
+                _say("re-registered with pvpn-client")
+                return
+            except (ConnectError, asyncio.TimeoutError, OSError):
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, MAX_BACKOFF)
+        self.end(1, "pvpn-client did not come back", unregister=False)
+
+    # ------------------------------------------------------------ link to the server
+    async def open_remote(self) -> LinkEstablished:
+        opt = self.opt
+        self.established = self.loop.create_future()
+        session = tls.TlsSession(self.context, server_side=False,
+                                 server_name=opt.server_name or opt.host)
+        link = UserLink(
+            session, user=opt.remote_user, uid=self.uid,
+            signer=lambda nonce, binding, node: auth.sign_challenge(
+                self.key, nonce, binding, opt.remote_user, node),
+            want=opt.prefixes, client_name=opt.client_name,
+            resume=(self.session, self.token) if self.session else None,
+            keepalive=opt.keepalive, dead_after=opt.dead_after,
+        )
+        session.start()
+        link.start(self.loop.time())
+        self.link = link
+        try:
+            _, proto = await asyncio.wait_for(self.loop.create_connection(
+                lambda: _Stream(self._remote_data, self._remote_lost), opt.host, opt.port),
+                CONNECT_TIMEOUT)
+        except (OSError, asyncio.TimeoutError) as exc:
+            raise ConnectError(f"cannot reach {opt.host}:{opt.port}: "
+                               f"{getattr(exc, 'strerror', None) or exc or 'timed out'}") from None
+        assert proto.transport is not None
+        set_nodelay(proto.transport)
+        self.remote = proto
+        self._flush_remote()
+        return await asyncio.wait_for(self.established, CONNECT_TIMEOUT * 2)
+
+    def _flush_remote(self) -> None:
+        link, remote = self.link, self.remote
+        if link is None or remote is None or remote.transport is None:
+            return
+        data = link.data_to_send(self.loop.time())
+        if data:
+            remote.transport.write(data)
+
+    def _remote_data(self, data: bytes) -> None:
+        link = self.link
+        if link is None:
+            return
+        for event in link.receive_data(data, self.loop.time()):
+            if type(event) is PacketsReceived:
+                local = self.local
+                if local is not None and local.transport is not None:
+                    uid, session, seq = self.uid, self.session, self.local_seq
+                    local.transport.write(b"".join(
+                        encode_envelope(MsgType.PACKET, session, uid, seq.take(), p)
+                        for p in event.packets))
+            else:
+                self._link_event(event)
+        self._flush_remote()
+
+    def _link_event(self, event: Any) -> None:
+        fut = self.established
+        if isinstance(event, LinkEstablished):
+            self.session, self.token = event.session, event.token
+            if fut is not None and not fut.done():
+                fut.set_result(event)
+        elif isinstance(event, LinkRefused):
+            if fut is not None and not fut.done():
+                fut.set_exception(ConnectError(f"{event.reason} ({event.code})"))
+            else:
+                self.end(1, f"server refused: {event.reason}")
+        elif isinstance(event, LinkClosed):
+            if self.remote is not None and self.remote.transport is not None:
+                self.remote.transport.close()
+            if fut is not None and not fut.done():
+                fut.set_exception(ConnectError(event.reason) if event.fatal else
+                                  ConnectionError(event.reason))
+            elif event.fatal:
+                self.end(1, event.reason)
+            else:
+                self._link_down(event.reason)
+
+    def _remote_lost(self, exc: Exception | None) -> None:
+        self.remote = None
+        reason = f"connection lost: {exc}" if exc else "server closed the connection"
+        fut = self.established
+        if fut is not None and not fut.done():
+            fut.set_exception(ConnectionError(reason))
+        elif not self.ending and self.link is not None and self.link.state is not LinkState.CLOSED:
+            self.link.state = LinkState.CLOSED
+            self._link_down(reason)
+
+    def _link_down(self, reason: str) -> None:
+        if self.ending or self.finished.done():
+            return
+        _say(f"tunnel down ({reason}); holding your protected traffic and reconnecting")
+        self.loop.create_task(self._reconnect())
+
+    async def _reconnect(self) -> None:
+        delay = 0.5
+        while not self.ending:
+            await asyncio.sleep(delay)
+            try:
+                event = await self.open_remote()
+            except ConnectError as exc:
+                self.end(1, str(exc))
+                return
+            except (ConnectionError, OSError, asyncio.TimeoutError) as exc:
+                _say(f"reconnect failed: {exc or 'timed out'}; retrying")
+                delay = min(delay * 2, MAX_BACKOFF)
+                continue
+            state = "resumed" if event.resumed else "re-established as a new session"
+            _say(f"session {self.session.hex()} {state}")
+            if not event.resumed:
+                self._local_send(MsgType.ATTACH, {"session": self.session})
+            return
+
+    # ------------------------------------------------------------ lifecycle
+    async def tick(self) -> None:
+        while not self.finished.done():
+            await asyncio.sleep(1.0)
+            link = self.link
+            if link is None or link.state is LinkState.CLOSED:
+                continue
+            event = link.handle_timer(self.loop.time())
+            if event is not None:
+                self._link_event(event)
+            self._flush_remote()
+
+    def end(self, status: int, reason: str, unregister: bool = True) -> None:
+        """End the VPN: CLOSE to the server, UNREGISTER to pvpn-client (protection removed)."""
+        if self.finished.done():
+            return
+        self.ending = True
+        if self.link is not None and self.link.state is LinkState.ESTABLISHED:
+            self.link.close(reason)
+            self._flush_remote()
+        if self.remote is not None and self.remote.transport is not None:
+            self.remote.transport.close()
+        if unregister:
+            self._local_send(MsgType.UNREGISTER, {"reason": reason})
+        if self.local is not None and self.local.transport is not None:
+            self.local.transport.close()
+        self.finished.set_result(status)
+
+    async def run(self) -> int:
+        opt = self.opt
+        reply = await self.open_local()
+        try:
+            event = await self.open_remote()
+        except (ConnectError, ConnectionError, OSError, asyncio.TimeoutError) as exc:
+            self.end(1, f"could not connect: {exc}")
+            raise ConnectError(str(exc) or "timed out waiting for the server") from None
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self.loop.add_signal_handler(sig, self.end, 0, "ended by the user")
+        self._local_send(MsgType.ATTACH, {"session": self.session})
+        self.on_up(
+            f"session {self.session.hex()} is up for {opt.remote_user} (uid {reply['uid']}): "
+            f"{', '.join(event.allow)} via {event.node} at {opt.host}:{opt.port}")
+        ticker = self.loop.create_task(self.tick())
+        status = await self.finished
+        ticker.cancel()
+        await asyncio.sleep(0.05)  # let CLOSE and UNREGISTER leave
+        return status
+
+
+def run_connect(options: ConnectOptions, background: bool, log_path: Path | None) -> int:
+    """Run in the foreground, or fork and return once the VPN is up (or failed)."""
+    if not background:
+        async def foreground() -> int:
+            connector = Connector(options, lambda line: print(f"pvpn: {line}", flush=True))
+            return await connector.run()
+        try:
+            return asyncio.run(foreground())
+        except (ConnectError, ConfigError) as exc:
+            _say(f"error: {exc}")
+            return 1
+
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid > 0:
+        os.close(write_fd)
+        with os.fdopen(read_fd) as pipe:
+            message = pipe.read()
+        if message.startswith("up "):
+            print(f"pvpn: {message[3:].strip()} (pid {pid})", flush=True)
+            return 0
+        _say(f"error: {message.strip() or 'the tunnel process exited'}")
+        return 1
+    # Child: detach from the terminal, report once through the pipe.
+    os.close(read_fd)
+    os.setsid()
+    devnull = os.open(os.devnull, os.O_RDWR)
+    os.dup2(devnull, 0)
+    target = devnull
+    if log_path is not None:
+        try:
+            log_path.parent.mkdir(parents=True, exist_ok=True)
+            target = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        except OSError:
+            target = devnull
+    os.dup2(target, 1)
+    os.dup2(target, 2)
+    pipe_out = os.fdopen(write_fd, "w")
+
+    def report(text: str) -> None:
+        if not pipe_out.closed:
+            pipe_out.write(text)
+            pipe_out.close()
+
+    async def detached() -> int:
+        connector = Connector(options, lambda line: (print(f"pvpn: {line}", flush=True),
+                                                      report(f"up {line}")))
+        return await connector.run()
+
+    status = 1
+    try:
+        status = asyncio.run(detached())
+    except (ConnectError, ConfigError) as exc:
+        report(str(exc))
+    finally:
+        report("")
+    os._exit(status)

@@ -1,0 +1,236 @@
+"""The `pvpn` command: keys, certificates, connect/disconnect/status, and the lab."""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import json
+import os
+import socket
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from pvpn import __version__
+from pvpn.config import DEFAULT_PORT, parse_endpoint, parse_prefixes
+from pvpn.envelope import (
+    EnvelopeDecoder, MsgType, decode_control, encode_control, encode_envelope,
+)
+from pvpn.errors import ConfigError, PvpnError
+
+DEFAULT_SOCKET = Path(os.environ.get("PVPN_SOCKET", "/run/pvpn/client.sock"))
+
+
+def config_dir() -> Path:
+    base = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
+    return Path(base) / "pvpn"
+
+
+def default_key() -> Path:
+    return config_dir() / "id_rsa"
+
+
+# ---------------------------------------------------------------- keygen / ca
+
+
+def cmd_keygen(args: argparse.Namespace) -> int:
+    from pvpn import auth
+
+    path: Path = args.key
+    if path.exists() and not args.force:
+        raise ConfigError(f"{path} already exists; use --force to replace it")
+    if path.exists():
+        path.unlink()
+        path.with_suffix(".pub").unlink(missing_ok=True)
+    key = auth.generate_user_key(args.bits)
+    auth.save_private_key(key, path)
+    pub = path.with_name(path.name + ".pub")
+    pub.unlink(missing_ok=True)
+    auth.save_public_key(key, pub, f"{getpass.getuser()}@{socket.gethostname()}")
+    print(f"private key: {path} (mode 0600)")
+    print(f"public key:  {pub}")
+    print(f"fingerprint: {auth.fingerprint(key.public_key())}")
+    print(f"Give {pub} to the administrator of each pvpn node, to install as "
+          f"<authorized_keys>/{getpass.getuser()}.pub")
+    return 0
+
+
+def cmd_ca_init(args: argparse.Namespace) -> int:
+    from pvpn import pki
+
+    crt, key = pki.create_ca(args.dir, args.name, args.days)
+    print(f"CA certificate: {crt}\nCA key:         {key} (keep it secret)")
+    return 0
+
+
+def cmd_ca_issue(args: argparse.Namespace) -> int:
+    from pvpn import pki
+
+    crt, key = pki.issue_certificate(args.dir, args.name, args.out or args.dir,
+                                     ips=args.ip, dns_names=args.dns, days=args.days)
+    print(f"certificate: {crt}\nkey:         {key}")
+    return 0
+
+
+# ---------------------------------------------------------------- talking to pvpn-client
+
+
+def ask_daemon(socket_path: Path, mtype: MsgType, fields: dict[str, Any],
+               timeout: float = 10.0) -> tuple[MsgType, dict[str, Any]]:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(timeout)
+    try:
+        sock.connect(str(socket_path))
+    except (FileNotFoundError, ConnectionRefusedError):
+        raise PvpnError(f"pvpn-client is not running on this host (nothing listens on "
+                        f"{socket_path}); ask root to start it") from None
+    with sock:
+        sock.sendall(encode_envelope(mtype, b"", os.getuid(), 0, encode_control(fields)))
+        decoder = EnvelopeDecoder()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            data = sock.recv(65536)
+            if not data:
+                break
+            for envelope in decoder.feed(data):
+                if envelope.type in (MsgType.STATUS_REPLY, MsgType.ERROR):
+                    return envelope.type, decode_control(envelope)
+    raise PvpnError("pvpn-client gave no answer")
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    _, reply = ask_daemon(args.socket, MsgType.STATUS, {})
+    sessions = reply["sessions"]
+    if args.json:
+        print(json.dumps(sessions, indent=2))
+        return 0
+    if not sessions:
+        print("no pvpn sessions" + ("" if os.getuid() == 0 else " of yours") + " on this host")
+        return 0
+    for s in sessions:
+        print(f"{s['session'] or '(connecting)':32}  {s['user']:>10} (uid {s['uid']})  "
+              f"{s['state']}\n    to {', '.join(s['prefixes'])} via {s['server']}; "
+              f"age {s['age']:.0f} s; out {s['packets_out']} pkts/{s['bytes_out']} B, "
+              f"in {s['packets_in']} pkts/{s['bytes_in']} B; drops {s['drops'] or 'none'}")
+    return 0
+
+
+def cmd_disconnect(args: argparse.Namespace) -> int:
+    session = b""
+    if args.session:
+        try:
+            session = bytes.fromhex(args.session if len(args.session) % 2 == 0
+                                    else args.session[:-1])
+        except ValueError:
+            raise ConfigError(f"{args.session!r} is not a session id (hex)") from None
+    mtype, reply = ask_daemon(args.socket, MsgType.DISCONNECT, {"session": session})
+    if mtype is MsgType.ERROR:
+        print(f"pvpn: {reply['reason']}", file=sys.stderr)
+        return 1
+    if not reply["sessions"]:
+        print("pvpn: no session to disconnect")
+        return 1
+    for s in reply["sessions"]:
+        print(f"pvpn: disconnected session {s['session'] or '(connecting)'} "
+              f"({', '.join(s['prefixes'])})")
+    return 0
+
+
+def cmd_connect(args: argparse.Namespace) -> int:
+    from pvpn.client.connect import ConnectOptions, run_connect
+
+    host, port = parse_endpoint(args.server, DEFAULT_PORT, "SERVER")
+    parse_prefixes(args.to)
+    if bool(args.ca) == bool(args.pin):
+        raise ConfigError("give the server's CA (--ca FILE) or its pinned certificate "
+                          "(--pin FILE), one of the two")
+    options = ConnectOptions(
+        host=host, port=port, prefixes=list(args.to), key_path=args.key,
+        remote_user=args.user or getpass.getuser(), socket_path=args.socket,
+        ca_file=args.ca, pinned_cert=args.pin, server_name=args.server_name,
+        keepalive=args.keepalive, dead_after=args.keepalive * 3,
+    )
+    log = args.log or (Path(os.environ.get("XDG_STATE_HOME") or Path.home() / ".local/state")
+                       / "pvpn" / "connect.log")
+    return run_connect(options, args.background, log)
+
+
+# ---------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pvpn", description="pvpn, a personal VPN.")
+    parser.add_argument("--version", action="version", version=f"pvpn {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("keygen", help="make your RSA key pair")
+    p.add_argument("--key", type=Path, default=default_key(), help="private key file")
+    p.add_argument("--bits", type=int, default=3072)
+    p.add_argument("--force", action="store_true", help="replace an existing key")
+    p.set_defaults(func=cmd_keygen)
+
+    p = sub.add_parser("connect", help="open your personal VPN")
+    p.add_argument("server", metavar="SERVER[:PORT]")
+    p.add_argument("--to", action="append", required=True, metavar="PREFIX",
+                   help="destination prefix to protect (repeatable)")
+    p.add_argument("--key", type=Path, default=default_key(), help="your private key")
+    p.add_argument("--ca", help="CA certificate that signed the server's certificate")
+    p.add_argument("--pin", help="the server's own certificate, pinned")
+    p.add_argument("--server-name", help="name or IP the certificate must carry "
+                   "(default: the host in SERVER)")
+    p.add_argument("--user", help="user name at the server (default: your login name)")
+    p.add_argument("--socket", type=Path, default=DEFAULT_SOCKET, help="pvpn-client's socket")
+    p.add_argument("--background", action="store_true", help="return once the VPN is up")
+    p.add_argument("--log", type=Path, help="log file in --background mode")
+    p.add_argument("--keepalive", type=float, default=10.0, help="seconds between keepalives")
+    p.set_defaults(func=cmd_connect)
+
+    p = sub.add_parser("disconnect", help="close your VPN (all of yours without SESSION)")
+    p.add_argument("session", nargs="?", help="session id (or a prefix of it)")
+    p.add_argument("--socket", type=Path, default=DEFAULT_SOCKET)
+    p.set_defaults(func=cmd_disconnect)
+
+    p = sub.add_parser("status", help="your sessions on this host (root: everyone's)")
+    p.add_argument("--socket", type=Path, default=DEFAULT_SOCKET)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("ca", help="a small CA for node certificates")
+    ca = p.add_subparsers(dest="ca_command", required=True)
+    q = ca.add_parser("init", help="create a CA in DIR")
+    q.add_argument("dir", type=Path)
+    q.add_argument("--name", default="pvpn CA")
+    q.add_argument("--days", type=int, default=3650)
+    q.set_defaults(func=cmd_ca_init)
+    q = ca.add_parser("issue", help="issue a node certificate signed by the CA in DIR")
+    q.add_argument("dir", type=Path)
+    q.add_argument("name")
+    q.add_argument("--ip", action="append", default=[], help="IP address the node is reached at")
+    q.add_argument("--dns", action="append", default=[], help="DNS name of the node")
+    q.add_argument("--out", type=Path, help="output directory (default: DIR)")
+    q.add_argument("--days", type=int, default=825)
+    q.set_defaults(func=cmd_ca_issue)
+
+    from pvpn.lab.cli import register
+
+    register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except ConfigError as exc:
+        print(f"pvpn: {exc}", file=sys.stderr)
+        return 2
+    except PvpnError as exc:
+        print(f"pvpn: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,261 @@
+"""Node configuration files (TOML), checked strictly: a bad setting is a ConfigError that names
+the file, the setting and what to do. The layouts are documented in docs/design.md."""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Debian 11 / Ubuntu 22.04
+    import tomli as tomllib
+
+from pvpn.errors import ConfigError
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+_USER_RE = re.compile(r"^[a-z_][a-z0-9_.-]{0,31}$")
+_INSTANCE_RE = re.compile(r"^[a-z][a-z0-9]{0,7}$")
+
+
+def parse_prefix(text: str, where: str = "prefix") -> Network:
+    """Parse ``10.0.0.0/24``, ``fd00::/64`` or a bare address (a /32 or /128)."""
+    try:
+        return ipaddress.ip_network(text, strict=False)
+    except ValueError:
+        raise ConfigError(f"{where}: {text!r} is not an IPv4/IPv6 address or prefix") from None
+
+
+def parse_endpoint(text: str, default_port: int, where: str = "address") -> tuple[str, int]:
+    """Parse ``host``, ``host:port``, ``[v6]:port`` or a bare IPv6 address."""
+    host, port = text, default_port
+    if text.startswith("["):
+        end = text.find("]")
+        if end < 0:
+            raise ConfigError(f"{where}: {text!r} has '[' without ']'")
+        host = text[1:end]
+        rest = text[end + 1:]
+        if rest:
+            if not rest.startswith(":"):
+                raise ConfigError(f"{where}: {text!r}: expected ':PORT' after ']'")
+            port = _port(rest[1:], where)
+    elif text.count(":") == 1:
+        host, port_text = text.split(":")
+        port = _port(port_text, where)
+    if not host:
+        raise ConfigError(f"{where}: {text!r} has no host")
+    return host, port
+
+
+def _port(text: str, where: str) -> int:
+    if not text.isdigit() or not 0 < int(text) < 65536:
+        raise ConfigError(f"{where}: port {text!r} must be a number from 1 to 65535")
+    return int(text)
+
+
+class _Table:
+    """Reads typed settings out of one TOML table and names the setting in every error."""
+
+    def __init__(self, path: Path, section: str, data: dict[str, Any]) -> None:
+        self.path, self.section, self.data = path, section, data
+        self.used: set[str] = set()
+
+    def where(self, key: str) -> str:
+        return f"{self.path}: [{self.section}] {key}"
+
+    def get(self, key: str, kind: type | tuple[type, ...], default: Any = ...) -> Any:
+        self.used.add(key)
+        if key not in self.data:
+            if default is ...:
+                raise ConfigError(f"{self.where(key)} is missing; add it")
+            return default
+        value = self.data[key]
+        if not isinstance(value, kind) or isinstance(value, bool):
+            wanted = getattr(kind, "__name__", "number")
+            raise ConfigError(f"{self.where(key)} must be a {wanted}, not {type(value).__name__}")
+        return value
+
+    def strings(self, key: str, default: Any = ...) -> list[str]:
+        value = self.get(key, list, default)
+        if not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"{self.where(key)} must be a list of strings")
+        return list(value)
+
+    def finish(self) -> None:
+        unknown = set(self.data) - self.used
+        if unknown:
+            raise ConfigError(
+                f"{self.path}: [{self.section}] has unknown setting(s) {sorted(unknown)}; "
+                "check the spelling against docs/design.md"
+            )
+
+
+def _load(path: Path) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as handle:
+            return tomllib.load(handle)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except PermissionError:
+        raise ConfigError(f"config file {path} is not readable (run as root?)") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+
+
+def _existing_file(table: _Table, key: str) -> Path:
+    path = Path(table.get(key, str))
+    if not path.is_file():
+        raise ConfigError(f"{table.where(key)}: file {path} does not exist")
+    return path
+
+
+def _name(table: _Table) -> str:
+    name = table.get("name", str)
+    if not _NAME_RE.match(name):
+        raise ConfigError(f"{table.where('name')}: {name!r} must be letters, digits, '.-_'")
+    return str(name)
+
+
+def _instance(table: _Table, default: str) -> str:
+    instance = table.get("instance", str, default)
+    if not _INSTANCE_RE.match(instance):
+        raise ConfigError(
+            f"{table.where('instance')}: {instance!r} must be 1-8 lower-case letters/digits"
+        )
+    return str(instance)
+
+
+@dataclass(slots=True)
+class UserPolicy:
+    """What one user may reach through this node (like SSH ``permitopen``)."""
+
+    allow: list[Network]
+
+    def permits(self, network: Network) -> bool:
+        return any(
+            network.version == allowed.version and network.subnet_of(allowed)  # type: ignore[arg-type]
+            for allowed in self.allow
+        )
+
+
+@dataclass(slots=True)
+class ServerConfig:
+    path: Path
+    name: str
+    listen: list[tuple[str, int]]
+    certificate: Path
+    private_key: Path
+    authorized_keys: Path
+    queue: int
+    nat_ports: tuple[int, int]
+    instance: str
+    users: dict[str, UserPolicy] = field(default_factory=dict)
+    keepalive: float = 10.0
+    dead_after: float = 30.0
+    resume_grace: float = 120.0
+
+
+DEFAULT_PORT = 4433
+
+
+def load_server_config(path: Path) -> ServerConfig:
+    data = _load(path)
+    unknown = set(data) - {"server", "users"}
+    if unknown:
+        raise ConfigError(f"{path}: unknown section(s) {sorted(unknown)}")
+    if "server" not in data or not isinstance(data["server"], dict):
+        raise ConfigError(f"{path}: the [server] section is missing")
+    t = _Table(path, "server", data["server"])
+    name = _name(t)
+    listen = [parse_endpoint(x, DEFAULT_PORT, t.where("listen")) for x in t.strings("listen")]
+    if not listen:
+        raise ConfigError(f"{t.where('listen')} is empty; give at least one address:port")
+    certificate = _existing_file(t, "certificate")
+    private_key = _existing_file(t, "private_key")
+    authorized_keys = Path(t.get("authorized_keys", str))
+    if not authorized_keys.is_dir():
+        raise ConfigError(f"{t.where('authorized_keys')}: directory {authorized_keys} not found")
+    queue = t.get("queue", int, 4000)
+    if not 0 <= queue <= 65535:
+        raise ConfigError(f"{t.where('queue')} must be 0..65535")
+    ports_text = t.get("nat_ports", str, "61000-64999")
+    match = re.fullmatch(r"(\d+)-(\d+)", ports_text)
+    if not match or not 1024 <= int(match[1]) < int(match[2]) <= 65535:
+        raise ConfigError(f"{t.where('nat_ports')} must look like 61000-64999 (within 1024-65535)")
+    keepalive = float(t.get("keepalive", (int, float), 10.0))
+    dead_after = float(t.get("dead_after", (int, float), 30.0))
+    grace = float(t.get("resume_grace", (int, float), 120.0))
+    instance = _instance(t, "pvpns")
+    t.finish()
+    users: dict[str, UserPolicy] = {}
+    users_data = data.get("users", {})
+    if not isinstance(users_data, dict):
+        raise ConfigError(f"{path}: [users] must be a table of [users.NAME] sections")
+    for user, section in users_data.items():
+        if not _USER_RE.match(user):
+            raise ConfigError(f"{path}: [users.{user}]: not a valid user name")
+        if not isinstance(section, dict):
+            raise ConfigError(f"{path}: [users.{user}] must be a table")
+        u = _Table(path, f"users.{user}", section)
+        allow = [parse_prefix(p, u.where("allow")) for p in u.strings("allow")]
+        u.finish()
+        users[user] = UserPolicy(allow)
+    return ServerConfig(
+        path, name, listen, certificate, private_key, authorized_keys, queue,
+        (int(match[1]), int(match[2])), instance, users, keepalive, dead_after, grace,
+    )
+
+
+@dataclass(slots=True)
+class ClientConfig:
+    path: Path
+    name: str
+    socket: Path
+    queue_base: int
+    max_sessions: int
+    mark_mask: int
+    instance: str
+
+
+def load_client_config(path: Path) -> ClientConfig:
+    data = _load(path)
+    if set(data) != {"client"} or not isinstance(data["client"], dict):
+        raise ConfigError(f"{path}: expected exactly one [client] section")
+    t = _Table(path, "client", data["client"])
+    name = _name(t)
+    socket_path = Path(t.get("socket", str, "/run/pvpn/client.sock"))
+    queue_base = t.get("queue_base", int, 3000)
+    max_sessions = t.get("max_sessions", int, 64)
+    mask_text = t.get("mark_mask", str, "0x00ff0000")
+    try:
+        mark_mask = int(mask_text, 0)
+    except ValueError:
+        raise ConfigError(f"{t.where('mark_mask')}: {mask_text!r} is not a number") from None
+    bits = bin(mark_mask).count("1")
+    if mark_mask <= 0 or mark_mask >= 1 << 32 or (1 << bits) - 1 < max_sessions + 1:
+        raise ConfigError(
+            f"{t.where('mark_mask')}: {mask_text} must be a 32-bit mask with room for "
+            f"max_sessions={max_sessions} marks"
+        )
+    if not 1 <= max_sessions <= 1024:
+        raise ConfigError(f"{t.where('max_sessions')} must be 1..1024")
+    if not 0 <= queue_base <= 65535 - max_sessions:
+        raise ConfigError(f"{t.where('queue_base')} must leave room for max_sessions queues")
+    instance = _instance(t, "pvpnc")
+    t.finish()
+    return ClientConfig(path, name, socket_path, queue_base, max_sessions, mark_mask, instance)
+
+
+def parse_prefixes(texts: Sequence[str], where: str = "--to") -> list[Network]:
+    if not texts:
+        raise ConfigError(f"{where}: name at least one destination prefix to protect")
+    return [parse_prefix(t, where) for t in texts]
+
+
+def valid_user_name(name: str) -> bool:
+    return bool(_USER_RE.match(name))

@@ -1,0 +1,237 @@
+"""The pvpn envelope: a versioned msgpack frame carrying type, session id, uid, sequence
+number, hop limit and a body.
+
+On the wire an envelope is one msgpack array::
+
+    [version, type, session, uid, seq, hops, body]
+
+msgpack frames itself, so a stream of envelopes needs no length prefix. ``body`` is the raw IP
+packet for ``PACKET`` and ``DATA`` envelopes (opaque bytes, never decoded by a relay) and a
+msgpack-encoded map for control envelopes, checked against a per-type schema by
+:func:`decode_control`.
+
+The decoder is strict (after h11): any byte string either yields envelopes or raises
+:class:`~pvpn.errors.MalformedFrame` / :class:`~pvpn.errors.SequenceError`. After such an error
+the stream is out of step, so the caller closes that link and serves everyone else.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import Any, Iterator, Mapping
+
+import msgpack
+
+from pvpn.errors import LocalProtocolError, MalformedFrame, SequenceError
+
+VERSION = 1
+SESSION_ID_LEN = 16
+MAX_PACKET = 65535
+#: An envelope is at most this big; anything larger is garbage or an attack.
+MAX_FRAME = MAX_PACKET + 1024
+DEFAULT_HOPS = 16
+_MAX_UINT64 = (1 << 64) - 1
+
+
+class MsgType(enum.IntEnum):
+    """Envelope types. 1-19 cross the network; 20+ only the local socket to pvpn-client."""
+
+    HELLO = 1  # user -> node: who I am, what I want, maybe a session to resume
+    CHALLENGE = 2  # node -> user: fresh random challenge
+    AUTH = 3  # user -> node: signature over challenge + TLS binding
+    ACCEPT = 4  # node -> user: session id, resume token, allowed destinations
+    REFUSE = 5  # node -> user: why not
+    PACKET = 6  # one IP packet of the user's
+    KEEPALIVE = 7
+    KEEPALIVE_ACK = 8
+    CLOSE = 9  # orderly end, with a reason
+    DATA = 10  # opaque bytes of an inner (nested) session, relayed by gateways
+    # Local socket between `pvpn connect` and pvpn-client.
+    REGISTER = 20  # user process -> pvpn-client: protect these prefixes for my uid
+    REGISTERED = 21  # pvpn-client -> user process: slot, queue, uid as the kernel saw it
+    ATTACH = 22  # user process -> pvpn-client: the server accepted, here is the session id
+    UNREGISTER = 23  # user process -> pvpn-client: end protection (explicit disconnect)
+    DISCONNECT = 24  # any process of the uid -> pvpn-client: end that session
+    STATUS = 25  # -> pvpn-client: list sessions
+    STATUS_REPLY = 26
+    ERROR = 27  # pvpn-client -> user process: request refused, with a message
+
+
+_TYPES = {int(t): t for t in MsgType}
+
+
+@dataclass(slots=True)
+class Envelope:
+    """One decoded frame. ``body`` is raw bytes; control bodies go through decode_control."""
+
+    type: MsgType
+    session: bytes
+    uid: int
+    seq: int
+    hops: int
+    body: bytes
+
+
+_packer = msgpack.Packer(use_bin_type=True)
+
+
+def encode_envelope(
+    type: MsgType, session: bytes, uid: int, seq: int, body: bytes, hops: int = DEFAULT_HOPS
+) -> bytes:
+    """Encode one envelope. Only our own misuse can fail here (LocalProtocolError)."""
+    if len(body) > MAX_PACKET:
+        raise LocalProtocolError(f"envelope body of {len(body)} bytes exceeds {MAX_PACKET}")
+    return _packer.pack([VERSION, int(type), session, uid, seq, hops, body])  # type: ignore[no-any-return]
+
+
+def encode_control(fields: Mapping[str, Any]) -> bytes:
+    """Encode the body of a control envelope."""
+    return _packer.pack(dict(fields))  # type: ignore[no-any-return]
+
+
+class Sequencer:
+    """Numbers envelopes leaving on one link, 0, 1, 2, ... (one per direction per link)."""
+
+    __slots__ = ("next",)
+
+    def __init__(self) -> None:
+        self.next = 0
+
+    def take(self) -> int:
+        seq = self.next
+        self.next = seq + 1
+        return seq
+
+
+class EnvelopeDecoder:
+    """Turns a byte stream into envelopes; checks framing, types and sequence numbers.
+
+    Driven by :meth:`feed`; every envelope must carry the next sequence number of the link
+    (starting at 0), so a replayed, duplicated or dropped envelope is refused.
+    """
+
+    def __init__(self, max_frame: int = MAX_FRAME) -> None:
+        self._unpacker = msgpack.Unpacker(
+            raw=False,
+            use_list=True,
+            strict_map_key=True,
+            max_buffer_size=max_frame * 3,
+            max_bin_len=max_frame,
+            max_str_len=4096,
+            max_array_len=64,
+            max_map_len=64,
+            max_ext_len=0,
+        )
+        self._max_frame = max_frame
+        self._expected_seq = 0
+        self._failed: MalformedFrame | SequenceError | None = None
+
+    def feed(self, data: bytes) -> Iterator[Envelope]:
+        """Yield every complete envelope in the stream so far.
+
+        Raises MalformedFrame or SequenceError; after that the decoder stays failed.
+        """
+        if self._failed is not None:
+            raise self._failed
+        # Feed in slices no larger than one frame, draining between them, so the buffer bound
+        # holds for any read size and only a frame that is really too large trips it.
+        step = self._max_frame
+        for start in range(0, len(data), step):
+            try:
+                self._unpacker.feed(data[start:start + step] if len(data) > step else data)
+            except (msgpack.BufferFull, ValueError) as exc:
+                self._fail(MalformedFrame(f"frame larger than {self._max_frame} bytes: {exc}"))
+            while True:
+                try:
+                    obj = self._unpacker.unpack()
+                except msgpack.OutOfData:
+                    break
+                except (msgpack.UnpackException, ValueError, TypeError) as exc:
+                    self._fail(MalformedFrame(f"undecodable msgpack: {type(exc).__name__}: {exc}"))
+                yield self._check(obj)
+
+    def _fail(self, error: MalformedFrame | SequenceError) -> None:
+        self._failed = error
+        raise error
+
+    def _check(self, obj: object) -> Envelope:
+        if not isinstance(obj, list) or len(obj) != 7:
+            self._fail(MalformedFrame("an envelope must be an array of 7 fields"))
+        version, mtype, session, uid, seq, hops, body = obj  # type: ignore[misc]
+        if version != VERSION or type(version) is not int:
+            self._fail(MalformedFrame(f"unknown envelope version {version!r}"))
+        if type(mtype) is not int or mtype not in _TYPES:
+            self._fail(MalformedFrame(f"unknown envelope type {mtype!r}"))
+        if type(session) is not bytes or len(session) not in (0, SESSION_ID_LEN):
+            self._fail(MalformedFrame("session id must be 0 or 16 bytes"))
+        if type(uid) is not int or not -1 <= uid <= 0xFFFFFFFF:
+            self._fail(MalformedFrame("uid must be an integer"))
+        if type(seq) is not int or not 0 <= seq <= _MAX_UINT64:
+            self._fail(MalformedFrame("sequence number must be an unsigned integer"))
+        if type(hops) is not int or not 0 <= hops <= 255:
+            self._fail(MalformedFrame("hop limit must be 0..255"))
+        if type(body) is not bytes:
+            self._fail(MalformedFrame("body must be bytes"))
+        if seq != self._expected_seq:
+            kind = "replayed or duplicated" if seq < self._expected_seq else "out of order"
+            self._fail(
+                SequenceError(f"{kind} envelope: sequence {seq}, expected {self._expected_seq}")
+            )
+        self._expected_seq = seq + 1
+        return Envelope(_TYPES[mtype], session, uid, seq, hops, body)
+
+
+# Control body schemas: field -> accepted Python type(s). Missing or extra fields, or a field of
+# the wrong type, make the body malformed.
+_STR = (str,)
+_BYTES = (bytes,)
+_INT = (int,)
+_LIST = (list,)
+_OPT_BYTES = (bytes, type(None))
+CONTROL_SCHEMAS: dict[MsgType, dict[str, tuple[type, ...]]] = {
+    MsgType.HELLO: {"user": _STR, "want": _LIST, "resume": _OPT_BYTES, "token": _OPT_BYTES,
+                    "client": _STR},
+    MsgType.CHALLENGE: {"nonce": _BYTES, "node": _STR},
+    MsgType.AUTH: {"signature": _BYTES},
+    MsgType.ACCEPT: {"token": _BYTES, "allow": _LIST, "node": _STR, "resumed": (bool,)},
+    MsgType.REFUSE: {"code": _STR, "reason": _STR},
+    MsgType.CLOSE: {"reason": _STR},
+    MsgType.KEEPALIVE: {},
+    MsgType.KEEPALIVE_ACK: {},
+    MsgType.REGISTER: {"prefixes": _LIST, "server": _STR},
+    MsgType.REGISTERED: {"slot": _INT, "queue": _INT, "uid": _INT, "user": _STR},
+    MsgType.ATTACH: {"session": _BYTES},
+    MsgType.UNREGISTER: {"reason": _STR},
+    MsgType.DISCONNECT: {"session": _BYTES},
+    MsgType.STATUS: {},
+    MsgType.STATUS_REPLY: {"sessions": _LIST},
+    MsgType.ERROR: {"code": _STR, "reason": _STR},
+}
+
+
+def decode_control(envelope: Envelope) -> dict[str, Any]:
+    """Decode and check a control body against its schema (MalformedFrame otherwise)."""
+    schema = CONTROL_SCHEMAS.get(envelope.type)
+    if schema is None:
+        raise MalformedFrame(f"{envelope.type.name} envelopes carry no control body")
+    try:
+        fields = msgpack.unpackb(
+            envelope.body, raw=False, strict_map_key=True, max_str_len=4096,
+            max_bin_len=4096, max_array_len=256, max_map_len=32, max_ext_len=0,
+        )
+    except (msgpack.UnpackException, ValueError, TypeError) as exc:
+        raise MalformedFrame(f"undecodable {envelope.type.name} body: {exc}") from None
+    if not isinstance(fields, dict):
+        raise MalformedFrame(f"{envelope.type.name} body must be a map")
+    if set(fields) != set(schema):
+        raise MalformedFrame(
+            f"{envelope.type.name} body has fields {sorted(map(str, fields))}, "
+            f"expected {sorted(schema)}"
+        )
+    for name, types in schema.items():
+        value = fields[name]
+        # bool is an int subclass: keep them apart.
+        if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+            raise MalformedFrame(f"{envelope.type.name} field {name!r} has the wrong type")
+    return fields

@@ -1,0 +1,52 @@
+"""Small asyncio helpers shared by the daemons: signals, TCP options, peer credentials."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import socket
+import struct
+import sys
+from typing import Callable
+
+from pvpn.errors import ConfigError, PvpnError
+
+EX_CONFIG = 78  # sysexits.h: supervisord shows a daemon that exits with it at once as FATAL
+
+
+def set_nodelay(transport: asyncio.BaseTransport) -> None:
+    """TCP_NODELAY on every tunnel socket: without it TCP-in-TCP stalls on Nagle + delayed ACK."""
+    sock = transport.get_extra_info("socket")
+    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+def peer_credentials(transport: asyncio.BaseTransport) -> tuple[int, int, int]:
+    """(pid, uid, gid) of the process at the other end of a unix socket, from the kernel."""
+    sock = transport.get_extra_info("socket")
+    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    pid, uid, gid = struct.unpack("3i", creds)
+    return pid, uid, gid
+
+
+def install_signals(loop: asyncio.AbstractEventLoop, stop: asyncio.Event,
+                    reload: Callable[[], None] | None = None) -> None:
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    if reload is not None:
+        loop.add_signal_handler(signal.SIGHUP, reload)
+
+
+def run_daemon(program: str, main: Callable[[], "asyncio.Future[None] | object"]) -> int:
+    """One top-level error handler for a daemon: config errors exit with EX_CONFIG."""
+    try:
+        asyncio.run(main())  # type: ignore[arg-type]
+    except ConfigError as exc:
+        print(f"{program}: configuration error: {exc}", file=sys.stderr)
+        return EX_CONFIG
+    except PvpnError as exc:
+        print(f"{program}: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 0
+    return 0

@@ -1,0 +1,81 @@
+"""The one place where pvpn runs iptables: install rule sets atomically, remove them, and
+find every rule of an instance again after a crash."""
+
+from __future__ import annotations
+
+import shlex
+import shutil
+import subprocess
+from typing import Iterable
+
+from pvpn.errors import ConfigError, PvpnError
+from pvpn.firewall import TABLE, RuleSet, chain_prefix
+
+_TOOLS = {4: ("iptables", "iptables-restore", "iptables-save"),
+          6: ("ip6tables", "ip6tables-restore", "ip6tables-save")}
+
+
+def _tool(version: int, index: int) -> str:
+    name = _TOOLS[version][index]
+    path = shutil.which(name)
+    if path is None:
+        raise ConfigError(f"{name} not found; install the iptables package (apt-get install iptables)")
+    return path
+
+
+def apply(rules: RuleSet) -> None:
+    """Install both families' rules, each in one atomic iptables-restore transaction."""
+    for version, text in ((4, rules.v4), (6, rules.v6)):
+        if not text:
+            continue
+        proc = subprocess.run([_tool(version, 1), "-w", "5", "--noflush"], input=text,
+                              capture_output=True, text=True, timeout=30)
+        if proc.returncode != 0:
+            raise PvpnError(f"{_TOOLS[version][1]} refused the rules: {proc.stderr.strip()}")
+
+
+def run_each(commands: Iterable[list[str]], versions: Iterable[int] = (4, 6)) -> list[str]:
+    """Run iptables commands one by one; a rule or chain that is already gone is fine.
+    Returns the errors that were not of that kind."""
+    errors = []
+    for version in versions:
+        for args in commands:
+            proc = subprocess.run([_tool(version, 0), "-w", "5", "-t", TABLE, *args],
+                                  capture_output=True, text=True, timeout=30)
+            err = proc.stderr.strip()
+            if proc.returncode != 0 and not _is_missing(err):
+                errors.append(f"{_TOOLS[version][0]} {' '.join(args)}: {err}")
+    return errors
+
+
+def _is_missing(err: str) -> bool:
+    lowered = err.lower()
+    return any(s in lowered for s in ("does not exist", "no chain", "bad rule", "not found",
+                                      "no such file"))
+
+
+def instance_chains(instance: str, version: int) -> tuple[list[str], list[list[str]]]:
+    """The chains named after the instance, and the rules of built-in chains that jump to them."""
+    prefix = chain_prefix(instance) + "-"
+    proc = subprocess.run([_tool(version, 2), "-t", TABLE], capture_output=True, text=True,
+                          timeout=30)
+    chains, jumps = [], []
+    for line in proc.stdout.splitlines():
+        if line.startswith(":" + prefix):
+            chains.append(line[1:].split()[0])
+        elif line.startswith("-A ") and not line.split()[1].startswith(prefix):
+            args = shlex.split(line)
+            if "-j" in args and args[args.index("-j") + 1].startswith(prefix):
+                jumps.append(["-D", *args[1:]])
+    return chains, jumps
+
+
+def remove_instance(instance: str) -> list[str]:
+    """Remove every rule and chain of an instance (after a clean stop or a crash)."""
+    errors: list[str] = []
+    for version in (4, 6):
+        chains, jumps = instance_chains(instance, version)
+        errors += run_each(jumps, (version,))
+        errors += run_each([["-F", c] for c in chains], (version,))
+        errors += run_each([["-X", c] for c in chains], (version,))
+    return errors

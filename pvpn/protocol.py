@@ -1,0 +1,693 @@
+"""The pvpn link protocol as sans-IO state machines (after aioquic and h11).
+
+A *link* is one TLS session between the user's process and a node. Over it:
+
+    user                                   node
+    HELLO {user, want, resume, token}  ->
+                                       <-  CHALLENGE {nonce, node}
+    AUTH {signature}                   ->      signature over nonce + TLS binding (auth.py)
+                                       <-  ACCEPT {token, allow, resumed} | REFUSE {code, reason}
+    PACKET / KEEPALIVE / CLOSE         <->
+
+:class:`UserLink` is the user's end; :class:`ServerNode` is the server with all its links,
+sessions and the NAT flow table. Inputs carry ``now``; outputs are commands collected in
+``commands`` for one dispatcher to carry out. Nothing here touches a socket or a clock.
+"""
+
+from __future__ import annotations
+
+import enum
+import ipaddress
+import os
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Protocol, Sequence, Union
+
+from pvpn import packet as pk
+from pvpn.config import Network, ServerConfig, UserPolicy, parse_prefix
+from pvpn.envelope import (
+    DEFAULT_HOPS,
+    Envelope,
+    EnvelopeDecoder,
+    MsgType,
+    Sequencer,
+    decode_control,
+    encode_control,
+    encode_envelope,
+)
+from pvpn.errors import (
+    AuthError,
+    CertificateError,
+    ConfigError,
+    FlowTableFull,
+    LocalProtocolError,
+    MalformedFrame,
+    MalformedPacket,
+    RemoteProtocolError,
+)
+from pvpn.flowtable import FlowTable
+from pvpn.records import Record, session_hex
+
+
+class TlsLike(Protocol):
+    """What the protocol needs of a TLS session (pvpn.tls.TlsSession provides it)."""
+
+    @property
+    def handshake_complete(self) -> bool: ...
+    def receive_data(self, data: bytes) -> None: ...
+    def read(self) -> bytes: ...
+    def send(self, data: bytes) -> None: ...
+    def data_to_send(self) -> bytes: ...
+    def binding(self) -> bytes: ...
+    def close(self) -> None: ...
+
+
+# ---------------------------------------------------------------- commands (node -> dispatcher)
+
+
+@dataclass(slots=True)
+class SendBytes:
+    link: int
+    data: bytes
+
+
+@dataclass(slots=True)
+class CloseLink:
+    link: int
+
+
+@dataclass(slots=True)
+class InjectPacket:
+    """Send this IP packet into the server's network (raw socket)."""
+
+    packet: bytes
+
+
+@dataclass(slots=True)
+class LogRecord:
+    record: Record
+
+
+Command = Union[SendBytes, CloseLink, InjectPacket, LogRecord]
+
+
+# ---------------------------------------------------------------- destination matching
+
+
+class PrefixSet:
+    """Fast membership test of packed addresses in a list of prefixes (hot path)."""
+
+    __slots__ = ("_v4", "_v6", "networks")
+
+    def __init__(self, networks: Iterable[Network]) -> None:
+        self.networks = list(networks)
+        self._v4 = [(int(n.network_address), int(n.netmask)) for n in self.networks if n.version == 4]
+        self._v6 = [(int(n.network_address), int(n.netmask)) for n in self.networks if n.version == 6]
+
+    def contains(self, address: bytes) -> bool:
+        value = int.from_bytes(address, "big")
+        table = self._v4 if len(address) == 4 else self._v6
+        for net, mask in table:
+            if value & mask == net:
+                return True
+        return False
+
+
+# ---------------------------------------------------------------- the user's end of a link
+
+
+class LinkState(enum.Enum):
+    HELLO_SENT = "hello-sent"
+    AUTH_SENT = "auth-sent"
+    ESTABLISHED = "established"
+    CLOSED = "closed"
+
+
+@dataclass(slots=True)
+class LinkEstablished:
+    session: bytes
+    token: bytes
+    allow: list[str]
+    node: str
+    resumed: bool
+
+
+@dataclass(slots=True)
+class LinkRefused:
+    code: str
+    reason: str
+
+
+@dataclass(slots=True)
+class PacketsReceived:
+    packets: list[bytes]
+
+
+@dataclass(slots=True)
+class LinkClosed:
+    reason: str
+    fatal: bool = False  # retrying can't help (the node's certificate was refused)
+
+
+LinkEvent = Union[LinkEstablished, LinkRefused, PacketsReceived, LinkClosed]
+Signer = Callable[[bytes, bytes, str], bytes]  # (challenge, binding, node) -> signature
+
+
+class UserLink:
+    """The user's end of one link: says hello, answers the challenge, then carries packets.
+
+    Driven by :meth:`receive_data` (ciphertext from the node) and :meth:`send_packets`; its
+    ciphertext output is taken with :meth:`data_to_send`.
+    """
+
+    def __init__(
+        self,
+        tls: TlsLike,
+        *,
+        user: str,
+        uid: int,
+        signer: Signer,
+        want: Sequence[str],
+        client_name: str,
+        resume: tuple[bytes, bytes] | None = None,
+        keepalive: float = 10.0,
+        dead_after: float = 30.0,
+    ) -> None:
+        self.tls = tls
+        self.user = user
+        self.uid = uid
+        self._signer = signer
+        self.state = LinkState.HELLO_SENT
+        self.session = resume[0] if resume else b""
+        self._decoder = EnvelopeDecoder()
+        self._seq = Sequencer()
+        self._pending: list[bytes] = []
+        self.keepalive = keepalive
+        self.dead_after = dead_after
+        self._last_received = 0.0
+        self._last_sent = 0.0
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self._send_control(MsgType.HELLO, {
+            "user": user,
+            "want": list(want),
+            "resume": resume[0] if resume else None,
+            "token": resume[1] if resume else None,
+            "client": client_name,
+        })
+
+    # -- output
+    def _send_control(self, mtype: MsgType, fields: dict[str, object]) -> None:
+        self._pending.append(
+            encode_envelope(mtype, self.session, self.uid, self._seq.take(), encode_control(fields))
+        )
+
+    def send_packets(self, packets: Iterable[bytes]) -> None:
+        """Queue IP packets; they leave together on the next :meth:`data_to_send`."""
+        if self.state is not LinkState.ESTABLISHED:
+            return  # fail closed: nothing goes anywhere before the node accepted us
+        pending, session, uid, seq = self._pending, self.session, self.uid, self._seq
+        for packet in packets:
+            pending.append(encode_envelope(MsgType.PACKET, session, uid, seq.take(), packet))
+            self.bytes_out += len(packet)
+
+    def close(self, reason: str) -> None:
+        if self.state is LinkState.ESTABLISHED:
+            self._send_control(MsgType.CLOSE, {"reason": reason})
+        self.state = LinkState.CLOSED
+
+    def data_to_send(self, now: float = 0.0) -> bytes:
+        if self._pending:
+            # One TLS write for everything waiting: fewer records, fewer syscalls.
+            self.tls.send(b"".join(self._pending))
+            self._pending.clear()
+            self._last_sent = now
+        return self.tls.data_to_send()
+
+    # -- input
+    def start(self, now: float) -> None:
+        self._last_received = now
+        self._last_sent = now
+
+    def receive_data(self, data: bytes, now: float) -> list[LinkEvent]:
+        """Ciphertext in, events out. Remote errors close the link and come back as LinkClosed."""
+        events: list[LinkEvent] = []
+        self._last_received = now
+        try:
+            self.tls.receive_data(data)
+            plaintext = self.tls.read()
+            if plaintext:
+                packets: list[bytes] = []
+                for envelope in self._decoder.feed(plaintext):
+                    if envelope.type is MsgType.PACKET:
+                        if self.state is LinkState.ESTABLISHED:
+                            packets.append(envelope.body)
+                            self.bytes_in += len(envelope.body)
+                        continue
+                    if packets:
+                        events.append(PacketsReceived(packets))
+                        packets = []
+                    event = self._control(envelope)
+                    if event is not None:
+                        events.append(event)
+                if packets:
+                    events.append(PacketsReceived(packets))
+        except CertificateError as exc:
+            self.state = LinkState.CLOSED
+            events.append(LinkClosed(f"node certificate refused: {exc}", fatal=True))
+        except RemoteProtocolError as exc:
+            self.state = LinkState.CLOSED
+            events.append(LinkClosed(f"{type(exc).__name__}: {exc}"))
+        return events
+
+    def _control(self, envelope: Envelope) -> LinkEvent | None:
+        mtype = envelope.type
+        if mtype is MsgType.KEEPALIVE:
+            self._send_control(MsgType.KEEPALIVE_ACK, {})
+            return None
+        if mtype is MsgType.KEEPALIVE_ACK:
+            return None
+        fields = decode_control(envelope)
+        if mtype is MsgType.CHALLENGE and self.state is LinkState.HELLO_SENT:
+            signature = self._signer(fields["nonce"], self.tls.binding(), fields["node"])
+            self._send_control(MsgType.AUTH, {"signature": signature})
+            self.state = LinkState.AUTH_SENT
+            return None
+        if mtype is MsgType.ACCEPT and self.state is LinkState.AUTH_SENT:
+            if len(envelope.session) != 16:
+                raise MalformedFrame("ACCEPT without a session id")
+            self.session = envelope.session
+            self.state = LinkState.ESTABLISHED
+            return LinkEstablished(
+                envelope.session, fields["token"], [str(a) for a in fields["allow"]],
+                fields["node"], fields["resumed"],
+            )
+        if mtype is MsgType.REFUSE:
+            self.state = LinkState.CLOSED
+            return LinkRefused(fields["code"], fields["reason"])
+        if mtype is MsgType.CLOSE:
+            self.state = LinkState.CLOSED
+            return LinkClosed(f"node closed the session: {fields['reason']}")
+        raise MalformedFrame(f"unexpected {mtype.name} in state {self.state.value}")
+
+    def handle_timer(self, now: float) -> LinkEvent | None:
+        """Keepalives out; a silent node is declared dead after ``dead_after`` seconds."""
+        if self.state is LinkState.CLOSED:
+            return None
+        if now - self._last_received > self.dead_after:
+            self.state = LinkState.CLOSED
+            return LinkClosed(f"no word from the node for {self.dead_after:.0f} s (keepalive)")
+        if self.state is LinkState.ESTABLISHED and now - self._last_sent >= self.keepalive:
+            self._send_control(MsgType.KEEPALIVE, {})
+        return None
+
+
+# ---------------------------------------------------------------- the server
+
+
+class ServerLinkState(enum.Enum):
+    AWAIT_HELLO = "await-hello"
+    AWAIT_AUTH = "await-auth"
+    ESTABLISHED = "established"
+    CLOSED = "closed"
+
+
+@dataclass(slots=True)
+class Session:
+    """One user's personal VPN at the server; outlives its link for ``resume_grace``."""
+
+    id: bytes
+    token: bytes
+    user: str
+    uid: int
+    client: str
+    peer: str
+    allow: PrefixSet
+    opened: float
+    link: int | None = None
+    detached_since: float | None = None
+    packets_in: int = 0
+    packets_out: int = 0
+    bytes_in: int = 0
+    bytes_out: int = 0
+    drops: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class ServerLink:
+    id: int
+    tls: TlsLike
+    peer: str
+    opened: float
+    state: ServerLinkState = ServerLinkState.AWAIT_HELLO
+    decoder: EnvelopeDecoder = field(default_factory=EnvelopeDecoder)
+    seq: Sequencer = field(default_factory=Sequencer)
+    pending: list[bytes] = field(default_factory=list)
+    user: str = ""
+    uid: int = -1
+    client: str = ""
+    want: list[Network] = field(default_factory=list)
+    resume: tuple[bytes, bytes] | None = None
+    nonce: bytes = b""
+    session: Session | None = None
+    last_received: float = 0.0
+    last_sent: float = 0.0
+
+
+class KeyLookup(Protocol):
+    def keys_for(self, user: str) -> list[object]: ...
+
+
+Verifier = Callable[[list[object], bytes, bytes, bytes, str, str], object]
+
+
+class ServerNode:
+    """The server: authenticates users, NATs their packets, routes each reply to its session.
+
+    Inputs: :meth:`link_opened`, :meth:`receive_data`, :meth:`link_lost`,
+    :meth:`receive_reply` (a packet captured on its way back), :meth:`handle_timer`.
+    Outputs: :attr:`commands`, and :meth:`flush` for the ciphertext of every link.
+    """
+
+    MAX_LINKS = 4096
+
+    def __init__(
+        self,
+        config: ServerConfig,
+        keys: KeyLookup,
+        verify: Verifier,
+        source_for: Callable[[bytes], bytes],
+        random: Callable[[int], bytes] = os.urandom,
+        flows: FlowTable | None = None,
+    ) -> None:
+        self.config = config
+        self.name = config.name
+        self._keys = keys
+        self._verify = verify
+        self._source_for = source_for
+        self._random = random
+        self.flows = flows or FlowTable(config.nat_ports)
+        self.links: dict[int, ServerLink] = {}
+        self.sessions: dict[bytes, Session] = {}
+        self.commands: list[Command] = []
+        self._dirty: set[int] = set()
+
+    # -- helpers
+    def _log(self, event: str, link: ServerLink | None = None, session: Session | None = None,
+             **kw: object) -> None:
+        rec = Record(event=event)
+        if session is not None:
+            rec.session, rec.user, rec.uid, rec.peer = (
+                session_hex(session.id), session.user, session.uid, session.peer)
+        elif link is not None:
+            rec.user, rec.peer = link.user, link.peer
+            rec.uid = link.uid if link.uid >= 0 else None
+        for key, value in kw.items():
+            if hasattr(rec, key) and key != "extra":
+                setattr(rec, key, value)
+            else:
+                rec.extra[key] = value
+        self.commands.append(LogRecord(rec))
+
+    def _send(self, link: ServerLink, mtype: MsgType, session: bytes, body: bytes) -> None:
+        link.pending.append(encode_envelope(mtype, session, link.uid, link.seq.take(), body))
+        self._dirty.add(link.id)
+
+    def _refuse(self, link: ServerLink, code: str, reason: str, log_reason: str) -> None:
+        self._send(link, MsgType.REFUSE, b"", encode_control({"code": code, "reason": reason}))
+        self._log("auth:refused", link, reason=log_reason, code=code)
+        self._close_link(link)
+
+    def _close_link(self, link: ServerLink) -> None:
+        if link.state is ServerLinkState.CLOSED:
+            return
+        link.state = ServerLinkState.CLOSED
+        self.flush_link(link)
+        self.commands.append(CloseLink(link.id))
+
+    # -- inputs
+    def link_opened(self, link_id: int, tls: TlsLike, peer: str, now: float) -> bool:
+        """A TCP connection arrived. False if the node is full (the adapter closes it)."""
+        if len(self.links) >= self.MAX_LINKS:
+            self._log("link:refused", peer=peer, reason="too many links")
+            return False
+        self.links[link_id] = ServerLink(link_id, tls, peer, now, last_received=now, last_sent=now)
+        self._log("link:opened", peer=peer)
+        return True
+
+    def receive_data(self, link_id: int, data: bytes, now: float) -> None:
+        link = self.links.get(link_id)
+        if link is None or link.state is ServerLinkState.CLOSED:
+            return
+        link.last_received = now
+        try:
+            link.tls.receive_data(data)
+            plaintext = link.tls.read()
+            if plaintext:
+                for envelope in link.decoder.feed(plaintext):
+                    if link.state is ServerLinkState.CLOSED:
+                        break
+                    if envelope.type is MsgType.PACKET and link.session is not None:
+                        self._packet_from_user(link.session, envelope.body, now)
+                    else:
+                        self._control(link, envelope, now)
+        except RemoteProtocolError as exc:
+            # Garbage from one peer closes that link only; everyone else is served on.
+            self._log("link:error", link, link.session, reason=f"{type(exc).__name__}: {exc}")
+            self._close_link(link)
+        self.flush_link(link)
+
+    def link_lost(self, link_id: int, now: float, reason: str = "connection closed") -> None:
+        link = self.links.pop(link_id, None)
+        if link is None:
+            return
+        self._dirty.discard(link_id)
+        session = link.session
+        if session is not None and session.link == link_id:
+            session.link = None
+            session.detached_since = now
+            self._log("session:detached", session=session, reason=reason)
+        self._log("link:closed", link, reason=reason)
+
+    # -- control messages
+    def _control(self, link: ServerLink, envelope: Envelope, now: float) -> None:
+        mtype = envelope.type
+        if mtype is MsgType.KEEPALIVE:
+            self._send(link, MsgType.KEEPALIVE_ACK, envelope.session, encode_control({}))
+            return
+        if mtype is MsgType.KEEPALIVE_ACK:
+            return
+        fields = decode_control(envelope)
+        if mtype is MsgType.HELLO and link.state is ServerLinkState.AWAIT_HELLO:
+            self._hello(link, envelope, fields)
+        elif mtype is MsgType.AUTH and link.state is ServerLinkState.AWAIT_AUTH:
+            self._auth(link, fields["signature"], now)
+        elif mtype is MsgType.CLOSE and link.session is not None:
+            self._end_session(link.session, f"closed by the user: {fields['reason']}")
+            self._close_link(link)
+        else:
+            raise MalformedFrame(f"unexpected {mtype.name} in state {link.state.value}")
+
+    def _hello(self, link: ServerLink, envelope: Envelope, fields: dict[str, object]) -> None:
+        link.user = str(fields["user"])
+        link.uid = envelope.uid
+        link.client = str(fields["client"])
+        want = fields["want"]
+        if not isinstance(want, list) or not all(isinstance(w, str) for w in want) or len(want) > 64:
+            raise MalformedFrame("HELLO 'want' must be a list of at most 64 prefixes")
+        try:
+            link.want = [parse_prefix(w) for w in want]
+        except ConfigError as exc:
+            raise MalformedFrame(str(exc)) from None
+        resume, token = fields["resume"], fields["token"]
+        if isinstance(resume, bytes) and isinstance(token, bytes):
+            link.resume = (resume, token)
+        # Always challenge, known user or not, so a probe learns nothing about who exists.
+        link.nonce = self._random(32)
+        self._send(link, MsgType.CHALLENGE, b"",
+                   encode_control({"nonce": link.nonce, "node": self.name}))
+        link.state = ServerLinkState.AWAIT_AUTH
+
+    def _auth(self, link: ServerLink, signature: bytes, now: float) -> None:
+        generic = (f"user {link.user!r} is not authorised with this key at {self.name}; "
+                   "ask its administrator to install your public key")
+        try:
+            keys = self._keys.keys_for(link.user)
+            self._verify(keys, signature, link.nonce, link.tls.binding(), link.user, self.name)
+        except AuthError as exc:
+            self._refuse(link, "auth-failed", generic, str(exc))
+            return
+        policy: UserPolicy | None = self.config.users.get(link.user)
+        if policy is None or not policy.allow:
+            self._refuse(link, "no-destinations",
+                         f"user {link.user!r} may reach no destination through {self.name}; "
+                         "ask its administrator to add a [users.NAME] allow list",
+                         "no [users] policy")
+            return
+        denied = [str(n) for n in link.want if not policy.permits(n)]
+        if denied or not link.want:
+            allowed = ", ".join(str(n) for n in policy.allow)
+            self._refuse(link, "destination-not-allowed",
+                         f"{', '.join(denied) or 'no destination'} not allowed for "
+                         f"{link.user!r} at {self.name} (allowed: {allowed})",
+                         f"denied destinations {denied}")
+            return
+        session, resumed = None, False
+        if link.resume is not None:
+            old = self.sessions.get(link.resume[0])
+            if old is not None and old.user == link.user and old.token == link.resume[1]:
+                session, resumed = old, True
+                if old.link is not None and old.link in self.links:
+                    self._close_link(self.links[old.link])
+                old.allow = PrefixSet(link.want)
+        if session is None:
+            session = Session(
+                id=self._random(16), token=self._random(16), user=link.user, uid=link.uid,
+                client=link.client, peer=link.peer, allow=PrefixSet(link.want), opened=now,
+            )
+            self.sessions[session.id] = session
+        session.link, session.detached_since, session.peer = link.id, None, link.peer
+        link.session = session
+        link.state = ServerLinkState.ESTABLISHED
+        self._send(link, MsgType.ACCEPT, session.id, encode_control({
+            "token": session.token, "allow": [str(n) for n in link.want],
+            "node": self.name, "resumed": resumed,
+        }))
+        self._log("session:resumed" if resumed else "session:opened", session=session,
+                  client=link.client, allow=[str(n) for n in link.want],
+                  tls=getattr(link.tls, "version", ""))
+
+    def _end_session(self, session: Session, reason: str) -> None:
+        self.sessions.pop(session.id, None)
+        flows = self.flows.drop_session(session.id)
+        self._log("session:closed", session=session, reason=reason,
+                  packets_in=session.packets_in, packets_out=session.packets_out,
+                  bytes_in=session.bytes_in, bytes_out=session.bytes_out,
+                  drops=dict(session.drops), flows=len(flows))
+
+    def _drop(self, session: Session, reason: str, flow: str = "") -> None:
+        count = session.drops.get(reason, 0) + 1
+        session.drops[reason] = count
+        if count <= 3 or count & (count - 1) == 0:  # log the first few, then at powers of two
+            self._log("packet:dropped", session=session, reason=reason, flow=flow, count=count)
+
+    # -- the packet path
+    def _packet_from_user(self, session: Session, packet: bytes, now: float) -> None:
+        try:
+            flow = pk.parse_flow(packet)
+        except MalformedPacket as exc:
+            self._drop(session, f"malformed packet: {exc}")
+            return
+        if not session.allow.contains(flow.dst):
+            self._drop(session, "destination not allowed", flow.describe())
+            return
+        try:
+            nat_src = self._source_for(flow.dst)
+            entry = self.flows.outbound(session.id, flow, nat_src, now, pk.tcp_flags(packet))
+        except FlowTableFull as exc:
+            self._drop(session, f"flow table full: {exc}", flow.describe())
+            return
+        except OSError as exc:
+            self._drop(session, f"no route: {exc}", flow.describe())
+            return
+        session.packets_out += 1
+        session.bytes_out += len(packet)
+        self.commands.append(InjectPacket(pk.rewrite_source(packet, nat_src, entry.nat_port)))
+
+    def receive_reply(self, packet: bytes, now: float) -> bool:
+        """A packet captured on its way in. True if it was ours (the adapter drops it from the
+        kernel's path); False if it belongs to someone else on this host (accept it)."""
+        try:
+            if pk.is_icmp_error(packet):
+                inner = pk.icmp_error_inner_flow(packet)
+                entry = self.flows.inbound(inner.proto, inner.dst, inner.dport, inner.src,
+                                           inner.sport, now)
+            else:
+                flow = pk.parse_flow(packet)
+                entry = self.flows.inbound(flow.proto, flow.src, flow.sport, flow.dst, flow.dport,
+                                           now, pk.tcp_flags(packet))
+        except MalformedPacket:
+            return False
+        if entry is None:
+            return False
+        session = self.sessions.get(entry.session_id)
+        if session is None:
+            return True
+        if session.link is None:
+            self._drop(session, "session detached (user reconnecting)")
+            return True
+        link = self.links.get(session.link)
+        if link is None:
+            return True
+        reply = pk.rewrite_destination(packet, entry.original.src, entry.original.sport)
+        session.packets_in += 1
+        session.bytes_in += len(reply)
+        link.pending.append(
+            encode_envelope(MsgType.PACKET, session.id, session.uid, link.seq.take(), reply))
+        self._dirty.add(link.id)
+        return True
+
+    # -- output and time
+    def flush_link(self, link: ServerLink, now: float | None = None) -> None:
+        if link.pending:
+            link.tls.send(b"".join(link.pending))
+            link.pending.clear()
+            if now is not None:
+                link.last_sent = now
+        data = link.tls.data_to_send()
+        if data:
+            self.commands.append(SendBytes(link.id, data))
+        self._dirty.discard(link.id)
+
+    def flush(self, now: float | None = None) -> None:
+        """One TLS write per link for everything queued since the last flush."""
+        for link_id in list(self._dirty):
+            link = self.links.get(link_id)
+            if link is not None:
+                self.flush_link(link, now)
+        self._dirty.clear()
+
+    def handle_timer(self, now: float) -> None:
+        cfg = self.config
+        for link in list(self.links.values()):
+            if link.state is ServerLinkState.CLOSED:
+                continue
+            if now - link.last_received > cfg.dead_after:
+                self._log("link:dead", link, link.session,
+                          reason=f"no word for {cfg.dead_after:.0f} s (keepalive)")
+                self._close_link(link)
+            elif link.state is not ServerLinkState.ESTABLISHED and now - link.opened > 15.0:
+                self._log("link:error", link, reason="authentication took too long")
+                self._close_link(link)
+            elif link.state is ServerLinkState.ESTABLISHED and now - link.last_sent >= cfg.keepalive:
+                self._send(link, MsgType.KEEPALIVE, link.session.id if link.session else b"",
+                           encode_control({}))
+                link.last_sent = now
+        for session in list(self.sessions.values()):
+            if session.detached_since is not None and now - session.detached_since > cfg.resume_grace:
+                self._end_session(session, f"not resumed within {cfg.resume_grace:.0f} s")
+        self.flows.expire(now)
+        self.flush(now)
+
+    def close_all(self, reason: str) -> None:
+        for link in list(self.links.values()):
+            if link.state is ServerLinkState.ESTABLISHED and link.session is not None:
+                self._send(link, MsgType.CLOSE, link.session.id, encode_control({"reason": reason}))
+            link.tls.close()
+            self._close_link(link)
+        for session in list(self.sessions.values()):
+            self._end_session(session, reason)
+
+
+def describe_networks(networks: Iterable[Network]) -> list[str]:
+    return [str(n) for n in networks]
+
+
+def packed(address: str) -> bytes:
+    return ipaddress.ip_address(address).packed
+
+
+__all__ = [
+    "Command", "CloseLink", "InjectPacket", "LinkClosed", "LinkEstablished", "LinkEvent",
+    "LinkRefused", "LogRecord", "PacketsReceived", "PrefixSet", "SendBytes", "ServerNode",
+    "UserLink", "LocalProtocolError",
+]

@@ -1,0 +1,1 @@
+"""pvpn-server: the far end of personal VPNs (installed as pvpn.server)."""

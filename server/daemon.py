@@ -1,0 +1,180 @@
+"""pvpn-server: accepts users' sessions, re-injects their packets, returns each reply to the
+session whose flow it answers (the flow table), and logs every hop event as a JSON line."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import itertools
+from pathlib import Path
+from typing import Any
+
+from netfilterqueue import NetfilterQueue
+
+from pvpn import auth, firewall, tls
+from pvpn.config import ServerConfig, load_server_config
+from pvpn.errors import ConfigError
+from pvpn.io import rules
+from pvpn.io.loop import install_signals, run_daemon, set_nodelay
+from pvpn.io.rawsock import RawSender, SourceAddresses
+from pvpn.protocol import CloseLink, InjectPacket, LogRecord, SendBytes, ServerNode
+from pvpn.records import Record, RecordWriter
+
+
+def check_nat_ports(config: ServerConfig) -> None:
+    """The NAT range must not overlap the ports the kernel hands to local sockets."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as handle:
+            low, high = (int(x) for x in handle.read().split())
+    except OSError:
+        return
+    nat_low, nat_high = config.nat_ports
+    if nat_low <= high and low <= nat_high:
+        raise ConfigError(
+            f"{config.path}: [server] nat_ports {nat_low}-{nat_high} overlaps the local port "
+            f"range {low}-{high} (net.ipv4.ip_local_port_range); choose ports above {high}")
+
+
+class Server:
+    """Wires the sans-IO ServerNode to sockets, NFQUEUE and the raw socket."""
+
+    def __init__(self, config: ServerConfig) -> None:
+        self.config = config
+        self.log = RecordWriter("server", config.name)
+        self.context = tls.make_server_context(str(config.certificate), str(config.private_key))
+        self.node = ServerNode(config, auth.AuthorizedKeys(config.authorized_keys),
+                               auth.verify_signature, SourceAddresses())  # type: ignore[arg-type]
+        self.raw = RawSender()
+        self.transports: dict[int, asyncio.Transport] = {}
+        self._ids = itertools.count(1)
+        self.loop = asyncio.get_running_loop()
+
+    def dispatch(self) -> None:
+        node = self.node
+        if not node.commands:
+            return
+        commands, node.commands = node.commands, []
+        for cmd in commands:
+            if type(cmd) is InjectPacket:
+                self.raw.send(cmd.packet)
+            elif type(cmd) is SendBytes:
+                transport = self.transports.get(cmd.link)
+                if transport is not None:
+                    transport.write(cmd.data)
+            elif type(cmd) is LogRecord:
+                self.log.write(cmd.record)
+            elif type(cmd) is CloseLink:
+                transport = self.transports.pop(cmd.link, None)
+                if transport is not None:
+                    transport.close()
+
+    def on_reply(self, pkt: Any) -> None:
+        if self.node.receive_reply(pkt.get_payload(), self.loop.time()):
+            pkt.drop()
+        else:
+            pkt.accept()
+
+    def reload(self) -> None:
+        try:
+            config = load_server_config(self.config.path)
+        except ConfigError as exc:
+            self.log.write(Record("node:reload-failed", reason=str(exc)))
+            return
+        self.node.config.users = config.users
+        self.log.write(Record("node:reloaded", extra={"users": sorted(config.users)}))
+
+
+class ServerLinkProtocol(asyncio.Protocol):
+    def __init__(self, server: Server) -> None:
+        self.server = server
+        self.id = 0
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        set_nodelay(transport)
+        peer = transport.get_extra_info("peername")
+        self.id = next(self.server._ids)
+        session = tls.TlsSession(self.server.context, server_side=True)
+        self.server.transports[self.id] = transport
+        peer_text = f"[{peer[0]}]:{peer[1]}" if ":" in peer[0] else f"{peer[0]}:{peer[1]}"
+        if not self.server.node.link_opened(self.id, session, peer_text, self.server.loop.time()):
+            transport.close()
+        self.server.dispatch()
+
+    def data_received(self, data: bytes) -> None:
+        server = self.server
+        server.node.receive_data(self.id, data, server.loop.time())
+        server.dispatch()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        server = self.server
+        server.transports.pop(self.id, None)
+        server.node.link_lost(self.id, server.loop.time(),
+                              f"connection lost: {exc}" if exc else "connection closed")
+        server.dispatch()
+
+
+async def serve(config: ServerConfig) -> None:
+    check_nat_ports(config)
+    server = Server(config)
+    loop = server.loop
+    stale = rules.instance_chains(config.instance, 4)[0]
+    if stale:
+        server.log.write(Record("node:cleanup", reason="rules left by an earlier run",
+                                extra={"chains": stale}))
+    rules.remove_instance(config.instance)
+    queue = NetfilterQueue()
+    listeners: list[asyncio.AbstractServer] = []
+    stop = asyncio.Event()
+    try:
+        queue.bind(config.queue, server.on_reply, max_len=8192)
+        rules.apply(firewall.server_rules(config.instance, config.queue, config.nat_ports))
+
+        def drain_queue() -> None:
+            queue.run(block=False)
+            server.node.flush(loop.time())
+            server.dispatch()
+
+        loop.add_reader(queue.get_fd(), drain_queue)
+        for host, port in config.listen:
+            listeners.append(await loop.create_server(
+                lambda: ServerLinkProtocol(server), host, port, reuse_address=True))
+        install_signals(loop, stop, server.reload)
+        server.log.write(Record("node:started", extra={
+            "listen": [f"{h}:{p}" for h, p in config.listen], "queue": config.queue}))
+        while not stop.is_set():
+            try:
+                await asyncio.wait_for(stop.wait(), timeout=1.0)
+            except asyncio.TimeoutError:
+                pass
+            server.node.handle_timer(loop.time())
+            server.dispatch()
+    finally:
+        server.node.close_all("server shutting down")
+        server.dispatch()
+        for listener in listeners:
+            listener.close()
+        await asyncio.sleep(0.05)  # let close_notify and CLOSE envelopes leave
+        try:
+            loop.remove_reader(queue.get_fd())
+        except Exception:  # noqa: BLE001 - the queue may never have been bound
+            pass
+        queue.unbind()
+        errors = rules.remove_instance(config.instance)
+        server.raw.close()
+        server.log.write(Record("node:stopped", reason="; ".join(errors) or "clean"))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="pvpn-server", description=__doc__)
+    parser.add_argument("--config", required=True, type=Path, help="server.toml")
+    args = parser.parse_args(argv)
+
+    async def run() -> None:
+        await serve(load_server_config(args.config))
+
+    return run_daemon("pvpn-server", run)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,115 @@
+"""Envelope codec: round trips whole and byte by byte; any bytes -> envelopes or the remote error."""
+
+from __future__ import annotations
+
+import msgpack
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from pvpn.envelope import (
+    MAX_PACKET, Envelope, EnvelopeDecoder, MsgType, Sequencer, decode_control, encode_control,
+    encode_envelope,
+)
+from pvpn.errors import LocalProtocolError, MalformedFrame, RemoteProtocolError, SequenceError
+
+SID = bytes(range(16))
+
+
+def frames(n: int, size: int = 100) -> bytes:
+    return b"".join(encode_envelope(MsgType.PACKET, SID, 1001, i, bytes([i % 256]) * size)
+                    for i in range(n))
+
+
+def test_round_trip_whole_and_byte_by_byte() -> None:
+    data = frames(20)
+    whole = list(EnvelopeDecoder().feed(data))
+    decoder = EnvelopeDecoder()
+    one_by_one = [e for i in range(len(data)) for e in decoder.feed(data[i:i + 1])]
+    assert whole == one_by_one
+    assert [e.seq for e in whole] == list(range(20))
+    assert whole[3] == Envelope(MsgType.PACKET, SID, 1001, 3, 16, bytes([3]) * 100)
+
+
+def test_large_reads_are_fine() -> None:
+    data = frames(300, 1500)  # ~450 KB in one read, more than the buffer bound
+    assert len(list(EnvelopeDecoder().feed(data))) == 300
+
+
+def test_control_body_checked_against_schema() -> None:
+    body = encode_control({"nonce": b"x" * 32, "node": "server"})
+    env = Envelope(MsgType.CHALLENGE, b"", 0, 0, 16, body)
+    assert decode_control(env) == {"nonce": b"x" * 32, "node": "server"}
+    for bad in ({"nonce": "text", "node": "s"}, {"nonce": b"x"}, {"nonce": b"", "node": "s", "x": 1}):
+        with pytest.raises(MalformedFrame):
+            decode_control(Envelope(MsgType.CHALLENGE, b"", 0, 0, 16, encode_control(bad)))
+    with pytest.raises(MalformedFrame):
+        decode_control(Envelope(MsgType.CHALLENGE, b"", 0, 0, 16, b"\xc1"))
+    with pytest.raises(MalformedFrame):
+        decode_control(Envelope(MsgType.PACKET, b"", 0, 0, 16, b""))
+
+
+@pytest.mark.parametrize("obj, words", [
+    ([2, 6, SID, 0, 0, 16, b""], "version"),
+    ([1, 99, SID, 0, 0, 16, b""], "type"),
+    ([1, 6, b"short", 0, 0, 16, b""], "session"),
+    ([1, 6, SID, "root", 0, 16, b""], "uid"),
+    ([1, 6, SID, 0, -1, 16, b""], "sequence"),
+    ([1, 6, SID, 0, 0, 300, b""], "hop"),
+    ([1, 6, SID, 0, 0, 16, "text"], "body"),
+    ([1, 6, SID, 0, 0, 16], "7 fields"),
+    ({"a": 1}, "array"),
+])
+def test_wrong_fields_are_refused(obj: object, words: str) -> None:
+    with pytest.raises(MalformedFrame, match=words):
+        list(EnvelopeDecoder().feed(msgpack.packb(obj, use_bin_type=True)))
+
+
+def test_replayed_duplicated_and_skipped_sequence_numbers() -> None:
+    first = encode_envelope(MsgType.PACKET, SID, 0, 0, b"a")
+    decoder = EnvelopeDecoder()
+    assert len(list(decoder.feed(first))) == 1
+    with pytest.raises(SequenceError, match="replayed or duplicated"):
+        list(decoder.feed(first))
+    with pytest.raises(SequenceError):
+        list(decoder.feed(b""))  # the decoder stays failed
+    with pytest.raises(SequenceError, match="out of order"):
+        list(EnvelopeDecoder().feed(encode_envelope(MsgType.PACKET, SID, 0, 5, b"a")))
+
+
+def test_oversize_frame() -> None:
+    with pytest.raises(LocalProtocolError):
+        encode_envelope(MsgType.PACKET, SID, 0, 0, b"x" * (MAX_PACKET + 1))
+    huge = msgpack.packb([1, 6, SID, 0, 0, 16, b"x" * (MAX_PACKET * 4)], use_bin_type=True)
+    with pytest.raises(MalformedFrame):
+        list(EnvelopeDecoder().feed(huge))
+
+
+def test_sequencer() -> None:
+    seq = Sequencer()
+    assert [seq.take() for _ in range(3)] == [0, 1, 2]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=512))
+def test_any_bytes_give_envelopes_or_the_remote_error(data: bytes) -> None:
+    for chunking in (len(data) or 1, 1):
+        decoder = EnvelopeDecoder()
+        try:
+            for i in range(0, len(data), chunking):
+                for envelope in decoder.feed(data[i:i + chunking]):
+                    assert isinstance(envelope, Envelope)
+                    if envelope.type not in (MsgType.PACKET, MsgType.DATA):
+                        try:
+                            decode_control(envelope)
+                        except MalformedFrame:
+                            pass
+        except RemoteProtocolError:
+            pass
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.binary(max_size=2000), max_size=20))
+def test_valid_streams_round_trip(bodies: list[bytes]) -> None:
+    data = b"".join(encode_envelope(MsgType.PACKET, SID, 7, i, b) for i, b in enumerate(bodies))
+    assert [e.body for e in EnvelopeDecoder().feed(data)] == bodies

@@ -1,0 +1,285 @@
+"""The link protocol end to end in memory: a user's link and the server node, real TLS and RSA
+over an in-memory transfer, packets NATed and replies routed back to the right user."""
+
+from __future__ import annotations
+
+import ipaddress
+from pathlib import Path
+from typing import Any
+
+import pytest
+from scapy.layers.inet import ICMP, IP, TCP, UDP
+from scapy.layers.inet6 import IPv6
+
+from pvpn import auth, pki, tls
+from pvpn.config import ServerConfig, UserPolicy, parse_prefix
+from pvpn.protocol import (
+    CloseLink, InjectPacket, LinkClosed, LinkEstablished, LinkRefused, LogRecord,
+    PacketsReceived, SendBytes, ServerNode, UserLink,
+)
+
+SERVER_IP = "10.0.0.1"
+NAT_SRC = ipaddress.ip_address("10.9.0.1").packed
+NAT_SRC6 = ipaddress.ip_address("fd09::1").packed
+TARGET = "10.9.0.5"
+
+
+@pytest.fixture(scope="module")
+def pki_dir(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    d = tmp_path_factory.mktemp("pki")
+    pki.create_ca(d / "ca")
+    crt, key = pki.issue_certificate(d / "ca", "server", d / "server", ips=[SERVER_IP])
+    other = tmp_path_factory.mktemp("other")
+    pki.create_ca(other / "ca")
+    users = d / "users"
+    users.mkdir()
+    keys = {}
+    for name in ("alice", "bob", "carol"):
+        k = auth.generate_user_key(2048)
+        keys[name] = k
+        if name != "carol":
+            auth.save_public_key(k, users / f"{name}.pub", name)
+    return {"ca": str(d / "ca" / "ca.crt"), "other_ca": str(other / "ca" / "ca.crt"),
+            "crt": str(crt), "key": str(key), "users": users, "keys": keys}
+
+
+def make_node(p: dict[str, Any]) -> ServerNode:
+    allow = [parse_prefix("10.9.0.0/24"), parse_prefix("fd09::/64")]
+    config = ServerConfig(
+        path=Path("server.toml"), name="server", listen=[], certificate=Path(p["crt"]),
+        private_key=Path(p["key"]), authorized_keys=p["users"], queue=0,
+        nat_ports=(61000, 61999), instance="t",
+        users={"alice": UserPolicy(list(allow)), "bob": UserPolicy(list(allow))},
+    )
+    return ServerNode(config, auth.AuthorizedKeys(p["users"]), auth.verify_signature,
+                      lambda dst: NAT_SRC if len(dst) == 4 else NAT_SRC6)
+
+
+class Harness:
+    """One server node and any number of user links, wired by an in-memory transfer()."""
+
+    def __init__(self, p: dict[str, Any]) -> None:
+        self.p = p
+        self.node = make_node(p)
+        self.server_ctx = tls.make_server_context(p["crt"], p["key"])
+        self.links: dict[int, UserLink] = {}
+        self.events: dict[int, list[Any]] = {}
+        self.injected: list[bytes] = []
+        self.logs: list[Any] = []
+        self.closed: set[int] = set()
+        self.now = 100.0
+
+    def connect(self, link_id: int, user: str, key_user: str | None = None, ca: str | None = None,
+                want: tuple[str, ...] = ("10.9.0.0/24",), resume: Any = None) -> UserLink:
+        client = tls.TlsSession(tls.make_client_context(ca_file=ca or self.p["ca"]),
+                                server_side=False, server_name=SERVER_IP)
+        key = self.p["keys"][key_user or user]
+        link = UserLink(client, user=user, uid=1000 + link_id,
+                        signer=lambda n, b, node: auth.sign_challenge(key, n, b, user, node),
+                        want=list(want), client_name="clienthost", resume=resume)
+        client.start()
+        link.start(self.now)
+        self.links[link_id] = link
+        self.events[link_id] = []
+        self.node.link_opened(link_id, tls.TlsSession(self.server_ctx, server_side=True),
+                              f"10.0.0.2:{40000 + link_id}", self.now)
+        self.transfer()
+        return link
+
+    def transfer(self) -> None:
+        for _ in range(50):
+            moved = False
+            for link_id, link in self.links.items():
+                if link_id in self.closed:
+                    continue
+                data = link.data_to_send(self.now)
+                if data:
+                    moved = True
+                    self.node.receive_data(link_id, data, self.now)
+            self.node.flush(self.now)
+            commands, self.node.commands = self.node.commands, []
+            for cmd in commands:
+                if isinstance(cmd, SendBytes) and cmd.link not in self.closed:
+                    moved = True
+                    self.events[cmd.link] += self.links[cmd.link].receive_data(cmd.data, self.now)
+                elif isinstance(cmd, InjectPacket):
+                    self.injected.append(cmd.packet)
+                elif isinstance(cmd, LogRecord):
+                    self.logs.append(cmd.record)
+                elif isinstance(cmd, CloseLink):
+                    self.closed.add(cmd.link)
+            if not moved:
+                return
+        raise AssertionError("transfer did not settle")
+
+    def packets(self, link_id: int) -> list[bytes]:
+        out = [p for e in self.events[link_id] if isinstance(e, PacketsReceived) for p in e.packets]
+        self.events[link_id] = [e for e in self.events[link_id] if not isinstance(e, PacketsReceived)]
+        return out
+
+
+def first(events: list[Any], kind: type) -> Any:
+    found = [e for e in events if isinstance(e, kind)]
+    assert found, f"no {kind.__name__} in {events}"
+    return found[0]
+
+
+def test_alice_gets_a_session_and_her_packets_are_natted_and_answered(pki_dir: Any) -> None:
+    h = Harness(pki_dir)
+    h.connect(1, "alice")
+    est = first(h.events[1], LinkEstablished)
+    assert len(est.session) == 16 and est.allow == ["10.9.0.0/24"] and not est.resumed
+    syn = bytes(IP(src="10.0.0.2", dst=TARGET) / TCP(sport=40000, dport=80, flags="S"))
+    h.links[1].send_packets([syn])
+    h.transfer()
+    (out,) = h.injected
+    sent = IP(out)
+    assert sent.src == "10.9.0.1" and sent.dst == TARGET and 61000 <= sent[TCP].sport <= 61999
+    reply = bytes(IP(src=TARGET, dst="10.9.0.1") / TCP(sport=80, dport=sent[TCP].sport, flags="SA"))
+    assert h.node.receive_reply(reply, h.now)
+    h.node.flush(h.now)
+    h.transfer()
+    (back,) = h.packets(1)
+    got = IP(back)
+    assert got.dst == "10.0.0.2" and got[TCP].dport == 40000 and got.src == TARGET
+    assert not h.node.receive_reply(bytes(IP(src=TARGET, dst="10.9.0.1") / TCP(sport=80, dport=9)),
+                                    h.now), "a packet of no flow is not ours"
+    events = [r.event for r in h.logs]
+    assert "session:opened" in events
+
+
+def test_two_users_same_five_tuple_replies_never_cross(pki_dir: Any) -> None:
+    h = Harness(pki_dir)
+    h.connect(1, "alice")
+    h.connect(2, "bob")
+    same = bytes(IP(src="10.0.0.2", dst=TARGET) / UDP(sport=5555, dport=7) / b"x")
+    h.links[1].send_packets([same])
+    h.links[2].send_packets([same])
+    h.transfer()
+    ports = [IP(p)[UDP].sport for p in h.injected]
+    assert len(set(ports)) == 2
+    for port, link_id, payload in ((ports[1], 2, b"for-bob"), (ports[0], 1, b"for-alice")):
+        assert h.node.receive_reply(bytes(IP(src=TARGET, dst="10.9.0.1") / UDP(sport=7, dport=port)
+                                          / payload), h.now)
+    h.node.flush(h.now)
+    h.transfer()
+    assert [bytes(IP(p)[UDP].payload) for p in h.packets(1)] == [b"for-alice"]
+    assert [bytes(IP(p)[UDP].payload) for p in h.packets(2)] == [b"for-bob"]
+
+
+def test_ipv6_and_icmp_echo(pki_dir: Any) -> None:
+    h = Harness(pki_dir)
+    h.connect(1, "alice", want=("10.9.0.0/24", "fd09::/64"))
+    ping = bytes(IP(src="10.0.0.2", dst=TARGET) / ICMP(id=77, seq=1) / b"hi")
+    v6 = bytes(IPv6(src="fd00::2", dst="fd09::5") / UDP(sport=1234, dport=7) / b"six")
+    h.links[1].send_packets([ping, v6])
+    h.transfer()
+    p4, p6 = (IP(h.injected[0]), IPv6(h.injected[1]))
+    assert p4[ICMP].id != 77 and p6.src == "fd09::1"
+    assert h.node.receive_reply(bytes(IP(src=TARGET, dst="10.9.0.1") / ICMP(type=0, id=p4[ICMP].id, seq=1) / b"hi"), h.now)
+    assert h.node.receive_reply(bytes(IPv6(src="fd09::5", dst="fd09::1") / UDP(sport=7, dport=p6[UDP].sport) / b"six"), h.now)
+    h.node.flush(h.now)
+    h.transfer()
+    r4, r6 = h.packets(1)
+    assert IP(r4)[ICMP].id == 77 and IP(r4).dst == "10.0.0.2"
+    assert IPv6(r6).dst == "fd00::2" and IPv6(r6)[UDP].dport == 1234
+
+
+def test_destination_not_allowed_is_dropped_per_packet(pki_dir: Any) -> None:
+    h = Harness(pki_dir)
+    h.connect(1, "alice")
+    h.links[1].send_packets([bytes(IP(src="10.0.0.2", dst="10.8.0.1") / TCP(dport=22))])
+    h.transfer()
+    assert h.injected == []
+    assert any(r.event == "packet:dropped" and r.reason == "destination not allowed" for r in h.logs)
+
+
+@pytest.mark.parametrize("user, key_user, want, code", [
+    ("carol", None, ("10.9.0.0/24",), "auth-failed"),          # unknown user
+    ("alice", "bob", ("10.9.0.0/24",), "auth-failed"),         # wrong key
+    ("alice", None, ("10.8.0.0/24",), "destination-not-allowed"),
+])
+def test_refusals(pki_dir: Any, user: str, key_user: str | None, want: tuple[str, ...],
+                  code: str) -> None:
+    h = Harness(pki_dir)
+    h.connect(1, user, key_user=key_user, want=want)
+    refused = first(h.events[1], LinkRefused)
+    assert refused.code == code and user in refused.reason
+    assert 1 in h.closed and not h.node.sessions
+    assert any(r.event == "auth:refused" for r in h.logs)
+
+
+def test_wrong_server_certificate_is_fatal_before_the_key_is_used(pki_dir: Any) -> None:
+    h = Harness(pki_dir)
+    signed: list[bytes] = []
+    client = tls.TlsSession(tls.make_client_context(ca_file=pki_dir["other_ca"]),
+                            server_side=False, server_name=SERVER_IP)
+    link = UserLink(client, user="alice", uid=1, signer=lambda *a: signed.append(a[0]) or b"",
+                    want=["10.9.0.0/24"], client_name="c")
+    client.start()
+    h.links[1], h.events[1] = link, []
+    h.node.link_opened(1, tls.TlsSession(h.server_ctx, server_side=True), "peer", h.now)
+    h.transfer()
+    closed = first(h.events[1], LinkClosed)
+    assert closed.fatal and "unknown authority" in closed.reason and not signed
+
+
+def test_garbage_closes_only_that_link(pki_dir: Any) -> None:
+    h = Harness(pki_dir)
+    h.connect(1, "alice")
+    h.node.link_opened(9, tls.TlsSession(h.server_ctx, server_side=True), "evil", h.now)
+    h.node.receive_data(9, b"GET / HTTP/1.0\r\n\r\n" * 10, h.now)
+    assert any(isinstance(c, CloseLink) and c.link == 9 for c in h.node.commands)
+    h.node.commands.clear()
+    h.links[1].send_packets([bytes(IP(src="10.0.0.2", dst=TARGET) / TCP(dport=80))])
+    h.transfer()
+    assert len(h.injected) == 1, "alice is still served"
+
+
+def test_resume_keeps_the_session_and_its_flows(pki_dir: Any) -> None:
+    h = Harness(pki_dir)
+    link = h.connect(1, "alice")
+    est = first(h.events[1], LinkEstablished)
+    h.links[1].send_packets([bytes(IP(src="10.0.0.2", dst=TARGET) / TCP(sport=1, dport=80))])
+    h.transfer()
+    port = IP(h.injected[0])[TCP].sport
+    h.node.link_lost(1, h.now)
+    h.closed.add(1)
+    assert h.node.receive_reply(bytes(IP(src=TARGET, dst="10.9.0.1") / TCP(sport=80, dport=port)), h.now)
+    h.connect(2, "alice", resume=(est.session, est.token))
+    again = first(h.events[2], LinkEstablished)
+    assert again.resumed and again.session == est.session
+    assert h.node.receive_reply(bytes(IP(src=TARGET, dst="10.9.0.1") / TCP(sport=80, dport=port)), h.now)
+    h.node.flush(h.now)
+    h.transfer()
+    assert len(h.packets(2)) == 1
+    # A wrong token gets a fresh session, never someone else's.
+    h.connect(3, "alice", resume=(est.session, b"x" * 16))
+    assert not first(h.events[3], LinkEstablished).resumed
+    del link
+
+
+def test_keepalive_and_dead_peer(pki_dir: Any) -> None:
+    h = Harness(pki_dir)
+    link = h.connect(1, "alice")
+    h.now += 11
+    assert link.handle_timer(h.now) is None
+    h.transfer()
+    h.now += 40
+    dead = link.handle_timer(h.now)
+    assert isinstance(dead, LinkClosed) and "keepalive" in dead.reason
+    h.node.handle_timer(h.now)
+    assert any(isinstance(c, CloseLink) for c in h.node.commands)
+    h.node.commands.clear()
+    h.node.link_lost(1, h.now)
+    h.now += 200
+    h.node.handle_timer(h.now)
+    assert not h.node.sessions, "a session not resumed within the grace period is reaped"
+
+
+def test_user_close_ends_the_session(pki_dir: Any) -> None:
+    h = Harness(pki_dir)
+    link = h.connect(1, "alice")
+    link.close("bye")
+    h.transfer()
+    assert not h.node.sessions and 1 in h.closed
