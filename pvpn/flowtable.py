@@ -1,0 +1,268 @@
+"""The server's NAT flow table: which session a reply from the Internet belongs to.
+
+Driven by the server node: :meth:`FlowTable.outbound` for every packet a session sends,
+:meth:`FlowTable.inbound` for every packet arriving on the NAT port range, and
+:meth:`FlowTable.expire` from its timer. Time is always passed in (``now``, seconds on a
+monotonic clock); nothing here reads a clock.
+
+The 2002 thesis matched replies by server address and port only, so two users on one client
+host sending the identical 5-tuple to the same destination got each other's replies. Here every
+(session, flow) pair gets its own NAT port, so the reply's destination port names the session.
+
+Mapping rules:
+
+* A NAT port is unique per *(protocol, NAT address, remote address, remote port)*: mappings are
+  endpoint-dependent, so the whole range is available again for each remote endpoint, and a
+  reply is looked up by the full (protocol, remote, remote port, NAT address, NAT port).
+* Ports are handed out round-robin from one cursor over the range, never lowest-free, so a
+  freed port is reused as late as possible (stale replies of an old flow do not reach a new one).
+* ICMP/ICMPv6 echo: the NAT "port" is the echo identifier the server writes into the request;
+  the reply carries it back. There is no remote port: it is taken as 0 on both sides, so the
+  ``remote_port`` given to :meth:`FlowTable.inbound` is ignored for ICMP.
+* ICMP errors: look them up with the quoted packet's flow (``icmp_error_inner_flow``), i.e.
+  ``inbound(inner.proto, inner.dst, inner.dport, inner.src, inner.sport, now)``.
+
+Every structure is bounded by ``max_flows``; lookups in both directions are dict lookups, and
+idle flows sit in one insertion-ordered queue per timeout class, oldest first, so
+:meth:`FlowTable.expire` only touches the flows it removes.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+
+from pvpn.errors import ConfigError, FlowTableFull, LocalProtocolError
+from pvpn.packet import (
+    PROTO_ICMP,
+    PROTO_ICMPV6,
+    PROTO_TCP,
+    PROTO_UDP,
+    TCP_ACK,
+    TCP_FIN,
+    TCP_RST,
+    TCP_SYN,
+    FlowKey,
+)
+
+# (protocol, NAT address, remote address, remote port): the scope in which a NAT port is unique.
+_Endpoint = tuple[int, bytes, bytes, int]
+# (protocol, NAT address, NAT port, remote address, remote port): how replies are found.
+_ReplyKey = tuple[int, bytes, int, bytes, int]
+
+
+@dataclass(slots=True)
+class Flow:
+    """One NAT mapping: a session's flow and the server address and port it goes out with."""
+
+    session_id: bytes
+    original: FlowKey  # as the client sent it
+    nat_src: bytes  # server address used as source
+    nat_port: int  # TCP/UDP source port, or ICMP echo identifier, used on the server side
+    last_seen: float
+    closing: bool  # a FIN or RST was seen: short timeout
+
+
+def _remote_port(flow: FlowKey) -> int:
+    # ICMP echo has no remote port; both directions use 0 (see the module docstring).
+    if flow.proto == PROTO_TCP or flow.proto == PROTO_UDP:
+        return flow.dport
+    return 0
+
+
+class FlowTable:
+    """Maps (session, flow) to a NAT address and port and replies back to the session.
+
+    Driven by the server node with explicit ``now`` values, which must not go backwards (the
+    idle queues are ordered by last use).
+    """
+
+    def __init__(
+        self,
+        port_range: tuple[int, int],
+        max_flows: int = 65536,
+        tcp_timeout: float = 7440.0,
+        tcp_closing_timeout: float = 60.0,
+        udp_timeout: float = 180.0,
+        icmp_timeout: float = 30.0,
+    ) -> None:
+        low, high = port_range
+        if not 1 <= low <= high <= 65535:
+            raise ConfigError(f"nat_ports {low}-{high}: need 1 <= first <= last <= 65535")
+        if max_flows < 1:
+            raise ConfigError(f"max_flows {max_flows}: need at least 1")
+        if min(tcp_timeout, tcp_closing_timeout, udp_timeout, icmp_timeout) <= 0:
+            raise ConfigError("flow timeouts must be positive")
+        self._low = low
+        self._size = high - low + 1
+        self._cursor = 0  # offset of the next port to offer, round-robin
+        self._max_flows = max_flows
+        self._by_session_flow: dict[tuple[bytes, FlowKey], Flow] = {}
+        self._by_reply: dict[_ReplyKey, Flow] = {}
+        self._ports_used: dict[_Endpoint, int] = {}
+        self._by_session: dict[bytes, dict[int, Flow]] = {}
+        # Idle queues, keyed by id(flow) (Flow is mutable, so not hashable), least recently
+        # seen first, one per timeout class. The default TCP timeout is RFC 5382 REQ-5's
+        # 2 h 4 min; the UDP one stays above RFC 4787 REQ-5's 2 min minimum.
+        self._tcp: OrderedDict[int, Flow] = OrderedDict()
+        self._tcp_closing: OrderedDict[int, Flow] = OrderedDict()
+        self._udp: OrderedDict[int, Flow] = OrderedDict()
+        self._icmp: OrderedDict[int, Flow] = OrderedDict()
+        self._queues = (
+            (self._tcp, tcp_timeout),
+            (self._tcp_closing, tcp_closing_timeout),
+            (self._udp, udp_timeout),
+            (self._icmp, icmp_timeout),
+        )
+
+    def __len__(self) -> int:
+        return len(self._by_session_flow)
+
+    def sessions_flows(self, session_id: bytes) -> int:
+        """How many flows this session has in the table."""
+        flows = self._by_session.get(session_id)
+        return 0 if flows is None else len(flows)
+
+    def outbound(
+        self, session_id: bytes, flow: FlowKey, nat_src: bytes, now: float, tcp_flags: int = 0
+    ) -> Flow:
+        """The mapping for a packet a session sends, created if new; refreshes ``last_seen``.
+
+        ``nat_src`` is used only when the mapping is created. Raises FlowTableFull when the table
+        holds ``max_flows`` flows or every port is taken for that remote endpoint.
+        """
+        found = self._by_session_flow.get((session_id, flow))
+        if found is not None:
+            self._touch(found, now, tcp_flags, True)
+            return found
+        return self._create(session_id, flow, nat_src, now, tcp_flags)
+
+    def inbound(
+        self,
+        proto: int,
+        remote: bytes,
+        remote_port: int,
+        nat_dst: bytes,
+        nat_port: int,
+        now: float,
+        tcp_flags: int = 0,
+    ) -> Flow | None:
+        """The mapping a reply from ``remote:remote_port`` to ``nat_dst:nat_port`` belongs to.
+
+        None if there is none (the packet is not ours: drop it). Refreshes ``last_seen``.
+        """
+        if proto != PROTO_TCP and proto != PROTO_UDP:
+            remote_port = 0
+        found = self._by_reply.get((proto, nat_dst, nat_port, remote, remote_port))
+        if found is not None:
+            self._touch(found, now, tcp_flags, False)
+        return found
+
+    def expire(self, now: float) -> list[Flow]:
+        """Remove and return the flows idle for at least their timeout at ``now``.
+
+        Costs O(1) per queue plus O(1) per flow removed: each queue is oldest first.
+        """
+        expired: list[Flow] = []
+        for queue, timeout in self._queues:
+            while queue:
+                flow = next(iter(queue.values()))
+                if now - flow.last_seen < timeout:
+                    break
+                self._remove(flow)
+                expired.append(flow)
+        return expired
+
+    def drop_session(self, session_id: bytes) -> list[Flow]:
+        """Remove and return every flow of a session (it closed); their ports become free."""
+        flows = list(self._by_session.get(session_id, {}).values())
+        for flow in flows:
+            self._remove(flow)
+        return flows
+
+    # -- internals ---------------------------------------------------------------------------
+
+    def _queue(self, flow: Flow) -> OrderedDict[int, Flow]:
+        proto = flow.original.proto
+        if proto == PROTO_TCP:
+            return self._tcp_closing if flow.closing else self._tcp
+        if proto == PROTO_UDP:
+            return self._udp
+        return self._icmp
+
+    def _touch(self, flow: Flow, now: float, tcp_flags: int, outbound: bool) -> None:
+        flow.last_seen = now
+        key = id(flow)
+        if flow.original.proto == PROTO_TCP and tcp_flags:
+            if tcp_flags & (TCP_FIN | TCP_RST):
+                if not flow.closing:
+                    del self._tcp[key]
+                    flow.closing = True
+                    self._tcp_closing[key] = flow
+                    return
+            elif flow.closing and outbound and tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN:
+                # The client reuses the 4-tuple for a new connection (after TIME-WAIT): give the
+                # mapping its long timeout back, keeping the same NAT port.
+                del self._tcp_closing[key]
+                flow.closing = False
+                self._tcp[key] = flow
+                return
+        self._queue(flow).move_to_end(key)
+
+    def _create(
+        self, session_id: bytes, flow: FlowKey, nat_src: bytes, now: float, tcp_flags: int
+    ) -> Flow:
+        proto = flow.proto
+        if proto not in (PROTO_TCP, PROTO_UDP, PROTO_ICMP, PROTO_ICMPV6):
+            raise LocalProtocolError(f"no NAT for protocol {proto}")
+        if len(nat_src) != len(flow.dst):
+            raise LocalProtocolError("NAT address and flow are of different address families")
+        if len(self._by_session_flow) >= self._max_flows:
+            raise FlowTableFull(f"flow table full ({self._max_flows} flows)")
+        remote_port = _remote_port(flow)
+        endpoint = (proto, nat_src, flow.dst, remote_port)
+        used = self._ports_used.get(endpoint, 0)
+        if used >= self._size:
+            raise FlowTableFull(f"no free NAT port towards {flow.reversed().describe()}")
+        # Round-robin from the shared cursor; the first port free for this endpoint wins. The
+        # count above guarantees one exists within a full turn.
+        by_reply = self._by_reply
+        size = self._size
+        cursor = self._cursor
+        for _ in range(size):
+            port = self._low + cursor
+            cursor += 1
+            if cursor == size:
+                cursor = 0
+            reply_key = (proto, nat_src, port, flow.dst, remote_port)
+            if reply_key not in by_reply:
+                break
+        else:  # unreachable while the counts are consistent; fail safe rather than overwrite
+            raise FlowTableFull(f"no free NAT port towards {flow.reversed().describe()}")
+        self._cursor = cursor
+        closing = proto == PROTO_TCP and bool(tcp_flags & (TCP_FIN | TCP_RST))
+        created = Flow(session_id, flow, nat_src, port, now, closing)
+        self._by_session_flow[(session_id, flow)] = created
+        by_reply[reply_key] = created
+        self._ports_used[endpoint] = used + 1
+        self._by_session.setdefault(session_id, {})[id(created)] = created
+        self._queue(created)[id(created)] = created
+        return created
+
+    def _remove(self, flow: Flow) -> None:
+        original = flow.original
+        remote_port = _remote_port(original)
+        del self._by_session_flow[(flow.session_id, original)]
+        del self._by_reply[(original.proto, flow.nat_src, flow.nat_port, original.dst, remote_port)]
+        endpoint = (original.proto, flow.nat_src, original.dst, remote_port)
+        used = self._ports_used[endpoint] - 1
+        if used:
+            self._ports_used[endpoint] = used
+        else:
+            del self._ports_used[endpoint]
+        key = id(flow)
+        session_flows = self._by_session[flow.session_id]
+        del session_flows[key]
+        if not session_flows:
+            del self._by_session[flow.session_id]
+        del self._queue(flow)[key]

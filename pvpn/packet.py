@@ -1,0 +1,467 @@
+"""Struct-level view of IPv4/IPv6 packets and the NAT rewrites of the server.
+
+This runs for every tunnelled packet, so it works on raw ``bytes`` with precompiled
+``struct.Struct`` objects and slicing; scapy is for tests and tools only. Nothing here reads a
+clock, a file or a socket.
+
+Supported: IPv4 (with options) and IPv6 (fixed header only; extension headers are refused),
+carrying TCP, UDP, ICMP echo (RFC 792 types 8/0) and ICMP errors (3, 4, 5, 11, 12), or ICMPv6
+echo (RFC 4443 types 128/129) and ICMPv6 errors (1, 2, 3, 4). IPv4 fragments are refused: the
+NAT needs the ports, which only the first fragment carries. Anything else raises
+:class:`~pvpn.errors.MalformedPacket` with a short reason; wrong arguments from our own code
+(an address of the wrong length, a port out of range) raise
+:class:`~pvpn.errors.LocalProtocolError`.
+
+Checksums are always updated incrementally (RFC 1624, eqn. 3: ``HC' = ~(~HC + ~m + m')``), never
+recomputed, so a packet that arrived with a bad checksum leaves with a bad checksum and the end
+host still drops it, and the cost does not depend on the payload length.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import struct
+from dataclasses import dataclass
+from typing import Final
+
+from pvpn.errors import LocalProtocolError, MalformedPacket
+
+PROTO_ICMP: Final = 1
+PROTO_TCP: Final = 6
+PROTO_UDP: Final = 17
+PROTO_ICMPV6: Final = 58
+
+# TCP flag bits (byte 13 of the TCP header), for callers of tcp_flags().
+TCP_FIN: Final = 0x01
+TCP_SYN: Final = 0x02
+TCP_RST: Final = 0x04
+TCP_ACK: Final = 0x10
+
+# RFC 792: echo reply 0, echo request 8; errors: destination unreachable 3, source quench 4,
+# redirect 5, time exceeded 11, parameter problem 12. Every error quotes the offending IP header
+# plus at least the first 64 bits of its payload, starting right after the 8-byte ICMP header.
+_ICMP4_ECHO: Final = frozenset((0, 8))
+_ICMP4_ERRORS: Final = frozenset((3, 4, 5, 11, 12))
+# RFC 4443: echo request 128, echo reply 129; errors: destination unreachable 1, packet too big 2,
+# time exceeded 3, parameter problem 4. The invoking packet also starts at offset 8.
+_ICMP6_ECHO: Final = frozenset((128, 129))
+_ICMP6_ERRORS: Final = frozenset((1, 2, 3, 4))
+
+# version/IHL, (TOS), total length, (identification), flags/fragment offset, (TTL), protocol
+_IPV4: Final = struct.Struct("!BxH2xHxB")
+# version/class byte, (class/flow label), payload length, next header
+_IPV6: Final = struct.Struct("!B3xHB")
+_U16: Final = struct.Struct("!H")
+_PORTS: Final = struct.Struct("!HH")
+
+_NAMES: Final = {PROTO_ICMP: "icmp", PROTO_TCP: "tcp", PROTO_UDP: "udp", PROTO_ICMPV6: "icmpv6"}
+
+
+@dataclass(frozen=True, slots=True)
+class FlowKey:
+    """The 5-tuple of one direction of a flow, addresses packed (4 or 16 bytes).
+
+    For ICMP/ICMPv6 echo both ``sport`` and ``dport`` hold the echo identifier: it is what the
+    NAT rewrites in place of a port, and a reply carries the same identifier back.
+    """
+
+    proto: int
+    src: bytes
+    sport: int
+    dst: bytes
+    dport: int
+
+    def reversed(self) -> FlowKey:
+        """The key of the other direction (the replies)."""
+        return FlowKey(self.proto, self.dst, self.dport, self.src, self.sport)
+
+    def describe(self) -> str:
+        """A short human form for logs, e.g. ``tcp 10.0.0.1:1234 > 10.0.0.2:80``."""
+        name = _NAMES.get(self.proto, f"proto {self.proto}")
+        src = _address_text(self.src)
+        dst = _address_text(self.dst)
+        if self.proto == PROTO_ICMP or self.proto == PROTO_ICMPV6:
+            return f"{name} {src} > {dst} id {self.sport}"
+        if len(self.src) == 16:
+            src = f"[{src}]"
+        if len(self.dst) == 16:
+            dst = f"[{dst}]"
+        return f"{name} {src}:{self.sport} > {dst}:{self.dport}"
+
+
+def _address_text(packed: bytes) -> str:
+    try:
+        return str(ipaddress.ip_address(packed))
+    except ValueError:
+        return packed.hex()
+
+
+def ip_version(packet: bytes) -> int:
+    """4 or 6, from the first nibble; MalformedPacket if neither or shorter than the header."""
+    if packet:
+        version = packet[0] >> 4
+        if version == 4 and len(packet) >= 20:
+            return 4
+        if version == 6 and len(packet) >= 40:
+            return 6
+    raise MalformedPacket("not an ip packet")
+
+
+def destination_address(packet: bytes) -> bytes:
+    """The packed destination address, from the fixed header only (cheap, no L4 checks)."""
+    if packet:
+        version = packet[0] >> 4
+        if version == 4 and len(packet) >= 20:
+            return packet[16:20]
+        if version == 6 and len(packet) >= 40:
+            return packet[24:40]
+    raise MalformedPacket("not an ip packet")
+
+
+def _locate(packet: bytes) -> tuple[int, int, int, int]:
+    """Check the IP and L4 headers; return (version, protocol, L4 offset, end of IP payload).
+
+    The end comes from the IP length field: trailing bytes (link padding) are not ours.
+    """
+    n = len(packet)
+    if n < 20:
+        raise MalformedPacket("too short")
+    b0 = packet[0]
+    version = b0 >> 4
+    if version == 4:
+        _, total, frag, proto = _IPV4.unpack_from(packet)
+        l4 = (b0 & 0x0F) * 4
+        if l4 < 20:
+            raise MalformedPacket("ipv4 header length")
+        if total > n or total < l4:
+            raise MalformedPacket("ipv4 total length")
+        if frag & 0x3FFF:  # MF set or offset != 0; DF (0x4000) is fine
+            raise MalformedPacket("fragment")
+        end = total
+    elif version == 6:
+        if n < 40:
+            raise MalformedPacket("too short")
+        _, plen, proto = _IPV6.unpack_from(packet)
+        end = 40 + plen
+        if end > n:
+            raise MalformedPacket("ipv6 payload length")
+        if proto != PROTO_TCP and proto != PROTO_UDP and proto != PROTO_ICMPV6:
+            # Extension headers (hop-by-hop 0, routing 43, fragment 44, ...) are not walked.
+            raise MalformedPacket(f"ipv6 next header {proto}")
+        l4 = 40
+    else:
+        raise MalformedPacket("not an ip packet")
+    avail = end - l4
+    if proto == PROTO_TCP:
+        if avail < 20:
+            raise MalformedPacket("tcp header truncated")
+        doff = (packet[l4 + 12] >> 4) * 4
+        if doff < 20 or doff > avail:
+            raise MalformedPacket("tcp data offset")
+    elif proto == PROTO_UDP:
+        if avail < 8:
+            raise MalformedPacket("udp header truncated")
+        ulen = packet[l4 + 4] << 8 | packet[l4 + 5]
+        if ulen < 8 or ulen > avail:
+            raise MalformedPacket("udp length")
+    elif (proto == PROTO_ICMP and version == 4) or (proto == PROTO_ICMPV6 and version == 6):
+        if avail < 8:
+            raise MalformedPacket("icmp header truncated")
+    else:
+        raise MalformedPacket(f"protocol {proto} unsupported")
+    return version, proto, l4, end
+
+
+def _embedded(packet: bytes, version: int, l4: int, end: int) -> tuple[int, int, int]:
+    """Check the packet quoted in an ICMP error at ``l4``; return (protocol, IP offset, L4 offset).
+
+    RFC 792 / RFC 4443 guarantee the quoted IP header and the first 8 bytes of its payload
+    (enough for both ports or the echo identifier); its length fields describe the original
+    packet, which is usually truncated here, so they are not checked against what is present.
+    """
+    ip = l4 + 8
+    if version == 4:
+        if end - ip < 20:
+            raise MalformedPacket("icmp error: quoted header truncated")
+        b0 = packet[ip]
+        if b0 >> 4 != 4:
+            raise MalformedPacket("icmp error: quoted packet not ipv4")
+        ihl = (b0 & 0x0F) * 4
+        if ihl < 20:
+            raise MalformedPacket("icmp error: quoted ipv4 header length")
+        _, _, frag, proto = _IPV4.unpack_from(packet, ip)
+        if frag & 0x3FFF:
+            raise MalformedPacket("icmp error: quoted fragment")
+        inner_l4 = ip + ihl
+        echo = _ICMP4_ECHO
+        icmp = PROTO_ICMP
+    else:
+        if end - ip < 40:
+            raise MalformedPacket("icmp error: quoted header truncated")
+        if packet[ip] >> 4 != 6:
+            raise MalformedPacket("icmp error: quoted packet not ipv6")
+        proto = packet[ip + 6]
+        inner_l4 = ip + 40
+        echo = _ICMP6_ECHO
+        icmp = PROTO_ICMPV6
+    if end - inner_l4 < 8:
+        raise MalformedPacket("icmp error: quoted l4 header truncated")
+    if proto == icmp:
+        # Errors are never sent about errors (RFC 1122 3.2.2, RFC 4443 2.4 e), so only an echo
+        # can be quoted, and only an echo has an identifier to map back.
+        if packet[inner_l4] not in echo:
+            raise MalformedPacket("icmp error: quoted icmp is not an echo")
+    elif proto != PROTO_TCP and proto != PROTO_UDP:
+        raise MalformedPacket(f"icmp error: quoted protocol {proto} unsupported")
+    return proto, ip, inner_l4
+
+
+def _addresses(packet: bytes, version: int, base: int = 0) -> tuple[bytes, bytes]:
+    if version == 4:
+        return packet[base + 12 : base + 16], packet[base + 16 : base + 20]
+    return packet[base + 8 : base + 24], packet[base + 24 : base + 40]
+
+
+def parse_flow(packet: bytes) -> FlowKey:
+    """The flow of a TCP, UDP or ICMP/ICMPv6 echo packet.
+
+    An ICMP error has no flow of its own (use :func:`icmp_error_inner_flow`), so it raises
+    MalformedPacket here, like any other ICMP type.
+    """
+    version, proto, l4, _ = _locate(packet)
+    src, dst = _addresses(packet, version)
+    if proto == PROTO_TCP or proto == PROTO_UDP:
+        sport, dport = _PORTS.unpack_from(packet, l4)
+        return FlowKey(proto, src, sport, dst, dport)
+    kind = packet[l4]
+    if kind in (_ICMP4_ECHO if version == 4 else _ICMP6_ECHO):
+        ident = packet[l4 + 4] << 8 | packet[l4 + 5]
+        return FlowKey(proto, src, ident, dst, ident)
+    if kind in (_ICMP4_ERRORS if version == 4 else _ICMP6_ERRORS):
+        raise MalformedPacket("icmp error has no flow of its own")
+    raise MalformedPacket(f"icmp type {kind} unsupported")
+
+
+def is_icmp_error(packet: bytes) -> bool:
+    """Whether this is a supported ICMP/ICMPv6 error; MalformedPacket if not a valid packet."""
+    version, proto, l4, _ = _locate(packet)
+    if proto == PROTO_ICMP:
+        return packet[l4] in _ICMP4_ERRORS
+    if proto == PROTO_ICMPV6:
+        return packet[l4] in _ICMP6_ERRORS
+    return False
+
+
+def icmp_error_inner_flow(packet: bytes) -> FlowKey:
+    """The flow of the packet quoted in an ICMP/ICMPv6 error, as that packet was sent.
+
+    Its ``src``/``sport`` are the original sender's (on the server: the NAT address and port),
+    its ``dst``/``dport`` the remote end's. MalformedPacket if ``packet`` is not an ICMP error or
+    the quote lacks the IP header plus 8 bytes of L4 header.
+    """
+    version, proto, l4, end = _locate(packet)
+    errors = _ICMP4_ERRORS if version == 4 else _ICMP6_ERRORS
+    if proto == PROTO_TCP or proto == PROTO_UDP or packet[l4] not in errors:
+        raise MalformedPacket("not an icmp error")
+    inner_proto, ip, inner_l4 = _embedded(packet, version, l4, end)
+    src, dst = _addresses(packet, version, ip)
+    if inner_proto == PROTO_TCP or inner_proto == PROTO_UDP:
+        sport, dport = _PORTS.unpack_from(packet, inner_l4)
+        return FlowKey(inner_proto, src, sport, dst, dport)
+    ident = packet[inner_l4 + 4] << 8 | packet[inner_l4 + 5]
+    return FlowKey(inner_proto, src, ident, dst, ident)
+
+
+def tcp_flags(packet: bytes) -> int:
+    """The TCP flag byte (FIN 0x01, SYN 0x02, RST 0x04, ACK 0x10, ...); 0 for non-TCP."""
+    _, proto, l4, _ = _locate(packet)
+    if proto == PROTO_TCP:
+        return packet[l4 + 13]
+    return 0
+
+
+def rewrite_source(packet: bytes, new_src: bytes, new_sport: int) -> bytes:
+    """A copy of ``packet`` with the source address and source port replaced (the NAT outbound).
+
+    The port is the TCP/UDP source port, or the echo identifier of an ICMP/ICMPv6 echo. The IPv4
+    header checksum and the L4 checksum (with its pseudo-header) are updated incrementally
+    (RFC 1624). A UDP checksum of 0 means "none" (RFC 768) and stays 0; a UDP checksum that
+    works out to 0 is sent as 0xFFFF.
+
+    For an ICMP/ICMPv6 error this is the mirror image of :func:`rewrite_destination`: the outer
+    source and the quoted packet's *destination* address and port are replaced (an error sent by
+    the client host about a reply it received).
+    """
+    return _rewrite(packet, new_src, new_sport, False)
+
+
+def rewrite_destination(packet: bytes, new_dst: bytes, new_dport: int) -> bytes:
+    """A copy of ``packet`` with the destination address and port replaced (the NAT inbound).
+
+    For an ICMP/ICMPv6 error (a reply about a packet the server sent for a session), ``new_dst``
+    replaces the outer destination, and the quoted packet's *source* address and source port
+    (echo identifier) become ``new_dst``/``new_dport``, so the client host recognises its own
+    packet. Updated incrementally: the outer IPv4 header checksum, the quoted IPv4 header
+    checksum, the quoted L4 checksum *when the quote contains it* (a UDP or ICMP checksum always
+    is within the 8 guaranteed bytes; a TCP checksum at offset 16 only in a longer quote; a
+    quoted UDP checksum of 0 stays 0), and the ICMP checksum over all of that (for ICMPv6 also
+    over the pseudo-header, RFC 4443 2.3; ICMPv4 has none, RFC 792). Fixing the quoted L4
+    checksum makes the quote byte-identical to what the client sent, as Linux conntrack does.
+    """
+    return _rewrite(packet, new_dst, new_dport, True)
+
+
+def _fix(buf: bytearray, at: int, old: int, new: int) -> int:
+    """Update the checksum at ``buf[at:at+2]`` for data words summing to ``old`` now ``new``.
+
+    RFC 1624 eqn. 3, ``HC' = ~(~HC + ~m + m')``, in arithmetic modulo 0xFFFF, where one's
+    complement negation is subtraction: ``HC' = HC + m - m'``. Any even-aligned field may be
+    passed as one big integer (``int.from_bytes``), since 2**16 == 1 (mod 0xFFFF) makes its
+    value congruent to the sum of its 16-bit words. The result is never 0xFFFF: a one's
+    complement sum that is zero modulo 0xFFFF is -0 (0xFFFF) unless every word is zero, which
+    the pseudo-header (and the IPv4 version nibble) rule out; so its checksum is 0x0000, the
+    same as a full recomputation gives. Returns the new checksum.
+    """
+    checksum = ((buf[at] << 8 | buf[at + 1]) + old - new) % 0xFFFF
+    buf[at] = checksum >> 8
+    buf[at + 1] = checksum & 0xFF
+    return checksum
+
+
+def _fix_udp(buf: bytearray, at: int, old: int, new: int) -> int:
+    checksum = buf[at] << 8 | buf[at + 1]
+    if checksum == 0:  # RFC 768: no checksum was computed; keep it that way
+        return 0
+    checksum = (checksum + old - new) % 0xFFFF
+    if checksum == 0:  # RFC 768: a computed 0 is transmitted as all ones
+        checksum = 0xFFFF
+    buf[at] = checksum >> 8
+    buf[at + 1] = checksum & 0xFF
+    return checksum
+
+
+def _check_args(address: bytes, port: int, version: int) -> None:
+    if len(address) != (4 if version == 4 else 16):
+        raise LocalProtocolError(f"address of {len(address)} bytes for an ipv{version} packet")
+    if port < 0 or port > 0xFFFF:
+        raise LocalProtocolError(f"port {port} out of range")
+
+
+def _rewrite(packet: bytes, address: bytes, port: int, destination: bool) -> bytes:
+    version, proto, l4, end = _locate(packet)
+    _check_args(address, port, version)
+    if version == 4:
+        at = 16 if destination else 12
+        width = 4
+    else:
+        at = 24 if destination else 8
+        width = 16
+    buf = bytearray(packet)
+    old_addr = int.from_bytes(packet[at : at + width], "big")
+    new_addr = int.from_bytes(address, "big")
+    buf[at : at + width] = address
+    if version == 4:
+        _fix(buf, 10, old_addr, new_addr)
+    if proto == PROTO_TCP or proto == PROTO_UDP:
+        p = l4 + 2 if destination else l4
+        old_port = packet[p] << 8 | packet[p + 1]
+        buf[p] = port >> 8
+        buf[p + 1] = port & 0xFF
+        # The pseudo-header carries the addresses (RFC 793 3.1, RFC 768, RFC 8200 8.1).
+        if proto == PROTO_TCP:
+            _fix(buf, l4 + 16, old_addr + old_port, new_addr + port)
+        else:
+            _fix_udp(buf, l4 + 6, old_addr + old_port, new_addr + port)
+        return bytes(buf)
+    kind = packet[l4]
+    if version == 4:
+        if kind in _ICMP4_ECHO:
+            old_id = packet[l4 + 4] << 8 | packet[l4 + 5]
+            buf[l4 + 4] = port >> 8
+            buf[l4 + 5] = port & 0xFF
+            # ICMPv4 has no pseudo-header (RFC 792): only the identifier counts.
+            if _fix(buf, l4 + 2, old_id, port) == 0 and buf.count(0, l4, end) == end - l4:
+                # The one message whose words may all be zero (reply, id 0, seq 0, zero data):
+                # its sum is +0, so its checksum is 0xFFFF, not 0 (RFC 1624 section 3).
+                buf[l4 + 2] = buf[l4 + 3] = 0xFF
+            return bytes(buf)
+        if kind in _ICMP4_ERRORS:
+            _rewrite_quote(buf, packet, 4, l4, end, new_addr, address, port, not destination, 0, 0)
+            return bytes(buf)
+    else:
+        if kind in _ICMP6_ECHO:
+            old_id = packet[l4 + 4] << 8 | packet[l4 + 5]
+            buf[l4 + 4] = port >> 8
+            buf[l4 + 5] = port & 0xFF
+            # The ICMPv6 checksum covers a pseudo-header (RFC 4443 2.3).
+            _fix(buf, l4 + 2, old_addr + old_id, new_addr + port)
+            return bytes(buf)
+        if kind in _ICMP6_ERRORS:
+            _rewrite_quote(
+                buf, packet, 6, l4, end, new_addr, address, port, not destination, old_addr, new_addr
+            )
+            return bytes(buf)
+    raise MalformedPacket(f"icmp type {kind} unsupported")
+
+
+def _rewrite_quote(
+    buf: bytearray,
+    packet: bytes,
+    version: int,
+    l4: int,
+    end: int,
+    new_addr: int,
+    address: bytes,
+    port: int,
+    destination: bool,
+    icmp_old: int,
+    icmp_new: int,
+) -> None:
+    """Rewrite the packet quoted in the ICMP error at ``l4`` and fix every checksum it touches.
+
+    ``destination`` picks the quoted packet's destination (else source) side. ``icmp_old`` /
+    ``icmp_new`` start as the outer pseudo-header change (ICMPv6) and collect every word changed
+    inside the ICMP message; all of them lie at even offsets from ``l4`` (the quote starts at 8,
+    IPv4 header lengths are multiples of 4), so one RFC 1624 update of the ICMP checksum at the
+    end accounts for them all.
+    """
+    proto, ip, inner_l4 = _embedded(packet, version, l4, end)
+    if version == 4:
+        at = ip + (16 if destination else 12)
+        width = 4
+    else:
+        at = ip + (24 if destination else 8)
+        width = 16
+    old_addr = int.from_bytes(packet[at : at + width], "big")
+    buf[at : at + width] = address
+    icmp_old += old_addr
+    icmp_new += new_addr
+    if version == 4:
+        icmp_old += packet[ip + 10] << 8 | packet[ip + 11]
+        icmp_new += _fix(buf, ip + 10, old_addr, new_addr)
+    if proto == PROTO_TCP or proto == PROTO_UDP:
+        p = inner_l4 + 2 if destination else inner_l4
+    else:
+        p = inner_l4 + 4  # echo identifier
+    old_port = packet[p] << 8 | packet[p + 1]
+    buf[p] = port >> 8
+    buf[p + 1] = port & 0xFF
+    icmp_old += old_port
+    icmp_new += port
+    if proto == PROTO_TCP:
+        ck = inner_l4 + 16
+        if ck + 2 <= end:  # only present when more than the guaranteed 8 bytes were quoted
+            icmp_old += packet[ck] << 8 | packet[ck + 1]
+            icmp_new += _fix(buf, ck, old_addr + old_port, new_addr + port)
+    elif proto == PROTO_UDP:
+        ck = inner_l4 + 6
+        icmp_old += packet[ck] << 8 | packet[ck + 1]
+        icmp_new += _fix_udp(buf, ck, old_addr + old_port, new_addr + port)
+    else:
+        ck = inner_l4 + 2
+        icmp_old += packet[ck] << 8 | packet[ck + 1]
+        if version == 4:
+            icmp_new += _fix(buf, ck, old_port, port)
+        else:
+            icmp_new += _fix(buf, ck, old_addr + old_port, new_addr + port)
+    _fix(buf, l4 + 2, icmp_old, icmp_new)

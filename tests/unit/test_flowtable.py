@@ -1,0 +1,307 @@
+"""Tests of pvpn.flowtable: NAT mappings, reply routing, expiry with explicit ``now``."""
+
+from __future__ import annotations
+
+import ipaddress
+
+import pytest
+
+from pvpn.errors import ConfigError, FlowTableFull, LocalProtocolError
+from pvpn.flowtable import Flow, FlowTable
+from pvpn.packet import (
+    PROTO_ICMP,
+    PROTO_ICMPV6,
+    PROTO_TCP,
+    PROTO_UDP,
+    TCP_ACK,
+    TCP_FIN,
+    TCP_RST,
+    TCP_SYN,
+    FlowKey,
+)
+
+
+def ip(text: str) -> bytes:
+    return ipaddress.ip_address(text).packed
+
+
+CLIENT = ip("10.77.0.1")
+REMOTE = ip("10.77.3.2")
+OTHER_REMOTE = ip("10.77.3.3")
+NAT = ip("10.77.2.1")
+NAT6 = ip("fd77:0:0:2::1")
+ALICE = b"session-alice"
+BOB = b"session-bob"
+
+
+def tcp(sport: int = 40000, dst: bytes = REMOTE, dport: int = 80) -> FlowKey:
+    return FlowKey(PROTO_TCP, CLIENT, sport, dst, dport)
+
+
+def udp(sport: int = 40000, dst: bytes = REMOTE, dport: int = 53) -> FlowKey:
+    return FlowKey(PROTO_UDP, CLIENT, sport, dst, dport)
+
+
+def reply_to(table: FlowTable, flow: Flow, now: float, flags: int = 0) -> Flow | None:
+    """Look up the reply the remote end sends to this mapping."""
+    key = flow.original
+    return table.inbound(key.proto, key.dst, key.dport, flow.nat_src, flow.nat_port, now, flags)
+
+
+def test_identical_flows_of_two_sessions_get_their_own_ports() -> None:
+    # The 2002 thesis's bug: two users on one host, same 5-tuple, same destination.
+    table = FlowTable((61000, 61999))
+    alice = table.outbound(ALICE, tcp(), NAT, now=0.0)
+    bob = table.outbound(BOB, tcp(), NAT, now=0.0)
+    assert alice.nat_port != bob.nat_port
+    assert (alice.session_id, bob.session_id) == (ALICE, BOB)
+    assert reply_to(table, alice, 1.0) is alice
+    assert reply_to(table, bob, 1.0) is bob
+    assert table.inbound(PROTO_TCP, REMOTE, 80, NAT, alice.nat_port, 1.0).session_id == ALICE  # type: ignore[union-attr]
+    assert table.inbound(PROTO_TCP, REMOTE, 80, NAT, bob.nat_port, 1.0).session_id == BOB  # type: ignore[union-attr]
+    assert len(table) == 2
+    assert table.sessions_flows(ALICE) == table.sessions_flows(BOB) == 1
+
+
+def test_outbound_finds_existing_mapping_and_refreshes() -> None:
+    table = FlowTable((61000, 61999))
+    first = table.outbound(ALICE, udp(), NAT, now=0.0)
+    again = table.outbound(ALICE, udp(), NAT, now=5.0)
+    assert again is first
+    assert first.last_seen == 5.0
+    assert first.original == udp() and first.nat_src == NAT and not first.closing
+    assert len(table) == 1
+
+
+def test_inbound_needs_the_whole_endpoint() -> None:
+    table = FlowTable((61000, 61999))
+    flow = table.outbound(ALICE, udp(), NAT, now=0.0)
+    assert table.inbound(PROTO_UDP, REMOTE, 53, NAT, flow.nat_port, 1.0) is flow
+    assert table.inbound(PROTO_UDP, REMOTE, 54, NAT, flow.nat_port, 1.0) is None  # other port
+    assert table.inbound(PROTO_UDP, OTHER_REMOTE, 53, NAT, flow.nat_port, 1.0) is None
+    assert table.inbound(PROTO_TCP, REMOTE, 53, NAT, flow.nat_port, 1.0) is None
+    assert table.inbound(PROTO_UDP, REMOTE, 53, ip("10.77.2.9"), flow.nat_port, 1.0) is None
+    assert table.inbound(PROTO_UDP, REMOTE, 53, NAT, flow.nat_port + 1, 1.0) is None
+
+
+def test_inbound_refreshes_last_seen() -> None:
+    table = FlowTable((61000, 61999), udp_timeout=10.0)
+    flow = table.outbound(ALICE, udp(), NAT, now=0.0)
+    assert reply_to(table, flow, 8.0) is flow
+    assert flow.last_seen == 8.0
+    assert table.expire(17.0) == []
+    assert table.expire(18.0) == [flow]
+
+
+def test_icmp_echo_uses_identifier_and_ignores_remote_port() -> None:
+    table = FlowTable((61000, 61999))
+    ping = FlowKey(PROTO_ICMP, CLIENT, 7, REMOTE, 7)
+    alice = table.outbound(ALICE, ping, NAT, now=0.0)
+    bob = table.outbound(BOB, ping, NAT, now=0.0)
+    assert alice.nat_port != bob.nat_port
+    # The echo reply carries the NAT identifier in its (single) id field.
+    assert table.inbound(PROTO_ICMP, REMOTE, alice.nat_port, NAT, alice.nat_port, 1.0) is alice
+    assert table.inbound(PROTO_ICMP, REMOTE, 12345, NAT, bob.nat_port, 1.0) is bob
+    assert table.inbound(PROTO_ICMP, OTHER_REMOTE, 0, NAT, bob.nat_port, 1.0) is None
+
+
+def test_icmpv6_and_ipv6() -> None:
+    table = FlowTable((61000, 61999))
+    client6, remote6 = ip("fd77::1"), ip("fd77:0:0:3::2")
+    ping = FlowKey(PROTO_ICMPV6, client6, 9, remote6, 9)
+    flow = table.outbound(ALICE, ping, NAT6, now=0.0)
+    assert table.inbound(PROTO_ICMPV6, remote6, 0, NAT6, flow.nat_port, 1.0) is flow
+    with pytest.raises(LocalProtocolError):
+        # An ipv4 NAT address for a new ipv6 flow is our own bug.
+        table.outbound(ALICE, FlowKey(PROTO_ICMPV6, client6, 10, remote6, 10), NAT, now=1.0)
+
+
+def test_icmp_error_lookup_by_quoted_flow() -> None:
+    # What the server does with an ICMP error: the quoted packet is the NATed one as sent.
+    table = FlowTable((61000, 61999))
+    flow = table.outbound(ALICE, udp(), NAT, now=0.0)
+    inner = FlowKey(PROTO_UDP, NAT, flow.nat_port, REMOTE, 53)
+    assert table.inbound(inner.proto, inner.dst, inner.dport, inner.src, inner.sport, 1.0) is flow
+
+
+def test_ports_are_unique_per_remote_endpoint_only() -> None:
+    # Endpoint-dependent: a one-port range still serves many remote endpoints.
+    table = FlowTable((61000, 61000))
+    a = table.outbound(ALICE, udp(dst=REMOTE), NAT, now=0.0)
+    b = table.outbound(ALICE, udp(dst=OTHER_REMOTE), NAT, now=0.0)
+    c = table.outbound(ALICE, udp(dport=54), NAT, now=0.0)
+    d = table.outbound(ALICE, tcp(dport=53), NAT, now=0.0)
+    assert a.nat_port == b.nat_port == c.nat_port == d.nat_port == 61000
+    assert reply_to(table, a, 1.0) is a and reply_to(table, b, 1.0) is b
+    assert reply_to(table, c, 1.0) is c and reply_to(table, d, 1.0) is d
+    with pytest.raises(FlowTableFull):
+        table.outbound(BOB, udp(), NAT, now=0.0)  # same endpoint as a, no port left
+    assert len(table) == 4 and table.sessions_flows(BOB) == 0
+
+
+def test_round_robin_reuses_freed_port_last() -> None:
+    table = FlowTable((100, 104))
+    flows = [table.outbound(ALICE, udp(sport=s), NAT, now=0.0) for s in range(3)]
+    assert [f.nat_port for f in flows] == [100, 101, 102]
+    table.drop_session(ALICE)
+    assert len(table) == 0
+    # Freed ports are not reused at once: the cursor goes on, then wraps.
+    more = [table.outbound(BOB, udp(sport=s), NAT, now=1.0) for s in range(5)]
+    assert [f.nat_port for f in more] == [103, 104, 100, 101, 102]
+
+
+def test_round_robin_skips_ports_in_use() -> None:
+    table = FlowTable((100, 104), udp_timeout=10.0)
+    old = [table.outbound(ALICE, udp(sport=s), NAT, now=0.0) for s in range(5)]
+    assert [f.nat_port for f in old] == [100, 101, 102, 103, 104]
+    table.outbound(ALICE, udp(sport=0), NAT, now=5.0)
+    table.outbound(ALICE, udp(sport=3), NAT, now=5.0)
+    assert {f.nat_port for f in table.expire(12.0)} == {101, 102, 104}
+    # 100 and 103 are still taken: the wrapped cursor passes over them.
+    new = [table.outbound(BOB, udp(sport=s), NAT, now=12.0) for s in range(3)]
+    assert [f.nat_port for f in new] == [101, 102, 104]
+    with pytest.raises(FlowTableFull):
+        table.outbound(BOB, udp(sport=9), NAT, now=12.0)
+
+
+def test_expiry_per_protocol_with_explicit_now() -> None:
+    table = FlowTable((61000, 61999), tcp_timeout=100.0, udp_timeout=20.0, icmp_timeout=5.0)
+    t = table.outbound(ALICE, tcp(), NAT, now=0.0)
+    u = table.outbound(ALICE, udp(), NAT, now=0.0)
+    i = table.outbound(ALICE, FlowKey(PROTO_ICMP, CLIENT, 1, REMOTE, 1), NAT, now=0.0)
+    assert table.expire(4.9) == []
+    assert table.expire(5.0) == [i]
+    assert table.expire(19.0) == []
+    assert table.expire(20.0) == [u]
+    table.outbound(ALICE, tcp(), NAT, now=50.0)
+    assert table.expire(149.0) == []
+    assert table.expire(150.0) == [t]
+    assert len(table) == 0 and table.sessions_flows(ALICE) == 0
+    assert reply_to(table, t, 151.0) is None
+
+
+def test_expire_returns_oldest_first_and_only_idle_ones() -> None:
+    table = FlowTable((61000, 61999), udp_timeout=10.0)
+    flows = [table.outbound(ALICE, udp(sport=s), NAT, now=float(s)) for s in range(5)]
+    table.outbound(ALICE, udp(sport=1), NAT, now=6.0)  # refreshed: moves to the back
+    assert table.expire(13.0) == [flows[0], flows[2], flows[3]]
+    assert table.expire(13.9) == []
+    assert table.expire(14.0) == [flows[4]]
+    assert table.expire(15.9) == []
+    assert table.expire(16.0) == [flows[1]]
+
+
+@pytest.mark.parametrize("flag", [TCP_FIN | TCP_ACK, TCP_RST])
+@pytest.mark.parametrize("direction", ["outbound", "inbound"])
+def test_fin_or_rst_shortens_tcp_timeout(flag: int, direction: str) -> None:
+    table = FlowTable((61000, 61999), tcp_timeout=1000.0, tcp_closing_timeout=60.0)
+    flow = table.outbound(ALICE, tcp(), NAT, now=0.0, tcp_flags=TCP_SYN)
+    assert not flow.closing
+    if direction == "outbound":
+        table.outbound(ALICE, tcp(), NAT, now=10.0, tcp_flags=flag)
+    else:
+        reply_to(table, flow, 10.0, flag)
+    assert flow.closing
+    assert table.expire(69.0) == []
+    assert table.expire(70.0) == [flow]
+
+
+def test_closing_flow_keeps_closing_on_more_packets_and_reopens_on_syn() -> None:
+    table = FlowTable((61000, 61999), tcp_timeout=1000.0, tcp_closing_timeout=60.0)
+    flow = table.outbound(ALICE, tcp(), NAT, now=0.0, tcp_flags=TCP_FIN | TCP_ACK)
+    assert flow.closing  # a mapping may be created by a FIN (a flow seen mid-way)
+    reply_to(table, flow, 30.0, TCP_ACK)
+    assert flow.closing
+    assert table.expire(89.0) == []
+    # The client reuses the 4-tuple for a new connection: long timeout again, same port.
+    port = flow.nat_port
+    assert table.outbound(ALICE, tcp(), NAT, now=89.0, tcp_flags=TCP_SYN) is flow
+    assert not flow.closing and flow.nat_port == port
+    assert table.expire(1088.0) == []
+    assert table.expire(1089.0) == [flow]
+
+
+def test_syn_ack_from_remote_does_not_reopen() -> None:
+    table = FlowTable((61000, 61999), tcp_closing_timeout=60.0)
+    flow = table.outbound(ALICE, tcp(), NAT, now=0.0, tcp_flags=TCP_RST)
+    reply_to(table, flow, 1.0, TCP_SYN)
+    assert flow.closing
+    assert table.expire(61.0) == [flow]
+
+
+def test_flow_table_full_at_max_flows() -> None:
+    table = FlowTable((61000, 61999), max_flows=3)
+    for s in range(3):
+        table.outbound(ALICE, udp(sport=s), NAT, now=0.0)
+    with pytest.raises(FlowTableFull):
+        table.outbound(BOB, udp(sport=99), NAT, now=0.0)
+    # An existing mapping still works when full.
+    assert table.outbound(ALICE, udp(sport=1), NAT, now=1.0).original.sport == 1
+    assert len(table) == 3
+    table.drop_session(ALICE)
+    assert table.outbound(BOB, udp(sport=99), NAT, now=2.0).session_id == BOB
+
+
+def test_drop_session_frees_ports_and_leaves_others() -> None:
+    table = FlowTable((100, 101))
+    a1 = table.outbound(ALICE, udp(sport=1), NAT, now=0.0)
+    a2 = table.outbound(ALICE, udp(sport=2), NAT, now=0.0)
+    with pytest.raises(FlowTableFull):
+        table.outbound(BOB, udp(sport=1), NAT, now=0.0)
+    b = table.outbound(BOB, udp(dst=OTHER_REMOTE), NAT, now=0.0)
+    dropped = table.drop_session(ALICE)
+    assert set(map(id, dropped)) == {id(a1), id(a2)}
+    assert table.sessions_flows(ALICE) == 0 and len(table) == 1
+    assert reply_to(table, a1, 1.0) is None and reply_to(table, b, 1.0) is b
+    assert table.drop_session(ALICE) == []
+    assert table.drop_session(b"never-seen") == []
+    # Both ports towards REMOTE are free again.
+    again = [table.outbound(BOB, udp(sport=s), NAT, now=1.0) for s in (1, 2)]
+    assert {f.nat_port for f in again} == {100, 101}
+    # The dropped flows are gone from the idle queues too: only Bob's expire.
+    assert {id(f) for f in table.expire(10_000.0)} == {id(b), id(again[0]), id(again[1])}
+
+
+def test_drop_session_then_expire_leaves_nothing_behind() -> None:
+    table = FlowTable((61000, 61999), udp_timeout=10.0)
+    for s in range(50):
+        table.outbound(ALICE if s % 2 else BOB, udp(sport=s), NAT, now=float(s))
+    table.drop_session(ALICE)
+    expired = table.expire(1000.0)
+    assert len(expired) == 25 and all(f.session_id == BOB for f in expired)
+    assert len(table) == 0
+    # No per-endpoint, per-session or queue entry lingers.
+    assert not table._ports_used and not table._by_session and not table._by_reply
+    assert all(not queue for queue, _ in table._queues)
+
+
+def test_many_flows_stay_bounded_under_churn() -> None:
+    table = FlowTable((1000, 1099), max_flows=100, udp_timeout=1.0)
+    now = 0.0
+    for round_ in range(50):
+        for s in range(100):
+            table.outbound(round_.to_bytes(2, "big"), udp(sport=s), NAT, now=now)
+        now += 2.0
+        assert len(table.expire(now)) == 100
+    assert len(table) == 0 and not table._ports_used
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"port_range": (0, 10)},
+        {"port_range": (10, 9)},
+        {"port_range": (1, 65536)},
+        {"port_range": (1, 2), "max_flows": 0},
+        {"port_range": (1, 2), "udp_timeout": 0.0},
+    ],
+)
+def test_bad_settings(kwargs: dict[str, object]) -> None:
+    with pytest.raises(ConfigError):
+        FlowTable(**kwargs)  # type: ignore[arg-type]
+
+
+def test_unsupported_protocol_is_local_error() -> None:
+    table = FlowTable((1, 2))
+    with pytest.raises(LocalProtocolError):
+        table.outbound(ALICE, FlowKey(47, CLIENT, 0, REMOTE, 0), NAT, now=0.0)
