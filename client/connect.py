@@ -382,10 +382,12 @@ def run_connect(options: ConnectOptions, background: bool, log_path: Path | None
             pipe_out.write(text)
             pipe_out.close()
 
+    def on_up(line: str) -> None:
+        print(f"pvpn: {line}", flush=True)
+        report(f"up {line}")
+
     async def detached() -> int:
-        connector = Connector(options, lambda line: (print(f"pvpn: {line}", flush=True),
-                                                      report(f"up {line}")))
-        return await connector.run()
+        return await Connector(options, on_up).run()
 
     status = 1
     try:

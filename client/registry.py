@@ -89,7 +89,7 @@ class Registry:
                 continue  # other users may protect the same prefixes: the owner match splits them
             for mine in session.networks:
                 for new in networks:
-                    if mine.version == new.version and mine.overlaps(new):  # type: ignore[arg-type]
+                    if mine.version == new.version and mine.overlaps(new):
                         raise PolicyError(
                             f"{new} overlaps {mine}, already protected by your session "
                             f"{session.session_id.hex() or '(connecting)'} in slot "

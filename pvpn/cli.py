@@ -153,7 +153,7 @@ def cmd_connect(args: argparse.Namespace) -> int:
     )
     log = args.log or (Path(os.environ.get("XDG_STATE_HOME") or Path.home() / ".local/state")
                        / "pvpn" / "connect.log")
-    return run_connect(options, args.background, log)
+    return int(run_connect(options, args.background, log))
 
 
 # ---------------------------------------------------------------- parser

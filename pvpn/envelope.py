@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterator, Mapping, NoReturn
 
 import msgpack
 
@@ -151,14 +151,15 @@ class EnvelopeDecoder:
                     self._fail(MalformedFrame(f"undecodable msgpack: {type(exc).__name__}: {exc}"))
                 yield self._check(obj)
 
-    def _fail(self, error: MalformedFrame | SequenceError) -> None:
+    def _fail(self, error: MalformedFrame | SequenceError) -> NoReturn:
         self._failed = error
         raise error
 
     def _check(self, obj: object) -> Envelope:
         if not isinstance(obj, list) or len(obj) != 7:
             self._fail(MalformedFrame("an envelope must be an array of 7 fields"))
-        version, mtype, session, uid, seq, hops, body = obj  # type: ignore[misc]
+        fields: list[Any] = obj
+        version, mtype, session, uid, seq, hops, body = fields
         if version != VERSION or type(version) is not int:
             self._fail(MalformedFrame(f"unknown envelope version {version!r}"))
         if type(mtype) is not int or mtype not in _TYPES:

@@ -20,7 +20,7 @@ import enum
 import ipaddress
 import os
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Protocol, Sequence, Union
+from typing import Any, Callable, Iterable, Protocol, Sequence, Union
 
 from pvpn import packet as pk
 from pvpn.config import Network, ServerConfig, UserPolicy, parse_prefix
@@ -352,12 +352,16 @@ class ServerLink:
     last_received: float = 0.0
     last_sent: float = 0.0
 
+    @property
+    def closed(self) -> bool:
+        return self.state is ServerLinkState.CLOSED
+
 
 class KeyLookup(Protocol):
-    def keys_for(self, user: str) -> list[object]: ...
+    def keys_for(self, user: str) -> list[Any]: ...
 
 
-Verifier = Callable[[list[object], bytes, bytes, bytes, str, str], object]
+Verifier = Callable[[list[Any], bytes, bytes, bytes, str, str], object]
 
 
 class ServerNode:
@@ -444,7 +448,7 @@ class ServerNode:
             plaintext = link.tls.read()
             if plaintext:
                 for envelope in link.decoder.feed(plaintext):
-                    if link.state is ServerLinkState.CLOSED:
+                    if link.closed:
                         break
                     if envelope.type is MsgType.PACKET and link.session is not None:
                         self._packet_from_user(link.session, envelope.body, now)

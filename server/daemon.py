@@ -43,7 +43,7 @@ class Server:
         self.log = RecordWriter("server", config.name)
         self.context = tls.make_server_context(str(config.certificate), str(config.private_key))
         self.node = ServerNode(config, auth.AuthorizedKeys(config.authorized_keys),
-                               auth.verify_signature, SourceAddresses())  # type: ignore[arg-type]
+                               auth.verify_signature, SourceAddresses())
         self.raw = RawSender()
         self.transports: dict[int, asyncio.Transport] = {}
         self._ids = itertools.count(1)
@@ -126,8 +126,10 @@ async def serve(config: ServerConfig) -> None:
     queue = NetfilterQueue()
     listeners: list[asyncio.AbstractServer] = []
     stop = asyncio.Event()
+    bound = False
     try:
         queue.bind(config.queue, server.on_reply, max_len=8192)
+        bound = True
         rules.apply(firewall.server_rules(config.instance, config.queue, config.nat_ports))
 
         def drain_queue() -> None:
@@ -135,7 +137,7 @@ async def serve(config: ServerConfig) -> None:
             server.node.flush(loop.time())
             server.dispatch()
 
-        loop.add_reader(queue.get_fd(), drain_queue)
+        loop.add_reader(queue.get_fd(), drain_queue)  # bound above, so removable below
         for host, port in config.listen:
             listeners.append(await loop.create_server(
                 lambda: ServerLinkProtocol(server), host, port, reuse_address=True))
@@ -155,11 +157,9 @@ async def serve(config: ServerConfig) -> None:
         for listener in listeners:
             listener.close()
         await asyncio.sleep(0.05)  # let close_notify and CLOSE envelopes leave
-        try:
+        if bound:
             loop.remove_reader(queue.get_fd())
-        except Exception:  # noqa: BLE001 - the queue may never have been bound
-            pass
-        queue.unbind()
+            queue.unbind()
         errors = rules.remove_instance(config.instance)
         server.raw.close()
         server.log.write(Record("node:stopped", reason="; ".join(errors) or "clean"))
