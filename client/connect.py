@@ -89,6 +89,8 @@ class Connector:
         self.local_decoder = EnvelopeDecoder()
         self.local_seq = Sequencer()
         self.registered: asyncio.Future[dict[str, Any]] = self.loop.create_future()
+        # Set when pvpn-client confirms the protection is removed (or the socket is gone).
+        self.unregistered: asyncio.Future[None] = self.loop.create_future()
         self.uid = os.getuid()
         # server side
         self.link: UserLink | None = None
@@ -103,6 +105,8 @@ class Connector:
         self.local_decoder = EnvelopeDecoder()
         self.local_seq = Sequencer()
         self.registered = self.loop.create_future()
+        if self.unregistered.done():
+            self.unregistered = self.loop.create_future()
         try:
             _, proto = await self.loop.create_unix_connection(
                 lambda: _Stream(self._local_data, self._local_lost), str(self.opt.socket_path))
@@ -136,6 +140,8 @@ class Connector:
                 fields = decode_control(envelope)
                 if envelope.type is MsgType.REGISTERED and not self.registered.done():
                     self.registered.set_result(fields)
+                elif envelope.type is MsgType.STATUS_REPLY and not self.unregistered.done():
+                    self.unregistered.set_result(None)
                 elif envelope.type is MsgType.ERROR:
                     self._local_error(fields["code"], fields["reason"])
         except RemoteProtocolError as exc:
@@ -156,6 +162,8 @@ class Connector:
 
     def _local_lost(self, exc: Exception | None) -> None:
         self.local = None
+        if not self.unregistered.done():
+            self.unregistered.set_result(None)
         if self.ending or self.finished.done():
             return
         if not self.registered.done():
@@ -311,11 +319,20 @@ class Connector:
             self._flush_remote()
         if self.remote is not None and self.remote.transport is not None:
             self.remote.transport.close()
-        if unregister:
+        if unregister and self.local is not None:
             self._local_send(MsgType.UNREGISTER, {"reason": reason})
-        if self.local is not None and self.local.transport is not None:
+        elif self.local is not None and self.local.transport is not None:
             self.local.transport.close()
+        elif not self.unregistered.done():
+            self.unregistered.set_result(None)
         self.finished.set_result(status)
+
+    async def wait_unregistered(self) -> None:
+        """Return once pvpn-client has removed the rules (bounded: it may be gone)."""
+        try:
+            await asyncio.wait_for(asyncio.shield(self.unregistered), CONNECT_TIMEOUT)
+        except asyncio.TimeoutError:
+            _say("pvpn-client did not confirm the end of the session; check `pvpn status`")
 
     async def run(self) -> int:
         opt = self.opt
@@ -324,6 +341,7 @@ class Connector:
             event = await self.open_remote()
         except (ConnectError, ConnectionError, OSError, asyncio.TimeoutError) as exc:
             self.end(1, f"could not connect: {exc}")
+            await self.wait_unregistered()
             raise ConnectError(str(exc) or "timed out waiting for the server") from None
         for sig in (signal.SIGINT, signal.SIGTERM):
             self.loop.add_signal_handler(sig, self.end, 0, "ended by the user")
@@ -334,7 +352,7 @@ class Connector:
         ticker = self.loop.create_task(self.tick())
         status = await self.finished
         ticker.cancel()
-        await asyncio.sleep(0.05)  # let CLOSE and UNREGISTER leave
+        await self.wait_unregistered()
         return status
 
 

@@ -138,7 +138,7 @@ class ClientDaemon:
             session.mark, self.config.mark_mask, session.tun))
 
     def _uninstall(self, session: SlotSession) -> list[str]:
-        errors = rules.run_each(firewall.client_session_removal(
+        errors = rules.remove(firewall.client_session_removal(
             self.config.instance, session.slot, session.tun))
         queue = self.queues.pop(session.slot, None)
         if queue is not None:
@@ -244,7 +244,10 @@ class ClientDaemon:
                            server=link.session.server)
         elif mtype is MsgType.UNREGISTER and link.session is not None:
             link.unregistered = True
-            self.end_session(link.session, f"ended by the user: {fields['reason']}")
+            session = link.session
+            self.end_session(session, f"ended by the user: {fields['reason']}")
+            # Answer only once the rules are gone, so `pvpn connect` exits with nothing left.
+            link.send_control(MsgType.STATUS_REPLY, {"sessions": [session.describe(now)]})
             link.close()
         elif mtype is MsgType.STATUS:
             link.send_control(MsgType.STATUS_REPLY, {"sessions": [

@@ -13,6 +13,7 @@ from typing import Iterable, Sequence
 from pvpn.config import Network
 
 TABLE = "mangle"
+ANY_UID = "0-4294967294"  # every uid but the invalid (u32)-1
 
 
 def chain_prefix(instance: str) -> str:
@@ -64,10 +65,13 @@ def client_session(
     """Rules that feed one user's session queue.
 
     * Packets the kernel says ``uid`` sent (owner match) to a protected prefix go to the queue.
-    * Packets with *no* owner (TIME_WAIT ACKs, kernel RSTs, ICMP errors) of flows whose replies
-      came in through this session's TUN device carry its connection mark and go to the same
-      queue, so they never leave in clear. A packet owned by someone else never matches, even
-      on a marked connection: another user can't reach the queue by sharing a port.
+    * Packets that no user owns (TIME_WAIT ACKs, RSTs and ICMP errors the kernel sends from
+      its own sockets, FINs of orphaned sockets) of flows whose replies came in through this
+      session's TUN device carry its connection mark and go to the same queue, so they never
+      leave in clear. ``! --uid-owner 0-4294967294`` is "no socket opened by any user":
+      ``! --socket-exists`` would miss the kernel's own sockets, which exist but have no file.
+      A packet owned by another user never matches, even on a marked connection: nobody can
+      reach this queue by sharing a port.
     * No ``--queue-bypass``: with nobody reading the queue the kernel drops (fail closed).
     """
     p = chain_prefix(instance)
@@ -79,7 +83,7 @@ def client_session(
         for net in nets:
             lines.append(f"-A {out_chain} -d {net} -m owner --uid-owner {uid} "
                          f"-j NFQUEUE --queue-num {queue}")
-            lines.append(f"-A {out_chain} -d {net} -m owner ! --socket-exists "
+            lines.append(f"-A {out_chain} -d {net} -m owner ! --uid-owner {ANY_UID} "
                          f"-m connmark --mark {mark:#x}/{mask:#x} -j NFQUEUE --queue-num {queue}")
         lines.append(f"-A {in_chain} -j CONNMARK --set-xmark {mark:#x}/{mask:#x}")
         lines.append(f"-A {p}-OUT -j {out_chain}")

@@ -34,6 +34,19 @@ def apply(rules: RuleSet) -> None:
             raise PvpnError(f"{_TOOLS[version][1]} refused the rules: {proc.stderr.strip()}")
 
 
+def remove(commands: list[list[str]]) -> list[str]:
+    """Undo rules: one atomic iptables-restore per family when everything is still there
+    (the usual case, and fast), else command by command, tolerating what is already gone."""
+    errors: list[str] = []
+    for version in (4, 6):
+        text = "\n".join([f"*{TABLE}", *(shlex.join(args) for args in commands), "COMMIT", ""])
+        proc = subprocess.run([_tool(version, 1), "-w", "5", "--noflush"], input=text,
+                              capture_output=True, text=True, timeout=30)
+        if proc.returncode != 0:
+            errors += run_each(commands, (version,))
+    return errors
+
+
 def run_each(commands: Iterable[list[str]], versions: Iterable[int] = (4, 6)) -> list[str]:
     """Run iptables commands one by one; a rule or chain that is already gone is fine.
     Returns the errors that were not of that kind."""
