@@ -21,7 +21,7 @@ from pvpn.envelope import (
     EnvelopeDecoder, MsgType, Sequencer, decode_control, encode_control, encode_envelope,
 )
 from pvpn.errors import ConfigError, PvpnError, RemoteProtocolError
-from pvpn.io.loop import set_nodelay
+from pvpn.io.loop import WRITE_HIGH_WATER, set_nodelay
 from pvpn.protocol import (
     LinkClosed, LinkEstablished, LinkRefused, LinkState, PacketsReceived, UserLink,
 )
@@ -61,10 +61,23 @@ class _Stream(asyncio.Protocol):
                  on_lost: Callable[[Exception | None], None]) -> None:
         self.on_data, self.on_lost = on_data, on_lost
         self.transport: asyncio.Transport | None = None
+        self.congested = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self.transport = transport
+        transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
+
+    def pause_writing(self) -> None:
+        self.congested = True
+        self.on_congestion(True)
+
+    def resume_writing(self) -> None:
+        self.congested = False
+        self.on_congestion(False)
+
+    def on_congestion(self, congested: bool) -> None:
+        """Overridden per connection where a link state must follow."""
 
     def data_received(self, data: bytes) -> None:
         self.on_data(data)
@@ -212,6 +225,7 @@ class Connector:
                                f"{getattr(exc, 'strerror', None) or exc or 'timed out'}") from None
         assert proto.transport is not None
         set_nodelay(proto.transport)
+        proto.on_congestion = lambda congested: setattr(link, "congested", congested)  # type: ignore[method-assign]
         self.remote = proto
         self._flush_remote()
         return await asyncio.wait_for(self.established, CONNECT_TIMEOUT * 2)
@@ -231,7 +245,7 @@ class Connector:
         for event in link.receive_data(data, self.loop.time()):
             if type(event) is PacketsReceived:
                 local = self.local
-                if local is not None and local.transport is not None:
+                if local is not None and local.transport is not None and not local.congested:
                     uid, session, seq = self.uid, self.session, self.local_seq
                     local.transport.write(b"".join(
                         encode_envelope(MsgType.PACKET, session, uid, seq.take(), p)

@@ -26,15 +26,10 @@ from pvpn.envelope import (
 )
 from pvpn.errors import ConfigError, MalformedPacket, PolicyError, PvpnError, RemoteProtocolError
 from pvpn.io import rules
-from pvpn.io.loop import install_signals, peer_credentials, run_daemon
+from pvpn.io.loop import WRITE_HIGH_WATER, install_signals, peer_credentials, run_daemon
 from pvpn.io.tun import open_tun, strict_rp_filter
 from pvpn.records import Record, RecordWriter, session_hex
 from pvpn.client.registry import MAX_FLOWS_PER_SESSION, Registry, SlotSession
-
-#: Above this much unsent data towards a user's process, its packets are dropped (TCP inside
-#: backs off) instead of growing memory without bound.
-MAX_LOCAL_BACKLOG = 8 << 20
-
 
 def user_name(uid: int) -> str:
     try:
@@ -56,12 +51,20 @@ class LocalLink(asyncio.Protocol):
         self.pending: list[bytes] = []
         self.session: SlotSession | None = None
         self.unregistered = False
+        self.congested = False
 
     # -- asyncio
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self.transport = transport
+        transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
         self.pid, self.uid, _ = peer_credentials(transport)
+
+    def pause_writing(self) -> None:
+        self.congested = True
+
+    def resume_writing(self) -> None:
+        self.congested = False
 
     def data_received(self, data: bytes) -> None:
         try:
@@ -177,8 +180,7 @@ class ClientDaemon:
                     self.log_event("packet:dropped", session, reason="tunnel down (fail closed)",
                                    count=count)
                 return
-            transport = link.transport
-            if transport is not None and transport.get_write_buffer_size() > MAX_LOCAL_BACKLOG:
+            if link.congested:
                 session.drop("tunnel process not keeping up")
                 return
             try:

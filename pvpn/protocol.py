@@ -187,6 +187,8 @@ class UserLink:
         self._last_sent = 0.0
         self.bytes_in = 0
         self.bytes_out = 0
+        self.congested = False  # set by the adapter from the socket's high-water mark
+        self.dropped = 0
         self._send_control(MsgType.HELLO, {
             "user": user,
             "want": list(want),
@@ -205,6 +207,9 @@ class UserLink:
         """Queue IP packets; they leave together on the next :meth:`data_to_send`."""
         if self.state is not LinkState.ESTABLISHED:
             return  # fail closed: nothing goes anywhere before the node accepted us
+        if self.congested:
+            self.dropped += 1
+            return
         pending, session, uid, seq = self._pending, self.session, self.uid, self._seq
         for packet in packets:
             pending.append(encode_envelope(MsgType.PACKET, session, uid, seq.take(), packet))
@@ -351,6 +356,9 @@ class ServerLink:
     session: Session | None = None
     last_received: float = 0.0
     last_sent: float = 0.0
+    # The socket's send buffer is above its high-water mark: drop packets before encryption,
+    # like a router's full queue, instead of buffering without bound (TCP inside backs off).
+    congested: bool = False
 
     @property
     def closed(self) -> bool:
@@ -459,6 +467,11 @@ class ServerNode:
             self._log("link:error", link, link.session, reason=f"{type(exc).__name__}: {exc}")
             self._close_link(link)
         self.flush_link(link)
+
+    def link_congested(self, link_id: int, congested: bool) -> None:
+        link = self.links.get(link_id)
+        if link is not None:
+            link.congested = congested
 
     def link_lost(self, link_id: int, now: float, reason: str = "connection closed") -> None:
         link = self.links.pop(link_id, None)
@@ -621,6 +634,9 @@ class ServerNode:
             return True
         link = self.links.get(session.link)
         if link is None:
+            return True
+        if link.congested:
+            self._drop(session, "link to the user congested")
             return True
         reply = pk.rewrite_destination(packet, entry.original.src, entry.original.sport)
         session.packets_in += 1

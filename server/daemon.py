@@ -15,7 +15,7 @@ from pvpn import auth, firewall, tls
 from pvpn.config import ServerConfig, load_server_config
 from pvpn.errors import ConfigError
 from pvpn.io import rules
-from pvpn.io.loop import install_signals, run_daemon, set_nodelay
+from pvpn.io.loop import WRITE_HIGH_WATER, install_signals, run_daemon, set_nodelay
 from pvpn.io.rawsock import RawSender, SourceAddresses
 from pvpn.protocol import CloseLink, InjectPacket, LogRecord, SendBytes, ServerNode
 from pvpn.records import Record, RecordWriter
@@ -92,6 +92,7 @@ class ServerLinkProtocol(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         set_nodelay(transport)
+        transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
         peer = transport.get_extra_info("peername")
         self.id = next(self.server._ids)
         session = tls.TlsSession(self.server.context, server_side=True)
@@ -100,6 +101,12 @@ class ServerLinkProtocol(asyncio.Protocol):
         if not self.server.node.link_opened(self.id, session, peer_text, self.server.loop.time()):
             transport.close()
         self.server.dispatch()
+
+    def pause_writing(self) -> None:
+        self.server.node.link_congested(self.id, True)
+
+    def resume_writing(self) -> None:
+        self.server.node.link_congested(self.id, False)
 
     def data_received(self, data: bytes) -> None:
         server = self.server

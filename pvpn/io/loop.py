@@ -11,6 +11,10 @@ from typing import Callable
 
 from pvpn.errors import ConfigError, PvpnError
 
+#: Above this much unsent data on a tunnel or local socket, packets are dropped before they
+#: are encrypted or framed (a router's full queue), so memory and latency stay bounded.
+WRITE_HIGH_WATER = 1 << 20
+
 EX_CONFIG = 78  # sysexits.h: supervisord shows a daemon that exits with it at once as FATAL
 
 

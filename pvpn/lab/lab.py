@@ -1,0 +1,610 @@
+"""``pvpn lab up | down | exec | info``: build, use and remove a lab.
+
+A lab named NAME is the network namespaces NAME-client, NAME-gw1.., NAME-server and
+NAME-target, the local users alice, bob and carol, and everything under /run/pvpn-lab/NAME:
+a CA, the server certificate, the users' keys, the nodes' configurations and one supervisord
+per host.  ``down`` finds every piece by name, so it also cleans up after a crash.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import grp
+import hashlib
+import json
+import os
+import pwd
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from pvpn.lab import netns, services, users
+from pvpn.lab.commands import (
+    find_program,
+    quote,
+    require_program,
+    run,
+    search_path,
+    spawn,
+    succeeds,
+    wait_until,
+)
+from pvpn.lab.errors import LabError
+from pvpn.lab.topology import (
+    AUTHORIZED_USERS,
+    ECHO_PORT,
+    HTTP_PORT,
+    IPERF_PORT,
+    LAB_ROOT,
+    LAB_USERS,
+    PVPN_PORT,
+    SSH_PORT,
+    Topology,
+    build_topology,
+    check_name,
+)
+
+Say = Callable[[str], None]
+
+STATE_FILE = "lab.json"
+SERVICES_TIMEOUT = 30.0  # target services answering from the server
+NODES_TIMEOUT = 30.0  # pvpn-server listening, pvpn-client's socket present
+SHUTDOWN_TIMEOUT = 25.0  # supervisord stopping its programs (pvpn nodes get stopwaitsecs=15)
+
+# The programs each role's supervisord runs (the nodes' come from supervisord.d/).
+NODE_PROGRAMS = {"client": "pvpn-client", "server": "pvpn-server"}
+TARGET_PROGRAMS = ("nginx", "iperf3", "socat", "sshd")
+REQUIRED_PROGRAMS = ("ip", "sysctl", "setpriv", "useradd", "userdel", "ssh-keygen",
+                     "ssh-keyscan", "ss",
+                     "curl", *TARGET_PROGRAMS, "supervisord", "supervisorctl")
+
+
+def _say(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def require_root() -> None:
+    if os.geteuid() != 0:
+        raise LabError(
+            "pvpn lab must run as root: it creates network namespaces, veth links and "
+            "local users (try: sudo pvpn lab ...)"
+        )
+
+
+# --- state -----------------------------------------------------------------------------------
+
+
+def load_topology(name: str) -> Topology:
+    """The topology of a lab that is up, from its state file."""
+    check_name(name)
+    state = LAB_ROOT / name / STATE_FILE
+    try:
+        data = json.loads(state.read_text())
+        gateways = int(data["gateways"])
+    except FileNotFoundError:
+        raise LabError(f"lab {name} is not up (no {state}); start it with "
+                       f"`pvpn lab up --name {name}`") from None
+    except (ValueError, KeyError, TypeError) as exc:
+        raise LabError(f"{state} is damaged ({exc}); run `pvpn lab down --name {name}`") from exc
+    return build_topology(name, gateways)
+
+
+def _write(path: Path, text: str | bytes, mode: int = 0o644) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = text.encode() if isinstance(text, str) else text
+    path.write_bytes(data)
+    os.chmod(path, mode)
+
+
+def _chown(path: Path, user: users.LabUser) -> None:
+    os.chown(path, user.uid, user.gid)
+
+
+# --- pieces of `up` --------------------------------------------------------------------------
+
+
+def _make_credentials(topology: Topology, lab_users: dict[str, users.LabUser]) -> None:
+    """CA, server certificate, the users' pvpn keys (alice and bob authorised at the server)."""
+    # Imported here so `down` works even while these modules are broken or missing.
+    from pvpn import auth, pki
+
+    link = topology.server_link
+    ca_dir = topology.root / "ca"
+    pki.create_ca(ca_dir, name=f"pvpn lab {topology.name} CA")
+    os.chmod(ca_dir, 0o755)  # ca.crt must be readable by the users; ca.key stays 0600
+    server_dir = topology.host_dir("server")
+    pki.issue_certificate(ca_dir, "server", server_dir,
+                          ips=[str(link.right4), str(link.right6)],
+                          dns_names=[f"{topology.name}-server"])
+    authorized = server_dir / "users"
+    authorized.mkdir(mode=0o755, parents=True, exist_ok=True)
+    for name, user in lab_users.items():
+        user_dir = topology.root / "users" / name
+        user_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        key = auth.generate_user_key()
+        private = services.user_key(topology, name)
+        public = private.with_name("id_rsa.pub")
+        auth.save_private_key(key, private)
+        auth.save_public_key(key, public, f"{name}@{topology.name}")
+        for path in (user_dir, private, public):
+            _chown(path, user)
+        os.chmod(user_dir, 0o700)
+        if name in AUTHORIZED_USERS:
+            shutil.copyfile(public, authorized / f"{name}.pub")
+            os.chmod(authorized / f"{name}.pub", 0o644)
+
+
+def _write_www(topology: Topology) -> dict[str, str]:
+    www = topology.host_dir("target") / "www"
+    www.mkdir(mode=0o755, parents=True, exist_ok=True)
+    digests: dict[str, str] = {}
+    for name, size in services.WWW_FILES.items():
+        digest = hashlib.sha256()
+        with open(www / name, "wb") as handle:
+            left = size
+            while left:
+                chunk = os.urandom(min(left, 1 << 20))
+                handle.write(chunk)
+                digest.update(chunk)
+                left -= len(chunk)
+        os.chmod(www / name, 0o644)
+        digests[name] = digest.hexdigest()
+    _write(www / "SHA256SUMS", services.sha256sums(digests))
+    return digests
+
+
+def _make_ssh(topology: Topology, lab_users: dict[str, users.LabUser]) -> None:
+    """Host key of the target, per-user ssh keys, known_hosts for the users' ssh clients."""
+    target_dir = topology.host_dir("target")
+    host_key = target_dir / "ssh_host_ed25519_key"
+    run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", f"{topology.name}-target",
+         "-f", str(host_key)])
+    ssh_dir = topology.root / "ssh"
+    ssh_dir.mkdir(mode=0o755, exist_ok=True)
+    for name, user in lab_users.items():
+        key = services.ssh_key(topology, name)
+        run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", f"{name}@{topology.name}",
+             "-f", str(key)])
+        # sshd reads <user>.pub as the AuthorizedKeysFile: owned by root, not writable by
+        # others (StrictModes).  The private key belongs to the user alone.
+        os.replace(Path(f"{key}.pub"), ssh_dir / f"{name}.pub")
+        os.chmod(ssh_dir / f"{name}.pub", 0o644)
+        _chown(key, user)
+        os.chmod(key, 0o600)
+    link = topology.target_link
+    host_pub = Path(f"{host_key}.pub").read_text().split()
+    names = ",".join([str(link.right4), str(link.right6), f"{topology.name}-target"])
+    _write(services.known_hosts(topology), f"{names} {host_pub[0]} {host_pub[1]}\n")
+    # sshd's privilege separation directory; normally made by systemd-tmpfiles.
+    Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)
+
+
+def _nginx_user() -> str:
+    for user, group in (("www-data", "www-data"), ("nobody", "nogroup")):
+        try:
+            pwd.getpwnam(user)
+            grp.getgrnam(group)
+        except KeyError:
+            continue
+        return f"{user} {group}"
+    raise LabError("neither user www-data nor nobody exists to run nginx's worker")
+
+
+def _write_configs(topology: Topology) -> None:
+    target_dir = topology.host_dir("target")
+    programs = {name: require_program(name) for name in TARGET_PROGRAMS}
+    for sub in ("body", "proxy", "fastcgi", "uwsgi", "scgi"):
+        (target_dir / "nginx" / sub).mkdir(mode=0o755, parents=True, exist_ok=True)
+    _write(target_dir / "nginx.conf", services.nginx_conf(topology, _nginx_user()))
+    _write(target_dir / "sshd_config", services.sshd_config(topology))
+    _write(target_dir / "supervisord.conf", services.target_supervisord_conf(topology, programs))
+    _write(topology.host_dir("client") / "client.toml", services.client_toml(topology))
+    _write(topology.host_dir("server") / "server.toml", services.server_toml(topology))
+    for role, program in NODE_PROGRAMS.items():
+        _write(topology.host_dir(role) / "supervisord.conf",
+               services.node_supervisord_conf(topology, role, program))
+    for host in topology.hosts:  # gateways: a directory for the next issue's configs
+        topology.host_dir(host.role).mkdir(mode=0o755, exist_ok=True)
+
+
+def _supervisord_env(host_dir: Path) -> dict[str, str]:
+    return {
+        "PATH": search_path(),
+        "LANG": "C.UTF-8",
+        "HOME": "/root",
+        "PVPN_ETC": str(host_dir),
+        "PVPN_LOGDIR": str(host_dir),
+        "PVPN_RUNDIR": str(host_dir),
+    }
+
+
+def _start_supervisord(topology: Topology, role: str) -> None:
+    host_dir = topology.host_dir(role)
+    supervisord = require_program("supervisord")
+    # supervisord daemonizes (nodaemon=false): this returns once it has forked; the daemon
+    # stays in the host's namespace.
+    run(netns.ns_exec(topology.host(role).namespace, supervisord,
+                      "-c", str(host_dir / "supervisord.conf")),
+        env=_supervisord_env(host_dir), cwd=host_dir, timeout=30)
+
+
+def _in(topology: Topology, role: str, *cmd: str) -> list[str]:
+    return netns.ns_exec(topology.host(role).namespace, *cmd)
+
+
+def _listening(topology: Topology, role: str, proto: str, port: int) -> bool:
+    result = run(_in(topology, role, "ss", "-H", "-l", "-n", proto, "sport", "=", f":{port}"),
+                 check=False, timeout=10)
+    return result.returncode == 0 and bool(result.stdout.strip())
+
+
+def _echo_answers(topology: Topology, address: str, family: str) -> bool:
+    payload = b"pvpn-lab-echo\n"
+    try:
+        result = run(_in(topology, "server", "socat", "-T", "2", "STDIO",
+                         f"{family}:{address}:{ECHO_PORT}"),
+                     input=payload, check=False, timeout=5)
+    except LabError:
+        return False
+    return result.stdout == payload
+
+
+def _ssh_answers(topology: Topology, address: str) -> bool:
+    try:
+        result = run(_in(topology, "server", "ssh-keyscan", "-T", "2", "-t", "ed25519",
+                         "-p", str(SSH_PORT), address), check=False, timeout=5)
+    except LabError:
+        return False
+    return b"ssh-ed25519" in result.stdout
+
+
+def _tail(path: Path, lines: int = 15) -> str:
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return f"(no log at {path})"
+    return "\n".join(text.splitlines()[-lines:]) or f"({path} is empty)"
+
+
+def _wait_target(topology: Topology) -> None:
+    """Wait until every target service answers from the server's namespace."""
+    link = topology.target_link
+    target_dir = topology.host_dir("target")
+    v4, v6 = str(link.right4), f"[{link.right6}]"
+    probes: list[tuple[str, str, Callable[[], bool]]] = [
+        ("http on IPv4", "nginx", lambda: succeeds(_in(
+            topology, "server", "curl", "-sS", "-o", "/dev/null", "--max-time", "2",
+            f"http://{v4}:{HTTP_PORT}/0"))),
+        ("http on IPv6", "nginx", lambda: succeeds(_in(
+            topology, "server", "curl", "-sS", "-o", "/dev/null", "--max-time", "2",
+            f"http://{v6}:{HTTP_PORT}/0"))),
+        ("iperf3", "iperf3", lambda: _listening(topology, "target", "-t", IPERF_PORT)),
+        ("UDP echo on IPv4", "echo4", lambda: _echo_answers(topology, v4, "UDP4")),
+        ("UDP echo on IPv6", "echo6", lambda: _echo_answers(topology, v6, "UDP6")),
+        # ssh-keyscan gets the host key: sshd answers, not just listens.
+        ("sshd", "sshd", lambda: _ssh_answers(topology, str(link.right4))),
+    ]
+    deadline = time.monotonic() + SERVICES_TIMEOUT
+    for what, program, probe in probes:
+        left = max(1.0, deadline - time.monotonic())
+        try:
+            wait_until(f"the target's {what} to answer from {topology.name}-server",
+                       probe, timeout=left)
+        except LabError as exc:
+            log = target_dir / f"{program}.log"
+            raise LabError(f"{exc}\nlast lines of {log}:\n{_tail(log)}") from None
+
+
+def _wait_nodes(topology: Topology, started: list[str]) -> None:
+    if "server" in started:
+        log = topology.host_dir("server") / "pvpn-server.log"
+        try:
+            wait_until(f"pvpn-server to listen on port {PVPN_PORT} in {topology.name}-server",
+                       lambda: _listening(topology, "server", "-t", PVPN_PORT),
+                       timeout=NODES_TIMEOUT)
+        except LabError as exc:
+            raise LabError(f"{exc}\nlast lines of {log}:\n{_tail(log)}") from None
+    if "client" in started:
+        sock = services.client_socket(topology)
+        log = topology.host_dir("client") / "pvpn-client.log"
+        try:
+            wait_until(f"pvpn-client's socket {sock}", sock.exists, timeout=NODES_TIMEOUT)
+        except LabError as exc:
+            raise LabError(f"{exc}\nlast lines of {log}:\n{_tail(log)}") from None
+
+
+@contextlib.contextmanager
+def _sigterm_interrupts() -> Iterator[None]:
+    """Make SIGTERM behave like Ctrl-C, so an interrupted `up` tears down what it made."""
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def up(name: str, gateways: int = 0, *, nodes: bool = True, say: Say = _say) -> Topology:
+    """Build lab ``name``; on any failure (or Ctrl-C) tear down what was made and raise."""
+    require_root()
+    topology = build_topology(name, gateways)
+    missing = [p for p in REQUIRED_PROGRAMS if find_program(p) is None]
+    if missing:
+        raise LabError(f"missing programs: {', '.join(missing)}; install them with "
+                       "`bash scripts/run test` from the pvpn checkout")
+    exists = LabError(f"lab {name} exists already; remove it first with "
+                      f"`pvpn lab down --name {name}`")
+    if netns.lab_namespaces(name):
+        raise exists
+    # Claiming the directory is atomic: of two concurrent `up`s of one name, one fails here,
+    # before it could tear down the other's lab.
+    if not users.create_lab_dir(topology.root):
+        raise exists
+    try:
+        with _sigterm_interrupts():
+            _build(topology, nodes, say)
+    except BaseException:
+        say(f"pvpn lab: building lab {name} failed; removing what was made")
+        for warning in down(name, say=lambda _m: None):
+            say(f"pvpn lab: warning: {warning}")
+        raise
+    return topology
+
+
+def _build(topology: Topology, nodes: bool, say: Say) -> None:
+    name = topology.name
+    _write(topology.root / STATE_FILE,
+           json.dumps({"name": name, "gateways": topology.gateways}) + "\n")
+    say(f"lab {name}: network namespaces " + ", ".join(h.namespace for h in topology.hosts))
+    netns.build(topology)
+    say(f"lab {name}: users " + ", ".join(LAB_USERS))
+    lab_users = users.acquire(name, LAB_USERS)
+    say(f"lab {name}: CA, server certificate, user keys")
+    _make_credentials(topology, lab_users)
+    say(f"lab {name}: target files and services")
+    _write_www(topology)
+    _make_ssh(topology, lab_users)
+    _write_configs(topology)
+    _start_supervisord(topology, "target")
+    _wait_target(topology)
+    started: list[str] = []
+    if not nodes:
+        say(f"lab {name}: pvpn nodes not started (--no-nodes); their configs are in "
+            f"{topology.root}/{{client,server}}")
+    else:
+        for role in ("server", "client"):
+            program = NODE_PROGRAMS[role]
+            if find_program(program) is None:
+                say(f"lab {name}: {program} is not installed; {name}-{role} runs no pvpn node")
+                continue
+            _start_supervisord(topology, role)
+            started.append(role)
+        if started:
+            say(f"lab {name}: waiting for " + ", ".join(NODE_PROGRAMS[r] for r in started))
+        _wait_nodes(topology, started)
+    for role in ("gw%d" % i for i in range(1, topology.gateways + 1)):
+        say(f"lab {name}: {role} has its namespace and links; gateway daemons come later")
+    say(f"lab {name} is up; `pvpn lab info --name {name}` describes it")
+
+
+# --- down ------------------------------------------------------------------------------------
+
+
+def _supervisord_pid(host_dir: Path) -> int | None:
+    try:
+        pid = int((host_dir / "supervisord.pid").read_text().strip())
+    except (OSError, ValueError):
+        return None
+    # After a crash the pid may have been reused: only a supervisord of this host counts.
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return None
+    return pid if b"supervisord" in cmdline and str(host_dir).encode() in cmdline else None
+
+
+def _stop_supervisords(root: Path, warnings: list[str]) -> None:
+    """Ask every host's supervisord to shut down, then wait (bounded) for all of them."""
+    supervisorctl = find_program("supervisorctl")
+    waiting: list[tuple[Path, int]] = []
+    if not root.is_dir():
+        return
+    for host_dir in sorted(p for p in root.iterdir() if p.is_dir()):
+        pid = _supervisord_pid(host_dir)
+        if pid is None:
+            continue
+        conf = host_dir / "supervisord.conf"
+        if supervisorctl is not None and conf.exists():
+            try:
+                run([supervisorctl, "-c", str(conf), "shutdown"], check=False, timeout=10)
+            except LabError as exc:
+                warnings.append(str(exc))
+        waiting.append((host_dir, pid))
+    deadline = time.monotonic() + SHUTDOWN_TIMEOUT
+    while waiting and time.monotonic() < deadline:
+        waiting = [(d, pid) for d, pid in waiting if Path(f"/proc/{pid}").exists()]
+        if waiting:
+            time.sleep(0.2)
+    for host_dir, pid in waiting:
+        # Whatever is left is killed with its namespace's processes below.
+        warnings.append(f"supervisord of {host_dir.name} (pid {pid}) did not stop in "
+                        f"{SHUTDOWN_TIMEOUT:g} s; killing it")
+
+
+def down(name: str, *, say: Say = _say) -> list[str]:
+    """Remove lab ``name``: processes, namespaces, users it created, files.
+
+    Idempotent and tolerant of a partial lab (after a crash); returns warnings for the
+    pieces that could not be removed instead of raising.
+    """
+    require_root()
+    check_name(name)
+    root = LAB_ROOT / name
+    warnings: list[str] = []
+    _stop_supervisords(root, warnings)
+    for namespace in netns.lab_namespaces(name):
+        say(f"lab {name}: removing namespace {namespace}")
+        warnings += netns.delete_namespace(namespace)
+    if root.exists():
+        say(f"lab {name}: removing {root}")
+
+        def onerror(func: Callable[..., Any], path: str, exc_info: Any) -> None:
+            warnings.append(f"could not remove {path}: {exc_info[1]}")
+
+        shutil.rmtree(root, onerror=onerror)
+    warnings += users.release(name)
+    users.remove_root_if_unused()
+    return warnings
+
+
+# --- exec and info ---------------------------------------------------------------------------
+
+
+def exec_argv(name: str, role: str, user: str, command: list[str]) -> tuple[list[str], Path]:
+    """The argument list (and working directory) that runs ``command`` on a lab host.
+
+    The command runs in the host's namespace as ``user`` with that user's groups and
+    environment (HOME, USER, SHELL, PATH as at login), from the user's home directory.
+    """
+    check_name(name)
+    namespace = f"{name}-{role}"
+    if namespace not in netns.list_namespaces():
+        raise LabError(f"no lab host {role!r} in lab {name} (namespace {namespace} missing; "
+                       "is the lab up?)")
+    if not command:
+        raise LabError("name a command to run after --")
+    account = users.require_user(user)
+    cwd = account.home if account.home.is_dir() else Path("/")
+    argv = netns.ns_exec(namespace, "setpriv", "--reuid", str(account.uid),
+                         "--regid", str(account.gid), "--init-groups", "--reset-env",
+                         "--", *command)
+    return argv, cwd
+
+
+def run_as(
+    name: str,
+    role: str,
+    user: str,
+    command: list[str],
+    *,
+    input: bytes | None = None,
+    timeout: float = 60.0,
+) -> subprocess.CompletedProcess[bytes]:
+    """Run ``command`` on a lab host as ``user`` and capture its output (for tests, demo).
+
+    A non-zero exit is returned, not raised; a timeout raises :class:`LabError`.
+    """
+    argv, cwd = exec_argv(name, role, user, command)
+    return run(argv, input=input, timeout=timeout, check=False, cwd=cwd)
+
+
+def exec_in(name: str, role: str, user: str, command: list[str]) -> int:
+    """Run ``command`` on a lab host with stdin/stdout passed through; its exit status."""
+    require_root()
+    argv, cwd = exec_argv(name, role, user, command)
+    process = spawn(argv, capture=False, cwd=cwd)
+    while True:
+        try:
+            status = process.wait()
+            break
+        except KeyboardInterrupt:
+            # The command got the same Ctrl-C (same process group); wait for its own exit.
+            continue
+    return 128 - status if status < 0 else status
+
+
+def info(name: str) -> dict[str, Any]:
+    """Everything a user or a test needs to know about lab ``name``, as JSON data."""
+    require_root()
+    topology = load_topology(name)
+    target_link, server_link = topology.target_link, topology.server_link
+    ca = services.ca_certificate(topology)
+    sock = services.client_socket(topology)
+    www = topology.host_dir("target") / "www"
+    sums_path = www / "SHA256SUMS"
+    sums = services.parse_sha256sums(sums_path.read_text()) if sums_path.exists() else {}
+    files = {
+        file: {
+            "size": size,
+            "sha256": sums.get(file, ""),
+            "url4": f"http://{target_link.right4}/{file}",
+            "url6": f"http://[{target_link.right6}]/{file}",
+        }
+        for file, size in services.WWW_FILES.items()
+    }
+    connect = {
+        user: quote([
+            "pvpn", "connect", f"{server_link.right4}:{PVPN_PORT}",
+            "--to", str(target_link.subnet4), "--to", str(target_link.subnet6),
+            "--ca", str(ca), "--key", str(services.user_key(topology, user)),
+            "--socket", str(sock),
+        ])
+        for user in AUTHORIZED_USERS
+    }
+    ssh = {
+        user: quote([
+            "ssh", "-i", str(services.ssh_key(topology, user)),
+            "-o", f"UserKnownHostsFile={services.known_hosts(topology)}",
+            "-o", "StrictHostKeyChecking=yes", "-o", "IdentitiesOnly=yes",
+            "-o", "BatchMode=yes", f"{user}@{target_link.right4}",
+        ])
+        for user in LAB_USERS
+    }
+    logs: dict[str, dict[str, str]] = {}
+    for host in topology.hosts:
+        host_dir = topology.host_dir(host.role)
+        entries = {"supervisord": str(host_dir / "supervisord.log")}
+        if host.role in NODE_PROGRAMS:
+            program = NODE_PROGRAMS[host.role]
+            entries[program] = str(host_dir / f"{program}.log")
+        if host.role == "target":
+            for program in ("nginx", "iperf3", "echo4", "echo6", "sshd"):
+                entries[program] = str(host_dir / f"{program}.log")
+            entries["nginx-access"] = str(host_dir / "nginx-access.log")
+        logs[host.role] = entries
+    lab_users = {}
+    for user in LAB_USERS:
+        account = users.lookup(user)
+        lab_users[user] = {
+            "uid": account.uid if account else None,
+            "authorized": user in AUTHORIZED_USERS,
+            "pvpn_key": str(services.user_key(topology, user)),
+            "ssh_key": str(services.ssh_key(topology, user)),
+        }
+    return {
+        "name": topology.name,
+        "dir": str(topology.root),
+        "hosts": {
+            host.role: {
+                "namespace": host.namespace,
+                "addresses": topology.addresses(host.role),
+                "supervisord": str(topology.host_dir(host.role) / "supervisord.conf"),
+            }
+            for host in topology.hosts
+        },
+        "users": lab_users,
+        "created_users": users.registered(name),
+        "ports": {"pvpn": PVPN_PORT, "http": HTTP_PORT, "iperf3": IPERF_PORT,
+                  "udp_echo": ECHO_PORT, "ssh": SSH_PORT},
+        "server": {"ipv4": str(server_link.right4), "ipv6": str(server_link.right6),
+                   "port": PVPN_PORT, "dns_name": f"{topology.name}-server"},
+        "target": {"ipv4": str(target_link.right4), "ipv6": str(target_link.right6),
+                   "subnets": services.target_subnets(topology)},
+        "ca": str(ca),
+        "client_socket": str(sock),
+        "configs": {"client": str(topology.host_dir("client") / "client.toml"),
+                    "server": str(topology.host_dir("server") / "server.toml")},
+        "files": files,
+        "connect": connect,
+        "ssh": ssh,
+        "logs": logs,
+    }
