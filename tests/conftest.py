@@ -42,6 +42,14 @@ def lab_unusable_reason() -> str | None:
     return None
 
 
+def skip_or_fail(reason: str) -> None:
+    """Skip where labs can't be built; in CI (CI=true, root, set up by scripts/run) a lab that
+    can't be built is a failure, never a silently skipped integration suite."""
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"integration tests cannot run in CI: {reason}")
+    pytest.skip(reason)
+
+
 def unique_lab_name(prefix: str = "t") -> str:
     return f"{prefix}{secrets.token_hex(3)}"
 
@@ -52,7 +60,7 @@ def running_lab(*, nodes: bool = True, gateways: int = 0, name: str | None = Non
     """A lab that is up for the ``with`` block and removed afterwards, also on failure."""
     reason = lab_unusable_reason()
     if reason:
-        pytest.skip(reason)
+        skip_or_fail(reason)
     from pvpn.lab import lab
 
     name = name or unique_lab_name()
@@ -75,7 +83,7 @@ def lab_usable() -> None:
     """Skip the test unless labs can be built here."""
     reason = lab_unusable_reason()
     if reason:
-        pytest.skip(reason)
+        skip_or_fail(reason)
 
 
 @pytest.fixture(scope="session")
