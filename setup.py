@@ -10,14 +10,17 @@ setup(
         "pvpn.lab",
         "pvpn.client",
         "pvpn.server",
+        "pvpn.gateway",
     ],
     package_dir={
         "pvpn": "pvpn",
         "pvpn.client": "client",
         "pvpn.server": "server",
+        "pvpn.gateway": "gateway",
     },
     package_data={"pvpn": ["py.typed"]},
     data_files=[("share/pvpn/supervisord.d", ["supervisord.d/pvpn-client.conf",
                                                "supervisord.d/pvpn-server.conf",
+                                               "supervisord.d/pvpn-gateway.conf",
                                                "supervisord.d/supervisord.conf"])],
 )

@@ -22,9 +22,9 @@ from pvpn.envelope import (
 )
 from pvpn.errors import ConfigError, PvpnError, RemoteProtocolError
 from pvpn.io.loop import WRITE_HIGH_WATER, set_nodelay
-from pvpn.protocol import (
-    LinkClosed, LinkEstablished, LinkRefused, LinkState, PacketsReceived, UserLink,
-)
+from pvpn.envelope import DEFAULT_HOPS
+from pvpn.chain import ChainEvent, ChainFailed, ChainUp, UserChain
+from pvpn.protocol import PacketsReceived, UserLink
 
 CONNECT_TIMEOUT = 10.0
 MAX_BACKOFF = 10.0
@@ -44,10 +44,15 @@ class ConnectOptions:
     keepalive: float = 10.0
     dead_after: float = 30.0
     client_name: str = field(default_factory=socket.gethostname)
+    via: list[tuple[str, int]] = field(default_factory=list)  # gateways, in order
 
 
 class ConnectError(PvpnError):
     """The VPN could not be brought up; the message says what to do."""
+
+
+def _endpoint_text(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def _say(text: str) -> None:
@@ -105,12 +110,14 @@ class Connector:
         # Set when pvpn-client confirms the protection is removed (or the socket is gone).
         self.unregistered: asyncio.Future[None] = self.loop.create_future()
         self.uid = os.getuid()
-        # server side
-        self.link: UserLink | None = None
-        self.remote: _Stream | None = None
-        self.session = b""
+        # the chain: gateways (--via) then the server
+        self.hops = [*options.via, (options.host, options.port)]
+        self.chain: UserChain | None = None
+        self.remote: _Stream | None = None  # TCP to the first hop
+        self.up: asyncio.Future[ChainUp] = self.loop.create_future()
+        # Proposed by us, so every hop logs the same session id.
+        self.session = os.urandom(16)
         self.token = b""
-        self.established: asyncio.Future[LinkEstablished] | None = None
         self.ending = False
 
     # ------------------------------------------------------------ local socket to pvpn-client
@@ -161,9 +168,9 @@ class Connector:
             _say(f"garbage from pvpn-client: {exc}")
             if self.local and self.local.transport:
                 self.local.transport.close()
-        link = self.link
-        if packets and link is not None and link.state is LinkState.ESTABLISHED:
-            link.send_packets(packets)
+        chain = self.chain
+        if packets and chain is not None and chain.up:
+            chain.send_packets(packets)
             self._flush_remote()
 
     def _local_error(self, code: str, reason: str) -> None:
@@ -199,50 +206,74 @@ class Connector:
                 delay = min(delay * 2, MAX_BACKOFF)
         self.end(1, "pvpn-client did not come back", unregister=False)
 
-    # ------------------------------------------------------------ link to the server
-    async def open_remote(self) -> LinkEstablished:
+    # ------------------------------------------------------------ the chain to the server
+    def _new_link(self, index: int, nodes_before: list[str]) -> UserLink:
+        """The user's link with hop ``index``: its TLS session checks that hop's certificate
+        and name; it rides on TCP (hop 0) or inside the previous hop's DATA envelopes."""
         opt = self.opt
-        self.established = self.loop.create_future()
-        session = tls.TlsSession(self.context, server_side=False,
-                                 server_name=opt.server_name or opt.host)
-        link = UserLink(
+        host, _ = self.hops[index]
+        last = index == len(self.hops) - 1
+        server_name = (opt.server_name or host) if last else host
+        session = tls.TlsSession(self.context, server_side=False, server_name=server_name)
+        session.start()
+        return UserLink(
             session, user=opt.remote_user, uid=self.uid,
             signer=lambda nonce, binding, node: auth.sign_challenge(
                 self.key, nonce, binding, opt.remote_user, node),
-            want=opt.prefixes, client_name=opt.client_name,
-            resume=(self.session, self.token) if self.session else None,
+            want=opt.prefixes if last else [], client_name=opt.client_name,
+            session=self.session, token=self.token if last and self.token else None,
+            next_hop=None if last else _endpoint_text(*self.hops[index + 1]),
+            path=nodes_before, hops=DEFAULT_HOPS - index,
             keepalive=opt.keepalive, dead_after=opt.dead_after,
         )
-        session.start()
-        link.start(self.loop.time())
-        self.link = link
+
+    async def open_remote(self) -> ChainUp:
+        """Build the chain hop by hop; returns once the server has accepted us."""
+        host, port = self.hops[0]
+        self.up = self.loop.create_future()
+        self.chain = UserChain(self._new_link, len(self.hops),
+                               [_endpoint_text(*hop) for hop in self.hops])
         try:
             _, proto = await asyncio.wait_for(self.loop.create_connection(
-                lambda: _Stream(self._remote_data, self._remote_lost), opt.host, opt.port),
+                lambda: _Stream(self._remote_data, self._remote_lost), host, port),
                 CONNECT_TIMEOUT)
         except (OSError, asyncio.TimeoutError) as exc:
-            raise ConnectError(f"cannot reach {opt.host}:{opt.port}: "
-                               f"{getattr(exc, 'strerror', None) or exc or 'timed out'}") from None
+            raise ConnectionError(f"cannot reach {_endpoint_text(host, port)}: "
+                                  f"{getattr(exc, 'strerror', None) or exc or 'timed out'}"
+                                  ) from None
         assert proto.transport is not None
         set_nodelay(proto.transport)
-        proto.on_congestion = lambda congested: setattr(link, "congested", congested)  # type: ignore[method-assign]
+        proto.on_congestion = self._congestion  # type: ignore[method-assign]
         self.remote = proto
+        self.chain.start(self.loop.time())
         self._flush_remote()
-        return await asyncio.wait_for(self.established, CONNECT_TIMEOUT * 2)
+        try:
+            up = await asyncio.wait_for(self.up, CONNECT_TIMEOUT * (1 + len(self.hops)))
+        except BaseException:
+            proto.transport.close()  # a half-built chain is not kept
+            raise
+        self.session, self.token = up.accept.session, up.accept.token
+        return up
+
+    def _congestion(self, congested: bool) -> None:
+        if self.chain is not None and self.chain.links:
+            self.chain.links[-1].congested = congested
 
     def _flush_remote(self) -> None:
-        link, remote = self.link, self.remote
-        if link is None or remote is None or remote.transport is None:
+        remote, chain = self.remote, self.chain
+        if chain is None or remote is None or remote.transport is None:
             return
-        data = link.data_to_send(self.loop.time())
+        data = chain.data_to_send(self.loop.time())
         if data:
             remote.transport.write(data)
 
     def _remote_data(self, data: bytes) -> None:
-        link = self.link
-        if link is None:
-            return
-        for event in link.receive_data(data, self.loop.time()):
+        if self.chain is not None:
+            self._chain_events(self.chain.receive_data(data, self.loop.time()))
+            self._flush_remote()
+
+    def _chain_events(self, events: list[ChainEvent]) -> None:
+        for event in events:
             if type(event) is PacketsReceived:
                 local = self.local
                 if local is not None and local.transport is not None and not local.congested:
@@ -250,41 +281,33 @@ class Connector:
                     local.transport.write(b"".join(
                         encode_envelope(MsgType.PACKET, session, uid, seq.take(), p)
                         for p in event.packets))
-            else:
-                self._link_event(event)
-        self._flush_remote()
+            elif type(event) is ChainUp:
+                if not self.up.done():
+                    self.up.set_result(event)
+            elif type(event) is ChainFailed:
+                self._chain_failed(event)
 
-    def _link_event(self, event: Any) -> None:
-        fut = self.established
-        if isinstance(event, LinkEstablished):
-            self.session, self.token = event.session, event.token
-            if fut is not None and not fut.done():
-                fut.set_result(event)
-        elif isinstance(event, LinkRefused):
-            if fut is not None and not fut.done():
-                fut.set_exception(ConnectError(f"{event.reason} ({event.code})"))
-            else:
-                self.end(1, f"server refused: {event.reason}")
-        elif isinstance(event, LinkClosed):
-            if self.remote is not None and self.remote.transport is not None:
-                self.remote.transport.close()
-            if fut is not None and not fut.done():
-                fut.set_exception(ConnectError(event.reason) if event.fatal else
-                                  ConnectionError(event.reason))
-            elif event.fatal:
-                self.end(1, event.reason)
-            else:
-                self._link_down(event.reason)
+    def _chain_failed(self, failure: ChainFailed) -> None:
+        if self.remote is not None and self.remote.transport is not None:
+            self.remote.transport.close()
+        reason = f"{failure.where}: {failure.reason}"
+        if not self.up.done():
+            self.up.set_exception(ConnectError(reason) if failure.fatal else
+                                  ConnectionError(reason))
+        elif failure.fatal:
+            self.end(1, reason)
+        else:
+            self._link_down(reason)
 
     def _remote_lost(self, exc: Exception | None) -> None:
         self.remote = None
-        reason = f"connection lost: {exc}" if exc else "server closed the connection"
-        fut = self.established
-        if fut is not None and not fut.done():
-            fut.set_exception(ConnectionError(reason))
-        elif not self.ending and self.link is not None and self.link.state is not LinkState.CLOSED:
-            self.link.state = LinkState.CLOSED
-            self._link_down(reason)
+        chain = self.chain
+        if chain is None:
+            return
+        failure = chain.connection_lost(
+            f"connection lost: {exc}" if exc else "the first hop closed the connection")
+        if failure is not None:
+            self._chain_failed(failure)
 
     def _link_down(self, reason: str) -> None:
         if self.ending or self.finished.done():
@@ -305,9 +328,9 @@ class Connector:
                 _say(f"reconnect failed: {exc or 'timed out'}; retrying")
                 delay = min(delay * 2, MAX_BACKOFF)
                 continue
-            state = "resumed" if event.resumed else "re-established as a new session"
+            state = "resumed" if event.accept.resumed else "re-established as a new session"
             _say(f"session {self.session.hex()} {state}")
-            if not event.resumed:
+            if not event.accept.resumed:
                 self._local_send(MsgType.ATTACH, {"session": self.session})
             return
 
@@ -315,12 +338,10 @@ class Connector:
     async def tick(self) -> None:
         while not self.finished.done():
             await asyncio.sleep(1.0)
-            link = self.link
-            if link is None or link.state is LinkState.CLOSED:
-                continue
-            event = link.handle_timer(self.loop.time())
-            if event is not None:
-                self._link_event(event)
+            chain = self.chain
+            if chain is None or chain.failed is not None:
+                continue  # down or being rebuilt
+            self._chain_events(chain.handle_timer(self.loop.time()))
             self._flush_remote()
 
     def end(self, status: int, reason: str, unregister: bool = True) -> None:
@@ -328,8 +349,8 @@ class Connector:
         if self.finished.done():
             return
         self.ending = True
-        if self.link is not None and self.link.state is LinkState.ESTABLISHED:
-            self.link.close(reason)
+        if self.chain is not None and self.chain.up:
+            self.chain.close(reason)  # CLOSE to the server, through the chain
             self._flush_remote()
         if self.remote is not None and self.remote.transport is not None:
             self.remote.transport.close()
@@ -362,7 +383,8 @@ class Connector:
         self._local_send(MsgType.ATTACH, {"session": self.session})
         self.on_up(
             f"session {self.session.hex()} is up for {opt.remote_user} (uid {reply['uid']}): "
-            f"{', '.join(event.allow)} via {event.node} at {opt.host}:{opt.port}")
+            f"{', '.join(event.accept.allow)} via {' > '.join(event.nodes)} "
+            f"({_endpoint_text(opt.host, opt.port)})")
         ticker = self.loop.create_task(self.tick())
         status = await self.finished
         ticker.cancel()

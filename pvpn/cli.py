@@ -141,15 +141,24 @@ def cmd_connect(args: argparse.Namespace) -> int:
     from pvpn.client.connect import ConnectOptions, run_connect
 
     host, port = parse_endpoint(args.server, DEFAULT_PORT, "SERVER")
+    via = [parse_endpoint(v, DEFAULT_PORT, "--via") for v in args.via]
     parse_prefixes(args.to)
     if bool(args.ca) == bool(args.pin):
         raise ConfigError("give the server's CA (--ca FILE) or its pinned certificate "
                           "(--pin FILE), one of the two")
+    if via and args.pin:
+        raise ConfigError("--pin names one certificate; with --via every hop has its own, so "
+                          "give the CA that signed them (--ca FILE)")
+    hops = [*via, (host, port)]
+    for i, hop in enumerate(hops):
+        if hop in hops[:i]:
+            raise ConfigError(f"the chain names {hop[0]}:{hop[1]} twice; a chain that comes back "
+                              "to a node would loop")
     options = ConnectOptions(
         host=host, port=port, prefixes=list(args.to), key_path=args.key,
         remote_user=args.user or getpass.getuser(), socket_path=args.socket,
         ca_file=args.ca, pinned_cert=args.pin, server_name=args.server_name,
-        keepalive=args.keepalive, dead_after=args.keepalive * 3,
+        keepalive=args.keepalive, dead_after=args.keepalive * 3, via=via,
     )
     log = args.log or (Path(os.environ.get("XDG_STATE_HOME") or Path.home() / ".local/state")
                        / "pvpn" / "connect.log")
@@ -172,6 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("connect", help="open your personal VPN")
     p.add_argument("server", metavar="SERVER[:PORT]")
+    p.add_argument("--via", action="append", default=[], metavar="GATEWAY[:PORT]",
+                   help="a gateway to go through, in order (repeatable)")
     p.add_argument("--to", action="append", required=True, metavar="PREFIX",
                    help="destination prefix to protect (repeatable)")
     p.add_argument("--key", type=Path, default=default_key(), help="your private key")

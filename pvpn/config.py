@@ -259,3 +259,102 @@ def parse_prefixes(texts: Sequence[str], where: str = "--to") -> list[Network]:
 
 def valid_user_name(name: str) -> bool:
     return bool(_USER_RE.match(name))
+
+
+@dataclass(frozen=True, slots=True)
+class NextHopRule:
+    """One allowed next hop: an address or prefix, and a port (None = any port)."""
+
+    network: Network
+    port: int | None
+
+    def permits(self, address: str, port: int) -> bool:
+        try:
+            ip = ipaddress.ip_address(address)
+        except ValueError:
+            return False
+        return ip.version == self.network.version and ip in self.network and (
+            self.port is None or self.port == port)
+
+    def __str__(self) -> str:
+        net = str(self.network)
+        if self.port is None:
+            return net
+        if self.network.num_addresses == 1:
+            net = str(self.network.network_address)
+        return f"[{net}]:{self.port}" if self.network.version == 6 else f"{net}:{self.port}"
+
+
+def parse_next_hop_rule(text: str, where: str) -> NextHopRule:
+    """``10.0.0.2:4433``, ``[fd00::2]:4433``, ``10.0.0.0/24`` (any port), ``[fd00::/64]:4433``."""
+    port: int | None = None
+    body = text
+    if text.startswith("["):
+        end = text.find("]")
+        if end < 0 or not text[end + 1:].startswith(":"):
+            raise ConfigError(f"{where}: {text!r}: write [ADDRESS]:PORT")
+        body, port = text[1:end], _port(text[end + 2:], where)
+    elif text.count(":") == 1:
+        body, port_text = text.split(":")
+        port = _port(port_text, where)
+    return NextHopRule(parse_prefix(body, where), port)
+
+
+@dataclass(slots=True)
+class GatewayPolicy:
+    """Which next hops one user may ask this gateway for."""
+
+    next: list[NextHopRule]
+
+    def permits(self, address: str, port: int) -> bool:
+        return any(rule.permits(address, port) for rule in self.next)
+
+
+@dataclass(slots=True)
+class GatewayConfig:
+    path: Path
+    name: str
+    listen: list[tuple[str, int]]
+    certificate: Path
+    private_key: Path
+    authorized_keys: Path
+    connect_timeout: float
+    users: dict[str, GatewayPolicy] = field(default_factory=dict)
+    keepalive: float = 10.0
+    dead_after: float = 30.0
+
+
+def load_gateway_config(path: Path) -> GatewayConfig:
+    data = _load(path)
+    unknown = set(data) - {"gateway", "users"}
+    if unknown:
+        raise ConfigError(f"{path}: unknown section(s) {sorted(unknown)}")
+    if "gateway" not in data or not isinstance(data["gateway"], dict):
+        raise ConfigError(f"{path}: the [gateway] section is missing")
+    t = _Table(path, "gateway", data["gateway"])
+    name = _name(t)
+    listen = [parse_endpoint(x, DEFAULT_PORT, t.where("listen")) for x in t.strings("listen")]
+    if not listen:
+        raise ConfigError(f"{t.where('listen')} is empty; give at least one address:port")
+    certificate = _existing_file(t, "certificate")
+    private_key = _existing_file(t, "private_key")
+    authorized_keys = Path(t.get("authorized_keys", str))
+    if not authorized_keys.is_dir():
+        raise ConfigError(f"{t.where('authorized_keys')}: directory {authorized_keys} not found")
+    connect_timeout = float(t.get("connect_timeout", (int, float), 10.0))
+    keepalive = float(t.get("keepalive", (int, float), 10.0))
+    dead_after = float(t.get("dead_after", (int, float), 30.0))
+    t.finish()
+    users: dict[str, GatewayPolicy] = {}
+    users_data = data.get("users", {})
+    if not isinstance(users_data, dict):
+        raise ConfigError(f"{path}: [users] must be a table of [users.NAME] sections")
+    for user, section in users_data.items():
+        if not _USER_RE.match(user) or not isinstance(section, dict):
+            raise ConfigError(f"{path}: [users.{user}]: not a valid user section")
+        u = _Table(path, f"users.{user}", section)
+        rules = [parse_next_hop_rule(x, u.where("next")) for x in u.strings("next")]
+        u.finish()
+        users[user] = GatewayPolicy(rules)
+    return GatewayConfig(path, name, listen, certificate, private_key, authorized_keys,
+                         connect_timeout, users, keepalive, dead_after)

@@ -191,8 +191,8 @@ _INT = (int,)
 _LIST = (list,)
 _OPT_BYTES = (bytes, type(None))
 CONTROL_SCHEMAS: dict[MsgType, dict[str, tuple[type, ...]]] = {
-    MsgType.HELLO: {"user": _STR, "want": _LIST, "resume": _OPT_BYTES, "token": _OPT_BYTES,
-                    "client": _STR},
+    MsgType.HELLO: {"user": _STR, "want": _LIST, "token": _OPT_BYTES, "client": _STR,
+                    "next": (str, type(None)), "path": _LIST},
     MsgType.CHALLENGE: {"nonce": _BYTES, "node": _STR},
     MsgType.AUTH: {"signature": _BYTES},
     MsgType.ACCEPT: {"token": _BYTES, "allow": _LIST, "node": _STR, "resumed": (bool,)},

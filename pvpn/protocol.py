@@ -26,6 +26,7 @@ from pvpn import packet as pk
 from pvpn.config import Network, ServerConfig, UserPolicy, parse_prefix
 from pvpn.envelope import (
     DEFAULT_HOPS,
+    MAX_PACKET,
     Envelope,
     EnvelopeDecoder,
     MsgType,
@@ -143,20 +144,29 @@ class PacketsReceived:
 
 
 @dataclass(slots=True)
+class DataReceived:
+    """Opaque bytes relayed by a gateway: the ciphertext of the next hop's link."""
+
+    data: bytes
+
+
+@dataclass(slots=True)
 class LinkClosed:
     reason: str
     fatal: bool = False  # retrying can't help (the node's certificate was refused)
 
 
-LinkEvent = Union[LinkEstablished, LinkRefused, PacketsReceived, LinkClosed]
+LinkEvent = Union[LinkEstablished, LinkRefused, PacketsReceived, DataReceived, LinkClosed]
 Signer = Callable[[bytes, bytes, str], bytes]  # (challenge, binding, node) -> signature
 
 
 class UserLink:
-    """The user's end of one link: says hello, answers the challenge, then carries packets.
+    """The user's end of one link: says hello, answers the challenge, then carries packets
+    (to a server) or the next hop's ciphertext (through a gateway, in DATA envelopes).
 
-    Driven by :meth:`receive_data` (ciphertext from the node) and :meth:`send_packets`; its
-    ciphertext output is taken with :meth:`data_to_send`.
+    Driven by :meth:`receive_data` (ciphertext from the node), :meth:`send_packets` and
+    :meth:`send_data`; its ciphertext output is taken with :meth:`data_to_send`. The session
+    id is proposed by the user so every hop of a chain logs the same one.
     """
 
     def __init__(
@@ -168,7 +178,11 @@ class UserLink:
         signer: Signer,
         want: Sequence[str],
         client_name: str,
-        resume: tuple[bytes, bytes] | None = None,
+        session: bytes = b"",
+        token: bytes | None = None,
+        next_hop: str | None = None,
+        path: Sequence[str] = (),
+        hops: int = DEFAULT_HOPS,
         keepalive: float = 10.0,
         dead_after: float = 30.0,
     ) -> None:
@@ -177,7 +191,7 @@ class UserLink:
         self.uid = uid
         self._signer = signer
         self.state = LinkState.HELLO_SENT
-        self.session = resume[0] if resume else b""
+        self.session = session
         self._decoder = EnvelopeDecoder()
         self._seq = Sequencer()
         self._pending: list[bytes] = []
@@ -189,13 +203,11 @@ class UserLink:
         self.bytes_out = 0
         self.congested = False  # set by the adapter from the socket's high-water mark
         self.dropped = 0
-        self._send_control(MsgType.HELLO, {
-            "user": user,
-            "want": list(want),
-            "resume": resume[0] if resume else None,
-            "token": resume[1] if resume else None,
-            "client": client_name,
-        })
+        self._pending.append(encode_envelope(
+            MsgType.HELLO, session, uid, self._seq.take(), encode_control({
+                "user": user, "want": list(want), "token": token, "client": client_name,
+                "next": next_hop, "path": list(path),
+            }), hops))
 
     # -- output
     def _send_control(self, mtype: MsgType, fields: dict[str, object]) -> None:
@@ -214,6 +226,15 @@ class UserLink:
         for packet in packets:
             pending.append(encode_envelope(MsgType.PACKET, session, uid, seq.take(), packet))
             self.bytes_out += len(packet)
+
+    def send_data(self, data: bytes) -> None:
+        """Queue opaque bytes for the gateway to pass to the next hop."""
+        if self.state is not LinkState.ESTABLISHED or not data:
+            return
+        pending, session, uid, seq = self._pending, self.session, self.uid, self._seq
+        for start in range(0, len(data), MAX_PACKET):
+            pending.append(encode_envelope(MsgType.DATA, session, uid, seq.take(),
+                                           data[start:start + MAX_PACKET]))
 
     def close(self, reason: str) -> None:
         if self.state is LinkState.ESTABLISHED:
@@ -242,20 +263,30 @@ class UserLink:
             plaintext = self.tls.read()
             if plaintext:
                 packets: list[bytes] = []
+                relayed: list[bytes] = []
                 for envelope in self._decoder.feed(plaintext):
                     if envelope.type is MsgType.PACKET:
                         if self.state is LinkState.ESTABLISHED:
                             packets.append(envelope.body)
                             self.bytes_in += len(envelope.body)
                         continue
+                    if envelope.type is MsgType.DATA:
+                        if self.state is LinkState.ESTABLISHED:
+                            relayed.append(envelope.body)
+                        continue
                     if packets:
                         events.append(PacketsReceived(packets))
                         packets = []
+                    if relayed:
+                        events.append(DataReceived(b"".join(relayed)))
+                        relayed = []
                     event = self._control(envelope)
                     if event is not None:
                         events.append(event)
                 if packets:
                     events.append(PacketsReceived(packets))
+                if relayed:
+                    events.append(DataReceived(b"".join(relayed)))
         except CertificateError as exc:
             self.state = LinkState.CLOSED
             events.append(LinkClosed(f"node certificate refused: {exc}", fatal=True))
@@ -306,10 +337,10 @@ class UserLink:
         return None
 
 
-# ---------------------------------------------------------------- the server
+# ---------------------------------------------------------------- nodes: the shared part
 
 
-class ServerLinkState(enum.Enum):
+class NodeLinkState(enum.Enum):
     AWAIT_HELLO = "await-hello"
     AWAIT_AUTH = "await-auth"
     ESTABLISHED = "established"
@@ -338,31 +369,43 @@ class Session:
 
 
 @dataclass(slots=True)
-class ServerLink:
+class NodeLink:
+    """A node's end of one user's link (one TLS session over one TCP connection)."""
+
     id: int
     tls: TlsLike
     peer: str
     opened: float
-    state: ServerLinkState = ServerLinkState.AWAIT_HELLO
+    state: NodeLinkState = NodeLinkState.AWAIT_HELLO
     decoder: EnvelopeDecoder = field(default_factory=EnvelopeDecoder)
     seq: Sequencer = field(default_factory=Sequencer)
     pending: list[bytes] = field(default_factory=list)
+    # What the user said in HELLO.
     user: str = ""
     uid: int = -1
     client: str = ""
     want: list[Network] = field(default_factory=list)
-    resume: tuple[bytes, bytes] | None = None
+    session_id: bytes = b""  # proposed by the user, or resumed
+    token: bytes | None = None
+    next_hop: str | None = None
+    path: list[str] = field(default_factory=list)
+    hops: int = 0
     nonce: bytes = b""
-    session: Session | None = None
+    session: Session | None = None  # the server's session once established
     last_received: float = 0.0
     last_sent: float = 0.0
     # The socket's send buffer is above its high-water mark: drop packets before encryption,
     # like a router's full queue, instead of buffering without bound (TCP inside backs off).
     congested: bool = False
+    # Counters for the hop records.
+    envelopes_in: int = 0
+    envelopes_out: int = 0
+    bytes_in: int = 0
+    bytes_out: int = 0
 
     @property
     def closed(self) -> bool:
-        return self.state is ServerLinkState.CLOSED
+        return self.state is NodeLinkState.CLOSED
 
 
 class KeyLookup(Protocol):
@@ -372,39 +415,28 @@ class KeyLookup(Protocol):
 Verifier = Callable[[list[Any], bytes, bytes, bytes, str, str], object]
 
 
-class ServerNode:
-    """The server: authenticates users, NATs their packets, routes each reply to its session.
-
-    Inputs: :meth:`link_opened`, :meth:`receive_data`, :meth:`link_lost`,
-    :meth:`receive_reply` (a packet captured on its way back), :meth:`handle_timer`.
-    Outputs: :attr:`commands`, and :meth:`flush` for the ciphertext of every link.
-    """
+class NodeBase:
+    """What every node does with its users' links: the HELLO / CHALLENGE / AUTH exchange,
+    keepalives, dead-peer detection, one TLS write per link per batch, and hop records.
+    Subclasses say what happens once a user is authenticated and what envelopes carry."""
 
     MAX_LINKS = 4096
+    role = "node"
 
-    def __init__(
-        self,
-        config: ServerConfig,
-        keys: KeyLookup,
-        verify: Verifier,
-        source_for: Callable[[bytes], bytes],
-        random: Callable[[int], bytes] = os.urandom,
-        flows: FlowTable | None = None,
-    ) -> None:
-        self.config = config
-        self.name = config.name
+    def __init__(self, name: str, keys: KeyLookup, verify: Verifier,
+                 random: Callable[[int], bytes], keepalive: float, dead_after: float) -> None:
+        self.name = name
         self._keys = keys
         self._verify = verify
-        self._source_for = source_for
         self._random = random
-        self.flows = flows or FlowTable(config.nat_ports)
-        self.links: dict[int, ServerLink] = {}
-        self.sessions: dict[bytes, Session] = {}
+        self.keepalive = keepalive
+        self.dead_after = dead_after
+        self.links: dict[int, NodeLink] = {}
         self.commands: list[Command] = []
         self._dirty: set[int] = set()
 
     # -- helpers
-    def _log(self, event: str, link: ServerLink | None = None, session: Session | None = None,
+    def _log(self, event: str, link: NodeLink | None = None, session: Session | None = None,
              **kw: object) -> None:
         rec = Record(event=event)
         if session is not None:
@@ -412,6 +444,7 @@ class ServerNode:
                 session_hex(session.id), session.user, session.uid, session.peer)
         elif link is not None:
             rec.user, rec.peer = link.user, link.peer
+            rec.session = session_hex(link.session_id)
             rec.uid = link.uid if link.uid >= 0 else None
         for key, value in kw.items():
             if hasattr(rec, key) and key != "extra":
@@ -420,19 +453,20 @@ class ServerNode:
                 rec.extra[key] = value
         self.commands.append(LogRecord(rec))
 
-    def _send(self, link: ServerLink, mtype: MsgType, session: bytes, body: bytes) -> None:
+    def _send(self, link: NodeLink, mtype: MsgType, session: bytes, body: bytes) -> None:
         link.pending.append(encode_envelope(mtype, session, link.uid, link.seq.take(), body))
+        link.envelopes_out += 1
         self._dirty.add(link.id)
 
-    def _refuse(self, link: ServerLink, code: str, reason: str, log_reason: str) -> None:
+    def _refuse(self, link: NodeLink, code: str, reason: str, log_reason: str) -> None:
         self._send(link, MsgType.REFUSE, b"", encode_control({"code": code, "reason": reason}))
         self._log("auth:refused", link, reason=log_reason, code=code)
         self._close_link(link)
 
-    def _close_link(self, link: ServerLink) -> None:
-        if link.state is ServerLinkState.CLOSED:
+    def _close_link(self, link: NodeLink) -> None:
+        if link.closed:
             return
-        link.state = ServerLinkState.CLOSED
+        link.state = NodeLinkState.CLOSED
         self.flush_link(link)
         self.commands.append(CloseLink(link.id))
 
@@ -442,13 +476,13 @@ class ServerNode:
         if len(self.links) >= self.MAX_LINKS:
             self._log("link:refused", peer=peer, reason="too many links")
             return False
-        self.links[link_id] = ServerLink(link_id, tls, peer, now, last_received=now, last_sent=now)
+        self.links[link_id] = NodeLink(link_id, tls, peer, now, last_received=now, last_sent=now)
         self._log("link:opened", peer=peer)
         return True
 
     def receive_data(self, link_id: int, data: bytes, now: float) -> None:
         link = self.links.get(link_id)
-        if link is None or link.state is ServerLinkState.CLOSED:
+        if link is None or link.closed:
             return
         link.last_received = now
         try:
@@ -458,8 +492,13 @@ class ServerNode:
                 for envelope in link.decoder.feed(plaintext):
                     if link.closed:
                         break
-                    if envelope.type is MsgType.PACKET and link.session is not None:
-                        self._packet_from_user(link.session, envelope.body, now)
+                    link.envelopes_in += 1
+                    mtype = envelope.type
+                    if mtype is MsgType.PACKET and link.state is NodeLinkState.ESTABLISHED:
+                        self._on_packet(link, envelope.body, now)
+                    elif mtype is MsgType.DATA and link.state is NodeLinkState.ESTABLISHED:
+                        link.bytes_in += len(envelope.body)
+                        self._on_data(link, envelope.body, now)
                     else:
                         self._control(link, envelope, now)
         except RemoteProtocolError as exc:
@@ -478,15 +517,11 @@ class ServerNode:
         if link is None:
             return
         self._dirty.discard(link_id)
-        session = link.session
-        if session is not None and session.link == link_id:
-            session.link = None
-            session.detached_since = now
-            self._log("session:detached", session=session, reason=reason)
+        self._on_link_lost(link, now, reason)
         self._log("link:closed", link, reason=reason)
 
     # -- control messages
-    def _control(self, link: ServerLink, envelope: Envelope, now: float) -> None:
+    def _control(self, link: NodeLink, envelope: Envelope, now: float) -> None:
         mtype = envelope.type
         if mtype is MsgType.KEEPALIVE:
             self._send(link, MsgType.KEEPALIVE_ACK, envelope.session, encode_control({}))
@@ -494,37 +529,43 @@ class ServerNode:
         if mtype is MsgType.KEEPALIVE_ACK:
             return
         fields = decode_control(envelope)
-        if mtype is MsgType.HELLO and link.state is ServerLinkState.AWAIT_HELLO:
+        if mtype is MsgType.HELLO and link.state is NodeLinkState.AWAIT_HELLO:
             self._hello(link, envelope, fields)
-        elif mtype is MsgType.AUTH and link.state is ServerLinkState.AWAIT_AUTH:
+        elif mtype is MsgType.AUTH and link.state is NodeLinkState.AWAIT_AUTH:
             self._auth(link, fields["signature"], now)
-        elif mtype is MsgType.CLOSE and link.session is not None:
-            self._end_session(link.session, f"closed by the user: {fields['reason']}")
+        elif mtype is MsgType.CLOSE and link.state is NodeLinkState.ESTABLISHED:
+            self._on_close(link, str(fields["reason"]), now)
             self._close_link(link)
         else:
             raise MalformedFrame(f"unexpected {mtype.name} in state {link.state.value}")
 
-    def _hello(self, link: ServerLink, envelope: Envelope, fields: dict[str, object]) -> None:
+    def _hello(self, link: NodeLink, envelope: Envelope, fields: dict[str, Any]) -> None:
         link.user = str(fields["user"])
         link.uid = envelope.uid
         link.client = str(fields["client"])
-        want = fields["want"]
-        if not isinstance(want, list) or not all(isinstance(w, str) for w in want) or len(want) > 64:
+        link.session_id = envelope.session
+        link.hops = envelope.hops
+        want, path, next_hop = fields["want"], fields["path"], fields["next"]
+        if not all(isinstance(w, str) for w in want) or len(want) > 64:
             raise MalformedFrame("HELLO 'want' must be a list of at most 64 prefixes")
+        if not all(isinstance(p, str) for p in path) or len(path) > 64:
+            raise MalformedFrame("HELLO 'path' must be a list of node names")
+        if next_hop is not None and not isinstance(next_hop, str):
+            raise MalformedFrame("HELLO 'next' must be a string or nil")
         try:
             link.want = [parse_prefix(w) for w in want]
         except ConfigError as exc:
             raise MalformedFrame(str(exc)) from None
-        resume, token = fields["resume"], fields["token"]
-        if isinstance(resume, bytes) and isinstance(token, bytes):
-            link.resume = (resume, token)
+        link.path, link.next_hop = list(path), next_hop
+        token = fields["token"]
+        link.token = token if isinstance(token, bytes) else None
         # Always challenge, known user or not, so a probe learns nothing about who exists.
         link.nonce = self._random(32)
         self._send(link, MsgType.CHALLENGE, b"",
                    encode_control({"nonce": link.nonce, "node": self.name}))
-        link.state = ServerLinkState.AWAIT_AUTH
+        link.state = NodeLinkState.AWAIT_AUTH
 
-    def _auth(self, link: ServerLink, signature: bytes, now: float) -> None:
+    def _auth(self, link: NodeLink, signature: bytes, now: float) -> None:
         generic = (f"user {link.user!r} is not authorised with this key at {self.name}; "
                    "ask its administrator to install your public key")
         try:
@@ -532,6 +573,106 @@ class ServerNode:
             self._verify(keys, signature, link.nonce, link.tls.binding(), link.user, self.name)
         except AuthError as exc:
             self._refuse(link, "auth-failed", generic, str(exc))
+            return
+        if self.name in link.path:
+            # A chain that comes back to a node it already crossed would loop.
+            self._refuse(link, "loop", f"the chain {' > '.join(link.path + [self.name])} "
+                         f"visits {self.name} twice; remove the repeated hop", "looped chain")
+            return
+        self._authorized(link, now)
+
+    # -- what subclasses decide
+    def _authorized(self, link: NodeLink, now: float) -> None:
+        raise NotImplementedError
+
+    def _on_packet(self, link: NodeLink, packet: bytes, now: float) -> None:
+        raise MalformedFrame(f"a {self.role} does not take PACKET envelopes")
+
+    def _on_data(self, link: NodeLink, data: bytes, now: float) -> None:
+        raise MalformedFrame(f"a {self.role} does not take DATA envelopes")
+
+    def _on_close(self, link: NodeLink, reason: str, now: float) -> None:
+        pass
+
+    def _on_link_lost(self, link: NodeLink, now: float, reason: str) -> None:
+        pass
+
+    # -- output and time
+    def flush_link(self, link: NodeLink, now: float | None = None) -> None:
+        if link.pending:
+            link.tls.send(b"".join(link.pending))
+            link.pending.clear()
+            if now is not None:
+                link.last_sent = now
+        data = link.tls.data_to_send()
+        if data:
+            self.commands.append(SendBytes(link.id, data))
+        self._dirty.discard(link.id)
+
+    def flush(self, now: float | None = None) -> None:
+        """One TLS write per link for everything queued since the last flush."""
+        for link_id in list(self._dirty):
+            link = self.links.get(link_id)
+            if link is not None:
+                self.flush_link(link, now)
+        self._dirty.clear()
+
+    def _link_timers(self, now: float) -> None:
+        for link in list(self.links.values()):
+            if link.closed:
+                continue
+            if now - link.last_received > self.dead_after:
+                self._log("link:dead", link, link.session,
+                          reason=f"no word for {self.dead_after:.0f} s (keepalive)")
+                self._close_link(link)
+            elif link.state is not NodeLinkState.ESTABLISHED and now - link.opened > 15.0:
+                self._log("link:error", link, reason="authentication took too long")
+                self._close_link(link)
+            elif link.state is NodeLinkState.ESTABLISHED and now - link.last_sent >= self.keepalive:
+                self._send(link, MsgType.KEEPALIVE, link.session_id, encode_control({}))
+                link.last_sent = now
+
+    def _accept(self, link: NodeLink, session_id: bytes, token: bytes, allow: list[str],
+                resumed: bool) -> None:
+        link.state = NodeLinkState.ESTABLISHED
+        link.session_id = session_id
+        self._send(link, MsgType.ACCEPT, session_id, encode_control({
+            "token": token, "allow": allow, "node": self.name, "resumed": resumed}))
+
+
+# ---------------------------------------------------------------- the server
+
+
+class ServerNode(NodeBase):
+    """The server: authenticates users, NATs their packets, routes each reply to its session.
+
+    Inputs: :meth:`link_opened`, :meth:`receive_data`, :meth:`link_lost`,
+    :meth:`receive_reply` (a packet captured on its way back), :meth:`handle_timer`.
+    Outputs: :attr:`commands`, and :meth:`flush` for the ciphertext of every link.
+    """
+
+    role = "server"
+
+    def __init__(
+        self,
+        config: ServerConfig,
+        keys: KeyLookup,
+        verify: Verifier,
+        source_for: Callable[[bytes], bytes],
+        random: Callable[[int], bytes] = os.urandom,
+        flows: FlowTable | None = None,
+    ) -> None:
+        super().__init__(config.name, keys, verify, random, config.keepalive, config.dead_after)
+        self.config = config
+        self._source_for = source_for
+        self.flows = flows or FlowTable(config.nat_ports)
+        self.sessions: dict[bytes, Session] = {}
+
+    def _authorized(self, link: NodeLink, now: float) -> None:
+        if link.next_hop is not None:
+            self._refuse(link, "not-a-gateway", f"{self.name} is a server, not a gateway: it "
+                         f"can't forward to {link.next_hop}; put it last in the chain",
+                         "asked to forward")
             return
         policy: UserPolicy | None = self.config.users.get(link.user)
         if policy is None or not policy.allow:
@@ -549,29 +690,44 @@ class ServerNode:
                          f"denied destinations {denied}")
             return
         session, resumed = None, False
-        if link.resume is not None:
-            old = self.sessions.get(link.resume[0])
-            if old is not None and old.user == link.user and old.token == link.resume[1]:
+        old = self.sessions.get(link.session_id)
+        if old is not None and link.token is not None:
+            if old.user == link.user and old.token == link.token:
                 session, resumed = old, True
                 if old.link is not None and old.link in self.links:
                     self._close_link(self.links[old.link])
                 old.allow = PrefixSet(link.want)
         if session is None:
+            # The user's proposed id (so all hops log the same one), unless it is taken.
+            sid = link.session_id
+            if len(sid) != 16 or sid in self.sessions:
+                sid = self._random(16)
             session = Session(
-                id=self._random(16), token=self._random(16), user=link.user, uid=link.uid,
+                id=sid, token=self._random(16), user=link.user, uid=link.uid,
                 client=link.client, peer=link.peer, allow=PrefixSet(link.want), opened=now,
             )
             self.sessions[session.id] = session
         session.link, session.detached_since, session.peer = link.id, None, link.peer
         link.session = session
-        link.state = ServerLinkState.ESTABLISHED
-        self._send(link, MsgType.ACCEPT, session.id, encode_control({
-            "token": session.token, "allow": [str(n) for n in link.want],
-            "node": self.name, "resumed": resumed,
-        }))
+        self._accept(link, session.id, session.token, [str(n) for n in link.want], resumed)
         self._log("session:resumed" if resumed else "session:opened", session=session,
-                  client=link.client, allow=[str(n) for n in link.want],
+                  client=link.client, allow=[str(n) for n in link.want], path=link.path,
                   tls=getattr(link.tls, "version", ""))
+
+    def _on_close(self, link: NodeLink, reason: str, now: float) -> None:
+        if link.session is not None:
+            self._end_session(link.session, f"closed by the user: {reason}")
+
+    def _on_link_lost(self, link: NodeLink, now: float, reason: str) -> None:
+        session = link.session
+        if session is not None and session.link == link.id:
+            session.link = None
+            session.detached_since = now
+            self._log("session:detached", session=session, reason=reason)
+
+    def _on_packet(self, link: NodeLink, packet: bytes, now: float) -> None:
+        if link.session is not None:
+            self._packet_from_user(link.session, packet, now)
 
     def _end_session(self, session: Session, reason: str) -> None:
         self.sessions.pop(session.id, None)
@@ -646,52 +802,19 @@ class ServerNode:
         self._dirty.add(link.id)
         return True
 
-    # -- output and time
-    def flush_link(self, link: ServerLink, now: float | None = None) -> None:
-        if link.pending:
-            link.tls.send(b"".join(link.pending))
-            link.pending.clear()
-            if now is not None:
-                link.last_sent = now
-        data = link.tls.data_to_send()
-        if data:
-            self.commands.append(SendBytes(link.id, data))
-        self._dirty.discard(link.id)
-
-    def flush(self, now: float | None = None) -> None:
-        """One TLS write per link for everything queued since the last flush."""
-        for link_id in list(self._dirty):
-            link = self.links.get(link_id)
-            if link is not None:
-                self.flush_link(link, now)
-        self._dirty.clear()
-
     def handle_timer(self, now: float) -> None:
-        cfg = self.config
-        for link in list(self.links.values()):
-            if link.state is ServerLinkState.CLOSED:
-                continue
-            if now - link.last_received > cfg.dead_after:
-                self._log("link:dead", link, link.session,
-                          reason=f"no word for {cfg.dead_after:.0f} s (keepalive)")
-                self._close_link(link)
-            elif link.state is not ServerLinkState.ESTABLISHED and now - link.opened > 15.0:
-                self._log("link:error", link, reason="authentication took too long")
-                self._close_link(link)
-            elif link.state is ServerLinkState.ESTABLISHED and now - link.last_sent >= cfg.keepalive:
-                self._send(link, MsgType.KEEPALIVE, link.session.id if link.session else b"",
-                           encode_control({}))
-                link.last_sent = now
+        self._link_timers(now)
+        grace = self.config.resume_grace
         for session in list(self.sessions.values()):
-            if session.detached_since is not None and now - session.detached_since > cfg.resume_grace:
-                self._end_session(session, f"not resumed within {cfg.resume_grace:.0f} s")
+            if session.detached_since is not None and now - session.detached_since > grace:
+                self._end_session(session, f"not resumed within {grace:.0f} s")
         self.flows.expire(now)
         self.flush(now)
 
     def close_all(self, reason: str) -> None:
         for link in list(self.links.values()):
-            if link.state is ServerLinkState.ESTABLISHED and link.session is not None:
-                self._send(link, MsgType.CLOSE, link.session.id, encode_control({"reason": reason}))
+            if link.state is NodeLinkState.ESTABLISHED:
+                self._send(link, MsgType.CLOSE, link.session_id, encode_control({"reason": reason}))
             link.tls.close()
             self._close_link(link)
         for session in list(self.sessions.values()):

@@ -76,7 +76,9 @@ class Harness:
         key = self.p["keys"][key_user or user]
         link = UserLink(client, user=user, uid=1000 + link_id,
                         signer=lambda n, b, node: auth.sign_challenge(key, n, b, user, node),
-                        want=list(want), client_name="clienthost", resume=resume)
+                        want=list(want), client_name="clienthost",
+                        session=resume[0] if resume else b"",
+                        token=resume[1] if resume else None)
         client.start()
         link.start(self.now)
         self.links[link_id] = link

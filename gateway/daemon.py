@@ -1,0 +1,207 @@
+"""pvpn-gateway: authenticates each user over its own TLS session, then relays the user's
+next-hop TLS session as opaque bytes (pvpn.splice). No per-flow state, no decryption of
+anything but its own hop's envelopes."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import itertools
+from pathlib import Path
+
+from pvpn import auth, tls
+from pvpn.config import GatewayConfig, load_gateway_config
+from pvpn.errors import ConfigError
+from pvpn.io.loop import WRITE_HIGH_WATER, install_signals, run_daemon, set_nodelay
+from pvpn.protocol import CloseLink, LogRecord, SendBytes
+from pvpn.records import Record, RecordWriter
+from pvpn.splice import CloseNext, GatewayNode, OpenNextHop, SendNext
+
+
+class Gateway:
+    """Wires the sans-IO GatewayNode to the previous-hop and next-hop sockets."""
+
+    def __init__(self, config: GatewayConfig) -> None:
+        self.config = config
+        self.log = RecordWriter("gateway", config.name)
+        self.context = tls.make_server_context(str(config.certificate), str(config.private_key))
+        self.node = GatewayNode(config, auth.AuthorizedKeys(config.authorized_keys),
+                                auth.verify_signature)
+        self.links: dict[int, asyncio.Transport] = {}
+        self.nexts: dict[int, asyncio.Transport] = {}
+        self._ids = itertools.count(1)
+        self.loop = asyncio.get_running_loop()
+
+    def dispatch(self) -> None:
+        node = self.node
+        while node.commands:
+            commands, node.commands = node.commands, []
+            for cmd in commands:
+                if type(cmd) is SendNext:
+                    transport = self.nexts.get(cmd.link)
+                    if transport is not None:
+                        transport.write(cmd.data)
+                elif type(cmd) is SendBytes:
+                    transport = self.links.get(cmd.link)
+                    if transport is not None:
+                        transport.write(cmd.data)
+                elif type(cmd) is LogRecord:
+                    self.log.write(cmd.record)
+                elif type(cmd) is CloseLink:
+                    transport = self.links.pop(cmd.link, None)
+                    if transport is not None:
+                        transport.close()
+                elif type(cmd) is CloseNext:
+                    transport = self.nexts.pop(cmd.link, None)
+                    if transport is not None:
+                        transport.close()
+                elif type(cmd) is OpenNextHop:
+                    self.loop.create_task(self._open_next(cmd))
+
+    async def _open_next(self, cmd: OpenNextHop) -> None:
+        try:
+            transport, _ = await asyncio.wait_for(self.loop.create_connection(
+                lambda: NextHopProtocol(self, cmd.link), cmd.host, cmd.port), cmd.timeout)
+        except (OSError, asyncio.TimeoutError) as exc:
+            reason = getattr(exc, "strerror", None) or str(exc) or "timed out"
+            self.node.next_failed(cmd.link, reason, self.loop.time())
+        else:
+            if cmd.link in self.links:
+                self.nexts[cmd.link] = transport
+                self.node.next_opened(cmd.link, self.loop.time())
+            else:
+                transport.close()
+        self.dispatch()
+
+    def reload(self) -> None:
+        try:
+            config = load_gateway_config(self.config.path)
+        except ConfigError as exc:
+            self.log.write(Record("node:reload-failed", reason=str(exc)))
+            return
+        self.node.config.users = config.users
+        self.log.write(Record("node:reloaded", extra={"users": sorted(config.users)}))
+
+
+class PrevHopProtocol(asyncio.Protocol):
+    """The link from the previous hop (the user's side)."""
+
+    def __init__(self, gateway: Gateway) -> None:
+        self.gateway = gateway
+        self.id = 0
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        set_nodelay(transport)
+        transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
+        gw = self.gateway
+        self.id = next(gw._ids)
+        gw.links[self.id] = transport
+        peer = transport.get_extra_info("peername")
+        peer_text = f"[{peer[0]}]:{peer[1]}" if ":" in peer[0] else f"{peer[0]}:{peer[1]}"
+        session = tls.TlsSession(gw.context, server_side=True)
+        if not gw.node.link_opened(self.id, session, peer_text, gw.loop.time()):
+            transport.close()
+        gw.dispatch()
+
+    def data_received(self, data: bytes) -> None:
+        gw = self.gateway
+        gw.node.receive_data(self.id, data, gw.loop.time())
+        gw.dispatch()
+
+    # Relayed bytes can't be dropped (they are a TLS stream): back-pressure instead.
+    def pause_writing(self) -> None:
+        nxt = self.gateway.nexts.get(self.id)
+        if nxt is not None:
+            nxt.pause_reading()
+
+    def resume_writing(self) -> None:
+        nxt = self.gateway.nexts.get(self.id)
+        if nxt is not None:
+            nxt.resume_reading()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        gw = self.gateway
+        gw.links.pop(self.id, None)
+        gw.node.link_lost(self.id, gw.loop.time(),
+                          f"connection lost: {exc}" if exc else "connection closed")
+        gw.dispatch()
+
+
+class NextHopProtocol(asyncio.Protocol):
+    """The connection to the next hop, carrying the user's own TLS session with it."""
+
+    def __init__(self, gateway: Gateway, link_id: int) -> None:
+        self.gateway = gateway
+        self.link_id = link_id
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        set_nodelay(transport)
+        transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
+
+    def data_received(self, data: bytes) -> None:
+        gw = self.gateway
+        gw.node.next_data(self.link_id, data, gw.loop.time())
+        gw.dispatch()
+
+    def pause_writing(self) -> None:
+        prev = self.gateway.links.get(self.link_id)
+        if prev is not None:
+            prev.pause_reading()
+
+    def resume_writing(self) -> None:
+        prev = self.gateway.links.get(self.link_id)
+        if prev is not None:
+            prev.resume_reading()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        gw = self.gateway
+        if gw.nexts.pop(self.link_id, None) is None and self.link_id not in gw.node.splices:
+            return
+        gw.node.next_lost(self.link_id, f"{exc}" if exc else "connection closed",
+                          gw.loop.time())
+        gw.dispatch()
+
+
+async def serve(config: GatewayConfig) -> None:
+    gateway = Gateway(config)
+    loop = gateway.loop
+    listeners: list[asyncio.AbstractServer] = []
+    stop = asyncio.Event()
+    try:
+        for host, port in config.listen:
+            listeners.append(await loop.create_server(
+                lambda: PrevHopProtocol(gateway), host, port, reuse_address=True))
+        install_signals(loop, stop, gateway.reload)
+        gateway.log.write(Record("node:started", extra={
+            "listen": [f"{h}:{p}" for h, p in config.listen]}))
+        while not stop.is_set():
+            try:
+                await asyncio.wait_for(stop.wait(), timeout=1.0)
+            except asyncio.TimeoutError:
+                pass
+            gateway.node.handle_timer(loop.time())
+            gateway.dispatch()
+    finally:
+        gateway.node.close_all("gateway shutting down")
+        gateway.dispatch()
+        for listener in listeners:
+            listener.close()
+        await asyncio.sleep(0.05)  # let CLOSE envelopes and close_notify leave
+        gateway.log.write(Record("node:stopped", reason="clean"))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="pvpn-gateway", description=__doc__)
+    parser.add_argument("--config", required=True, type=Path, help="gateway.toml")
+    args = parser.parse_args(argv)
+
+    async def run() -> None:
+        await serve(load_gateway_config(args.config))
+
+    return run_daemon("pvpn-gateway", run)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

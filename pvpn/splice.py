@@ -1,0 +1,193 @@
+"""The gateway: splices a user's link from the previous hop to a connection to the next hop.
+
+After the user is authenticated over *this* hop's TLS session and the gateway's policy allows
+the next hop, the gateway connects onwards and from then on relays opaque bytes: DATA
+envelopes from the user go out to the next hop as they are, bytes from the next hop come back
+in DATA envelopes. Those bytes are the user's own TLS session with the next hop (like SSH
+ProxyJump), so the gateway can neither read nor alter what is inside, and holds no per-flow
+state: if it restarts, the user rebuilds the chain and resumes the session at the server.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from dataclasses import dataclass
+from typing import Callable, Union
+
+from pvpn.config import GatewayConfig, parse_endpoint
+from pvpn.envelope import MAX_PACKET, MsgType, encode_control, encode_envelope
+from pvpn.errors import ConfigError
+from pvpn.protocol import Command, KeyLookup, NodeBase, NodeLink, NodeLinkState, Verifier
+
+
+@dataclass(slots=True)
+class OpenNextHop:
+    """Connect to the next hop for this link (the adapter answers next_opened/next_failed)."""
+
+    link: int
+    host: str
+    port: int
+    timeout: float
+
+
+@dataclass(slots=True)
+class SendNext:
+    link: int
+    data: bytes
+
+
+@dataclass(slots=True)
+class CloseNext:
+    link: int
+
+
+GatewayCommand = Union[Command, OpenNextHop, SendNext, CloseNext]
+
+
+@dataclass(slots=True)
+class Splice:
+    """One spliced session: the previous hop's link and its connection to the next hop."""
+
+    next_hop: str
+    opened: float
+    connected: bool = False
+    bytes_to_next: int = 0
+    bytes_from_next: int = 0
+    envelopes_to_next: int = 0
+    envelopes_from_next: int = 0
+
+
+class GatewayNode(NodeBase):
+    """Inputs: the NodeBase link inputs plus :meth:`next_opened`, :meth:`next_failed`,
+    :meth:`next_data`, :meth:`next_lost` from the next-hop connection. Outputs: commands,
+    among them OpenNextHop / SendNext / CloseNext for the adapter."""
+
+    role = "gateway"
+
+    def __init__(self, config: GatewayConfig, keys: KeyLookup, verify: Verifier,
+                 random: Callable[[int], bytes] = os.urandom) -> None:
+        super().__init__(config.name, keys, verify, random, config.keepalive, config.dead_after)
+        self.config = config
+        self.splices: dict[int, Splice] = {}
+        self.commands: list[GatewayCommand] = []  # type: ignore[assignment]
+
+    def _authorized(self, link: NodeLink, now: float) -> None:
+        policy = self.config.users.get(link.user)
+        if policy is None or not policy.next:
+            self._refuse(link, "user-not-allowed",
+                         f"user {link.user!r} may not pass through gateway {self.name}; ask its "
+                         "administrator to add a [users.NAME] next list", "no [users] policy")
+            return
+        if link.next_hop is None:
+            self._refuse(link, "no-next-hop", f"{self.name} is a gateway: it only forwards; "
+                         "name the next hop after it (pvpn connect --via ... SERVER)",
+                         "no next hop named")
+            return
+        if link.hops <= 0:
+            self._refuse(link, "hop-limit", f"hop limit reached at {self.name}; the chain is too "
+                         "long", "hop limit reached")
+            return
+        try:
+            host, port = parse_endpoint(link.next_hop, 4433, "next hop")
+            ipaddress.ip_address(host)
+        except (ConfigError, ValueError):
+            self._refuse(link, "bad-next-hop", f"next hop {link.next_hop!r} must be an IP "
+                         "address with a port", "bad next hop")
+            return
+        if not policy.permits(host, port):
+            allowed = ", ".join(str(r) for r in policy.next)
+            self._refuse(link, "next-hop-not-allowed",
+                         f"{self.name} may not forward {link.user!r} to {link.next_hop} "
+                         f"(allowed: {allowed})", f"next hop {link.next_hop} not allowed")
+            return
+        if len(link.session_id) != 16:
+            link.session_id = self._random(16)
+        self.splices[link.id] = Splice(link.next_hop, now)
+        self.commands.append(OpenNextHop(link.id, host, port, self.config.connect_timeout))
+        self._log("splice:connecting", link, next_hop=link.next_hop)
+
+    # -- the next hop
+    def next_opened(self, link_id: int, now: float) -> None:
+        link, splice = self.links.get(link_id), self.splices.get(link_id)
+        if link is None or splice is None or link.closed:
+            self.commands.append(CloseNext(link_id))
+            return
+        splice.connected = True
+        self._accept(link, link.session_id, b"", [], False)
+        self._log("session:opened", link, client=link.client, prev_hop=link.peer,
+                  next_hop=splice.next_hop, path=link.path, tls=getattr(link.tls, "version", ""))
+        self.flush_link(link, now)
+
+    def next_failed(self, link_id: int, reason: str, now: float) -> None:
+        link = self.links.get(link_id)
+        splice = self.splices.pop(link_id, None)
+        if link is None or splice is None:
+            return
+        self._refuse(link, "next-hop-unreachable",
+                     f"{self.name} cannot reach the next hop {splice.next_hop}: {reason}",
+                     f"next hop {splice.next_hop} unreachable: {reason}")
+
+    def next_data(self, link_id: int, data: bytes, now: float) -> None:
+        link, splice = self.links.get(link_id), self.splices.get(link_id)
+        if link is None or splice is None or link.state is not NodeLinkState.ESTABLISHED:
+            return
+        splice.bytes_from_next += len(data)
+        pending, sid, uid, seq = link.pending, link.session_id, link.uid, link.seq
+        for start in range(0, len(data), MAX_PACKET):
+            pending.append(encode_envelope(MsgType.DATA, sid, uid, seq.take(),
+                                           data[start:start + MAX_PACKET]))
+            splice.envelopes_from_next += 1
+        link.envelopes_out += 1
+        self.flush_link(link, now)
+
+    def next_lost(self, link_id: int, reason: str, now: float) -> None:
+        link = self.links.get(link_id)
+        if link is None or link_id not in self.splices:
+            return
+        if link.state is NodeLinkState.ESTABLISHED:
+            self._send(link, MsgType.CLOSE, link.session_id,
+                       encode_control({"reason": f"next hop closed at {self.name}: {reason}"}))
+        self._end(link, f"next hop closed: {reason}")
+        self._close_link(link)
+
+    # -- the previous hop
+    def _on_data(self, link: NodeLink, data: bytes, now: float) -> None:
+        splice = self.splices.get(link.id)
+        if splice is None or not splice.connected:
+            return
+        splice.bytes_to_next += len(data)
+        splice.envelopes_to_next += 1
+        self.commands.append(SendNext(link.id, data))
+
+    def _on_close(self, link: NodeLink, reason: str, now: float) -> None:
+        self._end(link, f"closed by the user: {reason}")
+
+    def _on_link_lost(self, link: NodeLink, now: float, reason: str) -> None:
+        self._end(link, f"previous hop gone: {reason}")
+
+    def _end(self, link: NodeLink, reason: str) -> None:
+        splice = self.splices.pop(link.id, None)
+        if splice is None:
+            return
+        self.commands.append(CloseNext(link.id))
+        if splice.connected:
+            self._log("session:closed", link, reason=reason, prev_hop=link.peer,
+                      next_hop=splice.next_hop, bytes_to_next=splice.bytes_to_next,
+                      bytes_from_next=splice.bytes_from_next,
+                      envelopes_from_user=link.envelopes_in, envelopes_to_user=link.envelopes_out,
+                      envelopes_to_next=splice.envelopes_to_next,
+                      envelopes_from_next=splice.envelopes_from_next)
+
+    # -- time and shutdown
+    def handle_timer(self, now: float) -> None:
+        self._link_timers(now)
+        self.flush(now)
+
+    def close_all(self, reason: str) -> None:
+        for link in list(self.links.values()):
+            if link.state is NodeLinkState.ESTABLISHED:
+                self._send(link, MsgType.CLOSE, link.session_id, encode_control({"reason": reason}))
+            self._end(link, reason)
+            link.tls.close()
+            self._close_link(link)

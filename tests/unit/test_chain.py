@@ -1,0 +1,316 @@
+"""Whole chains in memory: user -> gw1 -> gw2 -> server over real nested TLS sessions, with
+real RSA authentication at every hop; gateways relay bytes they can't read."""
+
+from __future__ import annotations
+
+import ipaddress
+from pathlib import Path
+from typing import Any
+
+import pytest
+from scapy.layers.inet import IP, UDP
+
+from pvpn import auth, pki, tls
+from pvpn.chain import ChainFailed, ChainUp, UserChain
+from pvpn.config import (
+    GatewayConfig, GatewayPolicy, ServerConfig, UserPolicy, parse_next_hop_rule, parse_prefix,
+)
+from pvpn.protocol import (
+    CloseLink, InjectPacket, LogRecord, PacketsReceived, SendBytes, ServerNode, UserLink,
+)
+from pvpn.splice import CloseNext, GatewayNode, OpenNextHop, SendNext
+
+ADDR = {"gw1": "10.0.1.1", "gw2": "10.0.2.1", "server": "10.0.3.1", "gw3": "10.0.4.1"}
+NAT = ipaddress.ip_address("10.9.0.1").packed
+MARKER = b"PVPN-SECRET-MARKER-0123456789"
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    d = tmp_path_factory.mktemp("chain")
+    pki.create_ca(d / "ca")
+    certs = {name: pki.issue_certificate(d / "ca", name, d / name, ips=[ip])
+             for name, ip in ADDR.items()}
+    users = d / "users"
+    users.mkdir()
+    keys = {}
+    for name in ("alice", "bob", "carol"):
+        keys[name] = auth.generate_user_key(2048)
+        auth.save_public_key(keys[name], users / f"{name}.pub", name)
+    return {"ca": str(d / "ca" / "ca.crt"), "certs": certs, "users": users, "keys": keys}
+
+
+class Net:
+    """Nodes by address; links between them carried in memory."""
+
+    def __init__(self, w: dict[str, Any], gw_users: dict[str, dict[str, list[str]]] | None = None,
+                 gw_names: dict[str, str] | None = None) -> None:
+        self.w = w
+        self.now = 10.0
+        self.nodes: dict[str, Any] = {}
+        self.ctx: dict[str, Any] = {}
+        gw_users = gw_users or {
+            "gw1": {"alice": [f"{ADDR['gw2']}:4433"], "bob": [f"{ADDR['gw2']}:4433"]},
+            "gw2": {"alice": [f"{ADDR['server']}:4433"], "bob": ["10.0.3.0/24"]},
+            "gw3": {"alice": [f"{ADDR['gw1']}:4433"]},
+        }
+        for gw in ("gw1", "gw2", "gw3"):
+            crt, key = w["certs"][gw]
+            cfg = GatewayConfig(Path("g.toml"), (gw_names or {}).get(gw, gw), [], crt, key,
+                                w["users"], 5.0, {
+                                    user: GatewayPolicy([parse_next_hop_rule(r, "t") for r in rules])
+                                    for user, rules in gw_users[gw].items()})
+            self.nodes[ADDR[gw]] = GatewayNode(cfg, auth.AuthorizedKeys(w["users"]),
+                                               auth.verify_signature)
+            self.ctx[ADDR[gw]] = tls.make_server_context(str(crt), str(key))
+        crt, key = w["certs"]["server"]
+        allow = [parse_prefix("10.9.0.0/24")]
+        scfg = ServerConfig(Path("s.toml"), "server", [], crt, key, w["users"], 0, (61000, 61999),
+                            "t", {"alice": UserPolicy(list(allow)), "bob": UserPolicy(list(allow))})
+        self.server = ServerNode(scfg, auth.AuthorizedKeys(w["users"]), auth.verify_signature,
+                                 lambda dst: NAT)
+        self.nodes[ADDR["server"]] = self.server
+        self.ctx[ADDR["server"]] = tls.make_server_context(str(crt), str(key))
+        self.ids = 0
+        # (address, link id) -> the upstream end: ("user", chain) or ("next", address, link id)
+        self.upstream: dict[tuple[str, int], tuple[Any, ...]] = {}
+        self.downstream: dict[tuple[str, int], tuple[str, int]] = {}
+        self.injected: list[bytes] = []
+        self.logs: list[Any] = []
+        self.seen_by_gateways: list[bytes] = []
+        self.closed: set[tuple[str, int]] = set()
+
+    def open(self, address: str, upstream: tuple[Any, ...]) -> int:
+        self.ids += 1
+        node = self.nodes[address]
+        node.link_opened(self.ids, tls.TlsSession(self.ctx[address], server_side=True), "peer",
+                         self.now)
+        self.upstream[(address, self.ids)] = upstream
+        return self.ids
+
+    def chain(self, user: str, hops: list[str], key_user: str | None = None,
+              session: bytes = b"S" * 16, token: bytes | None = None) -> tuple[UserChain, list[Any]]:
+        key = self.w["keys"][key_user or user]
+        ctx = tls.make_client_context(ca_file=self.w["ca"])
+
+        def make(index: int, before: list[str]) -> UserLink:
+            last = index == len(hops) - 1
+            s = tls.TlsSession(ctx, server_side=False, server_name=hops[index])
+            s.start()
+            return UserLink(s, user=user, uid=1001, want=["10.9.0.0/24"] if last else [],
+                            signer=lambda n, b, node: auth.sign_challenge(key, n, b, user, node),
+                            client_name="c", session=session, token=token if last else None,
+                            next_hop=None if last else f"{hops[index + 1]}:4433", path=before,
+                            hops=16 - index)
+
+        chain = UserChain(make, len(hops), hops)
+        events: list[Any] = []
+        chain.start(self.now)
+        link = self.open(hops[0], ("user", chain, events))
+        chain.first = (hops[0], link)  # type: ignore[attr-defined]
+        self.pump()
+        return chain, events
+
+    def deliver_up(self, address: str, link: int, data: bytes) -> None:
+        up = self.upstream[(address, link)]
+        if up[0] == "user":
+            up[2].extend(up[1].receive_data(data, self.now))
+        else:
+            self.seen_by_gateways.append(data)
+            self.nodes[up[1]].next_data(up[2], data, self.now)
+
+    def pump(self) -> None:
+        for _ in range(200):
+            moved = False
+            for (address, link), up in list(self.upstream.items()):
+                if up[0] == "user" and (address, link) not in self.closed:
+                    data = up[1].data_to_send(self.now)
+                    if data:
+                        moved = True
+                        self.nodes[address].receive_data(link, data, self.now)
+            for address, node in self.nodes.items():
+                node.flush(self.now)
+                commands, node.commands = node.commands, []
+                for cmd in commands:
+                    moved = True
+                    if isinstance(cmd, SendBytes):
+                        if (address, cmd.link) not in self.closed:
+                            self.deliver_up(address, cmd.link, cmd.data)
+                    elif isinstance(cmd, OpenNextHop):
+                        if cmd.host in self.nodes:
+                            down = self.open(cmd.host, ("next", address, cmd.link))
+                            self.downstream[(address, cmd.link)] = (cmd.host, down)
+                            node.next_opened(cmd.link, self.now)
+                        else:
+                            node.next_failed(cmd.link, "no route", self.now)
+                    elif isinstance(cmd, SendNext):
+                        self.seen_by_gateways.append(cmd.data)
+                        down_addr, down = self.downstream[(address, cmd.link)]
+                        self.nodes[down_addr].receive_data(down, cmd.data, self.now)
+                    elif isinstance(cmd, InjectPacket):
+                        self.injected.append(cmd.packet)
+                    elif isinstance(cmd, LogRecord):
+                        self.logs.append((address, cmd.record))
+                    elif isinstance(cmd, CloseLink):
+                        self.closed.add((address, cmd.link))
+                    elif isinstance(cmd, CloseNext):
+                        pass
+            if not moved:
+                return
+        raise AssertionError("the chain did not settle")
+
+
+def up_event(events: list[Any]) -> ChainUp:
+    ups = [e for e in events if isinstance(e, ChainUp)]
+    assert ups, events
+    return ups[0]
+
+
+def failure(events: list[Any]) -> ChainFailed:
+    fails = [e for e in events if isinstance(e, ChainFailed)]
+    assert fails, events
+    return fails[0]
+
+
+def test_two_gateway_chain_carries_packets_end_to_end(world: Any) -> None:
+    net = Net(world)
+    chain, events = net.chain("alice", [ADDR["gw1"], ADDR["gw2"], ADDR["server"]])
+    up = up_event(events)
+    assert up.nodes == ["gw1", "gw2", "server"] and up.accept.session == b"S" * 16
+    pkt = bytes(IP(src="10.0.0.2", dst="10.9.0.5") / UDP(sport=5000, dport=7) / MARKER)
+    chain.send_packets([pkt])
+    net.pump()
+    (out,) = net.injected
+    assert IP(out)[UDP].payload.load == MARKER
+    assert net.server.receive_reply(
+        bytes(IP(src="10.9.0.5", dst="10.9.0.1") / UDP(sport=7, dport=IP(out)[UDP].sport) / b"back"),
+        net.now)
+    net.pump()
+    got = [p for e in events if isinstance(e, PacketsReceived) for p in e.packets]
+    assert [IP(p)[UDP].payload.load for p in got] == [b"back"]
+    # Every hop authenticated alice and logged the same session id.
+    opened = [(addr, r.session, r.user) for addr, r in net.logs if r.event == "session:opened"]
+    assert sorted(opened) == sorted((ADDR[n], (b"S" * 16).hex(), "alice")
+                                    for n in ("gw1", "gw2", "server"))
+    # The gateways relayed only ciphertext: the marker never showed in what they saw.
+    assert net.seen_by_gateways and not any(MARKER in d for d in net.seen_by_gateways)
+    assert not any(MARKER.decode() in repr(r) for _, r in net.logs)
+
+
+def test_alice_and_bob_chains_through_the_same_gateways_never_cross(world: Any) -> None:
+    net = Net(world)
+    hops = [ADDR["gw1"], ADDR["gw2"], ADDR["server"]]
+    alice, a_events = net.chain("alice", hops, session=b"A" * 16)
+    bob, b_events = net.chain("bob", hops, session=b"B" * 16)
+    up_event(a_events), up_event(b_events)
+    same = bytes(IP(src="10.0.0.2", dst="10.9.0.5") / UDP(sport=5000, dport=7) / b"q")
+    alice.send_packets([same])
+    bob.send_packets([same])
+    net.pump()
+    ports = [IP(p)[UDP].sport for p in net.injected]
+    assert len(set(ports)) == 2
+    for port, who in zip(ports, (b"to-alice", b"to-bob")):
+        net.server.receive_reply(bytes(IP(src="10.9.0.5", dst="10.9.0.1") / UDP(sport=7, dport=port)
+                                       / who), net.now)
+    net.pump()
+    def loads(ev: list[Any]) -> list[bytes]:
+        return [IP(p)[UDP].payload.load for e in ev if isinstance(e, PacketsReceived) for p in e.packets]
+    assert loads(a_events) == [b"to-alice"] and loads(b_events) == [b"to-bob"]
+
+
+def test_gateway_refuses_a_user_it_does_not_allow(world: Any) -> None:
+    net = Net(world)
+    _, events = net.chain("carol", [ADDR["gw1"], ADDR["gw2"], ADDR["server"]])
+    fail = failure(events)
+    assert fail.fatal and fail.hop == 0
+    assert "may not pass through gateway gw1" in fail.reason
+
+
+def test_gateway_refuses_a_next_hop_it_does_not_allow(world: Any) -> None:
+    net = Net(world)
+    # gw1 lets alice go to gw2 only, not straight to the server.
+    _, events = net.chain("alice", [ADDR["gw1"], ADDR["server"]])
+    fail = failure(events)
+    assert fail.fatal and "may not forward" in fail.reason and "next-hop-not-allowed" in fail.reason
+
+
+def test_unreachable_next_hop_is_retryable(world: Any) -> None:
+    net = Net(world, gw_users={"gw1": {"alice": ["10.0.0.0/8"]}, "gw2": {}, "gw3": {}})
+    _, events = net.chain("alice", [ADDR["gw1"], "10.0.7.7", ADDR["server"]])
+    fail = failure(events)
+    assert not fail.fatal and "cannot reach" in fail.reason
+
+
+def test_a_looped_chain_is_refused(world: Any) -> None:
+    # gw3 forwards to gw1, which is already in the path: gw1 refuses to be visited twice.
+    users = {"gw1": {"alice": ["10.0.0.0/8"]}, "gw2": {}, "gw3": {"alice": ["10.0.0.0/8"]}}
+    net = Net(world, gw_users=users)
+    _, events = net.chain("alice", [ADDR["gw1"], ADDR["gw3"], ADDR["gw1"], ADDR["server"]])
+    fail = failure(events)
+    assert fail.fatal and "twice" in fail.reason
+
+
+def test_a_node_met_twice_under_another_address_is_caught_by_the_user(world: Any) -> None:
+    users = {"gw1": {"alice": ["10.0.0.0/8"]}, "gw2": {"alice": ["10.0.0.0/8"]}, "gw3": {}}
+    net = Net(world, gw_users=users, gw_names={"gw2": "gw1"})  # gw2 claims gw1's name
+    _, events = net.chain("alice", [ADDR["gw1"], ADDR["gw2"], ADDR["server"]])
+    fail = failure(events)
+    assert fail.fatal and "twice" in fail.reason
+
+
+def test_server_refuses_to_act_as_a_gateway(world: Any) -> None:
+    net = Net(world)
+    _, events = net.chain("alice", [ADDR["server"], ADDR["gw1"]])
+    assert "not a gateway" in failure(events).reason
+
+
+def test_wrong_certificate_at_a_gateway_is_fatal(world: Any) -> None:
+    net = Net(world)
+    # The node at gw3's address presents gw2's certificate: not the name the user asked for.
+    net.ctx[ADDR["gw3"]] = net.ctx[ADDR["gw2"]]
+    users = {"alice": [parse_next_hop_rule("10.0.0.0/8", "t")]}
+    net.nodes[ADDR["gw1"]].config.users["alice"] = GatewayPolicy(users["alice"])
+    _, events = net.chain("alice", [ADDR["gw1"], ADDR["gw3"], ADDR["server"]])
+    fail = failure(events)
+    assert fail.fatal and fail.hop == 1 and "certificate" in fail.reason
+
+
+def test_gateway_loss_then_resume_keeps_the_server_session(world: Any) -> None:
+    net = Net(world)
+    hops = [ADDR["gw1"], ADDR["gw2"], ADDR["server"]]
+    chain, events = net.chain("alice", hops)
+    accept = up_event(events).accept
+    chain.send_packets([bytes(IP(src="10.0.0.2", dst="10.9.0.5") / UDP(sport=1, dport=7))])
+    net.pump()
+    port = IP(net.injected[0])[UDP].sport
+    # gw1 dies: every link of the chain is gone; the server holds the session.
+    for address, node in net.nodes.items():
+        for link in list(node.links):
+            node.link_lost(link, net.now)
+        if hasattr(node, "splices"):
+            node.splices.clear()
+    assert accept.session in net.server.sessions
+    again, events2 = net.chain("alice", hops, session=accept.session, token=accept.token)
+    up2 = up_event(events2)
+    assert up2.accept.resumed and up2.accept.session == accept.session
+    assert net.server.receive_reply(
+        bytes(IP(src="10.9.0.5", dst="10.9.0.1") / UDP(sport=7, dport=port) / b"after"), net.now)
+    net.pump()
+    assert any(isinstance(e, PacketsReceived) for e in events2)
+
+
+def test_gateway_logs_say_who_from_where_to_where_and_how_much(world: Any) -> None:
+    net = Net(world)
+    chain, events = net.chain("alice", [ADDR["gw1"], ADDR["gw2"], ADDR["server"]])
+    chain.close("bye")
+    net.pump()
+    for node in net.nodes.values():
+        for link in list(node.links):
+            node.link_lost(link, net.now)
+    net.pump()
+    closed = [r for addr, r in net.logs if addr == ADDR["gw1"] and r.event == "session:closed"]
+    assert closed
+    rec = closed[0]
+    assert rec.user == "alice" and rec.uid == 1001 and rec.extra["next_hop"] == f"{ADDR['gw2']}:4433"
+    assert rec.extra["bytes_to_next"] > 0 and rec.extra["bytes_from_next"] > 0
+    assert rec.extra["envelopes_from_user"] > 0
