@@ -14,10 +14,16 @@ import contextlib
 import os
 import secrets
 import subprocess
+import sys
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any, ContextManager
 
 import pytest
+
+# The integration tests share helpers (tests/integration/vpnlib.py); with importlib mode the
+# test folders are not on sys.path by themselves.
+sys.path.insert(0, str(Path(__file__).parent / "integration"))
 
 LabInfo = dict[str, Any]
 

@@ -84,17 +84,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     parser = subparsers.add_parser(
         "lab", help="build a test bed of network namespaces (root)",
         description="pvpn on one machine: a client host with users alice, bob and carol, "
-                    "a pvpn server and a target host behind it, built from network "
-                    "namespaces.  Needs root.")
+                    "optional gateways, a pvpn server and a target host behind it, built "
+                    "from network namespaces.  Needs root.")
     commands = parser.add_subparsers(dest="lab_command", metavar="COMMAND", required=True)
 
     up = commands.add_parser("up", help="build a lab and start its services")
     _name_option(up)
     up.add_argument("--gateways", type=int, default=0, metavar="N",
-                    help=f"gateway hosts between client and server (0..{MAX_GATEWAYS}; "
-                         "gateway daemons arrive with a later release)")
+                    help=f"gateway hosts gw1..gwN between client and server, each running "
+                         f"pvpn-gateway (0..{MAX_GATEWAYS})")
     up.add_argument("--no-nodes", action="store_true",
-                    help="do not start pvpn-client and pvpn-server (configs are still written)")
+                    help="do not start pvpn-client, pvpn-gateway and pvpn-server (configs "
+                         "are still written)")
     up.set_defaults(func=_guarded(_up))
 
     down = commands.add_parser("down", help="remove everything a lab made (idempotent)")

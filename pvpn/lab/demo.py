@@ -1,25 +1,34 @@
 """``pvpn lab demo``: the story of alice and bob, told with real commands in a real lab.
 
-Every step prints the command it runs (as the ``pvpn lab exec`` line one would type) and
-checks its outcome; the lab is removed at the end whatever happens.
+The lab has two gateways: client - gw1 - gw2 - server - target, and each user's VPN runs
+through the whole chain.  Every step prints the command it runs (as the ``pvpn lab exec``
+line one would type) and checks its outcome; at the end the nodes' logs show alice's session
+hop by hop.  The lab is removed at the end whatever happens.
 """
 
 from __future__ import annotations
 
 import hashlib
+import re
 import subprocess
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
-from pvpn.lab import lab, services
+from pvpn.lab import lab, services, trace
 from pvpn.lab.commands import find_program, quote, spawn
 from pvpn.lab.errors import LabError
-from pvpn.lab.topology import PVPN_PORT, Topology
+from pvpn.lab.topology import Topology
 
 DEMO_NAME = "pvpndemo"
+DEMO_GATEWAYS = 2
 FETCH_TIMEOUT = 20  # seconds curl may take through the tunnel
 BLOCKED_TIMEOUT = 4  # seconds before bob's direct attempt is declared failed
+CONNECT_TIMEOUT = 45  # seconds `pvpn connect` may take to build a chain
+LOGS_TIMEOUT = 5.0  # seconds the nodes get to log the end of alice's session
+SESSION_UP = re.compile(r"\bsession ([0-9a-f]{32}) is up\b")
 
 
 class DemoFailed(LabError):
@@ -64,12 +73,16 @@ class Story:
         return self.finish(self.start(user, command), timeout)
 
     def connect_command(self, user: str) -> list[str]:
-        t = self.topology
-        return [self.pvpn, "connect", f"{t.server_link.right4}:{PVPN_PORT}",
-                "--to", str(t.target_link.subnet4), "--to", str(t.target_link.subnet6),
-                "--ca", str(services.ca_certificate(t)),
-                "--key", str(services.user_key(t, user)),
-                "--socket", str(services.client_socket(t)), "--background"]
+        return [*services.connect_argv(self.topology, user, self.pvpn), "--background"]
+
+    def connect(self, user: str) -> str:
+        """Open ``user``'s VPN through the chain; the session id it printed."""
+        result = self.run(user, self.connect_command(user), timeout=CONNECT_TIMEOUT)
+        self.expect_ok(f"{user}'s pvpn connect", result)
+        match = SESSION_UP.search((result[1] + result[2]).decode(errors="replace"))
+        if match is None:
+            raise DemoFailed(f"{user}'s pvpn connect did not print `session <id> is up`")
+        return match.group(1)
 
     def url(self, file: str) -> str:
         return f"http://{self.topology.target_link.right4}/{file}"
@@ -94,6 +107,26 @@ class Story:
             raise DemoFailed(f"{user} reached the target without a VPN of their own")
         _out(f"    fails as expected: {stderr.decode(errors='replace').strip()}")
 
+    def node_logs(self) -> list[tuple[str, Path]]:
+        """The client's and every chain node's log, in chain order."""
+        t = self.topology
+        return [(role, services.node_log(t, role)) for role in ("client", *t.chain_roles)]
+
+    def session_view(self, session: str) -> list[dict[str, Any]]:
+        """alice's records from every node's log, once every node logged her session and
+        the server its end (bounded: whatever is there after LOGS_TIMEOUT)."""
+        logs = self.node_logs()
+        deadline = time.monotonic() + LOGS_TIMEOUT
+        while True:
+            records = trace.session_records([path for _role, path in logs], session)
+            nodes = {r.get("node") for r in records}
+            closed = any(r.get("node") == "server" and str(r.get("event", "")).endswith(
+                ":closed") for r in records)
+            if (closed and nodes >= {role for role, _path in logs}) or (
+                    time.monotonic() >= deadline):
+                return records
+            time.sleep(0.2)
+
     def expect_ok(self, what: str, result: tuple[int, bytes, bytes]) -> None:
         status, stdout, stderr = result
         for line in (stdout + stderr).decode(errors="replace").strip().splitlines():
@@ -103,18 +136,25 @@ class Story:
 
     def tell(self) -> None:
         t = self.topology
+        hops = ", ".join(f"{t.host(role).namespace} ({t.listen_link(role).right4})"
+                         for role in t.gateway_roles)
         _out(f"""
-The lab {t.name}: a client host ({t.host('client').namespace}) where alice and bob log in,
-a pvpn server ({t.host('server').namespace}, {t.server_link.right4}) and behind it a target
-host ({t.host('target').namespace}, {t.target_link.right4} / {t.target_link.right6}) that the
-client host cannot reach: no host forwards packets.
+The lab {t.name} is a chain of hosts:
+  a client host ({t.host('client').namespace}) where alice and bob log in,
+  {len(t.gateway_roles)} gateways: {hops},
+  a pvpn server ({t.host('server').namespace}, {t.server_link.right4}),
+  and behind it a target host ({t.host('target').namespace}, {t.target_link.right4} / \
+{t.target_link.right6}).
+No host forwards packets: each reaches only its neighbours, so the client host reaches gw1
+and nothing beyond.  A VPN runs through every gateway to the server; each hop checks the
+user's key and its own policy, and only the server sees inside.
 """)
         _out("1. Without a VPN, alice cannot reach the target:")
         self.expect_blocked("alice")
 
-        _out("\n2. alice opens her personal VPN to the target's subnets:")
-        self.expect_ok("alice's pvpn connect", self.run("alice", self.connect_command("alice"),
-                                                        timeout=30))
+        vias = " and ".join(t.gateway_roles)
+        _out(f"\n2. alice opens her personal VPN to the target's subnets, through {vias}:")
+        alice_session = self.connect("alice")
 
         _out("\n3. alice fetches a file from the target through her VPN:")
         self.check_fetch("alice", "1k", self.run(
@@ -124,9 +164,8 @@ client host cannot reach: no host forwards packets.
         _out("\n4. bob, on the same host at the same time, does not get through alice's VPN:")
         self.expect_blocked("bob")
 
-        _out("\n5. bob opens his own VPN to the same server:")
-        self.expect_ok("bob's pvpn connect", self.run("bob", self.connect_command("bob"),
-                                                      timeout=30))
+        _out("\n5. bob opens his own VPN through the same chain to the same server:")
+        self.connect("bob")
 
         _out("\n6. alice and bob fetch the same file from the same server at once:")
         fetch = ["curl", "-sS", "--max-time", str(FETCH_TIMEOUT), self.url("1m")]
@@ -142,7 +181,20 @@ client host cannot reach: no host forwards packets.
                                     timeout=30))
         _out("\n8. Without her VPN, alice's packets take the normal route again, and fail:")
         self.expect_blocked("alice")
-        _out("\nThe story is told: only the owner of a VPN gets through it.")
+
+        _out(f"\n9. A hop-by-hop view of alice's session {alice_session} from the nodes' "
+             "logs:")
+        for role, path in self.node_logs():
+            _out(f"  {role + ':':8} {path}")
+        records = self.session_view(alice_session)
+        _out("")
+        for line in trace.format_records(records).splitlines():
+            _out(f"    {line}")
+        missing = [role for role, _path in self.node_logs()
+                   if role not in {r.get("node") for r in records}]
+        if missing:
+            _out(f"    (nothing logged for her session by: {', '.join(missing)})")
+        _out("\nThe story is told: only the owner of a VPN gets through it, hop by hop.")
 
 
 def demo(name: str = DEMO_NAME) -> int:
@@ -151,12 +203,13 @@ def demo(name: str = DEMO_NAME) -> int:
     # The demo lab belongs to the demo alone: clear leftovers of an interrupted earlier run.
     for warning in lab.down(name, say=lambda _m: None):
         print(f"pvpn lab demo: warning: {warning}", file=sys.stderr)
-    missing = [p for p in ("pvpn", "pvpn-client", "pvpn-server") if find_program(p) is None]
+    missing = [p for p in ("pvpn", "pvpn-client", "pvpn-gateway", "pvpn-server")
+               if find_program(p) is None]
     if missing:
         raise LabError(f"the demo needs {', '.join(missing)}; install pvpn with "
                        "`bash scripts/run demo` from the checkout")
-    _out(f"$ pvpn lab up --name {name}")
-    topology = lab.up(name, say=_out)
+    _out(f"$ pvpn lab up --name {name} --gateways {DEMO_GATEWAYS}")
+    topology = lab.up(name, DEMO_GATEWAYS, say=_out)
     try:
         Story(topology).tell()
     finally:

@@ -2,13 +2,15 @@
 
 A lab named NAME is the network namespaces NAME-client, NAME-gw1.., NAME-server and
 NAME-target, the local users alice, bob and carol, and everything under /run/pvpn-lab/NAME:
-a CA, the server certificate, the users' keys, the nodes' configurations and one supervisord
-per host.  ``down`` finds every piece by name, so it also cleans up after a crash.
+a CA, the gateways' and the server's certificates, the users' keys, the nodes'
+configurations and one supervisord per host.  ``down`` finds every piece by name, so it also
+cleans up after a crash.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import grp
 import hashlib
 import json
@@ -54,11 +56,11 @@ Say = Callable[[str], None]
 
 STATE_FILE = "lab.json"
 SERVICES_TIMEOUT = 30.0  # target services answering from the server
-NODES_TIMEOUT = 30.0  # pvpn-server listening, pvpn-client's socket present
+NODES_TIMEOUT = 30.0  # pvpn-server and pvpn-gateways listening, pvpn-client's socket present
 SHUTDOWN_TIMEOUT = 25.0  # supervisord stopping its programs (pvpn nodes get stopwaitsecs=15)
 
-# The programs each role's supervisord runs (the nodes' come from supervisord.d/).
-NODE_PROGRAMS = {"client": "pvpn-client", "server": "pvpn-server"}
+# The target's supervisord runs these; a pvpn node's runs services.node_program(role), with
+# the program section from supervisord.d/.
 TARGET_PROGRAMS = ("nginx", "iperf3", "socat", "sshd")
 REQUIRED_PROGRAMS = ("ip", "sysctl", "setpriv", "useradd", "userdel", "ssh-keygen",
                      "ssh-keyscan", "ss",
@@ -110,20 +112,26 @@ def _chown(path: Path, user: users.LabUser) -> None:
 
 
 def _make_credentials(topology: Topology, lab_users: dict[str, users.LabUser]) -> None:
-    """CA, server certificate, the users' pvpn keys (alice and bob authorised at the server)."""
+    """CA, a certificate for every gateway and the server, the users' pvpn keys (alice and
+    bob authorised at every node, carol nowhere)."""
     # Imported here so `down` works even while these modules are broken or missing.
     from pvpn import auth, pki
 
-    link = topology.server_link
     ca_dir = topology.root / "ca"
     pki.create_ca(ca_dir, name=f"pvpn lab {topology.name} CA")
     os.chmod(ca_dir, 0o755)  # ca.crt must be readable by the users; ca.key stays 0600
-    server_dir = topology.host_dir("server")
-    pki.issue_certificate(ca_dir, "server", server_dir,
-                          ips=[str(link.right4), str(link.right6)],
-                          dns_names=[f"{topology.name}-server"])
-    authorized = server_dir / "users"
-    authorized.mkdir(mode=0o755, parents=True, exist_ok=True)
+    authorized_dirs: list[Path] = []
+    for role in topology.chain_roles:
+        # Each node's certificate names the addresses it listens on (its left link) and
+        # NAME-<role>, so the user's process can check every hop by address or name.
+        link = topology.listen_link(role)
+        node_dir = topology.host_dir(role)
+        pki.issue_certificate(ca_dir, role, node_dir,
+                              ips=[str(link.right4), str(link.right6)],
+                              dns_names=[f"{topology.name}-{role}"])
+        authorized = node_dir / "users"
+        authorized.mkdir(mode=0o755, parents=True, exist_ok=True)
+        authorized_dirs.append(authorized)
     for name, user in lab_users.items():
         user_dir = topology.root / "users" / name
         user_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -136,8 +144,9 @@ def _make_credentials(topology: Topology, lab_users: dict[str, users.LabUser]) -
             _chown(path, user)
         os.chmod(user_dir, 0o700)
         if name in AUTHORIZED_USERS:
-            shutil.copyfile(public, authorized / f"{name}.pub")
-            os.chmod(authorized / f"{name}.pub", 0o644)
+            for authorized in authorized_dirs:
+                shutil.copyfile(public, authorized / f"{name}.pub")
+                os.chmod(authorized / f"{name}.pub", 0o644)
 
 
 def _write_www(topology: Topology) -> dict[str, str]:
@@ -204,13 +213,15 @@ def _write_configs(topology: Topology) -> None:
     _write(target_dir / "nginx.conf", services.nginx_conf(topology, _nginx_user()))
     _write(target_dir / "sshd_config", services.sshd_config(topology))
     _write(target_dir / "supervisord.conf", services.target_supervisord_conf(topology, programs))
-    _write(topology.host_dir("client") / "client.toml", services.client_toml(topology))
-    _write(topology.host_dir("server") / "server.toml", services.server_toml(topology))
-    for role, program in NODE_PROGRAMS.items():
+    _write(services.node_config(topology, "client"), services.client_toml(topology))
+    _write(services.node_config(topology, "server"), services.server_toml(topology))
+    for role in topology.gateway_roles:
+        _write(services.node_config(topology, role), services.gateway_toml(topology, role))
+    for role in ("client", *topology.chain_roles):
+        program = services.node_program(role)
+        assert program is not None
         _write(topology.host_dir(role) / "supervisord.conf",
                services.node_supervisord_conf(topology, role, program))
-    for host in topology.hosts:  # gateways: a directory for the next issue's configs
-        topology.host_dir(host.role).mkdir(mode=0o755, exist_ok=True)
 
 
 def _supervisord_env(host_dir: Path) -> dict[str, str]:
@@ -302,19 +313,22 @@ def _wait_target(topology: Topology) -> None:
 
 
 def _wait_nodes(topology: Topology, started: list[str]) -> None:
-    if "server" in started:
-        log = topology.host_dir("server") / "pvpn-server.log"
+    """Wait (bounded, one deadline for all) until every started node is ready: the server
+    and the gateways listening on port 4433, pvpn-client's socket present."""
+    deadline = time.monotonic() + NODES_TIMEOUT
+    for role in started:
+        log = services.node_log(topology, role)
+        program = services.node_program(role)
+        what: str
+        probe: Callable[[], bool]
+        if role == "client":
+            sock = services.client_socket(topology)
+            what, probe = f"pvpn-client's socket {sock}", sock.exists
+        else:
+            what = f"{program} to listen on port {PVPN_PORT} in {topology.name}-{role}"
+            probe = functools.partial(_listening, topology, role, "-t", PVPN_PORT)
         try:
-            wait_until(f"pvpn-server to listen on port {PVPN_PORT} in {topology.name}-server",
-                       lambda: _listening(topology, "server", "-t", PVPN_PORT),
-                       timeout=NODES_TIMEOUT)
-        except LabError as exc:
-            raise LabError(f"{exc}\nlast lines of {log}:\n{_tail(log)}") from None
-    if "client" in started:
-        sock = services.client_socket(topology)
-        log = topology.host_dir("client") / "pvpn-client.log"
-        try:
-            wait_until(f"pvpn-client's socket {sock}", sock.exists, timeout=NODES_TIMEOUT)
+            wait_until(what, probe, timeout=max(1.0, deadline - time.monotonic()))
         except LabError as exc:
             raise LabError(f"{exc}\nlast lines of {log}:\n{_tail(log)}") from None
 
@@ -368,7 +382,7 @@ def _build(topology: Topology, nodes: bool, say: Say) -> None:
     netns.build(topology)
     say(f"lab {name}: users " + ", ".join(LAB_USERS))
     lab_users = users.acquire(name, LAB_USERS)
-    say(f"lab {name}: CA, server certificate, user keys")
+    say(f"lab {name}: CA, node certificates, user keys")
     _make_credentials(topology, lab_users)
     say(f"lab {name}: target files and services")
     _write_www(topology)
@@ -376,23 +390,25 @@ def _build(topology: Topology, nodes: bool, say: Say) -> None:
     _write_configs(topology)
     _start_supervisord(topology, "target")
     _wait_target(topology)
+    node_roles = ("client", *topology.chain_roles)
     started: list[str] = []
     if not nodes:
         say(f"lab {name}: pvpn nodes not started (--no-nodes); their configs are in "
-            f"{topology.root}/{{client,server}}")
+            f"{topology.root}/{{{','.join(node_roles)}}}")
     else:
-        for role in ("server", "client"):
-            program = NODE_PROGRAMS[role]
+        # From the server towards the client: each hop is up before the one that leads to it.
+        for role in reversed(node_roles):
+            program = services.node_program(role)
+            assert program is not None
             if find_program(program) is None:
                 say(f"lab {name}: {program} is not installed; {name}-{role} runs no pvpn node")
                 continue
             _start_supervisord(topology, role)
             started.append(role)
         if started:
-            say(f"lab {name}: waiting for " + ", ".join(NODE_PROGRAMS[r] for r in started))
+            say(f"lab {name}: waiting for " + ", ".join(
+                f"{services.node_program(r)} on {r}" for r in started))
         _wait_nodes(topology, started)
-    for role in ("gw%d" % i for i in range(1, topology.gateways + 1)):
-        say(f"lab {name}: {role} has its namespace and links; gateway daemons come later")
     say(f"lab {name} is up; `pvpn lab info --name {name}` describes it")
 
 
@@ -541,15 +557,19 @@ def info(name: str) -> dict[str, Any]:
         }
         for file, size in services.WWW_FILES.items()
     }
-    connect = {
-        user: quote([
-            "pvpn", "connect", f"{server_link.right4}:{PVPN_PORT}",
-            "--to", str(target_link.subnet4), "--to", str(target_link.subnet6),
-            "--ca", str(ca), "--key", str(services.user_key(topology, user)),
-            "--socket", str(sock),
-        ])
-        for user in AUTHORIZED_USERS
-    }
+    connect = {user: quote(services.connect_argv(topology, user))
+               for user in AUTHORIZED_USERS}
+    chain = [
+        {
+            "role": role,
+            "address": topology.endpoints(role)[0],
+            "address6": topology.endpoints(role)[1],
+            "dns_name": f"{topology.name}-{role}",
+            "namespace": topology.host(role).namespace,
+            "log": str(services.node_log(topology, role)),
+        }
+        for role in topology.chain_roles
+    ]
     ssh = {
         user: quote([
             "ssh", "-i", str(services.ssh_key(topology, user)),
@@ -563,9 +583,9 @@ def info(name: str) -> dict[str, Any]:
     for host in topology.hosts:
         host_dir = topology.host_dir(host.role)
         entries = {"supervisord": str(host_dir / "supervisord.log")}
-        if host.role in NODE_PROGRAMS:
-            program = NODE_PROGRAMS[host.role]
-            entries[program] = str(host_dir / f"{program}.log")
+        program = services.node_program(host.role)
+        if program is not None:
+            entries[program] = str(services.node_log(topology, host.role))
         if host.role == "target":
             for program in ("nginx", "iperf3", "echo4", "echo6", "sshd"):
                 entries[program] = str(host_dir / f"{program}.log")
@@ -601,9 +621,11 @@ def info(name: str) -> dict[str, Any]:
                    "subnets": services.target_subnets(topology)},
         "ca": str(ca),
         "client_socket": str(sock),
-        "configs": {"client": str(topology.host_dir("client") / "client.toml"),
-                    "server": str(topology.host_dir("server") / "server.toml")},
+        "configs": {role: str(services.node_config(topology, role))
+                    for role in ("client", *topology.chain_roles)},
         "files": files,
+        "gateways": topology.gateways,
+        "chain": chain,
         "connect": connect,
         "ssh": ssh,
         "logs": logs,

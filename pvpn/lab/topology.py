@@ -139,6 +139,36 @@ class Topology:
             }
         return out
 
+    # The chain a user's session takes.
+    @property
+    def gateway_roles(self) -> tuple[str, ...]:
+        """``gw1``..``gwN`` in chain order."""
+        return tuple(f"gw{i}" for i in range(1, self.gateways + 1))
+
+    @property
+    def chain_roles(self) -> tuple[str, ...]:
+        """The pvpn nodes a session passes after the client: the gateways, then the server."""
+        return (*self.gateway_roles, "server")
+
+    def listen_link(self, role: str) -> Link:
+        """The link a gateway or the server listens on: the one on its left."""
+        link = self.left_link(role)
+        if link is None or role not in self.chain_roles:
+            raise LabError(f"{role!r} is not a pvpn node that listens in lab {self.name}")
+        return link
+
+    def endpoints(self, role: str) -> list[str]:
+        """Where a gateway or the server listens: ``V4:PORT`` and ``[V6]:PORT``."""
+        link = self.listen_link(role)
+        return [f"{link.right4}:{PVPN_PORT}", f"[{link.right6}]:{PVPN_PORT}"]
+
+    def next_hop(self, role: str) -> str:
+        """The role of the host right of ``role`` (a gateway's next hop)."""
+        link = self.right_link(role)
+        if link is None:
+            raise LabError(f"{role!r} is the last host of lab {self.name}")
+        return link.right.role
+
     # The addresses the lab's story needs most.
     @property
     def server_link(self) -> Link:

@@ -7,12 +7,14 @@ the VPN's own integration tests stand on.
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import json
 import os
 import shlex
 import stat
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, ContextManager
@@ -22,6 +24,7 @@ import pytest
 from pvpn.config import load_client_config, load_server_config
 from pvpn.lab import lab as lablib
 from pvpn.lab import netns, services, users
+from pvpn.lab.commands import find_program
 from pvpn.lab.errors import LabError
 from pvpn.lab.topology import LAB_ROOT, LAB_USERS
 from pvpn.pki import describe_certificate
@@ -240,6 +243,10 @@ def test_info_says_what_a_user_needs(bare_lab: LabInfo) -> None:
         tos = [words[i + 1] for i, w in enumerate(words) if w == "--to"]
         assert tos == ["10.77.1.0/24", "fd77:0:0:1::/64"]
     assert "carol" not in info["connect"]
+    assert "--via" not in info["connect"]["alice"]
+    assert info["gateways"] == 0
+    assert [(n["role"], n["address"]) for n in info["chain"]] == [("server", "10.77.0.2:4433")]
+    assert info["chain"][0]["log"] == info["logs"]["server"]["pvpn-server"]
     assert set(info["ssh"]) == set(LAB_USERS)
     assert Path(info["logs"]["target"]["nginx"]).exists()
     assert set(info["logs"]) == {"client", "server", "target"}
@@ -272,13 +279,164 @@ def test_two_labs_do_not_interfere(bare_lab: LabInfo, lab_factory: Factory) -> N
         assert users.lookup(user) is not None
 
 
-def test_gateways_get_namespaces_and_links(lab_factory: Factory) -> None:
-    with lab_factory(nodes=False, gateways=1) as info:
-        assert list(info["hosts"]) == ["client", "gw1", "server", "target"]
-        assert info["server"]["ipv4"] == "10.77.1.2"
-        assert info["target"]["ipv4"] == "10.77.2.2"
-        assert on(info, "client", ["ping", "-c", "1", "-W", "2", "10.77.0.2"]).returncode == 0
-        assert on(info, "client", ["ping", "-c", "1", "-W", "1", "10.77.1.2"]).returncode != 0
+# --- gateways ---------------------------------------------------------------------------------
+
+
+def pings(info: LabInfo, probes: list[tuple[str, str]], wait: int = 2) -> dict[tuple[str, str],
+                                                                               bool]:
+    """Ping every (host, address) at once, one echo each; which answered (bounded: `wait`
+    seconds per ping, all in parallel)."""
+    running = {}
+    for host, address in probes:
+        argv, cwd = lablib.exec_argv(info["name"], host, "root",
+                                     ["ping", "-n", "-q", "-c", "1", "-W", str(wait), address])
+        running[(host, address)] = subprocess.Popen(argv, cwd=cwd, stdin=subprocess.DEVNULL,
+                                                    stdout=subprocess.DEVNULL,
+                                                    stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + wait + 20
+    answered = {}
+    for probe, process in running.items():
+        try:
+            answered[probe] = process.wait(timeout=max(1.0, deadline - time.monotonic())) == 0
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=10)
+            answered[probe] = False
+    return answered
+
+
+def expected_reach(info: LabInfo) -> dict[tuple[str, str], bool]:
+    """Which host reaches which address of another host without pvpn.
+
+    A host reaches the addresses on its own links (its neighbours' ends), and by its default
+    route the other addresses of its right-hand neighbour (which accepts packets for any of
+    its addresses); nothing else, since no host forwards.
+    """
+    roles = list(info["hosts"])
+    owned = {role: [entry[family].split("/")[0]
+                    for entry in info["hosts"][role]["addresses"].values()
+                    for family in ("ipv4", "ipv6")] for role in roles}
+    links = {role: [ipaddress.ip_interface(entry[family]).network
+                    for entry in info["hosts"][role]["addresses"].values()
+                    for family in ("ipv4", "ipv6")] for role in roles}
+    expected = {}
+    for i, role in enumerate(roles):
+        right = roles[i + 1] if i + 1 < len(roles) else None
+        for other in roles:
+            if other == role:
+                continue
+            for address in owned[other]:
+                on_link = any(ipaddress.ip_address(address) in net for net in links[role])
+                expected[(role, address)] = on_link or other == right
+    return expected
+
+
+def test_a_chain_of_two_gateways_reaches_only_neighbours(lab_factory: Factory) -> None:
+    with lab_factory(nodes=False, gateways=2) as info:
+        assert list(info["hosts"]) == ["client", "gw1", "gw2", "server", "target"]
+        assert info["server"]["ipv4"] == "10.77.2.2"
+        assert info["target"]["ipv4"] == "10.77.3.2"
+        expected = expected_reach(info)
+        # The cases the chain is about, spelled out.
+        for host, address, reach in [
+            ("gw1", "10.77.0.1", True), ("gw1", "fd77::1", True),              # the client
+            ("gw1", "10.77.1.2", True), ("gw1", "fd77:0:0:1::2", True),        # gw2
+            ("gw1", "10.77.2.2", False), ("gw1", "fd77:0:0:2::2", False),      # the server
+            ("client", "10.77.0.2", True),                                     # gw1
+            ("client", "10.77.1.2", False), ("client", "fd77:0:0:1::2", False),  # gw2
+            ("client", "10.77.2.2", False), ("client", "fd77:0:0:2::2", False),  # the server
+            ("client", "10.77.3.2", False), ("client", "fd77:0:0:3::2", False),  # the target
+            ("gw2", "10.77.0.1", False), ("gw2", "10.77.3.2", False),
+            ("server", "10.77.3.2", True), ("server", "10.77.0.1", False),
+        ]:
+            assert expected[(host, address)] is reach, (host, address)
+        answered = pings(info, list(expected))
+        # A first echo may be lost to neighbour discovery: ask the misses once more.
+        retry = [p for p, ok in answered.items() if expected[p] and not ok]
+        answered.update(pings(info, retry))
+        wrong = {p: ok for p, ok in answered.items() if ok != expected[p]}
+        assert wrong == {}, "(host, address): answered, against expectation"
+
+
+def test_gateways_configs_certificates_and_info(lab_factory: Factory) -> None:
+    load_gateway_config = getattr(pytest.importorskip("pvpn.config"), "load_gateway_config",
+                                  None)
+    with lab_factory(nodes=False, gateways=2) as info:
+        name, root = info["name"], Path(info["dir"])
+        assert info["gateways"] == 2
+        chain = info["chain"]
+        assert [(n["role"], n["address"], n["address6"]) for n in chain] == [
+            ("gw1", "10.77.0.2:4433", "[fd77::2]:4433"),
+            ("gw2", "10.77.1.2:4433", "[fd77:0:0:1::2]:4433"),
+            ("server", "10.77.2.2:4433", "[fd77:0:0:2::2]:4433"),
+        ]
+        for node in chain:
+            program = services.node_program(node["role"])
+            assert node["log"] == info["logs"][node["role"]][program]
+            assert node["dns_name"] == f"{name}-{node['role']}"
+        assert info["logs"]["gw1"]["pvpn-gateway"] == str(root / "gw1" / "pvpn-gateway.log")
+        for user in ("alice", "bob"):
+            words = shlex.split(info["connect"][user])
+            assert words[:7] == ["pvpn", "connect", "--via", "10.77.0.2:4433",
+                                 "--via", "10.77.1.2:4433", "10.77.2.2:4433"]
+            tos = [words[i + 1] for i, w in enumerate(words) if w == "--to"]
+            assert tos == ["10.77.3.0/24", "fd77:0:0:3::/64"] == info["target"]["subnets"]
+            assert words[words.index("--key") + 1] == info["users"][user]["pvpn_key"]
+            assert words[words.index("--socket") + 1] == info["client_socket"]
+            assert words[words.index("--ca") + 1] == info["ca"]
+        # The CLI says the same.
+        shown = cli("info", "--name", name)
+        assert shown.returncode == 0, shown.stderr
+        assert json.loads(shown.stdout)["chain"] == chain
+
+        server = load_server_config(Path(info["configs"]["server"]))
+        assert sorted(server.listen) == [("10.77.2.2", 4433), ("fd77:0:0:2::2", 4433)]
+        assert sorted(str(n) for n in server.users["bob"].allow) == sorted(
+            info["target"]["subnets"])
+        for role, link, next_hop in (("gw1", 0, "10.77.1.2"), ("gw2", 1, "10.77.2.2")):
+            gw_dir = root / role
+            assert info["configs"][role] == str(gw_dir / "gateway.toml")
+            assert sorted(p.name for p in (gw_dir / "users").iterdir()) == [
+                "alice.pub", "bob.pub"]  # carol may pass nowhere
+            certificate = describe_certificate(gw_dir / f"{role}.crt")
+            v6 = ipaddress.ip_address(f"fd77:0:0:{link}::2")
+            assert {f"IP:10.77.{link}.2", f"IP:{v6}", f"DNS:{name}-{role}"} <= set(
+                certificate["sans"])
+            assert stat.S_IMODE((gw_dir / f"{role}.key").stat().st_mode) & 0o077 == 0
+            conf = (gw_dir / "supervisord.conf").read_text()
+            include = conf.split("files = ")[1].strip()
+            assert Path(include).is_file() and include.endswith("pvpn-gateway.conf")
+            if load_gateway_config is not None:
+                gateway = load_gateway_config(gw_dir / "gateway.toml")
+                assert gateway.name == role
+                assert (f"10.77.{link}.2", 4433) in gateway.listen
+                assert sorted(gateway.users) == ["alice", "bob"]
+                assert gateway.users["alice"].permits(next_hop, 4433)
+                assert not gateway.users["alice"].permits("10.77.3.2", 4433)
+        # The chain's programs did not start (--no-nodes).
+        assert not any("pvpn-gateway" in p for p in lab_processes(name))
+
+
+def test_gateway_daemons_start_and_listen(lab_factory: Factory) -> None:
+    """With pvpn-gateway installed, `up --gateways 2` runs it on every gateway host."""
+    if find_program("pvpn-gateway") is None:
+        pytest.skip("pvpn-gateway is not installed (bash scripts/run test installs it)")
+    with lab_factory(nodes=True, gateways=2) as info:
+        for role in ("gw1", "gw2"):
+            listening = on(info, role, ["ss", "-H", "-l", "-n", "-t", "sport", "=", ":4433"])
+            assert listening.stdout.strip(), f"nothing listens on 4433 on {role}"
+            # Listening comes before supervisord's startsecs (2 s) make it RUNNING.
+            deadline = time.monotonic() + 15
+            while True:
+                status = subprocess.run(
+                    [str(find_program("supervisorctl")), "-c", info["hosts"][role]["supervisord"],
+                     "status", "pvpn-gateway"],
+                    capture_output=True, timeout=30, check=False)
+                if b"RUNNING" in status.stdout or time.monotonic() > deadline:
+                    break
+                time.sleep(0.5)
+            assert b"RUNNING" in status.stdout, status.stdout
+            assert Path(info["logs"][role]["pvpn-gateway"]).exists()
 
 
 @pytest.mark.parametrize("failure", [LabError("injected failure"), KeyboardInterrupt()])

@@ -11,6 +11,7 @@ import pytest
 
 from pvpn.config import load_client_config
 from pvpn.lab import services
+from pvpn.lab import topology as topology_module
 from pvpn.lab.errors import LabError
 from pvpn.lab.topology import build_topology, check_name, is_lab_namespace
 
@@ -73,6 +74,88 @@ def test_node_configs_parse(tmp_path: Path) -> None:
     assert server["users"]["bob"]["allow"] == ["10.77.1.0/24", "fd77:0:0:1::/64"]
 
 
+def test_the_chain_with_two_gateways() -> None:
+    topology = build_topology("t2", 2)
+    assert topology.chain_roles == ("gw1", "gw2", "server")
+    assert topology.endpoints("gw1") == ["10.77.0.2:4433", "[fd77::2]:4433"]
+    assert topology.endpoints("gw2") == ["10.77.1.2:4433", "[fd77:0:0:1::2]:4433"]
+    assert topology.endpoints("server") == ["10.77.2.2:4433", "[fd77:0:0:2::2]:4433"]
+    assert [topology.next_hop(r) for r in ("client", "gw1", "gw2")] == ["gw1", "gw2", "server"]
+    assert topology.server_link.index == 2 and str(topology.target_link.subnet4) == "10.77.3.0/24"
+    with pytest.raises(LabError):
+        topology.endpoints("client")
+    assert [services.node_program(r) for r in ("client", "gw1", "gw2", "server", "target")] == [
+        "pvpn-client", "pvpn-gateway", "pvpn-gateway", "pvpn-server", None]
+    assert services.node_log(topology, "gw2") == Path("/run/pvpn-lab/t2/gw2/pvpn-gateway.log")
+    assert services.node_config(topology, "gw1") == Path("/run/pvpn-lab/t2/gw1/gateway.toml")
+
+
+@pytest.mark.parametrize("gateways", [0, 1, 2, 8])
+def test_connect_command_goes_via_every_gateway(gateways: int) -> None:
+    topology = build_topology("t3", gateways)
+    argv = services.connect_argv(topology, "alice")
+    vias = [argv[i + 1] for i, word in enumerate(argv) if word == "--via"]
+    assert vias == [f"10.77.{k}.2:4433" for k in range(gateways)]
+    assert argv[:2] == ["pvpn", "connect"]
+    server = argv[2 + 2 * gateways]
+    assert server == f"10.77.{gateways}.2:4433"
+    assert argv[argv.index("--key") + 1] == "/run/pvpn-lab/t3/users/alice/id_rsa"
+    tos = [argv[i + 1] for i, word in enumerate(argv) if word == "--to"]
+    assert tos == [f"10.77.{gateways + 1}.0/24", f"fd77:0:0:{gateways + 1}::/64"]
+
+
+def test_server_config_stays_on_its_left_link_with_gateways() -> None:
+    server = tomllib.loads(services.server_toml(build_topology("t2", 2)))
+    assert server["server"]["listen"] == ["10.77.2.2:4433", "[fd77:0:0:2::2]:4433"]
+    for user in ("alice", "bob"):
+        assert server["users"][user]["allow"] == ["10.77.3.0/24", "fd77:0:0:3::/64"]
+
+
+@pytest.mark.parametrize("role, listen, nexthop", [
+    ("gw1", ["10.77.0.2:4433", "[fd77::2]:4433"],
+     ["10.77.1.2:4433", "[fd77:0:0:1::2]:4433"]),
+    ("gw2", ["10.77.1.2:4433", "[fd77:0:0:1::2]:4433"],
+     ["10.77.2.2:4433", "[fd77:0:0:2::2]:4433"]),
+])
+def test_gateway_configs(role: str, listen: list[str], nexthop: list[str]) -> None:
+    text = services.gateway_toml(build_topology("t2", 2), role)
+    data = tomllib.loads(text)
+    gateway = data["gateway"]
+    assert gateway["name"] == role and gateway["listen"] == listen
+    assert gateway["certificate"] == f"/run/pvpn-lab/t2/{role}/{role}.crt"
+    assert gateway["private_key"] == f"/run/pvpn-lab/t2/{role}/{role}.key"
+    assert gateway["authorized_keys"] == f"/run/pvpn-lab/t2/{role}/users"
+    assert gateway["connect_timeout"] > 0
+    assert sorted(data["users"]) == ["alice", "bob"]  # carol may pass nowhere
+    for user in ("alice", "bob"):
+        assert data["users"][user] == {"next": nexthop}
+
+
+def test_gateway_configs_load(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The gateway's own loader accepts what the lab writes (files made where it names)."""
+    config = pytest.importorskip("pvpn.config")
+    if not hasattr(config, "load_gateway_config"):
+        pytest.skip("pvpn.config.load_gateway_config does not exist yet")
+    monkeypatch.setattr(topology_module, "LAB_ROOT", tmp_path)
+    topology = build_topology("t2", 2)
+    for role, next_hop in (("gw1", ("10.77.1.2", 4433)), ("gw2", ("fd77:0:0:2::2", 4433))):
+        gw_dir = topology.host_dir(role)
+        (gw_dir / "users").mkdir(parents=True)
+        for suffix in ("crt", "key"):
+            (gw_dir / f"{role}.{suffix}").write_text("placeholder\n")
+        path = services.node_config(topology, role)
+        path.write_text(services.gateway_toml(topology, role))
+        loaded = config.load_gateway_config(path)
+        assert loaded.name == role
+        assert sorted(loaded.listen) == sorted(
+            (host.strip("[]"), 4433) for host, _, _port in
+            (e.rpartition(":") for e in topology.endpoints(role)))
+        assert sorted(loaded.users) == ["alice", "bob"]
+        assert loaded.users["alice"].permits(*next_hop)
+        assert not loaded.users["alice"].permits(next_hop[0], 4434)
+        assert not loaded.users["bob"].permits("10.77.3.2", 4433)  # not past the next hop
+
+
 def test_supervisord_sections_are_valid_ini() -> None:
     topology = build_topology("t1")
     target = configparser.RawConfigParser()
@@ -82,12 +165,21 @@ def test_supervisord_sections_are_valid_ini() -> None:
     assert programs == ["program:echo4", "program:echo6", "program:iperf3",
                         "program:nginx", "program:sshd"]
     shipped = Path(__file__).resolve().parents[2] / "supervisord.d"
-    for role in ("client", "server"):
+    for role in ("client", "server", "gateway"):
         section = configparser.RawConfigParser()
         section.read(shipped / f"pvpn-{role}.conf")
         program = section[f"program:pvpn-{role}"]
         assert program["command"] == f"pvpn-{role} --config %(ENV_PVPN_ETC)s/{role}.toml"
+        assert program["stdout_logfile"] == f"%(ENV_PVPN_LOGDIR)s/pvpn-{role}.log"
         assert program["startretries"] == "3" and program["stopwaitsecs"] == "15"
+    setup_py = (shipped.parent / "setup.py").read_text()
+    assert '"supervisord.d/pvpn-gateway.conf"' in setup_py
+    gateway = configparser.RawConfigParser()
+    gateway.read_string(services.node_supervisord_conf(build_topology("t2", 2), "gw1",
+                                                       "pvpn-gateway"))
+    include = Path(gateway["include"]["files"])
+    assert include.name == "pvpn-gateway.conf" and include.is_file()
+    assert gateway["supervisord"]["identifier"] == "t2-gw1"
 
 
 def test_sha256sums_round_trip() -> None:
