@@ -80,19 +80,26 @@ def target_networks(info: dict[str, Any]) -> list[ipaddress.IPv4Network | ipaddr
 def capture(info: dict[str, Any], host: str = "client",
             iface: str | None = None) -> Iterator[Path]:
     """tcpdump on a lab link for the duration of the block; yields the pcap path."""
+    import select
+
     iface = iface or client_iface(info)
     directory = Path(tempfile.mkdtemp(prefix="pvpncap"))
     pcap = directory / "wire.pcap"
     ns = info["hosts"][host]["namespace"]
-    proc = subprocess.Popen(["ip", "netns", "exec", ns, "tcpdump", "-i", iface, "-n", "-U",
-                             "-s", "0", "-w", str(pcap)],
+    # -Z root: keep writing as root into our private directory (tcpdump would otherwise
+    # switch to its own user before opening the file). --immediate-mode: hand over every
+    # packet at once; buffered ring blocks still waiting at SIGINT would be lost.
+    proc = subprocess.Popen(["ip", "netns", "exec", ns, "tcpdump", "-Z", "root",
+                             "--immediate-mode", "-i", iface, "-n", "-U", "-s", "0",
+                             "-w", str(pcap)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    assert proc.stderr is not None
     try:
-        for _ in range(50):  # tcpdump announces "listening on" once it captures
-            if pcap.exists():
-                break
-            time.sleep(0.1)
-        time.sleep(0.3)
+        # tcpdump says "listening on IFACE" once it captures; wait for that (bounded).
+        ready, _, _ = select.select([proc.stderr], [], [], 10)
+        line = proc.stderr.readline().decode() if ready else ""
+        if "listening on" not in line:
+            raise AssertionError(f"tcpdump on {host}/{iface} did not start: {line!r}")
         yield pcap
     finally:
         time.sleep(0.5)
