@@ -12,6 +12,7 @@ import os
 import signal
 import socket
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -22,6 +23,7 @@ from pvpn.envelope import (
 )
 from pvpn.errors import ConfigError, PvpnError, RemoteProtocolError
 from pvpn.io.loop import WRITE_HIGH_WATER, set_nodelay
+from pvpn.io.pcap import DEFAULT_MAX_BYTES, PcapWriter
 from pvpn.envelope import DEFAULT_HOPS
 from pvpn.chain import ChainEvent, ChainFailed, ChainUp, UserChain
 from pvpn.protocol import PacketsReceived, UserLink
@@ -45,6 +47,8 @@ class ConnectOptions:
     dead_after: float = 30.0
     client_name: str = field(default_factory=socket.gethostname)
     via: list[tuple[str, int]] = field(default_factory=list)  # gateways, in order
+    pcap: Path | None = None  # write the session's inner packets here (both directions)
+    pcap_max_bytes: int = DEFAULT_MAX_BYTES
 
 
 class ConnectError(PvpnError):
@@ -119,6 +123,10 @@ class Connector:
         self.session = os.urandom(16)
         self.token = b""
         self.ending = False
+        # Created here, by the user, mode 0600; every batch is flushed (a crash leaves a
+        # readable file).
+        self.pcap = None if options.pcap is None else PcapWriter(
+            options.pcap, options.pcap_max_bytes, on_stop=_say)
 
     # ------------------------------------------------------------ local socket to pvpn-client
     async def open_local(self) -> dict[str, Any]:
@@ -141,7 +149,7 @@ class Connector:
         self._local_send(MsgType.REGISTER, {"prefixes": self.opt.prefixes,
                                             "server": f"{self.opt.host}:{self.opt.port}"})
         reply = await asyncio.wait_for(self.registered, CONNECT_TIMEOUT)
-        if self.session:
+        if self.chain is not None and self.chain.up:  # re-registering a running VPN
             self._local_send(MsgType.ATTACH, {"session": self.session})
         return reply
 
@@ -170,6 +178,8 @@ class Connector:
                 self.local.transport.close()
         chain = self.chain
         if packets and chain is not None and chain.up:
+            if self.pcap is not None:
+                self.pcap.write_packets(packets, time.time())
             chain.send_packets(packets)
             self._flush_remote()
 
@@ -275,6 +285,8 @@ class Connector:
     def _chain_events(self, events: list[ChainEvent]) -> None:
         for event in events:
             if type(event) is PacketsReceived:
+                if self.pcap is not None:
+                    self.pcap.write_packets(event.packets, time.time())
                 local = self.local
                 if local is not None and local.transport is not None and not local.congested:
                     uid, session, seq = self.uid, self.session, self.local_seq
@@ -388,6 +400,8 @@ class Connector:
         ticker = self.loop.create_task(self.tick())
         status = await self.finished
         ticker.cancel()
+        if self.pcap is not None:
+            self.pcap.close()
         await self.wait_unregistered()
         return status
 

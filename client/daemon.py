@@ -125,6 +125,12 @@ class ClientDaemon:
     # -- sessions
     def _install(self, session: SlotSession) -> None:
         """TUN device, queue, then rules: the rules go in last, fully formed, in one step."""
+        self._attach_devices(session)
+        rules.apply(firewall.client_session(
+            self.config.instance, session.slot, session.uid, session.networks, session.queue,
+            session.mark, self.config.mark_mask, session.tun))
+
+    def _attach_devices(self, session: SlotSession) -> None:
         fd = open_tun(session.tun)
         self.tun_fds[session.slot] = fd
         queue = NetfilterQueue()
@@ -136,9 +142,39 @@ class ClientDaemon:
             self.flush()
 
         self.loop.add_reader(queue.get_fd(), drain)
-        rules.apply(firewall.client_session(
-            self.config.instance, session.slot, session.uid, session.networks, session.queue,
-            session.mark, self.config.mark_mask, session.tun))
+
+    def recover(self) -> None:
+        """Pick up what an earlier pvpn-client left: its sessions' rules stayed in the kernel
+        (protection never lapsed, the kernel dropped their packets); bind their queues and
+        TUN devices again and hold them until their users' tunnel processes come back."""
+        instance = self.config.instance
+        p = firewall.chain_prefix(instance)
+        texts = [rules.saved(4), rules.saved(6)]
+        installed, broken = firewall.parse_installed_sessions(instance, texts)
+        now = self.loop.time()
+        for found in installed:
+            session = self.registry.adopt(found.slot, found.uid, user_name(found.uid),
+                                          found.networks, found.queue, found.mark, found.tun, now)
+            try:
+                self._attach_devices(session)
+            except PvpnError as exc:
+                self.log_event("node:recover-failed", session, reason=str(exc))
+                self.end_session(session, f"could not recover: {exc}")
+                continue
+            self.log_event("session:recovered", session, reason="rules kept across a restart; "
+                           "held until the user's tunnel process registers again",
+                           prefixes=[str(n) for n in found.networks])
+        if broken:
+            self.log_event("node:cleanup", reason="incomplete session rules removed",
+                           chains=broken)
+            rules.remove_chains(broken, f"{p}-OUT")
+            rules.remove_chains(broken, f"{p}-IN")
+        if f":{p}-OUT " in texts[0] and f":{p}-OUT " in texts[1]:
+            rules.ensure_jump("OUTPUT", f"{p}-OUT")
+            rules.ensure_jump("PREROUTING", f"{p}-IN")
+        else:
+            rules.remove_instance(instance)
+            rules.apply(firewall.client_base(instance))
 
     def _uninstall(self, session: SlotSession) -> list[str]:
         errors = rules.remove(firewall.client_session_removal(
@@ -355,15 +391,11 @@ async def serve(config: ClientConfig) -> None:
     if strict_rp_filter():
         daemon.log_event("node:warning", reason="net.ipv4.conf.all.rp_filter=1 drops replies "
                          "arriving on TUN devices; set it to 0 or 2")
-    stale = rules.instance_chains(config.instance, 4)[0]
-    if stale:
-        daemon.log_event("node:cleanup", reason="rules left by an earlier run", chains=stale)
-    rules.remove_instance(config.instance)
     _prepare_socket(config.socket)
     stop = asyncio.Event()
     listener: asyncio.AbstractServer | None = None
     try:
-        rules.apply(firewall.client_base(config.instance))
+        daemon.recover()
         listener = await loop.create_unix_server(lambda: LocalLink(daemon), str(config.socket))
         os.chmod(config.socket, 0o666)  # anyone may ask; the kernel tells us who asked
         install_signals(loop, stop)
@@ -375,7 +407,10 @@ async def serve(config: ClientConfig) -> None:
                 pass
             daemon.tick()
     finally:
-        daemon.shutdown("pvpn-client shutting down")
+        try:
+            daemon.shutdown("pvpn-client shutting down")
+        except PvpnError as exc:  # shutdown goes on: the rules must go whatever happened
+            daemon.log_event("node:error", reason=f"while closing sessions: {exc}")
         if listener is not None:
             listener.close()
         await asyncio.sleep(0.05)

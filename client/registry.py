@@ -106,6 +106,16 @@ class Registry:
         self.sessions[free] = session
         return session
 
+    def adopt(self, slot: int, uid: int, user: str, networks: list[Network], queue: int,
+              mark: int, tun: str, now: float) -> SlotSession:
+        """A session whose rules survived a pvpn-client crash: held until its user's tunnel
+        process registers again (its packets are dropped meanwhile)."""
+        session = SlotSession(slot=slot, uid=uid, user=user, server="(recovered)",
+                              networks=list(networks), queue=queue, mark=mark, tun=tun,
+                              opened=now)
+        self.sessions[slot] = session
+        return session
+
     def release(self, slot: int) -> SlotSession | None:
         return self.sessions.pop(slot, None)
 

@@ -11,7 +11,8 @@ from pathlib import Path
 
 from pvpn import auth, tls
 from pvpn.config import GatewayConfig, load_gateway_config
-from pvpn.errors import ConfigError
+from pvpn.errors import ConfigError, PvpnError
+from pvpn.io.control import start_control, stop_control
 from pvpn.io.loop import WRITE_HIGH_WATER, install_signals, run_daemon, set_nodelay
 from pvpn.protocol import CloseLink, LogRecord, SendBytes
 from pvpn.records import Record, RecordWriter
@@ -168,11 +169,14 @@ async def serve(config: GatewayConfig) -> None:
     gateway = Gateway(config)
     loop = gateway.loop
     listeners: list[asyncio.AbstractServer] = []
+    control: asyncio.AbstractServer | None = None
     stop = asyncio.Event()
     try:
         for host, port in config.listen:
             listeners.append(await loop.create_server(
                 lambda: PrevHopProtocol(gateway), host, port, reuse_address=True))
+        control = await start_control(config.control,
+                                      lambda: gateway.node.describe(loop.time()))
         install_signals(loop, stop, gateway.reload)
         gateway.log.write(Record("node:started", extra={
             "listen": [f"{h}:{p}" for h, p in config.listen]}))
@@ -184,10 +188,14 @@ async def serve(config: GatewayConfig) -> None:
             gateway.node.handle_timer(loop.time())
             gateway.dispatch()
     finally:
-        gateway.node.close_all("gateway shutting down")
-        gateway.dispatch()
+        try:
+            gateway.node.close_all("gateway shutting down")
+            gateway.dispatch()
+        except PvpnError as exc:  # shutdown goes on whatever happened
+            gateway.log.write(Record("node:error", reason=f"while closing sessions: {exc}"))
         for listener in listeners:
             listener.close()
+        stop_control(control, config.control)
         await asyncio.sleep(0.05)  # let CLOSE envelopes and close_notify leave
         gateway.log.write(Record("node:stopped", reason="clean"))
 

@@ -99,7 +99,63 @@ def ask_daemon(socket_path: Path, mtype: MsgType, fields: dict[str, Any],
     raise PvpnError("pvpn-client gave no answer")
 
 
+def node_control(config: Path) -> tuple[str, Path]:
+    """The role and the status socket of the node a config file describes."""
+    from pvpn.config import load_client_config, load_gateway_config, load_server_config
+
+    text = config.read_text() if config.is_file() else ""
+    if "[server]" in text:
+        return "server", load_server_config(config).control
+    if "[gateway]" in text:
+        return "gateway", load_gateway_config(config).control
+    if "[client]" in text:
+        return "client", load_client_config(config).socket
+    raise ConfigError(f"{config} is not a pvpn-client, pvpn-gateway or pvpn-server config")
+
+
+def supervisor_health(conf: Path) -> list[str]:
+    """`supervisorctl status` lines: the daemons' health as supervisord sees it."""
+    import subprocess
+
+    program = Path(sys.executable).parent / "supervisorctl"
+    proc = subprocess.run([str(program), "-c", str(conf), "status"], capture_output=True,
+                          text=True, timeout=30)
+    lines = [line for line in proc.stdout.splitlines() if line.strip()]
+    if not lines:
+        raise PvpnError(f"supervisord with {conf} did not answer: {proc.stderr.strip()}")
+    return lines
+
+
+def cmd_node_status(args: argparse.Namespace) -> int:
+    report: dict[str, Any] = {"nodes": [], "supervisord": []}
+    for config in args.node:
+        role, path = node_control(config)
+        _, reply = ask_daemon(path, MsgType.STATUS, {})
+        report["nodes"].append({"role": role, "config": str(config),
+                                "sessions": reply.get("sessions", [])})
+    if args.supervisord:
+        report["supervisord"] = supervisor_health(args.supervisord)
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    for node in report["nodes"]:
+        print(f"{node['role']} ({node['config']}): {len(node['sessions'])} session(s)")
+        for s in node["sessions"]:
+            extra = {k: v for k, v in s.items()
+                     if k not in ("session", "user", "uid", "state", "age", "peer")}
+            print(f"  {s['session'] or '(connecting)'}  {s['user']} (uid {s['uid']})  "
+                  f"{s['state']}  age {s['age']:.0f} s  peer {s.get('peer', '-')}")
+            print("    " + ", ".join(f"{k} {v}" for k, v in extra.items()))
+    if report["supervisord"]:
+        print("daemons (supervisord):")
+        for line in report["supervisord"]:
+            print(f"  {line}")
+    return 0
+
+
 def cmd_status(args: argparse.Namespace) -> int:
+    if args.node or args.supervisord:
+        return cmd_node_status(args)
     _, reply = ask_daemon(args.socket, MsgType.STATUS, {})
     sessions = reply["sessions"]
     if args.json:
@@ -159,6 +215,8 @@ def cmd_connect(args: argparse.Namespace) -> int:
         remote_user=args.user or getpass.getuser(), socket_path=args.socket,
         ca_file=args.ca, pinned_cert=args.pin, server_name=args.server_name,
         keepalive=args.keepalive, dead_after=args.keepalive * 3, via=via,
+        pcap=args.pcap.expanduser().absolute() if args.pcap else None,
+        pcap_max_bytes=args.pcap_max_bytes,
     )
     log = args.log or (Path(os.environ.get("XDG_STATE_HOME") or Path.home() / ".local/state")
                        / "pvpn" / "connect.log")
@@ -195,6 +253,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--background", action="store_true", help="return once the VPN is up")
     p.add_argument("--log", type=Path, help="log file in --background mode")
     p.add_argument("--keepalive", type=float, default=10.0, help="seconds between keepalives")
+    p.add_argument("--pcap", type=Path, metavar="FILE",
+                   help="write the session's inner packets, both ways, to FILE (pcap, 0600)")
+    p.add_argument("--pcap-max-bytes", type=int, default=100 * 1000 * 1000, metavar="N",
+                   help="stop writing --pcap at N bytes (default 100 MB)")
     p.set_defaults(func=cmd_connect)
 
     p = sub.add_parser("disconnect", help="close your VPN (all of yours without SESSION)")
@@ -202,8 +264,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--socket", type=Path, default=DEFAULT_SOCKET)
     p.set_defaults(func=cmd_disconnect)
 
-    p = sub.add_parser("status", help="your sessions on this host (root: everyone's)")
+    p = sub.add_parser("status", help="your sessions on this host (root: everyone's); on a "
+                       "node, its sessions and the daemons' health")
     p.add_argument("--socket", type=Path, default=DEFAULT_SOCKET)
+    p.add_argument("--node", type=Path, action="append", default=[], metavar="CONFIG",
+                   help="a local node's config file (client.toml, gateway.toml, server.toml): "
+                   "show that daemon's sessions (root)")
+    p.add_argument("--supervisord", type=Path, metavar="CONF",
+                   help="supervisord.conf of this node: show the daemons' health")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_status)
 
@@ -223,6 +291,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--days", type=int, default=825)
     q.set_defaults(func=cmd_ca_issue)
 
+    from pvpn.trace_cli import register as register_trace
+    register_trace(sub)
     from pvpn.lab.cli import register
 
     register(sub)

@@ -114,6 +114,26 @@ def _existing_file(table: _Table, key: str) -> Path:
     return path
 
 
+def _check_timers(table: _Table, keepalive: float, dead_after: float) -> None:
+    if not 0.5 <= keepalive <= 3600:
+        raise ConfigError(f"{table.where('keepalive')} must be 0.5 to 3600 seconds")
+    if dead_after < 2 * keepalive:
+        raise ConfigError(f"{table.where('dead_after')} ({dead_after:g}) must be at least two "
+                          f"keepalive intervals ({2 * keepalive:g} s)")
+
+
+def _pcap_settings(table: _Table) -> tuple[Path | None, int]:
+    """[server] pcap_dir (absolute; created 0700 at start) and pcap_max_bytes per file."""
+    text = table.get("pcap_dir", str, "")
+    pcap_dir = Path(text) if text else None
+    if pcap_dir is not None and not pcap_dir.is_absolute():
+        raise ConfigError(f"{table.where('pcap_dir')} must be an absolute directory path")
+    max_bytes = table.get("pcap_max_bytes", int, 100 * 1000 * 1000)
+    if max_bytes < 1024:
+        raise ConfigError(f"{table.where('pcap_max_bytes')} must be at least 1024 bytes")
+    return pcap_dir, int(max_bytes)
+
+
 def _name(table: _Table) -> str:
     name = table.get("name", str)
     if not _NAME_RE.match(name):
@@ -158,6 +178,10 @@ class ServerConfig:
     keepalive: float = 10.0
     dead_after: float = 30.0
     resume_grace: float = 120.0
+    control: Path = Path("/run/pvpn/server.ctl")
+    # Inner packets of every session to <pcap_dir>/<session>.pcap (off when None).
+    pcap_dir: Path | None = None
+    pcap_max_bytes: int = 100 * 1000 * 1000
 
 
 DEFAULT_PORT = 4433
@@ -190,7 +214,10 @@ def load_server_config(path: Path) -> ServerConfig:
     keepalive = float(t.get("keepalive", (int, float), 10.0))
     dead_after = float(t.get("dead_after", (int, float), 30.0))
     grace = float(t.get("resume_grace", (int, float), 120.0))
+    _check_timers(t, keepalive, dead_after)
     instance = _instance(t, "pvpns")
+    pcap_dir, pcap_max_bytes = _pcap_settings(t)
+    control = Path(t.get("control", str, "/run/pvpn/server.ctl"))
     t.finish()
     users: dict[str, UserPolicy] = {}
     users_data = data.get("users", {})
@@ -208,6 +235,7 @@ def load_server_config(path: Path) -> ServerConfig:
     return ServerConfig(
         path, name, listen, certificate, private_key, authorized_keys, queue,
         (int(match[1]), int(match[2])), instance, users, keepalive, dead_after, grace,
+        control, pcap_dir=pcap_dir, pcap_max_bytes=pcap_max_bytes,
     )
 
 
@@ -322,6 +350,7 @@ class GatewayConfig:
     users: dict[str, GatewayPolicy] = field(default_factory=dict)
     keepalive: float = 10.0
     dead_after: float = 30.0
+    control: Path = Path("/run/pvpn/gateway.ctl")
 
 
 def load_gateway_config(path: Path) -> GatewayConfig:
@@ -344,6 +373,8 @@ def load_gateway_config(path: Path) -> GatewayConfig:
     connect_timeout = float(t.get("connect_timeout", (int, float), 10.0))
     keepalive = float(t.get("keepalive", (int, float), 10.0))
     dead_after = float(t.get("dead_after", (int, float), 30.0))
+    _check_timers(t, keepalive, dead_after)
+    control = Path(t.get("control", str, "/run/pvpn/gateway.ctl"))
     t.finish()
     users: dict[str, GatewayPolicy] = {}
     users_data = data.get("users", {})
@@ -357,4 +388,4 @@ def load_gateway_config(path: Path) -> GatewayConfig:
         u.finish()
         users[user] = GatewayPolicy(rules)
     return GatewayConfig(path, name, listen, certificate, private_key, authorized_keys,
-                         connect_timeout, users, keepalive, dead_after)
+                         connect_timeout, users, keepalive, dead_after, control)

@@ -7,7 +7,10 @@ Every rule lives in chains named after the node's instance, so cleanup can alway
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import ipaddress
+import re
+import shlex
+from dataclasses import dataclass, field
 from typing import Iterable, Sequence
 
 from pvpn.config import Network
@@ -133,3 +136,65 @@ def server_rules(instance: str, queue: int, ports: tuple[int, int]) -> RuleSet:
     return RuleSet(_restore(v4), _restore(v6))
 
 
+
+
+@dataclass(slots=True)
+class InstalledSession:
+    """A session's rules as found in the kernel (after pvpn-client died without cleanup)."""
+
+    slot: int
+    uid: int
+    networks: list[Network]
+    queue: int
+    mark: int
+    tun: str
+
+
+@dataclass(slots=True)
+class _Found:
+    uid: int | None = None
+    queue: int | None = None
+    mark: int | None = None
+    tun: str | None = None
+    networks: list[Network] = field(default_factory=list)
+
+
+def parse_installed_sessions(instance: str, saved: Iterable[str]) -> tuple[
+        list[InstalledSession], list[str]]:
+    """Read the per-session chains of ``instance`` out of ``iptables-save`` output (both
+    families' texts). Returns the sessions that are whole, and the chains that are not."""
+    p = chain_prefix(instance)
+    out_re = re.compile(rf"^{re.escape(p)}-S(\d+)$")
+    in_re = re.compile(rf"^{re.escape(p)}-S(\d+)I$")
+    found: dict[int, _Found] = {}
+    chains: set[str] = set()
+    for text in saved:
+        for line in text.splitlines():
+            if line.startswith(f":{p}-S"):
+                chains.add(line[1:].split()[0])
+            if not line.startswith("-A "):
+                continue
+            args = shlex.split(line)
+            chain, target = args[1], _after(args, "-j")
+            if (m := out_re.match(chain)) and "--uid-owner" in args and "!" not in args:
+                entry = found.setdefault(int(m[1]), _Found())
+                entry.uid = int(_after(args, "--uid-owner"))
+                entry.queue = int(_after(args, "--queue-num"))
+                entry.networks.append(ipaddress.ip_network(_after(args, "-d")))
+            elif chain == f"{p}-IN" and (m := in_re.match(target)):
+                found.setdefault(int(m[1]), _Found()).tun = _after(args, "-i")
+            elif (m := in_re.match(chain)) and "--set-xmark" in args:
+                mark = _after(args, "--set-xmark").split("/")[0]
+                found.setdefault(int(m[1]), _Found()).mark = int(mark, 16)
+    sessions = [
+        InstalledSession(slot, f.uid, f.networks, f.queue, f.mark, f.tun)
+        for slot, f in sorted(found.items())
+        if f.uid is not None and f.queue is not None and f.mark is not None
+        and f.tun is not None and f.networks
+    ]
+    whole = {name for s in sessions for name in session_chains(instance, s.slot)}
+    return sessions, sorted(chains - whole)
+
+
+def _after(args: list[str], flag: str) -> str:
+    return args[args.index(flag) + 1] if flag in args and args.index(flag) + 1 < len(args) else ""

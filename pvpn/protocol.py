@@ -88,7 +88,15 @@ class LogRecord:
     record: Record
 
 
-Command = Union[SendBytes, CloseLink, InjectPacket, LogRecord]
+@dataclass(slots=True)
+class CapturePacket:
+    """Write this inner packet of ``session`` to its capture (server ``capture`` on only)."""
+
+    session: bytes
+    packet: bytes
+
+
+Command = Union[SendBytes, CloseLink, InjectPacket, LogRecord, CapturePacket]
 
 
 # ---------------------------------------------------------------- destination matching
@@ -667,6 +675,8 @@ class ServerNode(NodeBase):
         self._source_for = source_for
         self.flows = flows or FlowTable(config.nat_ports)
         self.sessions: dict[bytes, Session] = {}
+        # Emit CapturePacket for every inner packet: what the user sent, the replies returned.
+        self.capture = False
 
     def _authorized(self, link: NodeLink, now: float) -> None:
         if link.next_hop is not None:
@@ -731,6 +741,7 @@ class ServerNode(NodeBase):
 
     def _end_session(self, session: Session, reason: str) -> None:
         self.sessions.pop(session.id, None)
+        session.link = None  # ended, not detached: its link closing later changes nothing
         flows = self.flows.drop_session(session.id)
         self._log("session:closed", session=session, reason=reason,
                   packets_in=session.packets_in, packets_out=session.packets_out,
@@ -745,6 +756,8 @@ class ServerNode(NodeBase):
 
     # -- the packet path
     def _packet_from_user(self, session: Session, packet: bytes, now: float) -> None:
+        if self.capture:  # as the user sent it: before the checks and the NAT
+            self.commands.append(CapturePacket(session.id, packet))
         try:
             flow = pk.parse_flow(packet)
         except MalformedPacket as exc:
@@ -795,6 +808,8 @@ class ServerNode(NodeBase):
             self._drop(session, "link to the user congested")
             return True
         reply = pk.rewrite_destination(packet, entry.original.src, entry.original.sport)
+        if self.capture:  # as returned to the user: after the un-NAT
+            self.commands.append(CapturePacket(session.id, reply))
         session.packets_in += 1
         session.bytes_in += len(reply)
         link.pending.append(
@@ -815,10 +830,23 @@ class ServerNode(NodeBase):
         for link in list(self.links.values()):
             if link.state is NodeLinkState.ESTABLISHED:
                 self._send(link, MsgType.CLOSE, link.session_id, encode_control({"reason": reason}))
+            self.flush_link(link)  # the CLOSE goes out before TLS's close_notify
             link.tls.close()
             self._close_link(link)
         for session in list(self.sessions.values()):
             self._end_session(session, reason)
+
+    def describe(self, now: float) -> list[dict[str, Any]]:
+        """The sessions, for `pvpn status` on this node."""
+        return [{
+            "session": s.id.hex(), "user": s.user, "uid": s.uid, "client": s.client,
+            "peer": s.peer, "age": round(now - s.opened, 1),
+            "state": "up" if s.link is not None else "detached (waiting for a resume)",
+            "packets_out": s.packets_out, "packets_in": s.packets_in,
+            "bytes_out": s.bytes_out, "bytes_in": s.bytes_in, "drops": dict(s.drops),
+            "flows": self.flows.sessions_flows(s.id),
+            "allow": [str(n) for n in s.allow.networks],
+        } for s in self.sessions.values()]
 
 
 def describe_networks(networks: Iterable[Network]) -> list[str]:
@@ -830,7 +858,8 @@ def packed(address: str) -> bytes:
 
 
 __all__ = [
-    "Command", "CloseLink", "InjectPacket", "LinkClosed", "LinkEstablished", "LinkEvent",
+    "CapturePacket", "Command", "CloseLink", "InjectPacket", "LinkClosed", "LinkEstablished",
+    "LinkEvent",
     "LinkRefused", "LogRecord", "PacketsReceived", "PrefixSet", "SendBytes", "ServerNode",
     "UserLink", "LocalProtocolError",
 ]

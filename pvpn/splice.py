@@ -13,7 +13,7 @@ from __future__ import annotations
 import ipaddress
 import os
 from dataclasses import dataclass
-from typing import Callable, Union
+from typing import Any, Callable, Union
 
 from pvpn.config import GatewayConfig, parse_endpoint
 from pvpn.envelope import MAX_PACKET, MsgType, encode_control, encode_envelope
@@ -54,6 +54,7 @@ class Splice:
     connected: bool = False
     bytes_to_next: int = 0
     bytes_from_next: int = 0
+    # DATA envelopes relayed each way (the next hop's side is the user's raw TLS stream).
     envelopes_to_next: int = 0
     envelopes_from_next: int = 0
 
@@ -137,8 +138,8 @@ class GatewayNode(NodeBase):
         for start in range(0, len(data), MAX_PACKET):
             pending.append(encode_envelope(MsgType.DATA, sid, uid, seq.take(),
                                            data[start:start + MAX_PACKET]))
+            link.envelopes_out += 1
             splice.envelopes_from_next += 1
-        link.envelopes_out += 1
         self.flush_link(link, now)
 
     def next_lost(self, link_id: int, reason: str, now: float) -> None:
@@ -179,6 +180,23 @@ class GatewayNode(NodeBase):
                       envelopes_to_next=splice.envelopes_to_next,
                       envelopes_from_next=splice.envelopes_from_next)
 
+    def describe(self, now: float) -> list[dict[str, Any]]:
+        """The spliced sessions, for `pvpn status` on this node."""
+        out: list[dict[str, Any]] = []
+        for link_id, splice in self.splices.items():
+            link = self.links.get(link_id)
+            if link is None:
+                continue
+            out.append({
+                "session": link.session_id.hex(), "user": link.user, "uid": link.uid,
+                "client": link.client, "peer": link.peer, "next_hop": splice.next_hop,
+                "age": round(now - splice.opened, 1),
+                "state": "up" if splice.connected else "connecting",
+                "bytes_to_next": splice.bytes_to_next, "bytes_from_next": splice.bytes_from_next,
+                "envelopes_from_user": link.envelopes_in, "envelopes_to_user": link.envelopes_out,
+            })
+        return out
+
     # -- time and shutdown
     def handle_timer(self, now: float) -> None:
         self._link_timers(now)
@@ -189,5 +207,6 @@ class GatewayNode(NodeBase):
             if link.state is NodeLinkState.ESTABLISHED:
                 self._send(link, MsgType.CLOSE, link.session_id, encode_control({"reason": reason}))
             self._end(link, reason)
+            self.flush_link(link)  # the CLOSE goes out before TLS's close_notify
             link.tls.close()
             self._close_link(link)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import itertools
+import time
 from pathlib import Path
 from typing import Any
 
@@ -13,11 +14,15 @@ from netfilterqueue import NetfilterQueue
 
 from pvpn import auth, firewall, tls
 from pvpn.config import ServerConfig, load_server_config
-from pvpn.errors import ConfigError
+from pvpn.errors import ConfigError, PvpnError
 from pvpn.io import rules
+from pvpn.io.control import start_control, stop_control
 from pvpn.io.loop import WRITE_HIGH_WATER, install_signals, run_daemon, set_nodelay
+from pvpn.io.pcap import SessionCaptures
 from pvpn.io.rawsock import RawSender, SourceAddresses
-from pvpn.protocol import CloseLink, InjectPacket, LogRecord, SendBytes, ServerNode
+from pvpn.protocol import (
+    CapturePacket, CloseLink, InjectPacket, LogRecord, SendBytes, ServerNode,
+)
 from pvpn.records import Record, RecordWriter
 
 
@@ -44,6 +49,10 @@ class Server:
         self.context = tls.make_server_context(str(config.certificate), str(config.private_key))
         self.node = ServerNode(config, auth.AuthorizedKeys(config.authorized_keys),
                                auth.verify_signature, SourceAddresses())
+        # [server] pcap_dir: every session's inner packets to <pcap_dir>/<session>.pcap.
+        self.captures = (None if config.pcap_dir is None else SessionCaptures(
+            config.pcap_dir, config.pcap_max_bytes, self.log.write))
+        self.node.capture = self.captures is not None
         self.raw = RawSender()
         self.transports: dict[int, asyncio.Transport] = {}
         self._ids = itertools.count(1)
@@ -63,10 +72,16 @@ class Server:
                     transport.write(cmd.data)
             elif type(cmd) is LogRecord:
                 self.log.write(cmd.record)
+                if self.captures is not None:
+                    self.captures.session_ended(cmd.record)
             elif type(cmd) is CloseLink:
                 transport = self.transports.pop(cmd.link, None)
                 if transport is not None:
                     transport.close()
+            elif type(cmd) is CapturePacket and self.captures is not None:
+                self.captures.write(cmd.session, cmd.packet, time.time())
+        if self.captures is not None:
+            self.captures.flush()
 
     def on_reply(self, pkt: Any) -> None:
         if self.node.receive_reply(pkt.get_payload(), self.loop.time()):
@@ -132,6 +147,7 @@ async def serve(config: ServerConfig) -> None:
     rules.remove_instance(config.instance)
     queue = NetfilterQueue()
     listeners: list[asyncio.AbstractServer] = []
+    control: asyncio.AbstractServer | None = None
     stop = asyncio.Event()
     bound = False
     try:
@@ -148,6 +164,8 @@ async def serve(config: ServerConfig) -> None:
         for host, port in config.listen:
             listeners.append(await loop.create_server(
                 lambda: ServerLinkProtocol(server), host, port, reuse_address=True))
+        control = await start_control(config.control,
+                                      lambda: server.node.describe(loop.time()))
         install_signals(loop, stop, server.reload)
         server.log.write(Record("node:started", extra={
             "listen": [f"{h}:{p}" for h, p in config.listen], "queue": config.queue}))
@@ -159,10 +177,16 @@ async def serve(config: ServerConfig) -> None:
             server.node.handle_timer(loop.time())
             server.dispatch()
     finally:
-        server.node.close_all("server shutting down")
-        server.dispatch()
+        try:
+            server.node.close_all("server shutting down")
+            server.dispatch()
+        except PvpnError as exc:  # shutdown goes on: the rules must go whatever happened
+            server.log.write(Record("node:error", reason=f"while closing sessions: {exc}"))
+        if server.captures is not None:
+            server.captures.close_all()
         for listener in listeners:
             listener.close()
+        stop_control(control, config.control)
         await asyncio.sleep(0.05)  # let close_notify and CLOSE envelopes leave
         if bound:
             loop.remove_reader(queue.get_fd())

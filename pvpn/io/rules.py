@@ -67,6 +67,38 @@ def _is_missing(err: str) -> bool:
                                       "no such file"))
 
 
+def saved(version: int) -> str:
+    """The ruleset of our table as iptables-save prints it."""
+    proc = subprocess.run([_tool(version, 2), "-t", TABLE], capture_output=True, text=True,
+                          timeout=30)
+    return proc.stdout
+
+
+def ensure_jump(builtin: str, chain: str) -> None:
+    """``-I builtin 1 -j chain`` in both families, unless it is there already (no duplicates)."""
+    for version in (4, 6):
+        check = subprocess.run([_tool(version, 0), "-w", "5", "-t", TABLE, "-C", builtin, "-j",
+                                chain], capture_output=True, text=True, timeout=30)
+        if check.returncode != 0:
+            run_each([["-I", builtin, "1", "-j", chain]], (version,))
+
+
+def remove_chains(chains: list[str], referring: str) -> list[str]:
+    """Remove these chains and the jumps to them from chain ``referring``."""
+    errors: list[str] = []
+    for version in (4, 6):
+        jumps = []
+        for line in saved(version).splitlines():
+            if line.startswith(f"-A {referring} "):
+                args = shlex.split(line)
+                if "-j" in args and args[args.index("-j") + 1] in chains:
+                    jumps.append(["-D", *args[1:]])
+        errors += run_each(jumps, (version,))
+        errors += run_each([["-F", c] for c in chains], (version,))
+        errors += run_each([["-X", c] for c in chains], (version,))
+    return errors
+
+
 def instance_chains(instance: str, version: int) -> tuple[list[str], list[list[str]]]:
     """The chains named after the instance, and the rules of built-in chains that jump to them."""
     prefix = chain_prefix(instance) + "-"

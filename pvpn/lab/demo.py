@@ -3,7 +3,7 @@
 The lab has two gateways: client - gw1 - gw2 - server - target, and each user's VPN runs
 through the whole chain.  Every step prints the command it runs (as the ``pvpn lab exec``
 line one would type) and checks its outcome; at the end the nodes' logs show alice's session
-hop by hop.  The lab is removed at the end whatever happens.
+hop by hop, as ``pvpn trace`` shows it.  The lab is removed at the end whatever happens.
 """
 
 from __future__ import annotations
@@ -17,10 +17,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from pvpn.lab import lab, services, trace
+from pvpn import trace
+from pvpn.lab import lab, services
 from pvpn.lab.commands import find_program, quote, spawn
 from pvpn.lab.errors import LabError
 from pvpn.lab.topology import Topology
+from pvpn.trace_cli import read_records, with_rotated
 
 DEMO_NAME = "pvpndemo"
 DEMO_GATEWAYS = 2
@@ -113,17 +115,16 @@ class Story:
         return [(role, services.node_log(t, role)) for role in ("client", *t.chain_roles)]
 
     def session_view(self, session: str) -> list[dict[str, Any]]:
-        """alice's records from every node's log, once every node logged her session and
-        the server its end (bounded: whatever is there after LOGS_TIMEOUT)."""
+        """alice's records from every node's log, once every node logged the end of her
+        session (bounded: whatever is there after LOGS_TIMEOUT)."""
         logs = self.node_logs()
         deadline = time.monotonic() + LOGS_TIMEOUT
         while True:
-            records = trace.session_records([path for _role, path in logs], session)
-            nodes = {r.get("node") for r in records}
-            closed = any(r.get("node") == "server" and str(r.get("event", "")).endswith(
-                ":closed") for r in records)
-            if (closed and nodes >= {role for role, _path in logs}) or (
-                    time.monotonic() >= deadline):
+            files = [f for _role, path in logs for f in with_rotated(path)]
+            records = trace.select_session(read_records(files), session)
+            # Every hop has logged the end of her session (its counters come with it).
+            closed = {r.get("node") for r in records if r.get("event") == "session:closed"}
+            if closed >= {role for role, _path in logs} or time.monotonic() >= deadline:
                 return records
             time.sleep(0.2)
 
@@ -182,13 +183,12 @@ user's key and its own policy, and only the server sees inside.
         _out("\n8. Without her VPN, alice's packets take the normal route again, and fail:")
         self.expect_blocked("alice")
 
-        _out(f"\n9. A hop-by-hop view of alice's session {alice_session} from the nodes' "
-             "logs:")
-        for role, path in self.node_logs():
-            _out(f"  {role + ':':8} {path}")
+        _out("\n9. alice's session, hop by hop, from the nodes' logs:")
+        _out(f"  $ pvpn trace {alice_session} --lab {t.name}")
         records = self.session_view(alice_session)
         _out("")
-        for line in trace.format_records(records).splitlines():
+        for line in trace.format_trace(trace.trace_session(records, alice_session)
+                                       ).splitlines():
             _out(f"    {line}")
         missing = [role for role, _path in self.node_logs()
                    if role not in {r.get("node") for r in records}]

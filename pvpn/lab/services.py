@@ -97,6 +97,14 @@ def _toml_list(values: list[str]) -> str:
     return "[" + ", ".join(_toml_string(v) for v in values) + "]"
 
 
+LAB_PCAP_MAX_BYTES = 16 * 1000 * 1000
+
+
+def server_pcap_dir(topology: Topology) -> Path:
+    """Where the lab's server writes each session's packets (``<session hex>.pcap``)."""
+    return topology.host_dir("server") / "pcap"
+
+
 def client_socket(topology: Topology) -> Path:
     return topology.host_dir("client") / "pvpn-client.sock"
 
@@ -148,6 +156,12 @@ def client_toml(topology: Topology) -> str:
     ])
 
 
+# The lab's nodes notice a dead peer faster than the defaults (10 s keepalives, dead after
+# 30 s, sessions resumable for 120 s), so fault tests fit in a test run.
+LAB_TIMERS = ("keepalive = 5", "dead_after = 15")
+LAB_RESUME_GRACE = 20
+
+
 def server_toml(topology: Topology) -> str:
     server_dir = topology.host_dir("server")
     allow = target_subnets(topology)
@@ -162,6 +176,13 @@ def server_toml(topology: Topology) -> str:
         f"queue = {SERVER_QUEUE}",
         f'nat_ports = "{NAT_PORTS}"',
         'instance = "pvpns"',
+        *LAB_TIMERS,
+        f"resume_grace = {LAB_RESUME_GRACE}",
+        f"control = {_toml_string(str(server_dir / 'server.ctl'))}",
+        # Every session's inner packets, so one can see what went through (0600, root);
+        # bounded per session, as /run is often a small tmpfs.
+        f"pcap_dir = {_toml_string(str(server_pcap_dir(topology)))}",
+        f"pcap_max_bytes = {LAB_PCAP_MAX_BYTES}",
     ]
     for user in AUTHORIZED_USERS:  # carol is authorised nowhere
         lines += ["", f"[users.{user}]", f"allow = {_toml_list(allow)}"]
@@ -182,6 +203,8 @@ def gateway_toml(topology: Topology, role: str) -> str:
         f"private_key = {_toml_string(str(gw_dir / f'{role}.key'))}",
         f"authorized_keys = {_toml_string(str(gw_dir / 'users'))}",
         f"connect_timeout = {CONNECT_TIMEOUT}",
+        *LAB_TIMERS,
+        f"control = {_toml_string(str(gw_dir / 'gateway.ctl'))}",
     ]
     for user in AUTHORIZED_USERS:  # carol is authorised nowhere
         lines += ["", f"[users.{user}]",

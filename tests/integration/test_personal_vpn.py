@@ -5,6 +5,7 @@ Each bullet of "What a user sees" (issue 2) is a test here; see the test names."
 
 from __future__ import annotations
 
+import hashlib
 import re
 import shlex
 import signal

@@ -285,3 +285,14 @@ def test_user_close_ends_the_session(pki_dir: Any) -> None:
     link.close("bye")
     h.transfer()
     assert not h.node.sessions and 1 in h.closed
+
+
+def test_close_all_sends_close_with_the_reason_then_ends_sessions(pki_dir: Any) -> None:
+    h = Harness(pki_dir)
+    h.connect(1, "alice")
+    h.node.close_all("server shutting down")
+    h.transfer()
+    closed = first(h.events[1], LinkClosed)
+    assert "server shutting down" in closed.reason and not closed.fatal
+    assert not h.node.sessions
+    assert any(r.event == "session:closed" and r.reason == "server shutting down" for r in h.logs)

@@ -1,0 +1,68 @@
+"""A node's control socket: `pvpn status` asks a running pvpn-server or pvpn-gateway for its
+sessions. Root only (the kernel tells us who asks); one request, one answer."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+from typing import Any, Callable
+
+from pvpn.envelope import (
+    EnvelopeDecoder, MsgType, decode_control, encode_control, encode_envelope,
+)
+from pvpn.errors import ConfigError, RemoteProtocolError
+from pvpn.io.loop import peer_credentials
+
+StatusProvider = Callable[[], list[dict[str, Any]]]
+
+
+class _ControlLink(asyncio.Protocol):
+    def __init__(self, provider: StatusProvider) -> None:
+        self.provider = provider
+        self.decoder = EnvelopeDecoder()
+        self.transport: asyncio.Transport | None = None
+        self.uid = -1
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        _, self.uid, _ = peer_credentials(transport)
+
+    def data_received(self, data: bytes) -> None:
+        transport = self.transport
+        if transport is None:
+            return
+        try:
+            for envelope in self.decoder.feed(data):
+                decode_control(envelope)
+                if envelope.type is not MsgType.STATUS:
+                    raise RemoteProtocolError(f"unexpected {envelope.type.name}")
+                mtype: MsgType
+                fields: dict[str, Any]
+                if self.uid != 0:
+                    mtype, fields = MsgType.ERROR, {"code": "denied", "reason": "root only"}
+                else:
+                    mtype, fields = MsgType.STATUS_REPLY, {"sessions": self.provider()}
+                transport.write(encode_envelope(mtype, b"", 0, 0, encode_control(fields)))
+                transport.close()
+                return
+        except RemoteProtocolError:
+            transport.close()
+
+
+async def start_control(path: Path, provider: StatusProvider) -> asyncio.AbstractServer:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.exists() and not path.is_socket():
+        raise ConfigError(f"{path} exists and is not a socket; remove it or change 'control'")
+    path.unlink(missing_ok=True)
+    server = await asyncio.get_running_loop().create_unix_server(
+        lambda: _ControlLink(provider), str(path))
+    os.chmod(path, 0o600)
+    return server
+
+
+def stop_control(server: asyncio.AbstractServer | None, path: Path) -> None:
+    if server is not None:
+        server.close()
+    path.unlink(missing_ok=True)
