@@ -7,7 +7,6 @@ and deliver the replies it returns through the session's TUN device."""
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import os
 import pwd
@@ -26,7 +25,7 @@ from pvpn.envelope import (
 )
 from pvpn.errors import ConfigError, MalformedPacket, PolicyError, PvpnError, RemoteProtocolError
 from pvpn.io import rules
-from pvpn.io.loop import WRITE_HIGH_WATER, install_signals, peer_credentials, run_daemon
+from pvpn.io.loop import WRITE_HIGH_WATER, daemon_main, install_signals, peer_credentials
 from pvpn.io.tun import open_tun, strict_rp_filter
 from pvpn.records import Record, RecordWriter, session_hex
 from pvpn.client.registry import MAX_FLOWS_PER_SESSION, Registry, SlotSession
@@ -423,14 +422,7 @@ async def serve(config: ClientConfig) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="pvpn-client", description=__doc__)
-    parser.add_argument("--config", required=True, type=Path, help="client.toml")
-    args = parser.parse_args(argv)
-
-    async def run() -> None:
-        await serve(load_client_config(args.config))
-
-    return run_daemon("pvpn-client", run)
+    return daemon_main("pvpn-client", __doc__, load_client_config, serve, argv)
 
 
 if __name__ == "__main__":

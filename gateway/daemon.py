@@ -4,16 +4,16 @@ anything but its own hop's envelopes."""
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import itertools
-from pathlib import Path
 
 from pvpn import auth, tls
 from pvpn.config import GatewayConfig, load_gateway_config
 from pvpn.errors import ConfigError, PvpnError
 from pvpn.io.control import start_control, stop_control
-from pvpn.io.loop import WRITE_HIGH_WATER, install_signals, run_daemon, set_nodelay
+from pvpn.io.loop import (
+    WRITE_HIGH_WATER, daemon_main, install_signals, peer_text, set_nodelay,
+)
 from pvpn.protocol import CloseLink, LogRecord, SendBytes
 from pvpn.records import Record, RecordWriter
 from pvpn.splice import CloseNext, GatewayNode, OpenNextHop, SendNext
@@ -98,10 +98,9 @@ class PrevHopProtocol(asyncio.Protocol):
         gw = self.gateway
         self.id = next(gw._ids)
         gw.links[self.id] = transport
-        peer = transport.get_extra_info("peername")
-        peer_text = f"[{peer[0]}]:{peer[1]}" if ":" in peer[0] else f"{peer[0]}:{peer[1]}"
         session = tls.TlsSession(gw.context, server_side=True)
-        if not gw.node.link_opened(self.id, session, peer_text, gw.loop.time()):
+        now = gw.loop.time()
+        if not gw.node.link_opened(self.id, session, peer_text(transport), now):
             transport.close()
         gw.dispatch()
 
@@ -201,14 +200,7 @@ async def serve(config: GatewayConfig) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="pvpn-gateway", description=__doc__)
-    parser.add_argument("--config", required=True, type=Path, help="gateway.toml")
-    args = parser.parse_args(argv)
-
-    async def run() -> None:
-        await serve(load_gateway_config(args.config))
-
-    return run_daemon("pvpn-gateway", run)
+    return daemon_main("pvpn-gateway", __doc__, load_gateway_config, serve, argv)
 
 
 if __name__ == "__main__":

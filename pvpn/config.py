@@ -187,14 +187,19 @@ class ServerConfig:
 DEFAULT_PORT = 4433
 
 
-def load_server_config(path: Path) -> ServerConfig:
+def _node_tables(path: Path, role: str) -> tuple[dict[str, Any], _Table]:
+    """A node config has its [role] section and [users.NAME] sections, nothing else."""
     data = _load(path)
-    unknown = set(data) - {"server", "users"}
+    unknown = set(data) - {role, "users"}
     if unknown:
         raise ConfigError(f"{path}: unknown section(s) {sorted(unknown)}")
-    if "server" not in data or not isinstance(data["server"], dict):
-        raise ConfigError(f"{path}: the [server] section is missing")
-    t = _Table(path, "server", data["server"])
+    if role not in data or not isinstance(data[role], dict):
+        raise ConfigError(f"{path}: the [{role}] section is missing")
+    return data, _Table(path, role, data[role])
+
+
+def _node_basics(t: _Table) -> tuple[str, list[tuple[str, int]], Path, Path, Path]:
+    """What every listening node has: name, listen addresses, certificate and key, users."""
     name = _name(t)
     listen = [parse_endpoint(x, DEFAULT_PORT, t.where("listen")) for x in t.strings("listen")]
     if not listen:
@@ -204,6 +209,12 @@ def load_server_config(path: Path) -> ServerConfig:
     authorized_keys = Path(t.get("authorized_keys", str))
     if not authorized_keys.is_dir():
         raise ConfigError(f"{t.where('authorized_keys')}: directory {authorized_keys} not found")
+    return name, listen, certificate, private_key, authorized_keys
+
+
+def load_server_config(path: Path) -> ServerConfig:
+    data, t = _node_tables(path, "server")
+    name, listen, certificate, private_key, authorized_keys = _node_basics(t)
     queue = t.get("queue", int, 4000)
     if not 0 <= queue <= 65535:
         raise ConfigError(f"{t.where('queue')} must be 0..65535")
@@ -354,22 +365,8 @@ class GatewayConfig:
 
 
 def load_gateway_config(path: Path) -> GatewayConfig:
-    data = _load(path)
-    unknown = set(data) - {"gateway", "users"}
-    if unknown:
-        raise ConfigError(f"{path}: unknown section(s) {sorted(unknown)}")
-    if "gateway" not in data or not isinstance(data["gateway"], dict):
-        raise ConfigError(f"{path}: the [gateway] section is missing")
-    t = _Table(path, "gateway", data["gateway"])
-    name = _name(t)
-    listen = [parse_endpoint(x, DEFAULT_PORT, t.where("listen")) for x in t.strings("listen")]
-    if not listen:
-        raise ConfigError(f"{t.where('listen')} is empty; give at least one address:port")
-    certificate = _existing_file(t, "certificate")
-    private_key = _existing_file(t, "private_key")
-    authorized_keys = Path(t.get("authorized_keys", str))
-    if not authorized_keys.is_dir():
-        raise ConfigError(f"{t.where('authorized_keys')}: directory {authorized_keys} not found")
+    data, t = _node_tables(path, "gateway")
+    name, listen, certificate, private_key, authorized_keys = _node_basics(t)
     connect_timeout = float(t.get("connect_timeout", (int, float), 10.0))
     keepalive = float(t.get("keepalive", (int, float), 10.0))
     dead_after = float(t.get("dead_after", (int, float), 30.0))

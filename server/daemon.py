@@ -3,11 +3,9 @@ session whose flow it answers (the flow table), and logs every hop event as a JS
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import itertools
 import time
-from pathlib import Path
 from typing import Any
 
 from netfilterqueue import NetfilterQueue
@@ -17,7 +15,9 @@ from pvpn.config import ServerConfig, load_server_config
 from pvpn.errors import ConfigError, PvpnError
 from pvpn.io import rules
 from pvpn.io.control import start_control, stop_control
-from pvpn.io.loop import WRITE_HIGH_WATER, install_signals, run_daemon, set_nodelay
+from pvpn.io.loop import (
+    WRITE_HIGH_WATER, daemon_main, install_signals, peer_text, set_nodelay,
+)
 from pvpn.io.pcap import SessionCaptures
 from pvpn.io.rawsock import RawSender, SourceAddresses
 from pvpn.protocol import (
@@ -108,12 +108,11 @@ class ServerLinkProtocol(asyncio.Protocol):
         assert isinstance(transport, asyncio.Transport)
         set_nodelay(transport)
         transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
-        peer = transport.get_extra_info("peername")
         self.id = next(self.server._ids)
         session = tls.TlsSession(self.server.context, server_side=True)
         self.server.transports[self.id] = transport
-        peer_text = f"[{peer[0]}]:{peer[1]}" if ":" in peer[0] else f"{peer[0]}:{peer[1]}"
-        if not self.server.node.link_opened(self.id, session, peer_text, self.server.loop.time()):
+        now = self.server.loop.time()
+        if not self.server.node.link_opened(self.id, session, peer_text(transport), now):
             transport.close()
         self.server.dispatch()
 
@@ -197,14 +196,7 @@ async def serve(config: ServerConfig) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="pvpn-server", description=__doc__)
-    parser.add_argument("--config", required=True, type=Path, help="server.toml")
-    args = parser.parse_args(argv)
-
-    async def run() -> None:
-        await serve(load_server_config(args.config))
-
-    return run_daemon("pvpn-server", run)
+    return daemon_main("pvpn-server", __doc__, load_server_config, serve, argv)
 
 
 if __name__ == "__main__":

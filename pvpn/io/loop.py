@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import signal
 import socket
 import struct
 import sys
-from typing import Callable
+from pathlib import Path
+from typing import Any, Callable, Coroutine
 
 from pvpn.errors import ConfigError, PvpnError
 
@@ -16,6 +18,12 @@ from pvpn.errors import ConfigError, PvpnError
 WRITE_HIGH_WATER = 1 << 20
 
 EX_CONFIG = 78  # sysexits.h: supervisord shows a daemon that exits with it at once as FATAL
+
+
+def peer_text(transport: asyncio.BaseTransport) -> str:
+    """``host:port`` of a TCP peer, IPv6 in brackets."""
+    peer = transport.get_extra_info("peername")
+    return f"[{peer[0]}]:{peer[1]}" if ":" in peer[0] else f"{peer[0]}:{peer[1]}"
 
 
 def set_nodelay(transport: asyncio.BaseTransport) -> None:
@@ -39,6 +47,20 @@ def install_signals(loop: asyncio.AbstractEventLoop, stop: asyncio.Event,
         loop.add_signal_handler(sig, stop.set)
     if reload is not None:
         loop.add_signal_handler(signal.SIGHUP, reload)
+
+
+def daemon_main(program: str, doc: str | None, load: Callable[[Path], Any],
+                serve: Callable[[Any], Coroutine[Any, Any, None]],
+                argv: list[str] | None) -> int:
+    """The command line of a node daemon: ``PROGRAM --config FILE``."""
+    parser = argparse.ArgumentParser(prog=program, description=doc)
+    parser.add_argument("--config", required=True, type=Path, help="the node's TOML config")
+    args = parser.parse_args(argv)
+
+    async def run() -> None:
+        await serve(load(args.config))
+
+    return run_daemon(program, run)
 
 
 def run_daemon(program: str, main: Callable[[], "asyncio.Future[None] | object"]) -> int:
