@@ -397,7 +397,10 @@ async def serve(config: ClientConfig) -> None:
         daemon.recover()
         listener = await loop.create_unix_server(lambda: LocalLink(daemon), str(config.socket))
         os.chmod(config.socket, 0o666)  # anyone may ask; the kernel tells us who asked
-        install_signals(loop, stop)
+        # pvpn-client holds no keys or user lists (the users' processes do): a SIGHUP only
+        # says so in the log, instead of ending the daemon (the signal's default action).
+        install_signals(loop, stop, lambda: daemon.log_event(
+            "node:reloaded", reason="nothing to reload: keys live in the users' processes"))
         daemon.log_event("node:started", socket=str(config.socket))
         while not stop.is_set():
             try:

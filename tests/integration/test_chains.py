@@ -252,3 +252,38 @@ def test_gateway_logs_say_who_where_when_and_how_much(lab2: dict[str, Any]) -> N
         assert closed["bytes_from_next"] > 100_000 and closed["bytes_to_next"] > 0
         assert closed["envelopes_from_user"] > 0 and closed["envelopes_to_user"] > 0
         assert closed["reason"]
+
+
+def gw_ctl(info: dict[str, Any], role: str, *args: str) -> str:
+    return subprocess.run(["ip", "netns", "exec", info["hosts"][role]["namespace"],
+                           str(Path(sys.executable).parent / "supervisorctl"), "-c",
+                           info["hosts"][role]["supervisord"], *args],
+                          capture_output=True, text=True, timeout=60).stdout
+
+
+def test_gateway_status_and_reload_keep_the_session(lab2: dict[str, Any]) -> None:
+    """`pvpn status` on a gateway shows alice's spliced session and the daemon's health; a
+    SIGHUP re-reads the gateway's users without dropping it."""
+    session = connect(lab2, "alice")
+    try:
+        fetch_ok(lab2, "alice", "100k")
+        config = lab2["configs"]["gw1"]
+        proc = sh(lab2, "gw1", "root", "pvpn", "status", "--node", config, "--supervisord",
+                  lab2["hosts"]["gw1"]["supervisord"], "--json")
+        assert proc.returncode == 0, proc.stderr.decode()
+        report = json.loads(proc.stdout)
+        (mine,) = [s for s in report["nodes"][0]["sessions"] if s["session"] == session]
+        assert mine["user"] == "alice" and mine["state"] == "up"
+        assert mine["bytes_from_next"] > 100_000 and mine["next_hop"].endswith(":4433")
+        assert any("pvpn-gateway" in line and "RUNNING" in line
+                   for line in report["supervisord"])
+        gw_ctl(lab2, "gw1", "signal", "HUP", "pvpn-gateway")
+        deadline = time.monotonic() + 10
+        while '"node:reloaded"' not in log_text(lab2, "gw1") and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert '"node:reloaded"' in log_text(lab2, "gw1")
+        fetch_ok(lab2, "alice", "10k")
+        assert not [r for r in records(lab2, "gw1")
+                    if r.get("event") == "session:closed" and r.get("session") == session]
+    finally:
+        disconnect(lab2, "alice")

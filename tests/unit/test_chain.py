@@ -314,3 +314,26 @@ def test_gateway_logs_say_who_from_where_to_where_and_how_much(world: Any) -> No
     assert rec.user == "alice" and rec.uid == 1001 and rec.extra["next_hop"] == f"{ADDR['gw2']}:4433"
     assert rec.extra["bytes_to_next"] > 0 and rec.extra["bytes_from_next"] > 0
     assert rec.extra["envelopes_from_user"] > 0
+
+
+def test_hop_limit_is_enforced_by_gateways(world: Any) -> None:
+    net = Net(world)
+    key = world["keys"]["alice"]
+    ctx = tls.make_client_context(ca_file=world["ca"])
+    hops = [ADDR["gw1"], ADDR["gw2"], ADDR["server"]]
+
+    def make(index: int, before: list[str]) -> UserLink:
+        s = tls.TlsSession(ctx, server_side=False, server_name=hops[index])
+        s.start()
+        return UserLink(s, user="alice", uid=1, want=[], client_name="c",
+                        signer=lambda n, b, node: auth.sign_challenge(key, n, b, "alice", node),
+                        session=b"H" * 16, next_hop=f"{hops[index + 1]}:4433", path=before,
+                        hops=0)  # no hop left to spend
+
+    chain = UserChain(make, len(hops), hops)
+    events: list[Any] = []
+    chain.start(net.now)
+    net.open(hops[0], ("user", chain, events))
+    net.pump()
+    fail = failure(events)
+    assert fail.fatal and "hop limit" in fail.reason
