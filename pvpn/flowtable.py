@@ -137,6 +137,10 @@ class FlowTable:
             return found
         return self._create(session_id, flow, nat_src, now, tcp_flags)
 
+    def lookup(self, session_id: bytes, flow: FlowKey) -> Flow | None:
+        """The mapping of a session's flow, if there is one (never creates it)."""
+        return self._by_session_flow.get((session_id, flow))
+
     def inbound(
         self,
         proto: int,

@@ -242,6 +242,35 @@ def parse_flow(packet: bytes) -> FlowKey:
     raise MalformedPacket(f"icmp type {kind} unsupported")
 
 
+def classify(packet: bytes) -> tuple[FlowKey, int, bool]:
+    """One pass over the headers for the packet path: ``(flow, tcp_flags, is_error)``.
+
+    For a TCP, UDP or echo packet the flow is :func:`parse_flow`'s; for an ICMP/ICMPv6 error it
+    is the quoted packet's flow, as :func:`icmp_error_inner_flow` gives it. MalformedPacket for
+    anything else.
+    """
+    version, proto, l4, end = _locate(packet)
+    if proto == PROTO_TCP or proto == PROTO_UDP:
+        src, dst = _addresses(packet, version)
+        sport, dport = _PORTS.unpack_from(packet, l4)
+        flags = packet[l4 + 13] if proto == PROTO_TCP else 0
+        return FlowKey(proto, src, sport, dst, dport), flags, False
+    kind = packet[l4]
+    if kind in (_ICMP4_ECHO if version == 4 else _ICMP6_ECHO):
+        src, dst = _addresses(packet, version)
+        ident = packet[l4 + 4] << 8 | packet[l4 + 5]
+        return FlowKey(proto, src, ident, dst, ident), 0, False
+    if kind not in (_ICMP4_ERRORS if version == 4 else _ICMP6_ERRORS):
+        raise MalformedPacket(f"icmp type {kind} unsupported")
+    inner_proto, ip, inner_l4 = _embedded(packet, version, l4, end)
+    src, dst = _addresses(packet, version, ip)
+    if inner_proto == PROTO_TCP or inner_proto == PROTO_UDP:
+        sport, dport = _PORTS.unpack_from(packet, inner_l4)
+        return FlowKey(inner_proto, src, sport, dst, dport), 0, True
+    ident = packet[inner_l4 + 4] << 8 | packet[inner_l4 + 5]
+    return FlowKey(inner_proto, src, ident, dst, ident), 0, True
+
+
 def is_icmp_error(packet: bytes) -> bool:
     """Whether this is a supported ICMP/ICMPv6 error; MalformedPacket if not a valid packet."""
     version, proto, l4, _ = _locate(packet)

@@ -759,16 +759,29 @@ class ServerNode(NodeBase):
         if self.capture:  # as the user sent it: before the checks and the NAT
             self.commands.append(CapturePacket(session.id, packet))
         try:
-            flow = pk.parse_flow(packet)
+            flow, flags, error = pk.classify(packet)
         except MalformedPacket as exc:
             self._drop(session, f"malformed packet: {exc}")
+            return
+        if error:
+            # The client host's kernel answering a reply it could not deliver (a closed port):
+            # it quotes the reply, so the flow it is about is the quote's, reversed. Only a
+            # flow the session already has may carry it; it never opens one.
+            known = self.flows.lookup(session.id, flow.reversed())
+            if known is None:
+                self._drop(session, "icmp error about no flow of this session", flow.describe())
+                return
+            session.packets_out += 1
+            session.bytes_out += len(packet)
+            self.commands.append(InjectPacket(
+                pk.rewrite_source(packet, known.nat_src, known.nat_port)))
             return
         if not session.allow.contains(flow.dst):
             self._drop(session, "destination not allowed", flow.describe())
             return
         try:
             nat_src = self._source_for(flow.dst)
-            entry = self.flows.outbound(session.id, flow, nat_src, now, pk.tcp_flags(packet))
+            entry = self.flows.outbound(session.id, flow, nat_src, now, flags)
         except FlowTableFull as exc:
             self._drop(session, f"flow table full: {exc}", flow.describe())
             return
@@ -783,16 +796,15 @@ class ServerNode(NodeBase):
         """A packet captured on its way in. True if it was ours (the adapter drops it from the
         kernel's path); False if it belongs to someone else on this host (accept it)."""
         try:
-            if pk.is_icmp_error(packet):
-                inner = pk.icmp_error_inner_flow(packet)
-                entry = self.flows.inbound(inner.proto, inner.dst, inner.dport, inner.src,
-                                           inner.sport, now)
-            else:
-                flow = pk.parse_flow(packet)
-                entry = self.flows.inbound(flow.proto, flow.src, flow.sport, flow.dst, flow.dport,
-                                           now, pk.tcp_flags(packet))
+            flow, flags, error = pk.classify(packet)
         except MalformedPacket:
             return False
+        if error:  # about a packet the server sent for a session: the quote is that packet
+            entry = self.flows.inbound(flow.proto, flow.dst, flow.dport, flow.src, flow.sport,
+                                       now)
+        else:
+            entry = self.flows.inbound(flow.proto, flow.src, flow.sport, flow.dst, flow.dport,
+                                       now, flags)
         if entry is None:
             return False
         session = self.sessions.get(entry.session_id)

@@ -604,3 +604,37 @@ def test_rewrite_round_trip(case: tuple[bytes, str], address: int, port: int, de
     assert_checksums(out, skip_quoted_l4=checks == "no-quoted-l4", skip_l4=checks == "no-l4")
     assert _swap_ends(out, destination) == (new, port)
     assert rewrite(out, old_address, old_port) == raw
+
+
+def test_classify_agrees_with_the_single_purpose_parsers() -> None:
+    from scapy.layers.inet6 import ICMPv6DestUnreach, IPv6
+
+    from pvpn import packet
+
+    samples = [
+        bytes(IP(src="10.0.0.1", dst="10.0.0.2") / TCP(sport=1, dport=2, flags="SA")),
+        bytes(IP(src="10.0.0.1", dst="10.0.0.2") / UDP(sport=3, dport=4) / b"x"),
+        bytes(IPv6(src="fd00::1", dst="fd00::2") / UDP(sport=5, dport=6)),
+        bytes(IP(src="10.0.0.1", dst="10.0.0.2") / ICMP(id=9)),
+    ]
+    for raw in samples:
+        assert packet.classify(raw) == (packet.parse_flow(raw), packet.tcp_flags(raw), False)
+    errors = [
+        bytes(IP(src="10.0.0.9", dst="10.0.0.1") / ICMP(type=3, code=3)
+              / IP(src="10.0.0.1", dst="10.0.0.2") / UDP(sport=3, dport=4)),
+        bytes(IPv6(src="fd00::9", dst="fd00::1") / ICMPv6DestUnreach()
+              / IPv6(src="fd00::1", dst="fd00::2") / UDP(sport=5, dport=6)),
+    ]
+    for raw in errors:
+        assert packet.classify(raw) == (packet.icmp_error_inner_flow(raw), 0, True)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=200))
+def test_classify_any_bytes_give_a_result_or_the_remote_error(data: bytes) -> None:
+    from pvpn import packet
+
+    try:
+        packet.classify(data)
+    except MalformedPacket:
+        pass

@@ -296,3 +296,25 @@ def test_close_all_sends_close_with_the_reason_then_ends_sessions(pki_dir: Any) 
     assert "server shutting down" in closed.reason and not closed.fatal
     assert not h.node.sessions
     assert any(r.event == "session:closed" and r.reason == "server shutting down" for r in h.logs)
+
+
+def test_an_icmp_error_from_the_client_host_follows_its_flow(pki_dir: Any) -> None:
+    """The client's kernel answers a reply it could not deliver; the error goes out NATed
+    like the flow it is about, and an error about no flow of the session goes nowhere."""
+    h = Harness(pki_dir)
+    h.connect(1, "alice")
+    h.links[1].send_packets([bytes(IP(src="10.0.0.2", dst=TARGET) / UDP(sport=5000, dport=53))])
+    h.transfer()
+    nat_port = IP(h.injected[0])[UDP].sport
+    reply_as_delivered = IP(src=TARGET, dst="10.0.0.2") / UDP(sport=53, dport=5000) / b"late"
+    error = bytes(IP(src="10.0.0.2", dst=TARGET) / ICMP(type=3, code=3) / reply_as_delivered)
+    stray = bytes(IP(src="10.0.0.2", dst=TARGET) / ICMP(type=3, code=3)
+                  / (IP(src=TARGET, dst="10.0.0.2") / UDP(sport=53, dport=7777)))
+    h.links[1].send_packets([error, stray])
+    h.transfer()
+    assert len(h.injected) == 2
+    out = IP(h.injected[1])
+    assert out.src == "10.9.0.1" and out[ICMP].type == 3
+    quoted = IP(bytes(out[ICMP].payload))  # scapy reads the quote as an IPerror layer
+    assert quoted.dst == "10.9.0.1" and quoted.payload.dport == nat_port
+    assert any(r.event == "packet:dropped" and "no flow" in r.reason for r in h.logs)
