@@ -193,9 +193,59 @@ def cmd_disconnect(args: argparse.Namespace) -> int:
     return 0
 
 
+PROFILE_KEYS: dict[str, type] = {
+    "server": str, "via": list, "to": list, "ca": str, "pin": str, "server_name": str,
+    "user": str, "key": str, "socket": str, "keepalive": float,
+}
+
+
+def apply_profile(args: argparse.Namespace, profiles_file: Path) -> None:
+    """Fill what the command line left out from ``[profile.NAME]`` in the user's profiles file;
+    what is given on the command line wins."""
+    from pvpn.config import load_toml
+
+    profiles = load_toml(profiles_file).get("profile", {})
+    section = profiles.get(args.profile) if isinstance(profiles, dict) else None
+    if not isinstance(section, dict):
+        names = ", ".join(sorted(profiles)) if isinstance(profiles, dict) else ""
+        raise ConfigError(f"{profiles_file}: no [profile.{args.profile}] (profiles: "
+                          f"{names or 'none'})")
+    where = f"{profiles_file}: [profile.{args.profile}]"
+    for key, value in section.items():
+        kind = PROFILE_KEYS.get(key)
+        if kind is None:
+            raise ConfigError(f"{where} {key}: unknown setting (known: {', '.join(PROFILE_KEYS)})")
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if kind is list:
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise ConfigError(f"{where} {key} must be a list of strings")
+            if not getattr(args, key):
+                setattr(args, key, list(value))
+            continue
+        if not isinstance(value, kind):
+            raise ConfigError(f"{where} {key} must be a {kind.__name__}")
+        if key in ("key", "socket", "keepalive"):
+            if getattr(args, f"{key}_given") is None:  # not on the command line
+                setattr(args, key, Path(str(value)).expanduser() if key != "keepalive"
+                        else value)
+        elif getattr(args, key) is None:
+            setattr(args, key, value)
+
+
 def cmd_connect(args: argparse.Namespace) -> int:
     from pvpn.client.connect import ConnectOptions, run_connect
 
+    args.key_given, args.socket_given, args.keepalive_given = args.key, args.socket, args.keepalive
+    args.key = args.key or default_key()
+    args.socket = args.socket or DEFAULT_SOCKET
+    args.keepalive = args.keepalive or 10.0
+    if args.profile:
+        apply_profile(args, args.profiles or config_dir() / "profiles.toml")
+    if not args.server:
+        raise ConfigError("name the server (SERVER[:PORT]) or a --profile that has one")
+    if not args.to:
+        raise ConfigError("name at least one destination prefix to protect (--to PREFIX)")
     host, port = parse_endpoint(args.server, DEFAULT_PORT, "SERVER")
     via = [parse_endpoint(v, DEFAULT_PORT, "--via") for v in args.via]
     parse_prefixes(args.to)
@@ -238,21 +288,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_keygen)
 
     p = sub.add_parser("connect", help="open your personal VPN")
-    p.add_argument("server", metavar="SERVER[:PORT]")
+    p.add_argument("server", metavar="SERVER[:PORT]", nargs="?")
+    p.add_argument("--profile", metavar="NAME", help="take the settings of [profile.NAME] "
+                   "in ~/.config/pvpn/profiles.toml; the command line wins")
+    p.add_argument("--profiles", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--via", action="append", default=[], metavar="GATEWAY[:PORT]",
                    help="a gateway to go through, in order (repeatable)")
-    p.add_argument("--to", action="append", required=True, metavar="PREFIX",
+    p.add_argument("--to", action="append", default=[], metavar="PREFIX",
                    help="destination prefix to protect (repeatable)")
-    p.add_argument("--key", type=Path, default=default_key(), help="your private key")
+    p.add_argument("--key", type=Path, help="your private key (default ~/.config/pvpn/id_rsa)")
     p.add_argument("--ca", help="CA certificate that signed the server's certificate")
     p.add_argument("--pin", help="the server's own certificate, pinned")
     p.add_argument("--server-name", help="name or IP the certificate must carry "
                    "(default: the host in SERVER)")
     p.add_argument("--user", help="user name at the server (default: your login name)")
-    p.add_argument("--socket", type=Path, default=DEFAULT_SOCKET, help="pvpn-client's socket")
+    p.add_argument("--socket", type=Path, help=f"pvpn-client's socket (default {DEFAULT_SOCKET})")
     p.add_argument("--background", action="store_true", help="return once the VPN is up")
     p.add_argument("--log", type=Path, help="log file in --background mode")
-    p.add_argument("--keepalive", type=float, default=10.0, help="seconds between keepalives")
+    p.add_argument("--keepalive", type=float, help="seconds between keepalives (default 10)")
     p.add_argument("--pcap", type=Path, metavar="FILE",
                    help="write the session's inner packets, both ways, to FILE (pcap, 0600)")
     p.add_argument("--pcap-max-bytes", type=int, default=100 * 1000 * 1000, metavar="N",
@@ -296,6 +349,8 @@ def build_parser() -> argparse.ArgumentParser:
     from pvpn.lab.cli import register
 
     register(sub)
+    from pvpn.bench.cli import register as register_bench
+    register_bench(sub)
     return parser
 
 

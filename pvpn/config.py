@@ -95,7 +95,8 @@ class _Table:
             )
 
 
-def _load(path: Path) -> dict[str, Any]:
+def load_toml(path: Path) -> dict[str, Any]:
+    """A TOML file as data; ConfigError naming the file if it is missing or not TOML."""
     try:
         with open(path, "rb") as handle:
             return tomllib.load(handle)
@@ -189,7 +190,7 @@ DEFAULT_PORT = 4433
 
 def _node_tables(path: Path, role: str) -> tuple[dict[str, Any], _Table]:
     """A node config has its [role] section and [users.NAME] sections, nothing else."""
-    data = _load(path)
+    data = load_toml(path)
     unknown = set(data) - {role, "users"}
     if unknown:
         raise ConfigError(f"{path}: unknown section(s) {sorted(unknown)}")
@@ -262,7 +263,7 @@ class ClientConfig:
 
 
 def load_client_config(path: Path) -> ClientConfig:
-    data = _load(path)
+    data = load_toml(path)
     if set(data) != {"client"} or not isinstance(data["client"], dict):
         raise ConfigError(f"{path}: expected exactly one [client] section")
     t = _Table(path, "client", data["client"])

@@ -1,0 +1,65 @@
+"""The `pvpn` command line: named connection profiles and argument checks."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from pvpn.cli import apply_profile, build_parser, cmd_connect
+from pvpn.errors import ConfigError
+
+PROFILES = """
+[profile.work]
+server = "10.77.2.2:4433"
+via = ["10.77.0.2", "10.77.1.2"]
+to = ["10.77.3.0/24"]
+ca = "/etc/pvpn/ca.crt"
+key = "~/keys/work"
+keepalive = 2
+"""
+
+
+def parsed(*argv: str) -> object:
+    args = build_parser().parse_args(["connect", *argv])
+    args.key_given, args.socket_given, args.keepalive_given = args.key, args.socket, args.keepalive
+    return args
+
+
+def test_a_profile_fills_what_the_command_line_leaves_out(tmp_path: Path) -> None:
+    profiles = tmp_path / "profiles.toml"
+    profiles.write_text(PROFILES)
+    args = parsed("--profile", "work", "--to", "10.9.0.0/24")
+    apply_profile(args, profiles)  # type: ignore[arg-type]
+    assert args.server == "10.77.2.2:4433" and args.via == ["10.77.0.2", "10.77.1.2"]  # type: ignore[attr-defined]
+    assert args.to == ["10.9.0.0/24"], "the command line wins"  # type: ignore[attr-defined]
+    assert args.ca == "/etc/pvpn/ca.crt" and args.keepalive == 2.0  # type: ignore[attr-defined]
+    assert args.key == Path("~/keys/work").expanduser()  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("text, words", [
+    ("[profile.home]\nserver = 'x'\n", "no [profile.work]"),
+    ("[profile.work]\nservr = 'x'\n", "unknown setting"),
+    ("[profile.work]\nto = '10.0.0.0/8'\n", "list of strings"),
+    ("[profile.work\n", "not valid TOML"),
+])
+def test_bad_profiles_say_what_is_wrong(tmp_path: Path, text: str, words: str) -> None:
+    profiles = tmp_path / "profiles.toml"
+    profiles.write_text(text)
+    with pytest.raises(ConfigError, match=words.replace("[", r"\[")):
+        apply_profile(parsed("--profile", "work"), profiles)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("argv, words", [
+    ([], "name the server"),
+    (["10.0.0.1"], "--to PREFIX"),
+    (["10.0.0.1", "--to", "10.9.0.0/24"], "--ca FILE"),
+    (["10.0.0.1", "--to", "nonsense", "--ca", "c"], "not an IPv4/IPv6"),
+    (["10.0.0.1", "--to", "10.9.0.0/24", "--via", "10.0.0.5", "--pin", "c"], "--pin names one"),
+    (["10.0.0.1", "--to", "10.9.0.0/24", "--via", "10.0.0.1", "--ca", "c"], "twice"),
+])
+def test_connect_refuses_unclear_requests_before_doing_anything(
+        argv: list[str], words: str) -> None:
+    args = build_parser().parse_args(["connect", *argv])
+    with pytest.raises(ConfigError, match=words.replace("[", r"\[")):
+        cmd_connect(args)
