@@ -8,6 +8,7 @@ setup(
         "pvpn",
         "pvpn.io",
         "pvpn.lab",
+        "pvpn.bench",
         "pvpn.client",
         "pvpn.server",
         "pvpn.gateway",

@@ -1,0 +1,632 @@
+"""The network paths the bench compares, each set up in a lab of its own.
+
+Every path answers the same two questions for the measurements: how to run a command on the
+client host as the bench's user (``BenchPath.run``), and which address the target has; and
+it knows how to undo itself (``BenchPath.teardown``, last step first).
+
+- ``direct``: a lab without pvpn nodes (``--no-nodes``) in which :func:`route_through` turns
+  on IP forwarding on the hosts between client and target and adds the routes back to the
+  client, so the client reaches the target by plain routing;
+- ``pvpn`` / ``pvpn-2gw``: the lab's own nodes, and alice's ``pvpn connect --background``;
+- ``openvpn-udp`` / ``openvpn-tcp``: OpenVPN point-to-point in TLS mode (a small PKI made
+  at bench time, AES-256-GCM), tun devices on the client and the server hosts, the client
+  routing the target's subnet into its tun, the server forwarding and the target routing the
+  tunnel's subnet back to the server;
+- ``sshuttle``: sshuttle (``--method nat``) run by root on the client, through an sshd
+  started on the server host for the bench, logging in as alice with her lab ssh key.
+
+Peers that cannot be installed or set up raise :class:`PathUnavailable` with the reason; the
+bench reports them as skipped and goes on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import re
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pvpn.errors import PvpnError
+from pvpn.lab import lab, services
+from pvpn.lab import users as lab_users
+from pvpn.lab.commands import find_program, run, wait_until
+from pvpn.lab.topology import PVPN_PORT, Topology
+
+Say = Callable[[str], None]
+
+BENCH_USER = "alice"
+OPENVPN_PORT = 1194
+OPENVPN_NET = "10.78.0"  # the tunnel's /24: .1 on the server, .2 on the client
+SSH_PORT = 22
+SETUP_TIMEOUT = 30.0
+INSTALL_TIMEOUT = 600.0
+STOP_GRACE = 5.0
+
+
+class PathUnavailable(PvpnError):
+    """A path could not be set up; the message says why (shown as the path's note)."""
+
+
+@dataclass
+class BenchPath:
+    """One way from the client host to the target, ready to carry the bench's traffic."""
+
+    name: str
+    lab: str
+    topology: Topology
+    target4: str
+    hops: int  # VPN hops a packet crosses (0 for direct; pvpn: 1 + gateways)
+    udp: bool = True  # carries UDP (sshuttle's nat method does not)
+    icmp: bool = True
+    notes: list[str] = field(default_factory=list)
+    settings: dict[str, str] = field(default_factory=dict)
+    # role -> a function listing the pids of that role's processes (for CPU accounting)
+    processes: dict[str, Callable[[], list[int]]] = field(default_factory=dict)
+    undo: list[tuple[str, Callable[[], None]]] = field(default_factory=list)
+    logs: list[Path] = field(default_factory=list)  # shown when the path stops working
+    revive: Callable[[], None] | None = None  # sets the path up again after it broke
+
+    def argv(self, command: list[str], user: str = BENCH_USER) -> tuple[list[str], Path]:
+        """The argument list running ``command`` on the client host as ``user``."""
+        return lab.exec_argv(self.lab, "client", user, command)
+
+    def run(self, command: list[str], *, timeout: float, user: str = BENCH_USER
+            ) -> subprocess.CompletedProcess[bytes]:
+        """Run ``command`` on the client as ``user``; a non-zero exit is returned."""
+        argv, cwd = self.argv(command, user)
+        return run(argv, timeout=timeout, check=False, cwd=cwd)
+
+    def namespace(self, role: str) -> str:
+        return self.topology.host(role).namespace
+
+    def on_teardown(self, what: str, step: Callable[[], None]) -> None:
+        self.undo.append((what, step))
+
+    def teardown(self) -> list[str]:
+        """Undo every step, last first; returns warnings, never raises."""
+        warnings: list[str] = []
+        while self.undo:
+            what, step = self.undo.pop()
+            try:
+                step()
+            except (PvpnError, OSError, subprocess.SubprocessError) as exc:
+                warnings.append(f"{self.name}: {what}: {exc}")
+        return warnings
+
+
+# --- small helpers -----------------------------------------------------------------------
+
+
+def _in(topology: Topology, role: str, *cmd: str) -> list[str]:
+    return ["ip", "netns", "exec", topology.host(role).namespace, *cmd]
+
+
+def _ip(topology: Topology, role: str, *args: str) -> None:
+    run(["ip", "-n", topology.host(role).namespace, *args], timeout=10)
+
+
+def _sysctl(topology: Topology, role: str, setting: str) -> str:
+    out = run(_in(topology, role, "sysctl", "-n", setting), timeout=10)
+    return out.stdout.decode().strip()
+
+
+def _set_sysctl(topology: Topology, role: str, setting: str, value: str) -> None:
+    run(_in(topology, role, "sysctl", "-q", "-w", f"{setting}={value}"), timeout=10)
+
+
+def _forwarding(path: BenchPath, role: str) -> None:
+    """Turn on IPv4 and IPv6 forwarding on ``role``; restore the old values at teardown."""
+    topology = path.topology
+    for setting in ("net.ipv4.ip_forward", "net.ipv6.conf.all.forwarding"):
+        old = _sysctl(topology, role, setting)
+        _set_sysctl(topology, role, setting, "1")
+        path.on_teardown(f"{setting} on {role}",
+                         functools.partial(_set_sysctl, topology, role, setting, old))
+
+
+def _route(path: BenchPath, role: str, prefix: str, via: str) -> None:
+    """Add a route on ``role``; delete it at teardown."""
+    family = ["-6"] if ":" in prefix else []
+    _ip(path.topology, role, *family, "route", "add", prefix, "via", via)
+    path.on_teardown(f"route {prefix} on {role}",
+                     lambda: _ip(path.topology, role, *family, "route", "del", prefix,
+                                 "via", via))
+
+
+def route_through(path: BenchPath) -> None:
+    """Plain routing from the client to the target through every host in between.
+
+    The lab's hosts route by default to their right-hand neighbour and forward nothing
+    (docs/design.md "Lab addressing"); here every host between client and target forwards,
+    and every host right of link 1 gets routes back to the links on its left, via its left
+    neighbour.  Everything is undone at teardown (the lab's namespaces go at ``down``, too).
+    """
+    topology = path.topology
+    for host in topology.hosts[1:-1]:
+        _forwarding(path, host.role)
+    for host in topology.hosts[2:]:
+        left = topology.left_link(host.role)
+        if left is None:
+            continue
+        for link in topology.links[:left.index]:
+            _route(path, host.role, str(link.subnet4), str(left.left4))
+            _route(path, host.role, str(link.subnet6), str(left.left6))
+
+
+def processes_matching(*needles: str, uid: int | None = None) -> list[int]:
+    """Pids whose command line contains every needle (and run as ``uid``), with their
+    descendants (a daemon's worker processes count as its own)."""
+    found: list[int] = []
+    parents: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        pid = int(entry.name)
+        try:
+            stat = (entry / "stat").read_text()
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(
+                errors="replace")
+            owner = entry.stat().st_uid
+        except OSError:
+            continue
+        parents[pid] = int(stat[stat.rindex(")") + 2:].split()[1])
+        if pid != os.getpid() and all(n in cmdline for n in needles) and (
+                uid is None or owner == uid):
+            found.append(pid)
+    return _with_descendants(found, parents)
+
+
+def _with_descendants(roots: list[int], parents: dict[int, int]) -> list[int]:
+    result = list(roots)
+    seen = set(roots)
+    for _ in range(8):  # a bounded number of generations
+        children = [pid for pid, ppid in parents.items() if ppid in seen and pid not in seen]
+        if not children:
+            break
+        result += children
+        seen.update(children)
+    return result
+
+
+def _pids_of(*procs: subprocess.Popen[bytes]) -> Callable[[], list[int]]:
+    def pids() -> list[int]:
+        roots = [p.pid for p in procs if p.poll() is None]
+        parents: dict[int, int] = {}
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit():
+                try:
+                    stat = (entry / "stat").read_text()
+                except OSError:
+                    continue
+                parents[int(entry.name)] = int(stat[stat.rindex(")") + 2:].split()[1])
+        return _with_descendants(roots, parents)
+    return pids
+
+
+def _namespace_pids_of_uid(namespace: str, uid: int) -> Callable[[], list[int]]:
+    def pids() -> list[int]:
+        out = run(["ip", "netns", "pids", namespace], check=False, timeout=10)
+        result = []
+        for token in out.stdout.decode().split():
+            with contextlib.suppress(OSError):
+                if Path(f"/proc/{token}").stat().st_uid == uid:
+                    result.append(int(token))
+        return result
+    return pids
+
+
+def _start(path: BenchPath, what: str, argv: list[str], log: Path) -> subprocess.Popen[bytes]:
+    """Start a long-running helper (its own session, so a Ctrl-C reaches the bench first and
+    the helper is stopped in order); stopped at teardown, TERM then KILL."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "ab") as out:
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+
+    def stop() -> None:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=STOP_GRACE)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=STOP_GRACE)
+
+    path.on_teardown(f"stop {what}", stop)
+    return proc
+
+
+def _tail(log: Path, lines: int = 8) -> str:
+    try:
+        return " | ".join(log.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+def _wait_log(proc: subprocess.Popen[bytes], log: Path, marker: str, what: str,
+              timeout: float = SETUP_TIMEOUT) -> None:
+    deadline = time.monotonic() + timeout
+    for _ in range(int(timeout / 0.1) + 1):
+        with contextlib.suppress(OSError):
+            if marker in log.read_text(errors="replace"):
+                return
+        if proc.poll() is not None:
+            raise PathUnavailable(f"{what} exited ({proc.returncode}): {_tail(log)}")
+        if time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    raise PathUnavailable(f"{what} not ready after {timeout:g} s: {_tail(log)}")
+
+
+def check_reaches(path: BenchPath) -> None:
+    """The target's web server answers the bench's user over the path, else the path is
+    unusable."""
+    url = f"http://{path.target4}/0"
+    result = path.run(["curl", "-sS", "-o", "/dev/null", "--max-time", "5", url], timeout=15)
+    if result.returncode != 0:
+        raise PathUnavailable(f"{BENCH_USER} cannot reach {url} over {path.name}: "
+                              f"{result.stderr.decode(errors='replace').strip()}")
+
+
+def reaches(path: BenchPath) -> str:
+    """"" if the target still answers over the path, else what went wrong."""
+    try:
+        check_reaches(path)
+    except PvpnError as exc:
+        return str(exc)
+    return ""
+
+
+def log_tails(path: BenchPath, lines: int = 4) -> str:
+    """The last lines of the path's logs, for the report of a path that broke."""
+    return " || ".join(f"{log.name}: {_tail(log, lines)}" for log in path.logs)
+
+
+def _new_path(name: str, topology: Topology, hops: int) -> BenchPath:
+    return BenchPath(name=name, lab=topology.name, topology=topology,
+                     target4=str(topology.target_link.right4), hops=hops)
+
+
+# --- direct ------------------------------------------------------------------------------
+
+
+def setup_direct(topology: Topology) -> BenchPath:
+    """Plain routing, no VPN, in a lab built without pvpn nodes."""
+    path = _new_path("direct", topology, 0)
+    try:
+        route_through(path)
+        check_reaches(path)
+    except BaseException:
+        path.teardown()
+        raise
+    path.notes.append("routed: IP forwarding on the hosts in between, no VPN")
+    return path
+
+
+# --- pvpn --------------------------------------------------------------------------------
+
+
+def _supervisorctl(topology: Topology, role: str, *args: str) -> str:
+    supervisorctl = find_program("supervisorctl")
+    if supervisorctl is None:
+        raise PathUnavailable("supervisorctl not found")
+    conf = topology.host_dir(role) / "supervisord.conf"
+    out = run([supervisorctl, "-c", str(conf), *args], check=False, timeout=60)
+    return out.stdout.decode(errors="replace")
+
+
+def _listening(topology: Topology, role: str, port: int) -> bool:
+    out = run(_in(topology, role, "ss", "-H", "-l", "-n", "-t", "sport", "=", f":{port}"),
+              check=False, timeout=10)
+    return bool(out.stdout.strip())
+
+
+def server_for_bench(topology: Topology, nat_ports: str | None) -> None:
+    """The lab's server writes every session's packets to pcap files (a debugging aid no
+    production server runs by default); the bench measures the data path without that: drop
+    ``pcap_dir`` from server.toml (and set ``nat_ports`` if asked), restart pvpn-server."""
+    config = services.node_config(topology, "server")
+    text = config.read_text()
+    kept = []
+    for line in text.splitlines():
+        if line.startswith(("pcap_dir", "pcap_max_bytes")):
+            continue
+        if nat_ports is not None and line.startswith("nat_ports"):
+            line = f'nat_ports = "{nat_ports}"'
+        kept.append(line)
+    config.write_text("\n".join(kept) + "\n")
+    _supervisorctl(topology, "server", "restart", "pvpn-server")
+    try:
+        wait_until("pvpn-server to listen again", lambda: _listening(topology, "server",
+                                                                   PVPN_PORT),
+                   timeout=SETUP_TIMEOUT)
+    except PvpnError as exc:
+        raise PathUnavailable(f"pvpn-server did not come back after the restart: {exc}: "
+                              f"{_tail(services.node_log(topology, 'server'))}") from exc
+
+
+def node_processes(topology: Topology, user: str = BENCH_USER
+                   ) -> dict[str, Callable[[], list[int]]]:
+    """pvpn's processes of a lab, by role: pvpn-client, the user's `pvpn connect`, each
+    gateway, pvpn-server (found by the lab's config paths in their command lines)."""
+    root = str(topology.root)
+    uid = lab_users.require_user(user).uid
+    sock = str(services.client_socket(topology))
+    out: dict[str, Callable[[], list[int]]] = {
+        "pvpn-client": lambda: processes_matching("pvpn-client", f"{root}/client/"),
+        "pvpn connect": lambda: processes_matching("connect", sock, uid=uid),
+    }
+    for role in topology.gateway_roles:
+        out[f"pvpn-gateway {role}"] = functools.partial(
+            processes_matching, "pvpn-gateway", f"{root}/{role}/")
+    out["pvpn-server"] = lambda: processes_matching("pvpn-server", f"{root}/server/")
+    return out
+
+
+def connect_argv(topology: Topology, user: str, key: Path, log: Path) -> list[str]:
+    """``pvpn connect --background`` for ``user`` through the lab's chain."""
+    argv = services.connect_argv(topology, user)
+    key_at = argv.index("--key")
+    argv[key_at + 1] = str(key)
+    return [*argv, "--background", "--log", str(log)]
+
+
+SESSION_RE = re.compile(r"session ([0-9a-f]{32}) is up")
+
+
+def pvpn_connect(topology: Topology, user: str, key: Path, log: Path,
+                 timeout: float = SETUP_TIMEOUT) -> str:
+    """Open ``user``'s VPN in the background; returns the session id."""
+    argv, cwd = lab.exec_argv(topology.name, "client", user,
+                              connect_argv(topology, user, key, log))
+    result = run(argv, timeout=timeout, check=False, cwd=cwd)
+    out = result.stdout.decode(errors="replace") + result.stderr.decode(errors="replace")
+    match = SESSION_RE.search(out)
+    if result.returncode != 0 or match is None:
+        raise PathUnavailable(f"pvpn connect as {user} failed ({result.returncode}): "
+                              f"{out.strip()[-400:]}")
+    return match[1]
+
+
+def pvpn_disconnect(topology: Topology, user: str) -> None:
+    argv, cwd = lab.exec_argv(topology.name, "client", user, [
+        "pvpn", "disconnect", "--socket", str(services.client_socket(topology))])
+    run(argv, timeout=30, check=False, cwd=cwd)
+
+
+def setup_pvpn(topology: Topology, name: str, nat_ports: str | None = None) -> BenchPath:
+    """alice's personal VPN through the lab's chain (0 or more gateways)."""
+    path = _new_path(name, topology, 1 + topology.gateways)
+    try:
+        server_for_bench(topology, nat_ports)
+        key = services.user_key(topology, BENCH_USER)
+        log = key.parent / "connect.log"
+        session = pvpn_connect(topology, BENCH_USER, key, log)
+        path.on_teardown("pvpn disconnect", lambda: pvpn_disconnect(topology, BENCH_USER))
+        check_reaches(path)
+    except BaseException:
+        path.teardown()
+        raise
+    path.processes = node_processes(topology)
+    path.logs = [services.node_log(topology, role)
+                 for role in ("client", *topology.chain_roles)] + [log]
+
+    def revive() -> None:
+        pvpn_disconnect(topology, BENCH_USER)
+        path.settings["session"] = pvpn_connect(topology, BENCH_USER, key, log)
+        check_reaches(path)
+
+    path.revive = revive
+    path.settings = {"session": session,
+                     "chain": " -> ".join(["client", *topology.chain_roles]),
+                     "server pcap": "off (the lab's default capture is disabled)",
+                     "nat_ports": nat_ports or services.NAT_PORTS}
+    return path
+
+
+# --- installing the peers ----------------------------------------------------------------
+
+
+def _installed(name: str) -> str | None:
+    return find_program(name) or shutil.which(name)
+
+
+def ensure_program(program: str, *, apt: str | None, pip: str | None, say: Say) -> str:
+    """The path of ``program``, installing it first (pip into pvpn's environment, else
+    apt-get) when missing; :class:`PathUnavailable` when it can't be had."""
+    found = _installed(program)
+    if found:
+        return found
+    tried: list[str] = []
+    if pip is not None:
+        say(f"bench: installing {pip} with pip into {sys.prefix}")
+        result = subprocess.run([sys.executable, "-m", "pip", "install", "-q", pip],
+                                capture_output=True, timeout=INSTALL_TIMEOUT, check=False)
+        found = _installed(program)
+        if found:
+            return found
+        tried.append(f"pip install {pip}: {result.stderr.decode(errors='replace')[-300:]}")
+    if apt is not None and shutil.which("apt-get"):
+        say(f"bench: installing {apt} with apt-get")
+        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+        result = subprocess.run(["apt-get", "install", "-y", "-q", apt], capture_output=True,
+                                timeout=INSTALL_TIMEOUT, check=False, env=env)
+        found = _installed(program)
+        if found:
+            return found
+        tried.append(f"apt-get install {apt}: {result.stderr.decode(errors='replace')[-300:]}")
+    raise PathUnavailable(f"{program} is not installed and could not be installed: "
+                          + "; ".join(tried or ["no installer available"]))
+
+
+def _version(argv: list[str]) -> str:
+    try:
+        out = subprocess.run(argv, capture_output=True, timeout=10, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return "?"
+    text = (out.stdout or out.stderr).decode(errors="replace").strip()
+    return text.splitlines()[0] if text else "?"
+
+
+# --- OpenVPN -----------------------------------------------------------------------------
+
+
+def setup_openvpn(topology: Topology, proto: str, say: Say) -> BenchPath:
+    """OpenVPN over UDP (``proto="udp"``) or TCP, AES-256-GCM, in a lab without pvpn nodes."""
+    from pvpn import pki
+
+    openvpn = ensure_program("openvpn", apt="openvpn", pip=None, say=say)
+    path = _new_path(f"openvpn-{proto}", topology, 1)
+    work = topology.root / "bench-openvpn"
+    server4 = str(topology.server_link.right4)
+    try:
+        # A small PKI: the CA, a server and a client certificate (EC P-256, from pvpn.pki).
+        pki.create_ca(work / "ca", name=f"bench {topology.name} OpenVPN CA")
+        pki.issue_certificate(work / "ca", "ovpn-server", work, ips=[server4])
+        pki.issue_certificate(work / "ca", "ovpn-client", work)
+        common = [openvpn, "--dev", "tun", "--dev-type", "tun", "--ca", str(work / "ca/ca.crt"),
+                  "--dh", "none", "--data-ciphers", "AES-256-GCM", "--cipher", "AES-256-GCM",
+                  "--auth-nocache", "--verb", "3", "--ping", "10", "--ping-exit", "120"]
+        server_proto = "udp" if proto == "udp" else "tcp-server"
+        client_proto = "udp" if proto == "udp" else "tcp-client"
+        if proto != "udp":
+            # OpenVPN leaves Nagle on for its TCP link by default; with it, each small
+            # request waits for a delayed ACK (~170 ms a request).  Its manual recommends
+            # TCP_NODELAY for latency, which pvpn sets on its own tunnel sockets too.
+            common += ["--socket-flags", "TCP_NODELAY"]
+        server_log, client_log = work / "server.log", work / "client.log"
+        server = _start(path, "openvpn server", _in(
+            topology, "server", *common, "--tls-server",
+            "--cert", str(work / "ovpn-server.crt"), "--key", str(work / "ovpn-server.key"),
+            "--proto", server_proto, "--local", server4, "--lport", str(OPENVPN_PORT),
+            "--ifconfig", f"{OPENVPN_NET}.1", f"{OPENVPN_NET}.2"), server_log)
+        _forwarding(path, "server")
+        # The target answers the tunnel's addresses through the server.
+        _route(path, "target", f"{OPENVPN_NET}.0/24", str(topology.target_link.left4))
+        if proto != "udp":
+            try:
+                wait_until("the OpenVPN server to listen",
+                           lambda: _listening(topology, "server", OPENVPN_PORT),
+                           timeout=SETUP_TIMEOUT)
+            except PvpnError as exc:
+                raise PathUnavailable(f"{exc}: {_tail(server_log)}") from exc
+        link = topology.target_link
+        client = _start(path, "openvpn client", _in(
+            topology, "client", *common, "--tls-client", "--remote-cert-tls", "server",
+            "--cert", str(work / "ovpn-client.crt"), "--key", str(work / "ovpn-client.key"),
+            "--proto", client_proto, "--remote", server4, str(OPENVPN_PORT), "--nobind",
+            "--ifconfig", f"{OPENVPN_NET}.2", f"{OPENVPN_NET}.1",
+            "--route", str(link.subnet4.network_address), str(link.subnet4.netmask)),
+            client_log)
+        _wait_log(client, client_log, "Initialization Sequence Completed",
+                  f"OpenVPN client ({proto})")
+        check_reaches(path)
+    except PathUnavailable:
+        path.teardown()
+        raise
+    except PvpnError as exc:
+        path.teardown()
+        raise PathUnavailable(f"OpenVPN ({proto}) set-up failed: {exc}") from exc
+    except BaseException:
+        path.teardown()
+        raise
+    path.processes = {"openvpn client": _pids_of(client), "openvpn server": _pids_of(server)}
+    path.logs = [client_log, server_log]
+    path.settings = {"version": _version([openvpn, "--version"]),
+                     "mode": f"p2p TLS, {proto}, AES-256-GCM, tun, default MTU and mssfix"
+                             + (", TCP_NODELAY" if proto != "udp" else ""),
+                     "reply path": "server forwards; target routes the tunnel subnet back"}
+    return path
+
+
+# --- sshuttle ----------------------------------------------------------------------------
+
+
+def _sshd_config(topology: Topology, work: Path) -> str:
+    return "\n".join([
+        f"# sshd for the bench's sshuttle path in {topology.name}-server",
+        f"Port {SSH_PORT}",
+        f"ListenAddress {topology.server_link.right4}",
+        f"HostKey {work}/ssh_host_ed25519_key",
+        f"PidFile {work}/sshd.pid",
+        f"AuthorizedKeysFile {topology.root}/ssh/%u.pub",
+        f"AllowUsers {BENCH_USER}",
+        "PubkeyAuthentication yes",
+        "PasswordAuthentication no",
+        "KbdInteractiveAuthentication no",
+        "PermitRootLogin no",
+        "UsePAM yes",
+        "PrintMotd no",
+        "X11Forwarding no",
+        "",
+    ])
+
+
+def setup_sshuttle(topology: Topology, say: Say) -> BenchPath:
+    """sshuttle from the client to an sshd the bench runs on the server host."""
+    sshuttle = ensure_program("sshuttle", apt="sshuttle", pip="sshuttle", say=say)
+    sshd = _installed("sshd")
+    if sshd is None:
+        raise PathUnavailable("sshd is not installed (openssh-server)")
+    path = _new_path("sshuttle", topology, 1)
+    path.udp = False
+    path.icmp = False
+    work = topology.root / "bench-sshuttle"
+    work.mkdir(mode=0o755, parents=True, exist_ok=True)
+    server4 = str(topology.server_link.right4)
+    try:
+        host_key = work / "ssh_host_ed25519_key"
+        run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(host_key)])
+        (work / "sshd_config").write_text(_sshd_config(topology, work))
+        Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)
+        _start(path, "sshd", _in(topology, "server", sshd, "-D", "-e", "-f",
+                                 str(work / "sshd_config")), work / "sshd.log")
+        try:
+            wait_until("the bench's sshd to listen",
+                       lambda: _listening(topology, "server", SSH_PORT), timeout=SETUP_TIMEOUT)
+        except PvpnError as exc:
+            raise PathUnavailable(f"{exc}: {_tail(work / 'sshd.log')}") from exc
+        pub = Path(f"{host_key}.pub").read_text().split()
+        known = work / "known_hosts"
+        known.write_text(f"{server4} {pub[0]} {pub[1]}\n")
+        key = services.ssh_key(topology, BENCH_USER)
+        ssh = ["ssh", "-F", "/dev/null", "-i", str(key), "-o", f"UserKnownHostsFile={known}",
+               "-o", "StrictHostKeyChecking=yes", "-o", "IdentitiesOnly=yes",
+               "-o", "BatchMode=yes"]
+        probe = run(_in(topology, "client", *ssh, f"{BENCH_USER}@{server4}", "true"),
+                    check=False, timeout=20)
+        if probe.returncode != 0:
+            raise PathUnavailable(f"ssh {BENCH_USER}@{server4} from the client failed: "
+                                  f"{probe.stderr.decode(errors='replace').strip()}")
+        log = work / "sshuttle.log"
+        client = _start(path, "sshuttle", _in(
+            topology, "client", sshuttle, "--method", "nat", "-e", shlex.join(ssh),
+            "-r", f"{BENCH_USER}@{server4}", str(topology.target_link.subnet4)), log)
+        _wait_log(client, log, "Connected to server", "sshuttle")
+        check_reaches(path)
+    except PathUnavailable:
+        path.teardown()
+        raise
+    except PvpnError as exc:
+        path.teardown()
+        raise PathUnavailable(f"sshuttle set-up failed: {exc}") from exc
+    except BaseException:
+        path.teardown()
+        raise
+    uid = lab_users.require_user(BENCH_USER).uid
+    path.logs = [log]
+    path.processes = {"sshuttle client": _pids_of(client),
+                      "sshuttle server": _namespace_pids_of_uid(path.namespace("server"), uid)}
+    path.settings = {"version": _version([sshuttle, "--version"]),
+                     "mode": "--method nat, ssh to an sshd on the server host as alice"}
+    path.notes.append("sshuttle carries TCP only: no UDP or ICMP figures")
+    return path
