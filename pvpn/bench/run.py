@@ -236,29 +236,28 @@ class Bench:
         self.step += 1
         self.say(f"[{self.step}/{self.steps}] {what}: {outcome}")
 
-    def check_paths(self, when: str) -> None:
-        """Before each repeat of a section: does every path still reach the target?  A path
-        that broke is reported with its logs' last lines and set up again once (pvpn: a new
-        `pvpn connect`); its failed measurements stay in the results as errors."""
-        for path in self.paths:
-            problem = paths.reaches(path)
-            if not problem:
-                continue
-            incident: dict[str, Any] = {"when": when, "problem": problem,
-                                        "logs": paths.log_tails(path)[-3000:]}
-            self.say(f"bench: {path.name} stopped working ({when}): {problem}")
-            if path.revive is not None:
-                try:
-                    path.revive()
-                    incident["revived"] = True
-                    self.say(f"bench: {path.name} set up again")
-                except (PvpnError, OSError) as exc:
-                    incident["revived"] = False
-                    incident["revive_error"] = str(exc)[:500]
-            self.results["paths"][path.name].setdefault("incidents", []).append(incident)
-            self.results["warnings"].append(
-                f"{path.name} stopped working ({when}): {problem}"
-                + ("; set up again" if incident.get("revived") else ""))
+    def check_path(self, path: BenchPath, when: str) -> None:
+        """Before each measurement: does the path still reach the target?  A path that broke
+        (on a shared machine, another program may kill a tunnel process) is reported with
+        its logs' last lines and set up again once (pvpn: a new `pvpn connect`)."""
+        problem = paths.reaches(path)
+        if not problem:
+            return
+        incident: dict[str, Any] = {"when": when, "problem": problem,
+                                    "logs": paths.log_tails(path)[-3000:]}
+        self.say(f"bench: {path.name} stopped working ({when}): {problem}")
+        if path.revive is not None:
+            try:
+                path.revive()
+                incident["revived"] = True
+                self.say(f"bench: {path.name} set up again")
+            except (PvpnError, OSError) as exc:
+                incident["revived"] = False
+                incident["revive_error"] = str(exc)[:500]
+        self.results["paths"][path.name].setdefault("incidents", []).append(incident)
+        self.results["warnings"].append(
+            f"{path.name} stopped working ({when}): {problem}"
+            + ("; set up again" if incident.get("revived") else ""))
 
     def _plan(self) -> int:
         o, n = self.options, len(self.paths)
@@ -282,8 +281,8 @@ class Bench:
                 except PvpnError as exc:
                     self.results["warnings"].append(f"{path.name}: {exc}")
             for repeat in range(self.options.repeats):
-                self.check_paths(f"latency, repeat {repeat + 1}")
                 for path in self.paths:
+                    self.check_path(path, f"latency, repeat {repeat + 1}")
                     record: dict[str, Any] = {"path": path.name, "repeat": repeat}
                     if path.name in echoes:
                         record["rr"] = measure.round_trips(path, self.options.round_trips)
@@ -303,9 +302,9 @@ class Bench:
 
     def measure_bulk(self) -> None:
         for repeat in range(self.options.repeats):
-            self.check_paths(f"bulk, repeat {repeat + 1}")
             for test in self.options.bulk_tests:
                 for path in self.paths:
+                    self.check_path(path, f"bulk {test}, repeat {repeat + 1}")
                     if test.startswith("udp"):
                         if not path.udp:
                             self._progress(f"bulk {test} {path.name}", "n/a (no UDP)")
@@ -328,10 +327,10 @@ class Bench:
 
     def measure_webstone(self) -> None:
         for repeat in range(self.options.repeats):
-            self.check_paths(f"webstone, repeat {repeat + 1}")
             for file in self.options.files:
                 for clients in self.options.clients:
                     for path in self.paths:
+                        self.check_path(path, f"http {file} x{clients}, repeat {repeat + 1}")
                         result = measure.http_cell(path, file, clients, self.options.duration)
                         result.update({"path": path.name, "file": file, "clients": clients,
                                        "repeat": repeat})
@@ -391,9 +390,9 @@ class Bench:
                 self.results["warnings"].append(f"scale users: {exc}")
                 self.say(f"bench: scale users could not be set up: {exc}")
         for repeat in range(self.options.repeats):
-            self.check_paths(f"scale, repeat {repeat + 1}")
             for count in counts:
                 for path in self._scale_paths():
+                    self.check_path(path, f"scale {count}, repeat {repeat + 1}")
                     if path.name == "pvpn":
                         connected = self.scale.connected if self.scale else []
                         if len(connected) < count:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
 from pathlib import Path
 from typing import Any, Callable
 
@@ -55,7 +56,17 @@ async def start_control(path: Path, provider: StatusProvider) -> asyncio.Abstrac
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.exists() and not path.is_socket():
         raise ConfigError(f"{path} exists and is not a socket; remove it or change 'control'")
-    path.unlink(missing_ok=True)
+    if path.exists():
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(str(path))
+        except OSError:
+            path.unlink()  # left by a node that died
+        else:
+            raise ConfigError(f"another node already answers on {path}; give this one its own "
+                              "'control' socket")
+        finally:
+            probe.close()
     server = await asyncio.get_running_loop().create_unix_server(
         lambda: _ControlLink(provider), str(path))
     os.chmod(path, 0o600)

@@ -175,6 +175,8 @@ def extra_gateway(info: dict[str, Any], name: str, port: int,
             line = f'certificate = "{certificate}"'
         if certificate and line.startswith("private_key"):
             line = f'private_key = "{certificate[:-4]}.key"'
+        if line.startswith("control"):
+            line = f'control = "{config.with_name(f"{name}.ctl")}"'
         lines.append(line)
     path = config.with_name(f"{name}.toml")
     path.write_text("\n".join(lines) + "\n")
