@@ -423,6 +423,9 @@ def setup_pvpn(topology: Topology, name: str, nat_ports: str | None = None) -> B
     def revive() -> None:
         pvpn_disconnect(topology, BENCH_USER)
         path.settings["session"] = pvpn_connect(topology, BENCH_USER, key, log)
+        # iperf3 serves one test at a time and waits for a client that vanished with the
+        # old tunnel (minutes of retransmissions); start it afresh.
+        _supervisorctl(topology, "target", "restart", "iperf3")
         check_reaches(path)
 
     path.revive = revive
