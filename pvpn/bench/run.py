@@ -116,19 +116,26 @@ def _version(argv: list[str]) -> str:
 
 
 def checkout() -> str:
-    """The commit of the pvpn checkout that runs (and whether files differ from it)."""
+    """The commit of the pvpn checkout that runs (and how many files differ from it), or
+    where pvpn was installed from when it does not run from a git checkout."""
     from pathlib import Path
 
+    from pvpn import __version__
+
     root = Path(__file__).resolve().parent.parent.parent
-    head = _version(["git", "-C", str(root), "rev-parse", "--short", "HEAD"])
     try:
+        head = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"],
+                              capture_output=True, timeout=10, check=False)
+        if head.returncode != 0:
+            return f"{__version__} installed in {root} (not a git checkout)"
         status = subprocess.run(["git", "-C", str(root), "status", "--porcelain",
                                  "--untracked-files=no"], capture_output=True, timeout=10,
                                 check=False).stdout.decode(errors="replace")
     except (OSError, subprocess.SubprocessError):
-        return head
+        return f"{__version__} ({root})"
     changed = len(status.splitlines())
-    return f"{head}" + (f" with {changed} changed file(s)" if changed else "")
+    return (head.stdout.decode().strip()
+            + (f" with {changed} changed file(s)" if changed else ""))
 
 
 def machine() -> dict[str, Any]:
