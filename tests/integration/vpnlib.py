@@ -154,8 +154,11 @@ def status(info: dict[str, Any], user: str) -> str:
 
 
 def tunnel_pids(info: dict[str, Any], user: str) -> list[int]:
+    """The user's `pvpn connect` processes of *this* lab only (users are shared between labs,
+    so match the lab's own client socket on the command line)."""
     uid = info["users"][user]["uid"]
-    out = subprocess.run(["pgrep", "-u", str(uid), "-f", "pvpn connect"],
+    pattern = f"pvpn connect .*--socket {re.escape(info['client_socket'])}"
+    out = subprocess.run(["pgrep", "-u", str(uid), "-f", pattern],
                          capture_output=True, text=True).stdout
     return [int(p) for p in out.split()]
 
