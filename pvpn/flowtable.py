@@ -22,6 +22,14 @@ Mapping rules:
 * ICMP errors: look them up with the quoted packet's flow (``icmp_error_inner_flow``), i.e.
   ``inbound(inner.proto, inner.dst, inner.dport, inner.src, inner.sport, now)``.
 
+TCP mappings follow the connection's end so that a busy client does not run the range dry
+(a port held a minute after every short connection caps one destination at a few dozen new
+connections per second): a FIN or RST moves a mapping to the *closing* timeout; once both sides
+have sent a FIN, or an RST was seen, it is *closed* and kept only ``tcp_closed_timeout`` for the
+last ACK and retransmitted FINs. When every port towards an endpoint is taken, the mapping
+closed longest ago (at least ``tcp_reuse_after`` seconds) gives its port to the new flow, as a
+TCP stack reuses a TIME-WAIT port.
+
 Every structure is bounded by ``max_flows``; lookups in both directions are dict lookups, and
 idle flows sit in one insertion-ordered queue per timeout class, oldest first, so
 :meth:`FlowTable.expire` only touches the flows it removes.
@@ -61,6 +69,13 @@ class Flow:
     nat_port: int  # TCP/UDP source port, or ICMP echo identifier, used on the server side
     last_seen: float
     closing: bool  # a FIN or RST was seen: short timeout
+    fins: int = 0  # _FIN_OUT | _FIN_IN: which sides have sent a FIN
+    closed: bool = False  # both FINs or an RST seen: kept briefly, its port reusable
+    closed_at: float = 0.0
+
+
+_FIN_OUT = 1  # the client's side sent a FIN
+_FIN_IN = 2  # the remote side sent a FIN
 
 
 def _remote_port(flow: FlowKey) -> int:
@@ -68,6 +83,11 @@ def _remote_port(flow: FlowKey) -> int:
     if flow.proto == PROTO_TCP or flow.proto == PROTO_UDP:
         return flow.dport
     return 0
+
+
+def _endpoint(flow: Flow) -> _Endpoint:
+    original = flow.original
+    return (original.proto, flow.nat_src, original.dst, _remote_port(original))
 
 
 class FlowTable:
@@ -85,13 +105,16 @@ class FlowTable:
         tcp_closing_timeout: float = 60.0,
         udp_timeout: float = 180.0,
         icmp_timeout: float = 30.0,
+        tcp_closed_timeout: float = 10.0,
+        tcp_reuse_after: float = 1.0,
     ) -> None:
         low, high = port_range
         if not 1 <= low <= high <= 65535:
             raise ConfigError(f"nat_ports {low}-{high}: need 1 <= first <= last <= 65535")
         if max_flows < 1:
             raise ConfigError(f"max_flows {max_flows}: need at least 1")
-        if min(tcp_timeout, tcp_closing_timeout, udp_timeout, icmp_timeout) <= 0:
+        if min(tcp_timeout, tcp_closing_timeout, udp_timeout, icmp_timeout,
+               tcp_closed_timeout) <= 0 or tcp_reuse_after < 0:
             raise ConfigError("flow timeouts must be positive")
         self._low = low
         self._size = high - low + 1
@@ -101,16 +124,21 @@ class FlowTable:
         self._by_reply: dict[_ReplyKey, Flow] = {}
         self._ports_used: dict[_Endpoint, int] = {}
         self._by_session: dict[bytes, dict[int, Flow]] = {}
+        # Closed TCP mappings per endpoint, closed longest ago first: ports to reuse when full.
+        self._closed_by_endpoint: dict[_Endpoint, OrderedDict[int, Flow]] = {}
+        self._reuse_after = tcp_reuse_after
         # Idle queues, keyed by id(flow) (Flow is mutable, so not hashable), least recently
         # seen first, one per timeout class. The default TCP timeout is RFC 5382 REQ-5's
         # 2 h 4 min; the UDP one stays above RFC 4787 REQ-5's 2 min minimum.
         self._tcp: OrderedDict[int, Flow] = OrderedDict()
         self._tcp_closing: OrderedDict[int, Flow] = OrderedDict()
+        self._tcp_closed: OrderedDict[int, Flow] = OrderedDict()
         self._udp: OrderedDict[int, Flow] = OrderedDict()
         self._icmp: OrderedDict[int, Flow] = OrderedDict()
         self._queues = (
             (self._tcp, tcp_timeout),
             (self._tcp_closing, tcp_closing_timeout),
+            (self._tcp_closed, tcp_closed_timeout),
             (self._udp, udp_timeout),
             (self._icmp, icmp_timeout),
         )
@@ -189,6 +217,8 @@ class FlowTable:
     def _queue(self, flow: Flow) -> OrderedDict[int, Flow]:
         proto = flow.original.proto
         if proto == PROTO_TCP:
+            if flow.closed:
+                return self._tcp_closed
             return self._tcp_closing if flow.closing else self._tcp
         if proto == PROTO_UDP:
             return self._udp
@@ -196,22 +226,57 @@ class FlowTable:
 
     def _touch(self, flow: Flow, now: float, tcp_flags: int, outbound: bool) -> None:
         flow.last_seen = now
-        key = id(flow)
         if flow.original.proto == PROTO_TCP and tcp_flags:
             if tcp_flags & (TCP_FIN | TCP_RST):
-                if not flow.closing:
-                    del self._tcp[key]
-                    flow.closing = True
-                    self._tcp_closing[key] = flow
-                    return
-            elif flow.closing and outbound and tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN:
+                self._track_end(flow, now, tcp_flags, outbound)
+                return
+            if flow.closing and outbound and tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN:
                 # The client reuses the 4-tuple for a new connection (after TIME-WAIT): give the
                 # mapping its long timeout back, keeping the same NAT port.
-                del self._tcp_closing[key]
-                flow.closing = False
-                self._tcp[key] = flow
+                self._requeue(flow, closing=False, closed=False)
+                flow.fins = 0
                 return
-        self._queue(flow).move_to_end(key)
+        self._queue(flow).move_to_end(id(flow))
+
+    def _track_end(self, flow: Flow, now: float, tcp_flags: int, outbound: bool) -> None:
+        if tcp_flags & TCP_FIN:
+            flow.fins |= _FIN_OUT if outbound else _FIN_IN
+        closed = bool(tcp_flags & TCP_RST) or flow.fins == _FIN_OUT | _FIN_IN
+        if flow.closed:
+            self._tcp_closed.move_to_end(id(flow))
+        elif closed:
+            self._requeue(flow, closing=True, closed=True)
+            flow.closed_at = now
+            self._closed_by_endpoint.setdefault(_endpoint(flow), OrderedDict())[id(flow)] = flow
+        elif not flow.closing:
+            self._requeue(flow, closing=True, closed=False)
+        else:
+            self._tcp_closing.move_to_end(id(flow))
+
+    def _requeue(self, flow: Flow, closing: bool, closed: bool) -> None:
+        key = id(flow)
+        del self._queue(flow)[key]
+        if flow.closed:
+            self._forget_closed(flow)
+        flow.closing = closing
+        flow.closed = closed
+        self._queue(flow)[key] = flow
+
+    def _forget_closed(self, flow: Flow) -> None:
+        endpoint = _endpoint(flow)
+        closed = self._closed_by_endpoint[endpoint]
+        del closed[id(flow)]
+        if not closed:
+            del self._closed_by_endpoint[endpoint]
+
+    def _reusable(self, endpoint: _Endpoint, now: float) -> Flow | None:
+        """The mapping towards ``endpoint`` closed longest ago, if long enough to reuse its port."""
+        closed = self._closed_by_endpoint.get(endpoint)
+        if closed:
+            oldest = next(iter(closed.values()))
+            if now - oldest.closed_at >= self._reuse_after:
+                return oldest
+        return None
 
     def _create(
         self, session_id: bytes, flow: FlowKey, nat_src: bytes, now: float, tcp_flags: int
@@ -227,7 +292,11 @@ class FlowTable:
         endpoint = (proto, nat_src, flow.dst, remote_port)
         used = self._ports_used.get(endpoint, 0)
         if used >= self._size:
-            raise FlowTableFull(f"no free NAT port towards {flow.reversed().describe()}")
+            reused = self._reusable(endpoint, now)
+            if reused is None:
+                raise FlowTableFull(f"no free NAT port towards {flow.reversed().describe()}")
+            self._remove(reused)
+            return self._add(session_id, flow, nat_src, reused.nat_port, now, tcp_flags)
         # Round-robin from the shared cursor; the first port free for this endpoint wins. The
         # count above guarantees one exists within a full turn.
         by_reply = self._by_reply
@@ -244,13 +313,22 @@ class FlowTable:
         else:  # unreachable while the counts are consistent; fail safe rather than overwrite
             raise FlowTableFull(f"no free NAT port towards {flow.reversed().describe()}")
         self._cursor = cursor
-        closing = proto == PROTO_TCP and bool(tcp_flags & (TCP_FIN | TCP_RST))
-        created = Flow(session_id, flow, nat_src, port, now, closing)
+        return self._add(session_id, flow, nat_src, port, now, tcp_flags)
+
+    def _add(
+        self, session_id: bytes, flow: FlowKey, nat_src: bytes, port: int, now: float,
+        tcp_flags: int,
+    ) -> Flow:
+        created = Flow(session_id, flow, nat_src, port, now, False)
+        remote_port = _remote_port(flow)
+        endpoint = (flow.proto, nat_src, flow.dst, remote_port)
         self._by_session_flow[(session_id, flow)] = created
-        by_reply[reply_key] = created
-        self._ports_used[endpoint] = used + 1
+        self._by_reply[(flow.proto, nat_src, port, flow.dst, remote_port)] = created
+        self._ports_used[endpoint] = self._ports_used.get(endpoint, 0) + 1
         self._by_session.setdefault(session_id, {})[id(created)] = created
         self._queue(created)[id(created)] = created
+        if flow.proto == PROTO_TCP and tcp_flags & (TCP_FIN | TCP_RST):
+            self._track_end(created, now, tcp_flags, True)  # a flow first seen mid-way
         return created
 
     def _remove(self, flow: Flow) -> None:
@@ -270,3 +348,5 @@ class FlowTable:
         if not session_flows:
             del self._by_session[flow.session_id]
         del self._queue(flow)[key]
+        if flow.closed:
+            self._forget_closed(flow)

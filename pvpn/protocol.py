@@ -790,7 +790,7 @@ class ServerNode(NodeBase):
             return
         session.packets_out += 1
         session.bytes_out += len(packet)
-        self.commands.append(InjectPacket(pk.rewrite_source(packet, nat_src, entry.nat_port)))
+        self.commands.append(InjectPacket(pk.rewrite_source(packet, entry.nat_src, entry.nat_port)))
 
     def receive_reply(self, packet: bytes, now: float) -> bool:
         """A packet captured on its way in. True if it was ours (the adapter drops it from the

@@ -191,19 +191,94 @@ def test_expire_returns_oldest_first_and_only_idle_ones() -> None:
     assert table.expire(16.0) == [flows[1]]
 
 
-@pytest.mark.parametrize("flag", [TCP_FIN | TCP_ACK, TCP_RST])
 @pytest.mark.parametrize("direction", ["outbound", "inbound"])
-def test_fin_or_rst_shortens_tcp_timeout(flag: int, direction: str) -> None:
+def test_one_fin_shortens_tcp_timeout(direction: str) -> None:
     table = FlowTable((61000, 61999), tcp_timeout=1000.0, tcp_closing_timeout=60.0)
     flow = table.outbound(ALICE, tcp(), NAT, now=0.0, tcp_flags=TCP_SYN)
     assert not flow.closing
     if direction == "outbound":
-        table.outbound(ALICE, tcp(), NAT, now=10.0, tcp_flags=flag)
+        table.outbound(ALICE, tcp(), NAT, now=10.0, tcp_flags=TCP_FIN | TCP_ACK)
     else:
-        reply_to(table, flow, 10.0, flag)
-    assert flow.closing
+        reply_to(table, flow, 10.0, TCP_FIN | TCP_ACK)
+    assert flow.closing and not flow.closed  # half closed: the other side may still send
     assert table.expire(69.0) == []
     assert table.expire(70.0) == [flow]
+
+
+@pytest.mark.parametrize("direction", ["outbound", "inbound"])
+def test_rst_or_both_fins_close_the_mapping_for_a_short_while(direction: str) -> None:
+    table = FlowTable((61000, 61999), tcp_timeout=1000.0, tcp_closing_timeout=60.0,
+                      tcp_closed_timeout=10.0)
+    reset = table.outbound(ALICE, tcp(sport=1), NAT, now=0.0, tcp_flags=TCP_SYN)
+    ended = table.outbound(ALICE, tcp(sport=2), NAT, now=0.0, tcp_flags=TCP_SYN)
+    if direction == "outbound":
+        table.outbound(ALICE, tcp(sport=1), NAT, now=5.0, tcp_flags=TCP_RST)
+        table.outbound(ALICE, tcp(sport=2), NAT, now=5.0, tcp_flags=TCP_FIN | TCP_ACK)
+        reply_to(table, ended, 5.0, TCP_FIN | TCP_ACK)
+    else:
+        reply_to(table, reset, 5.0, TCP_RST)
+        reply_to(table, ended, 5.0, TCP_FIN | TCP_ACK)
+        table.outbound(ALICE, tcp(sport=2), NAT, now=5.0, tcp_flags=TCP_FIN | TCP_ACK)
+    assert reset.closed and ended.closed
+    # The last ACK still finds the mapping, and keeps it a little longer.
+    assert table.outbound(ALICE, tcp(sport=2), NAT, now=6.0, tcp_flags=TCP_ACK) is ended
+    assert table.expire(14.9) == []
+    assert table.expire(15.0) == [reset]
+    assert table.expire(15.9) == []
+    assert table.expire(16.0) == [ended]
+    assert len(table) == 0 and not table._closed_by_endpoint and not table._ports_used
+
+
+def test_a_full_range_reuses_the_port_closed_longest_ago() -> None:
+    table = FlowTable((100, 102), tcp_closed_timeout=10.0, tcp_reuse_after=1.0)
+    flows = [table.outbound(ALICE, tcp(sport=s), NAT, now=0.0, tcp_flags=TCP_SYN) for s in (1, 2, 3)]
+    # Flows 2 and then 1 end; 3 stays open. The range towards REMOTE:80 is full.
+    for when, flow in ((2.0, flows[1]), (3.0, flows[0])):
+        table.outbound(ALICE, flow.original, NAT, now=when, tcp_flags=TCP_FIN | TCP_ACK)
+        reply_to(table, flow, when, TCP_FIN | TCP_ACK)
+    with pytest.raises(FlowTableFull):  # closed too recently to hand out again
+        table.outbound(BOB, tcp(sport=9), NAT, now=2.5, tcp_flags=TCP_SYN)
+    new = table.outbound(BOB, tcp(sport=9), NAT, now=3.5, tcp_flags=TCP_SYN)
+    assert new.nat_port == flows[1].nat_port and new.session_id == BOB
+    # The old mapping is gone: its replies now find Bob's flow, never Alice's.
+    assert table.lookup(ALICE, flows[1].original) is None
+    assert reply_to(table, new, 4.0) is new
+    newer = table.outbound(BOB, tcp(sport=10), NAT, now=4.0, tcp_flags=TCP_SYN)
+    assert newer.nat_port == flows[0].nat_port
+    with pytest.raises(FlowTableFull):  # nothing closed is left: the open flows keep theirs
+        table.outbound(BOB, tcp(sport=11), NAT, now=100.0, tcp_flags=TCP_SYN)
+    # Other endpoints have their whole range.
+    assert table.outbound(BOB, tcp(dport=443), NAT, now=100.0, tcp_flags=TCP_SYN).nat_port
+    assert not table._closed_by_endpoint
+
+
+def test_short_connections_never_run_the_range_dry() -> None:
+    # 100 ports, 20 000 short connections to one endpoint at 80 per second: with ports held for
+    # a minute after each close this would fail after 100 connections.
+    table = FlowTable((1000, 1099), tcp_closing_timeout=60.0, tcp_closed_timeout=10.0)
+    now = 0.0
+    for n in range(20_000):
+        key = tcp(sport=10_000 + n % 50_000)
+        flow = table.outbound(ALICE, key, NAT, now=now, tcp_flags=TCP_SYN)
+        assert reply_to(table, flow, now, TCP_SYN | TCP_ACK) is flow
+        reply_to(table, flow, now, TCP_FIN | TCP_ACK)
+        table.outbound(ALICE, key, NAT, now=now, tcp_flags=TCP_FIN | TCP_ACK)
+        assert reply_to(table, flow, now, TCP_ACK) is flow
+        now += 1 / 80
+        if n % 100 == 0:
+            table.expire(now)
+    assert len(table) <= 100
+
+
+def test_a_closed_mapping_reopens_on_a_new_syn() -> None:
+    table = FlowTable((61000, 61999), tcp_timeout=1000.0, tcp_closed_timeout=10.0)
+    flow = table.outbound(ALICE, tcp(), NAT, now=0.0, tcp_flags=TCP_SYN)
+    table.outbound(ALICE, tcp(), NAT, now=1.0, tcp_flags=TCP_RST)
+    assert flow.closed
+    assert table.outbound(ALICE, tcp(), NAT, now=2.0, tcp_flags=TCP_SYN) is flow
+    assert not flow.closed and not flow.closing and not table._closed_by_endpoint
+    assert table.expire(1001.9) == []
+    assert table.expire(1002.0) == [flow]
 
 
 def test_closing_flow_keeps_closing_on_more_packets_and_reopens_on_syn() -> None:
@@ -222,11 +297,12 @@ def test_closing_flow_keeps_closing_on_more_packets_and_reopens_on_syn() -> None
 
 
 def test_syn_ack_from_remote_does_not_reopen() -> None:
-    table = FlowTable((61000, 61999), tcp_closing_timeout=60.0)
+    table = FlowTable((61000, 61999), tcp_closing_timeout=60.0, tcp_closed_timeout=10.0)
     flow = table.outbound(ALICE, tcp(), NAT, now=0.0, tcp_flags=TCP_RST)
     reply_to(table, flow, 1.0, TCP_SYN)
-    assert flow.closing
-    assert table.expire(61.0) == [flow]
+    assert flow.closing and flow.closed
+    assert table.expire(10.9) == []
+    assert table.expire(11.0) == [flow]
 
 
 def test_flow_table_full_at_max_flows() -> None:
@@ -294,6 +370,8 @@ def test_many_flows_stay_bounded_under_churn() -> None:
         {"port_range": (1, 65536)},
         {"port_range": (1, 2), "max_flows": 0},
         {"port_range": (1, 2), "udp_timeout": 0.0},
+        {"port_range": (1, 2), "tcp_closed_timeout": 0.0},
+        {"port_range": (1, 2), "tcp_reuse_after": -1.0},
     ],
 )
 def test_bad_settings(kwargs: dict[str, object]) -> None:
