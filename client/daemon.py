@@ -13,9 +13,8 @@ import pwd
 import socket
 import stat
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
-from netfilterqueue import NetfilterQueue
 
 from pvpn import firewall
 from pvpn import packet as pk
@@ -25,6 +24,7 @@ from pvpn.envelope import (
 )
 from pvpn.errors import ConfigError, MalformedPacket, PolicyError, PvpnError, RemoteProtocolError
 from pvpn.io import rules
+from pvpn.io.nfqueue import BatchedQueue
 from pvpn.io.loop import WRITE_HIGH_WATER, daemon_main, install_signals, peer_credentials
 from pvpn.io.tun import open_tun, strict_rp_filter
 from pvpn.records import Record, RecordWriter, session_hex
@@ -104,7 +104,7 @@ class ClientDaemon:
         self.log = RecordWriter("client", config.name)
         self.registry = Registry(config)
         self.loop = asyncio.get_running_loop()
-        self.queues: dict[int, NetfilterQueue] = {}
+        self.queues: dict[int, BatchedQueue] = {}
         self.tun_fds: dict[int, int] = {}
         self.links: dict[int, LocalLink] = {}  # slot -> attached link
         self._dirty: set[LocalLink] = set()
@@ -132,15 +132,14 @@ class ClientDaemon:
     def _attach_devices(self, session: SlotSession) -> None:
         fd = open_tun(session.tun)
         self.tun_fds[session.slot] = fd
-        queue = NetfilterQueue()
-        queue.bind(session.queue, self._queue_callback(session), max_len=4096)
+        queue = BatchedQueue(session.queue, self._queue_callback(session), max_len=4096)
         self.queues[session.slot] = queue
 
         def drain() -> None:
-            queue.run(block=False)
+            queue.drain()
             self.flush()
 
-        self.loop.add_reader(queue.get_fd(), drain)
+        self.loop.add_reader(queue.fileno(), drain)
 
     def recover(self) -> None:
         """Pick up what an earlier pvpn-client left: its sessions' rules stayed in the kernel
@@ -180,8 +179,8 @@ class ClientDaemon:
             self.config.instance, session.slot, session.tun))
         queue = self.queues.pop(session.slot, None)
         if queue is not None:
-            self.loop.remove_reader(queue.get_fd())
-            queue.unbind()
+            self.loop.remove_reader(queue.fileno())
+            queue.close()
         fd = self.tun_fds.pop(session.slot, None)
         if fd is not None:
             os.close(fd)
@@ -199,25 +198,24 @@ class ClientDaemon:
                        rule_errors=errors or None)
 
     # -- the packet path: queue -> user's process
-    def _queue_callback(self, session: SlotSession) -> Any:
+    def _queue_callback(self, session: SlotSession) -> Callable[[bytes], bool]:
         slot, uid, flows = session.slot, session.uid, session.flows
         parse_flow, loop_time = pk.parse_flow, self.loop.time
         dirty = self._dirty
         links = self.links
 
-        def on_packet(pkt: Any) -> None:
-            payload = pkt.get_payload()
-            pkt.drop()  # we took it; it never leaves this host in clear
+        def on_packet(payload: bytes) -> bool:
+            # Always taken (dropped by the queue): it never leaves this host in clear.
             link = links.get(slot)
             if link is None or not session.session_id:
                 count = session.drop("tunnel down (fail closed)")
                 if count == 1 or count & (count - 1) == 0:
                     self.log_event("packet:dropped", session, reason="tunnel down (fail closed)",
                                    count=count)
-                return
+                return True
             if link.congested:
                 session.drop("tunnel process not keeping up")
-                return
+                return True
             try:
                 if len(flows) < MAX_FLOWS_PER_SESSION:
                     flows[parse_flow(payload)] = loop_time()
@@ -228,6 +226,7 @@ class ClientDaemon:
             link.pending.append(encode_envelope(MsgType.PACKET, session.session_id, uid,
                                                 link.seq.take(), payload))
             dirty.add(link)
+            return True
 
         return on_packet
 

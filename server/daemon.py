@@ -6,15 +6,14 @@ from __future__ import annotations
 import asyncio
 import itertools
 import time
-from typing import Any
 
-from netfilterqueue import NetfilterQueue
 
 from pvpn import auth, firewall, tls
 from pvpn.config import ServerConfig, load_server_config
 from pvpn.errors import ConfigError, PvpnError
 from pvpn.io import rules
 from pvpn.io.control import start_control, stop_control
+from pvpn.io.nfqueue import BatchedQueue
 from pvpn.io.loop import (
     WRITE_HIGH_WATER, daemon_main, install_signals, peer_text, set_nodelay,
 )
@@ -83,11 +82,9 @@ class Server:
         if self.captures is not None:
             self.captures.flush()
 
-    def on_reply(self, pkt: Any) -> None:
-        if self.node.receive_reply(pkt.get_payload(), self.loop.time()):
-            pkt.drop()
-        else:
-            pkt.accept()
+    def take_reply(self, packet: bytes) -> bool:
+        """A queued packet: True if it was a session's reply (the queue drops the original)."""
+        return self.node.receive_reply(packet, self.loop.time())
 
     def reload(self) -> None:
         try:
@@ -144,22 +141,20 @@ async def serve(config: ServerConfig) -> None:
         server.log.write(Record("node:cleanup", reason="rules left by an earlier run",
                                 extra={"chains": stale}))
     rules.remove_instance(config.instance)
-    queue = NetfilterQueue()
+    queue: BatchedQueue | None = None
     listeners: list[asyncio.AbstractServer] = []
     control: asyncio.AbstractServer | None = None
     stop = asyncio.Event()
-    bound = False
     try:
-        queue.bind(config.queue, server.on_reply, max_len=8192)
-        bound = True
+        queue = BatchedQueue(config.queue, server.take_reply, max_len=8192)
         rules.apply(firewall.server_rules(config.instance, config.queue, config.nat_ports))
 
-        def drain_queue() -> None:
-            queue.run(block=False)
+        def drain_queue(queue: BatchedQueue = queue) -> None:
+            queue.drain()
             server.node.flush(loop.time())
             server.dispatch()
 
-        loop.add_reader(queue.get_fd(), drain_queue)  # bound above, so removable below
+        loop.add_reader(queue.fileno(), drain_queue)  # bound above, so removable below
         for host, port in config.listen:
             listeners.append(await loop.create_server(
                 lambda: ServerLinkProtocol(server), host, port, reuse_address=True))
@@ -187,9 +182,9 @@ async def serve(config: ServerConfig) -> None:
             listener.close()
         stop_control(control, config.control)
         await asyncio.sleep(0.05)  # let close_notify and CLOSE envelopes leave
-        if bound:
-            loop.remove_reader(queue.get_fd())
-            queue.unbind()
+        if queue is not None:
+            loop.remove_reader(queue.fileno())
+            queue.close()
         errors = rules.remove_instance(config.instance)
         server.raw.close()
         server.log.write(Record("node:stopped", reason="; ".join(errors) or "clean"))
