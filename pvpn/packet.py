@@ -21,8 +21,7 @@ from __future__ import annotations
 
 import ipaddress
 import struct
-from dataclasses import dataclass
-from typing import Final
+from typing import Final, NamedTuple
 
 from pvpn.errors import LocalProtocolError, MalformedPacket
 
@@ -57,12 +56,14 @@ _PORTS: Final = struct.Struct("!HH")
 _NAMES: Final = {PROTO_ICMP: "icmp", PROTO_TCP: "tcp", PROTO_UDP: "udp", PROTO_ICMPV6: "icmpv6"}
 
 
-@dataclass(frozen=True, slots=True)
-class FlowKey:
+class FlowKey(NamedTuple):
     """The 5-tuple of one direction of a flow, addresses packed (4 or 16 bytes).
 
     For ICMP/ICMPv6 echo both ``sport`` and ``dport`` hold the echo identifier: it is what the
     NAT rewrites in place of a port, and a reply carries the same identifier back.
+
+    A NamedTuple, not a dataclass: it is built and looked up in dicts for every packet, and a
+    tuple's hash and equality run in C (about 4 times faster than a frozen dataclass's).
     """
 
     proto: int
