@@ -28,7 +28,9 @@ connections per second): a FIN or RST moves a mapping to the *closing* timeout; 
 have sent a FIN, or an RST was seen, it is *closed* and kept only ``tcp_closed_timeout`` for the
 last ACK and retransmitted FINs. When every port towards an endpoint is taken, the mapping
 closed longest ago (at least ``tcp_reuse_after`` seconds) gives its port to the new flow, as a
-TCP stack reuses a TIME-WAIT port.
+TCP stack reuses a TIME-WAIT port. Likewise a UDP mapping is kept ``udp_timeout`` only once it
+is a stream (the client sent again after a reply); a one-off exchange such as a DNS query,
+each from a new source port, is kept ``udp_single_timeout``, as Linux conntrack does.
 
 Every structure is bounded by ``max_flows``; lookups in both directions are dict lookups, and
 idle flows sit in one insertion-ordered queue per timeout class, oldest first, so
@@ -72,6 +74,8 @@ class Flow:
     fins: int = 0  # _FIN_OUT | _FIN_IN: which sides have sent a FIN
     closed: bool = False  # both FINs or an RST seen: kept briefly, its port reusable
     closed_at: float = 0.0
+    replied: bool = False  # UDP: the remote end answered
+    stream: bool = False  # UDP: the client sent again after an answer (not a one-off query)
 
 
 _FIN_OUT = 1  # the client's side sent a FIN
@@ -107,6 +111,7 @@ class FlowTable:
         icmp_timeout: float = 30.0,
         tcp_closed_timeout: float = 10.0,
         tcp_reuse_after: float = 1.0,
+        udp_single_timeout: float = 30.0,
     ) -> None:
         low, high = port_range
         if not 1 <= low <= high <= 65535:
@@ -114,7 +119,7 @@ class FlowTable:
         if max_flows < 1:
             raise ConfigError(f"max_flows {max_flows}: need at least 1")
         if min(tcp_timeout, tcp_closing_timeout, udp_timeout, icmp_timeout,
-               tcp_closed_timeout) <= 0 or tcp_reuse_after < 0:
+               tcp_closed_timeout, udp_single_timeout) <= 0 or tcp_reuse_after < 0:
             raise ConfigError("flow timeouts must be positive")
         self._low = low
         self._size = high - low + 1
@@ -134,12 +139,14 @@ class FlowTable:
         self._tcp_closing: OrderedDict[int, Flow] = OrderedDict()
         self._tcp_closed: OrderedDict[int, Flow] = OrderedDict()
         self._udp: OrderedDict[int, Flow] = OrderedDict()
+        self._udp_single: OrderedDict[int, Flow] = OrderedDict()
         self._icmp: OrderedDict[int, Flow] = OrderedDict()
         self._queues = (
             (self._tcp, tcp_timeout),
             (self._tcp_closing, tcp_closing_timeout),
             (self._tcp_closed, tcp_closed_timeout),
             (self._udp, udp_timeout),
+            (self._udp_single, min(udp_single_timeout, udp_timeout)),
             (self._icmp, icmp_timeout),
         )
 
@@ -221,7 +228,7 @@ class FlowTable:
                 return self._tcp_closed
             return self._tcp_closing if flow.closing else self._tcp
         if proto == PROTO_UDP:
-            return self._udp
+            return self._udp if flow.stream else self._udp_single
         return self._icmp
 
     def _touch(self, flow: Flow, now: float, tcp_flags: int, outbound: bool) -> None:
@@ -235,6 +242,14 @@ class FlowTable:
                 # mapping its long timeout back, keeping the same NAT port.
                 self._requeue(flow, closing=False, closed=False)
                 flow.fins = 0
+                return
+        elif flow.original.proto == PROTO_UDP and not flow.stream:
+            if not outbound:
+                flow.replied = True
+            elif flow.replied:
+                del self._udp_single[id(flow)]
+                flow.stream = True
+                self._udp[id(flow)] = flow
                 return
         self._queue(flow).move_to_end(id(flow))
 

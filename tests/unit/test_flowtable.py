@@ -180,6 +180,36 @@ def test_expiry_per_protocol_with_explicit_now() -> None:
     assert reply_to(table, t, 151.0) is None
 
 
+def test_one_off_udp_exchanges_are_kept_briefly_and_streams_long() -> None:
+    table = FlowTable((61000, 61999), udp_timeout=180.0, udp_single_timeout=30.0)
+    query = table.outbound(ALICE, udp(sport=1), NAT, now=0.0)  # a DNS query and its answer
+    assert reply_to(table, query, 0.1) is query
+    unanswered = table.outbound(ALICE, udp(sport=2), NAT, now=0.0)
+    stream = table.outbound(ALICE, udp(sport=3), NAT, now=0.0)
+    reply_to(table, stream, 0.1)
+    assert table.outbound(ALICE, udp(sport=3), NAT, now=0.2) is stream  # sent again: a stream
+    assert not query.stream and stream.stream
+    assert table.expire(29.9) == []
+    assert {id(f) for f in table.expire(30.1)} == {id(query), id(unanswered)}
+    assert table.expire(180.1) == []
+    assert table.expire(180.2) == [stream]
+    assert len(table) == 0 and not table._ports_used
+
+
+def test_many_one_off_udp_queries_do_not_hold_the_range() -> None:
+    # 1000 ports, a new source port for each of 20 000 queries at 30 per second to one
+    # resolver: with every mapping held 180 s the range would run dry after 33 s.
+    table = FlowTable((1000, 1999), udp_timeout=180.0, udp_single_timeout=30.0)
+    now = 0.0
+    for n in range(20_000):
+        flow = table.outbound(ALICE, udp(sport=10_000 + n % 50_000), NAT, now=now)
+        assert reply_to(table, flow, now + 0.01) is flow
+        now += 1 / 30
+        if n % 30 == 0:
+            table.expire(now)
+    assert len(table) <= 30 * 30 + 30  # 30 s of queries, plus one expire interval
+
+
 def test_expire_returns_oldest_first_and_only_idle_ones() -> None:
     table = FlowTable((61000, 61999), udp_timeout=10.0)
     flows = [table.outbound(ALICE, udp(sport=s), NAT, now=float(s)) for s in range(5)]
@@ -372,6 +402,7 @@ def test_many_flows_stay_bounded_under_churn() -> None:
         {"port_range": (1, 2), "udp_timeout": 0.0},
         {"port_range": (1, 2), "tcp_closed_timeout": 0.0},
         {"port_range": (1, 2), "tcp_reuse_after": -1.0},
+        {"port_range": (1, 2), "udp_single_timeout": 0.0},
     ],
 )
 def test_bad_settings(kwargs: dict[str, object]) -> None:
