@@ -22,12 +22,15 @@ Mapping rules:
 * ICMP errors: look them up with the quoted packet's flow (``icmp_error_inner_flow``), i.e.
   ``inbound(inner.proto, inner.dst, inner.dport, inner.src, inner.sport, now)``.
 
-TCP mappings follow the connection's end so that a busy client does not run the range dry
-(a port held a minute after every short connection caps one destination at a few dozen new
-connections per second): a FIN or RST moves a mapping to the *closing* timeout; once both sides
-have sent a FIN, or an RST was seen, it is *closed* and kept only ``tcp_closed_timeout`` for the
-last ACK and retransmitted FINs. When every port towards an endpoint is taken, the mapping
-closed longest ago (at least ``tcp_reuse_after`` seconds) gives its port to the new flow, as a
+TCP mappings follow the connection's end: a FIN or RST moves a mapping to the *closing*
+timeout; once both sides have sent a FIN, or an RST was seen, it is *closed*. A closed mapping
+whose remote end sent the first FIN keeps its port ``tcp_time_wait`` (60 s, Linux's TIME-WAIT):
+the remote end still holds that 4-tuple, and a new SYN to it from another client flow (with an
+unrelated sequence number and timestamp) is answered with the old connection's ACK, costing the
+new connection an RST and a retransmitted SYN. Any other closed mapping is kept only
+``tcp_closed_timeout`` for the last ACK and retransmitted FINs. When every port towards an
+endpoint is taken, the mapping closed longest ago (at least ``tcp_reuse_after`` seconds) gives
+its port to the new flow rather than dropping its SYN (a second or more of waiting), as a
 TCP stack reuses a TIME-WAIT port. Likewise a UDP mapping is kept ``udp_timeout`` only once it
 is a stream (the client sent again after a reply); a one-off exchange such as a DNS query,
 each from a new source port, is kept ``udp_single_timeout``, as Linux conntrack does.
@@ -74,6 +77,8 @@ class Flow:
     fins: int = 0  # _FIN_OUT | _FIN_IN: which sides have sent a FIN
     closed: bool = False  # both FINs or an RST seen: kept briefly, its port reusable
     closed_at: float = 0.0
+    remote_closed_first: bool = False  # the remote end sent the first FIN: it is in TIME-WAIT
+    time_wait: bool = False  # closed, and the remote end holds the port in TIME-WAIT
     replied: bool = False  # UDP: the remote end answered
     stream: bool = False  # UDP: the client sent again after an answer (not a one-off query)
 
@@ -110,6 +115,7 @@ class FlowTable:
         udp_timeout: float = 180.0,
         icmp_timeout: float = 30.0,
         tcp_closed_timeout: float = 10.0,
+        tcp_time_wait: float = 60.0,
         tcp_reuse_after: float = 1.0,
         udp_single_timeout: float = 30.0,
     ) -> None:
@@ -119,7 +125,7 @@ class FlowTable:
         if max_flows < 1:
             raise ConfigError(f"max_flows {max_flows}: need at least 1")
         if min(tcp_timeout, tcp_closing_timeout, udp_timeout, icmp_timeout,
-               tcp_closed_timeout, udp_single_timeout) <= 0 or tcp_reuse_after < 0:
+               tcp_closed_timeout, tcp_time_wait, udp_single_timeout) <= 0 or tcp_reuse_after < 0:
             raise ConfigError("flow timeouts must be positive")
         self._low = low
         self._size = high - low + 1
@@ -138,6 +144,7 @@ class FlowTable:
         self._tcp: OrderedDict[int, Flow] = OrderedDict()
         self._tcp_closing: OrderedDict[int, Flow] = OrderedDict()
         self._tcp_closed: OrderedDict[int, Flow] = OrderedDict()
+        self._tcp_time_wait: OrderedDict[int, Flow] = OrderedDict()
         self._udp: OrderedDict[int, Flow] = OrderedDict()
         self._udp_single: OrderedDict[int, Flow] = OrderedDict()
         self._icmp: OrderedDict[int, Flow] = OrderedDict()
@@ -145,6 +152,7 @@ class FlowTable:
             (self._tcp, tcp_timeout),
             (self._tcp_closing, tcp_closing_timeout),
             (self._tcp_closed, tcp_closed_timeout),
+            (self._tcp_time_wait, tcp_time_wait),
             (self._udp, udp_timeout),
             (self._udp_single, min(udp_single_timeout, udp_timeout)),
             (self._icmp, icmp_timeout),
@@ -225,7 +233,7 @@ class FlowTable:
         proto = flow.original.proto
         if proto == PROTO_TCP:
             if flow.closed:
-                return self._tcp_closed
+                return self._tcp_time_wait if flow.time_wait else self._tcp_closed
             return self._tcp_closing if flow.closing else self._tcp
         if proto == PROTO_UDP:
             return self._udp if flow.stream else self._udp_single
@@ -240,8 +248,9 @@ class FlowTable:
             if flow.closing and outbound and tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN:
                 # The client reuses the 4-tuple for a new connection (after TIME-WAIT): give the
                 # mapping its long timeout back, keeping the same NAT port.
-                self._requeue(flow, closing=False, closed=False)
+                self._requeue(flow, closing=False, closed=False, time_wait=False, now=now)
                 flow.fins = 0
+                flow.remote_closed_first = False
                 return
         elif flow.original.proto == PROTO_UDP and not flow.stream:
             if not outbound:
@@ -255,27 +264,35 @@ class FlowTable:
 
     def _track_end(self, flow: Flow, now: float, tcp_flags: int, outbound: bool) -> None:
         if tcp_flags & TCP_FIN:
+            if not flow.fins and not outbound:
+                flow.remote_closed_first = True
             flow.fins |= _FIN_OUT if outbound else _FIN_IN
-        closed = bool(tcp_flags & TCP_RST) or flow.fins == _FIN_OUT | _FIN_IN
-        if flow.closed:
-            self._tcp_closed.move_to_end(id(flow))
-        elif closed:
-            self._requeue(flow, closing=True, closed=True)
-            flow.closed_at = now
-            self._closed_by_endpoint.setdefault(_endpoint(flow), OrderedDict())[id(flow)] = flow
+        reset = bool(tcp_flags & TCP_RST)
+        if reset or flow.fins == _FIN_OUT | _FIN_IN:
+            # The remote end holds TIME-WAIT for this port after closing first; an RST ends
+            # that (and any other state) on both sides.
+            time_wait = flow.remote_closed_first and not reset
+            if flow.closed and flow.time_wait == time_wait:
+                self._queue(flow).move_to_end(id(flow))
+            else:
+                self._requeue(flow, closing=True, closed=True, time_wait=time_wait, now=now)
         elif not flow.closing:
-            self._requeue(flow, closing=True, closed=False)
+            self._requeue(flow, closing=True, closed=False, time_wait=False, now=now)
         else:
             self._tcp_closing.move_to_end(id(flow))
 
-    def _requeue(self, flow: Flow, closing: bool, closed: bool) -> None:
+    def _requeue(
+        self, flow: Flow, closing: bool, closed: bool, time_wait: bool, now: float
+    ) -> None:
         key = id(flow)
         del self._queue(flow)[key]
         if flow.closed:
             self._forget_closed(flow)
-        flow.closing = closing
-        flow.closed = closed
+        flow.closing, flow.closed, flow.time_wait = closing, closed, time_wait
         self._queue(flow)[key] = flow
+        if closed:
+            flow.closed_at = now
+            self._closed_by_endpoint.setdefault(_endpoint(flow), OrderedDict())[key] = flow
 
     def _forget_closed(self, flow: Flow) -> None:
         endpoint = _endpoint(flow)

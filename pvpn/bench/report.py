@@ -462,8 +462,10 @@ def render(results: Results, summary: Mapping[str, Any] | None = None) -> str:
              f"machine: {results.get('machine', {}).get('summary', '?')}",
              f"repeats: {settings.get('repeats')}; HTTP cells {settings.get('duration')} s, "
              f"bulk {settings.get('bulk_duration')} s, {settings.get('round_trips')} round "
-             f"trips; figures are the median of the repeats (min-max)", ""]
-    lines.append("paths:")
+             f"trips; figures are the median of the repeats (min-max)"]
+    if settings.get("nat_ports"):
+        lines.append(f"pvpn servers' nat_ports: {settings['nat_ports']}")
+    lines += ["", "paths:"]
     for name, meta in paths_meta.items():
         note = meta.get("note") or ""
         lines.append(f"  {name:<12} {meta.get('status', '?'):<8} {note}".rstrip())

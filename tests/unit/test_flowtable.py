@@ -236,20 +236,19 @@ def test_one_fin_shortens_tcp_timeout(direction: str) -> None:
 
 
 @pytest.mark.parametrize("direction", ["outbound", "inbound"])
-def test_rst_or_both_fins_close_the_mapping_for_a_short_while(direction: str) -> None:
+def test_an_rst_or_the_client_closing_first_frees_the_port_soon(direction: str) -> None:
     table = FlowTable((61000, 61999), tcp_timeout=1000.0, tcp_closing_timeout=60.0,
-                      tcp_closed_timeout=10.0)
+                      tcp_closed_timeout=10.0, tcp_time_wait=60.0)
     reset = table.outbound(ALICE, tcp(sport=1), NAT, now=0.0, tcp_flags=TCP_SYN)
     ended = table.outbound(ALICE, tcp(sport=2), NAT, now=0.0, tcp_flags=TCP_SYN)
     if direction == "outbound":
         table.outbound(ALICE, tcp(sport=1), NAT, now=5.0, tcp_flags=TCP_RST)
-        table.outbound(ALICE, tcp(sport=2), NAT, now=5.0, tcp_flags=TCP_FIN | TCP_ACK)
-        reply_to(table, ended, 5.0, TCP_FIN | TCP_ACK)
     else:
         reply_to(table, reset, 5.0, TCP_RST)
-        reply_to(table, ended, 5.0, TCP_FIN | TCP_ACK)
-        table.outbound(ALICE, tcp(sport=2), NAT, now=5.0, tcp_flags=TCP_FIN | TCP_ACK)
-    assert reset.closed and ended.closed
+    # The client closes first: its own socket holds TIME-WAIT, the remote end's is gone.
+    table.outbound(ALICE, tcp(sport=2), NAT, now=5.0, tcp_flags=TCP_FIN | TCP_ACK)
+    reply_to(table, ended, 5.0, TCP_FIN | TCP_ACK)
+    assert reset.closed and ended.closed and not reset.time_wait and not ended.time_wait
     # The last ACK still finds the mapping, and keeps it a little longer.
     assert table.outbound(ALICE, tcp(sport=2), NAT, now=6.0, tcp_flags=TCP_ACK) is ended
     assert table.expire(14.9) == []
@@ -257,6 +256,26 @@ def test_rst_or_both_fins_close_the_mapping_for_a_short_while(direction: str) ->
     assert table.expire(15.9) == []
     assert table.expire(16.0) == [ended]
     assert len(table) == 0 and not table._closed_by_endpoint and not table._ports_used
+
+
+def test_the_remote_closing_first_keeps_the_port_for_its_time_wait() -> None:
+    # A new SYN to a 4-tuple the remote end holds in TIME-WAIT gets the old connection's ACK
+    # (and costs an RST and a retransmitted SYN): the port is not handed out again for 60 s.
+    table = FlowTable((61000, 61999), tcp_closed_timeout=10.0, tcp_time_wait=60.0)
+    flow = table.outbound(ALICE, tcp(), NAT, now=0.0, tcp_flags=TCP_SYN)
+    reply_to(table, flow, 1.0, TCP_FIN | TCP_ACK)
+    table.outbound(ALICE, tcp(), NAT, now=1.0, tcp_flags=TCP_FIN | TCP_ACK)
+    assert flow.closed and flow.time_wait
+    assert table.expire(60.9) == []
+    assert table.expire(61.0) == [flow]
+    # An RST in the meantime ends the remote end's TIME-WAIT too.
+    again = table.outbound(ALICE, tcp(), NAT, now=70.0, tcp_flags=TCP_SYN)
+    reply_to(table, again, 71.0, TCP_FIN | TCP_ACK)
+    table.outbound(ALICE, tcp(), NAT, now=71.0, tcp_flags=TCP_FIN | TCP_ACK)
+    table.outbound(ALICE, tcp(), NAT, now=72.0, tcp_flags=TCP_RST)
+    assert again.closed and not again.time_wait
+    assert table.expire(82.0) == [again]
+    assert not table._closed_by_endpoint
 
 
 def test_a_full_range_reuses_the_port_closed_longest_ago() -> None:
