@@ -241,10 +241,8 @@ class ClientDaemon:
         if session is None or not session.session_id:
             raise RemoteProtocolError("PACKET before the session is attached")
         try:
-            if pk.is_icmp_error(packet):
-                sent = pk.icmp_error_inner_flow(packet)
-            else:
-                sent = pk.parse_flow(packet).reversed()
+            flow, _, error = pk.classify(packet)  # one pass over the headers
+            sent = flow if error else flow.reversed()  # an error quotes the packet as sent
         except MalformedPacket as exc:
             session.drop(f"malformed reply: {exc}")
             return
