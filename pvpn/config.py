@@ -183,6 +183,8 @@ class ServerConfig:
     # Inner packets of every session to <pcap_dir>/<session>.pcap (off when None).
     pcap_dir: Path | None = None
     pcap_max_bytes: int = 100 * 1000 * 1000
+    # The share of one destination's NAT ports one session may hold in open mappings.
+    nat_share: float = 0.5
 
 
 DEFAULT_PORT = 4433
@@ -223,6 +225,9 @@ def load_server_config(path: Path) -> ServerConfig:
     match = re.fullmatch(r"(\d+)-(\d+)", ports_text)
     if not match or not 1024 <= int(match[1]) < int(match[2]) <= 65535:
         raise ConfigError(f"{t.where('nat_ports')} must look like 61000-64999 (within 1024-65535)")
+    nat_share = float(t.get("nat_share", (int, float), 0.5))
+    if not 0 < nat_share <= 1:
+        raise ConfigError(f"{t.where('nat_share')} must be more than 0 and at most 1")
     keepalive = float(t.get("keepalive", (int, float), 10.0))
     dead_after = float(t.get("dead_after", (int, float), 30.0))
     grace = float(t.get("resume_grace", (int, float), 120.0))
@@ -247,7 +252,7 @@ def load_server_config(path: Path) -> ServerConfig:
     return ServerConfig(
         path, name, listen, certificate, private_key, authorized_keys, queue,
         (int(match[1]), int(match[2])), instance, users, keepalive, dead_after, grace,
-        control, pcap_dir=pcap_dir, pcap_max_bytes=pcap_max_bytes,
+        control, pcap_dir=pcap_dir, pcap_max_bytes=pcap_max_bytes, nat_share=nat_share,
     )
 
 

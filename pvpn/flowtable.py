@@ -35,6 +35,11 @@ TCP stack reuses a TIME-WAIT port. Likewise a UDP mapping is kept ``udp_timeout`
 is a stream (the client sent again after a reply); a one-off exchange such as a DNS query,
 each from a new source port, is kept ``udp_single_timeout``, as Linux conntrack does.
 
+One session may hold at most ``session_share`` of a destination endpoint's ports in mappings
+that are not closed, so a user keeping thousands of connections open cannot take a
+destination away from everyone else on the server (closed mappings do not count: their ports
+go to whoever needs them).
+
 Every structure is bounded by ``max_flows``; lookups in both directions are dict lookups, and
 idle flows sit in one insertion-ordered queue per timeout class, oldest first, so
 :meth:`FlowTable.expire` only touches the flows it removes.
@@ -118,6 +123,7 @@ class FlowTable:
         tcp_time_wait: float = 60.0,
         tcp_reuse_after: float = 1.0,
         udp_single_timeout: float = 30.0,
+        session_share: float = 1.0,
     ) -> None:
         low, high = port_range
         if not 1 <= low <= high <= 65535:
@@ -127,6 +133,8 @@ class FlowTable:
         if min(tcp_timeout, tcp_closing_timeout, udp_timeout, icmp_timeout,
                tcp_closed_timeout, tcp_time_wait, udp_single_timeout) <= 0 or tcp_reuse_after < 0:
             raise ConfigError("flow timeouts must be positive")
+        if not 0 < session_share <= 1:
+            raise ConfigError(f"session_share {session_share}: need 0 < share <= 1")
         self._low = low
         self._size = high - low + 1
         self._cursor = 0  # offset of the next port to offer, round-robin
@@ -138,6 +146,9 @@ class FlowTable:
         # Closed TCP mappings per endpoint, closed longest ago first: ports to reuse when full.
         self._closed_by_endpoint: dict[_Endpoint, OrderedDict[int, Flow]] = {}
         self._reuse_after = tcp_reuse_after
+        # Mappings not closed, per (session, endpoint), and how many one session may hold.
+        self._held: dict[tuple[bytes, _Endpoint], int] = {}
+        self._share = max(1, int(self._size * session_share))
         # Idle queues, keyed by id(flow) (Flow is mutable, so not hashable), least recently
         # seen first, one per timeout class. The default TCP timeout is RFC 5382 REQ-5's
         # 2 h 4 min; the UDP one stays above RFC 4787 REQ-5's 2 min minimum.
@@ -288,6 +299,8 @@ class FlowTable:
         del self._queue(flow)[key]
         if flow.closed:
             self._forget_closed(flow)
+        if closed != flow.closed:
+            self._hold(flow, -1 if closed else 1)
         flow.closing, flow.closed, flow.time_wait = closing, closed, time_wait
         self._queue(flow)[key] = flow
         if closed:
@@ -322,6 +335,9 @@ class FlowTable:
             raise FlowTableFull(f"flow table full ({self._max_flows} flows)")
         remote_port = _remote_port(flow)
         endpoint = (proto, nat_src, flow.dst, remote_port)
+        if self._held.get((session_id, endpoint), 0) >= self._share:
+            raise FlowTableFull(f"this session already holds {self._share} open mappings "
+                                f"towards {flow.reversed().describe()}, its share of the ports")
         used = self._ports_used.get(endpoint, 0)
         if used >= self._size:
             reused = self._reusable(endpoint, now)
@@ -359,6 +375,7 @@ class FlowTable:
         self._ports_used[endpoint] = self._ports_used.get(endpoint, 0) + 1
         self._by_session.setdefault(session_id, {})[id(created)] = created
         self._queue(created)[id(created)] = created
+        self._hold(created, 1)
         if flow.proto == PROTO_TCP and tcp_flags & (TCP_FIN | TCP_RST):
             self._track_end(created, now, tcp_flags, True)  # a flow first seen mid-way
         return created
@@ -382,3 +399,13 @@ class FlowTable:
         del self._queue(flow)[key]
         if flow.closed:
             self._forget_closed(flow)
+        else:
+            self._hold(flow, -1)
+
+    def _hold(self, flow: Flow, change: int) -> None:
+        key = (flow.session_id, _endpoint(flow))
+        held = self._held.get(key, 0) + change
+        if held:
+            self._held[key] = held
+        else:
+            del self._held[key]

@@ -673,7 +673,7 @@ class ServerNode(NodeBase):
         super().__init__(config.name, keys, verify, random, config.keepalive, config.dead_after)
         self.config = config
         self._source_for = source_for
-        self.flows = flows or FlowTable(config.nat_ports)
+        self.flows = flows or FlowTable(config.nat_ports, session_share=config.nat_share)
         self.sessions: dict[bytes, Session] = {}
         # Emit CapturePacket for every inner packet: what the user sent, the replies returned.
         self.capture = False

@@ -319,6 +319,54 @@ def test_short_connections_never_run_the_range_dry() -> None:
     assert len(table) <= 100
 
 
+def test_one_session_holds_at_most_its_share_of_a_destinations_ports() -> None:
+    table = FlowTable((100, 109), session_share=0.5)  # 5 of 10 ports per session
+    alice = [table.outbound(ALICE, tcp(sport=s), NAT, now=0.0, tcp_flags=TCP_SYN)
+             for s in range(5)]
+    with pytest.raises(FlowTableFull, match="share"):
+        table.outbound(ALICE, tcp(sport=5), NAT, now=0.0, tcp_flags=TCP_SYN)
+    # Bob still gets the rest, and Alice gets other destinations.
+    assert len({table.outbound(BOB, tcp(sport=s), NAT, now=0.0, tcp_flags=TCP_SYN).nat_port
+                for s in range(5)}) == 5
+    assert table.outbound(ALICE, tcp(dport=443), NAT, now=0.0, tcp_flags=TCP_SYN)
+    # A closed mapping no longer counts: Alice may open another (the range being full, it
+    # takes the port closed longest ago).
+    table.outbound(ALICE, alice[0].original, NAT, now=1.0, tcp_flags=TCP_RST)
+    again = table.outbound(ALICE, tcp(sport=5), NAT, now=2.5, tcp_flags=TCP_SYN)
+    assert again.nat_port == alice[0].nat_port
+    # Reopening a closed 4-tuple counts again; dropping the session releases everything.
+    table.drop_session(ALICE)
+    table.drop_session(BOB)
+    assert not table._held and len(table) == 0
+
+
+def test_share_counts_return_to_zero_under_churn() -> None:
+    # Each session keeps ~17 one-off UDP mappings (5 s each) and a few TCP ones open: always
+    # under its share of 50, so nothing is refused, and every count must end at zero.
+    table = FlowTable((1000, 1099), session_share=0.5, tcp_closed_timeout=10.0,
+                      udp_single_timeout=5.0)
+    now = 0.0
+    for n in range(5_000):
+        session = ALICE if n % 2 else BOB
+        key = tcp(sport=10_000 + n)
+        flow = table.outbound(session, key, NAT, now=now, tcp_flags=TCP_SYN)
+        if n % 3 == 0:
+            table.outbound(session, key, NAT, now=now, tcp_flags=TCP_FIN | TCP_ACK)
+            reply_to(table, flow, now, TCP_FIN | TCP_ACK)
+        elif n % 3 == 1:
+            reply_to(table, flow, now, TCP_RST)
+            table.outbound(session, key, NAT, now=now + 0.1, tcp_flags=TCP_SYN)  # reopened
+            table.outbound(session, key, NAT, now=now + 0.1, tcp_flags=TCP_RST)
+        else:
+            table.outbound(session, udp(sport=n), NAT, now=now)
+            table.outbound(session, key, NAT, now=now, tcp_flags=TCP_RST)
+        now += 0.05
+        if n % 50 == 0:
+            table.expire(now)
+    table.expire(now + 10_000.0)
+    assert len(table) == 0 and not table._held and not table._ports_used
+
+
 def test_a_closed_mapping_reopens_on_a_new_syn() -> None:
     table = FlowTable((61000, 61999), tcp_timeout=1000.0, tcp_closed_timeout=10.0)
     flow = table.outbound(ALICE, tcp(), NAT, now=0.0, tcp_flags=TCP_SYN)
@@ -422,6 +470,8 @@ def test_many_flows_stay_bounded_under_churn() -> None:
         {"port_range": (1, 2), "tcp_closed_timeout": 0.0},
         {"port_range": (1, 2), "tcp_reuse_after": -1.0},
         {"port_range": (1, 2), "udp_single_timeout": 0.0},
+        {"port_range": (1, 2), "session_share": 0.0},
+        {"port_range": (1, 2), "session_share": 1.5},
     ],
 )
 def test_bad_settings(kwargs: dict[str, object]) -> None:

@@ -232,3 +232,23 @@ def test_server_config_pcap_settings(tmp_path: Path) -> None:
     path.write_text(base + 'pcap_dir = "/p"\npcap_max_bytes = 10\n')
     with pytest.raises(ConfigError, match=r"\[server\] pcap_max_bytes must be at least"):
         load_server_config(path)
+
+
+def test_server_config_nat_share(tmp_path: Path) -> None:
+    from pvpn.config import load_server_config
+
+    for name in ("server.crt", "server.key"):
+        (tmp_path / name).write_text("x")
+    (tmp_path / "users").mkdir()
+    base = (f'[server]\nname = "server"\nlisten = ["127.0.0.1:4433"]\n'
+            f'certificate = "{tmp_path}/server.crt"\nprivate_key = "{tmp_path}/server.key"\n'
+            f'authorized_keys = "{tmp_path}/users"\n')
+    path = tmp_path / "server.toml"
+    path.write_text(base)
+    assert load_server_config(path).nat_share == 0.5
+    path.write_text(base + "nat_share = 1\n")
+    assert load_server_config(path).nat_share == 1.0
+    for bad in ("0", "1.5", '"half"'):
+        path.write_text(base + f"nat_share = {bad}\n")
+        with pytest.raises(ConfigError, match=r"\[server\] nat_share"):
+            load_server_config(path)
