@@ -210,15 +210,20 @@ def test_server_captures_before_nat_and_after_un_nat_only_when_asked(capture: bo
     assert (back.dst, back[TCP].dport) == ("10.77.0.1", 40000)  # as the user gets it
 
 
-def test_server_config_pcap_settings(tmp_path: Path) -> None:
-    from pvpn.config import load_server_config
-
+def _server_config_base(tmp_path: Path) -> str:
+    """The [server] section of a minimal server.toml, its files made in tmp_path."""
     for name in ("server.crt", "server.key"):
         (tmp_path / name).write_text("x")
     (tmp_path / "users").mkdir()
-    base = (f'[server]\nname = "server"\nlisten = ["127.0.0.1:4433"]\n'
+    return (f'[server]\nname = "server"\nlisten = ["127.0.0.1:4433"]\n'
             f'certificate = "{tmp_path}/server.crt"\nprivate_key = "{tmp_path}/server.key"\n'
             f'authorized_keys = "{tmp_path}/users"\n')
+
+
+def test_server_config_pcap_settings(tmp_path: Path) -> None:
+    from pvpn.config import load_server_config
+
+    base = _server_config_base(tmp_path)
     path = tmp_path / "server.toml"
     path.write_text(base)
     config = load_server_config(path)
@@ -237,12 +242,7 @@ def test_server_config_pcap_settings(tmp_path: Path) -> None:
 def test_server_config_nat_share(tmp_path: Path) -> None:
     from pvpn.config import load_server_config
 
-    for name in ("server.crt", "server.key"):
-        (tmp_path / name).write_text("x")
-    (tmp_path / "users").mkdir()
-    base = (f'[server]\nname = "server"\nlisten = ["127.0.0.1:4433"]\n'
-            f'certificate = "{tmp_path}/server.crt"\nprivate_key = "{tmp_path}/server.key"\n'
-            f'authorized_keys = "{tmp_path}/users"\n')
+    base = _server_config_base(tmp_path)
     path = tmp_path / "server.toml"
     path.write_text(base)
     assert load_server_config(path).nat_share == 0.5
