@@ -184,7 +184,6 @@ def summarize_http(results: list[WorkerResult], clients: int) -> dict[str, Any]:
         "avg_response": latency_sum / requests if requests else None,
         "p50_response": _percentile(samples, 0.5),
         "p99_response": _percentile(samples, 0.99),
-        "per_client_bytes": [r.bytes for r in done],
     }
 
 

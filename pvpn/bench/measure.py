@@ -22,6 +22,7 @@ from typing import Any
 from pvpn.bench.load import MAX_RESPONSE_SECONDS
 from pvpn.bench.paths import BENCH_USER, BenchPath
 from pvpn.errors import PvpnError
+from pvpn.lab import netns
 from pvpn.lab.commands import run
 from pvpn.lab.topology import HTTP_PORT, IPERF_PORT
 
@@ -111,7 +112,7 @@ def total_rss(pids: list[int]) -> int:
 def retransmits(namespace: str) -> int | None:
     """RetransSegs of the namespace's TCP (all sockets in it)."""
     try:
-        out = run(["ip", "netns", "exec", namespace, "cat", "/proc/net/snmp"], timeout=10,
+        out = run(netns.ns_exec(namespace, "cat", "/proc/net/snmp"), timeout=10,
                   check=False).stdout.decode()
     except PvpnError:
         return None
@@ -254,8 +255,8 @@ def bulk(path: BenchPath, duration: float, *, streams: int, reverse: bool
 
 def start_echo(path: BenchPath) -> subprocess.Popen[bytes]:
     """The TCP echo server for round trips, on the target, until :func:`stop_echo`."""
-    argv = ["ip", "netns", "exec", path.namespace("target"), python(), "-m", LOAD_MODULE,
-            "echo", "--bind", path.target4, "--port", str(ECHO_PORT)]
+    argv = netns.ns_exec(path.namespace("target"), python(), "-m", LOAD_MODULE, "echo",
+                         "--bind", path.target4, "--port", str(ECHO_PORT))
     proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                             stderr=subprocess.DEVNULL, start_new_session=True)
     if proc.stdout is None:

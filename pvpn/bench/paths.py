@@ -31,12 +31,12 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from pvpn.errors import PvpnError
-from pvpn.lab import lab, services
+from pvpn.lab import lab, netns, services
 from pvpn.lab import users as lab_users
 from pvpn.lab.commands import find_program, run, wait_until
 from pvpn.lab.topology import PVPN_PORT, Topology
@@ -82,8 +82,7 @@ class BenchPath:
     def run(self, command: list[str], *, timeout: float, user: str = BENCH_USER
             ) -> subprocess.CompletedProcess[bytes]:
         """Run ``command`` on the client as ``user``; a non-zero exit is returned."""
-        argv, cwd = self.argv(command, user)
-        return run(argv, timeout=timeout, check=False, cwd=cwd)
+        return lab.run_as(self.lab, "client", user, command, timeout=timeout)
 
     def namespace(self, role: str) -> str:
         return self.topology.host(role).namespace
@@ -106,21 +105,17 @@ class BenchPath:
 # --- small helpers -----------------------------------------------------------------------
 
 
-def _in(topology: Topology, role: str, *cmd: str) -> list[str]:
-    return ["ip", "netns", "exec", topology.host(role).namespace, *cmd]
-
-
 def _ip(topology: Topology, role: str, *args: str) -> None:
     run(["ip", "-n", topology.host(role).namespace, *args], timeout=10)
 
 
 def _sysctl(topology: Topology, role: str, setting: str) -> str:
-    out = run(_in(topology, role, "sysctl", "-n", setting), timeout=10)
+    out = run(lab.host_command(topology, role, "sysctl", "-n", setting), timeout=10)
     return out.stdout.decode().strip()
 
 
 def _set_sysctl(topology: Topology, role: str, setting: str, value: str) -> None:
-    run(_in(topology, role, "sysctl", "-q", "-w", f"{setting}={value}"), timeout=10)
+    run(lab.host_command(topology, role, "sysctl", "-q", "-w", f"{setting}={value}"), timeout=10)
 
 
 def _forwarding(path: BenchPath, role: str) -> None:
@@ -214,12 +209,11 @@ def _pids_of(*procs: subprocess.Popen[bytes]) -> Callable[[], list[int]]:
 
 def _namespace_pids_of_uid(namespace: str, uid: int) -> Callable[[], list[int]]:
     def pids() -> list[int]:
-        out = run(["ip", "netns", "pids", namespace], check=False, timeout=10)
         result = []
-        for token in out.stdout.decode().split():
+        for pid in netns.namespace_pids(namespace):
             with contextlib.suppress(OSError):
-                if Path(f"/proc/{token}").stat().st_uid == uid:
-                    result.append(int(token))
+                if Path(f"/proc/{pid}").stat().st_uid == uid:
+                    result.append(pid)
         return result
     return pids
 
@@ -296,18 +290,28 @@ def _new_path(name: str, topology: Topology, hops: int) -> BenchPath:
                      target4=str(topology.target_link.right4), hops=hops)
 
 
+@contextlib.contextmanager
+def _undone_on_failure(path: BenchPath, what: str | None = None) -> Iterator[None]:
+    """Tear the path down if its set-up fails. With ``what``, a failure of ours other than
+    PathUnavailable becomes one ("WHAT set-up failed: ..."): the peer is skipped, not the run."""
+    try:
+        yield
+    except BaseException as exc:
+        path.teardown()
+        if what is not None and isinstance(exc, PvpnError) and not isinstance(exc, PathUnavailable):
+            raise PathUnavailable(f"{what} set-up failed: {exc}") from exc
+        raise
+
+
 # --- direct ------------------------------------------------------------------------------
 
 
 def setup_direct(topology: Topology) -> BenchPath:
     """Plain routing, no VPN, in a lab built without pvpn nodes."""
     path = _new_path("direct", topology, 0)
-    try:
+    with _undone_on_failure(path):
         route_through(path)
         check_reaches(path)
-    except BaseException:
-        path.teardown()
-        raise
     path.notes.append("routed: IP forwarding on the hosts in between, no VPN")
     return path
 
@@ -322,12 +326,6 @@ def _supervisorctl(topology: Topology, role: str, *args: str) -> str:
     conf = topology.host_dir(role) / "supervisord.conf"
     out = run([supervisorctl, "-c", str(conf), *args], check=False, timeout=60)
     return out.stdout.decode(errors="replace")
-
-
-def _listening(topology: Topology, role: str, port: int) -> bool:
-    out = run(_in(topology, role, "ss", "-H", "-l", "-n", "-t", "sport", "=", f":{port}"),
-              check=False, timeout=10)
-    return bool(out.stdout.strip())
 
 
 def server_for_bench(topology: Topology, nat_ports: str | None) -> None:
@@ -346,7 +344,7 @@ def server_for_bench(topology: Topology, nat_ports: str | None) -> None:
     config.write_text("\n".join(kept) + "\n")
     _supervisorctl(topology, "server", "restart", "pvpn-server")
     try:
-        wait_until("pvpn-server to listen again", lambda: _listening(topology, "server",
+        wait_until("pvpn-server to listen again", lambda: lab.listening(topology, "server", "-t",
                                                                    PVPN_PORT),
                    timeout=SETUP_TIMEOUT)
     except PvpnError as exc:
@@ -406,16 +404,13 @@ def pvpn_disconnect(topology: Topology, user: str) -> None:
 def setup_pvpn(topology: Topology, name: str, nat_ports: str | None = None) -> BenchPath:
     """alice's personal VPN through the lab's chain (0 or more gateways)."""
     path = _new_path(name, topology, 1 + topology.gateways)
-    try:
+    with _undone_on_failure(path):
         server_for_bench(topology, nat_ports)
         key = services.user_key(topology, BENCH_USER)
         log = key.parent / "connect.log"
         session = pvpn_connect(topology, BENCH_USER, key, log)
         path.on_teardown("pvpn disconnect", lambda: pvpn_disconnect(topology, BENCH_USER))
         check_reaches(path)
-    except BaseException:
-        path.teardown()
-        raise
     path.processes = node_processes(topology)
     path.logs = [services.node_log(topology, role)
                  for role in ("client", *topology.chain_roles)] + [log]
@@ -471,7 +466,8 @@ def ensure_program(program: str, *, apt: str | None, pip: str | None, say: Say) 
                           + "; ".join(tried or ["no installer available"]))
 
 
-def _version(argv: list[str]) -> str:
+def program_version(argv: list[str]) -> str:
+    """The first line a program prints for its version, or '?'."""
     try:
         out = subprocess.run(argv, capture_output=True, timeout=10, check=False)
     except (OSError, subprocess.SubprocessError):
@@ -491,7 +487,7 @@ def setup_openvpn(topology: Topology, proto: str, say: Say) -> BenchPath:
     path = _new_path(f"openvpn-{proto}", topology, 1)
     work = topology.root / "bench-openvpn"
     server4 = str(topology.server_link.right4)
-    try:
+    with _undone_on_failure(path, f"OpenVPN ({proto})"):
         # A small PKI: the CA, a server and a client certificate (EC P-256, from pvpn.pki).
         pki.create_ca(work / "ca", name=f"bench {topology.name} OpenVPN CA")
         pki.issue_certificate(work / "ca", "ovpn-server", work, ips=[server4])
@@ -507,7 +503,7 @@ def setup_openvpn(topology: Topology, proto: str, say: Say) -> BenchPath:
             # TCP_NODELAY for latency, which pvpn sets on its own tunnel sockets too.
             common += ["--socket-flags", "TCP_NODELAY"]
         server_log, client_log = work / "server.log", work / "client.log"
-        server = _start(path, "openvpn server", _in(
+        server = _start(path, "openvpn server", lab.host_command(
             topology, "server", *common, "--tls-server",
             "--cert", str(work / "ovpn-server.crt"), "--key", str(work / "ovpn-server.key"),
             "--proto", server_proto, "--local", server4, "--lport", str(OPENVPN_PORT),
@@ -518,12 +514,12 @@ def setup_openvpn(topology: Topology, proto: str, say: Say) -> BenchPath:
         if proto != "udp":
             try:
                 wait_until("the OpenVPN server to listen",
-                           lambda: _listening(topology, "server", OPENVPN_PORT),
+                           lambda: lab.listening(topology, "server", "-t", OPENVPN_PORT),
                            timeout=SETUP_TIMEOUT)
             except PvpnError as exc:
                 raise PathUnavailable(f"{exc}: {_tail(server_log)}") from exc
         link = topology.target_link
-        client = _start(path, "openvpn client", _in(
+        client = _start(path, "openvpn client", lab.host_command(
             topology, "client", *common, "--tls-client", "--remote-cert-tls", "server",
             "--cert", str(work / "ovpn-client.crt"), "--key", str(work / "ovpn-client.key"),
             "--proto", client_proto, "--remote", server4, str(OPENVPN_PORT), "--nobind",
@@ -533,18 +529,9 @@ def setup_openvpn(topology: Topology, proto: str, say: Say) -> BenchPath:
         _wait_log(client, client_log, "Initialization Sequence Completed",
                   f"OpenVPN client ({proto})")
         check_reaches(path)
-    except PathUnavailable:
-        path.teardown()
-        raise
-    except PvpnError as exc:
-        path.teardown()
-        raise PathUnavailable(f"OpenVPN ({proto}) set-up failed: {exc}") from exc
-    except BaseException:
-        path.teardown()
-        raise
     path.processes = {"openvpn client": _pids_of(client), "openvpn server": _pids_of(server)}
     path.logs = [client_log, server_log]
-    path.settings = {"version": _version([openvpn, "--version"]),
+    path.settings = {"version": program_version([openvpn, "--version"]),
                      "mode": f"p2p TLS, {proto}, AES-256-GCM, tun, default MTU and mssfix"
                              + (", TCP_NODELAY" if proto != "udp" else ""),
                      "reply path": "server forwards; target routes the tunnel subnet back"}
@@ -586,16 +573,16 @@ def setup_sshuttle(topology: Topology, say: Say) -> BenchPath:
     work = topology.root / "bench-sshuttle"
     work.mkdir(mode=0o755, parents=True, exist_ok=True)
     server4 = str(topology.server_link.right4)
-    try:
+    with _undone_on_failure(path, "sshuttle"):
         host_key = work / "ssh_host_ed25519_key"
         run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(host_key)])
         (work / "sshd_config").write_text(_sshd_config(topology, work))
         Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)
-        _start(path, "sshd", _in(topology, "server", sshd, "-D", "-e", "-f",
+        _start(path, "sshd", lab.host_command(topology, "server", sshd, "-D", "-e", "-f",
                                  str(work / "sshd_config")), work / "sshd.log")
         try:
             wait_until("the bench's sshd to listen",
-                       lambda: _listening(topology, "server", SSH_PORT), timeout=SETUP_TIMEOUT)
+                       lambda: lab.listening(topology, "server", "-t", SSH_PORT), timeout=SETUP_TIMEOUT)
         except PvpnError as exc:
             raise PathUnavailable(f"{exc}: {_tail(work / 'sshd.log')}") from exc
         pub = Path(f"{host_key}.pub").read_text().split()
@@ -605,31 +592,22 @@ def setup_sshuttle(topology: Topology, say: Say) -> BenchPath:
         ssh = ["ssh", "-F", "/dev/null", "-i", str(key), "-o", f"UserKnownHostsFile={known}",
                "-o", "StrictHostKeyChecking=yes", "-o", "IdentitiesOnly=yes",
                "-o", "BatchMode=yes"]
-        probe = run(_in(topology, "client", *ssh, f"{BENCH_USER}@{server4}", "true"),
+        probe = run(lab.host_command(topology, "client", *ssh, f"{BENCH_USER}@{server4}", "true"),
                     check=False, timeout=20)
         if probe.returncode != 0:
             raise PathUnavailable(f"ssh {BENCH_USER}@{server4} from the client failed: "
                                   f"{probe.stderr.decode(errors='replace').strip()}")
         log = work / "sshuttle.log"
-        client = _start(path, "sshuttle", _in(
+        client = _start(path, "sshuttle", lab.host_command(
             topology, "client", sshuttle, "--method", "nat", "-e", shlex.join(ssh),
             "-r", f"{BENCH_USER}@{server4}", str(topology.target_link.subnet4)), log)
         _wait_log(client, log, "Connected to server", "sshuttle")
         check_reaches(path)
-    except PathUnavailable:
-        path.teardown()
-        raise
-    except PvpnError as exc:
-        path.teardown()
-        raise PathUnavailable(f"sshuttle set-up failed: {exc}") from exc
-    except BaseException:
-        path.teardown()
-        raise
     uid = lab_users.require_user(BENCH_USER).uid
     path.logs = [log]
     path.processes = {"sshuttle client": _pids_of(client),
                       "sshuttle server": _namespace_pids_of_uid(path.namespace("server"), uid)}
-    path.settings = {"version": _version([sshuttle, "--version"]),
+    path.settings = {"version": program_version([sshuttle, "--version"]),
                      "mode": "--method nat, ssh to an sshd on the server host as alice"}
     path.notes.append("sshuttle carries TCP only: no UDP or ICMP figures")
     return path

@@ -265,6 +265,20 @@ def _verdict(checks: list[bool]) -> bool | None:
     return all(checks) if checks else None
 
 
+def _ratio_checks(pairs: Iterable[tuple[str, float | None, float | None]], minimum: float
+                  ) -> tuple[list[bool], list[str]]:
+    """For each (label, measured, reference): whether measured/reference reaches ``minimum``,
+    and "label 0.93x" (pairs without a ratio are left out)."""
+    checks: list[bool] = []
+    parts: list[str] = []
+    for label, measured, reference in pairs:
+        r = ratio(measured, reference)
+        if r is not None:
+            checks.append(r >= minimum)
+            parts.append(f"{label} {r:.2f}x")
+    return checks, parts
+
+
 def targets(results: Results, summary: Mapping[str, Any]) -> list[Target]:
     """Check the measured medians against the targets of issue 5."""
     out: list[Target] = []
@@ -313,40 +327,25 @@ def targets(results: Results, summary: Mapping[str, Any]) -> list[Target]:
                       if common else "sshuttle not measured"))
 
     # pvpn reaches OpenVPN over UDP on bulk TCP and on the 0 B-10 KB cells.
-    checks, parts = [], []
-    for test in ("tcp1-up", "tcp1-down", "tcp8-up", "tcp8-down"):
-        r = ratio(_median(summary, "bulk", "pvpn", test),
-                  _median(summary, "bulk", "openvpn-udp", test))
-        if r is not None:
-            checks.append(r >= 1.0)
-            parts.append(f"{test} {r:.2f}x")
+    tcp_tests = ("tcp1-up", "tcp1-down", "tcp8-up", "tcp8-down")
+    checks, parts = _ratio_checks(
+        ((test, _median(summary, "bulk", "pvpn", test),
+          _median(summary, "bulk", "openvpn-udp", test)) for test in tcp_tests), 1.0)
     out.append(Target("pvpn >= 1.0x OpenVPN/UDP on bulk TCP", _verdict(checks),
                       ", ".join(parts) or "OpenVPN/UDP not measured"))
     ov_t = _cells(summary, "throughput", "openvpn-udp")
-    checks, parts = [], []
-    for cell in sorted(set(pv_t) & set(ov_t)):
-        if cell.split("/")[0] in ("0", "1k", "10k"):
-            r = ratio(pv_t[cell], ov_t[cell])
-            if r is not None:
-                checks.append(r >= 1.0)
-                parts.append(f"{cell} {r:.2f}x")
+    checks, parts = _ratio_checks(
+        ((cell, pv_t[cell], ov_t[cell]) for cell in sorted(set(pv_t) & set(ov_t))
+         if cell.split("/")[0] in ("0", "1k", "10k")), 1.0)
     out.append(Target("pvpn >= 1.0x OpenVPN/UDP on the 0 B-10 KB cells (file/clients)",
                       _verdict(checks), ", ".join(parts) or "OpenVPN/UDP not measured"))
 
     # Through two gateways, at least 0.8x of pvpn over one hop.
-    checks, parts = [], []
-    for test in ("tcp1-up", "tcp1-down", "tcp8-up", "tcp8-down"):
-        r = ratio(_median(summary, "bulk", "pvpn-2gw", test),
-                  _median(summary, "bulk", "pvpn", test))
-        if r is not None:
-            checks.append(r >= 0.8)
-            parts.append(f"{test} {r:.2f}x")
     g2 = _cells(summary, "throughput", "pvpn-2gw")
-    for cell in sorted(set(g2) & set(pv_t)):
-        r = ratio(g2[cell], pv_t[cell])
-        if r is not None:
-            checks.append(r >= 0.8)
-            parts.append(f"{cell} {r:.2f}x")
+    checks, parts = _ratio_checks(
+        [*((test, _median(summary, "bulk", "pvpn-2gw", test),
+            _median(summary, "bulk", "pvpn", test)) for test in tcp_tests),
+         *((cell, g2[cell], pv_t[cell]) for cell in sorted(set(g2) & set(pv_t)))], 0.8)
     out.append(Target("pvpn through 2 gateways >= 0.8x pvpn over one hop",
                       _verdict(checks), ", ".join(parts) or "not measured"))
 

@@ -21,7 +21,6 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from types import FrameType
 from typing import Any
 
 from pvpn.bench import measure, paths, report
@@ -80,20 +79,6 @@ def _say(message: str) -> None:
 
 
 @contextlib.contextmanager
-def _sigterm_interrupts() -> Iterator[None]:
-    """SIGTERM acts as Ctrl-C while measuring, so the teardown runs."""
-
-    def handler(signum: int, frame: FrameType | None) -> None:
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    previous = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
-@contextlib.contextmanager
 def _uninterruptible() -> Iterator[None]:
     """The teardown runs to its end: a second Ctrl-C must not leave labs or users behind
     (every step in it is bounded in time)."""
@@ -104,15 +89,6 @@ def _uninterruptible() -> Iterator[None]:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-
-
-def _version(argv: list[str]) -> str:
-    try:
-        out = subprocess.run(argv, capture_output=True, timeout=10, check=False)
-    except (OSError, subprocess.SubprocessError):
-        return "?"
-    text = (out.stdout or out.stderr).decode(errors="replace").strip()
-    return text.splitlines()[0] if text else "?"
 
 
 def checkout() -> str:
@@ -151,7 +127,8 @@ def machine() -> dict[str, Any]:
     return {
         "cores": cores, "cpu": model, "kernel": platform.release(),
         "python": platform.python_version(), "loadavg_at_start": [round(v, 2) for v in load],
-        "iperf3": _version(["iperf3", "--version"]), "nginx": _version(["nginx", "-v"]),
+        "iperf3": paths.program_version(["iperf3", "--version"]),
+        "nginx": paths.program_version(["nginx", "-v"]),
         "pvpn": code,
         "summary": f"{cores} cores ({model}), Linux {platform.release()}, "
                    f"load {load[0]:.2f} at start; pvpn {code}",
@@ -341,7 +318,6 @@ class Bench:
                         result = measure.http_cell(path, file, clients, self.options.duration)
                         result.update({"path": path.name, "file": file, "clients": clients,
                                        "repeat": repeat})
-                        result.pop("per_client_bytes", None)
                         self.results["webstone"].append(result)
                         outcome = result.get("error") or (
                             f"{report.si(result.get('throughput'))}B/s, avg "
@@ -375,7 +351,7 @@ class Bench:
                 + ", ".join(failed[:5]))
         time.sleep(1.0)  # let the sessions settle (handshake buffers freed)
         opened = len(self.scale.connected)
-        memory["users"] = list(self.scale.names)
+        memory["users"] = list(self.scale.names)  # a copy: remove() empties names later
         memory["sessions"] = opened
         memory["rss_idle"] = measure.total_rss(server())
         memory["client_rss_idle"] = measure.total_rss(client())
@@ -383,7 +359,6 @@ class Bench:
             memory["per_session"] = (memory["rss_idle"] - memory["rss_before"]) / opened
             memory["client_per_session"] = (memory["client_rss_idle"]
                                             - memory["client_rss_before"]) / opened
-        self.results["memory"][path.name] = memory
         self.say(f"bench: pvpn-server RSS {report.si(memory['rss_before'])}B -> "
                  f"{report.si(memory['rss_idle'])}B with {opened} more sessions")
 
@@ -429,7 +404,7 @@ class Bench:
     def run(self) -> dict[str, Any]:
         lab.require_root()
         try:
-            with _sigterm_interrupts():
+            with lab.sigterm_interrupts():
                 self.setup_paths()
                 self.steps = self._plan()
                 for section in SECTIONS:

@@ -245,12 +245,14 @@ def _start_supervisord(topology: Topology, role: str) -> None:
         env=_supervisord_env(host_dir), cwd=host_dir, timeout=30)
 
 
-def _in(topology: Topology, role: str, *cmd: str) -> list[str]:
+def host_command(topology: Topology, role: str, *cmd: str) -> list[str]:
+    """``cmd`` run as root in the namespace of the lab host ``role``."""
     return netns.ns_exec(topology.host(role).namespace, *cmd)
 
 
-def _listening(topology: Topology, role: str, proto: str, port: int) -> bool:
-    result = run(_in(topology, role, "ss", "-H", "-l", "-n", proto, "sport", "=", f":{port}"),
+def listening(topology: Topology, role: str, proto: str, port: int) -> bool:
+    """Whether something listens on ``port`` (``proto``: ss's -t or -u) on host ``role``."""
+    result = run(host_command(topology, role, "ss", "-H", "-l", "-n", proto, "sport", "=", f":{port}"),
                  check=False, timeout=10)
     return result.returncode == 0 and bool(result.stdout.strip())
 
@@ -258,7 +260,7 @@ def _listening(topology: Topology, role: str, proto: str, port: int) -> bool:
 def _echo_answers(topology: Topology, address: str, family: str) -> bool:
     payload = b"pvpn-lab-echo\n"
     try:
-        result = run(_in(topology, "server", "socat", "-T", "2", "STDIO",
+        result = run(host_command(topology, "server", "socat", "-T", "2", "STDIO",
                          f"{family}:{address}:{ECHO_PORT}"),
                      input=payload, check=False, timeout=5)
     except LabError:
@@ -268,7 +270,7 @@ def _echo_answers(topology: Topology, address: str, family: str) -> bool:
 
 def _ssh_answers(topology: Topology, address: str) -> bool:
     try:
-        result = run(_in(topology, "server", "ssh-keyscan", "-T", "2", "-t", "ed25519",
+        result = run(host_command(topology, "server", "ssh-keyscan", "-T", "2", "-t", "ed25519",
                          "-p", str(SSH_PORT), address), check=False, timeout=5)
     except LabError:
         return False
@@ -289,13 +291,13 @@ def _wait_target(topology: Topology) -> None:
     target_dir = topology.host_dir("target")
     v4, v6 = str(link.right4), f"[{link.right6}]"
     probes: list[tuple[str, str, Callable[[], bool]]] = [
-        ("http on IPv4", "nginx", lambda: succeeds(_in(
+        ("http on IPv4", "nginx", lambda: succeeds(host_command(
             topology, "server", "curl", "-sS", "-o", "/dev/null", "--max-time", "2",
             f"http://{v4}:{HTTP_PORT}/0"))),
-        ("http on IPv6", "nginx", lambda: succeeds(_in(
+        ("http on IPv6", "nginx", lambda: succeeds(host_command(
             topology, "server", "curl", "-sS", "-o", "/dev/null", "--max-time", "2",
             f"http://{v6}:{HTTP_PORT}/0"))),
-        ("iperf3", "iperf3", lambda: _listening(topology, "target", "-t", IPERF_PORT)),
+        ("iperf3", "iperf3", lambda: listening(topology, "target", "-t", IPERF_PORT)),
         ("UDP echo on IPv4", "echo4", lambda: _echo_answers(topology, v4, "UDP4")),
         ("UDP echo on IPv6", "echo6", lambda: _echo_answers(topology, v6, "UDP6")),
         # ssh-keyscan gets the host key: sshd answers, not just listens.
@@ -326,7 +328,7 @@ def _wait_nodes(topology: Topology, started: list[str]) -> None:
             what, probe = f"pvpn-client's socket {sock}", sock.exists
         else:
             what = f"{program} to listen on port {PVPN_PORT} in {topology.name}-{role}"
-            probe = functools.partial(_listening, topology, role, "-t", PVPN_PORT)
+            probe = functools.partial(listening, topology, role, "-t", PVPN_PORT)
         try:
             wait_until(what, probe, timeout=max(1.0, deadline - time.monotonic()))
         except LabError as exc:
@@ -334,8 +336,9 @@ def _wait_nodes(topology: Topology, started: list[str]) -> None:
 
 
 @contextlib.contextmanager
-def _sigterm_interrupts() -> Iterator[None]:
-    """Make SIGTERM behave like Ctrl-C, so an interrupted `up` tears down what it made."""
+def sigterm_interrupts() -> Iterator[None]:
+    """Make SIGTERM behave like Ctrl-C, so an interrupted `up` (or bench) tears down what it
+    made."""
 
     def handler(signum: int, frame: FrameType | None) -> None:
         raise KeyboardInterrupt(f"signal {signum}")
@@ -364,7 +367,7 @@ def up(name: str, gateways: int = 0, *, nodes: bool = True, say: Say = _say) -> 
     if not users.create_lab_dir(topology.root):
         raise exists
     try:
-        with _sigterm_interrupts():
+        with sigterm_interrupts():
             _build(topology, nodes, say)
     except BaseException:
         say(f"pvpn lab: building lab {name} failed; removing what was made")
