@@ -274,7 +274,7 @@ class FlowTable:
         self._queue(flow).move_to_end(id(flow))
 
     def _track_end(self, flow: Flow, now: float, tcp_flags: int, outbound: bool) -> None:
-        if tcp_flags & TCP_FIN:
+        if tcp_flags & TCP_FIN and not flow.closed:  # a FIN after an RST changes nothing
             if not flow.fins and not outbound:
                 flow.remote_closed_first = True
             flow.fins |= _FIN_OUT if outbound else _FIN_IN
@@ -290,7 +290,7 @@ class FlowTable:
         elif not flow.closing:
             self._requeue(flow, closing=True, closed=False, time_wait=False, now=now)
         else:
-            self._tcp_closing.move_to_end(id(flow))
+            self._queue(flow).move_to_end(id(flow))  # closing, or closed by an RST
 
     def _requeue(
         self, flow: Flow, closing: bool, closed: bool, time_wait: bool, now: float

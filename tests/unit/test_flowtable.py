@@ -258,6 +258,23 @@ def test_an_rst_or_the_client_closing_first_frees_the_port_soon(direction: str) 
     assert len(table) == 0 and not table._closed_by_endpoint and not table._ports_used
 
 
+@pytest.mark.parametrize("direction", ["outbound", "inbound"])
+def test_a_fin_after_an_rst_keeps_the_mapping_closed(direction: str) -> None:
+    # A FIN still in flight when the other side resets is ordinary traffic.
+    table = FlowTable((61000, 61999), tcp_closed_timeout=10.0, tcp_time_wait=60.0)
+    flow = table.outbound(ALICE, tcp(), NAT, now=0.0, tcp_flags=TCP_SYN)
+    table.outbound(ALICE, tcp(), NAT, now=1.0, tcp_flags=TCP_RST)
+    if direction == "outbound":
+        assert table.outbound(ALICE, tcp(), NAT, now=2.0, tcp_flags=TCP_FIN | TCP_ACK) is flow
+    else:
+        assert reply_to(table, flow, 2.0, TCP_FIN | TCP_ACK) is flow
+    reply_to(table, flow, 2.0, TCP_FIN | TCP_ACK)
+    assert flow.closed and not flow.time_wait
+    assert table.expire(11.9) == []
+    assert table.expire(12.0) == [flow]
+    assert not table._closed_by_endpoint and not table._held
+
+
 def test_the_remote_closing_first_keeps_the_port_for_its_time_wait() -> None:
     # A new SYN to a 4-tuple the remote end holds in TIME-WAIT gets the old connection's ACK
     # (and costs an RST and a retransmitted SYN): the port is not handed out again for 60 s.
