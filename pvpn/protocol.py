@@ -767,27 +767,23 @@ class ServerNode(NodeBase):
             # The client host's kernel answering a reply it could not deliver (a closed port):
             # it quotes the reply, so the flow it is about is the quote's, reversed. Only a
             # flow the session already has may carry it; it never opens one.
-            known = self.flows.lookup(session.id, flow.reversed())
-            if known is None:
+            entry = self.flows.lookup(session.id, flow.reversed())
+            if entry is None:
                 self._drop(session, "icmp error about no flow of this session", flow.describe())
                 return
-            session.packets_out += 1
-            session.bytes_out += len(packet)
-            self.commands.append(InjectPacket(
-                pk.rewrite_source(packet, known.nat_src, known.nat_port)))
-            return
-        if not session.allow.contains(flow.dst):
+        elif not session.allow.contains(flow.dst):
             self._drop(session, "destination not allowed", flow.describe())
             return
-        try:
-            nat_src = self._source_for(flow.dst)
-            entry = self.flows.outbound(session.id, flow, nat_src, now, flags)
-        except FlowTableFull as exc:
-            self._drop(session, f"flow table full: {exc}", flow.describe())
-            return
-        except OSError as exc:
-            self._drop(session, f"no route: {exc}", flow.describe())
-            return
+        else:
+            try:
+                entry = self.flows.outbound(session.id, flow, self._source_for(flow.dst), now,
+                                            flags)
+            except FlowTableFull as exc:
+                self._drop(session, f"flow table full: {exc}", flow.describe())
+                return
+            except OSError as exc:
+                self._drop(session, f"no route: {exc}", flow.describe())
+                return
         session.packets_out += 1
         session.bytes_out += len(packet)
         self.commands.append(InjectPacket(pk.rewrite_source(packet, entry.nat_src, entry.nat_port)))
