@@ -18,6 +18,7 @@ from pvpn.envelope import (
     EnvelopeDecoder, MsgType, decode_control, encode_control, encode_envelope,
 )
 from pvpn.errors import ConfigError, PvpnError
+from pvpn.io.pcap import DEFAULT_MAX_BYTES
 
 DEFAULT_SOCKET = Path(os.environ.get("PVPN_SOCKET", "/run/pvpn/client.sock"))
 
@@ -101,14 +102,14 @@ def ask_daemon(socket_path: Path, mtype: MsgType, fields: dict[str, Any],
 
 def node_control(config: Path) -> tuple[str, Path]:
     """The role and the status socket of the node a config file describes."""
-    from pvpn.config import load_client_config, load_gateway_config, load_server_config
+    from pvpn.config import load_client_config, load_gateway_config, load_server_config, load_toml
 
-    text = config.read_text() if config.is_file() else ""
-    if "[server]" in text:
+    sections = load_toml(config)
+    if "server" in sections:
         return "server", load_server_config(config).control
-    if "[gateway]" in text:
+    if "gateway" in sections:
         return "gateway", load_gateway_config(config).control
-    if "[client]" in text:
+    if "client" in sections:
         return "client", load_client_config(config).socket
     raise ConfigError(f"{config} is not a pvpn-client, pvpn-gateway or pvpn-server config")
 
@@ -130,7 +131,9 @@ def cmd_node_status(args: argparse.Namespace) -> int:
     report: dict[str, Any] = {"nodes": [], "supervisord": []}
     for config in args.node:
         role, path = node_control(config)
-        _, reply = ask_daemon(path, MsgType.STATUS, {})
+        mtype, reply = ask_daemon(path, MsgType.STATUS, {})
+        if mtype is MsgType.ERROR:
+            raise PvpnError(f"{role} at {path}: {reply.get('reason', 'refused')}")
         report["nodes"].append({"role": role, "config": str(config),
                                 "sessions": reply.get("sessions", [])})
     if args.supervisord:
@@ -308,7 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keepalive", type=float, help="seconds between keepalives (default 10)")
     p.add_argument("--pcap", type=Path, metavar="FILE",
                    help="write the session's inner packets, both ways, to FILE (pcap, 0600)")
-    p.add_argument("--pcap-max-bytes", type=int, default=100 * 1000 * 1000, metavar="N",
+    p.add_argument("--pcap-max-bytes", type=int, default=DEFAULT_MAX_BYTES, metavar="N",
                    help="stop writing --pcap at N bytes (default 100 MB)")
     p.set_defaults(func=cmd_connect)
 

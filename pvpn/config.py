@@ -16,6 +16,7 @@ else:  # pragma: no cover - Debian 11 / Ubuntu 22.04
     import tomli as tomllib
 
 from pvpn.errors import ConfigError
+from pvpn.io.pcap import DEFAULT_MAX_BYTES
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
@@ -129,7 +130,7 @@ def _pcap_settings(table: _Table) -> tuple[Path | None, int]:
     pcap_dir = Path(text) if text else None
     if pcap_dir is not None and not pcap_dir.is_absolute():
         raise ConfigError(f"{table.where('pcap_dir')} must be an absolute directory path")
-    max_bytes = table.get("pcap_max_bytes", int, 100 * 1000 * 1000)
+    max_bytes = table.get("pcap_max_bytes", int, DEFAULT_MAX_BYTES)
     if max_bytes < 1024:
         raise ConfigError(f"{table.where('pcap_max_bytes')} must be at least 1024 bytes")
     return pcap_dir, int(max_bytes)
@@ -182,7 +183,7 @@ class ServerConfig:
     control: Path = Path("/run/pvpn/server.ctl")
     # Inner packets of every session to <pcap_dir>/<session>.pcap (off when None).
     pcap_dir: Path | None = None
-    pcap_max_bytes: int = 100 * 1000 * 1000
+    pcap_max_bytes: int = DEFAULT_MAX_BYTES
     # The share of one destination's NAT ports one session may hold in open mappings.
     nat_share: float = 0.5
 

@@ -23,7 +23,7 @@ from pvpn.trace import (
     format_trace,
     group_by_session,
     match_sessions,
-    parse_line,
+    parse_lines,
     sessions_of_user,
     trace_session,
     trace_to_json,
@@ -118,12 +118,8 @@ def read_records(files: Sequence[Path]) -> Iterator[LogRecord]:
             raise ConfigError(f"cannot read {path}: permission denied (the nodes' logs are "
                               "usually root's; run pvpn trace as root)") from None
         with handle:
-            for line in handle:
-                if '"session"' not in line:
-                    continue  # node:started and the like: no session to follow
-                record = parse_line(line)
-                if record is not None:
-                    yield record
+            # node:started and the like have no session to follow: skip them unparsed.
+            yield from parse_lines(line for line in handle if '"session"' in line)
 
 
 def _where(files: Sequence[Path]) -> str:
@@ -169,8 +165,7 @@ def cmd_trace(args: argparse.Namespace) -> int:
                   or f"no sessions of {user} in these logs")
         return 0 if traces else 1
 
-    if session is None:
-        return 2  # not reached: a session or a user was required above
+    assert session is not None  # a session or a user was required above
     matches = match_sessions(groups, session)
     if not matches:
         raise PvpnError(f"no records of session {session} in {_where(files)}")

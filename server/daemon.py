@@ -62,6 +62,7 @@ class Server:
         if not node.commands:
             return
         commands, node.commands = node.commands, []
+        seen = time.time()  # one capture timestamp per batch
         for cmd in commands:
             if type(cmd) is InjectPacket:
                 self.raw.send(cmd.packet)
@@ -78,7 +79,7 @@ class Server:
                 if transport is not None:
                     transport.close()
             elif type(cmd) is CapturePacket and self.captures is not None:
-                self.captures.write(cmd.session, cmd.packet, time.time())
+                self.captures.write(cmd.session, cmd.packet, seen)
         if self.captures is not None:
             self.captures.flush()
 

@@ -98,10 +98,6 @@ class PcapWriter:
                               f"{exc.strerror or exc}") from None
         self.size = len(header)
 
-    @property
-    def closed(self) -> bool:
-        return self._fd is None
-
     def write(self, packet: bytes, timestamp: float) -> None:
         """Add one packet seen at ``timestamp`` (seconds since the epoch)."""
         if self.stopped is not None or self._fd is None:
