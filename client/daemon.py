@@ -10,9 +10,6 @@ from __future__ import annotations
 import asyncio
 import os
 import pwd
-import socket
-import stat
-from pathlib import Path
 from typing import Any, Callable
 
 
@@ -25,7 +22,9 @@ from pvpn.envelope import (
 from pvpn.errors import ConfigError, MalformedPacket, PolicyError, PvpnError, RemoteProtocolError
 from pvpn.io import rules
 from pvpn.io.nfqueue import BatchedQueue
-from pvpn.io.loop import WRITE_HIGH_WATER, daemon_main, install_signals, peer_credentials
+from pvpn.io.loop import (
+    WRITE_HIGH_WATER, daemon_main, install_signals, peer_credentials, prepare_unix_socket,
+)
 from pvpn.io.tun import open_tun, strict_rp_filter
 from pvpn.records import Record, RecordWriter, session_hex
 from pvpn.client.registry import MAX_FLOWS_PER_SESSION, Registry, SlotSession
@@ -365,29 +364,16 @@ class ClientDaemon:
             self.end_session(session, reason)
 
 
-def _prepare_socket(path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if path.exists() or path.is_symlink():
-        if not stat.S_ISSOCK(path.lstat().st_mode):
-            raise ConfigError(f"{path} exists and is not a socket; remove it or change [client] socket")
-        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            probe.connect(str(path))
-        except OSError:
-            path.unlink()  # left by a crashed daemon
-        else:
-            raise ConfigError(f"another pvpn-client already listens on {path}")
-        finally:
-            probe.close()
-
-
 async def serve(config: ClientConfig) -> None:
     daemon = ClientDaemon(config)
     loop = daemon.loop
     if strict_rp_filter():
         daemon.log_event("node:warning", reason="net.ipv4.conf.all.rp_filter=1 drops replies "
                          "arriving on TUN devices; set it to 0 or 2")
-    _prepare_socket(config.socket)
+    prepare_unix_socket(
+        config.socket,
+        f"{config.socket} exists and is not a socket; remove it or change [client] socket",
+        f"another pvpn-client already listens on {config.socket}")
     stop = asyncio.Event()
     listener: asyncio.AbstractServer | None = None
     try:

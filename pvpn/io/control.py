@@ -5,15 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import os
-import socket
 from pathlib import Path
 from typing import Any, Callable
 
 from pvpn.envelope import (
     EnvelopeDecoder, MsgType, decode_control, encode_control, encode_envelope,
 )
-from pvpn.errors import ConfigError, RemoteProtocolError
-from pvpn.io.loop import peer_credentials
+from pvpn.errors import RemoteProtocolError
+from pvpn.io.loop import peer_credentials, prepare_unix_socket
 
 StatusProvider = Callable[[], list[dict[str, Any]]]
 
@@ -53,20 +52,9 @@ class _ControlLink(asyncio.Protocol):
 
 
 async def start_control(path: Path, provider: StatusProvider) -> asyncio.AbstractServer:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if path.exists() and not path.is_socket():
-        raise ConfigError(f"{path} exists and is not a socket; remove it or change 'control'")
-    if path.exists():
-        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            probe.connect(str(path))
-        except OSError:
-            path.unlink()  # left by a node that died
-        else:
-            raise ConfigError(f"another node already answers on {path}; give this one its own "
-                              "'control' socket")
-        finally:
-            probe.close()
+    prepare_unix_socket(
+        path, f"{path} exists and is not a socket; remove it or change 'control'",
+        f"another node already answers on {path}; give this one its own 'control' socket")
     server = await asyncio.get_running_loop().create_unix_server(
         lambda: _ControlLink(provider), str(path))
     os.chmod(path, 0o600)

@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import signal
 import socket
+import stat
 import struct
 import sys
 from pathlib import Path
@@ -76,3 +77,25 @@ def run_daemon(program: str, main: Callable[[], "asyncio.Future[None] | object"]
     except KeyboardInterrupt:
         return 0
     return 0
+
+
+def prepare_unix_socket(path: Path, not_a_socket: str, in_use: str) -> None:
+    """Make way for a listening unix socket at ``path``: a socket left by a node that died is
+    removed; ConfigError(``not_a_socket``) if something else is there (a symlink is not
+    followed), ConfigError(``in_use``) if a live node answers on it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        mode = path.lstat().st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(mode):
+        raise ConfigError(not_a_socket)
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(str(path))
+    except OSError:
+        path.unlink()  # left by a node that died
+    else:
+        raise ConfigError(in_use)
+    finally:
+        probe.close()
