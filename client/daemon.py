@@ -18,6 +18,7 @@ from pvpn import packet as pk
 from pvpn.config import ClientConfig, load_client_config, parse_prefixes
 from pvpn.envelope import (
     EnvelopeDecoder, MsgType, Sequencer, decode_control, encode_control, encode_envelope,
+    status_pages,
 )
 from pvpn.errors import ConfigError, MalformedPacket, PolicyError, PvpnError, RemoteProtocolError
 from pvpn.io import rules
@@ -85,6 +86,11 @@ class LocalLink(asyncio.Protocol):
         session = self.session.session_id if self.session else b""
         self.pending.append(encode_envelope(mtype, session, self.uid, self.seq.take(),
                                             encode_control(fields)))
+
+    def send_status(self, sessions: list[dict[str, Any]]) -> None:
+        """STATUS_REPLY in as many pages as the sessions need."""
+        for page in status_pages(sessions):
+            self.send_control(MsgType.STATUS_REPLY, page)
 
     def flush(self) -> None:
         if self.pending and self.transport is not None:
@@ -280,11 +286,10 @@ class ClientDaemon:
             session = link.session
             self.end_session(session, f"ended by the user: {fields['reason']}")
             # Answer only once the rules are gone, so `pvpn connect` exits with nothing left.
-            link.send_control(MsgType.STATUS_REPLY, {"sessions": [session.describe(now)]})
+            link.send_status([session.describe(now)])
             link.close()
         elif mtype is MsgType.STATUS:
-            link.send_control(MsgType.STATUS_REPLY, {"sessions": [
-                s.describe(now) for s in self.registry.visible_to(link.uid)]})
+            link.send_status([s.describe(now) for s in self.registry.visible_to(link.uid)])
         elif mtype is MsgType.DISCONNECT:
             try:
                 found = self.registry.find_for_disconnect(link.uid, fields["session"])
@@ -301,7 +306,7 @@ class ClientDaemon:
                     holder.unregistered = True
                     holder.close()
                 self.end_session(session, f"pvpn disconnect by uid {link.uid}")
-            link.send_control(MsgType.STATUS_REPLY, {"sessions": described})
+            link.send_status(described)
         else:
             raise RemoteProtocolError(f"unexpected {mtype.name} on the local socket")
 

@@ -90,13 +90,20 @@ def ask_daemon(socket_path: Path, mtype: MsgType, fields: dict[str, Any],
         sock.sendall(encode_envelope(mtype, b"", os.getuid(), 0, encode_control(fields)))
         decoder = EnvelopeDecoder()
         deadline = time.monotonic() + timeout
+        sessions: list[Any] = []
         while time.monotonic() < deadline:
             data = sock.recv(65536)
             if not data:
                 break
             for envelope in decoder.feed(data):
-                if envelope.type in (MsgType.STATUS_REPLY, MsgType.ERROR):
+                if envelope.type is MsgType.ERROR:
                     return envelope.type, decode_control(envelope)
+                if envelope.type is MsgType.STATUS_REPLY:
+                    # The answer may come in pages; the last says more=False.
+                    page = decode_control(envelope)
+                    sessions += page["sessions"]
+                    if not page["more"]:
+                        return envelope.type, {"sessions": sessions}
     raise PvpnError("pvpn-client gave no answer")
 
 

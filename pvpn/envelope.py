@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
-from typing import Any, Iterator, Mapping, NoReturn
+from typing import Any, Iterator, Mapping, NoReturn, Sequence
 
 import msgpack
 
@@ -206,9 +206,38 @@ CONTROL_SCHEMAS: dict[MsgType, dict[str, tuple[type, ...]]] = {
     MsgType.UNREGISTER: {"reason": _STR},
     MsgType.DISCONNECT: {"session": _BYTES},
     MsgType.STATUS: {},
-    MsgType.STATUS_REPLY: {"sessions": _LIST},
+    MsgType.STATUS_REPLY: {"sessions": _LIST, "more": (bool,)},
     MsgType.ERROR: {"code": _STR, "reason": _STR},
 }
+
+
+#: Sessions in one STATUS_REPLY page: under the decoder's array bound (256).
+MAX_PAGE_ITEMS = 200
+
+
+def status_pages(sessions: Sequence[Mapping[str, Any]],
+                 limit: int = MAX_PACKET - 1024) -> list[dict[str, Any]]:
+    """The bodies of the STATUS_REPLY envelopes that carry ``sessions``, in order: as many
+    pages as it takes to keep each envelope under ``limit`` bytes, each with ``more`` set but
+    the last. A node with a thousand sessions answers in pages instead of failing to build one
+    envelope. A description too large for a page on its own (the sources bound their strings,
+    so only a bug makes one) is shown by its session id alone."""
+    pages: list[dict[str, Any]] = []
+    page: list[Mapping[str, Any]] = []
+    size = 0
+    for item in sessions:
+        item_size = len(_packer.pack(dict(item)))
+        if item_size > limit - 64:
+            item = {"session": str(item.get("session", ""))[:64],
+                    "error": f"description of {item_size} bytes too large to show"}
+            item_size = len(_packer.pack(item))
+        if page and (size + item_size > limit - 64 or len(page) >= MAX_PAGE_ITEMS):
+            pages.append({"sessions": page, "more": True})
+            page, size = [], 0
+        page.append(item)
+        size += item_size
+    pages.append({"sessions": page, "more": False})
+    return pages
 
 
 def decode_control(envelope: Envelope) -> dict[str, Any]:

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from pvpn.envelope import (
-    EnvelopeDecoder, MsgType, decode_control, encode_control, encode_envelope,
+    EnvelopeDecoder, MsgType, decode_control, encode_control, encode_envelope, status_pages,
 )
 from pvpn.errors import RemoteProtocolError
 from pvpn.io.loop import peer_credentials, prepare_unix_socket
@@ -38,13 +38,14 @@ class _ControlLink(asyncio.Protocol):
                 decode_control(envelope)
                 if envelope.type is not MsgType.STATUS:
                     raise RemoteProtocolError(f"unexpected {envelope.type.name}")
-                mtype: MsgType
-                fields: dict[str, Any]
                 if self.uid != 0:
-                    mtype, fields = MsgType.ERROR, {"code": "denied", "reason": "root only"}
+                    transport.write(encode_envelope(MsgType.ERROR, b"", 0, 0, encode_control(
+                        {"code": "denied", "reason": "root only"})))
                 else:
-                    mtype, fields = MsgType.STATUS_REPLY, {"sessions": self.provider()}
-                transport.write(encode_envelope(mtype, b"", 0, 0, encode_control(fields)))
+                    # In pages: a node with many sessions does not fit one envelope.
+                    transport.write(b"".join(
+                        encode_envelope(MsgType.STATUS_REPLY, b"", 0, seq, encode_control(page))
+                        for seq, page in enumerate(status_pages(self.provider()))))
                 transport.close()
                 return
         except RemoteProtocolError:

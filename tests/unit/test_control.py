@@ -37,3 +37,28 @@ def test_status_and_no_takeover(tmp_path: Path) -> None:
         stop_control(again, path)
 
     asyncio.run(scenario())
+
+
+def test_a_status_too_large_for_one_envelope_comes_in_pages(tmp_path: Path) -> None:
+    """Issue 9 point 2: 1,000 sessions (far over one envelope's 65,535 bytes) used to make the
+    node raise LocalProtocolError while building its answer; now every one arrives."""
+    from pvpn.cli import ask_daemon
+
+    path = tmp_path / "node.ctl"
+    sessions = [{"session": f"{n:032x}", "user": "u" * 32, "server": "s" * 300}
+                for n in range(1000)]
+
+    async def scenario() -> tuple[MsgType, dict[str, object]]:
+        server = await start_control(path, lambda: sessions)
+        try:
+            return await asyncio.get_running_loop().run_in_executor(
+                None, ask_daemon, path, MsgType.STATUS, {})
+        finally:
+            stop_control(server, path)
+
+    mtype, reply = asyncio.run(scenario())
+    if os.geteuid() != 0:
+        assert mtype is MsgType.ERROR
+        return
+    assert mtype is MsgType.STATUS_REPLY
+    assert reply["sessions"] == sessions

@@ -1,0 +1,119 @@
+"""Why a packet was dropped: one fixed set of codes for every node, and the per-session counter
+that decides which drops are logged.
+
+The code is all a drop record and a session's counters carry as its reason; the packet's flow,
+which a user chooses, goes in the record's own ``flow`` field. So a user sending packets to
+ten thousand ports adds ten thousand to one counter, not ten thousand keys, and the log gets a
+bounded number of lines (:class:`DropCounter`). docs/design.md lists the codes.
+"""
+
+from __future__ import annotations
+
+import enum
+
+
+class Drop(enum.Enum):
+    """A drop reason. The value is the code records and ``pvpn status`` show."""
+
+    # pvpn-client: packets of a session on their way out
+    TUNNEL_DOWN = "tunnel-down"
+    TUNNEL_CONGESTED = "tunnel-congested"
+    # pvpn-client: replies the user's tunnel process hands back
+    MALFORMED_REPLY = "malformed-reply"
+    REPLY_NO_FLOW = "reply-no-flow"
+    REPLY_ICMP_REFUSED = "reply-icmp-refused"
+    TUN_FULL = "tun-full"
+    TUN_WRITE_FAILED = "tun-write-failed"
+    # pvpn-server: packets a session sends
+    MALFORMED_PACKET = "malformed-packet"
+    IP_OPTIONS = "ip-options"
+    DESTINATION_NOT_ALLOWED = "destination-not-allowed"
+    DESTINATION_SPECIAL = "destination-special"
+    ICMP_ERROR_NO_FLOW = "icmp-error-no-flow"
+    ICMP_ERROR_REFUSED = "icmp-error-refused"
+    FLOW_TABLE_FULL = "flow-table-full"
+    FLOW_CAP_SESSION = "flow-cap-session"
+    FLOW_CAP_USER = "flow-cap-user"
+    NAT_SHARE = "nat-share"
+    NO_ROUTE = "no-route"
+    # pvpn-server: replies on their way to a session
+    SESSION_DETACHED = "session-detached"
+    LINK_CONGESTED = "link-congested"
+
+    @property
+    def description(self) -> str:
+        return _DESCRIPTIONS[self]
+
+
+_DESCRIPTIONS: dict[Drop, str] = {
+    Drop.TUNNEL_DOWN: "no tunnel process attached to the session: dropped (fail closed)",
+    Drop.TUNNEL_CONGESTED: "the user's tunnel process is not keeping up",
+    Drop.MALFORMED_REPLY: "a reply from the tunnel that is not a packet pvpn carries",
+    Drop.REPLY_NO_FLOW: "a reply to no flow this session sent (anti-spoofing)",
+    Drop.REPLY_ICMP_REFUSED: "an ICMP error whose type, addresses or length a host would "
+                             "not receive for this flow",
+    Drop.TUN_FULL: "the session's TUN device is full",
+    Drop.TUN_WRITE_FAILED: "writing to the session's TUN device failed",
+    Drop.MALFORMED_PACKET: "a packet that is not one pvpn carries",
+    Drop.IP_OPTIONS: "an IPv4 packet with options (source routing among them)",
+    Drop.DESTINATION_NOT_ALLOWED: "a destination outside the user's allow list",
+    Drop.DESTINATION_SPECIAL: "loopback, link-local, multicast, broadcast or one of the "
+                              "server's own addresses, not named in the allow list",
+    Drop.ICMP_ERROR_NO_FLOW: "an ICMP error about no flow of this session",
+    Drop.ICMP_ERROR_REFUSED: "an ICMP error of a type, with addresses or of a length a host "
+                             "does not send",
+    Drop.FLOW_TABLE_FULL: "the server's NAT table is full",
+    Drop.FLOW_CAP_SESSION: "the session holds as many NAT mappings as one session may",
+    Drop.FLOW_CAP_USER: "the user holds as many NAT mappings as one user may",
+    Drop.NAT_SHARE: "the user holds its share of one destination's NAT ports",
+    Drop.NO_ROUTE: "the server has no route to the destination",
+    Drop.SESSION_DETACHED: "a reply while the user reconnects",
+    Drop.LINK_CONGESTED: "the link to the user is congested",
+}
+
+
+class DropCounter:
+    """One session's drops: counted by code, and which of them to log.
+
+    The first drop of each code is always logged (the codes are few); after that at most
+    ``burst`` records, refilled at ``rate`` per second, for the whole session (a token
+    bucket). Drops not logged are counted in :attr:`unlogged` until a record takes them.
+    Time is passed in.
+    """
+
+    __slots__ = ("counts", "unlogged", "_burst", "_rate", "_tokens", "_refilled")
+
+    def __init__(self, burst: float = 10.0, rate: float = 1.0) -> None:
+        self.counts: dict[Drop, int] = {}
+        self.unlogged = 0
+        self._burst = burst
+        self._rate = rate
+        self._tokens = burst
+        self._refilled = 0.0
+
+    def count(self, drop: Drop, now: float) -> int:
+        """Count one drop. Returns the code's count so far if this drop should be logged, 0 if
+        not (it is then added to :attr:`unlogged`)."""
+        counts = self.counts
+        seen = counts.get(drop, 0) + 1
+        counts[drop] = seen
+        tokens = min(self._burst, self._tokens + (now - self._refilled) * self._rate)
+        self._refilled = now
+        if seen == 1 or tokens >= 1.0:
+            self._tokens = max(0.0, tokens - 1.0)
+            return seen
+        self._tokens = tokens
+        self.unlogged += 1
+        return 0
+
+    def take_unlogged(self) -> int:
+        """How many drops went unlogged since the last call (for the next record)."""
+        unlogged, self.unlogged = self.unlogged, 0
+        return unlogged
+
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    def as_dict(self) -> dict[str, int]:
+        """The counters by code, for records and ``pvpn status``."""
+        return {drop.value: count for drop, count in self.counts.items()}
