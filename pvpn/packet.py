@@ -12,6 +12,11 @@ NAT needs the ports, which only the first fragment carries. Anything else raises
 (an address of the wrong length, a port out of range) raise
 :class:`~pvpn.errors.LocalProtocolError`.
 
+Packets the server re-sends or hands to a user are also held to what a host may send and
+receive (:func:`classify` with ``strict``, :func:`sent_icmp_error_refusal`,
+:func:`received_icmp_error_refusal`): no IPv4 options, no bytes past the IP length, and ICMP
+errors only of the types, addresses and lengths RFC 1122, RFC 1812 and RFC 4443 give them.
+
 Checksums are always updated incrementally (RFC 1624, eqn. 3: ``HC' = ~(~HC + ~m + m')``), never
 recomputed, so a packet that arrived with a bad checksum leaves with a bad checksum and the end
 host still drops it, and the cost does not depend on the payload length.
@@ -46,12 +51,56 @@ _ICMP4_ERRORS: Final = frozenset((3, 4, 5, 11, 12))
 _ICMP6_ECHO: Final = frozenset((128, 129))
 _ICMP6_ERRORS: Final = frozenset((1, 2, 3, 4))
 
+# The ICMP errors a host sends about a datagram it received (the client host's kernel answering
+# a reply it could not deliver), by type, with their codes. IPv4 (RFC 1122 3.2.2): destination
+# unreachable 2 (protocol) and 3 (port), which a host SHOULD send (3.2.2.1), and 9, 10, 13
+# (communication administratively prohibited, RFC 1122 3.2.2.1, RFC 1812 5.2.7.1), which host
+# firewalls send (iptables/nftables REJECT, firewalld's icmp-host-prohibited); parameter problem
+# 0, 1 and 2 (RFC 1122 3.2.2.5, RFC 1812 5.2.7.3). Codes 0, 1, 4 (fragmentation needed) and 5
+# of type 3 are a gateway's (RFC 1122 3.2.2.1), as are redirects (type 5, RFC 1122 3.2.2.2) and
+# time exceeded in transit (type 11 code 0, 3.2.2.4); a reassembly time-out (11/1) quotes a
+# fragment, which the NAT never carries; source quench (4) is deprecated: hosts MUST NOT
+# send it (RFC 6633 3). IPv6 (RFC 4443): destination unreachable 1 (administratively prohibited) and 4
+# (port unreachable, 3.1), parameter problem 0, 1, 2 (3.4); packet too big (2) is a router's
+# (3.2), as is time exceeded in transit (3.3), and unreachable codes 0, 3, 5, 6 are sent by
+# the node that routes or resolves, not by the destination (3.1).
+_HOST_SENDS4: Final = {3: frozenset((2, 3, 9, 10, 13)), 12: frozenset((0, 1, 2))}
+_HOST_SENDS6: Final = {1: frozenset((1, 4)), 4: frozenset((0, 1, 2))}
+# The ICMP errors a host may receive about a packet it sent, from the routers on the way or the
+# destination: every defined code of destination unreachable (RFC 792, RFC 1122 3.2.2.1, RFC
+# 1812 5.2.7.1: 0-15), time exceeded (0, 1) and parameter problem (0-2); for IPv6 destination
+# unreachable 0-6, packet too big (its code is ignored by the receiver, RFC 4443 3.2), time
+# exceeded 0-1, parameter problem 0-2. Not redirects (only the first-hop router on the host's
+# own link may send one, RFC 1122 3.2.2.2; there is no such link through a tunnel) and not
+# source quench (deprecated; TCP MUST ignore it, RFC 6633 3-5).
+_HOST_RECEIVES4: Final = {3: frozenset(range(16)), 11: frozenset((0, 1)),
+                          12: frozenset((0, 1, 2))}
+_HOST_RECEIVES6: Final = {1: frozenset(range(7)), 2: frozenset(range(256)),
+                          3: frozenset((0, 1)), 4: frozenset((0, 1, 2))}
+# The largest ICMP error, IP header included: RFC 1812 4.3.2.3 (IPv4: the error SHOULD NOT
+# exceed 576 bytes; RFC 1122 3.2.2 asks for only 8 bytes of the quoted payload) and RFC 4443
+# 2.4 (c) (IPv6: not more than the minimum IPv6 MTU, 1280 bytes). Linux never sends more.
+ICMP4_ERROR_MAX: Final = 576
+ICMP6_ERROR_MAX: Final = 1280
+
 # version/IHL, (TOS), total length, (identification), flags/fragment offset, (TTL), protocol
 _IPV4: Final = struct.Struct("!BxH2xHxB")
 # version/class byte, (class/flow label), payload length, next header
 _IPV6: Final = struct.Struct("!B3xHB")
 _U16: Final = struct.Struct("!H")
 _PORTS: Final = struct.Struct("!HH")
+
+
+
+class IpOptions(MalformedPacket):
+    """An IPv4 packet (or the packet an ICMP error quotes) carries IP options.
+
+    The NAT refuses them rather than pass them on: loose and strict source routes (RFC 791
+    3.1) would let a user steer the server's packets, and a record-route or timestamp option
+    collects addresses of the server's network for the user. Hosts ignore or refuse source
+    routes too (RFC 1122 3.2.1.8, Linux's accept_source_route=0). No TCP, UDP or ICMP
+    packet of an ordinary application carries options (``ping -R`` does)."""
+
 
 _NAMES: Final = {PROTO_ICMP: "icmp", PROTO_TCP: "tcp", PROTO_UDP: "udp", PROTO_ICMPV6: "icmpv6"}
 
@@ -119,10 +168,13 @@ def destination_address(packet: bytes) -> bytes:
     raise MalformedPacket("not an ip packet")
 
 
-def _locate(packet: bytes) -> tuple[int, int, int, int]:
+def _locate(packet: bytes, strict: bool = False) -> tuple[int, int, int, int]:
     """Check the IP and L4 headers; return (version, protocol, L4 offset, end of IP payload).
 
     The end comes from the IP length field: trailing bytes (link padding) are not ours.
+    ``strict`` (a packet the server re-sends or hands on): IpOptions for IPv4 options, and
+    MalformedPacket for bytes past the IP length (the raw socket would send them, and Linux
+    rewrites the IPv4 total length to what it sends).
     """
     n = len(packet)
     if n < 20:
@@ -138,6 +190,8 @@ def _locate(packet: bytes) -> tuple[int, int, int, int]:
             raise MalformedPacket("ipv4 total length")
         if frag & 0x3FFF:  # MF set or offset != 0; DF (0x4000) is fine
             raise MalformedPacket("fragment")
+        if strict and l4 != 20:
+            raise IpOptions("ipv4 options")
         end = total
     elif version == 6:
         if n < 40:
@@ -152,6 +206,8 @@ def _locate(packet: bytes) -> tuple[int, int, int, int]:
         l4 = 40
     else:
         raise MalformedPacket("not an ip packet")
+    if strict and end != n:
+        raise MalformedPacket("bytes past the ip length")
     avail = end - l4
     if proto == PROTO_TCP:
         if avail < 20:
@@ -173,12 +229,15 @@ def _locate(packet: bytes) -> tuple[int, int, int, int]:
     return version, proto, l4, end
 
 
-def _embedded(packet: bytes, version: int, l4: int, end: int) -> tuple[int, int, int]:
+def _embedded(packet: bytes, version: int, l4: int, end: int,
+              strict: bool = False) -> tuple[int, int, int]:
     """Check the packet quoted in an ICMP error at ``l4``; return (protocol, IP offset, L4 offset).
 
     RFC 792 / RFC 4443 guarantee the quoted IP header and the first 8 bytes of its payload
     (enough for both ports or the echo identifier); its length fields describe the original
     packet, which is usually truncated here, so they are not checked against what is present.
+    ``strict``: IpOptions if the quoted IPv4 header has options (no packet the NAT passes
+    has them, so no error about one can be about a NAT flow).
     """
     ip = l4 + 8
     if version == 4:
@@ -190,6 +249,8 @@ def _embedded(packet: bytes, version: int, l4: int, end: int) -> tuple[int, int,
         ihl = (b0 & 0x0F) * 4
         if ihl < 20:
             raise MalformedPacket("icmp error: quoted ipv4 header length")
+        if strict and ihl != 20:
+            raise IpOptions("icmp error: quoted ipv4 options")
         _, _, frag, proto = _IPV4.unpack_from(packet, ip)
         if frag & 0x3FFF:
             raise MalformedPacket("icmp error: quoted fragment")
@@ -243,14 +304,15 @@ def parse_flow(packet: bytes) -> FlowKey:
     raise MalformedPacket(f"icmp type {kind} unsupported")
 
 
-def classify(packet: bytes) -> tuple[FlowKey, int, bool]:
+def classify(packet: bytes, strict: bool = False) -> tuple[FlowKey, int, bool]:
     """One pass over the headers for the packet path: ``(flow, tcp_flags, is_error)``.
 
     For a TCP, UDP or echo packet the flow is :func:`parse_flow`'s; for an ICMP/ICMPv6 error it
     is the quoted packet's flow, as :func:`icmp_error_inner_flow` gives it. MalformedPacket for
-    anything else.
+    anything else. ``strict`` is for packets the server NATs (both ways): IpOptions for IPv4
+    options, outer or quoted, and MalformedPacket for bytes past the IP length.
     """
-    version, proto, l4, end = _locate(packet)
+    version, proto, l4, end = _locate(packet, strict)
     if proto == PROTO_TCP or proto == PROTO_UDP:
         src, dst = _addresses(packet, version)
         sport, dport = _PORTS.unpack_from(packet, l4)
@@ -263,7 +325,7 @@ def classify(packet: bytes) -> tuple[FlowKey, int, bool]:
         return FlowKey(proto, src, ident, dst, ident), 0, False
     if kind not in (_ICMP4_ERRORS if version == 4 else _ICMP6_ERRORS):
         raise MalformedPacket(f"icmp type {kind} unsupported")
-    inner_proto, ip, inner_l4 = _embedded(packet, version, l4, end)
+    inner_proto, ip, inner_l4 = _embedded(packet, version, l4, end, strict)
     src, dst = _addresses(packet, version, ip)
     if inner_proto == PROTO_TCP or inner_proto == PROTO_UDP:
         sport, dport = _PORTS.unpack_from(packet, inner_l4)
@@ -300,6 +362,79 @@ def icmp_error_inner_flow(packet: bytes) -> FlowKey:
         return FlowKey(inner_proto, src, sport, dst, dport)
     ident = packet[inner_l4 + 4] << 8 | packet[inner_l4 + 5]
     return FlowKey(inner_proto, src, ident, dst, ident)
+
+
+def _icmp_error_view(packet: bytes) -> tuple[int, int, int, bytes, bytes, bytes, bytes]:
+    """(version, type, code, source, destination, quoted source, quoted destination) of an
+    ICMP/ICMPv6 error; MalformedPacket if ``packet`` is not a valid one."""
+    version, proto, l4, end = _locate(packet)
+    if proto != PROTO_ICMP and proto != PROTO_ICMPV6:
+        raise MalformedPacket("not an icmp error")
+    kind = packet[l4]
+    if kind not in (_ICMP4_ERRORS if version == 4 else _ICMP6_ERRORS):
+        raise MalformedPacket("not an icmp error")
+    _, ip, _ = _embedded(packet, version, l4, end)
+    src, dst = _addresses(packet, version)
+    quoted_src, quoted_dst = _addresses(packet, version, ip)
+    return version, kind, packet[l4 + 1], src, dst, quoted_src, quoted_dst
+
+
+def _error_type_refusal(version: int, kind: int, code: int, length: int,
+                        allowed: dict[int, frozenset[int]], who: str) -> str | None:
+    codes = allowed.get(kind)
+    name = "icmp" if version == 4 else "icmpv6"
+    if codes is None or code not in codes:
+        return f"{name} type {kind} code {code} is not an error {who}"
+    limit = ICMP4_ERROR_MAX if version == 4 else ICMP6_ERROR_MAX
+    if length > limit:
+        return f"{name} error of {length} bytes, more than {limit}"
+    return None
+
+
+def sent_icmp_error_refusal(packet: bytes) -> str | None:
+    """Why ``packet`` is not an ICMP error a host sends about a packet it received; None if
+    it is one.
+
+    For the errors a user's client host sends back through its tunnel (its kernel answering
+    a reply it could not deliver): only the types and codes a host sends (see _HOST_SENDS4/6),
+    at most 576 (IPv4) or 1280 (IPv6) bytes as sent (trailing bytes included), addressed to
+    the source of the packet it quotes (the remote end that sent the reply) and sent from
+    that packet's destination (the host itself). MalformedPacket if it is no valid ICMP error.
+    """
+    version, kind, code, src, dst, quoted_src, quoted_dst = _icmp_error_view(packet)
+    refusal = _error_type_refusal(version, kind, code, len(packet),
+                                  _HOST_SENDS4 if version == 4 else _HOST_SENDS6,
+                                  "a host sends")
+    if refusal is not None:
+        return refusal
+    if dst != quoted_src:
+        return "not addressed to the source of the packet it quotes"
+    if src != quoted_dst:
+        return "not sent from the destination of the packet it quotes"
+    return None
+
+
+def received_icmp_error_refusal(packet: bytes) -> str | None:
+    """Why ``packet`` is not an ICMP error a host may receive about a packet it sent; None if
+    it may.
+
+    For errors on their way to a host: at the server, from the network to a NAT address; at
+    pvpn-client, handed back by a user's tunnel on their way to a protected socket. Only the
+    types and codes a host receives (see _HOST_RECEIVES4/6: no redirects, no source quench),
+    at most 576 (IPv4) or 1280 (IPv6) bytes as delivered, and addressed to the source of the
+    packet it quotes (the host that sent it: the NAT address at the server, the user's own
+    address at the client). Its source may be any router on the way. MalformedPacket if it is
+    no valid ICMP error.
+    """
+    version, kind, code, _, dst, quoted_src, _ = _icmp_error_view(packet)
+    refusal = _error_type_refusal(version, kind, code, len(packet),
+                                  _HOST_RECEIVES4 if version == 4 else _HOST_RECEIVES6,
+                                  "a host receives")
+    if refusal is not None:
+        return refusal
+    if dst != quoted_src:
+        return "not addressed to the source of the packet it quotes"
+    return None
 
 
 def tcp_flags(packet: bytes) -> int:

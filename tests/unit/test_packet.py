@@ -638,3 +638,183 @@ def test_classify_any_bytes_give_a_result_or_the_remote_error(data: bytes) -> No
         packet.classify(data)
     except MalformedPacket:
         pass
+
+
+# -- what the server may re-send and hand on (issue 9, point 4) ---------------------------------
+
+from scapy.layers.inet import IPOption_LSRR, IPOption_RR, IPOption_SSRR  # noqa: E402
+from scapy.layers.inet6 import ICMPv6ParamProblem  # noqa: E402
+
+from pvpn.packet import (  # noqa: E402
+    ICMP4_ERROR_MAX,
+    ICMP6_ERROR_MAX,
+    IpOptions,
+    classify,
+    received_icmp_error_refusal,
+    sent_icmp_error_refusal,
+)
+
+SOURCE_ROUTES = {
+    "loose source route": IPOption_LSRR(routers=["10.77.1.1"]),
+    "strict source route": IPOption_SSRR(routers=["10.77.1.1"]),
+    "record route": IPOption_RR(),
+    "router alert": IPOption_Router_Alert(),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SOURCE_ROUTES))
+def test_strict_classify_refuses_ipv4_options_outside_and_quoted(name: str) -> None:
+    option = SOURCE_ROUTES[name]
+    plain = bytes(IP(src="10.77.0.1", dst="10.77.1.2") / UDP(sport=5000, dport=53) / b"q")
+    routed = bytes(IP(src="10.77.0.1", dst="10.77.1.2", options=[option])
+                   / UDP(sport=5000, dport=53) / b"q")
+    assert classify(routed) == classify(plain)  # the lenient parse still reads it
+    assert classify(plain, True) == classify(plain)
+    with pytest.raises(IpOptions):
+        classify(routed, True)
+    # The quote of an ICMP error: no packet the NAT sent has options, so none is about one.
+    quoting = bytes(IP(src="10.77.1.2", dst="10.77.1.1") / ICMP(type=3, code=3)
+                    / IP(src="10.77.1.1", dst="10.77.1.2", options=[option]) / UDP(sport=1, dport=2))
+    assert classify(quoting)[2]
+    with pytest.raises(IpOptions):
+        classify(quoting, True)
+    assert issubclass(IpOptions, MalformedPacket)
+
+
+def test_strict_classify_refuses_bytes_past_the_ip_length() -> None:
+    # A raw socket sends the whole buffer (Linux even rewrites the IPv4 total length to it),
+    # so what the length field says must be all there is.
+    for raw in (V4_UDP, V6_UDP, V4_ERROR):
+        assert classify(raw, True) == classify(raw)
+        padded = raw + b"\x00" * 6
+        assert classify(padded) == classify(raw)
+        with pytest.raises(MalformedPacket, match="past the ip length"):
+            classify(padded, True)
+
+
+def _reply(version: int, size: int = 0) -> bytes:
+    """A UDP reply from the remote end to the client, as the client host received it."""
+    a = ADDR[version]
+    return build(version, "udp", a["remote"], a["client"], 443, 40000, payload=b"r" * size)
+
+
+def _error(version: int, kind: int, code: int, quote: bytes, src: str, dst: str) -> bytes:
+    if version == 4:
+        return bytes(IP(src=src, dst=dst) / ICMP(type=kind, code=code) / quote)
+    header = {1: ICMPv6DestUnreach(code=code), 2: ICMPv6PacketTooBig(code=code, mtu=1280),
+              3: ICMPv6TimeExceeded(code=code), 4: ICMPv6ParamProblem(code=code)}[kind]
+    return bytes(IPv6(src=src, dst=dst) / header / quote)
+
+
+HOST_SENDS = [(4, 3, 2), (4, 3, 3), (4, 3, 9), (4, 3, 10), (4, 3, 13), (4, 12, 0), (4, 12, 2),
+              (6, 1, 1), (6, 1, 4), (6, 4, 0), (6, 4, 1), (6, 4, 2)]
+# Redirects, source quench, time exceeded in transit, fragmentation needed / packet too big and
+# the unreachable codes of routers: a host never sends these about a packet it received.
+ROUTERS_ONLY = [(4, 5, 0), (4, 5, 1), (4, 4, 0), (4, 11, 0), (4, 11, 1), (4, 3, 0), (4, 3, 1),
+                (4, 3, 4), (4, 3, 5), (4, 3, 99), (4, 12, 9),
+                (6, 2, 0), (6, 3, 0), (6, 3, 1), (6, 1, 0), (6, 1, 3), (6, 1, 5), (6, 1, 6)]
+
+
+@pytest.mark.parametrize(("version", "kind", "code"), HOST_SENDS)
+def test_a_host_sends_these_errors(version: int, kind: int, code: int) -> None:
+    a = ADDR[version]
+    error = _error(version, kind, code, _reply(version), a["client"], a["remote"])
+    assert sent_icmp_error_refusal(error) is None
+
+
+@pytest.mark.parametrize(("version", "kind", "code"), ROUTERS_ONLY)
+def test_a_host_does_not_send_these_errors(version: int, kind: int, code: int) -> None:
+    a = ADDR[version]
+    error = _error(version, kind, code, _reply(version), a["client"], a["remote"])
+    refusal = sent_icmp_error_refusal(error)
+    assert refusal is not None and f"type {kind} code {code}" in refusal
+
+
+@pytest.mark.parametrize("version", [4, 6])
+def test_a_sent_error_goes_to_the_flows_remote_from_the_hosts_own_address(version: int) -> None:
+    a = ADDR[version]
+    kind = 3 if version == 4 else 1
+    code = 3 if version == 4 else 4
+    reply = _reply(version)
+    good = _error(version, kind, code, reply, a["client"], a["remote"])
+    assert sent_icmp_error_refusal(good) is None
+    # To anywhere else (the server itself, its loopback, a third host): refused.
+    for dst in (a["nat"], a["router"], "127.0.0.1" if version == 4 else "::1"):
+        refusal = sent_icmp_error_refusal(_error(version, kind, code, reply, a["client"], dst))
+        assert refusal == "not addressed to the source of the packet it quotes"
+    refusal = sent_icmp_error_refusal(_error(version, kind, code, reply, a["router"], a["remote"]))
+    assert refusal == "not sent from the destination of the packet it quotes"
+
+
+@pytest.mark.parametrize("version", [4, 6])
+def test_error_length_is_capped_as_sent(version: int) -> None:
+    a = ADDR[version]
+    limit = ICMP4_ERROR_MAX if version == 4 else ICMP6_ERROR_MAX
+    kind, code = (3, 3) if version == 4 else (1, 4)
+    header = 20 if version == 4 else 40
+    # outer header + 8 ICMP bytes + quoted header + 8 UDP bytes + payload = limit
+    payload = limit - 2 * header - 16
+    error = _error(version, kind, code, _reply(version, payload), a["client"], a["remote"])
+    assert len(error) == limit
+    assert sent_icmp_error_refusal(error) is None
+    assert received_icmp_error_refusal(_error(version, kind, code, _reply(version, payload),
+                                              a["remote"], a["remote"])) is None
+    longer = _error(version, kind, code, _reply(version, payload + 1), a["client"], a["remote"])
+    assert f"more than {limit}" in (sent_icmp_error_refusal(longer) or "")
+    # Bytes past the IP length count too: they would be sent.
+    assert f"more than {limit}" in (sent_icmp_error_refusal(error + b"\x00") or "")
+    big = _error(version, kind, code, _reply(version, 60000), a["client"], a["remote"])
+    assert sent_icmp_error_refusal(big) is not None
+
+
+HOST_RECEIVES = [(4, 3, 0), (4, 3, 1), (4, 3, 3), (4, 3, 4), (4, 3, 13), (4, 3, 15), (4, 11, 0),
+                 (4, 11, 1), (4, 12, 0), (6, 1, 0), (6, 1, 4), (6, 1, 6), (6, 2, 0), (6, 3, 0),
+                 (6, 3, 1), (6, 4, 2)]
+NEVER_RECEIVED = [(4, 5, 0), (4, 5, 1), (4, 4, 0), (4, 3, 16), (4, 11, 2), (4, 12, 3),
+                  (6, 1, 7), (6, 3, 2), (6, 4, 3)]
+
+
+@pytest.mark.parametrize(("version", "kind", "code"), HOST_RECEIVES + NEVER_RECEIVED)
+def test_errors_a_host_may_receive(version: int, kind: int, code: int) -> None:
+    # What pvpn-client checks on an error its user's tunnel hands back, and the server on an
+    # error from the network: the quote is the packet the host sent (client -> remote).
+    a = ADDR[version]
+    sent = build(version, "tcp", a["client"], a["remote"], 40000, 443)
+    error = _error(version, kind, code, sent, a["router"], a["client"])
+    refusal = received_icmp_error_refusal(error)
+    if (version, kind, code) in HOST_RECEIVES:
+        assert refusal is None
+    else:
+        assert refusal is not None and f"type {kind} code {code}" in refusal
+
+
+@pytest.mark.parametrize("version", [4, 6])
+def test_a_received_error_must_be_addressed_to_the_sender_of_its_quote(version: int) -> None:
+    a = ADDR[version]
+    sent = build(version, "udp", a["client"], a["remote"], 40000, 53)
+    kind = 3 if version == 4 else 1
+    assert received_icmp_error_refusal(_error(version, kind, 3, sent, a["router"], a["client"])) is None
+    # An error "about" the client's packet delivered to another local socket or address.
+    for dst in (a["nat"], "127.0.0.1" if version == 4 else "::1"):
+        refusal = received_icmp_error_refusal(_error(version, kind, 3, sent, a["router"], dst))
+        assert refusal == "not addressed to the source of the packet it quotes"
+
+
+def test_the_refusal_functions_only_judge_valid_icmp_errors() -> None:
+    for raw in (V4_UDP, V6_UDP, build(4, "echo", "10.0.0.1", "10.0.0.2", 1, 1),
+                *MALFORMED.values(), *ERRORS_MALFORMED.values()):
+        for judge in (sent_icmp_error_refusal, received_icmp_error_refusal):
+            with pytest.raises(MalformedPacket):
+                judge(raw)
+
+
+@given(mutated_packets())
+@settings(max_examples=800)
+def test_strict_parsing_and_the_judges_give_a_result_or_the_remote_error(raw: bytes) -> None:
+    for call in (lambda: classify(raw, True), lambda: sent_icmp_error_refusal(raw),
+                 lambda: received_icmp_error_refusal(raw)):
+        try:
+            result = call()
+        except MalformedPacket:
+            continue
+        assert result is None or isinstance(result, (str, tuple))
