@@ -1,0 +1,191 @@
+"""Tests of pvpn.addresses (special and own addresses, the "named by" rule, the per-session
+Destinations) and of the adapter that reads a node's own addresses (pvpn.io.localaddrs)."""
+
+from __future__ import annotations
+
+import ipaddress
+from pathlib import Path
+
+import pytest
+
+from pvpn.addresses import SPECIAL, Destinations, address_exclusion, exclusion, named_entries
+from pvpn.io.localaddrs import (
+    LocalAddressWatch, parse_fib_trie, parse_if_inet6, read_local_addresses,
+)
+
+
+def net(text: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    return ipaddress.ip_network(text, strict=False)
+
+
+def packed(text: str) -> bytes:
+    return ipaddress.ip_address(text).packed
+
+
+# The lab's server: 10.77.1.1 on the target link (broadcast 10.77.1.255), fd77:0:0:1::1.
+LOCAL = frozenset(net(a) for a in ("10.77.0.2", "10.77.0.255", "10.77.1.1", "10.77.1.255",
+                                   "127.0.0.1", "fd77::2", "fd77:0:0:1::1", "::1"))
+
+
+def test_an_allow_list_covering_the_servers_subnet_does_not_reach_the_server() -> None:
+    allow = [net("10.77.1.0/24"), net("fd77:0:0:1::/64")]
+    dest = Destinations(allow, allow, LOCAL)
+    assert dest.contains(packed("10.77.1.2")) and dest.contains(packed("fd77:0:0:1::2"))
+    for own in ("10.77.1.1", "10.77.1.255", "fd77:0:0:1::1"):
+        assert not dest.contains(packed(own)), own
+    assert not dest.contains(packed("10.77.2.2"))  # outside the allow list, as before
+    assert sorted(dest.excluded()) == ["10.77.1.1", "10.77.1.255", "fd77:0:0:1::1"]
+
+
+EVERYWHERE = [net("0.0.0.0/0"), net("::/0")]
+SPECIAL_SAMPLES = ["0.0.0.0", "0.1.2.3", "127.0.0.1", "127.9.9.9", "169.254.169.254",
+                   "224.0.0.1", "239.1.1.1", "255.255.255.255", "240.0.0.1", "::", "::1",
+                   "::ffff:127.0.0.1", "::ffff:10.77.1.2", "::127.0.0.1", "fe80::1",
+                   "ff02::1", "ff05::2"]
+
+
+@pytest.mark.parametrize("address", SPECIAL_SAMPLES)
+def test_special_addresses_are_excluded_from_everywhere(address: str) -> None:
+    dest = Destinations(EVERYWHERE, EVERYWHERE, LOCAL)
+    assert not dest.contains(packed(address))
+    assert dest.contains(packed("192.0.2.7")) and dest.contains(packed("2001:db8::7"))
+
+
+@pytest.mark.parametrize("address", SPECIAL_SAMPLES)
+def test_an_entry_inside_a_special_range_names_it(address: str) -> None:
+    entry = net(f"{address}/{32 if '.' in address and ':' not in address else 128}")
+    allow = [*EVERYWHERE, entry]
+    dest = Destinations(EVERYWHERE, allow, LOCAL)
+    assert dest.contains(packed(address))
+
+
+def test_naming_is_exactly_what_the_entry_covers() -> None:
+    # The cloud metadata address named: reachable; the rest of link-local still not.
+    allow = [net("0.0.0.0/0"), net("169.254.169.254/32"), net("127.0.0.0/8")]
+    dest = Destinations([net("0.0.0.0/0")], allow, LOCAL)
+    assert dest.contains(packed("169.254.169.254"))
+    assert not dest.contains(packed("169.254.169.253"))
+    # 127.0.0.0/8 lies inside loopback: it names all of it, the server's 127.0.0.1 too.
+    assert dest.contains(packed("127.0.0.1")) and dest.contains(packed("127.1.2.3"))
+    # A host entry equal to an own address names that address only.
+    allow = [net("10.77.1.0/24"), net("10.77.1.1/32")]
+    dest = Destinations([net("10.77.1.0/24")], allow, LOCAL)
+    assert dest.contains(packed("10.77.1.1")) and not dest.contains(packed("10.77.1.255"))
+    assert named_entries(allow, LOCAL) == [net("10.77.1.1/32")]
+    # What the user asks for limits it all: a named address outside the session is not in it.
+    assert not Destinations([net("10.77.1.2/32")], allow, LOCAL).contains(packed("10.77.1.1"))
+
+
+def test_local_prefixes_work_like_special_ranges() -> None:
+    local = LOCAL | {net("10.9.0.0/24")}  # ip route add local 10.9.0.0/24 dev lo
+    dest = Destinations([net("10.0.0.0/8")], [net("10.0.0.0/8")], local)
+    assert not dest.contains(packed("10.9.0.77")) and dest.contains(packed("10.8.0.77"))
+    named = Destinations([net("10.0.0.0/8")], [net("10.0.0.0/8"), net("10.9.0.64/26")], local)
+    assert named.contains(packed("10.9.0.77")) and not named.contains(packed("10.9.0.1"))
+
+
+def test_exclusion_explains_a_destination_that_is_excluded_as_a_whole() -> None:
+    assert "loopback" in (exclusion(net("127.0.0.1/32"), EVERYWHERE, LOCAL) or "")
+    assert "IPv4-mapped" in (exclusion(net("::ffff:10.0.0.1/128"), EVERYWHERE, LOCAL) or "")
+    assert "multicast" in (exclusion(net("ff02::/16"), EVERYWHERE, LOCAL) or "")
+    own = exclusion(net("10.77.1.1/32"), [net("10.77.1.0/24")], LOCAL)
+    assert own == "10.77.1.1 is an address of this node"
+    # Named, or only partly excluded (the rest is dropped packet by packet): not refused.
+    assert exclusion(net("127.0.0.1/32"), [*EVERYWHERE, net("127.0.0.0/8")], LOCAL) is None
+    assert exclusion(net("10.77.1.1/32"), [net("10.77.1.1/32")], LOCAL) is None
+    assert exclusion(net("10.77.1.0/24"), [net("10.77.1.0/24")], LOCAL) is None
+    assert exclusion(net("0.0.0.0/0"), EVERYWHERE, LOCAL) is None
+    assert exclusion(net("127.0.0.0/8"), [*EVERYWHERE, net("127.0.0.1/32")], LOCAL) is None
+    assert address_exclusion(ipaddress.ip_address("::ffff:127.0.0.1"), EVERYWHERE, LOCAL)
+    assert address_exclusion(ipaddress.ip_address("10.77.1.2"), EVERYWHERE, LOCAL) is None
+
+
+def test_the_special_ranges_are_the_documented_ones() -> None:
+    assert {str(n) for n, _ in SPECIAL} == {
+        "0.0.0.0/8", "127.0.0.0/8", "169.254.0.0/16", "224.0.0.0/4", "240.0.0.0/4", "::/128",
+        "::1/128", "::/96", "::ffff:0:0/96", "fe80::/10", "ff00::/8"}
+
+
+# ---------------------------------------------------------------- reading the kernel's view
+
+FIB_TRIE = """\
+Main:
+  +-- 0.0.0.0/0 3 0 5
+     |-- 0.0.0.0
+        /0 universe UNICAST
+     +-- 10.77.1.0/24 2 0 2
+        +-- 10.77.1.0/30 2 0 2
+           |-- 10.77.1.0
+              /24 link UNICAST
+           |-- 10.77.1.1
+              /32 host LOCAL
+        |-- 10.77.1.255
+           /32 link BROADCAST
+Local:
+  +-- 0.0.0.0/0 3 0 5
+     +-- 127.0.0.0/8 2 0 2
+        +-- 127.0.0.0/31 1 0 0
+           |-- 127.0.0.0
+              /8 host LOCAL
+           |-- 127.0.0.1
+              /32 host LOCAL
+        |-- 127.255.255.255
+           /32 link BROADCAST
+     |-- 10.9.0.0
+        /24 host LOCAL
+        /16 link UNICAST
+"""
+
+IF_INET6 = """\
+fd770000000000010000000000000001 03 40 00 80  pvpnlab-1a
+fe8000000000000000fc00fffe000001 03 40 20 80  pvpnlab-1a
+00000000000000000000000000000001 01 80 10 80       lo
+"""
+
+ANYCAST6 = "3    pvpnlab-1a      fd770000000000010000000000000000     1\n"
+
+
+def test_fib_trie_local_and_broadcast_entries() -> None:
+    assert parse_fib_trie(FIB_TRIE.splitlines()) == {
+        net("10.77.1.1/32"), net("10.77.1.255/32"), net("127.0.0.0/8"), net("127.0.0.1/32"),
+        net("127.255.255.255/32"), net("10.9.0.0/24")}
+    assert parse_fib_trie(["garbage", "/32 host LOCAL", "|-- x", "/y host LOCAL"]) == set()
+
+
+def test_if_inet6_and_anycast6() -> None:
+    assert parse_if_inet6(IF_INET6.splitlines()) == {
+        net("fd77:0:0:1::1"), net("fe80::fc:ff:fe00:1"), net("::1")}
+    assert parse_if_inet6(ANYCAST6.splitlines(), 2) == {net("fd77:0:0:1::")}
+    assert parse_if_inet6(["too short", "zz" * 16 + " 01"]) == set()
+
+
+def test_read_local_addresses_and_the_watch(tmp_path: Path) -> None:
+    (tmp_path / "fib_trie").write_text(FIB_TRIE)
+    (tmp_path / "if_inet6").write_text(IF_INET6)
+    found = read_local_addresses(tmp_path)
+    assert net("10.77.1.1/32") in found and net("fd77:0:0:1::1/128") in found
+    assert net("fd77:0:0:1::/128") not in found  # no anycast6 file: none
+    reads: list[int] = []
+
+    def reader() -> frozenset[ipaddress.IPv4Network | ipaddress.IPv6Network]:
+        reads.append(1)
+        if len(reads) == 3:
+            raise PermissionError(13, "Permission denied")
+        return read_local_addresses(tmp_path)
+
+    watch = LocalAddressWatch(reader, interval=10.0)
+    assert watch.poll(0.0) == found
+    assert watch.poll(5.0) is None and len(reads) == 1  # not due yet
+    assert watch.poll(10.0) is None and len(reads) == 2  # read, unchanged
+    assert watch.poll(11.0, force=True) is None and watch.addresses == found  # failed: kept
+    assert watch.take_error() == "cannot read the node's addresses: Permission denied"
+    assert watch.take_error() is None
+    (tmp_path / "anycast6").write_text(ANYCAST6)
+    changed = watch.poll(30.0)
+    assert changed is not None and net("fd77:0:0:1::/128") in changed
+
+
+def test_this_hosts_own_addresses_include_its_loopback() -> None:
+    if not Path("/proc/net/fib_trie").exists():
+        pytest.skip("no /proc/net/fib_trie here")
+    assert net("127.0.0.1/32") in read_local_addresses()
