@@ -187,6 +187,11 @@ class Destinations:
                 return _matches(value, named)
         return True
 
+    def covers(self, address: bytes) -> bool:
+        """Whether ``address`` is in the session's prefixes, excluded or not (to tell the two
+        reasons for a drop apart; not on the per-packet path)."""
+        return _matches(int.from_bytes(address, "big"), self._v4 if len(address) == 4 else self._v6)
+
     def excluded(self) -> list[str]:
         """What is excluded from the session's prefixes, for ``pvpn status``."""
         out = [str(ipaddress.ip_address(a)) for a in sorted(self._own)]

@@ -195,6 +195,16 @@ class FlowTable:
         """The mapping of a session's flow, if there is one (never creates it)."""
         return self._by_session_flow.get((session_id, flow))
 
+    def find_reply(self, proto: int, remote: bytes, remote_port: int, nat_dst: bytes,
+                   nat_port: int) -> Flow | None:
+        """The mapping a packet from ``remote:remote_port`` to ``nat_dst:nat_port`` belongs to,
+        without counting it as a reply: for ICMP errors, which neither refresh a mapping nor
+        make it replied (conntrack treats them as RELATED, not as the connection's traffic),
+        and for packets refused before they reach the session."""
+        if proto != PROTO_TCP and proto != PROTO_UDP:
+            remote_port = 0
+        return self._by_reply.get((proto, nat_dst, nat_port, remote, remote_port))
+
     def inbound(
         self,
         proto: int,
@@ -230,6 +240,16 @@ class FlowTable:
                 self._remove(flow)
                 expired.append(flow)
         return expired
+
+    def session_flows(self, session_id: bytes) -> list[Flow]:
+        """The mappings of one session."""
+        return list(self._by_session.get(session_id, {}).values())
+
+    def drop_flows(self, flows: list[Flow]) -> None:
+        """Remove these mappings (a policy narrowed): their ports become free."""
+        for flow in flows:
+            if self._by_session_flow.get((flow.session_id, flow.original)) is flow:
+                self._remove(flow)
 
     def drop_session(self, session_id: bytes) -> list[Flow]:
         """Remove and return every flow of a session (it closed); their ports become free."""

@@ -23,7 +23,9 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Protocol, Sequence, Union
 
 from pvpn import packet as pk
+from pvpn.addresses import Destinations, Local, exclusion
 from pvpn.config import Network, ServerConfig, UserPolicy, parse_prefix
+from pvpn.drops import Drop, DropCounter
 from pvpn.envelope import (
     DEFAULT_HOPS,
     MAX_PACKET,
@@ -357,7 +359,12 @@ class NodeLinkState(enum.Enum):
 
 @dataclass(slots=True)
 class Session:
-    """One user's personal VPN at the server; outlives its link for ``resume_grace``."""
+    """One user's personal VPN at the server; outlives its link for ``resume_grace``.
+
+    ``allow`` is where its packets may go (what the user asked for and the policy allows, less
+    the special and own addresses the policy does not name), precomputed for the packet path.
+    ``drops`` counts dropped packets by fixed code and rate-limits their records.
+    """
 
     id: bytes
     token: bytes
@@ -365,7 +372,7 @@ class Session:
     uid: int
     client: str
     peer: str
-    allow: PrefixSet
+    allow: Destinations
     opened: float
     link: int | None = None
     detached_since: float | None = None
@@ -373,7 +380,7 @@ class Session:
     packets_out: int = 0
     bytes_in: int = 0
     bytes_out: int = 0
-    drops: dict[str, int] = field(default_factory=dict)
+    drops: DropCounter = field(default_factory=DropCounter)
 
 
 @dataclass(slots=True)
@@ -660,6 +667,9 @@ class ServerNode(NodeBase):
     """
 
     role = "server"
+    # The server's own addresses (pvpn.io.localaddrs), kept out of every session's
+    # destinations unless its policy names them; set with set_local_addresses.
+    local_addresses: Local = frozenset()
 
     def __init__(
         self,
@@ -699,6 +709,14 @@ class ServerNode(NodeBase):
                          f"{link.user!r} at {self.name} (allowed: {allowed})",
                          f"denied destinations {denied}")
             return
+        excluded = [why for why in (exclusion(n, policy.allow, self.local_addresses)
+                                    for n in link.want) if why is not None]
+        if excluded:
+            self._refuse(link, "destination-not-allowed",
+                         f"{'; '.join(excluded)}: {self.name} takes no user there unless the "
+                         f"allow list of {link.user!r} names it", f"special destinations {excluded}")
+            return
+        allow = Destinations(link.want, policy.allow, self.local_addresses)
         session, resumed = None, False
         old = self.sessions.get(link.session_id)
         if old is not None and link.token is not None:
@@ -706,7 +724,7 @@ class ServerNode(NodeBase):
                 session, resumed = old, True
                 if old.link is not None and old.link in self.links:
                     self._close_link(self.links[old.link])
-                old.allow = PrefixSet(link.want)
+                old.allow = allow
         if session is None:
             # The user's proposed id (so all hops log the same one), unless it is taken.
             sid = link.session_id
@@ -714,7 +732,7 @@ class ServerNode(NodeBase):
                 sid = self._random(16)
             session = Session(
                 id=sid, token=self._random(16), user=link.user, uid=link.uid,
-                client=link.client, peer=link.peer, allow=PrefixSet(link.want), opened=now,
+                client=link.client, peer=link.peer, allow=allow, opened=now,
             )
             self.sessions[session.id] = session
         session.link, session.detached_since, session.peer = link.id, None, link.peer
@@ -746,43 +764,64 @@ class ServerNode(NodeBase):
         self._log("session:closed", session=session, reason=reason,
                   packets_in=session.packets_in, packets_out=session.packets_out,
                   bytes_in=session.bytes_in, bytes_out=session.bytes_out,
-                  drops=dict(session.drops), flows=len(flows))
+                  drops=session.drops.as_dict(), flows=len(flows))
 
-    def _drop(self, session: Session, reason: str, flow: str = "") -> None:
-        count = session.drops.get(reason, 0) + 1
-        session.drops[reason] = count
-        if count <= 3 or count & (count - 1) == 0:  # log the first few, then at powers of two
-            self._log("packet:dropped", session=session, reason=reason, flow=flow, count=count)
+    def _drop(self, session: Session, drop: Drop, now: float, flow: pk.FlowKey | None = None,
+              detail: str = "") -> None:
+        """Count a dropped packet under its fixed code; log it if the session's drop counter
+        says so (the first of each code, then a few per second). The flow, which the user
+        chooses, goes in the record's own field, described only when it is logged."""
+        count = session.drops.count(drop, now)
+        if not count:
+            return
+        extra: dict[str, Any] = {"count": count}
+        unlogged = session.drops.take_unlogged()
+        if unlogged:
+            extra["unlogged"] = unlogged
+        if detail:
+            extra["detail"] = detail
+        self._log("packet:dropped", session=session, reason=drop.value,
+                  flow=flow.describe() if flow is not None else "", **extra)
 
     # -- the packet path
     def _packet_from_user(self, session: Session, packet: bytes, now: float) -> None:
         if self.capture:  # as the user sent it: before the checks and the NAT
             self.commands.append(CapturePacket(session.id, packet))
         try:
-            flow, flags, error = pk.classify(packet)
+            flow, flags, error = pk.classify(packet, True)
+        except pk.IpOptions:
+            self._drop(session, Drop.IP_OPTIONS, now)
+            return
         except MalformedPacket as exc:
-            self._drop(session, f"malformed packet: {exc}")
+            self._drop(session, Drop.MALFORMED_PACKET, now, detail=str(exc))
             return
         if error:
             # The client host's kernel answering a reply it could not deliver (a closed port):
             # it quotes the reply, so the flow it is about is the quote's, reversed. Only a
-            # flow the session already has may carry it; it never opens one.
-            entry = self.flows.lookup(session.id, flow.reversed())
+            # flow the session already has may carry it; it never opens one. It is judged on
+            # what it is (type, length, outer addresses), not only on the flow it names.
+            mine = flow.reversed()
+            refusal = pk.sent_icmp_error_refusal(packet)
+            if refusal is not None:
+                self._drop(session, Drop.ICMP_ERROR_REFUSED, now, mine, refusal)
+                return
+            entry = self.flows.lookup(session.id, mine)
             if entry is None:
-                self._drop(session, "icmp error about no flow of this session", flow.describe())
+                self._drop(session, Drop.ICMP_ERROR_NO_FLOW, now, mine)
                 return
         elif not session.allow.contains(flow.dst):
-            self._drop(session, "destination not allowed", flow.describe())
+            self._drop(session, Drop.DESTINATION_SPECIAL if session.allow.covers(flow.dst)
+                       else Drop.DESTINATION_NOT_ALLOWED, now, flow)
             return
         else:
             try:
                 entry = self.flows.outbound(session.id, flow, self._source_for(flow.dst), now,
                                             flags)
             except FlowTableFull as exc:
-                self._drop(session, f"flow table full: {exc}", flow.describe())
+                self._drop(session, Drop.FLOW_TABLE_FULL, now, flow, str(exc))
                 return
             except OSError as exc:
-                self._drop(session, f"no route: {exc}", flow.describe())
+                self._drop(session, Drop.NO_ROUTE, now, flow, str(exc.strerror or exc))
                 return
         session.packets_out += 1
         session.bytes_out += len(packet)
@@ -792,12 +831,21 @@ class ServerNode(NodeBase):
         """A packet captured on its way in. True if it was ours (the adapter drops it from the
         kernel's path); False if it belongs to someone else on this host (accept it)."""
         try:
-            flow, flags, error = pk.classify(packet)
+            flow, flags, error = pk.classify(packet, True)
+        except pk.IpOptions:
+            return self._refused_reply(packet, Drop.IP_OPTIONS, now)
         except MalformedPacket:
             return False
         if error:  # about a packet the server sent for a session: the quote is that packet
-            entry = self.flows.inbound(flow.proto, flow.dst, flow.dport, flow.src, flow.sport,
-                                       now)
+            entry = self.flows.find_reply(flow.proto, flow.dst, flow.dport, flow.src, flow.sport)
+            if entry is None:
+                return False
+            refusal = pk.received_icmp_error_refusal(packet)
+            if refusal is not None:
+                owner = self.sessions.get(entry.session_id)
+                if owner is not None:
+                    self._drop(owner, Drop.REPLY_ICMP_REFUSED, now, entry.original, refusal)
+                return True
         else:
             entry = self.flows.inbound(flow.proto, flow.src, flow.sport, flow.dst, flow.dport,
                                        now, flags)
@@ -807,13 +855,13 @@ class ServerNode(NodeBase):
         if session is None:
             return True
         if session.link is None:
-            self._drop(session, "session detached (user reconnecting)")
+            self._drop(session, Drop.SESSION_DETACHED, now, entry.original)
             return True
         link = self.links.get(session.link)
         if link is None:
             return True
         if link.congested:
-            self._drop(session, "link to the user congested")
+            self._drop(session, Drop.LINK_CONGESTED, now, entry.original)
             return True
         reply = pk.rewrite_destination(packet, entry.original.src, entry.original.sport)
         if self.capture:  # as returned to the user: after the un-NAT
@@ -824,6 +872,44 @@ class ServerNode(NodeBase):
             encode_envelope(MsgType.PACKET, session.id, session.uid, link.seq.take(), reply))
         self._dirty.add(link.id)
         return True
+
+    def _refused_reply(self, packet: bytes, drop: Drop, now: float) -> bool:
+        """A packet the strict parse refused: ours (counted and dropped) if it answers a NAT
+        mapping, else someone else's on this host (accepted)."""
+        try:
+            flow, _, error = pk.classify(packet)
+        except MalformedPacket:
+            return False
+        if error:
+            entry = self.flows.find_reply(flow.proto, flow.dst, flow.dport, flow.src, flow.sport)
+        else:
+            entry = self.flows.find_reply(flow.proto, flow.src, flow.sport, flow.dst, flow.dport)
+        if entry is None:
+            return False
+        session = self.sessions.get(entry.session_id)
+        if session is not None:
+            self._drop(session, drop, now, entry.original)
+        return True
+
+    def set_local_addresses(self, addresses: Local) -> None:
+        """The server's own addresses changed (read at start, on reload, periodically):
+        every session's destinations are computed again, and mappings to an address that
+        became the server's own are dropped."""
+        if addresses == self.local_addresses:
+            return
+        self.local_addresses = addresses
+        for session in list(self.sessions.values()):
+            policy = self.config.users.get(session.user)
+            if policy is not None:
+                self._narrow(session, policy, session.allow.networks)
+
+    def _narrow(self, session: Session, policy: UserPolicy, networks: list[Network]) -> None:
+        """Give ``session`` these prefixes under ``policy`` and the current own addresses,
+        and drop its mappings to destinations it may no longer reach."""
+        session.allow = Destinations(networks, policy.allow, self.local_addresses)
+        allow = session.allow
+        self.flows.drop_flows([f for f in self.flows.session_flows(session.id)
+                               if not allow.contains(f.original.dst)])
 
     def handle_timer(self, now: float) -> None:
         self._link_timers(now)
@@ -851,9 +937,9 @@ class ServerNode(NodeBase):
             "peer": s.peer, "age": round(now - s.opened, 1),
             "state": "up" if s.link is not None else "detached (waiting for a resume)",
             "packets_out": s.packets_out, "packets_in": s.packets_in,
-            "bytes_out": s.bytes_out, "bytes_in": s.bytes_in, "drops": dict(s.drops),
+            "bytes_out": s.bytes_out, "bytes_in": s.bytes_in, "drops": s.drops.as_dict(),
             "flows": self.flows.sessions_flows(s.id),
-            "allow": [str(n) for n in s.allow.networks],
+            "allow": [str(n) for n in s.allow.networks], "excluded": s.allow.excluded(),
         } for s in self.sessions.values()]
 
 

@@ -13,6 +13,7 @@ from pvpn.config import ServerConfig, load_server_config
 from pvpn.errors import ConfigError, PvpnError
 from pvpn.io import rules
 from pvpn.io.control import start_control, stop_control
+from pvpn.io.localaddrs import LocalAddressWatch
 from pvpn.io.nfqueue import BatchedQueue
 from pvpn.io.loop import (
     WRITE_HIGH_WATER, daemon_main, install_signals, peer_text, set_nodelay,
@@ -56,6 +57,18 @@ class Server:
         self.transports: dict[int, asyncio.Transport] = {}
         self._ids = itertools.count(1)
         self.loop = asyncio.get_running_loop()
+        # The server's own addresses, kept out of allow lists that do not name them.
+        self.addresses = LocalAddressWatch()
+        self.refresh_addresses(force=True)
+
+    def refresh_addresses(self, force: bool = False) -> None:
+        """Hand the node the server's own addresses: at start, on reload, every 10 s."""
+        addresses = self.addresses.poll(self.loop.time(), force)
+        if addresses is not None:
+            self.node.set_local_addresses(addresses)
+        error = self.addresses.take_error()
+        if error is not None:
+            self.log.write(Record("node:warning", reason=error))
 
     def dispatch(self) -> None:
         node = self.node
@@ -94,6 +107,7 @@ class Server:
             self.log.write(Record("node:reload-failed", reason=str(exc)))
             return
         self.node.config.users = config.users
+        self.refresh_addresses(force=True)
         self.log.write(Record("node:reloaded", extra={"users": sorted(config.users)}))
 
 
@@ -170,6 +184,7 @@ async def serve(config: ServerConfig) -> None:
             except asyncio.TimeoutError:
                 pass
             server.node.handle_timer(loop.time())
+            server.refresh_addresses()
             server.dispatch()
     finally:
         try:

@@ -14,6 +14,7 @@ from scapy.layers.inet import ICMP, IP, TCP, UDP
 from scapy.layers.inet6 import IPv6
 from scapy.utils import rdpcap
 
+from pvpn.addresses import Destinations
 from pvpn.config import ServerConfig, UserPolicy, parse_prefix
 from pvpn.errors import ConfigError
 from pvpn.io.pcap import (
@@ -21,7 +22,7 @@ from pvpn.io.pcap import (
     encode_global_header,
 )
 from pvpn.protocol import (
-    CapturePacket, InjectPacket, NodeLink, NodeLinkState, PrefixSet, ServerNode, Session,
+    CapturePacket, InjectPacket, NodeLink, NodeLinkState, ServerNode, Session,
 )
 from pvpn.records import Record
 
@@ -182,7 +183,7 @@ def server_with_session(capture: bool) -> tuple[ServerNode, Session]:
                     state=NodeLinkState.ESTABLISHED)
     node.links[7] = link
     session = Session(id=b"\x42" * 16, token=b"t" * 16, user="alice", uid=1001, client="c",
-                      peer=link.peer, allow=PrefixSet(allow), opened=0.0, link=7)
+                      peer=link.peer, allow=Destinations(allow, allow), opened=0.0, link=7)
     node.sessions[session.id] = session
     link.session = session
     return node, session

@@ -193,7 +193,8 @@ def test_destination_not_allowed_is_dropped_per_packet(pki_dir: Any) -> None:
     h.links[1].send_packets([bytes(IP(src="10.0.0.2", dst="10.8.0.1") / TCP(dport=22))])
     h.transfer()
     assert h.injected == []
-    assert any(r.event == "packet:dropped" and r.reason == "destination not allowed" for r in h.logs)
+    assert any(r.event == "packet:dropped" and r.reason == "destination-not-allowed"
+               and r.flow == "tcp 10.0.0.2:20 > 10.8.0.1:22" for r in h.logs)
 
 
 @pytest.mark.parametrize("user, key_user, want, code", [
@@ -317,4 +318,243 @@ def test_an_icmp_error_from_the_client_host_follows_its_flow(pki_dir: Any) -> No
     assert out.src == "10.9.0.1" and out[ICMP].type == 3
     quoted = IP(bytes(out[ICMP].payload))  # scapy reads the quote as an IPerror layer
     assert quoted.dst == "10.9.0.1" and quoted.payload.dport == nat_port
-    assert any(r.event == "packet:dropped" and "no flow" in r.reason for r in h.logs)
+    assert any(r.event == "packet:dropped" and r.reason == "icmp-error-no-flow" for r in h.logs)
+
+
+# ---------------------------------------------------------------- policy on what is sent (issue 9)
+
+from scapy.layers.inet import IPOption_LSRR, IPOption_SSRR  # noqa: E402
+from scapy.layers.inet6 import ICMPv6DestUnreach, ICMPv6PacketTooBig  # noqa: E402
+
+from pvpn.drops import Drop  # noqa: E402
+
+CLIENT = "10.0.0.2"
+
+
+def drops(h: Harness) -> dict[str, int]:
+    (session,) = h.node.sessions.values()
+    return session.drops.as_dict()
+
+
+def udp_flow(h: Harness, sport: int = 5000, dport: int = 53, dst: str = TARGET) -> int:
+    """Alice sends one UDP packet; the NAT port it went out with."""
+    h.links[1].send_packets([bytes(IP(src=CLIENT, dst=dst) / UDP(sport=sport, dport=dport))])
+    h.transfer()
+    return int(IP(h.injected[-1])[UDP].sport)
+
+
+def error_from_alice(kind: int = 3, code: int = 3, src: str = CLIENT, dst: str = TARGET,
+                     payload: bytes = b"late", quote_src: str = TARGET) -> bytes:
+    reply = IP(src=quote_src, dst=CLIENT) / UDP(sport=53, dport=5000) / payload
+    return bytes(IP(src=src, dst=dst) / ICMP(type=kind, code=code) / reply)
+
+
+@pytest.mark.parametrize("error, code", [pytest.param(e, c, id=n) for n, e, c in [
+    # Outer destination must be the flow's remote: not the server, its loopback, another host.
+    ("to the server itself", error_from_alice(dst="10.9.0.1"), Drop.ICMP_ERROR_REFUSED),
+    ("to the server's loopback", error_from_alice(dst="127.0.0.1"), Drop.ICMP_ERROR_REFUSED),
+    ("to another host", error_from_alice(dst="10.9.0.77"), Drop.ICMP_ERROR_REFUSED),
+    ("from someone else", error_from_alice(src="10.0.0.9"), Drop.ICMP_ERROR_REFUSED),
+    # Only what a host sends.
+    ("redirect", error_from_alice(kind=5, code=1), Drop.ICMP_ERROR_REFUSED),
+    ("source quench", error_from_alice(kind=4, code=0), Drop.ICMP_ERROR_REFUSED),
+    ("ttl exceeded in transit", error_from_alice(kind=11, code=0), Drop.ICMP_ERROR_REFUSED),
+    ("fragmentation needed", error_from_alice(kind=3, code=4), Drop.ICMP_ERROR_REFUSED),
+    ("host unreachable", error_from_alice(kind=3, code=1), Drop.ICMP_ERROR_REFUSED),
+    # At most 576 bytes, as sent (bytes past the IP length are refused whatever they are).
+    ("64 KB of the user's choosing", error_from_alice(payload=b"A" * 60000),
+     Drop.ICMP_ERROR_REFUSED),
+    ("577 bytes", error_from_alice(payload=b"A" * (577 - 56)), Drop.ICMP_ERROR_REFUSED),
+    ("trailing bytes", error_from_alice() + b"A" * 1000, Drop.MALFORMED_PACKET),
+    ("options", bytes(IP(src=CLIENT, dst=TARGET, options=[IPOption_LSRR(routers=["10.9.0.1"])])
+                      / ICMP(type=3, code=3) / (IP(src=TARGET, dst=CLIENT)
+                                                / UDP(sport=53, dport=5000))), Drop.IP_OPTIONS),
+]])
+def test_icmp_errors_from_the_user_are_judged_on_what_is_sent(pki_dir: Any, error: bytes,
+                                                              code: Drop) -> None:
+    h = Harness(pki_dir)
+    h.connect(1, "alice")
+    udp_flow(h)
+    h.links[1].send_packets([error])
+    h.transfer()
+    assert len(h.injected) == 1, "the error went out"
+    assert drops(h) == {code.value: 1}
+    (record,) = [r for r in h.logs if r.event == "packet:dropped"]
+    assert record.reason == code.value
+
+
+@pytest.mark.parametrize("kind, code", [(3, 3), (3, 2), (3, 10), (3, 13), (12, 0)])
+def test_icmp_errors_a_host_sends_still_go_out(pki_dir: Any, kind: int, code: int) -> None:
+    h = Harness(pki_dir)
+    h.connect(1, "alice")
+    nat_port = udp_flow(h)
+    h.links[1].send_packets([error_from_alice(kind, code, payload=b"A" * (576 - 56))])
+    h.transfer()
+    assert len(h.injected) == 2 and drops(h) == {}
+    out = IP(h.injected[1])
+    assert (out.src, out.dst, out[ICMP].type, out[ICMP].code) == ("10.9.0.1", TARGET, kind, code)
+    assert IP(bytes(out[ICMP].payload)).payload.dport == nat_port
+
+
+def test_an_ipv6_packet_too_big_from_the_user_is_refused(pki_dir: Any) -> None:
+    h = Harness(pki_dir)
+    h.connect(1, "alice", want=("10.9.0.0/24", "fd09::/64"))
+    h.links[1].send_packets([bytes(IPv6(src="fd00::2", dst="fd09::5") / UDP(sport=7, dport=53))])
+    h.transfer()
+    reply = IPv6(src="fd09::5", dst="fd00::2") / UDP(sport=53, dport=7)
+    too_big = bytes(IPv6(src="fd00::2", dst="fd09::5") / ICMPv6PacketTooBig(mtu=1280) / reply)
+    unreach = bytes(IPv6(src="fd00::2", dst="fd09::5") / ICMPv6DestUnreach(code=4) / reply)
+    h.links[1].send_packets([too_big, unreach])
+    h.transfer()
+    assert len(h.injected) == 2 and drops(h) == {"icmp-error-refused": 1}
+
+
+@pytest.mark.parametrize("option", [IPOption_LSRR(routers=["10.9.0.1"]),
+                                    IPOption_SSRR(routers=["10.9.0.1", "10.9.0.7"])])
+def test_ipv4_options_do_not_pass_the_nat(pki_dir: Any, option: Any) -> None:
+    h = Harness(pki_dir)
+    h.connect(1, "alice")
+    nat_port = udp_flow(h)
+    routed = IP(src=CLIENT, dst=TARGET, options=[option]) / UDP(sport=5000, dport=53) / b"x"
+    h.links[1].send_packets([bytes(routed)])
+    h.transfer()
+    assert len(h.injected) == 1 and drops(h) == {"ip-options": 1}
+    # A reply with options to a NAT mapping is taken and dropped; one to nothing of ours is
+    # left to the host (someone else's).
+    ours = IP(src=TARGET, dst="10.9.0.1", options=[option]) / UDP(sport=53, dport=nat_port)
+    theirs = IP(src=TARGET, dst="10.9.0.1", options=[option]) / UDP(sport=53, dport=9)
+    assert h.node.receive_reply(bytes(ours), h.now)
+    assert not h.node.receive_reply(bytes(theirs), h.now)
+    h.node.flush(h.now)
+    h.transfer()
+    assert h.packets(1) == [] and drops(h) == {"ip-options": 2}
+
+
+def server_error(kind: int, code: int, nat_port: int, dst: str = "10.9.0.1",
+                 payload: bytes = b"") -> bytes:
+    """An ICMP error from a router about the packet the server sent for alice."""
+    quote = IP(src="10.9.0.1", dst=TARGET) / UDP(sport=nat_port, dport=53) / payload
+    return bytes(IP(src="10.9.0.254", dst=dst) / ICMP(type=kind, code=code) / quote)
+
+
+def test_icmp_errors_from_the_network_are_judged_before_they_reach_the_user(pki_dir: Any) -> None:
+    h = Harness(pki_dir)
+    h.connect(1, "alice")
+    nat_port = udp_flow(h)
+    for kind, code in ((3, 4), (11, 0), (3, 1)):  # a router's errors: the user's host needs them
+        assert h.node.receive_reply(server_error(kind, code, nat_port), h.now)
+    # Addressed to another address of the server than the one the quote was sent from, too
+    # long, or of a type no host receives: taken (it is about our mapping) and dropped.
+    assert h.node.receive_reply(server_error(3, 3, nat_port, dst="10.9.0.2"), h.now)
+    assert h.node.receive_reply(server_error(3, 3, nat_port, payload=b"A" * 1000), h.now)
+    assert h.node.receive_reply(server_error(5, 1, nat_port), h.now)
+    assert not h.node.receive_reply(server_error(3, 3, nat_port + 1), h.now), "not ours"
+    h.node.flush(h.now)
+    h.transfer()
+    delivered = [IP(p) for p in h.packets(1)]
+    assert [(p[ICMP].type, p[ICMP].code) for p in delivered] == [(3, 4), (11, 0), (3, 1)]
+    assert all(p.dst == CLIENT for p in delivered)
+    assert drops(h) == {"reply-icmp-refused": 3}
+
+
+def test_an_error_from_the_network_does_not_keep_a_mapping_alive(pki_dir: Any) -> None:
+    h = Harness(pki_dir)
+    h.connect(1, "alice")
+    nat_port = udp_flow(h)
+    (flow,) = h.node.flows.session_flows(next(iter(h.node.sessions)))
+    seen = flow.last_seen
+    h.now += 20
+    assert h.node.receive_reply(server_error(3, 3, nat_port), h.now)
+    assert flow.last_seen == seen and not flow.replied
+
+
+def everywhere(h: Harness) -> None:
+    h.node.config.users["alice"] = UserPolicy([parse_prefix("0.0.0.0/0"), parse_prefix("::/0")])
+
+
+@pytest.mark.parametrize("dst", ["127.0.0.1", "127.0.0.53", "169.254.169.254", "224.0.0.251",
+                                 "255.255.255.255", "0.0.0.0", "10.9.0.1", "10.9.0.255"])
+def test_special_and_own_addresses_are_not_in_any_allow_list(pki_dir: Any, dst: str) -> None:
+    h = Harness(pki_dir)
+    everywhere(h)
+    h.node.set_local_addresses(frozenset(parse_prefix(a) for a in
+                                         ("10.9.0.1", "10.9.0.255", "127.0.0.1")))
+    h.connect(1, "alice", want=("0.0.0.0/0",))
+    h.links[1].send_packets([bytes(IP(src=CLIENT, dst=dst) / UDP(sport=1, dport=53)),
+                             bytes(IP(src=CLIENT, dst=TARGET) / UDP(sport=1, dport=53))])
+    h.transfer()
+    assert [IP(p).dst for p in h.injected] == [TARGET]
+    assert drops(h) == {"destination-special": 1}
+
+
+def test_ipv6_special_addresses_and_ipv4_mapped_ones(pki_dir: Any) -> None:
+    h = Harness(pki_dir)
+    everywhere(h)
+    h.connect(1, "alice", want=("::/0",))
+    for dst in ("::1", "::ffff:127.0.0.1", "::ffff:10.9.0.5", "::127.0.0.1", "fe80::1", "ff02::1",
+                "fd09::5"):
+        h.links[1].send_packets([bytes(IPv6(src="fd00::2", dst=dst) / UDP(sport=1, dport=53))])
+    h.transfer()
+    assert [IPv6(p).dst for p in h.injected] == ["fd09::5"]
+    assert drops(h) == {"destination-special": 6}
+
+
+def test_an_allow_entry_inside_a_special_range_names_it(pki_dir: Any) -> None:
+    h = Harness(pki_dir)
+    h.node.config.users["alice"] = UserPolicy([parse_prefix("0.0.0.0/0"),
+                                               parse_prefix("127.0.0.0/8"),
+                                               parse_prefix("10.9.0.1")])
+    h.node.set_local_addresses(frozenset({parse_prefix("10.9.0.1"), parse_prefix("10.9.0.255")}))
+    h.connect(1, "alice", want=("0.0.0.0/0",))
+    for dst in ("127.0.0.1", "10.9.0.1", "10.9.0.255", "169.254.1.1"):
+        h.links[1].send_packets([bytes(IP(src=CLIENT, dst=dst) / UDP(sport=1, dport=53))])
+    h.transfer()
+    assert [IP(p).dst for p in h.injected] == ["127.0.0.1", "10.9.0.1"]
+
+
+def test_a_destination_excluded_as_a_whole_is_refused_at_login(pki_dir: Any) -> None:
+    h = Harness(pki_dir)
+    everywhere(h)
+    h.node.set_local_addresses(frozenset({parse_prefix("10.9.0.1")}))
+    for link_id, want in ((1, "127.0.0.1/32"), (2, "10.9.0.1/32"), (3, "::ffff:0:0/96")):
+        h.connect(link_id, "alice", want=(want,))
+        refused = first(h.events[link_id], LinkRefused)
+        assert refused.code == "destination-not-allowed" and "names it" in refused.reason
+    assert not h.node.sessions
+
+
+def test_an_address_that_becomes_the_servers_own_is_excluded_and_its_mappings_go(
+        pki_dir: Any) -> None:
+    h = Harness(pki_dir)
+    h.connect(1, "alice")
+    udp_flow(h, dst="10.9.0.7")
+    udp_flow(h, dst=TARGET)
+    sid = next(iter(h.node.sessions))
+    assert h.node.flows.sessions_flows(sid) == 2
+    h.node.set_local_addresses(frozenset({parse_prefix("10.9.0.7")}))  # ip addr add ...
+    assert [f.original.dst for f in h.node.flows.session_flows(sid)] == [ipaddress.ip_address(TARGET).packed]
+    h.links[1].send_packets([bytes(IP(src=CLIENT, dst="10.9.0.7") / UDP(sport=5000, dport=53))])
+    h.transfer()
+    assert len(h.injected) == 2 and drops(h) == {"destination-special": 1}
+    assert h.node.describe(h.now)[0]["excluded"] == ["10.9.0.7"]
+
+
+def test_drops_are_counted_by_code_and_their_records_are_bounded(pki_dir: Any) -> None:
+    """10,000 packets to 10,000 ports: one counter, a bounded number of records, and each
+    record's flow in its own field (issue 9: the reason used to embed the flow)."""
+    h = Harness(pki_dir)
+    h.connect(1, "alice")
+    h.links[1].send_packets(bytes(IP(src=CLIENT, dst="10.8.0.1") / UDP(sport=1, dport=port))
+                            for port in range(1, 10_001))
+    h.transfer()
+    assert drops(h) == {"destination-not-allowed": 10_000}
+    records = [r for r in h.logs if r.event == "packet:dropped"]
+    assert 1 <= len(records) <= 11  # the first, then a burst of at most 10 at one instant
+    assert all(r.reason == "destination-not-allowed" and r.flow.startswith("udp 10.0.0.2:1 >")
+               for r in records)
+    h.now += 30  # the bucket refills: more records, still a few per second, with what was missed
+    h.links[1].send_packets([bytes(IP(src=CLIENT, dst="10.8.0.1") / UDP(sport=1, dport=1))])
+    h.transfer()
+    last = [r for r in h.logs if r.event == "packet:dropped"][-1]
+    assert last.extra["count"] == 10_001 and last.extra["unlogged"] == 10_000 - len(records)
+    assert h.node.describe(h.now)[0]["drops"] == {"destination-not-allowed": 10_001}
