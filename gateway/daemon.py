@@ -11,6 +11,7 @@ from pvpn import auth, tls
 from pvpn.config import GatewayConfig, load_gateway_config
 from pvpn.errors import ConfigError, PvpnError
 from pvpn.io.control import start_control, stop_control
+from pvpn.io.localaddrs import LocalAddressWatch
 from pvpn.io.loop import (
     WRITE_HIGH_WATER, daemon_main, install_signals, peer_text, set_nodelay,
 )
@@ -32,6 +33,18 @@ class Gateway:
         self.nexts: dict[int, asyncio.Transport] = {}
         self._ids = itertools.count(1)
         self.loop = asyncio.get_running_loop()
+        # The gateway's own addresses, refused as next hops unless a rule names them.
+        self.addresses = LocalAddressWatch()
+        self.refresh_addresses(force=True)
+
+    def refresh_addresses(self, force: bool = False) -> None:
+        """Hand the node the gateway's own addresses: at start, on reload, every 10 s."""
+        addresses = self.addresses.poll(self.loop.time(), force)
+        if addresses is not None:
+            self.node.set_local_addresses(addresses)
+        error = self.addresses.take_error()
+        if error is not None:
+            self.log.write(Record("node:warning", reason=error))
 
     def dispatch(self) -> None:
         node = self.node
@@ -81,6 +94,7 @@ class Gateway:
             self.log.write(Record("node:reload-failed", reason=str(exc)))
             return
         self.node.config.users = config.users
+        self.refresh_addresses(force=True)
         self.log.write(Record("node:reloaded", extra={"users": sorted(config.users)}))
 
 
@@ -185,6 +199,7 @@ async def serve(config: GatewayConfig) -> None:
             except asyncio.TimeoutError:
                 pass
             gateway.node.handle_timer(loop.time())
+            gateway.refresh_addresses()
             gateway.dispatch()
     finally:
         try:

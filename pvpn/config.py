@@ -15,6 +15,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - Debian 11 / Ubuntu 22.04
     import tomli as tomllib
 
+from pvpn.addresses import Local, address_exclusion
 from pvpn.errors import ConfigError
 from pvpn.io.pcap import DEFAULT_MAX_BYTES
 
@@ -348,12 +349,28 @@ def parse_next_hop_rule(text: str, where: str) -> NextHopRule:
 
 @dataclass(slots=True)
 class GatewayPolicy:
-    """Which next hops one user may ask this gateway for."""
+    """Which next hops one user may ask this gateway for.
+
+    A rule covers special addresses (loopback, IPv4-mapped ``::ffff:127.0.0.1``, link-local,
+    multicast, ...) and the gateway's own addresses only when it names them (it lies inside
+    the special range, or is that own address): ``::/0`` does not take a user to the
+    gateway's loopback (pvpn.addresses)."""
 
     next: list[NextHopRule]
 
     def permits(self, address: str, port: int) -> bool:
+        """Whether a rule covers ``address:port`` (before the special-address exclusion)."""
         return any(rule.permits(address, port) for rule in self.next)
+
+    def exclusion(self, address: str, port: int, local: Local) -> str | None:
+        """Why the rules that cover ``address:port`` do not take a user there: it is special or
+        one of the gateway's own (``local``) and none of them names it. None if they do."""
+        try:
+            ip = ipaddress.ip_address(address)
+        except ValueError:
+            return f"{address!r} is not an IP address"
+        covering = [rule.network for rule in self.next if rule.permits(address, port)]
+        return address_exclusion(ip, covering, local)
 
 
 @dataclass(slots=True)

@@ -15,6 +15,7 @@ import os
 from dataclasses import dataclass
 from typing import Any, Callable, Union
 
+from pvpn.addresses import Local
 from pvpn.config import GatewayConfig, parse_endpoint
 from pvpn.envelope import MAX_PACKET, MsgType, encode_control, encode_envelope
 from pvpn.errors import ConfigError
@@ -65,6 +66,9 @@ class GatewayNode(NodeBase):
     among them OpenNextHop / SendNext / CloseNext for the adapter."""
 
     role = "gateway"
+    # The gateway's own addresses (pvpn.io.localaddrs), refused as next hops unless a rule
+    # names them; set with set_local_addresses.
+    local_addresses: Local = frozenset()
 
     def __init__(self, config: GatewayConfig, keys: KeyLookup, verify: Verifier,
                  random: Callable[[int], bytes] = os.urandom) -> None:
@@ -102,11 +106,22 @@ class GatewayNode(NodeBase):
                          f"{self.name} may not forward {link.user!r} to {link.next_hop} "
                          f"(allowed: {allowed})", f"next hop {link.next_hop} not allowed")
             return
+        excluded = policy.exclusion(host, port, self.local_addresses)
+        if excluded is not None:
+            self._refuse(link, "next-hop-not-allowed",
+                         f"{self.name} may not forward {link.user!r} to {link.next_hop}: "
+                         f"{excluded}, which no next rule of the user names",
+                         f"next hop {link.next_hop} special: {excluded}")
+            return
         if len(link.session_id) != 16:
             link.session_id = self._random(16)
         self.splices[link.id] = Splice(link.next_hop, now)
         self.commands.append(OpenNextHop(link.id, host, port, self.config.connect_timeout))
         self._log("splice:connecting", link, next_hop=link.next_hop)
+
+    def set_local_addresses(self, addresses: Local) -> None:
+        """The gateway's own addresses (read at start, on reload, periodically)."""
+        self.local_addresses = addresses
 
     # -- the next hop
     def next_opened(self, link_id: int, now: float) -> None:

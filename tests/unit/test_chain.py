@@ -337,3 +337,38 @@ def test_hop_limit_is_enforced_by_gateways(world: Any) -> None:
     net.pump()
     fail = failure(events)
     assert fail.fatal and "hop limit" in fail.reason
+
+
+# ---------------------------------------------------------------- special next hops (issue 9)
+
+
+@pytest.mark.parametrize("next_hop", ["[::ffff:127.0.0.1]", "[::1]", "127.0.0.1", "[::127.0.0.1]",
+                                      "169.254.169.254", "[fe80::1]", "224.0.0.1", "0.0.0.0",
+                                      "10.0.1.1"])
+def test_a_catch_all_next_rule_does_not_reach_special_or_own_addresses(world: Any,
+                                                                      next_hop: str) -> None:
+    """`::/0` used to permit ::ffff:127.0.0.1, the gateway's own IPv4 loopback; 10.0.1.1 is
+    gw1's own address."""
+    net = Net(world, gw_users={"gw1": {"alice": ["0.0.0.0/0", "::/0"]}, "gw2": {}, "gw3": {}})
+    if next_hop == ADDR["gw1"]:  # the daemon reads them from the kernel
+        net.nodes[ADDR["gw1"]].set_local_addresses(frozenset({parse_prefix(ADDR["gw1"])}))
+    _, events = net.chain("alice", [ADDR["gw1"], next_hop, ADDR["server"]])
+    fail = failure(events)
+    assert fail.fatal and "next-hop-not-allowed" in fail.reason
+    assert "no next rule of the user names" in fail.reason
+    assert not any(r.event == "splice:connecting" for _, r in net.logs)
+
+
+@pytest.mark.parametrize("rule, next_hop", [("127.0.0.1:4433", "127.0.0.1"),
+                                            ("[::ffff:127.0.0.0/104]:4433", "[::ffff:127.0.0.1]"),
+                                            ("10.0.1.1", "10.0.1.1")])
+def test_a_rule_that_names_a_special_or_own_address_lets_it_through(world: Any, rule: str,
+                                                                    next_hop: str) -> None:
+    net = Net(world, gw_users={"gw1": {"alice": ["::/0", "0.0.0.0/0", rule]}, "gw2": {},
+                               "gw3": {}})
+    net.nodes[ADDR["gw1"]].set_local_addresses(frozenset({parse_prefix(ADDR["gw1"])}))
+    _, events = net.chain("alice", [ADDR["gw1"], next_hop, ADDR["server"]])
+    # Past the policy: gw1 connected onwards (where the in-memory network has nothing, or
+    # back to gw1 itself, which refuses a chain that visits it twice).
+    assert any(r.event == "splice:connecting" for _, r in net.logs)
+    assert "next-hop-not-allowed" not in failure(events).reason
