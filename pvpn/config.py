@@ -17,7 +17,8 @@ else:  # pragma: no cover - Debian 11 / Ubuntu 22.04
 
 from pvpn.addresses import Local, address_exclusion
 from pvpn.errors import ConfigError
-from pvpn.io.pcap import DEFAULT_MAX_BYTES
+from pvpn.flowtable import MAX_FLOWS
+from pvpn.io.pcap import DEFAULT_MAX_BYTES, DEFAULT_MAX_FILES, DEFAULT_MAX_TOTAL_BYTES
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
@@ -185,8 +186,22 @@ class ServerConfig:
     # Inner packets of every session to <pcap_dir>/<session>.pcap (off when None).
     pcap_dir: Path | None = None
     pcap_max_bytes: int = DEFAULT_MAX_BYTES
-    # The share of one destination's NAT ports one session may hold in open mappings.
+    # The share of one destination's NAT ports one user may hold in open mappings.
     nat_share: float = 0.5
+    # NAT mappings one user (all sessions) and one session may hold; at the cap a new one
+    # replaces the oldest unreplied, then the oldest closed mapping (conntrack's early drop).
+    nat_flows_per_user: int = 16384
+    nat_flows_per_session: int = 8192
+    # How long a mapping the remote end never answered is kept: opened by a SYN
+    # (conntrack's SYN_SENT, 120 s), or picked up mid-stream (conntrack's 300 s).
+    nat_syn_timeout: float = 120.0
+    nat_unreplied_timeout: float = 300.0
+    # Sessions one user may have at once (OpenSSH's MaxSessions default); at the cap a new
+    # session ends the user's oldest detached one, or is refused.
+    sessions_per_user: int = 10
+    # The capture directory as a whole: the oldest closed captures are deleted first.
+    pcap_max_total_bytes: int = DEFAULT_MAX_TOTAL_BYTES
+    pcap_max_files: int = DEFAULT_MAX_FILES
 
 
 DEFAULT_PORT = 4433
@@ -230,12 +245,35 @@ def load_server_config(path: Path) -> ServerConfig:
     nat_share = float(t.get("nat_share", (int, float), 0.5))
     if not 0 < nat_share <= 1:
         raise ConfigError(f"{t.where('nat_share')} must be more than 0 and at most 1")
+    per_user = t.get("nat_flows_per_user", int, 16384)
+    if not 1 <= per_user <= MAX_FLOWS:
+        raise ConfigError(f"{t.where('nat_flows_per_user')} must be 1 to {MAX_FLOWS}")
+    per_session = t.get("nat_flows_per_session", int, min(8192, per_user))
+    if not 1 <= per_session <= per_user:
+        raise ConfigError(f"{t.where('nat_flows_per_session')} must be 1 to "
+                          f"nat_flows_per_user ({per_user})")
+    syn_timeout = float(t.get("nat_syn_timeout", (int, float), 120.0))
+    unreplied_timeout = float(t.get("nat_unreplied_timeout", (int, float), 300.0))
+    for key, value in (("nat_syn_timeout", syn_timeout),
+                       ("nat_unreplied_timeout", unreplied_timeout)):
+        if not 1 <= value <= 7440:
+            raise ConfigError(f"{t.where(key)} must be 1 to 7440 seconds")
+    sessions_per_user = t.get("sessions_per_user", int, 10)
+    if not 1 <= sessions_per_user <= 1024:
+        raise ConfigError(f"{t.where('sessions_per_user')} must be 1 to 1024")
     keepalive = float(t.get("keepalive", (int, float), 10.0))
     dead_after = float(t.get("dead_after", (int, float), 30.0))
     grace = float(t.get("resume_grace", (int, float), 120.0))
     _check_timers(t, keepalive, dead_after)
     instance = _instance(t, "pvpns")
     pcap_dir, pcap_max_bytes = _pcap_settings(t)
+    pcap_total = t.get("pcap_max_total_bytes", int, max(DEFAULT_MAX_TOTAL_BYTES, pcap_max_bytes))
+    if pcap_total < pcap_max_bytes:
+        raise ConfigError(f"{t.where('pcap_max_total_bytes')} must be at least pcap_max_bytes "
+                          f"({pcap_max_bytes})")
+    pcap_files = t.get("pcap_max_files", int, DEFAULT_MAX_FILES)
+    if not 1 <= pcap_files <= 1_000_000:
+        raise ConfigError(f"{t.where('pcap_max_files')} must be 1 to 1000000")
     control = Path(t.get("control", str, "/run/pvpn/server.ctl"))
     t.finish()
     users: dict[str, UserPolicy] = {}
@@ -255,6 +293,10 @@ def load_server_config(path: Path) -> ServerConfig:
         path, name, listen, certificate, private_key, authorized_keys, queue,
         (int(match[1]), int(match[2])), instance, users, keepalive, dead_after, grace,
         control, pcap_dir=pcap_dir, pcap_max_bytes=pcap_max_bytes, nat_share=nat_share,
+        nat_flows_per_user=int(per_user), nat_flows_per_session=int(per_session),
+        nat_syn_timeout=syn_timeout, nat_unreplied_timeout=unreplied_timeout,
+        sessions_per_user=int(sessions_per_user), pcap_max_total_bytes=int(pcap_total),
+        pcap_max_files=int(pcap_files),
     )
 
 

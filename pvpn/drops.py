@@ -18,13 +18,14 @@ class Drop(enum.Enum):
     # pvpn-client: packets of a session on their way out
     TUNNEL_DOWN = "tunnel-down"
     TUNNEL_CONGESTED = "tunnel-congested"
-    # pvpn-client: replies the user's tunnel process hands back
+    # pvpn-client: replies the user's tunnel process hands back (REPLY_ICMP_REFUSED also at
+    # pvpn-server, for errors from the network on their way to a session)
     MALFORMED_REPLY = "malformed-reply"
     REPLY_NO_FLOW = "reply-no-flow"
     REPLY_ICMP_REFUSED = "reply-icmp-refused"
     TUN_FULL = "tun-full"
     TUN_WRITE_FAILED = "tun-write-failed"
-    # pvpn-server: packets a session sends
+    # pvpn-server: packets a session sends (IP_OPTIONS also for replies)
     MALFORMED_PACKET = "malformed-packet"
     IP_OPTIONS = "ip-options"
     DESTINATION_NOT_ALLOWED = "destination-not-allowed"
@@ -35,6 +36,7 @@ class Drop(enum.Enum):
     FLOW_CAP_SESSION = "flow-cap-session"
     FLOW_CAP_USER = "flow-cap-user"
     NAT_SHARE = "nat-share"
+    NO_NAT_PORT = "no-nat-port"
     NO_ROUTE = "no-route"
     # pvpn-server: replies on their way to a session
     SESSION_DETACHED = "session-detached"
@@ -66,6 +68,7 @@ _DESCRIPTIONS: dict[Drop, str] = {
     Drop.FLOW_CAP_SESSION: "the session holds as many NAT mappings as one session may",
     Drop.FLOW_CAP_USER: "the user holds as many NAT mappings as one user may",
     Drop.NAT_SHARE: "the user holds its share of one destination's NAT ports",
+    Drop.NO_NAT_PORT: "every NAT port towards the destination is in use",
     Drop.NO_ROUTE: "the server has no route to the destination",
     Drop.SESSION_DETACHED: "a reply while the user reconnects",
     Drop.LINK_CONGESTED: "the link to the user is congested",

@@ -35,21 +35,38 @@ TCP stack reuses a TIME-WAIT port. Likewise a UDP mapping is kept ``udp_timeout`
 is a stream (the client sent again after a reply); a one-off exchange such as a DNS query,
 each from a new source port, is kept ``udp_single_timeout``, as Linux conntrack does.
 
-One session may hold at most ``session_share`` of a destination endpoint's ports in mappings
-that are not closed, so a user keeping thousands of connections open cannot take a
-destination away from everyone else on the server (closed mappings do not count: their ports
-go to whoever needs them).
+A mapping is *unreplied* until the remote end sends anything on it, and unreplied mappings
+expire fast, as Linux conntrack's do: a TCP mapping opened by a SYN after ``tcp_syn_timeout``
+(120 s, conntrack's SYN_SENT), one picked up mid-stream (an ACK without SYN) after
+``tcp_unreplied_timeout`` (300 s, conntrack's timeout for an ESTABLISHED entry that has seen
+no reply), a UDP one after ``udp_single_timeout`` (30 s, conntrack's unreplied UDP). An ICMP
+error neither refreshes a mapping nor counts as its reply (conntrack: RELATED).
 
-Every structure is bounded by ``max_flows``; lookups in both directions are dict lookups, and
-idle flows sit in one insertion-ordered queue per timeout class, oldest first, so
-:meth:`FlowTable.expire` only touches the flows it removes.
+Memory is bounded three ways: ``max_flows`` for the table, ``max_flows_per_user`` for all
+sessions of one user and ``max_flows_per_session`` for one session. When one of them is
+reached, a new mapping first takes the place of the oldest unreplied mapping in that scope,
+then of the one closed longest ago (conntrack's early drop, which drops unassured entries and
+TCP entries that are closing); only when there is neither is it refused. So a user sending
+bare ACKs or SYNs to nowhere only ever displaces their own junk, and a user opening hundreds of
+short connections a second reuses their closed mappings instead of being refused.
+
+One user may hold at most ``user_share`` of a destination endpoint's ports in mappings that
+are not closed, counted over all their sessions, so a user keeping thousands of connections
+open cannot take a destination away from everyone else on the server (closed mappings do not
+count: their ports go to whoever needs them).
+
+Lookups in both directions are dict lookups; idle flows sit in one insertion-ordered queue
+per timeout class, oldest first, so :meth:`FlowTable.expire` only touches the flows it
+removes; the eviction candidates sit in creation-ordered queues per scope.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, TypeVar, Union
 
+from pvpn.drops import Drop
 from pvpn.errors import ConfigError, FlowTableFull, LocalProtocolError
 from pvpn.packet import (
     PROTO_ICMP,
@@ -63,10 +80,29 @@ from pvpn.packet import (
     FlowKey,
 )
 
+if TYPE_CHECKING:
+    from pvpn.config import ServerConfig
+
+#: The table's bound: as many mappings as one address has ports.
+MAX_FLOWS = 65536
+
 # (protocol, NAT address, remote address, remote port): the scope in which a NAT port is unique.
 _Endpoint = tuple[int, bytes, bytes, int]
 # (protocol, NAT address, NAT port, remote address, remote port): how replies are found.
 _ReplyKey = tuple[int, bytes, int, bytes, int]
+# Whose mappings count together: the user's name, or the session id of a session whose user
+# the caller did not give.
+Owner = Union[str, bytes]
+_Queue = OrderedDict[int, "Flow"]
+_K = TypeVar("_K")
+
+
+class FlowRefused(FlowTableFull):
+    """A new mapping was refused; ``drop`` is the code the packet is dropped under."""
+
+    def __init__(self, drop: Drop, message: str) -> None:
+        super().__init__(message)
+        self.drop = drop
 
 
 @dataclass(slots=True)
@@ -84,8 +120,10 @@ class Flow:
     closed_at: float = 0.0
     remote_closed_first: bool = False  # the remote end sent the first FIN: it is in TIME-WAIT
     time_wait: bool = False  # closed, and the remote end holds the port in TIME-WAIT
-    replied: bool = False  # UDP: the remote end answered
+    replied: bool = False  # the remote end sent something on it (conntrack's SEEN_REPLY)
     stream: bool = False  # UDP: the client sent again after an answer (not a one-off query)
+    user: Owner = b""  # whose mappings it counts among (the session's user)
+    syn: bool = False  # TCP: opened by a SYN (unreplied: SYN_SENT), not picked up mid-stream
 
 
 _FIN_OUT = 1  # the client's side sent a FIN
@@ -114,7 +152,7 @@ class FlowTable:
     def __init__(
         self,
         port_range: tuple[int, int],
-        max_flows: int = 65536,
+        max_flows: int = MAX_FLOWS,
         tcp_timeout: float = 7440.0,
         tcp_closing_timeout: float = 60.0,
         udp_timeout: float = 180.0,
@@ -123,7 +161,11 @@ class FlowTable:
         tcp_time_wait: float = 60.0,
         tcp_reuse_after: float = 1.0,
         udp_single_timeout: float = 30.0,
-        session_share: float = 1.0,
+        user_share: float = 1.0,
+        tcp_syn_timeout: float = 120.0,
+        tcp_unreplied_timeout: float = 300.0,
+        max_flows_per_user: int = 16384,
+        max_flows_per_session: int = 8192,
     ) -> None:
         low, high = port_range
         if not 1 <= low <= high <= 65535:
@@ -131,10 +173,13 @@ class FlowTable:
         if max_flows < 1:
             raise ConfigError(f"max_flows {max_flows}: need at least 1")
         if min(tcp_timeout, tcp_closing_timeout, udp_timeout, icmp_timeout,
-               tcp_closed_timeout, tcp_time_wait, udp_single_timeout) <= 0 or tcp_reuse_after < 0:
+               tcp_closed_timeout, tcp_time_wait, udp_single_timeout, tcp_syn_timeout,
+               tcp_unreplied_timeout) <= 0 or tcp_reuse_after < 0:
             raise ConfigError("flow timeouts must be positive")
-        if not 0 < session_share <= 1:
-            raise ConfigError(f"session_share {session_share}: need 0 < share <= 1")
+        if not 0 < user_share <= 1:
+            raise ConfigError(f"user_share {user_share}: need 0 < share <= 1")
+        if min(max_flows_per_session, max_flows_per_user) < 1:
+            raise ConfigError("flow caps per user and per session: need at least 1")
         self._low = low
         self._size = high - low + 1
         self._cursor = 0  # offset of the next port to offer, round-robin
@@ -146,13 +191,27 @@ class FlowTable:
         # Closed TCP mappings per endpoint, closed longest ago first: ports to reuse when full.
         self._closed_by_endpoint: dict[_Endpoint, OrderedDict[int, Flow]] = {}
         self._reuse_after = tcp_reuse_after
-        # Mappings not closed, per (session, endpoint), and how many one session may hold.
-        self._held: dict[tuple[bytes, _Endpoint], int] = {}
-        self._share = max(1, int(self._size * session_share))
+        # Mappings not closed, per (user, endpoint), and how many one user may hold.
+        self._held: dict[tuple[Owner, _Endpoint], int] = {}
+        self._share = max(1, int(self._size * user_share))
+        # The caps, the mappings each user holds, and the eviction candidates in creation
+        # order: unreplied ones, then closed ones, for the table, per user and per session.
+        self._per_user = min(max_flows_per_user, max_flows)
+        self._per_session = min(max_flows_per_session, self._per_user)
+        self._user_flows: dict[Owner, int] = {}
+        self._unreplied: _Queue = OrderedDict()
+        self._unreplied_by_user: dict[Owner, _Queue] = {}
+        self._unreplied_by_session: dict[bytes, _Queue] = {}
+        self._closed: _Queue = OrderedDict()
+        self._closed_by_user: dict[Owner, _Queue] = {}
+        self._closed_by_session: dict[bytes, _Queue] = {}
+        self.evicted = 0  # mappings that made room for a new one (early drop)
         # Idle queues, keyed by id(flow) (Flow is mutable, so not hashable), least recently
         # seen first, one per timeout class. The default TCP timeout is RFC 5382 REQ-5's
         # 2 h 4 min; the UDP one stays above RFC 4787 REQ-5's 2 min minimum.
         self._tcp: OrderedDict[int, Flow] = OrderedDict()
+        self._tcp_syn: OrderedDict[int, Flow] = OrderedDict()
+        self._tcp_unreplied: OrderedDict[int, Flow] = OrderedDict()
         self._tcp_closing: OrderedDict[int, Flow] = OrderedDict()
         self._tcp_closed: OrderedDict[int, Flow] = OrderedDict()
         self._tcp_time_wait: OrderedDict[int, Flow] = OrderedDict()
@@ -161,6 +220,8 @@ class FlowTable:
         self._icmp: OrderedDict[int, Flow] = OrderedDict()
         self._queues = (
             (self._tcp, tcp_timeout),
+            (self._tcp_syn, min(tcp_syn_timeout, tcp_timeout)),
+            (self._tcp_unreplied, min(tcp_unreplied_timeout, tcp_timeout)),
             (self._tcp_closing, tcp_closing_timeout),
             (self._tcp_closed, tcp_closed_timeout),
             (self._tcp_time_wait, tcp_time_wait),
@@ -168,6 +229,15 @@ class FlowTable:
             (self._udp_single, min(udp_single_timeout, udp_timeout)),
             (self._icmp, icmp_timeout),
         )
+
+    @classmethod
+    def for_config(cls, config: ServerConfig) -> FlowTable:
+        """The table a server with these [server] settings uses."""
+        return cls(config.nat_ports, user_share=config.nat_share,
+                   tcp_syn_timeout=config.nat_syn_timeout,
+                   tcp_unreplied_timeout=config.nat_unreplied_timeout,
+                   max_flows_per_user=config.nat_flows_per_user,
+                   max_flows_per_session=config.nat_flows_per_session)
 
     def __len__(self) -> int:
         return len(self._by_session_flow)
@@ -177,19 +247,26 @@ class FlowTable:
         flows = self._by_session.get(session_id)
         return 0 if flows is None else len(flows)
 
+    def user_flows(self, user: Owner) -> int:
+        """How many flows the sessions of this user have in the table."""
+        return self._user_flows.get(user, 0)
+
     def outbound(
-        self, session_id: bytes, flow: FlowKey, nat_src: bytes, now: float, tcp_flags: int = 0
+        self, session_id: bytes, flow: FlowKey, nat_src: bytes, now: float, tcp_flags: int = 0,
+        user: str = "",
     ) -> Flow:
         """The mapping for a packet a session sends, created if new; refreshes ``last_seen``.
 
-        ``nat_src`` is used only when the mapping is created. Raises FlowTableFull when the table
-        holds ``max_flows`` flows or every port is taken for that remote endpoint.
+        ``nat_src`` and ``user`` (whose caps and share it counts against; without one, the
+        session counts alone) are used only when the mapping is created. Raises FlowRefused
+        (a FlowTableFull) with its drop code when a cap or the user's share is reached and
+        nothing can make room, or every port is taken for that remote endpoint.
         """
         found = self._by_session_flow.get((session_id, flow))
         if found is not None:
             self._touch(found, now, tcp_flags, True)
             return found
-        return self._create(session_id, flow, nat_src, now, tcp_flags)
+        return self._create(session_id, user or session_id, flow, nat_src, now, tcp_flags)
 
     def lookup(self, session_id: bytes, flow: FlowKey) -> Flow | None:
         """The mapping of a session's flow, if there is one (never creates it)."""
@@ -265,28 +342,33 @@ class FlowTable:
         if proto == PROTO_TCP:
             if flow.closed:
                 return self._tcp_time_wait if flow.time_wait else self._tcp_closed
-            return self._tcp_closing if flow.closing else self._tcp
+            if flow.closing:
+                return self._tcp_closing
+            if not flow.replied:
+                return self._tcp_syn if flow.syn else self._tcp_unreplied
+            return self._tcp
         if proto == PROTO_UDP:
             return self._udp if flow.stream else self._udp_single
         return self._icmp
 
     def _touch(self, flow: Flow, now: float, tcp_flags: int, outbound: bool) -> None:
         flow.last_seen = now
+        if not outbound and not flow.replied:
+            self._replied(flow)
         if flow.original.proto == PROTO_TCP and tcp_flags:
             if tcp_flags & (TCP_FIN | TCP_RST):
                 self._track_end(flow, now, tcp_flags, outbound)
                 return
             if flow.closing and outbound and tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN:
-                # The client reuses the 4-tuple for a new connection (after TIME-WAIT): give the
-                # mapping its long timeout back, keeping the same NAT port.
-                self._requeue(flow, closing=False, closed=False, time_wait=False, now=now)
+                # The client reuses the 4-tuple for a new connection (after TIME-WAIT): a new
+                # connection, unreplied until the remote end answers, on the same NAT port.
+                self._requeue(flow, closing=False, closed=False, time_wait=False, now=now,
+                              reopened=True)
                 flow.fins = 0
                 flow.remote_closed_first = False
                 return
         elif flow.original.proto == PROTO_UDP and not flow.stream:
-            if not outbound:
-                flow.replied = True
-            elif flow.replied:
+            if outbound and flow.replied:
                 del self._udp_single[id(flow)]
                 flow.stream = True
                 self._udp[id(flow)] = flow
@@ -312,8 +394,21 @@ class FlowTable:
         else:
             self._queue(flow).move_to_end(id(flow))  # closing, or closed by an RST
 
+    def _replied(self, flow: Flow) -> None:
+        """The first packet from the remote end: the mapping is no longer an eviction
+        candidate, and a TCP one leaves its short unreplied timeout."""
+        key = id(flow)
+        old = self._queue(flow)
+        flow.replied = True
+        new = self._queue(flow)
+        if new is not old:
+            del old[key]
+            new[key] = flow
+        self._unindex(flow, self._unreplied, self._unreplied_by_user, self._unreplied_by_session)
+
     def _requeue(
-        self, flow: Flow, closing: bool, closed: bool, time_wait: bool, now: float
+        self, flow: Flow, closing: bool, closed: bool, time_wait: bool, now: float,
+        reopened: bool = False,
     ) -> None:
         key = id(flow)
         del self._queue(flow)[key]
@@ -322,10 +417,17 @@ class FlowTable:
         if closed != flow.closed:
             self._hold(flow, -1 if closed else 1)
         flow.closing, flow.closed, flow.time_wait = closing, closed, time_wait
+        if reopened:
+            flow.syn = True
+            if flow.replied:
+                flow.replied = False
+                self._index(flow, self._unreplied, self._unreplied_by_user,
+                            self._unreplied_by_session)
         self._queue(flow)[key] = flow
         if closed:
             flow.closed_at = now
             self._closed_by_endpoint.setdefault(_endpoint(flow), OrderedDict())[key] = flow
+            self._index(flow, self._closed, self._closed_by_user, self._closed_by_session)
 
     def _forget_closed(self, flow: Flow) -> None:
         endpoint = _endpoint(flow)
@@ -333,6 +435,50 @@ class FlowTable:
         del closed[id(flow)]
         if not closed:
             del self._closed_by_endpoint[endpoint]
+        self._unindex(flow, self._closed, self._closed_by_user, self._closed_by_session)
+
+    @staticmethod
+    def _index(flow: Flow, table: _Queue, by_user: dict[Owner, _Queue],
+               by_session: dict[bytes, _Queue]) -> None:
+        key = id(flow)
+        table[key] = flow
+        _scoped(by_user, flow.user)[key] = flow
+        _scoped(by_session, flow.session_id)[key] = flow
+
+    @staticmethod
+    def _unindex(flow: Flow, table: _Queue, by_user: dict[Owner, _Queue],
+                 by_session: dict[bytes, _Queue]) -> None:
+        key = id(flow)
+        del table[key]
+        _unscope(by_user, flow.user, key)
+        _unscope(by_session, flow.session_id, key)
+
+    def _evict(self, unreplied: _Queue | None, closed: _Queue | None) -> bool:
+        """Remove the oldest unreplied mapping of a scope, else the one closed longest ago
+        (conntrack's early drop); False if the scope has neither."""
+        for queue in (unreplied, closed):
+            if queue:
+                self._remove(next(iter(queue.values())))
+                self.evicted += 1
+                return True
+        return False
+
+    def _make_room(self, session_id: bytes, user: Owner) -> None:
+        """Make room for one more mapping of this session under every cap, or refuse it."""
+        session_flows = self._by_session.get(session_id)
+        if session_flows is not None and len(session_flows) >= self._per_session and not (
+                self._evict(self._unreplied_by_session.get(session_id),
+                            self._closed_by_session.get(session_id))):
+            raise FlowRefused(Drop.FLOW_CAP_SESSION, f"this session holds {self._per_session} "
+                              "NAT mappings, all open and answered, the most one session may")
+        if self._user_flows.get(user, 0) >= self._per_user and not self._evict(
+                self._unreplied_by_user.get(user), self._closed_by_user.get(user)):
+            raise FlowRefused(Drop.FLOW_CAP_USER, f"this user's sessions hold {self._per_user} "
+                              "NAT mappings, all open and answered, the most one user may")
+        if len(self._by_session_flow) >= self._max_flows and not self._evict(
+                self._unreplied, self._closed):
+            raise FlowRefused(Drop.FLOW_TABLE_FULL, f"flow table full ({self._max_flows} "
+                              "flows, all open and answered)")
 
     def _reusable(self, endpoint: _Endpoint, now: float) -> Flow | None:
         """The mapping towards ``endpoint`` closed longest ago, if long enough to reuse its port."""
@@ -344,27 +490,28 @@ class FlowTable:
         return None
 
     def _create(
-        self, session_id: bytes, flow: FlowKey, nat_src: bytes, now: float, tcp_flags: int
+        self, session_id: bytes, user: Owner, flow: FlowKey, nat_src: bytes, now: float,
+        tcp_flags: int,
     ) -> Flow:
         proto = flow.proto
         if proto not in (PROTO_TCP, PROTO_UDP, PROTO_ICMP, PROTO_ICMPV6):
             raise LocalProtocolError(f"no NAT for protocol {proto}")
         if len(nat_src) != len(flow.dst):
             raise LocalProtocolError("NAT address and flow are of different address families")
-        if len(self._by_session_flow) >= self._max_flows:
-            raise FlowTableFull(f"flow table full ({self._max_flows} flows)")
         remote_port = _remote_port(flow)
         endpoint = (proto, nat_src, flow.dst, remote_port)
-        if self._held.get((session_id, endpoint), 0) >= self._share:
-            raise FlowTableFull(f"this session already holds {self._share} open mappings "
-                                f"towards {flow.reversed().describe()}, its share of the ports")
+        if self._held.get((user, endpoint), 0) >= self._share:
+            raise FlowRefused(Drop.NAT_SHARE, f"this user already holds {self._share} open "
+                              "mappings towards this destination, its share of the ports")
+        self._make_room(session_id, user)
         used = self._ports_used.get(endpoint, 0)
         if used >= self._size:
             reused = self._reusable(endpoint, now)
             if reused is None:
-                raise FlowTableFull(f"no free NAT port towards {flow.reversed().describe()}")
+                raise FlowRefused(Drop.NO_NAT_PORT, "every NAT port towards this destination "
+                                  "is in use")
             self._remove(reused)
-            return self._add(session_id, flow, nat_src, reused.nat_port, now, tcp_flags)
+            return self._add(session_id, user, flow, nat_src, reused.nat_port, now, tcp_flags)
         # Round-robin from the shared cursor; the first port free for this endpoint wins. The
         # count above guarantees one exists within a full turn.
         by_reply = self._by_reply
@@ -379,22 +526,26 @@ class FlowTable:
             if reply_key not in by_reply:
                 break
         else:  # unreachable while the counts are consistent; fail safe rather than overwrite
-            raise FlowTableFull(f"no free NAT port towards {flow.reversed().describe()}")
+            raise FlowRefused(Drop.NO_NAT_PORT, "every NAT port towards this destination is "
+                              "in use")
         self._cursor = cursor
-        return self._add(session_id, flow, nat_src, port, now, tcp_flags)
+        return self._add(session_id, user, flow, nat_src, port, now, tcp_flags)
 
     def _add(
-        self, session_id: bytes, flow: FlowKey, nat_src: bytes, port: int, now: float,
-        tcp_flags: int,
+        self, session_id: bytes, user: Owner, flow: FlowKey, nat_src: bytes, port: int,
+        now: float, tcp_flags: int,
     ) -> Flow:
-        created = Flow(session_id, flow, nat_src, port, now, False)
+        created = Flow(session_id, flow, nat_src, port, now, False, user=user,
+                       syn=flow.proto == PROTO_TCP and tcp_flags & TCP_SYN != 0)
         remote_port = _remote_port(flow)
         endpoint = (flow.proto, nat_src, flow.dst, remote_port)
         self._by_session_flow[(session_id, flow)] = created
         self._by_reply[(flow.proto, nat_src, port, flow.dst, remote_port)] = created
         self._ports_used[endpoint] = self._ports_used.get(endpoint, 0) + 1
         self._by_session.setdefault(session_id, {})[id(created)] = created
+        self._user_flows[user] = self._user_flows.get(user, 0) + 1
         self._queue(created)[id(created)] = created
+        self._index(created, self._unreplied, self._unreplied_by_user, self._unreplied_by_session)
         self._hold(created, 1)
         if flow.proto == PROTO_TCP and tcp_flags & (TCP_FIN | TCP_RST):
             self._track_end(created, now, tcp_flags, True)  # a flow first seen mid-way
@@ -416,16 +567,38 @@ class FlowTable:
         del session_flows[key]
         if not session_flows:
             del self._by_session[flow.session_id]
+        count = self._user_flows[flow.user] - 1
+        if count:
+            self._user_flows[flow.user] = count
+        else:
+            del self._user_flows[flow.user]
         del self._queue(flow)[key]
+        if not flow.replied:
+            self._unindex(flow, self._unreplied, self._unreplied_by_user,
+                          self._unreplied_by_session)
         if flow.closed:
             self._forget_closed(flow)
         else:
             self._hold(flow, -1)
 
     def _hold(self, flow: Flow, change: int) -> None:
-        key = (flow.session_id, _endpoint(flow))
+        key = (flow.user, _endpoint(flow))
         held = self._held.get(key, 0) + change
         if held:
             self._held[key] = held
         else:
             del self._held[key]
+
+
+def _scoped(index: dict[_K, _Queue], key: _K) -> _Queue:
+    queue = index.get(key)
+    if queue is None:
+        queue = index[key] = OrderedDict()
+    return queue
+
+
+def _unscope(index: dict[_K, _Queue], key: _K, flow_key: int) -> None:
+    queue = index[key]
+    del queue[flow_key]
+    if not queue:
+        del index[key]

@@ -47,7 +47,7 @@ from pvpn.errors import (
     MalformedPacket,
     RemoteProtocolError,
 )
-from pvpn.flowtable import FlowTable
+from pvpn.flowtable import FlowRefused, FlowTable
 from pvpn.records import Record, session_hex
 
 
@@ -683,7 +683,7 @@ class ServerNode(NodeBase):
         super().__init__(config.name, keys, verify, random, config.keepalive, config.dead_after)
         self.config = config
         self._source_for = source_for
-        self.flows = flows or FlowTable(config.nat_ports, session_share=config.nat_share)
+        self.flows = flows or FlowTable.for_config(config)
         self.sessions: dict[bytes, Session] = {}
         # Emit CapturePacket for every inner packet: what the user sent, the replies returned.
         self.capture = False
@@ -725,6 +725,8 @@ class ServerNode(NodeBase):
                 if old.link is not None and old.link in self.links:
                     self._close_link(self.links[old.link])
                 old.allow = allow
+        if session is None and not self._room_for_session(link):
+            return
         if session is None:
             # The user's proposed id (so all hops log the same one), unless it is taken.
             sid = link.session_id
@@ -741,6 +743,29 @@ class ServerNode(NodeBase):
         self._log("session:resumed" if resumed else "session:opened", session=session,
                   client=link.client, allow=[str(n) for n in link.want], path=link.path,
                   tls=getattr(link.tls, "version", ""))
+
+    def _room_for_session(self, link: NodeLink) -> bool:
+        """At most ``sessions_per_user`` sessions per user (OpenSSH's MaxSessions default, 10):
+        a new one ends the user's session detached longest ago, or is refused if all are live.
+        A user reconnecting without resuming so cannot pile up sessions, mappings or captures,
+        and never locks themselves out."""
+        limit = self.config.sessions_per_user
+        mine = [s for s in self.sessions.values() if s.user == link.user]
+        if len(mine) < limit:
+            return True
+        detached = sorted((s for s in mine if s.detached_since is not None),
+                          key=lambda s: s.detached_since or 0.0)
+        excess = len(mine) - limit + 1
+        if len(detached) < excess:
+            self._refuse(link, "too-many-sessions",
+                         f"user {link.user!r} has {len(mine)} sessions at {self.name}, the most "
+                         "one user may have; end one (pvpn disconnect) and try again",
+                         f"{len(mine)} sessions already")
+            return False
+        for session in detached[:excess]:
+            self._end_session(session, f"replaced by a new session of {session.user!r}, who had "
+                              f"{len(mine)} sessions, the most one user may have")
+        return True
 
     def _on_close(self, link: NodeLink, reason: str, now: float) -> None:
         if link.session is not None:
@@ -816,7 +841,10 @@ class ServerNode(NodeBase):
         else:
             try:
                 entry = self.flows.outbound(session.id, flow, self._source_for(flow.dst), now,
-                                            flags)
+                                            flags, session.user)
+            except FlowRefused as exc:
+                self._drop(session, exc.drop, now, flow, str(exc))
+                return
             except FlowTableFull as exc:
                 self._drop(session, Drop.FLOW_TABLE_FULL, now, flow, str(exc))
                 return

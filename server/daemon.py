@@ -51,7 +51,8 @@ class Server:
                                auth.verify_signature, SourceAddresses())
         # [server] pcap_dir: every session's inner packets to <pcap_dir>/<session>.pcap.
         self.captures = (None if config.pcap_dir is None else SessionCaptures(
-            config.pcap_dir, config.pcap_max_bytes, self.log.write))
+            config.pcap_dir, config.pcap_max_bytes, self.log.write,
+            max_total_bytes=config.pcap_max_total_bytes, max_files=config.pcap_max_files))
         self.node.capture = self.captures is not None
         self.raw = RawSender()
         self.transports: dict[int, asyncio.Transport] = {}

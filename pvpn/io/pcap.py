@@ -19,7 +19,10 @@ session it watches.
 from __future__ import annotations
 
 import os
+import re
+import stat
 import struct
+from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -30,6 +33,8 @@ LINKTYPE_RAW = 101
 PCAP_MAGIC = 0xA1B2C3D4  # microsecond timestamps
 SNAPLEN = 262144  # what tcpdump uses; larger than any inner packet (MAX_PACKET is 65535)
 DEFAULT_MAX_BYTES = 100 * 1000 * 1000
+DEFAULT_MAX_TOTAL_BYTES = 1000 * 1000 * 1000  # all of a server's capture directory
+DEFAULT_MAX_FILES = 1000
 FLUSH_BYTES = 64 * 1024
 FLUSH_INTERVAL = 1.0  # seconds
 
@@ -137,6 +142,10 @@ class PcapWriter:
         except OSError as exc:
             self._stop(f"write failed: {exc.strerror or exc}")
 
+    def stop(self, reason: str) -> None:
+        """Write no more (what is buffered is dropped); ``on_stop`` is told, once."""
+        self._stop(reason)
+
     def _stop(self, reason: str) -> None:
         if self.stopped is None:
             self.stopped = reason
@@ -165,11 +174,20 @@ class SessionCaptures:
     commands), :meth:`close` (the session ended) and :meth:`close_all`.  At most
     :attr:`MAX_OPEN` files are open at once; a session beyond that, or whose file can't be
     created, is not captured, and ``log`` says so once per session.
+
+    The directory as a whole is bounded too, so a user reconnecting endlessly can fill
+    neither the disk nor the directory: at most ``max_files`` capture files and
+    ``max_total_bytes`` bytes, those of earlier runs included. To make room, the capture
+    closed longest ago is deleted first (a ring of files, as ``tcpdump -W`` keeps); when only
+    open captures are left, the one being written stops.
     """
 
     MAX_OPEN = 256
+    _NAME = re.compile(r"^[0-9a-f]{32}(-[0-9]+)?\.pcap$")
 
-    def __init__(self, directory: Path, max_bytes: int, log: Callable[[Record], None]) -> None:
+    def __init__(self, directory: Path, max_bytes: int, log: Callable[[Record], None],
+                 max_total_bytes: int = DEFAULT_MAX_TOTAL_BYTES,
+                 max_files: int = DEFAULT_MAX_FILES) -> None:
         try:
             directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         except OSError as exc:
@@ -177,10 +195,59 @@ class SessionCaptures:
                               f"pcap_dir): {exc.strerror or exc}") from None
         self.directory = directory
         self.max_bytes = max_bytes
+        self.max_total_bytes = max_total_bytes
+        self.max_files = max_files
         self._log = log
         self.writers: dict[bytes, PcapWriter] = {}
         self._skipped: set[bytes] = set()
         self._dirty: set[PcapWriter] = set()
+        # Closed capture files, closed (or last written) longest ago first, and their sizes.
+        self._closed: OrderedDict[Path, int] = OrderedDict()
+        self.total = 0  # bytes of every capture file, open or closed
+        self._scan()
+
+    def _scan(self) -> None:
+        """Account for the captures earlier runs left (regular files named like ours)."""
+        found: list[tuple[float, Path, int]] = []
+        try:
+            entries = list(os.scandir(self.directory))
+        except OSError:
+            return
+        for entry in entries:
+            if not self._NAME.match(entry.name):
+                continue
+            try:
+                info = entry.stat(follow_symlinks=False)
+            except OSError:
+                continue
+            if stat.S_ISREG(info.st_mode):
+                found.append((info.st_mtime, Path(entry.path), info.st_size))
+        for _, path, size in sorted(found):
+            self._closed[path] = size
+            self.total += size
+
+    def _delete_oldest(self, reason: str) -> bool:
+        """Delete the capture closed longest ago; False if there is none."""
+        if not self._closed:
+            return False
+        path, size = self._closed.popitem(last=False)
+        self.total -= size
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            reason = f"{reason}; but it could not be deleted: {exc.strerror or exc}"
+        self._log(Record("capture:deleted", reason=reason, bytes=size,
+                         extra={"path": str(path)}))
+        return True
+
+    def _over_total(self) -> bool:
+        while self.total > self.max_total_bytes:
+            if not self._delete_oldest(f"the capture directory keeps at most "
+                                       f"{self.max_total_bytes} bytes (pcap_max_total_bytes)"):
+                return True
+        return False
 
     MAX_NAMES = 100  # <session>.pcap, then <session>-2.pcap ... for a session id used again
 
@@ -194,7 +261,13 @@ class SessionCaptures:
             writer = self._open(session)
             if writer is None:
                 return
+        before = writer.size
         writer.write(packet, timestamp)
+        if writer.size != before:
+            self.total += writer.size - before
+            if self.total > self.max_total_bytes and self._over_total():
+                writer.stop(f"stopped: the open captures fill the capture directory's "
+                            f"{self.max_total_bytes} bytes (pcap_max_total_bytes)")
         self._dirty.add(writer)
 
     def _open(self, session: bytes) -> PcapWriter | None:
@@ -205,6 +278,18 @@ class SessionCaptures:
             self._skipped.add(session)
             self._log(Record("capture:skipped", session=sid,
                              reason=f"{self.MAX_OPEN} captures are open already"))
+            return None
+        while len(self._closed) + len(self.writers) >= self.max_files:
+            if not self._delete_oldest(f"the capture directory keeps at most "
+                                       f"{self.max_files} files (pcap_max_files)"):
+                self._skipped.add(session)
+                self._log(Record("capture:skipped", session=sid,
+                                 reason=f"{self.max_files} captures are open (pcap_max_files)"))
+                return None
+        if self._over_total() or self.total + GLOBAL_HEADER_SIZE > self.max_total_bytes:
+            self._skipped.add(session)
+            self._log(Record("capture:skipped", session=sid, reason="the open captures fill "
+                             f"the capture directory's {self.max_total_bytes} bytes"))
             return None
         def stopped(reason: str) -> None:
             self._log(Record("capture:stopped", session=sid, reason=reason))
@@ -229,6 +314,8 @@ class SessionCaptures:
                              reason=f"{self.MAX_NAMES} capture files of this session exist"))
             return None
         self.writers[session] = writer
+        self.total += writer.size
+        self._closed.pop(writer.path, None)  # an old file of that name was replaced
         self._log(Record("capture:opened", session=sid, extra={"path": str(writer.path)}))
         return writer
 
@@ -243,6 +330,13 @@ class SessionCaptures:
         if writer is not None:
             self._dirty.discard(writer)
             writer.close()
+            try:
+                size = writer.path.stat().st_size  # less than counted if it stopped early
+            except OSError:
+                size = 0
+            self.total += size - writer.size
+            if size:
+                self._closed[writer.path] = size
             self._log(Record("capture:closed", session=session.hex(), bytes=writer.size,
                              extra={"path": str(writer.path), "packets": writer.packets}))
 

@@ -336,8 +336,8 @@ def test_short_connections_never_run_the_range_dry() -> None:
     assert len(table) <= 100
 
 
-def test_one_session_holds_at_most_its_share_of_a_destinations_ports() -> None:
-    table = FlowTable((100, 109), session_share=0.5)  # 5 of 10 ports per session
+def test_one_owner_holds_at_most_its_share_of_a_destinations_ports() -> None:
+    table = FlowTable((100, 109), user_share=0.5)  # 5 of 10 ports per user (here: per session, no user given)
     alice = [table.outbound(ALICE, tcp(sport=s), NAT, now=0.0, tcp_flags=TCP_SYN)
              for s in range(5)]
     with pytest.raises(FlowTableFull, match="share"):
@@ -360,7 +360,7 @@ def test_one_session_holds_at_most_its_share_of_a_destinations_ports() -> None:
 def test_share_counts_return_to_zero_under_churn() -> None:
     # Each session keeps ~17 one-off UDP mappings (5 s each) and a few TCP ones open: always
     # under its share of 50, so nothing is refused, and every count must end at zero.
-    table = FlowTable((1000, 1099), session_share=0.5, tcp_closed_timeout=10.0,
+    table = FlowTable((1000, 1099), user_share=0.5, tcp_closed_timeout=10.0,
                       udp_single_timeout=5.0)
     now = 0.0
     for n in range(5_000):
@@ -391,6 +391,9 @@ def test_a_closed_mapping_reopens_on_a_new_syn() -> None:
     assert flow.closed
     assert table.outbound(ALICE, tcp(), NAT, now=2.0, tcp_flags=TCP_SYN) is flow
     assert not flow.closed and not flow.closing and not table._closed_by_endpoint
+    # A new connection: unreplied (SYN_SENT) until the remote end answers, then open.
+    assert not flow.replied
+    reply_to(table, flow, 2.0, TCP_SYN | TCP_ACK)
     assert table.expire(1001.9) == []
     assert table.expire(1002.0) == [flow]
 
@@ -406,6 +409,7 @@ def test_closing_flow_keeps_closing_on_more_packets_and_reopens_on_syn() -> None
     port = flow.nat_port
     assert table.outbound(ALICE, tcp(), NAT, now=89.0, tcp_flags=TCP_SYN) is flow
     assert not flow.closing and flow.nat_port == port
+    reply_to(table, flow, 89.0, TCP_SYN | TCP_ACK)  # answered: the long timeout
     assert table.expire(1088.0) == []
     assert table.expire(1089.0) == [flow]
 
@@ -420,9 +424,10 @@ def test_syn_ack_from_remote_does_not_reopen() -> None:
 
 
 def test_flow_table_full_at_max_flows() -> None:
+    # Full of answered mappings (unreplied or closed ones would make room: see below).
     table = FlowTable((61000, 61999), max_flows=3)
     for s in range(3):
-        table.outbound(ALICE, udp(sport=s), NAT, now=0.0)
+        assert reply_to(table, table.outbound(ALICE, udp(sport=s), NAT, now=0.0), 0.0)
     with pytest.raises(FlowTableFull):
         table.outbound(BOB, udp(sport=99), NAT, now=0.0)
     # An existing mapping still works when full.
@@ -487,8 +492,8 @@ def test_many_flows_stay_bounded_under_churn() -> None:
         {"port_range": (1, 2), "tcp_closed_timeout": 0.0},
         {"port_range": (1, 2), "tcp_reuse_after": -1.0},
         {"port_range": (1, 2), "udp_single_timeout": 0.0},
-        {"port_range": (1, 2), "session_share": 0.0},
-        {"port_range": (1, 2), "session_share": 1.5},
+        {"port_range": (1, 2), "user_share": 0.0},
+        {"port_range": (1, 2), "user_share": 1.5},
     ],
 )
 def test_bad_settings(kwargs: dict[str, object]) -> None:
@@ -500,3 +505,197 @@ def test_unsupported_protocol_is_local_error() -> None:
     table = FlowTable((1, 2))
     with pytest.raises(LocalProtocolError):
         table.outbound(ALICE, FlowKey(47, CLIENT, 0, REMOTE, 0), NAT, now=0.0)
+
+
+# -- one user cannot take the table from the others (issue 9, point 5) -------------------------
+
+from pvpn.drops import Drop  # noqa: E402
+from pvpn.flowtable import FlowRefused  # noqa: E402
+
+MALLORY = b"session-mallory"
+
+
+def assert_empty(table: FlowTable) -> None:
+    """Nothing of any mapping lingers in any structure."""
+    assert len(table) == 0 and not table._by_reply and not table._ports_used
+    assert not table._by_session and not table._user_flows and not table._held
+    assert not table._unreplied and not table._unreplied_by_user
+    assert not table._unreplied_by_session and not table._closed
+    assert not table._closed_by_user and not table._closed_by_session
+    assert not table._closed_by_endpoint and all(not q for q, _ in table._queues)
+
+
+def test_unreplied_mappings_expire_as_conntracks_do() -> None:
+    table = FlowTable((61000, 61999))
+    syn = table.outbound(ALICE, tcp(sport=1), NAT, now=0.0, tcp_flags=TCP_SYN)
+    ack = table.outbound(ALICE, tcp(sport=2), NAT, now=0.0, tcp_flags=TCP_ACK)  # mid-stream
+    query = table.outbound(ALICE, udp(sport=3), NAT, now=0.0)
+    answered = table.outbound(ALICE, tcp(sport=4), NAT, now=0.0, tcp_flags=TCP_SYN)
+    reply_to(table, answered, 0.5, TCP_SYN | TCP_ACK)
+    picked_up = table.outbound(ALICE, tcp(sport=5), NAT, now=0.0, tcp_flags=TCP_ACK)
+    reply_to(table, picked_up, 0.5, TCP_ACK)
+    assert table.expire(29.9) == []
+    assert table.expire(30.0) == [query]  # UDP without a reply: 30 s
+    assert table.expire(119.9) == []
+    assert table.expire(120.0) == [syn]  # an unanswered SYN: conntrack's SYN_SENT, 120 s
+    assert table.expire(299.9) == []
+    assert table.expire(300.0) == [ack]  # ESTABLISHED without a reply: 300 s
+    assert table.expire(7440.4) == []  # answered: RFC 5382's 2 h 4 min
+    assert {id(f) for f in table.expire(7440.5)} == {id(answered), id(picked_up)}
+    assert_empty(table)
+
+
+def test_retransmitted_syns_keep_an_unanswered_mapping_but_not_beyond_its_timeout() -> None:
+    table = FlowTable((61000, 61999))
+    syn = table.outbound(ALICE, tcp(), NAT, now=0.0, tcp_flags=TCP_SYN)
+    for when in (1.0, 3.0, 7.0, 15.0, 31.0, 63.0):  # Linux's SYN retransmissions
+        table.outbound(ALICE, tcp(), NAT, now=when, tcp_flags=TCP_SYN)
+    assert table.expire(182.9) == [] and table.expire(183.0) == [syn]
+
+
+def test_a_flood_of_bare_acks_displaces_only_its_own_junk() -> None:
+    """The issue's attack: ~66,000 bare ACKs used to fill the table for 2 h 4 min. Now they
+    take at most the user's cap, each new one replacing the oldest, and go within 300 s."""
+    table = FlowTable((1024, 65535), max_flows_per_user=1000, max_flows_per_session=1000)
+    alice = [table.outbound(ALICE, tcp(sport=s), NAT, now=0.0, tcp_flags=TCP_SYN, user="alice")
+             for s in range(50)]
+    for flow in alice:
+        reply_to(table, flow, 0.0, TCP_SYN | TCP_ACK)
+    for n in range(66_000):
+        table.outbound(MALLORY, tcp(sport=n % 60_000, dport=1 + n // 60_000), NAT, now=1.0,
+                       tcp_flags=TCP_ACK, user="mallory")
+    assert table.user_flows("mallory") == 1000 and table.evicted == 65_000
+    assert all(table.lookup(ALICE, f.original) is f for f in alice)
+    assert table.outbound(ALICE, tcp(sport=999), NAT, now=1.0, tcp_flags=TCP_SYN, user="alice")
+    table.expire(301.0)
+    assert table.user_flows("mallory") == 0 and table.user_flows("alice") == 50
+
+
+def test_a_full_table_drops_the_oldest_unreplied_mapping_first() -> None:
+    table = FlowTable((61000, 61999), max_flows=10)
+    answered = [table.outbound(ALICE, udp(sport=s), NAT, now=0.0, user="alice") for s in range(6)]
+    for flow in answered:
+        reply_to(table, flow, 0.0)
+    junk = [table.outbound(MALLORY, udp(sport=s), NAT, now=float(s), user="mallory")
+            for s in range(4)]
+    new = table.outbound(BOB, udp(sport=1), NAT, now=5.0, user="bob")
+    assert table.lookup(MALLORY, junk[0].original) is None, "the oldest unreplied went first"
+    assert all(table.lookup(MALLORY, f.original) is f for f in junk[1:])
+    assert len(table) == 10 and table.evicted == 1
+    reply_to(table, new, 5.0)
+    for flow in junk[1:]:
+        reply_to(table, flow, 5.0)
+    # Every mapping answered and open: nothing may go; the new one is refused.
+    with pytest.raises(FlowRefused) as refused:
+        table.outbound(BOB, udp(sport=2), NAT, now=6.0, user="bob")
+    assert refused.value.drop is Drop.FLOW_TABLE_FULL
+
+
+def test_closed_mappings_make_room_when_no_unreplied_one_is_left() -> None:
+    table = FlowTable((61000, 61999), max_flows_per_user=4, max_flows_per_session=4)
+    flows = []
+    for s in range(4):
+        flow = table.outbound(ALICE, tcp(sport=s), NAT, now=float(s), tcp_flags=TCP_SYN)
+        reply_to(table, flow, float(s), TCP_SYN | TCP_ACK)
+        flows.append(flow)
+    for flow in (flows[2], flows[1]):  # 2 closes, then 1 (the remote first: TIME-WAIT)
+        reply_to(table, flow, 10.0, TCP_FIN | TCP_ACK)
+        table.outbound(ALICE, flow.original, NAT, now=10.0, tcp_flags=TCP_FIN | TCP_ACK)
+    assert flows[1].time_wait and flows[2].time_wait
+    table.outbound(ALICE, tcp(sport=9), NAT, now=11.0, tcp_flags=TCP_SYN)
+    assert table.lookup(ALICE, flows[2].original) is None, "closed longest ago went first"
+    assert table.lookup(ALICE, flows[1].original) is flows[1]
+
+
+@pytest.mark.parametrize("scope", ["session", "user"])
+def test_the_session_and_user_caps_say_which_was_reached(scope: str) -> None:
+    table = FlowTable((61000, 61999), max_flows_per_user=6, max_flows_per_session=4)
+    sessions = [ALICE] if scope == "session" else [ALICE, b"session-alice-2"]
+    for n in range(4 if scope == "session" else 6):
+        flow = table.outbound(sessions[n % len(sessions)], udp(sport=n), NAT, now=0.0,
+                              user="alice")
+        reply_to(table, flow, 0.0)
+    with pytest.raises(FlowRefused) as refused:
+        table.outbound(ALICE, udp(sport=99), NAT, now=0.0, user="alice")
+    assert refused.value.drop is (Drop.FLOW_CAP_SESSION if scope == "session"
+                                  else Drop.FLOW_CAP_USER)
+    assert isinstance(refused.value, FlowTableFull)
+    assert table.outbound(BOB, udp(sport=99), NAT, now=0.0, user="bob")  # others are served
+
+
+def test_the_share_of_a_destination_counts_per_user_not_per_session() -> None:
+    """Two sessions of one user used to take a destination's whole range between them."""
+    table = FlowTable((100, 109), user_share=0.5)  # 5 of 10 ports per user
+    second = b"session-alice-2"
+    for n in range(5):
+        table.outbound(ALICE if n % 2 else second, tcp(sport=n), NAT, now=0.0,
+                       tcp_flags=TCP_SYN, user="alice")
+    for session in (ALICE, second):
+        with pytest.raises(FlowRefused, match="share") as refused:
+            table.outbound(session, tcp(sport=50), NAT, now=0.0, tcp_flags=TCP_SYN, user="alice")
+        assert refused.value.drop is Drop.NAT_SHARE
+    assert len({table.outbound(BOB, tcp(sport=n), NAT, now=0.0, tcp_flags=TCP_SYN,
+                               user="bob").nat_port for n in range(5)}) == 5
+    table.drop_session(ALICE)
+    table.drop_session(second)
+    table.drop_session(BOB)
+    assert_empty(table)
+
+
+@pytest.mark.parametrize("remote_closes_first", [True, False])
+def test_the_benchs_400_connections_a_second_never_reach_a_cap(remote_closes_first: bool) -> None:
+    """`pvpn bench`: one user, ~400 new connections a second to one web server, nat_ports
+    10000-32767, the default caps. Each connection lives 50 ms; a mapping whose remote end
+    closed first stays 60 s (its TIME-WAIT), more than the session's cap holds at this rate:
+    closed mappings count for memory but make room, so nothing is refused."""
+    table = FlowTable((10000, 32767), user_share=0.5)
+    now, n, opened = 0.0, 0, []
+    while now < 150.0:
+        key = tcp(sport=10_000 + n % 50_000)
+        flow = table.outbound(ALICE, key, NAT, now=now, tcp_flags=TCP_SYN, user="alice")
+        reply_to(table, flow, now, TCP_SYN | TCP_ACK)
+        opened.append((now + 0.05, flow))
+        while opened and opened[0][0] <= now:
+            _, done = opened.pop(0)
+            first_fin = (lambda: reply_to(table, done, now, TCP_FIN | TCP_ACK),
+                         lambda: table.outbound(ALICE, done.original, NAT, now=now,
+                                                tcp_flags=TCP_FIN | TCP_ACK))
+            for step in (first_fin if remote_closes_first else first_fin[::-1]):
+                step()
+            table.outbound(ALICE, done.original, NAT, now=now, tcp_flags=TCP_ACK)
+        n += 1
+        now += 1 / 400
+        if n % 400 == 0:
+            table.expire(now)
+    assert n >= 59_000
+    assert len(table) <= 8192  # the session's cap bounds the memory
+    if not remote_closes_first:
+        assert table.evicted == 0  # 10 s each: ~4000 mappings, under every cap
+
+
+def test_caps_and_evictions_leave_nothing_behind_under_churn() -> None:
+    table = FlowTable((1000, 1999), max_flows=300, max_flows_per_user=200,
+                      max_flows_per_session=120, tcp_closed_timeout=10.0, udp_single_timeout=5.0)
+    now = 0.0
+    for n in range(6_000):
+        session = (ALICE, BOB, MALLORY, b"session-alice-2")[n % 4]
+        user = {ALICE: "alice", b"session-alice-2": "alice", BOB: "bob"}.get(session, "mallory")
+        key = tcp(sport=10_000 + n % 20_000, dport=80 + n % 3)
+        try:
+            flow = table.outbound(session, key, NAT, now=now, tcp_flags=TCP_SYN, user=user)
+        except FlowRefused:
+            continue
+        if user != "mallory":
+            reply_to(table, flow, now, TCP_SYN | TCP_ACK)
+            if n % 3:
+                table.outbound(session, key, NAT, now=now, tcp_flags=TCP_RST)
+        if n % 5 == 0:
+            table.outbound(session, udp(sport=n), NAT, now=now, user=user)
+        assert table.sessions_flows(session) <= 120 and table.user_flows(user) <= 200
+        assert len(table) <= 300
+        now += 0.01
+        if n % 50 == 0:
+            table.expire(now)
+    assert table.evicted > 0
+    table.expire(now + 10_000.0)
+    assert_empty(table)

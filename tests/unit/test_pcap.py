@@ -253,3 +253,75 @@ def test_server_config_nat_share(tmp_path: Path) -> None:
         path.write_text(base + f"nat_share = {bad}\n")
         with pytest.raises(ConfigError, match=r"\[server\] nat_share"):
             load_server_config(path)
+
+
+def test_a_user_reconnecting_endlessly_fills_neither_the_disk_nor_the_directory(
+        tmp_path: Path) -> None:
+    """Each new session opens a capture: the directory keeps at most pcap_max_files files and
+    pcap_max_total_bytes bytes, deleting the captures closed longest ago (issue 9, point 5)."""
+    logged: list[Record] = []
+    old = tmp_path / ("ab" * 16 + ".pcap")  # a capture an earlier run left
+    old.write_bytes(encode_global_header() + b"\x00" * 3000)
+    (tmp_path / "notes.txt").write_text("not a capture: never touched")
+    captures = SessionCaptures(tmp_path, 1_000_000, logged.append, max_total_bytes=20_000,
+                               max_files=5)
+    assert captures.total == old.stat().st_size
+    for n in range(200):
+        session = n.to_bytes(16, "big")
+        for _ in range(10):
+            captures.write(session, PING, float(n))  # 10 x ~1 KB per session
+        captures.flush()
+        captures.session_ended(Record("session:closed", session=session.hex()))
+        files = [p for p in tmp_path.iterdir() if p.suffix == ".pcap"]
+        assert len(files) <= 5
+        assert sum(p.stat().st_size for p in files) <= 20_000
+    assert not old.exists() and (tmp_path / "notes.txt").exists()
+    newest = read(captures.path_for((199).to_bytes(16, "big")))
+    assert len(newest) == 10
+    deleted = [r for r in logged if r.event == "capture:deleted"]
+    assert deleted and all("pcap_max" in r.reason for r in deleted)
+    captures.close_all()
+
+
+def test_open_captures_stop_when_they_fill_the_directory(tmp_path: Path) -> None:
+    logged: list[Record] = []
+    captures = SessionCaptures(tmp_path, 1_000_000, logged.append, max_total_bytes=5_000)
+    for n in range(3):  # three sessions up at once, each writing on
+        for _ in range(4):
+            captures.write(bytes([n]) * 16, PING, 1.0)
+    captures.flush()
+    sizes = [w.path.stat().st_size for w in captures.writers.values()]
+    assert sum(sizes) <= 5_000
+    assert any(r.event == "capture:stopped" and "pcap_max_total_bytes" in r.reason
+               for r in logged)
+    captures.close_all()
+
+
+def test_server_config_caps_and_timeouts(tmp_path: Path) -> None:
+    from pvpn.config import load_server_config
+
+    base = _server_config_base(tmp_path)
+    path = tmp_path / "server.toml"
+    path.write_text(base)
+    config = load_server_config(path)
+    assert (config.nat_flows_per_user, config.nat_flows_per_session) == (16384, 8192)
+    assert (config.nat_syn_timeout, config.nat_unreplied_timeout) == (120.0, 300.0)
+    assert config.sessions_per_user == 10
+    assert (config.pcap_max_total_bytes, config.pcap_max_files) == (1_000_000_000, 1000)
+    path.write_text(base + "nat_flows_per_user = 4000\nsessions_per_user = 3\n"
+                    "nat_syn_timeout = 60\npcap_max_files = 20\n")
+    config = load_server_config(path)
+    assert (config.nat_flows_per_user, config.nat_flows_per_session) == (4000, 4000)
+    assert config.sessions_per_user == 3 and config.nat_syn_timeout == 60.0
+    for bad, key in (("nat_flows_per_user = 0", "nat_flows_per_user"),
+                     ("nat_flows_per_user = 70000", "nat_flows_per_user"),
+                     ("nat_flows_per_user = 10\nnat_flows_per_session = 11",
+                      "nat_flows_per_session"),
+                     ("nat_unreplied_timeout = 0", "nat_unreplied_timeout"),
+                     ("sessions_per_user = 0", "sessions_per_user"),
+                     ('pcap_dir = "/p"\npcap_max_bytes = 5000\npcap_max_total_bytes = 4000',
+                      "pcap_max_total_bytes"),
+                     ("pcap_max_files = 0", "pcap_max_files")):
+        path.write_text(base + bad + "\n")
+        with pytest.raises(ConfigError, match=rf"\[server\] {key}"):
+            load_server_config(path)

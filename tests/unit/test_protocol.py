@@ -558,3 +558,71 @@ def test_drops_are_counted_by_code_and_their_records_are_bounded(pki_dir: Any) -
     last = [r for r in h.logs if r.event == "packet:dropped"][-1]
     assert last.extra["count"] == 10_001 and last.extra["unlogged"] == 10_000 - len(records)
     assert h.node.describe(h.now)[0]["drops"] == {"destination-not-allowed": 10_001}
+
+
+def test_sessions_per_user_are_bounded_and_the_oldest_detached_one_makes_room(
+        pki_dir: Any) -> None:
+    h = Harness(pki_dir)
+    h.node.config.sessions_per_user = 2
+    h.connect(1, "alice")
+    h.connect(2, "alice")
+    h.connect(3, "alice")  # both others are live: refused
+    refused = first(h.events[3], LinkRefused)
+    assert refused.code == "too-many-sessions" and "pvpn disconnect" in refused.reason
+    h.connect(4, "bob")  # another user is not affected
+    assert len(h.node.sessions) == 3
+    first_session = first(h.events[1], LinkEstablished)
+    h.node.link_lost(1, h.now)  # alice's first link goes: its session waits for a resume
+    h.closed.add(1)
+    h.now += 1
+    h.connect(5, "alice")  # a new session (no resume): the detached one makes room
+    assert first(h.events[5], LinkEstablished)
+    assert first_session.session not in h.node.sessions
+    closed = [r for r in h.logs if r.event == "session:closed"]
+    assert len(closed) == 1 and "the most one user may have" in closed[0].reason
+    # Resuming is not a new session.
+    second = first(h.events[2], LinkEstablished)
+    h.node.link_lost(2, h.now)
+    h.closed.add(2)
+    h.connect(6, "alice", resume=(second.session, second.token))
+    assert first(h.events[6], LinkEstablished).resumed
+    assert sum(s.user == "alice" for s in h.node.sessions.values()) == 2
+
+
+def test_nat_caps_and_share_count_over_the_users_sessions(pki_dir: Any) -> None:
+    from pvpn.flowtable import FlowTable
+
+    h = Harness(pki_dir)
+    h.node.flows = FlowTable((61000, 61009), user_share=0.5, max_flows_per_user=8,
+                             max_flows_per_session=7)
+    h.connect(1, "alice")
+    h.connect(2, "alice")
+    h.connect(3, "bob")
+    # Two sessions of alice: together no more than half of the target's 10 ports.
+    for link_id in (1, 2):
+        h.links[link_id].send_packets(bytes(IP(src=CLIENT, dst=TARGET)
+                                            / TCP(sport=1000 + n, dport=80, flags="S"))
+                                      for n in range(3))
+    h.links[3].send_packets(bytes(IP(src=CLIENT, dst=TARGET) / TCP(sport=n, dport=80, flags="S"))
+                            for n in range(1, 6))
+    h.transfer()
+    ports = [IP(p)[TCP].sport for p in h.injected]
+    assert len(ports) == 10 and len(set(ports)) == 10  # alice 5, bob 5
+    sessions = {s.uid: s for s in h.node.sessions.values()}
+    assert sessions[1002].drops.as_dict() == {"nat-share": 1}
+    for port in ports:  # every SYN answered: none of these mappings is an eviction candidate
+        assert h.node.receive_reply(bytes(IP(src=TARGET, dst="10.9.0.1")
+                                          / TCP(sport=80, dport=port, flags="SA")), h.now)
+    # The user's cap counts both sessions: 5 TCP mappings and 3 more reach alice's 8.
+    for n in range(4):
+        h.links[1].send_packets([bytes(IP(src=CLIENT, dst=f"10.9.0.{20 + n}")
+                                       / UDP(sport=1, dport=53))])
+        h.transfer()
+        nat_port = IP(h.injected[-1])[UDP].sport
+        h.node.receive_reply(bytes(IP(src=f"10.9.0.{20 + n}", dst="10.9.0.1")
+                                   / UDP(sport=53, dport=nat_port)), h.now)
+    assert len(h.injected) == 13
+    assert sessions[1001].drops.as_dict() == {"flow-cap-user": 1}
+    assert h.node.flows.user_flows("alice") == 8 and h.node.flows.user_flows("bob") == 5
+    record = [r for r in h.logs if r.reason == "flow-cap-user"][0]
+    assert record.flow == "udp 10.0.0.2:1 > 10.9.0.23:53" and "one user may" in record.extra["detail"]
