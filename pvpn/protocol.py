@@ -919,6 +919,42 @@ class ServerNode(NodeBase):
             self._drop(session, drop, now, entry.original)
         return True
 
+    def apply_policy(self, users: dict[str, UserPolicy], now: float) -> None:
+        """A reload's [users] apply to the live sessions too, not only to new ones: a session
+        whose user has no allow list left ends (the user is told why, in a CLOSE); the others
+        keep only what the new allow list still covers (less what it now excludes), and
+        their mappings to destinations no longer allowed are dropped."""
+        self.config.users = users
+        for session in list(self.sessions.values()):
+            policy = users.get(session.user)
+            if policy is None or not policy.allow:
+                self._end_live(session, f"the [users] policy of {session.user!r} at "
+                               f"{self.name} was removed")
+                continue
+            kept = [n for n in _within(session.allow.networks, policy.allow)
+                    if exclusion(n, policy.allow, self.local_addresses) is None]
+            if not kept:
+                self._end_live(session, f"none of its destinations is allowed any more at "
+                               f"{self.name}")
+                continue
+            before = [str(n) for n in session.allow.networks]
+            flows = self.flows.sessions_flows(session.id)
+            self._narrow(session, policy, kept)
+            after = [str(n) for n in session.allow.networks]
+            dropped = flows - self.flows.sessions_flows(session.id)
+            if after != before or dropped:
+                self._log("session:narrowed", session=session, allow=after, was=before,
+                          flows=dropped, reason="the [users] policy changed")
+
+    def _end_live(self, session: Session, reason: str) -> None:
+        """End a session the node no longer serves, telling its user why."""
+        link = self.links.get(session.link) if session.link is not None else None
+        if link is not None and link.state is NodeLinkState.ESTABLISHED:
+            self._send(link, MsgType.CLOSE, session.id, encode_control({"reason": reason}))
+        self._end_session(session, reason)
+        if link is not None:
+            self._close_link(link)
+
     def set_local_addresses(self, addresses: Local) -> None:
         """The server's own addresses changed (read at start, on reload, periodically):
         every session's destinations are computed again, and mappings to an address that
@@ -969,6 +1005,24 @@ class ServerNode(NodeBase):
             "flows": self.flows.sessions_flows(s.id),
             "allow": [str(n) for n in s.allow.networks], "excluded": s.allow.excluded(),
         } for s in self.sessions.values()]
+
+
+def _within(networks: Iterable[Network], allowed: Iterable[Network]) -> list[Network]:
+    """What of ``networks`` lies within ``allowed``: each network, or the allowed prefixes
+    inside it, collapsed."""
+    allowed = list(allowed)
+    out: list[Network] = []
+    for network in networks:
+        for entry in allowed:
+            if network.version != entry.version:
+                continue
+            if network.subnet_of(entry):  # type: ignore[arg-type]
+                out.append(network)
+            elif entry.subnet_of(network):  # type: ignore[arg-type]
+                out.append(entry)
+    v4 = [n for n in out if isinstance(n, ipaddress.IPv4Network)]
+    v6 = [n for n in out if isinstance(n, ipaddress.IPv6Network)]
+    return [*ipaddress.collapse_addresses(v4), *ipaddress.collapse_addresses(v6)]
 
 
 def describe_networks(networks: Iterable[Network]) -> list[str]:

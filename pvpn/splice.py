@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Union
 
 from pvpn.addresses import Local
-from pvpn.config import GatewayConfig, parse_endpoint
+from pvpn.config import GatewayConfig, GatewayPolicy, parse_endpoint
 from pvpn.envelope import MAX_PACKET, MsgType, encode_control, encode_envelope
 from pvpn.errors import ConfigError
 from pvpn.protocol import Command, KeyLookup, NodeBase, NodeLink, NodeLinkState, Verifier
@@ -120,8 +120,40 @@ class GatewayNode(NodeBase):
         self._log("splice:connecting", link, next_hop=link.next_hop)
 
     def set_local_addresses(self, addresses: Local) -> None:
-        """The gateway's own addresses (read at start, on reload, periodically)."""
-        self.local_addresses = addresses
+        """The gateway's own addresses (read at start, on reload, periodically): a splice to
+        an address that became the gateway's own ends, unless a rule names it."""
+        if addresses != self.local_addresses:
+            self.local_addresses = addresses
+            self.apply_policy(self.config.users, 0.0)
+
+    def apply_policy(self, users: dict[str, GatewayPolicy], now: float) -> None:
+        """A reload's [users] apply to the live splices too: one whose user has no next rules
+        left, or whose next hop no rule permits any more, ends (the user is told why)."""
+        self.config.users = users
+        for link_id, splice in list(self.splices.items()):
+            link = self.links.get(link_id)
+            if link is None or link.closed:
+                continue
+            policy = users.get(link.user)
+            if policy is None or not policy.next:
+                code = "user-not-allowed"
+                reason = f"user {link.user!r} may no longer pass through gateway {self.name}"
+            else:
+                host, port = parse_endpoint(splice.next_hop, 4433, "next hop")
+                excluded = policy.exclusion(host, port, self.local_addresses)
+                if policy.permits(host, port) and excluded is None:
+                    continue
+                code = "next-hop-not-allowed"
+                reason = (f"{self.name} may no longer forward {link.user!r} to "
+                          f"{splice.next_hop}" + (f": {excluded}" if excluded else ""))
+            if not splice.connected:  # still connecting: refused like at login
+                self.splices.pop(link_id, None)
+                self.commands.append(CloseNext(link_id))
+                self._refuse(link, code, reason, f"policy changed: {reason}")
+                continue
+            self._send(link, MsgType.CLOSE, link.session_id, encode_control({"reason": reason}))
+            self._end(link, f"policy changed: {reason}")
+            self._close_link(link)
 
     # -- the next hop
     def next_opened(self, link_id: int, now: float) -> None:

@@ -107,9 +107,12 @@ class Server:
         except ConfigError as exc:
             self.log.write(Record("node:reload-failed", reason=str(exc)))
             return
-        self.node.config.users = config.users
         self.refresh_addresses(force=True)
+        now = self.loop.time()
+        self.node.apply_policy(config.users, now)  # live sessions too, not only new ones
         self.log.write(Record("node:reloaded", extra={"users": sorted(config.users)}))
+        self.node.flush(now)
+        self.dispatch()
 
 
 class ServerLinkProtocol(asyncio.Protocol):

@@ -372,3 +372,63 @@ def test_a_rule_that_names_a_special_or_own_address_lets_it_through(world: Any, 
     # back to gw1 itself, which refuses a chain that visits it twice).
     assert any(r.event == "splice:connecting" for _, r in net.logs)
     assert "next-hop-not-allowed" not in failure(events).reason
+
+
+# ---------------------------------------------------------------- a reload reaches live splices
+
+
+def gw_policy(*rules: str) -> GatewayPolicy:
+    return GatewayPolicy([parse_next_hop_rule(r, "t") for r in rules])
+
+
+def closed_chain(events: list[Any]) -> ChainFailed:
+    return failure(events)
+
+
+def test_a_reload_ends_the_splices_of_a_user_whose_gateway_policy_is_gone(world: Any) -> None:
+    net = Net(world)
+    hops = [ADDR["gw1"], ADDR["gw2"], ADDR["server"]]
+    _, a_events = net.chain("alice", hops, session=b"A" * 16)
+    _, b_events = net.chain("bob", hops, session=b"B" * 16)
+    up_event(a_events), up_event(b_events)
+    gw1 = net.nodes[ADDR["gw1"]]
+    assert len(gw1.splices) == 2
+    gw1.apply_policy({"bob": gw_policy(f"{ADDR['gw2']}:4433")}, net.now)
+    net.pump()
+    assert [gw1.links[i].user for i in gw1.splices] == ["bob"]
+    assert "may no longer pass through gateway gw1" in str(closed_chain(a_events))
+    closed = [r for addr, r in net.logs if addr == ADDR["gw1"] and r.event == "session:closed"]
+    assert len(closed) == 1 and closed[0].user == "alice" and "policy changed" in closed[0].reason
+
+
+def test_a_reload_ends_a_splice_whose_next_hop_is_no_longer_permitted(world: Any) -> None:
+    net = Net(world)
+    hops = [ADDR["gw1"], ADDR["gw2"], ADDR["server"]]
+    _, events = net.chain("alice", hops)
+    up_event(events)
+    gw2 = net.nodes[ADDR["gw2"]]
+    gw2.apply_policy({"alice": gw_policy("10.0.3.0/24:9999"), "bob": gw_policy("10.0.3.0/24")},
+                     net.now)  # alice's rule now names another port only
+    net.pump()
+    assert not gw2.splices
+    assert "may no longer forward 'alice' to 10.0.3.1:4433" in str(closed_chain(events))
+    # An unchanged policy leaves everything as it is.
+    net2 = Net(world)
+    _, events2 = net2.chain("alice", hops)
+    gw1 = net2.nodes[ADDR["gw1"]]
+    gw1.apply_policy(dict(gw1.config.users), net2.now)
+    net2.pump()
+    assert len(gw1.splices) == 1 and not [e for e in events2 if not isinstance(e, ChainUp)]
+
+
+def test_a_splice_still_connecting_when_the_policy_goes_is_refused(world: Any) -> None:
+    net = Net(world)
+    gw1 = net.nodes[ADDR["gw1"]]
+    held: list[int] = []
+    gw1.next_opened = lambda link, now: held.append(link)  # the next hop never answers
+    _, events = net.chain("alice", [ADDR["gw1"], ADDR["gw2"], ADDR["server"]])
+    assert held and not gw1.splices[held[0]].connected
+    gw1.apply_policy({}, net.now)
+    net.pump()
+    fail = failure(events)
+    assert fail.fatal and "user-not-allowed" in fail.reason and not gw1.splices

@@ -626,3 +626,74 @@ def test_nat_caps_and_share_count_over_the_users_sessions(pki_dir: Any) -> None:
     assert h.node.flows.user_flows("alice") == 8 and h.node.flows.user_flows("bob") == 5
     record = [r for r in h.logs if r.reason == "flow-cap-user"][0]
     assert record.flow == "udp 10.0.0.2:1 > 10.9.0.23:53" and "one user may" in record.extra["detail"]
+
+
+# ---------------------------------------------------------------- a reload reaches live sessions
+
+
+def test_a_reload_ends_the_sessions_of_a_user_whose_policy_is_gone(pki_dir: Any) -> None:
+    h = Harness(pki_dir)
+    h.connect(1, "alice")
+    h.connect(2, "bob")
+    udp_flow(h)
+    bob_policy = h.node.config.users["bob"]
+    h.node.apply_policy({"bob": bob_policy}, h.now)  # alice's [users.alice] removed
+    h.transfer()
+    closed = first(h.events[1], LinkClosed)
+    assert "policy of 'alice' at server was removed" in closed.reason
+    assert 1 in h.closed and [s.user for s in h.node.sessions.values()] == ["bob"]
+    assert len(h.node.flows) == 0, "her mappings went with her session"
+    record = [r for r in h.logs if r.event == "session:closed"][0]
+    assert record.user == "alice" and "removed" in record.reason
+    assert not [e for e in h.events[2] if isinstance(e, LinkClosed)]
+    # A packet she still sends goes nowhere; a new login is refused.
+    h.connect(3, "alice")
+    assert first(h.events[3], LinkRefused).code == "no-destinations"
+
+
+def test_a_reload_narrows_the_sessions_of_a_user_whose_policy_shrank(pki_dir: Any) -> None:
+    h = Harness(pki_dir)
+    h.connect(1, "alice", want=("10.9.0.0/24", "fd09::/64"))
+    udp_flow(h, dst="10.9.0.5")
+    udp_flow(h, dst="10.9.0.200")
+    sid = next(iter(h.node.sessions))
+    assert h.node.flows.sessions_flows(sid) == 2
+    h.node.apply_policy({"alice": UserPolicy([parse_prefix("10.9.0.0/25")]),
+                         "bob": h.node.config.users["bob"]}, h.now)
+    h.transfer()
+    session = h.node.sessions[sid]
+    assert [str(n) for n in session.allow.networks] == ["10.9.0.0/25"]
+    assert [str(ipaddress.ip_address(f.original.dst))
+            for f in h.node.flows.session_flows(sid)] == ["10.9.0.5"]
+    (narrowed,) = [r for r in h.logs if r.event == "session:narrowed"]
+    assert narrowed.extra["allow"] == ["10.9.0.0/25"] and narrowed.extra["flows"] == 1
+    assert narrowed.extra["was"] == ["10.9.0.0/24", "fd09::/64"]
+    h.links[1].send_packets([bytes(IP(src=CLIENT, dst="10.9.0.200") / UDP(sport=5000, dport=53)),
+                             bytes(IP(src=CLIENT, dst="10.9.0.5") / UDP(sport=5000, dport=53))])
+    h.transfer()
+    assert [IP(p).dst for p in h.injected[2:]] == ["10.9.0.5"]
+    assert session.drops.as_dict() == {"destination-not-allowed": 1}
+    # The same policy again changes nothing and says nothing.
+    h.node.apply_policy(dict(h.node.config.users), h.now)
+    h.transfer()
+    assert len([r for r in h.logs if r.event == "session:narrowed"]) == 1
+    # A policy that leaves none of what the session asked for ends it.
+    h.node.apply_policy({"alice": UserPolicy([parse_prefix("10.99.0.0/16")])}, h.now)
+    h.transfer()
+    assert not h.node.sessions
+    assert "none of its destinations" in first(h.events[1], LinkClosed).reason
+
+
+def test_a_reload_that_names_less_excludes_it_again(pki_dir: Any) -> None:
+    h = Harness(pki_dir)
+    h.node.set_local_addresses(frozenset({parse_prefix("10.9.0.1")}))
+    h.node.config.users["alice"] = UserPolicy([parse_prefix("10.9.0.0/24"),
+                                               parse_prefix("10.9.0.1")])
+    h.connect(1, "alice")
+    udp_flow(h, dst="10.9.0.1")  # named: the server's own address is reachable
+    assert len(h.injected) == 1
+    h.node.apply_policy({"alice": UserPolicy([parse_prefix("10.9.0.0/24")])}, h.now)
+    assert len(h.node.flows) == 0
+    h.links[1].send_packets([bytes(IP(src=CLIENT, dst="10.9.0.1") / UDP(sport=5000, dport=53))])
+    h.transfer()
+    assert len(h.injected) == 1 and drops(h) == {"destination-special": 1}
