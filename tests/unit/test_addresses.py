@@ -104,6 +104,18 @@ def test_the_special_ranges_are_the_documented_ones() -> None:
     assert {str(n) for n, _ in SPECIAL} == {
         "0.0.0.0/8", "127.0.0.0/8", "169.254.0.0/16", "224.0.0.0/4", "240.0.0.0/4", "::/128",
         "::1/128", "::/96", "::ffff:0:0/96", "fe80::/10", "ff00::/8"}
+    design = (Path(__file__).resolve().parents[2] / "docs" / "design.md").read_text()
+    for network, _ in SPECIAL:
+        assert f"`{network}`" in design, network
+
+
+def test_every_drop_code_is_documented() -> None:
+    from pvpn.drops import Drop
+
+    design = (Path(__file__).resolve().parents[2] / "docs" / "design.md").read_text()
+    section = design[design.index("## Drop codes"):]
+    for drop in Drop:
+        assert f"`{drop.value}`" in section, drop
 
 
 # ---------------------------------------------------------------- reading the kernel's view
