@@ -344,3 +344,66 @@ def test_everything_stopped_leaves_the_hosts_as_found(lab_factory: Any) -> None:
         after = {host: ns_state(info, host) for host in program}
         assert after == before
         assert "PVPN" not in after["client"]["rules"] and "PVPN" not in after["server"]["rules"]
+
+
+# ---------------------------------------------------------------- policy on what is sent (issue 9)
+
+
+def server_log_records(info: dict[str, Any], event: str) -> list[dict[str, Any]]:
+    import json
+
+    text = Path(info["logs"]["server"]["pvpn-server"]).read_text()
+    return [r for r in (json.loads(line) for line in text.splitlines() if line.startswith("{"))
+            if r.get("event") == event]
+
+
+def wait_for_record(info: dict[str, Any], event: str, session: str, seen: int,
+                    timeout: float = 10) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        records = [r for r in server_log_records(info, event) if r.get("session") == session]
+        if len(records) > seen:
+            return records[-1]
+        time.sleep(0.2)
+    raise AssertionError(f"no new {event} record for {session} within {timeout} s")
+
+
+def test_the_servers_own_address_is_out_of_reach_and_a_reload_reaches_live_sessions(
+        lab: dict[str, Any]) -> None:
+    """The lab's allow list covers 10.77.1.0/24, where the server itself sits (10.77.1.1):
+    the server reads its own addresses from its kernel and keeps them out of every allow list
+    that does not name them. Then SIGHUP with a narrower [users.alice] narrows her live
+    session, and with none ends it."""
+    own = next(a["ipv4"].split("/")[0] for a in lab["hosts"]["server"]["addresses"].values()
+               if a["peer"] == "target")
+    target4 = lab["target"]["ipv4"]
+    config = Path(lab["configs"]["server"])
+    original = config.read_text()
+    with vpn(lab, "alice") as session:
+        ping = sh(lab, "client", "alice", "ping", "-c", "1", "-W", "3", target4)
+        assert ping.returncode == 0, ping.stdout.decode()
+        ping = sh(lab, "client", "alice", "ping", "-c", "2", "-i", "0.2", "-W", "1", own)
+        assert ping.returncode != 0, f"{own} (the server) answered through the VPN"
+        dropped = wait_for_record(lab, "packet:dropped", session, 0)
+        assert dropped["reason"] == "destination-special" and own in dropped["flow"]
+        narrowed_before = len([r for r in server_log_records(lab, "session:narrowed")
+                               if r.get("session") == session])
+        try:
+            lines = original.splitlines()
+            at = lines.index("[users.alice]")
+            lines[at + 1] = f'allow = ["{target4}/32"]'
+            config.write_text("\n".join(lines) + "\n")
+            supervisorctl(lab, "server", "signal", "HUP", "pvpn-server")
+            narrowed = wait_for_record(lab, "session:narrowed", session, narrowed_before)
+            assert narrowed["allow"] == [f"{target4}/32"]
+            fetch_ok(lab, "alice", "1k")  # what is left still works
+            del lines[at:at + 2]
+            config.write_text("\n".join(lines) + "\n")
+            supervisorctl(lab, "server", "signal", "HUP", "pvpn-server")
+            closed = wait_for_record(lab, "session:closed", session, 0)
+            assert "policy of 'alice' at server was removed" in closed["reason"]
+        finally:
+            config.write_text(original)
+            supervisorctl(lab, "server", "signal", "HUP", "pvpn-server")
+    with vpn(lab, "alice"):  # the restored policy lets her in again
+        fetch_ok(lab, "alice", "1k")
