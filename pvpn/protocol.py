@@ -724,7 +724,8 @@ class ServerNode(NodeBase):
                 session, resumed = old, True
                 if old.link is not None and old.link in self.links:
                     self._close_link(self.links[old.link])
-                old.allow = allow
+                # What it asks for now (and the policy now allows); mappings outside it go.
+                self._narrow(old, policy, link.want)
         if session is None and not self._room_for_session(link):
             return
         if session is None:

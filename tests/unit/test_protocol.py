@@ -697,3 +697,18 @@ def test_a_reload_that_names_less_excludes_it_again(pki_dir: Any) -> None:
     h.links[1].send_packets([bytes(IP(src=CLIENT, dst="10.9.0.1") / UDP(sport=5000, dport=53))])
     h.transfer()
     assert len(h.injected) == 1 and drops(h) == {"destination-special": 1}
+
+
+def test_a_resume_asking_for_less_drops_the_mappings_outside_it(pki_dir: Any) -> None:
+    h = Harness(pki_dir)
+    h.connect(1, "alice")
+    est = first(h.events[1], LinkEstablished)
+    udp_flow(h, dst="10.9.0.5")
+    nat_port = udp_flow(h, dst="10.9.0.200")
+    h.node.link_lost(1, h.now)
+    h.closed.add(1)
+    h.connect(2, "alice", want=("10.9.0.0/25",), resume=(est.session, est.token))
+    assert first(h.events[2], LinkEstablished).resumed
+    assert h.node.flows.sessions_flows(est.session) == 1
+    assert not h.node.receive_reply(bytes(IP(src="10.9.0.200", dst="10.9.0.1")
+                                          / UDP(sport=53, dport=nat_port)), h.now)
