@@ -938,14 +938,14 @@ class ServerNode(NodeBase):
                 self._end_live(session, f"none of its destinations is allowed any more at "
                                f"{self.name}")
                 continue
-            before = [str(n) for n in session.allow.networks]
+            before = session.allow.networks
             flows = self.flows.sessions_flows(session.id)
             self._narrow(session, policy, kept)
-            after = [str(n) for n in session.allow.networks]
             dropped = flows - self.flows.sessions_flows(session.id)
-            if after != before or dropped:
-                self._log("session:narrowed", session=session, allow=after, was=before,
-                          flows=dropped, reason="the [users] policy changed")
+            if kept != _within(before, before) or dropped:
+                self._log("session:narrowed", session=session, allow=[str(n) for n in kept],
+                          was=[str(n) for n in before], flows=dropped,
+                          reason="the [users] policy changed")
 
     def _end_live(self, session: Session, reason: str) -> None:
         """End a session the node no longer serves, telling its user why."""

@@ -712,3 +712,14 @@ def test_a_resume_asking_for_less_drops_the_mappings_outside_it(pki_dir: Any) ->
     assert h.node.flows.sessions_flows(est.session) == 1
     assert not h.node.receive_reply(bytes(IP(src="10.9.0.200", dst="10.9.0.1")
                                           / UDP(sport=53, dport=nat_port)), h.now)
+
+
+def test_a_reload_that_changes_nothing_for_a_session_says_nothing(pki_dir: Any) -> None:
+    h = Harness(pki_dir)
+    h.connect(1, "alice", want=("fd09::/64", "10.9.0.0/25", "10.9.0.128/25"))
+    udp_flow(h)
+    h.node.apply_policy({"alice": UserPolicy([parse_prefix("10.9.0.0/16"),
+                                              parse_prefix("fd09::/48")])}, h.now)
+    h.transfer()
+    assert not [r for r in h.logs if r.event == "session:narrowed"]
+    assert len(h.node.flows) == 1 and len(h.node.sessions) == 1
