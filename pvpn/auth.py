@@ -228,9 +228,9 @@ _PEM_BLOCK = re.compile(
 
 def _usable(key: rsa.RSAPublicKey, where: str, keys: list[rsa.RSAPublicKey],
             skipped: list[str] | None) -> None:
-    """Keep ``key`` unless it is too weak: an RSA key under 2048 bits (NIST SP 800-131A; what
-    OpenSSH refuses since 8.8's RequiredRSASize) is skipped, saying so, and the file's other
-    keys keep working."""
+    """Keep ``key`` unless it is too weak: an RSA key under 2048 bits (the floor of NIST
+    SP 800-131A; OpenSSH's RequiredRSASize makes it a setting) is skipped, saying so, and the
+    file's other keys keep working."""
     if key.key_size < _MIN_BITS:
         if skipped is not None:
             skipped.append(f"{where}: RSA key of {key.key_size} bits skipped (under {_MIN_BITS}; "
