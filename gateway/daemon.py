@@ -81,6 +81,9 @@ class Gateway:
                 self.node.next_failed(cmd.link, reason, self.loop.time())
             else:
                 if cmd.link in self.links:
+                    replaced = self.nexts.get(cmd.link)
+                    if replaced is not None:  # never: one AUTH, one next hop per link
+                        replaced.close()
                     self.nexts[cmd.link] = transport
                     self.node.next_opened(cmd.link, self.loop.time())
                 else:

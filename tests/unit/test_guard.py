@@ -169,3 +169,32 @@ def test_the_server_survives_a_bug_in_a_reply_or_a_command(
         assert wheres == ["reply", "dispatch InjectPacket"]
 
     asyncio.run(scenario())
+
+
+def test_a_weak_key_reaches_the_gateways_log(certs: dict[str, Path], tmp_path: Path) -> None:
+    """Issue 9 point 9: a key under 2048 bits is skipped with a warning in the node's log."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    from pvpn import auth
+    from pvpn.gateway.daemon import Gateway
+
+    users = tmp_path / "users"
+    weak = rsa.generate_private_key(public_exponent=65537, key_size=1024)
+    strong = auth.generate_user_key(2048)
+    users.mkdir()
+    (users / "alice.pub").write_bytes(b"".join(
+        k.public_key().public_bytes(serialization.Encoding.OpenSSH,
+                                    serialization.PublicFormat.OpenSSH) + b"\n"
+        for k in (weak, strong)))
+    config = GatewayConfig(Path("g.toml"), "gw1", [], certs["crt"], certs["key"], users, 5.0)
+
+    async def scenario() -> None:
+        gateway = Gateway(config)
+        stream = io.StringIO()
+        gateway.log.stream = stream
+        assert len(gateway.node._keys.keys_for("alice")) == 1
+        (skipped,) = [r for r in records(stream) if r["event"] == "auth:key-skipped"]
+        assert skipped["user"] == "alice" and "1024 bits" in skipped["reason"]
+
+    asyncio.run(scenario())
