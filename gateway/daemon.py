@@ -9,7 +9,7 @@ import itertools
 
 from pvpn import auth, tls
 from pvpn.config import GatewayConfig, load_gateway_config
-from pvpn.errors import ConfigError, PvpnError
+from pvpn.errors import ConfigError
 from pvpn.io.control import start_control, stop_control
 from pvpn.io.loop import (
     LISTEN_BACKLOG, WRITE_HIGH_WATER, Guard, daemon_main, guarded, install_signals, peer_text,
@@ -253,11 +253,9 @@ async def serve(config: GatewayConfig) -> None:
             guard.call("timer", gateway.node.handle_timer, loop.time())
             guard.call("dispatch", gateway.dispatch)
     finally:
-        try:
-            gateway.node.close_all("gateway shutting down")
-            gateway.dispatch()
-        except PvpnError as exc:  # shutdown goes on whatever happened
-            gateway.log.write(Record("node:error", reason=f"while closing sessions: {exc}"))
+        # Shutdown goes on whatever happens here.
+        gateway.guard.call("shutdown", gateway.node.close_all, "gateway shutting down")
+        gateway.guard.call("shutdown dispatch", gateway.dispatch)
         for listener in listeners:
             listener.close()
         stop_control(control, config.control)

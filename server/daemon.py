@@ -10,7 +10,7 @@ import time
 
 from pvpn import auth, firewall, tls
 from pvpn.config import ServerConfig, load_server_config
-from pvpn.errors import ConfigError, PvpnError
+from pvpn.errors import ConfigError
 from pvpn.io import rules
 from pvpn.io.control import start_control, stop_control
 from pvpn.io.nfqueue import BatchedQueue
@@ -222,13 +222,11 @@ async def serve(config: ServerConfig) -> None:
             guard.call("timer", server.node.handle_timer, loop.time())
             guard.call("dispatch", server.dispatch)
     finally:
-        try:
-            server.node.close_all("server shutting down")
-            server.dispatch()
-        except PvpnError as exc:  # shutdown goes on: the rules must go whatever happened
-            server.log.write(Record("node:error", reason=f"while closing sessions: {exc}"))
+        # Shutdown goes on whatever happens here: the rules must go.
+        server.guard.call("shutdown", server.node.close_all, "server shutting down")
+        server.guard.call("shutdown dispatch", server.dispatch)
         if server.captures is not None:
-            server.captures.close_all()
+            server.guard.call("shutdown captures", server.captures.close_all)
         for listener in listeners:
             listener.close()
         stop_control(control, config.control)

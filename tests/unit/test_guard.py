@@ -198,3 +198,52 @@ def test_a_weak_key_reaches_the_gateways_log(certs: dict[str, Path], tmp_path: P
         assert skipped["user"] == "alice" and "1024 bits" in skipped["reason"]
 
     asyncio.run(scenario())
+
+
+def test_the_gateway_serves_on_through_a_failing_timer_and_shuts_down_through_anything(
+        certs: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The real serve() loop (a gateway needs no root): a timer that raises every second is
+    logged and the daemon goes on; a shutdown whose close_all raises still stops cleanly."""
+    import socket
+
+    from pvpn.gateway import daemon
+    from pvpn.splice import GatewayNode
+
+    probe = socket.socket()
+    probe.bind(("127.0.0.1", 0))
+    port = probe.getsockname()[1]
+    probe.close()
+    config = GatewayConfig(Path("g.toml"), "gw1", [("127.0.0.1", port)], certs["crt"],
+                           certs["key"], certs["users"], 5.0, control=tmp_path / "gw.ctl")
+    stream = io.StringIO()
+
+    def broken_timer(self: GatewayNode, now: float) -> None:
+        raise RuntimeError("the timer broke")
+
+    def broken_close(self: GatewayNode, reason: str) -> None:
+        raise RuntimeError("closing broke")
+
+    monkeypatch.setattr(GatewayNode, "handle_timer", broken_timer)
+    monkeypatch.setattr(GatewayNode, "close_all", broken_close)
+    monkeypatch.setattr(daemon, "install_signals", lambda loop, stop, reload=None: None)
+    real_writer = daemon.RecordWriter
+    monkeypatch.setattr(daemon, "RecordWriter",
+                        lambda role, node: real_writer(role, node, stream))
+
+    async def scenario() -> None:
+        task = asyncio.get_running_loop().create_task(daemon.serve(config))
+        for _ in range(60):  # up to 3 s for two timer ticks
+            await asyncio.sleep(0.05)
+            if sum(1 for r in records(stream) if r.get("where") == "timer") >= 2:
+                break
+        assert not task.done(), "the gateway kept serving"
+        _, writer = await asyncio.open_connection("127.0.0.1", port)  # and still accepts
+        writer.close()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(scenario())
+    events = [(r["event"], r.get("where")) for r in records(stream)]
+    assert ("node:error", "timer") in events and ("node:error", "shutdown") in events
+    assert events[-1] == ("node:stopped", None)
