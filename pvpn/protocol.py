@@ -224,6 +224,8 @@ class UserLink:
         self.carries = MsgType.PACKET if next_hop is None else MsgType.DATA
         self.node = ""  # the node's name, once it has accepted us
         self.reauthenticated = 0  # answers to a node's CHALLENGE on the established link
+        self._broken = False  # the link failed: nothing more is sent on it
+        self._unreported: str | None = None  # a failure on output, for handle_timer to tell
         self._pending.append(encode_envelope(
             MsgType.HELLO, session, uid, self._seq.take(), encode_control({
                 "user": user, "want": list(want), "token": token,
@@ -263,12 +265,25 @@ class UserLink:
         self.state = LinkState.CLOSED
 
     def data_to_send(self, now: float = 0.0) -> bytes:
-        if self._pending:
-            # One TLS write for everything waiting: fewer records, fewer syscalls.
-            self.tls.send(b"".join(self._pending))
-            self._pending.clear()
-            self._last_sent = now
-        return self.tls.data_to_send()
+        if self._broken:
+            self._pending.clear()  # its TLS failed: what was queued goes nowhere
+        try:
+            if self._pending:
+                # One TLS write for everything waiting: fewer records, fewer syscalls.
+                data = b"".join(self._pending)
+                self._pending.clear()
+                self.tls.send(data)
+                self._last_sent = now
+            return self.tls.data_to_send()
+        except (RemoteProtocolError, LocalProtocolError) as exc:
+            # The session failed (on input, or now on output): the link is over, and its
+            # output with it; the owner hears of it from receive_data or, for a failure here,
+            # from the next handle_timer.
+            if not self._broken:
+                self._unreported = f"TLS failed on output: {type(exc).__name__}: {exc}"
+            self._broken = True
+            self.state = LinkState.CLOSED
+            return b""
 
     # -- input
     def start(self, now: float) -> None:
@@ -314,9 +329,11 @@ class UserLink:
                     events.append(DataReceived(b"".join(relayed)))
         except CertificateError as exc:
             self.state = LinkState.CLOSED
+            self._broken = True
             events.append(LinkClosed(f"node certificate refused: {exc}", fatal=True))
         except RemoteProtocolError as exc:
             self.state = LinkState.CLOSED
+            self._broken = True
             events.append(LinkClosed(f"{type(exc).__name__}: {exc}"))
         return events
 
@@ -372,6 +389,9 @@ class UserLink:
 
     def handle_timer(self, now: float) -> LinkEvent | None:
         """Keepalives out; a silent node is declared dead after ``dead_after`` seconds."""
+        if self._unreported is not None:
+            reason, self._unreported = self._unreported, None
+            return LinkClosed(reason)
         if self.state is LinkState.CLOSED:
             return None
         if now - self._last_received > self.dead_after:

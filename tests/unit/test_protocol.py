@@ -443,3 +443,22 @@ def test_hello_identifiers_are_checked_before_use(pki_dir: Any, fields: dict[str
     assert refused.reason.isprintable() and len(refused.reason) < 300
     for record in h.logs:  # nothing of what was refused is logged as a name or a session
         assert record.user in ("", "alice") and not record.session
+
+
+def test_the_users_end_drops_its_output_when_its_tls_fails(pki_dir: Any) -> None:
+    """The user's process has the same rule: a link whose TLS failed (a corrupt record from
+    the node) drops what it had queued instead of raising TlsError when asked for its bytes;
+    a failure on output is reported by the next timer."""
+    h = Harness(pki_dir)
+    link = h.connect(1, "alice")
+    link.send_packets([bytes(IP(src="10.0.0.2", dst=TARGET) / UDP(sport=1, dport=7))])
+    (closed,) = [e for e in link.receive_data(CORRUPT_RECORD, h.now) if isinstance(e, LinkClosed)]
+    link._send_control(MsgType.KEEPALIVE, {})  # something queued after the failure, too
+    link.data_to_send(h.now)  # raised TlsError; now at most TLS's alert
+    assert link.data_to_send(h.now) == b"" and closed.reason.startswith("TlsError")
+    other = h.connect(2, "bob")
+    other.tls.close()  # type: ignore[attr-defined]  # its TLS refuses to send from now on
+    other.send_packets([bytes(IP(src="10.0.0.2", dst=TARGET) / UDP(sport=1, dport=7))])
+    assert other.data_to_send(h.now) == b""
+    failed = other.handle_timer(h.now)
+    assert isinstance(failed, LinkClosed) and "TLS failed on output" in failed.reason
