@@ -9,11 +9,12 @@ import itertools
 
 from pvpn import auth, tls
 from pvpn.config import GatewayConfig, load_gateway_config
-from pvpn.errors import ConfigError, PvpnError
+from pvpn.errors import ConfigError
 from pvpn.io.control import start_control, stop_control
 from pvpn.io.localaddrs import LocalAddressWatch
 from pvpn.io.loop import (
-    WRITE_HIGH_WATER, daemon_main, install_signals, peer_text, set_nodelay,
+    LISTEN_BACKLOG, WRITE_HIGH_WATER, Guard, daemon_main, guarded, install_signals, peer_text,
+    set_nodelay,
 )
 from pvpn.protocol import CloseLink, LogRecord, SendBytes
 from pvpn.records import Record, RecordWriter
@@ -26,9 +27,11 @@ class Gateway:
     def __init__(self, config: GatewayConfig) -> None:
         self.config = config
         self.log = RecordWriter("gateway", config.name)
+        # What escapes the core (a bug a peer may trigger) costs that peer's link only.
+        self.guard = Guard(self.log.write, self.close_failed)
         self.context = tls.make_server_context(str(config.certificate), str(config.private_key))
-        self.node = GatewayNode(config, auth.AuthorizedKeys(config.authorized_keys),
-                                auth.verify_signature)
+        keys = auth.AuthorizedKeys(config.authorized_keys, warn=self.key_warning)
+        self.node = GatewayNode(config, keys, auth.verify_signature)
         self.links: dict[int, asyncio.Transport] = {}
         self.nexts: dict[int, asyncio.Transport] = {}
         self._ids = itertools.count(1)
@@ -48,44 +51,73 @@ class Gateway:
 
     def dispatch(self) -> None:
         node = self.node
-        while node.commands:
+        for _ in range(64):  # commands beget commands (a failed write closes a link); bounded
+            if not node.commands:
+                return
             commands, node.commands = node.commands, []
             for cmd in commands:
-                if type(cmd) is SendNext:
-                    transport = self.nexts.get(cmd.link)
-                    if transport is not None:
-                        transport.write(cmd.data)
-                elif type(cmd) is SendBytes:
-                    transport = self.links.get(cmd.link)
-                    if transport is not None:
-                        transport.write(cmd.data)
-                elif type(cmd) is LogRecord:
-                    self.log.write(cmd.record)
-                elif type(cmd) is CloseLink:
-                    transport = self.links.pop(cmd.link, None)
-                    if transport is not None:
-                        transport.close()
-                elif type(cmd) is CloseNext:
-                    transport = self.nexts.pop(cmd.link, None)
-                    if transport is not None:
-                        transport.close()
-                elif type(cmd) is OpenNextHop:
-                    self.loop.create_task(self._open_next(cmd))
+                try:
+                    self._carry_out(cmd)
+                except Exception as exc:  # noqa: BLE001 - one command's failure, the guard's
+                    self.guard.failed(f"dispatch {type(cmd).__name__}", exc,
+                                      getattr(cmd, "link", None))
+
+    def _carry_out(self, cmd: object) -> None:
+        if type(cmd) is SendNext:
+            transport = self.nexts.get(cmd.link)
+            if transport is not None:
+                transport.write(cmd.data)
+        elif type(cmd) is SendBytes:
+            transport = self.links.get(cmd.link)
+            if transport is not None:
+                transport.write(cmd.data)
+        elif type(cmd) is LogRecord:
+            self.log.write(cmd.record)
+        elif type(cmd) is CloseLink:
+            transport = self.links.pop(cmd.link, None)
+            if transport is not None:
+                transport.close()
+        elif type(cmd) is CloseNext:
+            transport = self.nexts.pop(cmd.link, None)
+            if transport is not None:
+                transport.close()
+        elif type(cmd) is OpenNextHop:
+            self.loop.create_task(self._open_next(cmd))
 
     async def _open_next(self, cmd: OpenNextHop) -> None:
         try:
-            transport, _ = await asyncio.wait_for(self.loop.create_connection(
-                lambda: NextHopProtocol(self, cmd.link), cmd.host, cmd.port), cmd.timeout)
-        except (OSError, asyncio.TimeoutError) as exc:
-            reason = getattr(exc, "strerror", None) or str(exc) or "timed out"
-            self.node.next_failed(cmd.link, reason, self.loop.time())
-        else:
-            if cmd.link in self.links:
-                self.nexts[cmd.link] = transport
-                self.node.next_opened(cmd.link, self.loop.time())
+            try:
+                transport, _ = await asyncio.wait_for(self.loop.create_connection(
+                    lambda: NextHopProtocol(self, cmd.link), cmd.host, cmd.port), cmd.timeout)
+            except (OSError, asyncio.TimeoutError) as exc:
+                reason = getattr(exc, "strerror", None) or str(exc) or "timed out"
+                self.node.next_failed(cmd.link, reason, self.loop.time())
             else:
-                transport.close()
-        self.dispatch()
+                if cmd.link in self.links:
+                    replaced = self.nexts.get(cmd.link)
+                    if replaced is not None:  # never: one AUTH, one next hop per link
+                        replaced.close()
+                    self.nexts[cmd.link] = transport
+                    self.node.next_opened(cmd.link, self.loop.time())
+                else:
+                    transport.close()
+            self.dispatch()
+        except Exception as exc:  # noqa: BLE001 - a task's failure, the guard's
+            self.guard.failed("next hop", exc, cmd.link)
+
+    def close_failed(self, link_id: int, reason: str) -> None:
+        """The guard's way to close one link: the core forgets it, and both its sockets close
+        even if the core can't say so."""
+        try:
+            self.node.link_failed(link_id, reason, self.loop.time())
+        finally:
+            for transports in (self.links, self.nexts):
+                transport = transports.pop(link_id, None)
+                if transport is not None:
+                    transport.close()
+
+    def key_warning(self, user: str, message: str) -> None:
+        self.log.write(Record("auth:key-skipped", user=user, reason=message))
 
     def reload(self) -> None:
         try:
@@ -97,6 +129,13 @@ class Gateway:
         now = self.loop.time()
         self.node.apply_policy(config.users, now)  # live sessions too, not only new ones
         self.log.write(Record("node:reloaded", extra={"users": sorted(config.users)}))
+        self.reauthenticate()
+
+    def reauthenticate(self) -> None:
+        """After a reload the keys may have changed: a live session whose user has no key left
+        ends now, every other one proves its key again now."""
+        now = self.loop.time()
+        self.node.reauthenticate(now)
         self.node.flush(now)
         self.dispatch()
 
@@ -106,8 +145,14 @@ class PrevHopProtocol(asyncio.Protocol):
 
     def __init__(self, gateway: Gateway) -> None:
         self.gateway = gateway
+        self.guard = gateway.guard
         self.id = 0
 
+    @property
+    def guard_link(self) -> int | None:
+        return self.id or None
+
+    @guarded("connection_made")
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         set_nodelay(transport)
@@ -115,28 +160,36 @@ class PrevHopProtocol(asyncio.Protocol):
         gw = self.gateway
         self.id = next(gw._ids)
         gw.links[self.id] = transport
-        session = tls.TlsSession(gw.context, server_side=True)
+        context = gw.context
         now = gw.loop.time()
-        if not gw.node.link_opened(self.id, session, peer_text(transport), now):
+        # The TLS session is made when the peer's first bytes come (a silent stranger costs
+        # no TLS state).
+        if not gw.node.link_opened(self.id, lambda: tls.TlsSession(context, server_side=True),
+                                   peer_text(transport), now):
+            gw.links.pop(self.id, None)
             transport.close()
         gw.dispatch()
 
+    @guarded("data_received")
     def data_received(self, data: bytes) -> None:
         gw = self.gateway
         gw.node.receive_data(self.id, data, gw.loop.time())
         gw.dispatch()
 
     # Relayed bytes can't be dropped (they are a TLS stream): back-pressure instead.
+    @guarded("pause_writing")
     def pause_writing(self) -> None:
         nxt = self.gateway.nexts.get(self.id)
         if nxt is not None:
             nxt.pause_reading()
 
+    @guarded("resume_writing")
     def resume_writing(self) -> None:
         nxt = self.gateway.nexts.get(self.id)
         if nxt is not None:
             nxt.resume_reading()
 
+    @guarded("connection_lost")
     def connection_lost(self, exc: Exception | None) -> None:
         gw = self.gateway
         gw.links.pop(self.id, None)
@@ -150,28 +203,38 @@ class NextHopProtocol(asyncio.Protocol):
 
     def __init__(self, gateway: Gateway, link_id: int) -> None:
         self.gateway = gateway
+        self.guard = gateway.guard
         self.link_id = link_id
 
+    @property
+    def guard_link(self) -> int | None:
+        return self.link_id
+
+    @guarded("next connection_made")
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         set_nodelay(transport)
         transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
 
+    @guarded("next data_received")
     def data_received(self, data: bytes) -> None:
         gw = self.gateway
         gw.node.next_data(self.link_id, data, gw.loop.time())
         gw.dispatch()
 
+    @guarded("next pause_writing")
     def pause_writing(self) -> None:
         prev = self.gateway.links.get(self.link_id)
         if prev is not None:
             prev.pause_reading()
 
+    @guarded("next resume_writing")
     def resume_writing(self) -> None:
         prev = self.gateway.links.get(self.link_id)
         if prev is not None:
             prev.resume_reading()
 
+    @guarded("next connection_lost")
     def connection_lost(self, exc: Exception | None) -> None:
         gw = self.gateway
         if gw.nexts.pop(self.link_id, None) is None and self.link_id not in gw.node.splices:
@@ -188,12 +251,15 @@ async def serve(config: GatewayConfig) -> None:
     control: asyncio.AbstractServer | None = None
     stop = asyncio.Event()
     try:
+        guard = gateway.guard
+        guard.install(loop)
         for host, port in config.listen:
             listeners.append(await loop.create_server(
-                lambda: PrevHopProtocol(gateway), host, port, reuse_address=True))
+                lambda: PrevHopProtocol(gateway), host, port, reuse_address=True,
+                backlog=LISTEN_BACKLOG))
         control = await start_control(config.control,
                                       lambda: gateway.node.describe(loop.time()))
-        install_signals(loop, stop, gateway.reload)
+        install_signals(loop, stop, lambda: guard.call("reload", gateway.reload))
         gateway.log.write(Record("node:started", extra={
             "listen": [f"{h}:{p}" for h, p in config.listen]}))
         while not stop.is_set():
@@ -201,15 +267,13 @@ async def serve(config: GatewayConfig) -> None:
                 await asyncio.wait_for(stop.wait(), timeout=1.0)
             except asyncio.TimeoutError:
                 pass
-            gateway.node.handle_timer(loop.time())
-            gateway.refresh_addresses()
-            gateway.dispatch()
+            guard.call("timer", gateway.node.handle_timer, loop.time())
+            guard.call("addresses", gateway.refresh_addresses)
+            guard.call("dispatch", gateway.dispatch)
     finally:
-        try:
-            gateway.node.close_all("gateway shutting down")
-            gateway.dispatch()
-        except PvpnError as exc:  # shutdown goes on whatever happened
-            gateway.log.write(Record("node:error", reason=f"while closing sessions: {exc}"))
+        # Shutdown goes on whatever happens here.
+        gateway.guard.call("shutdown", gateway.node.close_all, "gateway shutting down")
+        gateway.guard.call("shutdown dispatch", gateway.dispatch)
         for listener in listeners:
             listener.close()
         stop_control(control, config.control)

@@ -24,7 +24,7 @@ import os
 import re
 import stat
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
@@ -226,7 +226,21 @@ _PEM_BLOCK = re.compile(
 )
 
 
-def _parse_public_keys(data: bytes, source: str) -> list[rsa.RSAPublicKey]:
+def _usable(key: rsa.RSAPublicKey, where: str, keys: list[rsa.RSAPublicKey],
+            skipped: list[str] | None) -> None:
+    """Keep ``key`` unless it is too weak: an RSA key under 2048 bits (the floor of NIST
+    SP 800-131A; OpenSSH's RequiredRSASize makes it a setting) is skipped, saying so, and the
+    file's other keys keep working."""
+    if key.key_size < _MIN_BITS:
+        if skipped is not None:
+            skipped.append(f"{where}: RSA key of {key.key_size} bits skipped (under {_MIN_BITS}; "
+                           f"{fingerprint(key)}); give the user a new key (pvpn keygen)")
+        return
+    keys.append(key)
+
+
+def _parse_public_keys(data: bytes, source: str,
+                       skipped: list[str] | None = None) -> list[rsa.RSAPublicKey]:
     keys: list[rsa.RSAPublicKey] = []
     if b"-----BEGIN" in data:
         blocks = _PEM_BLOCK.findall(data)
@@ -239,7 +253,7 @@ def _parse_public_keys(data: bytes, source: str) -> list[rsa.RSAPublicKey]:
                 raise ConfigError(f"{source}: PEM block {number} is not a public key ({exc})") from None
             if not isinstance(key, rsa.RSAPublicKey):
                 raise ConfigError(f"{source}: PEM block {number} is not an RSA key")
-            keys.append(key)
+            _usable(key, f"{source} PEM block {number}", keys, skipped)
         return keys
     for number, raw in enumerate(data.splitlines(), start=1):
         line = raw.strip()
@@ -260,12 +274,13 @@ def _parse_public_keys(data: bytes, source: str) -> list[rsa.RSAPublicKey]:
             raise ConfigError(f"{source} line {number}: not a valid ssh-rsa key ({exc})") from None
         if not isinstance(key, rsa.RSAPublicKey):
             raise ConfigError(f"{source} line {number}: not an RSA key")
-        keys.append(key)
+        _usable(key, f"{source} line {number}", keys, skipped)
     return keys
 
 
-def load_public_keys(path: Path) -> list[rsa.RSAPublicKey]:
-    """Read RSA public keys: OpenSSH lines (blank and ``#`` lines ignored) or PEM blocks."""
+def load_public_keys(path: Path, skipped: list[str] | None = None) -> list[rsa.RSAPublicKey]:
+    """Read RSA public keys: OpenSSH lines (blank and ``#`` lines ignored) or PEM blocks.
+    Keys under 2048 bits are left out (and said so in ``skipped``)."""
     try:
         with path.open("rb") as handle:
             data = handle.read(_MAX_KEY_FILE + 1)
@@ -275,7 +290,7 @@ def load_public_keys(path: Path) -> list[rsa.RSAPublicKey]:
         raise ConfigError(f"cannot read {path}: {exc.strerror}") from exc
     if len(data) > _MAX_KEY_FILE:
         raise ConfigError(f"{path} is too large to be a public key file")
-    return _parse_public_keys(data, str(path))
+    return _parse_public_keys(data, str(path), skipped)
 
 
 def fingerprint(key: rsa.RSAPublicKey | rsa.RSAPrivateKey) -> str:
@@ -365,8 +380,12 @@ class AuthorizedKeys:
     restart, while a stable file costs one ``stat`` per login.
     """
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path,
+                 warn: Callable[[str, str], None] | None = None) -> None:
+        """``warn(user, message)`` hears of every key skipped as too weak, once per change of
+        the user's file (the node logs it)."""
         self.directory = directory
+        self._warn = warn
         self._cache: dict[str, tuple[tuple[int, int, int], list[rsa.RSAPublicKey]]] = {}
 
     def path_for(self, user: str) -> Path:
@@ -389,12 +408,16 @@ class AuthorizedKeys:
         cached = self._cache.get(user)
         if cached is not None and cached[0] == version:
             return cached[1]
+        skipped: list[str] = []
         try:
-            keys = load_public_keys(path)
+            keys = load_public_keys(path, skipped)
         except ConfigError as exc:
             # An operator's typo in one user's file must refuse that user, not stop the server.
             self._cache.pop(user, None)
             raise AuthError(f"cannot load the keys of user {user!r}: {exc}") from exc
+        if self._warn is not None:
+            for message in skipped:
+                self._warn(user, message)
         if len(self._cache) >= _MAX_CACHED_USERS:
             self._cache.clear()
         self._cache[user] = (version, keys)

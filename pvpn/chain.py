@@ -81,14 +81,22 @@ class UserChain:
 
     def _feed(self, index: int, data: bytes, now: float, out: list[ChainEvent]) -> None:
         links = self.links
+        last = index == self.length - 1
         for event in links[index].receive_data(data, now):
             if self.failed is not None:
                 return
-            if type(event) is DataReceived:
+            if type(event) is DataReceived and not last:
                 if index + 1 < len(links):
                     self._feed(index + 1, event.data, now, out)
-            elif type(event) is PacketsReceived:
+            elif type(event) is PacketsReceived and last:
                 out.append(event)
+            elif type(event) in (DataReceived, PacketsReceived):
+                # Only the server, the last hop, carries packets; a gateway only relays. (Each
+                # UserLink refuses what its hop does not carry; this holds whatever it is given.)
+                out.append(self._fail(index, f"{self._where(index)} sent what its hop does not "
+                                             "carry (packets from a gateway, or relayed bytes "
+                                             "from the server)", False))
+                return
             else:
                 self._link_event(index, event, now, out)
 

@@ -19,6 +19,7 @@ from pvpn.envelope import (
 )
 from pvpn.errors import ConfigError, PvpnError
 from pvpn.io.pcap import DEFAULT_MAX_BYTES
+from pvpn.text import quoted
 
 DEFAULT_SOCKET = Path(os.environ.get("PVPN_SOCKET", "/run/pvpn/client.sock"))
 
@@ -134,6 +135,23 @@ def supervisor_health(conf: Path) -> list[str]:
     return lines
 
 
+def node_session_lines(s: dict[str, Any]) -> str:
+    """One session of a node's status as root's terminal shows it: every string came from
+    someone else (a user's client host name, a peer address, a next hop), so every
+    non-printable character is escaped and each value clipped; a missing field is '-'."""
+    def shown(value: Any) -> str:
+        return quoted(value if isinstance(value, str) else json.dumps(value, sort_keys=True))
+
+    age = s.get("age")
+    age_text = f"{age:.0f}" if isinstance(age, (int, float)) else "?"
+    extra = {k: v for k, v in s.items()
+             if k not in ("session", "user", "uid", "state", "age", "peer")}
+    return (f"  {shown(s.get('session') or '(connecting)')}  {shown(s.get('user', '-'))} "
+            f"(uid {shown(s.get('uid', '-'))})  {shown(s.get('state', '-'))}  age {age_text} s  "
+            f"peer {shown(s.get('peer', '-'))}\n"
+            "    " + ", ".join(f"{quoted(str(k), 64)} {shown(v)}" for k, v in extra.items()))
+
+
 def cmd_node_status(args: argparse.Namespace) -> int:
     report: dict[str, Any] = {"nodes": [], "supervisord": []}
     for config in args.node:
@@ -151,11 +169,7 @@ def cmd_node_status(args: argparse.Namespace) -> int:
     for node in report["nodes"]:
         print(f"{node['role']} ({node['config']}): {len(node['sessions'])} session(s)")
         for s in node["sessions"]:
-            extra = {k: v for k, v in s.items()
-                     if k not in ("session", "user", "uid", "state", "age", "peer")}
-            print(f"  {s['session'] or '(connecting)'}  {s['user']} (uid {s['uid']})  "
-                  f"{s['state']}  age {s['age']:.0f} s  peer {s.get('peer', '-')}")
-            print("    " + ", ".join(f"{k} {v}" for k, v in extra.items()))
+            print(node_session_lines(s))
     if report["supervisord"]:
         print("daemons (supervisord):")
         for line in report["supervisord"]:

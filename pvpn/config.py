@@ -154,6 +154,39 @@ def _instance(table: _Table, default: str) -> str:
     return str(instance)
 
 
+@dataclass(frozen=True, slots=True)
+class NodeLimits:
+    """What a stranger may cost a node before it has authenticated, and how often a live
+    session proves again that its user still holds a key ([server] and [gateway] settings;
+    docs/design.md "Limits and defences: the nodes" says why each default)."""
+
+    hello_timeout: float = 10.0  # TCP accepted -> HELLO received
+    auth_timeout: float = 15.0  # TCP accepted -> authenticated; also the answer to a re-CHALLENGE
+    reauth_interval: float = 3600.0  # a live session is challenged again this often (OpenVPN reneg-sec)
+    preauth_per_source: int = 32  # connections awaiting authentication from one address (/64)
+    preauth_max: int = 256  # ... from everyone
+
+
+def _limits(t: _Table) -> NodeLimits:
+    hello = float(t.get("hello_timeout", (int, float), 10.0))
+    auth = float(t.get("auth_timeout", (int, float), 15.0))
+    reauth = float(t.get("reauth_interval", (int, float), 3600.0))
+    per_source = t.get("preauth_per_source", int, 32)
+    total = t.get("preauth_max", int, 256)
+    if not 1 <= hello <= 120:
+        raise ConfigError(f"{t.where('hello_timeout')} must be 1 to 120 seconds")
+    if not hello <= auth <= 600:
+        raise ConfigError(f"{t.where('auth_timeout')} must be from hello_timeout ({hello:g} s) "
+                          "to 600 seconds")
+    if not 10 <= reauth <= 86400:
+        raise ConfigError(f"{t.where('reauth_interval')} must be 10 to 86400 seconds")
+    if not 1 <= total <= 4096:
+        raise ConfigError(f"{t.where('preauth_max')} must be 1 to 4096 connections")
+    if not 1 <= per_source <= total:
+        raise ConfigError(f"{t.where('preauth_per_source')} must be 1 to preauth_max ({total})")
+    return NodeLimits(hello, auth, reauth, int(per_source), int(total))
+
+
 @dataclass(slots=True)
 class UserPolicy:
     """What one user may reach through this node (like SSH ``permitopen``)."""
@@ -202,6 +235,7 @@ class ServerConfig:
     # The capture directory as a whole: the oldest closed captures are deleted first.
     pcap_max_total_bytes: int = DEFAULT_MAX_TOTAL_BYTES
     pcap_max_files: int = DEFAULT_MAX_FILES
+    limits: NodeLimits = field(default_factory=NodeLimits)
 
 
 DEFAULT_PORT = 4433
@@ -275,6 +309,7 @@ def load_server_config(path: Path) -> ServerConfig:
     if not 1 <= pcap_files <= 1_000_000:
         raise ConfigError(f"{t.where('pcap_max_files')} must be 1 to 1000000")
     control = Path(t.get("control", str, "/run/pvpn/server.ctl"))
+    limits = _limits(t)
     t.finish()
     users: dict[str, UserPolicy] = {}
     users_data = data.get("users", {})
@@ -297,6 +332,7 @@ def load_server_config(path: Path) -> ServerConfig:
         nat_syn_timeout=syn_timeout, nat_unreplied_timeout=unreplied_timeout,
         sessions_per_user=int(sessions_per_user), pcap_max_total_bytes=int(pcap_total),
         pcap_max_files=int(pcap_files),
+        limits=limits,
     )
 
 
@@ -428,6 +464,7 @@ class GatewayConfig:
     keepalive: float = 10.0
     dead_after: float = 30.0
     control: Path = Path("/run/pvpn/gateway.ctl")
+    limits: NodeLimits = field(default_factory=NodeLimits)
 
 
 def load_gateway_config(path: Path) -> GatewayConfig:
@@ -438,6 +475,7 @@ def load_gateway_config(path: Path) -> GatewayConfig:
     dead_after = float(t.get("dead_after", (int, float), 30.0))
     _check_timers(t, keepalive, dead_after)
     control = Path(t.get("control", str, "/run/pvpn/gateway.ctl"))
+    limits = _limits(t)
     t.finish()
     users: dict[str, GatewayPolicy] = {}
     users_data = data.get("users", {})
@@ -451,4 +489,4 @@ def load_gateway_config(path: Path) -> GatewayConfig:
         u.finish()
         users[user] = GatewayPolicy(rules)
     return GatewayConfig(path, name, listen, certificate, private_key, authorized_keys,
-                         connect_timeout, users, keepalive, dead_after, control)
+                         connect_timeout, users, keepalive, dead_after, control, limits)

@@ -24,6 +24,7 @@ from typing import Any, Iterator, Mapping, NoReturn, Sequence
 import msgpack
 
 from pvpn.errors import LocalProtocolError, MalformedFrame, SequenceError
+from pvpn.text import clip
 
 VERSION = 1
 SESSION_ID_LEN = 16
@@ -113,6 +114,9 @@ class EnvelopeDecoder:
 
     def __init__(self, max_frame: int = MAX_FRAME) -> None:
         self._unpacker = msgpack.Unpacker(
+            # A small first buffer (msgpack's default is the whole bound, ~200 KB, and costs
+            # 44 KB resident per link before a byte arrives); it grows with the frames.
+            read_size=4096,
             raw=False,
             use_list=True,
             strict_map_key=True,
@@ -141,14 +145,16 @@ class EnvelopeDecoder:
             try:
                 self._unpacker.feed(data[start:start + step] if len(data) > step else data)
             except (msgpack.BufferFull, ValueError) as exc:
-                self._fail(MalformedFrame(f"frame larger than {self._max_frame} bytes: {exc}"))
+                self._fail(MalformedFrame(f"frame larger than {self._max_frame} bytes: "
+                                          f"{clip(str(exc), 200)}"))
             while True:
                 try:
                     obj = self._unpacker.unpack()
                 except msgpack.OutOfData:
                     break
                 except (msgpack.UnpackException, ValueError, TypeError) as exc:
-                    self._fail(MalformedFrame(f"undecodable msgpack: {type(exc).__name__}: {exc}"))
+                    self._fail(MalformedFrame(f"undecodable msgpack: {type(exc).__name__}: "
+                                              f"{clip(str(exc), 200)}"))
                 yield self._check(obj)
 
     def _fail(self, error: MalformedFrame | SequenceError) -> NoReturn:
@@ -161,9 +167,9 @@ class EnvelopeDecoder:
         fields: list[Any] = obj
         version, mtype, session, uid, seq, hops, body = fields
         if version != VERSION or type(version) is not int:
-            self._fail(MalformedFrame(f"unknown envelope version {version!r}"))
+            self._fail(MalformedFrame(f"unknown envelope version {_shown(version)}"))
         if type(mtype) is not int or mtype not in _TYPES:
-            self._fail(MalformedFrame(f"unknown envelope type {mtype!r}"))
+            self._fail(MalformedFrame(f"unknown envelope type {_shown(mtype)}"))
         if type(session) is not bytes or len(session) not in (0, SESSION_ID_LEN):
             self._fail(MalformedFrame("session id must be 0 or 16 bytes"))
         if type(uid) is not int or not -1 <= uid <= 0xFFFFFFFF:
@@ -181,6 +187,16 @@ class EnvelopeDecoder:
             )
         self._expected_seq = seq + 1
         return Envelope(_TYPES[mtype], session, uid, seq, hops, body)
+
+
+def _shown(value: object) -> str:
+    """A field off the wire as an error message may quote it: short, whatever it was (a
+    64 KB byte string in the version field must not become a 160 KB log record)."""
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) < 1 << 64:
+        return str(value)
+    if isinstance(value, (str, bytes)):
+        return f"({type(value).__name__} of {len(value)})"
+    return f"({type(value).__name__})"
 
 
 # Control body schemas: field -> accepted Python type(s). Missing or extra fields, or a field of
@@ -251,13 +267,15 @@ def decode_control(envelope: Envelope) -> dict[str, Any]:
             max_bin_len=4096, max_array_len=256, max_map_len=32, max_ext_len=0,
         )
     except (msgpack.UnpackException, ValueError, TypeError) as exc:
-        raise MalformedFrame(f"undecodable {envelope.type.name} body: {exc}") from None
+        raise MalformedFrame(f"undecodable {envelope.type.name} body: {clip(str(exc), 200)}"
+                             ) from None
     if not isinstance(fields, dict):
         raise MalformedFrame(f"{envelope.type.name} body must be a map")
     if set(fields) != set(schema):
+        names = sorted(clip(str(name), 32) for name in list(fields)[:8])
+        more = f" and {len(fields) - 8} more" if len(fields) > 8 else ""
         raise MalformedFrame(
-            f"{envelope.type.name} body has fields {sorted(map(str, fields))}, "
-            f"expected {sorted(schema)}"
+            f"{envelope.type.name} body has fields {names}{more}, expected {sorted(schema)}"
         )
     for name, types in schema.items():
         value = fields[name]

@@ -24,7 +24,7 @@ from typing import Any, Callable, Iterable, Protocol, Sequence, Union
 
 from pvpn import packet as pk
 from pvpn.addresses import Destinations, Local, exclusion
-from pvpn.config import Network, ServerConfig, UserPolicy, parse_prefix
+from pvpn.config import NodeLimits, Network, ServerConfig, UserPolicy, parse_prefix
 from pvpn.drops import Drop, DropCounter
 from pvpn.envelope import (
     DEFAULT_HOPS,
@@ -48,7 +48,10 @@ from pvpn.errors import (
     RemoteProtocolError,
 )
 from pvpn.flowtable import FlowRefused, FlowTable
-from pvpn.records import Record, session_hex
+from pvpn.records import (
+    CLIENT_NAME, ENDPOINT, NODE_NAME, USER_NAME, Record, session_hex,
+)
+from pvpn.text import clip, quoted
 
 
 class TlsLike(Protocol):
@@ -177,6 +180,12 @@ class UserLink:
     Driven by :meth:`receive_data` (ciphertext from the node), :meth:`send_packets` and
     :meth:`send_data`; its ciphertext output is taken with :meth:`data_to_send`. The session
     id is proposed by the user so every hop of a chain logs the same one.
+
+    A link carries one kind of payload: PACKET envelopes to the server (the last hop, no
+    ``next_hop``), DATA to a gateway. Anything else from the node closes the link: a gateway
+    relays the next hop's ciphertext and cannot speak inside the tunnel. A CHALLENGE on an
+    established link is the node asking the user to prove their key again; it is answered
+    with a signature bound to the same TLS session.
     """
 
     def __init__(
@@ -213,10 +222,16 @@ class UserLink:
         self.bytes_out = 0
         self.congested = False  # set by the adapter from the socket's high-water mark
         self.dropped = 0
+        # What this hop carries: packets to the server, the next hop's ciphertext to a gateway.
+        self.carries = MsgType.PACKET if next_hop is None else MsgType.DATA
+        self.node = ""  # the node's name, once it has accepted us
+        self.reauthenticated = 0  # answers to a node's CHALLENGE on the established link
+        self._broken = False  # the link failed: nothing more is sent on it
+        self._unreported: str | None = None  # a failure on output, for handle_timer to tell
         self._pending.append(encode_envelope(
             MsgType.HELLO, session, uid, self._seq.take(), encode_control({
-                "user": user, "want": list(want), "token": token, "client": client_name,
-                "next": next_hop, "path": list(path),
+                "user": user, "want": list(want), "token": token,
+                "client": client_host_name(client_name), "next": next_hop, "path": list(path),
             }), hops))
 
     # -- output
@@ -252,12 +267,25 @@ class UserLink:
         self.state = LinkState.CLOSED
 
     def data_to_send(self, now: float = 0.0) -> bytes:
-        if self._pending:
-            # One TLS write for everything waiting: fewer records, fewer syscalls.
-            self.tls.send(b"".join(self._pending))
-            self._pending.clear()
-            self._last_sent = now
-        return self.tls.data_to_send()
+        if self._broken:
+            self._pending.clear()  # its TLS failed: what was queued goes nowhere
+        try:
+            if self._pending:
+                # One TLS write for everything waiting: fewer records, fewer syscalls.
+                data = b"".join(self._pending)
+                self._pending.clear()
+                self.tls.send(data)
+                self._last_sent = now
+            return self.tls.data_to_send()
+        except (RemoteProtocolError, LocalProtocolError) as exc:
+            # The session failed (on input, or now on output): the link is over, and its
+            # output with it; the owner hears of it from receive_data or, for a failure here,
+            # from the next handle_timer.
+            if not self._broken:
+                self._unreported = f"TLS failed on output: {type(exc).__name__}: {exc}"
+            self._broken = True
+            self.state = LinkState.CLOSED
+            return b""
 
     # -- input
     def start(self, now: float) -> None:
@@ -274,14 +302,17 @@ class UserLink:
             if plaintext:
                 packets: list[bytes] = []
                 relayed: list[bytes] = []
+                established = self.state is LinkState.ESTABLISHED
+                carries = self.carries
                 for envelope in self._decoder.feed(plaintext):
-                    if envelope.type is MsgType.PACKET:
-                        if self.state is LinkState.ESTABLISHED:
+                    mtype = envelope.type
+                    if mtype is MsgType.PACKET or mtype is MsgType.DATA:
+                        if mtype is not carries or not established:
+                            raise MalformedFrame(self._not_carried(mtype))
+                        if mtype is MsgType.PACKET:
                             packets.append(envelope.body)
                             self.bytes_in += len(envelope.body)
-                        continue
-                    if envelope.type is MsgType.DATA:
-                        if self.state is LinkState.ESTABLISHED:
+                        else:
                             relayed.append(envelope.body)
                         continue
                     if packets:
@@ -293,17 +324,29 @@ class UserLink:
                     event = self._control(envelope)
                     if event is not None:
                         events.append(event)
+                    established = self.state is LinkState.ESTABLISHED
                 if packets:
                     events.append(PacketsReceived(packets))
                 if relayed:
                     events.append(DataReceived(b"".join(relayed)))
         except CertificateError as exc:
             self.state = LinkState.CLOSED
+            self._broken = True
             events.append(LinkClosed(f"node certificate refused: {exc}", fatal=True))
         except RemoteProtocolError as exc:
             self.state = LinkState.CLOSED
+            self._broken = True
             events.append(LinkClosed(f"{type(exc).__name__}: {exc}"))
         return events
+
+    def _not_carried(self, mtype: MsgType) -> str:
+        node = self.node or "the node"
+        if self.state is not LinkState.ESTABLISHED:
+            return f"{node} sent {mtype.name} before it accepted us"
+        if self.carries is MsgType.DATA:
+            return (f"gateway {node} sent {mtype.name} envelopes: a gateway only relays the "
+                    "next hop's ciphertext, only the server may carry packets")
+        return f"the server {node} sent {mtype.name} envelopes: it carries packets only"
 
     def _control(self, envelope: Envelope) -> LinkEvent | None:
         mtype = envelope.type
@@ -318,10 +361,21 @@ class UserLink:
             self._send_control(MsgType.AUTH, {"signature": signature})
             self.state = LinkState.AUTH_SENT
             return None
+        if mtype is MsgType.CHALLENGE and self.state is LinkState.ESTABLISHED:
+            # Re-authentication: the same key, a fresh nonce, the same TLS session's binding.
+            if fields["node"] != self.node:
+                raise MalformedFrame("a CHALLENGE naming another node on an established link")
+            signature = self._signer(fields["nonce"], self.tls.binding(), fields["node"])
+            self._send_control(MsgType.AUTH, {"signature": signature})
+            self.reauthenticated += 1
+            return None
         if mtype is MsgType.ACCEPT and self.state is LinkState.AUTH_SENT:
             if len(envelope.session) != 16:
                 raise MalformedFrame("ACCEPT without a session id")
+            if not NODE_NAME.fullmatch(fields["node"]):
+                raise MalformedFrame("ACCEPT with a node name that is not one")
             self.session = envelope.session
+            self.node = fields["node"]
             self.state = LinkState.ESTABLISHED
             return LinkEstablished(
                 envelope.session, fields["token"], [str(a) for a in fields["allow"]],
@@ -337,6 +391,9 @@ class UserLink:
 
     def handle_timer(self, now: float) -> LinkEvent | None:
         """Keepalives out; a silent node is declared dead after ``dead_after`` seconds."""
+        if self._unreported is not None:
+            reason, self._unreported = self._unreported, None
+            return LinkClosed(reason)
         if self.state is LinkState.CLOSED:
             return None
         if now - self._last_received > self.dead_after:
@@ -353,6 +410,7 @@ class UserLink:
 class NodeLinkState(enum.Enum):
     AWAIT_HELLO = "await-hello"
     AWAIT_AUTH = "await-auth"
+    AUTHENTICATED = "authenticated"  # the key verified; deciding, or connecting onward
     ESTABLISHED = "established"
     CLOSED = "closed"
 
@@ -385,17 +443,23 @@ class Session:
 
 @dataclass(slots=True)
 class NodeLink:
-    """A node's end of one user's link (one TLS session over one TCP connection)."""
+    """A node's end of one user's link (one TLS session over one TCP connection).
+
+    The TLS session is made from ``make_tls`` when the peer's first bytes arrive (and the
+    envelope decoder when its first plaintext does): a connection that never speaks costs a
+    node no TLS state."""
 
     id: int
-    tls: TlsLike
+    tls: TlsLike | None
     peer: str
     opened: float
+    make_tls: Callable[[], TlsLike] | None = None
+    source: str = ""  # the address (IPv6: its /64) the pre-authentication limits count by
     state: NodeLinkState = NodeLinkState.AWAIT_HELLO
-    decoder: EnvelopeDecoder = field(default_factory=EnvelopeDecoder)
+    decoder: EnvelopeDecoder | None = None
     seq: Sequencer = field(default_factory=Sequencer)
     pending: list[bytes] = field(default_factory=list)
-    # What the user said in HELLO.
+    # What the user said in HELLO (validated: see NodeBase._hello).
     user: str = ""
     uid: int = -1
     client: str = ""
@@ -409,6 +473,13 @@ class NodeLink:
     session: Session | None = None  # the server's session once established
     last_received: float = 0.0
     last_sent: float = 0.0
+    # Authentication: when the user last proved their key on this link (None: not yet), and
+    # the challenge of a re-authentication under way (its nonce and deadline).
+    authenticated_at: float | None = None
+    reauth_nonce: bytes = b""
+    reauth_deadline: float | None = None
+    reauth_due: bool = False  # challenge again as soon as the link is established
+    preauth: bool = False  # counted among the connections awaiting authentication
     # The socket's send buffer is above its high-water mark: drop packets before encryption,
     # like a router's full queue, instead of buffering without bound (TCP inside backs off).
     congested: bool = False
@@ -422,33 +493,89 @@ class NodeLink:
     def closed(self) -> bool:
         return self.state is NodeLinkState.CLOSED
 
+    @property
+    def progress(self) -> int:
+        """How far a connection got towards authentication: 0 silent, 1 in the TLS handshake,
+        2 TLS up, 3 HELLO answered (waiting for AUTH). Eviction takes the least advanced."""
+        if self.state is not NodeLinkState.AWAIT_HELLO:
+            return 3
+        if self.tls is None:
+            return 0
+        return 2 if self.tls.handshake_complete else 1
+
 
 class KeyLookup(Protocol):
     def keys_for(self, user: str) -> list[Any]: ...
 
 
 Verifier = Callable[[list[Any], bytes, bytes, bytes, str, str], object]
+TlsFactory = Callable[[], TlsLike]
+
+#: What a REFUSE or CLOSE reason carries at most (it may quote what the peer sent).
+MAX_REASON = 1024
+#: Entries of a HELLO's ``want`` (destination prefixes) and ``path`` (nodes before this one).
+MAX_WANT = 64
+MAX_PATH = 64
+
+
+def source_of(peer: str) -> str:
+    """The pre-authentication limits' key for a peer ``host:port`` / ``[v6]:port``: the IPv4
+    address, or the IPv6 address's /64 (as WireGuard's handshake rate limiter counts: one host
+    has a whole /64 to choose from)."""
+    host = peer
+    if peer.startswith("[") and "]" in peer:
+        host = peer[1:peer.index("]")]
+    elif peer.count(":") == 1:
+        host = peer.split(":")[0]
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return peer
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:
+            return str(address.ipv4_mapped)
+        return str(ipaddress.IPv6Network((int(address) >> 64 << 64, 64)))
+    return str(address)
+
+
+def client_host_name(name: str) -> str:
+    """The client host's name as a HELLO may carry it (records.CLIENT_NAME): what a node would
+    refuse is replaced here, so an odd host name never locks its users out."""
+    kept = "".join(c if c.isascii() and (c.isalnum() or c in "_.-") else "_" for c in name)
+    return kept[:64] or "client"
 
 
 class NodeBase:
     """What every node does with its users' links: the HELLO / CHALLENGE / AUTH exchange,
-    keepalives, dead-peer detection, one TLS write per link per batch, and hop records.
-    Subclasses say what happens once a user is authenticated and what envelopes carry."""
+    re-authentication of live links, keepalives, dead-peer detection, one TLS write per link
+    per batch, hop records, and what a connection may cost before it has authenticated.
+    Subclasses say what happens once a user is authenticated and what envelopes carry.
+
+    A failure that belongs to one link (garbage from its peer, its TLS session failing on
+    input or output) closes that link only: its pending output is dropped, it leaves every
+    dirty set, and nothing is sent on it again."""
 
     MAX_LINKS = 4096
     role = "node"
 
     def __init__(self, name: str, keys: KeyLookup, verify: Verifier,
-                 random: Callable[[int], bytes], keepalive: float, dead_after: float) -> None:
+                 random: Callable[[int], bytes], keepalive: float, dead_after: float,
+                 limits: NodeLimits | None = None) -> None:
         self.name = name
         self._keys = keys
         self._verify = verify
         self._random = random
         self.keepalive = keepalive
         self.dead_after = dead_after
+        self.limits = limits or NodeLimits()
         self.links: dict[int, NodeLink] = {}
         self.commands: list[Command] = []
         self._dirty: set[int] = set()
+        # Connections awaiting authentication, by source, oldest first.
+        self._preauth: dict[str, dict[int, None]] = {}
+        self._preauth_count = 0
+        self._evictions: dict[str, int] = {}  # per source, for rate-limited records
+        self._closing: set[int] = set()  # closed by us, until the adapter says they are gone
 
     # -- helpers
     def _log(self, event: str, link: NodeLink | None = None, session: Session | None = None,
@@ -459,7 +586,10 @@ class NodeBase:
                 session_hex(session.id), session.user, session.uid, session.peer)
         elif link is not None:
             rec.user, rec.peer = link.user, link.peer
-            rec.session = session_hex(link.session_id)
+            # Only an authenticated user's records join a session's trace: before that the
+            # id is whatever a stranger's HELLO claimed, maybe someone else's.
+            if link.authenticated_at is not None:
+                rec.session = session_hex(link.session_id)
             rec.uid = link.uid if link.uid >= 0 else None
         for key, value in kw.items():
             if hasattr(rec, key) and key != "extra":
@@ -469,29 +599,101 @@ class NodeBase:
         self.commands.append(LogRecord(rec))
 
     def _send(self, link: NodeLink, mtype: MsgType, session: bytes, body: bytes) -> None:
+        if link.closed:
+            return  # a closed link's output is over
         link.pending.append(encode_envelope(mtype, session, link.uid, link.seq.take(), body))
         link.envelopes_out += 1
         self._dirty.add(link.id)
 
     def _refuse(self, link: NodeLink, code: str, reason: str, log_reason: str) -> None:
-        self._send(link, MsgType.REFUSE, b"", encode_control({"code": code, "reason": reason}))
+        self._send(link, MsgType.REFUSE, b"", encode_control(
+            {"code": code, "reason": clip(reason, MAX_REASON)}))
         self._log("auth:refused", link, reason=log_reason, code=code)
         self._close_link(link)
 
     def _close_link(self, link: NodeLink) -> None:
+        """Close ``link``: its last words (a REFUSE or CLOSE already queued, TLS's alert) go
+        out if its TLS session can still send them; everything after is dropped."""
         if link.closed:
             return
+        self._write_out(link, None)  # a failure here changes nothing: it is closing anyway
         link.state = NodeLinkState.CLOSED
-        self.flush_link(link)
+        link.pending.clear()
+        link.reauth_deadline = None
+        self._dirty.discard(link.id)
+        self._leave_preauth(link)
+        self._closing.add(link.id)
         self.commands.append(CloseLink(link.id))
 
+    def _fail_link(self, link: NodeLink, reason: str) -> None:
+        self._log("link:error", link, link.session, reason=reason)
+        self._close_link(link)
+
+    # -- what a stranger may cost
+    def _leave_preauth(self, link: NodeLink) -> None:
+        if not link.preauth:
+            return
+        link.preauth = False
+        self._preauth_count -= 1
+        mine = self._preauth.get(link.source)
+        if mine is not None:
+            mine.pop(link.id, None)
+            if not mine:
+                del self._preauth[link.source]
+
+    def _victim(self, ids: Iterable[int]) -> NodeLink:
+        """The connection to give up: the least advanced, then the oldest (OpenSSH's
+        MaxStartups drops early too; here a flood costs the flooder's own connections, and a
+        user who has already said HELLO outlasts every stranger that has not)."""
+        links = self.links
+        return min((links[i] for i in ids), key=lambda l: (l.progress, l.opened, l.id))
+
+    def _evict(self, link: NodeLink, why: str) -> None:
+        count = self._evictions.get(link.source, 0) + 1
+        if len(self._evictions) > 4096:
+            self._evictions.clear()
+        self._evictions[link.source] = count
+        if count <= 3 or count & (count - 1) == 0:  # the first few, then at powers of two
+            self._log("link:evicted", link, reason=why, count=count, source=link.source)
+        self._close_link(link)
+
+    def _make_room(self, source: str) -> bool:
+        """Room for one more connection from ``source`` awaiting authentication: the least
+        advanced one of that source goes if the source is at its limit, of the busiest source
+        if the node is. False if the node is full of authenticated links."""
+        limits = self.limits
+        mine = self._preauth.get(source)
+        if mine is not None and len(mine) >= limits.preauth_per_source:
+            self._evict(self._victim(mine), f"more than {limits.preauth_per_source} connections "
+                        f"from {source} awaiting authentication")
+        elif (self._preauth_count >= limits.preauth_max
+              or len(self.links) - len(self._closing) >= self.MAX_LINKS):
+            if not self._preauth:
+                return False
+            busiest = max(self._preauth.values(), key=len)
+            self._evict(self._victim(busiest), f"more than {limits.preauth_max} connections "
+                        "awaiting authentication at this node")
+        return True
+
     # -- inputs
-    def link_opened(self, link_id: int, tls: TlsLike, peer: str, now: float) -> bool:
-        """A TCP connection arrived. False if the node is full (the adapter closes it)."""
-        if len(self.links) >= self.MAX_LINKS:
+    def link_opened(self, link_id: int, tls: TlsLike | TlsFactory, peer: str,
+                    now: float) -> bool:
+        """A TCP connection arrived; ``tls`` is its TLS session, or what makes it (then it is
+        made on the first bytes). False if the node is full (the adapter closes it)."""
+        source = source_of(peer)
+        if not self._make_room(source):
             self._log("link:refused", peer=peer, reason="too many links")
             return False
-        self.links[link_id] = NodeLink(link_id, tls, peer, now, last_received=now, last_sent=now)
+        if callable(tls):
+            link = NodeLink(link_id, None, peer, now, make_tls=tls, source=source,
+                            last_received=now, last_sent=now)
+        else:
+            link = NodeLink(link_id, tls, peer, now, source=source, last_received=now,
+                            last_sent=now)
+        self.links[link_id] = link
+        self._preauth.setdefault(source, {})[link_id] = None
+        self._preauth_count += 1
+        link.preauth = True
         self._log("link:opened", peer=peer)
         return True
 
@@ -501,10 +703,18 @@ class NodeBase:
             return
         link.last_received = now
         try:
-            link.tls.receive_data(data)
-            plaintext = link.tls.read()
+            tls = link.tls
+            if tls is None:
+                if link.make_tls is None or not data:
+                    return
+                tls = link.tls = link.make_tls()
+            tls.receive_data(data)
+            plaintext = tls.read()
             if plaintext:
-                for envelope in link.decoder.feed(plaintext):
+                decoder = link.decoder
+                if decoder is None:
+                    decoder = link.decoder = EnvelopeDecoder()
+                for envelope in decoder.feed(plaintext):
                     if link.closed:
                         break
                     link.envelopes_in += 1
@@ -518,8 +728,7 @@ class NodeBase:
                         self._control(link, envelope, now)
         except RemoteProtocolError as exc:
             # Garbage from one peer closes that link only; everyone else is served on.
-            self._log("link:error", link, link.session, reason=f"{type(exc).__name__}: {exc}")
-            self._close_link(link)
+            self._fail_link(link, f"{type(exc).__name__}: {exc}")
         self.flush_link(link)
 
     def link_congested(self, link_id: int, congested: bool) -> None:
@@ -527,50 +736,79 @@ class NodeBase:
         if link is not None:
             link.congested = congested
 
+    def link_failed(self, link_id: int, reason: str, now: float) -> None:
+        """Something went wrong with this link outside the protocol (the daemon's guard caught
+        it): close it, and only it."""
+        link = self.links.get(link_id)
+        if link is not None and not link.closed:
+            self._fail_link(link, reason)
+
     def link_lost(self, link_id: int, now: float, reason: str = "connection closed") -> None:
         link = self.links.pop(link_id, None)
         if link is None:
             return
         self._dirty.discard(link_id)
+        self._closing.discard(link_id)
+        self._leave_preauth(link)
+        link.pending.clear()
+        link.state = NodeLinkState.CLOSED
+        link.reauth_deadline = None
         self._on_link_lost(link, now, reason)
         self._log("link:closed", link, reason=reason)
 
     # -- control messages
     def _control(self, link: NodeLink, envelope: Envelope, now: float) -> None:
-        mtype = envelope.type
-        if mtype is MsgType.KEEPALIVE:
-            self._send(link, MsgType.KEEPALIVE_ACK, envelope.session, encode_control({}))
+        mtype, state = envelope.type, link.state
+        if mtype is MsgType.KEEPALIVE and state is NodeLinkState.ESTABLISHED:
+            self._send(link, MsgType.KEEPALIVE_ACK, link.session_id, encode_control({}))
             return
-        if mtype is MsgType.KEEPALIVE_ACK:
+        if mtype is MsgType.KEEPALIVE_ACK and state is NodeLinkState.ESTABLISHED:
             return
         fields = decode_control(envelope)
-        if mtype is MsgType.HELLO and link.state is NodeLinkState.AWAIT_HELLO:
+        if mtype is MsgType.HELLO and state is NodeLinkState.AWAIT_HELLO:
             self._hello(link, envelope, fields)
-        elif mtype is MsgType.AUTH and link.state is NodeLinkState.AWAIT_AUTH:
+        elif mtype is MsgType.AUTH and state is NodeLinkState.AWAIT_AUTH:
             self._auth(link, fields["signature"], now)
-        elif mtype is MsgType.CLOSE and link.state is NodeLinkState.ESTABLISHED:
-            self._on_close(link, str(fields["reason"]), now)
+        elif (mtype is MsgType.AUTH and state is NodeLinkState.ESTABLISHED
+              and link.reauth_deadline is not None):
+            self._reauth(link, fields["signature"], now)
+        elif mtype is MsgType.CLOSE and state is NodeLinkState.ESTABLISHED:
+            self._on_close(link, clip(fields["reason"]), now)
             self._close_link(link)
         else:
-            raise MalformedFrame(f"unexpected {mtype.name} in state {link.state.value}")
+            # A second AUTH (one per link, one per challenge), anything before its time.
+            raise MalformedFrame(f"unexpected {mtype.name} in state {state.value}")
 
     def _hello(self, link: NodeLink, envelope: Envelope, fields: dict[str, Any]) -> None:
-        link.user = str(fields["user"])
-        link.uid = envelope.uid
-        link.client = str(fields["client"])
-        link.session_id = envelope.session
-        link.hops = envelope.hops
+        # Every identifier is checked before it is used or logged (records.py's patterns), so
+        # what a stranger writes into a refusal, a record or root's terminal is short and plain.
+        user, client = fields["user"], fields["client"]
         want, path, next_hop = fields["want"], fields["path"], fields["next"]
-        if not all(isinstance(w, str) for w in want) or len(want) > 64:
-            raise MalformedFrame("HELLO 'want' must be a list of at most 64 prefixes")
-        if not all(isinstance(p, str) for p in path) or len(path) > 64:
-            raise MalformedFrame("HELLO 'path' must be a list of node names")
-        if next_hop is not None and not isinstance(next_hop, str):
-            raise MalformedFrame("HELLO 'next' must be a string or nil")
+        link.uid = envelope.uid
+        link.hops = envelope.hops
+        problem = ""
+        if not USER_NAME.fullmatch(user):
+            problem = (f"the user name {quoted(user, 40)} is not valid at {self.name} "
+                       "(a-z, 0-9, '_.-', at most 32 characters; give --user NAME)")
+        elif not CLIENT_NAME.fullmatch(client):
+            problem = "the client host name must be at most 64 letters, digits and '_.-'"
+        elif len(want) > MAX_WANT or not all(isinstance(w, str) and len(w) <= 64 for w in want):
+            problem = f"name at most {MAX_WANT} destination prefixes"
+        elif len(path) > MAX_PATH or not all(isinstance(p, str) and NODE_NAME.fullmatch(p)
+                                             for p in path):
+            problem = f"the chain before {self.name} must be at most {MAX_PATH} node names"
+        elif next_hop is not None and not ENDPOINT.fullmatch(next_hop):
+            problem = "the next hop must be ADDRESS:PORT or [ADDRESS]:PORT"
+        if problem:
+            # Refused before any challenge: it says only what is wrong with the request.
+            self._refuse(link, "bad-hello", problem, problem)
+            return
         try:
             link.want = [parse_prefix(w) for w in want]
         except ConfigError as exc:
-            raise MalformedFrame(str(exc)) from None
+            raise MalformedFrame(clip(str(exc), 200)) from None
+        link.user, link.client = user, client
+        link.session_id = envelope.session
         link.path, link.next_hop = list(path), next_hop
         token = fields["token"]
         link.token = token if isinstance(token, bytes) else None
@@ -585,16 +823,82 @@ class NodeBase:
                    "ask its administrator to install your public key")
         try:
             keys = self._keys.keys_for(link.user)
-            self._verify(keys, signature, link.nonce, link.tls.binding(), link.user, self.name)
+            self._verify(keys, signature, link.nonce, self._binding(link), link.user, self.name)
         except AuthError as exc:
             self._refuse(link, "auth-failed", generic, str(exc))
             return
+        # One AUTH per link: from here on another one closes it (a gateway used to take AUTH
+        # again while it connected onward, one next-hop connection per copy).
+        link.state = NodeLinkState.AUTHENTICATED
+        link.authenticated_at = now
+        self._leave_preauth(link)
         if self.name in link.path:
             # A chain that comes back to a node it already crossed would loop.
             self._refuse(link, "loop", f"the chain {' > '.join(link.path + [self.name])} "
                          f"visits {self.name} twice; remove the repeated hop", "looped chain")
             return
         self._authorized(link, now)
+
+    @staticmethod
+    def _binding(link: NodeLink) -> bytes:
+        if link.tls is None:
+            raise MalformedFrame("AUTH before TLS")  # cannot happen: envelopes come over TLS
+        return link.tls.binding()
+
+    # -- re-authentication: a live link proves its key again
+    def _challenge_again(self, link: NodeLink, now: float) -> None:
+        """A fresh CHALLENGE on an established link; the user's process signs it bound to the
+        same TLS session (UserLink), within ``auth_timeout``."""
+        link.reauth_due = False
+        if link.reauth_deadline is not None or link.closed:
+            return  # one challenge at a time
+        link.reauth_nonce = self._random(32)
+        link.reauth_deadline = now + self.limits.auth_timeout
+        self._send(link, MsgType.CHALLENGE, link.session_id,
+                   encode_control({"nonce": link.reauth_nonce, "node": self.name}))
+
+    def _reauth(self, link: NodeLink, signature: bytes, now: float) -> None:
+        nonce, link.reauth_nonce, link.reauth_deadline = link.reauth_nonce, b"", None
+        try:
+            keys = self._keys.keys_for(link.user)
+            self._verify(keys, signature, nonce, self._binding(link), link.user, self.name)
+        except AuthError as exc:
+            self._revoke(link, f"re-authentication failed: {exc}", now)
+            return
+        link.authenticated_at = now
+        self._log("auth:renewed", link, link.session)
+
+    def _revoke(self, link: NodeLink, reason: str, now: float) -> None:
+        """The user's key no longer opens this link: end what it carries and close it."""
+        self._log("auth:revoked", link, link.session, reason=reason)
+        said = clip(f"{self.name}: {reason}", MAX_REASON)
+        if link.state is NodeLinkState.ESTABLISHED:
+            self._send(link, MsgType.CLOSE, link.session_id, encode_control({"reason": said}))
+        else:
+            self._send(link, MsgType.REFUSE, b"", encode_control({"code": "revoked",
+                                                                  "reason": said}))
+        self._end_link(link, f"revoked: {reason}")
+        self._close_link(link)
+
+    def reauthenticate(self, now: float) -> None:
+        """The keys may have changed (a reload): every authenticated link whose user has no
+        key left is ended at once, and every other is challenged again at once (its user must
+        still hold one of the keys now installed)."""
+        for link in list(self.links.values()):
+            if link.authenticated_at is None or link.closed:
+                continue
+            try:
+                if not self._keys.keys_for(link.user):
+                    raise AuthError(f"user {link.user!r} has no authorised keys")
+            except AuthError as exc:
+                self._revoke(link, f"no key left: {exc}", now)
+                continue
+            if link.state is NodeLinkState.ESTABLISHED:
+                self._challenge_again(link, now)
+            else:
+                link.reauth_due = True  # once it is established (a gateway connecting onward)
+        self._reauthenticate_detached(now)
+        self.flush(now)
 
     # -- what subclasses decide
     def _authorized(self, link: NodeLink, now: float) -> None:
@@ -612,40 +916,97 @@ class NodeBase:
     def _on_link_lost(self, link: NodeLink, now: float, reason: str) -> None:
         pass
 
+    def _end_link(self, link: NodeLink, reason: str) -> None:
+        """End what ``link`` carries for good (its user's key was revoked)."""
+
+    def _reauthenticate_detached(self, now: float) -> None:
+        """End the state of users with no key left that no link carries (a server's detached
+        sessions)."""
+
     # -- output and time
+    def _write_out(self, link: NodeLink, now: float | None) -> Exception | None:
+        """Everything queued for ``link`` through its TLS session into one SendBytes. On a
+        TLS failure the output is dropped and the error returned."""
+        pending, tls = link.pending, link.tls
+        if tls is None:
+            pending.clear()  # nothing can be said before the peer's first bytes
+            return None
+        try:
+            if pending:
+                data = b"".join(pending)
+                pending.clear()
+                tls.send(data)
+                if now is not None:
+                    link.last_sent = now
+            out = tls.data_to_send()
+        except (RemoteProtocolError, LocalProtocolError) as exc:
+            pending.clear()
+            return exc
+        if out:
+            self.commands.append(SendBytes(link.id, out))
+        return None
+
     def flush_link(self, link: NodeLink, now: float | None = None) -> None:
-        if link.pending:
-            link.tls.send(b"".join(link.pending))
-            link.pending.clear()
-            if now is not None:
-                link.last_sent = now
-        data = link.tls.data_to_send()
-        if data:
-            self.commands.append(SendBytes(link.id, data))
         self._dirty.discard(link.id)
+        if link.closed:
+            link.pending.clear()  # a reply routed to a link that is gone goes nowhere
+            return
+        error = self._write_out(link, now)
+        if error is not None:
+            self._fail_link(link, f"TLS failed on output: {type(error).__name__}: {error}")
 
     def flush(self, now: float | None = None) -> None:
         """One TLS write per link for everything queued since the last flush."""
-        for link_id in list(self._dirty):
-            link = self.links.get(link_id)
+        dirty, links = self._dirty, self.links
+        while dirty:
+            link = links.get(dirty.pop())
             if link is not None:
                 self.flush_link(link, now)
-        self._dirty.clear()
 
     def _link_timers(self, now: float) -> None:
+        limits = self.limits
         for link in list(self.links.values()):
             if link.closed:
                 continue
+            state = link.state
             if now - link.last_received > self.dead_after:
                 self._log("link:dead", link, link.session,
                           reason=f"no word for {self.dead_after:.0f} s (keepalive)")
                 self._close_link(link)
-            elif link.state is not NodeLinkState.ESTABLISHED and now - link.opened > 15.0:
+            elif state is NodeLinkState.AWAIT_HELLO and now - link.opened > limits.hello_timeout:
+                self._log("link:error", link, reason=f"no HELLO within {limits.hello_timeout:g} s")
+                self._close_link(link)
+            elif (state is NodeLinkState.AWAIT_AUTH
+                  and now - link.opened > limits.auth_timeout):
                 self._log("link:error", link, reason="authentication took too long")
                 self._close_link(link)
-            elif link.state is NodeLinkState.ESTABLISHED and now - link.last_sent >= self.keepalive:
-                self._send(link, MsgType.KEEPALIVE, link.session_id, encode_control({}))
-                link.last_sent = now
+            elif state is NodeLinkState.ESTABLISHED:
+                if link.reauth_deadline is not None and now > link.reauth_deadline:
+                    self._log("link:error", link, link.session, reason="no answer to "
+                              f"re-authentication within {limits.auth_timeout:g} s")
+                    self._close_link(link)
+                    continue
+                if link.reauth_due or (link.authenticated_at is not None and
+                                       now - link.authenticated_at >= limits.reauth_interval):
+                    self._challenge_again(link, now)
+                if now - link.last_sent >= self.keepalive:
+                    self._send(link, MsgType.KEEPALIVE, link.session_id, encode_control({}))
+                    link.last_sent = now
+
+    def _close_politely(self, link: NodeLink, reason: str) -> None:
+        """Shutdown: CLOSE with ``reason``, then TLS's close_notify, then the connection."""
+        if link.closed:
+            return
+        if link.state is NodeLinkState.ESTABLISHED:
+            self._send(link, MsgType.CLOSE, link.session_id,
+                       encode_control({"reason": clip(reason, MAX_REASON)}))
+        self.flush_link(link)  # the CLOSE goes out before TLS's close_notify
+        if link.tls is not None and not link.closed:
+            try:
+                link.tls.close()
+            except (RemoteProtocolError, LocalProtocolError):
+                pass  # its TLS already failed: nothing polite left to say
+        self._close_link(link)
 
     def _accept(self, link: NodeLink, session_id: bytes, token: bytes, allow: list[str],
                 resumed: bool) -> None:
@@ -680,7 +1041,8 @@ class ServerNode(NodeBase):
         random: Callable[[int], bytes] = os.urandom,
         flows: FlowTable | None = None,
     ) -> None:
-        super().__init__(config.name, keys, verify, random, config.keepalive, config.dead_after)
+        super().__init__(config.name, keys, verify, random, config.keepalive, config.dead_after,
+                         config.limits)
         self.config = config
         self._source_for = source_for
         self.flows = flows or FlowTable.for_config(config)
@@ -778,6 +1140,22 @@ class ServerNode(NodeBase):
             session.link = None
             session.detached_since = now
             self._log("session:detached", session=session, reason=reason)
+
+    def _end_link(self, link: NodeLink, reason: str) -> None:
+        if link.session is not None:
+            self._end_session(link.session, reason)
+
+    def _reauthenticate_detached(self, now: float) -> None:
+        # A detached session could only come back through a full HELLO / AUTH, but one whose
+        # user has no key left is over now, not at the end of resume_grace.
+        for session in list(self.sessions.values()):
+            if session.link is not None:
+                continue
+            try:
+                if not self._keys.keys_for(session.user):
+                    raise AuthError(f"user {session.user!r} has no authorised keys")
+            except AuthError as exc:
+                self._end_session(session, f"revoked: no key left: {exc}")
 
     def _on_packet(self, link: NodeLink, packet: bytes, now: float) -> None:
         if link.session is not None:
@@ -987,11 +1365,7 @@ class ServerNode(NodeBase):
 
     def close_all(self, reason: str) -> None:
         for link in list(self.links.values()):
-            if link.state is NodeLinkState.ESTABLISHED:
-                self._send(link, MsgType.CLOSE, link.session_id, encode_control({"reason": reason}))
-            self.flush_link(link)  # the CLOSE goes out before TLS's close_notify
-            link.tls.close()
-            self._close_link(link)
+            self._close_politely(link, reason)
         for session in list(self.sessions.values()):
             self._end_session(session, reason)
 

@@ -2,15 +2,49 @@
 
 The core builds records as data; an adapter (:class:`RecordWriter`) writes them. Records never
 carry keys or payload bytes: only who, where, how much and why.
+
+Many fields come from someone else (a user name from an unauthenticated HELLO, a peer's reason
+for closing, an exception's message that quotes a field): the writer bounds every string, list
+and map, and the whole line, so no frame can write a record larger than :data:`MAX_RECORD`
+(issue 9: one malformed frame used to write 160 KB, and 1,300 connections rotated a node's
+whole log history away).
 """
 
 from __future__ import annotations
 
 import json
+import re
 import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, TextIO
+
+from pvpn.text import clip
+
+#: What a record keeps of one string (a peer's reason, a name, an exception's message).
+MAX_FIELD = 1024
+#: ... and of the fields that are longer by nature.
+LONG_FIELDS = {"traceback": 8192}
+#: Items kept of one list or map (the rest is counted), and how deep a value may nest.
+MAX_ITEMS = 256
+MAX_DEPTH = 4
+#: One record, as written; above it, only the fields that say who and what are kept.
+MAX_RECORD = 16384
+_CORE_FIELDS = ("time", "role", "node", "event", "session", "user", "uid", "peer", "flow",
+                "bytes", "reason")
+
+
+# Identifiers as nodes take them from a HELLO and write them into records; `pvpn trace` skips a
+# record whose identifiers don't fit (a forged line, or a name that would mislead root).
+SESSION_ID = re.compile(r"[0-9a-f]{32}")
+#: A user name at a node: useradd's NAME_REGEX, shortened (the same as auth.USER_NAME_PATTERN).
+USER_NAME = re.compile(r"[a-z_][a-z0-9_.-]{0,31}")
+#: A node's name ([server] / [gateway] / [client] name), as the chain's ``path`` lists them.
+NODE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
+#: The client host's name a user's process gives (pvpn.protocol.UserLink makes it fit).
+CLIENT_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+#: A next hop as a HELLO names it: ADDRESS:PORT or [V6]:PORT.
+ENDPOINT = re.compile(r"[0-9A-Za-z.:%\[\]_-]{1,64}")
 
 
 @dataclass(slots=True)
@@ -32,6 +66,33 @@ def session_hex(session: bytes) -> str:
     return session.hex() if session else ""
 
 
+def bounded(value: Any, limit: int = MAX_FIELD, depth: int = 0) -> Any:
+    """``value`` as JSON data no larger than the bounds above: strings clipped, lists and maps
+    cut to :data:`MAX_ITEMS` (saying how many more), nesting cut at :data:`MAX_DEPTH`, and
+    anything that is not JSON data written as its clipped ``str``."""
+    if value is None or isinstance(value, (bool, int, float)):
+        return value
+    if isinstance(value, str):
+        return clip(value, limit)
+    if depth >= MAX_DEPTH:
+        return clip(str(value), 64)
+    if isinstance(value, (list, tuple, set, frozenset)):
+        items = list(value) if not isinstance(value, (set, frozenset)) else sorted(value, key=str)
+        out: list[Any] = [bounded(v, limit, depth + 1) for v in items[:MAX_ITEMS]]
+        if len(items) > MAX_ITEMS:
+            out.append(f"...({len(items) - MAX_ITEMS} more)")
+        return out
+    if isinstance(value, dict):
+        kept: dict[str, Any] = {}
+        for number, (key, item) in enumerate(value.items()):
+            if number >= MAX_ITEMS:
+                kept["..."] = f"({len(value) - MAX_ITEMS} more)"
+                break
+            kept[clip(str(key), 64)] = bounded(item, limit, depth + 1)
+        return kept
+    return clip(str(value), limit)
+
+
 class RecordWriter:
     """Writes records as JSON lines with the time, hop role and node name filled in."""
 
@@ -48,20 +109,35 @@ class RecordWriter:
         self._clock = clock
 
     def write(self, record: Record) -> None:
+        self.stream.write(self.line(record))
+        self.stream.flush()
+
+    def line(self, record: Record) -> str:
+        """The record as one JSON line, every field bounded (see :func:`bounded`)."""
         obj: dict[str, Any] = {
             "time": round(self._clock(), 6),
             "role": self.role,
             "node": self.node,
-            "event": record.event,
+            "event": clip(str(record.event), 64),
         }
         for name in ("session", "user", "peer", "flow", "reason"):
             value = getattr(record, name)
             if value:
-                obj[name] = value
+                obj[name] = bounded(value)
         if record.uid is not None:
-            obj["uid"] = record.uid
+            obj["uid"] = bounded(record.uid)
         if record.bytes is not None:
-            obj["bytes"] = record.bytes
-        obj.update(record.extra)
-        self.stream.write(json.dumps(obj, separators=(",", ":")) + "\n")
-        self.stream.flush()
+            obj["bytes"] = bounded(record.bytes)
+        for number, (key, value) in enumerate(record.extra.items()):
+            if number >= MAX_ITEMS:
+                break
+            if key not in ("time", "role", "node", "event"):  # what the writer vouches for
+                obj[clip(str(key), 64)] = bounded(value, LONG_FIELDS.get(key, MAX_FIELD))
+        text = json.dumps(obj, separators=(",", ":"))
+        if len(text) > MAX_RECORD:
+            # Still too large (many long fields): keep who and what, say how much was left out.
+            core = {k: obj[k] for k in _CORE_FIELDS if k in obj}
+            core = {k: bounded(v, 256) for k, v in core.items()}
+            core["truncated"] = len(text)
+            text = json.dumps(core, separators=(",", ":"))
+        return text + "\n"

@@ -19,7 +19,10 @@ from pvpn.addresses import Local
 from pvpn.config import GatewayConfig, GatewayPolicy, parse_endpoint
 from pvpn.envelope import MAX_PACKET, MsgType, encode_control, encode_envelope
 from pvpn.errors import ConfigError
-from pvpn.protocol import Command, KeyLookup, NodeBase, NodeLink, NodeLinkState, Verifier
+from pvpn.protocol import (
+    MAX_REASON, Command, KeyLookup, NodeBase, NodeLink, NodeLinkState, Verifier,
+)
+from pvpn.text import clip
 
 
 @dataclass(slots=True)
@@ -72,7 +75,8 @@ class GatewayNode(NodeBase):
 
     def __init__(self, config: GatewayConfig, keys: KeyLookup, verify: Verifier,
                  random: Callable[[int], bytes] = os.urandom) -> None:
-        super().__init__(config.name, keys, verify, random, config.keepalive, config.dead_after)
+        super().__init__(config.name, keys, verify, random, config.keepalive, config.dead_after,
+                         config.limits)
         self.config = config
         self.splices: dict[int, Splice] = {}
         self.commands: list[GatewayCommand] = []  # type: ignore[assignment]
@@ -158,7 +162,8 @@ class GatewayNode(NodeBase):
     # -- the next hop
     def next_opened(self, link_id: int, now: float) -> None:
         link, splice = self.links.get(link_id), self.splices.get(link_id)
-        if link is None or splice is None or link.closed:
+        if (link is None or splice is None or splice.connected
+                or link.state is not NodeLinkState.AUTHENTICATED):
             self.commands.append(CloseNext(link_id))
             return
         splice.connected = True
@@ -170,8 +175,8 @@ class GatewayNode(NodeBase):
     def next_failed(self, link_id: int, reason: str, now: float) -> None:
         link = self.links.get(link_id)
         splice = self.splices.pop(link_id, None)
-        if link is None or splice is None:
-            return
+        if link is None or splice is None or link.closed:
+            return  # the user's side is gone already: nobody to tell
         self._refuse(link, "next-hop-unreachable",
                      f"{self.name} cannot reach the next hop {splice.next_hop}: {reason}",
                      f"next hop {splice.next_hop} unreachable: {reason}")
@@ -194,8 +199,8 @@ class GatewayNode(NodeBase):
         if link is None or link_id not in self.splices:
             return
         if link.state is NodeLinkState.ESTABLISHED:
-            self._send(link, MsgType.CLOSE, link.session_id,
-                       encode_control({"reason": f"next hop closed at {self.name}: {reason}"}))
+            self._send(link, MsgType.CLOSE, link.session_id, encode_control(
+                {"reason": clip(f"next hop closed at {self.name}: {reason}", MAX_REASON)}))
         self._end(link, f"next hop closed: {reason}")
         self._close_link(link)
 
@@ -213,6 +218,9 @@ class GatewayNode(NodeBase):
 
     def _on_link_lost(self, link: NodeLink, now: float, reason: str) -> None:
         self._end(link, f"previous hop gone: {reason}")
+
+    def _end_link(self, link: NodeLink, reason: str) -> None:
+        self._end(link, reason)
 
     def _end(self, link: NodeLink, reason: str) -> None:
         splice = self.splices.pop(link.id, None)
@@ -251,9 +259,5 @@ class GatewayNode(NodeBase):
 
     def close_all(self, reason: str) -> None:
         for link in list(self.links.values()):
-            if link.state is NodeLinkState.ESTABLISHED:
-                self._send(link, MsgType.CLOSE, link.session_id, encode_control({"reason": reason}))
             self._end(link, reason)
-            self.flush_link(link)  # the CLOSE goes out before TLS's close_notify
-            link.tls.close()
-            self._close_link(link)
+            self._close_politely(link, reason)

@@ -168,6 +168,10 @@ def _base_context() -> SSL.Context:
     context.set_min_proto_version(SSL.TLS1_2_VERSION)
     context.set_options(SSL.OP_NO_COMPRESSION | SSL.OP_NO_TICKET)
     context.set_cipher_list(_TLS12_CIPHERS)
+    # Give the record buffers back whenever a session is idle: an idle session then costs
+    # about 5 KB instead of about 45 (a node holds thousands, and a stranger may hold many
+    # before authenticating); measured, no cost to throughput.
+    context.set_mode(SSL.MODE_RELEASE_BUFFERS)
     return context
 
 

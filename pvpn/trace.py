@@ -25,7 +25,11 @@ A gateway that relays a session again after the chain was rebuilt logs a new
 ``session:opened`` / ``session:closed`` pair: its counters are summed.  Drops are the larger of
 the ``drops`` totals at the close and the highest ``count`` of the ``packet:dropped`` records
 (logged at powers of two).  Lines that are not a JSON object with a finite numeric ``time``
-(a traceback, a line cut by rotation) are skipped, never fatal.
+(a traceback, a line cut by rotation) are skipped, never fatal, and so are records whose
+identifiers are not what a node writes (a session id of 32 hex digits, a user, node and role
+name of the usual characters and length): a forged or mangled line joins no session.  What
+the terminal view prints has every non-printable character escaped (the strings come from
+other users: a user name from an unauthenticated HELLO, a peer's reason).
 """
 
 from __future__ import annotations
@@ -33,9 +37,13 @@ from __future__ import annotations
 import datetime
 import json
 import math
+import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
+
+from pvpn.records import NODE_NAME
+from pvpn.text import printable
 
 LogRecord = dict[str, Any]
 
@@ -71,8 +79,31 @@ def record_time(record: Mapping[str, Any]) -> float | None:
     return float(value) if math.isfinite(value) else None
 
 
+# A user name as any hop logs it: a node's (records.USER_NAME) or a client host's local login
+# name (useradd's default NAME_REGEX, upper case and a trailing '$' allowed).
+_USER = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,31}\$?")
+_ROLE = re.compile(r"[a-z]{1,16}")
+_SESSION = re.compile(r"[0-9a-f]{32}")
+
+
+def identifiers_valid(record: Mapping[str, Any]) -> bool:
+    """Whether the record's session, user, node and role (those it has) look like what a node
+    writes: a session id of 32 hex digits (any case), names of the usual characters and
+    length. Anything else is a forged or mangled record."""
+    for name, pattern in (("user", _USER), ("node", NODE_NAME), ("role", _ROLE)):
+        value = record.get(name)
+        if value is not None and value != "" and not (
+                isinstance(value, str) and pattern.fullmatch(value)):
+            return False
+    sid = record.get("session")
+    if sid is None or sid == "":
+        return True
+    return isinstance(sid, str) and _SESSION.fullmatch(sid.strip().lower()) is not None
+
+
 def parse_line(line: str) -> LogRecord | None:
-    """One log line as a record, or None for anything but a JSON object with a time."""
+    """One log line as a record, or None for anything but a JSON object with a time and
+    valid identifiers."""
     line = line.strip()
     if not line.startswith("{"):
         return None
@@ -81,6 +112,8 @@ def parse_line(line: str) -> LogRecord | None:
     except ValueError:  # includes a line cut in the middle, and bad unicode escapes
         return None
     if not isinstance(record, dict) or record_time(record) is None:
+        return None
+    if not identifiers_valid(record):
         return None
     return record
 
@@ -393,8 +426,13 @@ def trace_to_json(trace: SessionTrace) -> dict[str, Any]:
 def _show(value: Any) -> str:
     if isinstance(value, str):
         return json.dumps(value) if (not value or any(c.isspace() for c in value)
-                                     or '"' in value) else value
+                                     or '"' in value) else printable(value)
     return json.dumps(value, separators=(",", ":"), sort_keys=True)
+
+
+def _p(value: Any) -> str:
+    """A string someone else chose, as the terminal shows it: nothing it would obey."""
+    return printable(str(value))
 
 
 def _details(record: Mapping[str, Any], fields: Sequence[str]) -> str:
@@ -422,7 +460,7 @@ def format_records(
     for record, when in zip(records, times):
         offset = "?" if when is None else f"+{when - start:.3f}s"
         node = record.get("node") or record.get("role") or "?"
-        rows.append((offset, str(node), str(record.get("event", "?")),
+        rows.append((offset, _p(node), _p(record.get("event", "?")),
                      _details(record, fields)))
     widths = [max(len(row[i]) for row in rows) for i in range(3)]
     lines = []
@@ -457,17 +495,17 @@ def _traffic(traffic: Traffic) -> str:
 
 
 def format_hop(index: int, hop: HopSummary, start: float) -> list[str]:
-    role = f" ({hop.role})" if hop.role and hop.role != hop.node else ""
+    role = f" ({_p(hop.role)})" if hop.role and hop.role != hop.node else ""
     span = f"+{hop.first - start:.3f}s .. +{hop.last - start:.3f}s"
-    lines = [f"[{index}] {hop.name}{role}   {span}"]
-    who = f"user {hop.user or '?'}" + (f" (uid {hop.uid})" if hop.uid is not None else "")
+    lines = [f"[{index}] {_p(hop.name)}{role}   {span}"]
+    who = f"user {_p(hop.user or '?')}" + (f" (uid {hop.uid})" if hop.uid is not None else "")
     where = []
     if hop.peer:
-        where.append(f"from {hop.peer}")
+        where.append(f"from {_p(hop.peer)}")
     if hop.next_hop:
-        where.append(f"to {hop.next_hop}")
+        where.append(f"to {_p(hop.next_hop)}")
     lines.append("    " + "   ".join([who, *where]))
-    state = f"closed: {hop.close_reason or '(no reason)'}" if hop.closed else (
+    state = f"closed: {_p(hop.close_reason or '(no reason)')}" if hop.closed else (
         "no end logged (still open, or the node stopped without closing it)")
     if hop.opened > 1:
         state += f"; opened {hop.opened} times"
@@ -476,15 +514,15 @@ def format_hop(index: int, hop: HopSummary, start: float) -> list[str]:
         lines.append(f"    up   (to the target)  {_traffic(hop.up)}")
         lines.append(f"    down (to the user)    {_traffic(hop.down)}")
     if hop.drops:
-        listed = ", ".join(f"{reason} x{count}" for reason, count in
+        listed = ", ".join(f"{_p(reason)} x{count}" for reason, count in
                            sorted(hop.drops.items(), key=lambda item: (-item[1], item[0])))
         lines.append(f"    drops {hop.drops_total}: {listed}")
     else:
         lines.append("    drops: none")
     for event in hop.reconnects:
-        reason = f": {event.reason}" if event.reason else ""
+        reason = f": {_p(event.reason)}" if event.reason else ""
         again = " (again)" if event.event == "session:opened" else ""
-        lines.append(f"    +{event.time - start:.3f}s {event.event}{again}{reason}")
+        lines.append(f"    +{event.time - start:.3f}s {_p(event.event)}{again}{reason}")
     return lines
 
 
@@ -494,10 +532,10 @@ def format_trace(trace: SessionTrace, timeline: bool = True) -> str:
         return f"session {trace.session}: no records"
     uid = f" (uid {trace.uid})" if trace.uid is not None else ""
     lines = [
-        f"session {trace.session}  user {trace.user or '?'}{uid}",
+        f"session {_p(trace.session)}  user {_p(trace.user or '?')}{uid}",
         f"  {format_time(trace.start)} .. +{trace.end - trace.start:.3f}s   "
         f"{'closed' if trace.closed else 'open (no end logged by the client or server)'}",
-        f"  chain: {' > '.join(hop.name for hop in trace.hops)}",
+        f"  chain: {' > '.join(_p(hop.name) for hop in trace.hops)}",
         "",
     ]
     for index, hop in enumerate(trace.hops, 1):
@@ -516,11 +554,11 @@ def format_trace(trace: SessionTrace, timeline: bool = True) -> str:
 def format_listing(user: str, sessions: Sequence[SessionListing]) -> str:
     """``pvpn trace --user``: one line per session."""
     if not sessions:
-        return f"no sessions of {user} in these logs"
+        return f"no sessions of {_p(user)} in these logs"
     rows = [("SESSION", "FIRST", "DURATION", "STATE", "NODES")]
     for s in sessions:
-        rows.append((s.session, format_time(s.first), f"{s.last - s.first:.3f}s",
-                     "closed" if s.closed else "open", " > ".join(s.nodes)))
+        rows.append((_p(s.session), format_time(s.first), f"{s.last - s.first:.3f}s",
+                     "closed" if s.closed else "open", " > ".join(_p(n) for n in s.nodes)))
     widths = [max(len(row[i]) for row in rows) for i in range(4)]
     return "\n".join("  ".join([*(row[i].ljust(widths[i]) for i in range(4)), row[4]]).rstrip()
                      for row in rows)

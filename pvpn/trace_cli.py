@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from pvpn.errors import ConfigError, PvpnError
+from pvpn.text import printable
 from pvpn.trace import (
     LogRecord,
     format_listing,
@@ -162,7 +163,7 @@ def cmd_trace(args: argparse.Namespace) -> int:
             _print_json({"user": user, "traces": [trace_to_json(t) for t in traces]})
         else:
             print("\n\n".join(format_trace(t, timeline) for t in traces)
-                  or f"no sessions of {user} in these logs")
+                  or f"no sessions of {printable(user)} in these logs")
         return 0 if traces else 1
 
     assert session is not None  # a session or a user was required above

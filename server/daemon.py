@@ -10,13 +10,14 @@ import time
 
 from pvpn import auth, firewall, tls
 from pvpn.config import ServerConfig, load_server_config
-from pvpn.errors import ConfigError, PvpnError
+from pvpn.errors import ConfigError
 from pvpn.io import rules
 from pvpn.io.control import start_control, stop_control
 from pvpn.io.localaddrs import LocalAddressWatch
 from pvpn.io.nfqueue import BatchedQueue
 from pvpn.io.loop import (
-    WRITE_HIGH_WATER, daemon_main, install_signals, peer_text, set_nodelay,
+    LISTEN_BACKLOG, WRITE_HIGH_WATER, Guard, daemon_main, guarded, install_signals, peer_text,
+    set_nodelay,
 )
 from pvpn.io.pcap import SessionCaptures
 from pvpn.io.rawsock import RawSender, SourceAddresses
@@ -46,9 +47,11 @@ class Server:
     def __init__(self, config: ServerConfig) -> None:
         self.config = config
         self.log = RecordWriter("server", config.name)
+        # What escapes the core (a bug a peer may trigger) costs that peer's link only.
+        self.guard = Guard(self.log.write, self.close_failed)
         self.context = tls.make_server_context(str(config.certificate), str(config.private_key))
-        self.node = ServerNode(config, auth.AuthorizedKeys(config.authorized_keys),
-                               auth.verify_signature, SourceAddresses())
+        keys = auth.AuthorizedKeys(config.authorized_keys, warn=self.key_warning)
+        self.node = ServerNode(config, keys, auth.verify_signature, SourceAddresses())
         # [server] pcap_dir: every session's inner packets to <pcap_dir>/<session>.pcap.
         self.captures = (None if config.pcap_dir is None else SessionCaptures(
             config.pcap_dir, config.pcap_max_bytes, self.log.write,
@@ -78,28 +81,48 @@ class Server:
         commands, node.commands = node.commands, []
         seen = time.time()  # one capture timestamp per batch
         for cmd in commands:
-            if type(cmd) is InjectPacket:
-                self.raw.send(cmd.packet)
-            elif type(cmd) is SendBytes:
-                transport = self.transports.get(cmd.link)
-                if transport is not None:
-                    transport.write(cmd.data)
-            elif type(cmd) is LogRecord:
-                self.log.write(cmd.record)
-                if self.captures is not None:
-                    self.captures.session_ended(cmd.record)
-            elif type(cmd) is CloseLink:
-                transport = self.transports.pop(cmd.link, None)
-                if transport is not None:
-                    transport.close()
-            elif type(cmd) is CapturePacket and self.captures is not None:
-                self.captures.write(cmd.session, cmd.packet, seen)
+            try:
+                if type(cmd) is InjectPacket:
+                    self.raw.send(cmd.packet)
+                elif type(cmd) is SendBytes:
+                    transport = self.transports.get(cmd.link)
+                    if transport is not None:
+                        transport.write(cmd.data)
+                elif type(cmd) is LogRecord:
+                    self.log.write(cmd.record)
+                    if self.captures is not None:
+                        self.captures.session_ended(cmd.record)
+                elif type(cmd) is CloseLink:
+                    transport = self.transports.pop(cmd.link, None)
+                    if transport is not None:
+                        transport.close()
+                elif type(cmd) is CapturePacket and self.captures is not None:
+                    self.captures.write(cmd.session, cmd.packet, seen)
+            except Exception as exc:  # noqa: BLE001 - one command's failure, the guard's
+                self.guard.failed(f"dispatch {type(cmd).__name__}", exc, getattr(cmd, "link", None))
         if self.captures is not None:
-            self.captures.flush()
+            self.guard.call("capture flush", self.captures.flush)
+
+    def close_failed(self, link_id: int, reason: str) -> None:
+        """The guard's way to close one link: the core forgets it, and its socket closes
+        even if the core can't say so."""
+        try:
+            self.node.link_failed(link_id, reason, self.loop.time())
+        finally:
+            transport = self.transports.pop(link_id, None)
+            if transport is not None:
+                transport.close()
+
+    def key_warning(self, user: str, message: str) -> None:
+        self.log.write(Record("auth:key-skipped", user=user, reason=message))
 
     def take_reply(self, packet: bytes) -> bool:
         """A queued packet: True if it was a session's reply (the queue drops the original)."""
-        return self.node.receive_reply(packet, self.loop.time())
+        try:
+            return self.node.receive_reply(packet, self.loop.time())
+        except Exception as exc:  # noqa: BLE001 - the guard's; the packet is dropped (fail closed)
+            self.guard.failed("reply", exc)
+            return True
 
     def reload(self) -> None:
         try:
@@ -111,6 +134,13 @@ class Server:
         now = self.loop.time()
         self.node.apply_policy(config.users, now)  # live sessions too, not only new ones
         self.log.write(Record("node:reloaded", extra={"users": sorted(config.users)}))
+        self.reauthenticate()
+
+    def reauthenticate(self) -> None:
+        """After a reload the keys may have changed: a live session whose user has no key left
+        ends now, every other one proves its key again now."""
+        now = self.loop.time()
+        self.node.reauthenticate(now)
         self.node.flush(now)
         self.dispatch()
 
@@ -118,31 +148,47 @@ class Server:
 class ServerLinkProtocol(asyncio.Protocol):
     def __init__(self, server: Server) -> None:
         self.server = server
+        self.guard = server.guard
         self.id = 0
 
+    @property
+    def guard_link(self) -> int | None:
+        return self.id or None
+
+    @guarded("connection_made")
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         set_nodelay(transport)
         transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
-        self.id = next(self.server._ids)
-        session = tls.TlsSession(self.server.context, server_side=True)
-        self.server.transports[self.id] = transport
-        now = self.server.loop.time()
-        if not self.server.node.link_opened(self.id, session, peer_text(transport), now):
+        server = self.server
+        self.id = next(server._ids)
+        context = server.context
+        server.transports[self.id] = transport
+        now = server.loop.time()
+        # The TLS session is made when the peer's first bytes come (a silent stranger costs
+        # no TLS state).
+        if not server.node.link_opened(
+                self.id, lambda: tls.TlsSession(context, server_side=True),
+                peer_text(transport), now):
+            server.transports.pop(self.id, None)
             transport.close()
-        self.server.dispatch()
+        server.dispatch()
 
+    @guarded("pause_writing")
     def pause_writing(self) -> None:
         self.server.node.link_congested(self.id, True)
 
+    @guarded("resume_writing")
     def resume_writing(self) -> None:
         self.server.node.link_congested(self.id, False)
 
+    @guarded("data_received")
     def data_received(self, data: bytes) -> None:
         server = self.server
         server.node.receive_data(self.id, data, server.loop.time())
         server.dispatch()
 
+    @guarded("connection_lost")
     def connection_lost(self, exc: Exception | None) -> None:
         server = self.server
         server.transports.pop(self.id, None)
@@ -168,18 +214,22 @@ async def serve(config: ServerConfig) -> None:
         queue = BatchedQueue(config.queue, server.take_reply, max_len=8192)
         rules.apply(firewall.server_rules(config.instance, config.queue, config.nat_ports))
 
+        guard = server.guard
+        guard.install(loop)
+
         def drain_queue(queue: BatchedQueue = queue) -> None:
-            queue.drain()
-            server.node.flush(loop.time())
-            server.dispatch()
+            guard.call("queue drain", queue.drain)
+            guard.call("flush", server.node.flush, loop.time())
+            guard.call("dispatch", server.dispatch)
 
         loop.add_reader(queue.fileno(), drain_queue)  # bound above, so removable below
         for host, port in config.listen:
             listeners.append(await loop.create_server(
-                lambda: ServerLinkProtocol(server), host, port, reuse_address=True))
+                lambda: ServerLinkProtocol(server), host, port, reuse_address=True,
+                backlog=LISTEN_BACKLOG))
         control = await start_control(config.control,
                                       lambda: server.node.describe(loop.time()))
-        install_signals(loop, stop, server.reload)
+        install_signals(loop, stop, lambda: guard.call("reload", server.reload))
         server.log.write(Record("node:started", extra={
             "listen": [f"{h}:{p}" for h, p in config.listen], "queue": config.queue}))
         while not stop.is_set():
@@ -187,17 +237,15 @@ async def serve(config: ServerConfig) -> None:
                 await asyncio.wait_for(stop.wait(), timeout=1.0)
             except asyncio.TimeoutError:
                 pass
-            server.node.handle_timer(loop.time())
-            server.refresh_addresses()
-            server.dispatch()
+            guard.call("timer", server.node.handle_timer, loop.time())
+            guard.call("addresses", server.refresh_addresses)
+            guard.call("dispatch", server.dispatch)
     finally:
-        try:
-            server.node.close_all("server shutting down")
-            server.dispatch()
-        except PvpnError as exc:  # shutdown goes on: the rules must go whatever happened
-            server.log.write(Record("node:error", reason=f"while closing sessions: {exc}"))
+        # Shutdown goes on whatever happens here: the rules must go.
+        server.guard.call("shutdown", server.node.close_all, "server shutting down")
+        server.guard.call("shutdown dispatch", server.dispatch)
         if server.captures is not None:
-            server.captures.close_all()
+            server.guard.call("shutdown captures", server.captures.close_all)
         for listener in listeners:
             listener.close()
         stop_control(control, config.control)

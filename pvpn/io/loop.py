@@ -1,22 +1,33 @@
-"""Small asyncio helpers shared by the daemons: signals, TCP options, peer credentials."""
+"""Small asyncio helpers shared by the daemons: signals, TCP options, peer credentials, and
+the guard that keeps a daemon serving whatever an exception says."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import signal
 import socket
 import stat
 import struct
 import sys
+import traceback
 from pathlib import Path
-from typing import Any, Callable, Coroutine
+from typing import Any, Callable, Concatenate, Coroutine, ParamSpec, Protocol, TypeVar
 
 from pvpn.errors import ConfigError, PvpnError
+from pvpn.records import Record
+from pvpn.text import clip
 
 #: Above this much unsent data on a tunnel or local socket, packets are dropped before they
 #: are encrypted or framed (a router's full queue), so memory and latency stay bounded.
 WRITE_HIGH_WATER = 1 << 20
+
+#: Listening sockets' accept queue (asyncio's default is 100): a burst of connections reaches
+#: the nodes' pre-authentication policy, which decides whom to keep, instead of the kernel
+#: dropping SYNs, a legitimate user's among them, for a second or more (net.core.somaxconn
+#: caps it).
+LISTEN_BACKLOG = 1024
 
 EX_CONFIG = 78  # sysexits.h: supervisord shows a daemon that exits with it at once as FATAL
 
@@ -43,7 +54,7 @@ def peer_credentials(transport: asyncio.BaseTransport) -> tuple[int, int, int]:
 
 
 def install_signals(loop: asyncio.AbstractEventLoop, stop: asyncio.Event,
-                    reload: Callable[[], None] | None = None) -> None:
+                    reload: Callable[[], object] | None = None) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     if reload is not None:
@@ -99,3 +110,107 @@ def prepare_unix_socket(path: Path, not_a_socket: str, in_use: str) -> None:
         raise ConfigError(in_use)
     finally:
         probe.close()
+
+
+# ---------------------------------------------------------------- no exception ends a daemon
+
+_P = ParamSpec("_P")
+
+
+class Guard:
+    """The one place where an exception nobody planned for ends up, in every node daemon.
+
+    The sans-IO core turns everything a peer can send into a typed remote error that closes
+    that peer's link; what is left is a bug, and a bug a peer can trigger must cost that peer's
+    link, not the daemon (with every session and NAT mapping in it). The daemons call in here
+    from each entry point: every dispatched command, the timer, the queue drain, every asyncio
+    callback of a link (:func:`guarded`), and the loop's exception handler for the rest
+    (:meth:`install`). The guard writes a ``node:error`` record with the traceback (the first
+    ten per place, then at powers of two), closes only the link concerned (``close_link``), and
+    the daemon goes on serving."""
+
+    MAX_TRACEBACK = 8000  # characters of the traceback's end kept in the record
+
+    def __init__(self, write: Callable[[Record], None],
+                 close_link: Callable[[int, str], None] | None = None) -> None:
+        self._write = write
+        self.close_link = close_link
+        self.errors: dict[str, int] = {}  # place -> exceptions caught there
+
+    def failed(self, where: str, exc: BaseException, link: int | None = None) -> None:
+        """``exc`` escaped from ``where`` (about ``link``, if one): log it, close that link."""
+        count = self.errors.get(where, 0) + 1
+        if len(self.errors) < 1024 or where in self.errors:
+            self.errors[where] = count
+        if count <= 10 or count & (count - 1) == 0:
+            tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+            extra: dict[str, Any] = {"where": where, "count": count,
+                                     "traceback": tb[-self.MAX_TRACEBACK:]}
+            if link is not None:
+                extra["link"] = link
+            self._record(Record("node:error", reason=clip(f"{type(exc).__name__}: {exc}"),
+                                extra=extra))
+        if link is not None and self.close_link is not None:
+            try:
+                self.close_link(link, f"internal error in {where}: {type(exc).__name__}")
+            except Exception as again:  # noqa: BLE001 - the guard's own last resort
+                self.failed(f"{where} (closing the link)", again)
+
+    def call(self, where: str, function: Callable[_P, object], *args: _P.args,
+             **kwargs: _P.kwargs) -> bool:
+        """``function(*args)``; False if it raised (the guard has it)."""
+        try:
+            function(*args, **kwargs)
+        except Exception as exc:  # noqa: BLE001 - this is the guard
+            self.failed(where, exc)
+            return False
+        return True
+
+    def install(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Route what asyncio catches itself (a task's exception, a callback's, a transport's
+        protocol error) here too, as records instead of text on stderr."""
+        loop.set_exception_handler(self._asyncio_failed)
+
+    def _asyncio_failed(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        message = str(context.get("message") or "asyncio error")
+        exc = context.get("exception")
+        if isinstance(exc, BaseException):
+            self.failed(f"asyncio: {clip(message, 80)}", exc)
+        else:
+            self._record(Record("node:error", reason=clip(message), extra={"where": "asyncio"}))
+
+    def _record(self, record: Record) -> None:
+        try:
+            self._write(record)
+        except Exception as exc:  # noqa: BLE001 - the log itself is broken: say so on stderr
+            try:
+                print(f"pvpn: cannot write a log record ({type(exc).__name__}: {exc}); "
+                      f"{record.event}: {record.reason}", file=sys.stderr)
+            except OSError:
+                pass  # stderr is gone too: nothing is left to tell
+
+
+class GuardedCallbacks(Protocol):
+    """An asyncio protocol of one link whose callbacks :func:`guarded` covers."""
+
+    guard: Guard
+
+    @property
+    def guard_link(self) -> int | None: ...
+
+
+_G = TypeVar("_G", bound=GuardedCallbacks)
+
+
+def guarded(where: str) -> Callable[[Callable[Concatenate[_G, _P], None]],
+                                    Callable[Concatenate[_G, _P], None]]:
+    """A link protocol's callback: what escapes it goes to the guard, closing that link."""
+    def wrap(method: Callable[Concatenate[_G, _P], None]) -> Callable[Concatenate[_G, _P], None]:
+        def run(self: _G, /, *args: _P.args, **kwargs: _P.kwargs) -> None:
+            try:
+                method(self, *args, **kwargs)
+            except Exception as exc:  # noqa: BLE001 - this is the guard
+                self.guard.failed(where, exc, self.guard_link)
+        functools.update_wrapper(run, method)
+        return run
+    return wrap

@@ -401,3 +401,30 @@ def test_authorized_keys_sees_edits_and_removals(
     path.unlink()
     with pytest.raises(AuthError, match="unknown user"):
         keys.keys_for("alice")
+
+
+def test_keys_under_2048_bits_are_skipped_with_a_warning(
+    users: Path, alice_key: rsa.RSAPrivateKey
+) -> None:
+    """Issue 9 point 9: authorised RSA keys under 2048 bits were accepted. They are skipped at
+    load, with a warning the node logs; the user's other keys keep working."""
+    weak = rsa.generate_private_key(public_exponent=65537, key_size=1024)
+    path = users / "alice.pub"
+    weak_line = weak.public_key().public_bytes(
+        serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+    path.write_bytes(weak_line + b" old\n" + path.read_bytes())
+    (key,) = auth.load_public_keys(path)
+    assert same(key, alice_key.public_key())
+    heard: list[tuple[str, str]] = []
+    keys = auth.AuthorizedKeys(users, warn=lambda user, message: heard.append((user, message)))
+    (key,) = keys.keys_for("alice")
+    assert same(key, alice_key.public_key())
+    ((user, message),) = heard
+    assert user == "alice" and "1024 bits" in message and "line 1" in message
+    keys.keys_for("alice")
+    assert len(heard) == 1, "said once per change of the file"
+    # Only weak keys: the user has none (refused like an unknown key, the server serves on).
+    path.write_bytes(weak_line + b"\n")
+    with pytest.raises(AuthError, match="no authorised keys"):
+        auth.verify_signature(auth.AuthorizedKeys(users).keys_for("alice"), b"", bytes(32),
+                              b"b" * 32, "alice", "server")

@@ -4,6 +4,7 @@ real RSA authentication at every hop; gateways relay bytes they can't read."""
 from __future__ import annotations
 
 import ipaddress
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,7 @@ from pvpn.chain import ChainFailed, ChainUp, UserChain
 from pvpn.config import (
     GatewayConfig, GatewayPolicy, ServerConfig, UserPolicy, parse_next_hop_rule, parse_prefix,
 )
+from pvpn.envelope import MsgType
 from pvpn.protocol import (
     CloseLink, InjectPacket, LogRecord, PacketsReceived, SendBytes, ServerNode, UserLink,
 )
@@ -79,6 +81,9 @@ class Net:
         self.logs: list[Any] = []
         self.seen_by_gateways: list[bytes] = []
         self.closed: set[tuple[str, int]] = set()
+        # hold_next: gateways' OpenNextHop commands wait in `held` instead of being answered.
+        self.hold_next = False
+        self.held: list[tuple[str, OpenNextHop]] = []
 
     def open(self, address: str, upstream: tuple[Any, ...]) -> int:
         self.ids += 1
@@ -136,6 +141,8 @@ class Net:
                     if isinstance(cmd, SendBytes):
                         if (address, cmd.link) not in self.closed:
                             self.deliver_up(address, cmd.link, cmd.data)
+                    elif isinstance(cmd, OpenNextHop) and self.hold_next:
+                        self.held.append((address, cmd))
                     elif isinstance(cmd, OpenNextHop):
                         if cmd.host in self.nodes:
                             down = self.open(cmd.host, ("next", address, cmd.link))
@@ -432,3 +439,208 @@ def test_a_splice_still_connecting_when_the_policy_goes_is_refused(world: Any) -
     net.pump()
     fail = failure(events)
     assert fail.fatal and "user-not-allowed" in fail.reason and not gw1.splices
+
+
+# ---------------------------------------------------------------- issue 9
+
+
+CORRUPT_RECORD = b"\x17\x03\x03\x00\x40" + bytes(64)  # TLS application data that won't decrypt
+HOPS = [ADDR["gw1"], ADDR["gw2"], ADDR["server"]]
+
+
+def link_at(net: Net, address: str, user_chain: UserChain) -> int:
+    """The id of the link at ``address`` that carries ``user_chain`` (first hop) or its
+    next-hop connection (further hops)."""
+    for (addr, link), up in net.upstream.items():
+        if addr == address and (up[0] == "user" and up[1] is user_chain or up[0] == "next"):
+            return link
+    raise AssertionError(f"no link at {address}")
+
+
+def test_a_failed_next_hop_refused_on_a_link_whose_tls_failed_raises_nothing(world: Any) -> None:
+    """Issue 9 point 2: the gateway queued a REFUSE on a closed link (its TLS failed while it
+    connected onward), and the next flush raised TlsError out of the daemon."""
+    net = Net(world)
+    net.hold_next = True
+    chain, events = net.chain("alice", HOPS)
+    ((address, opening),) = net.held
+    gw1 = net.nodes[address]
+    gw1.receive_data(opening.link, CORRUPT_RECORD, net.now)
+    gw1.next_failed(opening.link, "timed out", net.now)
+    gw1.handle_timer(net.now + 1)
+    gw1.flush(net.now + 1)
+    assert not gw1._dirty and not gw1.links[opening.link].pending
+    closed_at = max(i for i, c in enumerate(gw1.commands)
+                    if isinstance(c, CloseLink) and c.link == opening.link)
+    assert not [c for c in gw1.commands[closed_at:]
+                if isinstance(c, SendBytes) and c.link == opening.link]
+    assert not any(isinstance(c, LogRecord) and c.record.event == "auth:refused"
+                   for c in gw1.commands), "nobody left to tell"
+
+
+def test_one_auth_per_link_a_second_closes_it(world: Any) -> None:
+    """Issue 9 point 8: the gateway took AUTH again while it connected onward: 500 copies of
+    one AUTH opened 501 connections to the next hop. A second AUTH closes the link."""
+    net = Net(world)
+    net.hold_next = True
+    chain, events = net.chain("alice", HOPS)
+    assert len(net.held) == 1
+    address, opening = net.held[0]
+    gw1 = net.nodes[address]
+    user_link = chain.links[0]
+    signature = auth.sign_challenge(world["keys"]["alice"], gw1.links[opening.link].nonce,
+                                    user_link.tls.binding(), "alice", "gw1")
+    for _ in range(499):
+        user_link._send_control(MsgType.AUTH, {"signature": signature})
+    net.pump()
+    assert len(net.held) == 1, "one next-hop connection, whatever the copies"
+    assert (address, opening.link) in net.closed
+    assert any(r.event == "link:error" and "unexpected AUTH" in r.reason
+               for a, r in net.logs if a == address)
+
+
+@pytest.mark.parametrize("rogue", ["gw1", "gw2"])
+def test_a_rogue_gateway_cannot_speak_inside_the_tunnel(world: Any, rogue: str) -> None:
+    """Issue 9 point 3: a PACKET envelope from a gateway hop was taken by the user's process
+    as if the server had sent it (and injected into the user's TUN). Only the last hop carries
+    packets; a gateway hop that sends one is closed with a reason, and nothing is delivered."""
+    net = Net(world)
+    chain, events = net.chain("alice", HOPS)
+    up_event(events)
+    gw = net.nodes[ADDR[rogue]]
+    (link,) = [node_link for node_link in gw.links.values() if not node_link.closed]
+    forged = bytes(IP(src="10.9.0.5", dst="10.0.0.2") / UDP(sport=53, dport=5000) / b"forged")
+    gw._send(link, MsgType.PACKET, link.session_id, forged)
+    net.pump()
+    assert not [e for e in events if isinstance(e, PacketsReceived)], "nothing delivered"
+    fail = failure(events)
+    assert fail.where == rogue and "only the server may carry packets" in fail.reason
+
+
+def test_the_server_hop_carries_packets_only(world: Any) -> None:
+    net = Net(world)
+    chain, events = net.chain("alice", HOPS)
+    up_event(events)
+    (link,) = [node_link for node_link in net.server.links.values() if not node_link.closed]
+    net.server._send(link, MsgType.DATA, link.session_id, b"\x16\x03\x03 not yours")
+    net.pump()
+    fail = failure(events)
+    assert fail.where == "server" and "packets only" in fail.reason
+
+
+def limits(**settings: float) -> Any:
+    from pvpn.config import NodeLimits  # here, so the module loads on code without it
+
+    return NodeLimits(**settings)  # type: ignore[arg-type]
+
+
+def send_and_count(net: Net, chain: UserChain, events: list[Any]) -> int:
+    """One UDP packet through ``chain`` and its reply back: how many replies arrived."""
+    before = len(net.injected)
+    chain.send_packets([bytes(IP(src="10.0.0.2", dst="10.9.0.5") / UDP(sport=4000, dport=7))])
+    net.pump()
+    if len(net.injected) == before:
+        return 0
+    port = IP(net.injected[-1])[UDP].sport
+    net.server.receive_reply(bytes(IP(src="10.9.0.5", dst="10.9.0.1") / UDP(sport=7, dport=port)
+                                   / b"back"), net.now)
+    net.pump()
+    got = [e for e in events if isinstance(e, PacketsReceived)]
+    events[:] = [e for e in events if not isinstance(e, PacketsReceived)]
+    return len(got)
+
+
+def tick(net: Net, seconds: float, *chains: UserChain) -> None:
+    """Time passes in 5 s steps, keepalives and all."""
+    end = net.now + seconds
+    while net.now < end:
+        net.now = min(net.now + 5, end)
+        for chain in chains:
+            chain.handle_timer(net.now)
+        for node in net.nodes.values():
+            node.handle_timer(net.now)
+        net.pump()
+
+
+def test_live_sessions_reauthenticate_at_the_interval_over_the_same_link(world: Any) -> None:
+    """Issue 9 point 8: every hop challenges a live session again every reauth_interval; the
+    user's process signs the fresh nonce bound to the same TLS session, and traffic goes on."""
+    net = Net(world)
+    for node in net.nodes.values():
+        node.limits = limits(reauth_interval=60)
+    chain, events = net.chain("alice", HOPS)
+    up_event(events)
+    tick(net, 30, chain)
+    assert not any(r.event == "auth:renewed" for _, r in net.logs)
+    tick(net, 31, chain)
+    renewed = sorted(r.extra.get("node", a) for a, r in net.logs if r.event == "auth:renewed")
+    assert renewed == sorted([ADDR["gw1"], ADDR["gw2"], ADDR["server"]])
+    assert [link.reauthenticated for link in chain.links] == [1, 1, 1]
+    assert chain.up and send_and_count(net, chain, events) == 1
+
+
+def keyed_world(world: dict[str, Any], tmp_path: Path) -> dict[str, Any]:
+    """The world with a users directory of its own (a test may remove keys from it)."""
+    users = tmp_path / "users"
+    shutil.copytree(world["users"], users)
+    return {**world, "users": users}
+
+
+@pytest.mark.parametrize("change", ["removed", "replaced"])
+def test_a_reload_ends_sessions_whose_key_is_gone_and_reauthenticates_the_rest(
+        world: Any, tmp_path: Path, change: str) -> None:
+    """Issue 9 point 8: removing a user's key and reloading left their sessions running
+    indefinitely. On a reload (NodeBase.reauthenticate, what SIGHUP calls) a user with no key
+    left is ended at every hop at once, a user whose key was replaced fails the challenge that
+    every other live session gets at once, and the others go on."""
+    w = keyed_world(world, tmp_path)
+    net = Net(w)
+    alice, a_events = net.chain("alice", HOPS, session=b"A" * 16)
+    bob, b_events = net.chain("bob", HOPS, session=b"B" * 16)
+    up_event(a_events), up_event(b_events)
+    (w["users"] / "alice.pub").unlink()
+    if change == "replaced":  # her process still holds the old key
+        auth.save_public_key(w["keys"]["carol"], w["users"] / "alice.pub", "not alice's key")
+    # A removed key: every node reloads (its own administrator's SIGHUP). A replaced one: the
+    # server's administrator reloads, the gateways still pass alice.
+    reloaded = list(net.nodes.values()) if change == "removed" else [net.server]
+    for node in reloaded:
+        node.reauthenticate(net.now)
+    net.pump()
+    assert b"A" * 16 not in net.server.sessions
+    closed = [(a, r) for a, r in net.logs if r.event == "session:closed" and r.user == "alice"]
+    assert {a for a, _ in closed} == {ADDR["server"]} | (
+        {ADDR["gw1"], ADDR["gw2"]} if change == "removed" else set())
+    assert all("revoked" in r.reason for _, r in closed)
+    assert alice.failed is not None and not alice.up
+    # bob proved his key again at every node that reloaded and is served on.
+    renewed = {a for a, r in net.logs if r.event == "auth:renewed" and r.user == "bob"}
+    assert renewed == ({ADDR["gw1"], ADDR["gw2"], ADDR["server"]} if change == "removed"
+                       else {ADDR["server"]})
+    assert bob.up and send_and_count(net, bob, b_events) == 1
+
+
+def test_a_revoked_key_ends_the_session_at_the_next_interval(world: Any, tmp_path: Path) -> None:
+    w = keyed_world(world, tmp_path)
+    net = Net(w)
+    net.server.limits = limits(reauth_interval=60)
+    chain, events = net.chain("alice", HOPS)
+    up_event(events)
+    (w["users"] / "alice.pub").unlink()
+    tick(net, 61, chain)
+    assert not net.server.sessions
+    assert any(r.event == "auth:revoked" for a, r in net.logs if a == ADDR["server"])
+    assert chain.failed is not None
+
+
+def test_an_unanswered_challenge_closes_the_link(world: Any) -> None:
+    net = Net(world)
+    net.server.limits = limits(reauth_interval=60, auth_timeout=15)
+    chain, events = net.chain("alice", HOPS)
+    up_event(events)
+    chain.links[-1]._signer = lambda *args: None  # type: ignore[assignment,return-value]
+    chain.links[-1]._control = lambda envelope: None  # type: ignore[method-assign]  # mute
+    tick(net, 61, chain)
+    tick(net, 16, chain)
+    assert any(r.event == "link:error" and "re-authentication" in r.reason
+               for a, r in net.logs if a == ADDR["server"])

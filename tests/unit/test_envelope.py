@@ -113,3 +113,23 @@ def test_any_bytes_give_envelopes_or_the_remote_error(data: bytes) -> None:
 def test_valid_streams_round_trip(bodies: list[bytes]) -> None:
     data = b"".join(encode_envelope(MsgType.PACKET, SID, 7, i, b) for i, b in enumerate(bodies))
     assert [e.body for e in EnvelopeDecoder().feed(data)] == bodies
+
+
+@pytest.mark.parametrize("obj", [
+    [b"v" * 60000, 6, SID, 0, 0, 16, b""],        # a 60 KB version field
+    [1, "t" * 4000, SID, 0, 0, 16, b""],          # a 4 KB type
+    [1, [b"x" * 4000] * 10, SID, 0, 0, 16, b""],
+])
+def test_malformed_frame_messages_never_quote_whole_fields(obj: list[object]) -> None:
+    """Issue 9 point 7: the message of a malformed frame went into a log record as the repr
+    of the field (160 KB for one frame); it quotes no more than a few words now."""
+    with pytest.raises(MalformedFrame) as caught:
+        list(EnvelopeDecoder().feed(msgpack.packb(obj, use_bin_type=True)))
+    assert len(str(caught.value)) < 200
+
+
+def test_a_control_body_with_many_long_field_names_gets_a_short_message() -> None:
+    body = msgpack.packb({("k" * 4000) + str(n): 1 for n in range(30)}, use_bin_type=True)
+    with pytest.raises(MalformedFrame) as caught:
+        decode_control(Envelope(MsgType.HELLO, b"", 0, 0, 16, body))
+    assert len(str(caught.value)) < 600

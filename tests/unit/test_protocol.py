@@ -7,12 +7,14 @@ import ipaddress
 from pathlib import Path
 from typing import Any
 
+import msgpack
 import pytest
 from scapy.layers.inet import ICMP, IP, TCP, UDP
 from scapy.layers.inet6 import IPv6
 
 from pvpn import auth, pki, tls
 from pvpn.config import ServerConfig, UserPolicy, parse_prefix
+from pvpn.envelope import MsgType, encode_control
 from pvpn.protocol import (
     CloseLink, InjectPacket, LinkClosed, LinkEstablished, LinkRefused, LogRecord,
     PacketsReceived, SendBytes, ServerNode, UserLink,
@@ -723,3 +725,145 @@ def test_a_reload_that_changes_nothing_for_a_session_says_nothing(pki_dir: Any) 
     h.transfer()
     assert not [r for r in h.logs if r.event == "session:narrowed"]
     assert len(h.node.flows) == 1 and len(h.node.sessions) == 1
+
+
+# ---------------------------------------------------------------- issue 9: no peer ends a node
+
+
+CORRUPT_RECORD = b"\x17\x03\x03\x00\x40" + bytes(64)  # TLS application data that won't decrypt
+
+
+def alice_with_a_flow(h: Harness) -> bytes:
+    """alice up, one UDP flow of hers out; the reply the target would send to it."""
+    h.connect(1, "alice")
+    h.links[1].send_packets([bytes(IP(src="10.0.0.2", dst=TARGET) / UDP(sport=5000, dport=7))])
+    h.transfer()
+    port = IP(h.injected[-1])[UDP].sport
+    return bytes(IP(src=TARGET, dst="10.9.0.1") / UDP(sport=7, dport=port) / b"reply")
+
+
+def sent_after_close(commands: list[Any], link: int) -> list[Any]:
+    closed_at = next((i for i, c in enumerate(commands)
+                      if isinstance(c, CloseLink) and c.link == link), None)
+    assert closed_at is not None, f"link {link} was not closed"
+    return [c for c in commands[closed_at:] if isinstance(c, SendBytes) and c.link == link]
+
+
+@pytest.mark.parametrize("reply_first", [True, False])
+def test_a_link_whose_tls_failed_drops_its_queued_replies(pki_dir: Any, reply_first: bool) -> None:
+    """Issue 9 point 2: alice stops reading and sends one corrupt TLS record; a reply routed to
+    her link then made flush raise TlsError out of the timer and the queue drain, and
+    pvpn-server exited with every session and NAT mapping. Now her link closes, its output
+    is dropped, it leaves the dirty set, and bob is served on."""
+    h = Harness(pki_dir)
+    reply = alice_with_a_flow(h)
+    h.connect(2, "bob")
+    node = h.node
+    if reply_first:
+        assert node.receive_reply(reply, h.now)  # queued for her link, not yet flushed
+    node.receive_data(1, CORRUPT_RECORD, h.now)
+    assert node.receive_reply(reply, h.now)  # routed to her link after its TLS failed
+    node.handle_timer(h.now + 1)
+    node.flush(h.now + 1)
+    assert not sent_after_close(node.commands, 1)
+    assert not node._dirty and not node.links[1].pending
+    assert any(isinstance(c, LogRecord) and c.record.event == "link:error"
+               for c in node.commands)
+    node.commands.clear()
+    h.closed.add(1)
+    h.links[2].send_packets([bytes(IP(src="10.0.0.2", dst=TARGET) / TCP(dport=80))])
+    h.transfer()
+    assert IP(h.injected[-1]).dst == TARGET, "bob is still served"
+
+
+def test_an_output_failure_closes_that_link_only(pki_dir: Any) -> None:
+    """A TLS session that fails while the node encrypts its output (here: closed under it)
+    closes its own link, logged, and the flush goes on to the others."""
+    h = Harness(pki_dir)
+    reply = alice_with_a_flow(h)
+    h.connect(2, "bob")
+    node = h.node
+    node.links[1].tls.close()  # type: ignore[union-attr]  # send() now fails on this link
+    assert node.receive_reply(reply, h.now)
+    node._send(node.links[2], MsgType.KEEPALIVE, node.links[2].session_id, encode_control({}))
+    node.flush(h.now)
+    assert any(isinstance(c, CloseLink) and c.link == 1 for c in node.commands)
+    assert any(isinstance(c, SendBytes) and c.link == 2 for c in node.commands)
+    assert any(isinstance(c, LogRecord) and c.record.event == "link:error"
+               and "TLS failed on output" in c.record.reason for c in node.commands)
+
+
+def crafted_hello(link: UserLink, **fields: Any) -> None:
+    """Replace the HELLO a UserLink is about to send by one with ``fields`` changed, packed
+    without the encoder's checks (as an attacker would)."""
+    body = {"user": link.user, "want": ["10.9.0.0/24"], "token": None, "client": "c",
+            "next": None, "path": [], **fields}
+    link._pending[0] = msgpack.packb(
+        [1, int(MsgType.HELLO), b"", link.uid, 0, 16, msgpack.packb(body, use_bin_type=True)],
+        use_bin_type=True)
+
+
+def test_a_refusal_quoting_a_long_path_is_bounded(pki_dir: Any) -> None:
+    """Issue 9 point 2: a REFUSE quoting a 66 KB user-supplied ``path`` raised
+    LocalProtocolError out of the node; now what a node quotes is bounded before it builds the
+    envelope (and such a path is refused as not node names)."""
+    h = Harness(pki_dir)
+    client = tls.TlsSession(tls.make_client_context(ca_file=h.p["ca"]), server_side=False,
+                            server_name=SERVER_IP)
+    key = h.p["keys"]["alice"]
+    link = UserLink(client, user="alice", uid=1001, want=["10.9.0.0/24"], client_name="c",
+                    signer=lambda n, b, node: auth.sign_challenge(key, n, b, "alice", node))
+    crafted_hello(link, path=["p" * 1050] * 63 + ["server"])
+    client.start()
+    h.links[1], h.events[1] = link, []
+    h.node.link_opened(1, tls.TlsSession(h.server_ctx, server_side=True), "peer", h.now)
+    h.transfer()
+    refused = first(h.events[1], LinkRefused)
+    assert len(refused.reason) <= 1024 and 1 in h.closed
+
+
+@pytest.mark.parametrize("fields, words", [
+    ({"user": "\x1b[2J" + "a" * 4000}, "user name"),
+    ({"client": "c" * 4000}, "client host name"),
+    ({"path": ["gw1\x1b[31m"]}, "node names"),
+    ({"next": "10.0.0.1:4433\n" + "x" * 4000}, "next hop"),
+    ({"want": ["10.9.0.0/24"] * 65}, "destination prefixes"),
+])
+def test_hello_identifiers_are_checked_before_use(pki_dir: Any, fields: dict[str, Any],
+                                                  words: str) -> None:
+    """Issue 9 point 9: user name, client name, path entries and next hop from a HELLO are
+    checked (length, charset) before they are used or logged: refused, with what is wrong."""
+    h = Harness(pki_dir)
+    client = tls.TlsSession(tls.make_client_context(ca_file=h.p["ca"]), server_side=False,
+                            server_name=SERVER_IP)
+    link = UserLink(client, user="alice", uid=1001, want=["10.9.0.0/24"], client_name="c",
+                    signer=lambda n, b, node: b"")
+    crafted_hello(link, **fields)
+    client.start()
+    h.links[1], h.events[1] = link, []
+    h.node.link_opened(1, tls.TlsSession(h.server_ctx, server_side=True), "peer", h.now)
+    h.transfer()
+    refused = first(h.events[1], LinkRefused)
+    assert refused.code == "bad-hello" and words in refused.reason
+    assert refused.reason.isprintable() and len(refused.reason) < 300
+    for record in h.logs:  # nothing of what was refused is logged as a name or a session
+        assert record.user in ("", "alice") and not record.session
+
+
+def test_the_users_end_drops_its_output_when_its_tls_fails(pki_dir: Any) -> None:
+    """The user's process has the same rule: a link whose TLS failed (a corrupt record from
+    the node) drops what it had queued instead of raising TlsError when asked for its bytes;
+    a failure on output is reported by the next timer."""
+    h = Harness(pki_dir)
+    link = h.connect(1, "alice")
+    link.send_packets([bytes(IP(src="10.0.0.2", dst=TARGET) / UDP(sport=1, dport=7))])
+    (closed,) = [e for e in link.receive_data(CORRUPT_RECORD, h.now) if isinstance(e, LinkClosed)]
+    link._send_control(MsgType.KEEPALIVE, {})  # something queued after the failure, too
+    link.data_to_send(h.now)  # raised TlsError; now at most TLS's alert
+    assert link.data_to_send(h.now) == b"" and closed.reason.startswith("TlsError")
+    other = h.connect(2, "bob")
+    other.tls.close()  # type: ignore[attr-defined]  # its TLS refuses to send from now on
+    other.send_packets([bytes(IP(src="10.0.0.2", dst=TARGET) / UDP(sport=1, dport=7))])
+    assert other.data_to_send(h.now) == b""
+    failed = other.handle_timer(h.now)
+    assert isinstance(failed, LinkClosed) and "TLS failed on output" in failed.reason

@@ -89,8 +89,9 @@ def test_malformed_lines_and_missing_files_are_skipped(tmp_path: Path) -> None:
     assert [r["node"] for r in records] == ["client", "gw1", "server", "x", "server", "client"]
     assert session_records(paths, "") == []
     assert session_records(paths, "ff" * 16) == []
-    lines = ['{"time": NaN, "session": "a"}', '{"time": 1e999, "session": "a"}',
-             '{"time": true, "session": "a"}', '{"time": 1, "session": "a"}', '{"time": 1,']
+    lines = [line.replace('"a"', f'"{ALICE}"') for line in (
+        '{"time": NaN, "session": "a"}', '{"time": 1e999, "session": "a"}',
+        '{"time": true, "session": "a"}', '{"time": 1, "session": "a"}', '{"time": 1,')]
     assert [r["time"] for r in parse_lines(lines)] == [1]
 
 
@@ -375,3 +376,36 @@ def test_which_logs_without_logs_or_lab(tmp_path: Path, monkeypatch: pytest.Monk
     (tmp_path / "rot.log.old").write_text("")
     assert trace_cli.with_rotated(tmp_path / "rot.log") == [tmp_path / "rot.log.1",
                                                             tmp_path / "rot.log"]
+
+
+def test_records_with_invalid_identifiers_are_ignored(tmp_path: Path) -> None:
+    """Issue 9 point 9: identifiers in records are validated; a record whose session id,
+    user, node or role is not what a node writes (a forged line, a name that would mislead
+    root) joins no trace."""
+    base = {"time": 5.0, "role": "server", "node": "server", "event": "session:opened",
+            "session": ALICE, "user": "alice"}
+    good = [base, {**base, "session": ALICE.upper()}, {**base, "user": "Bob$"},
+            {**base, "session": ""}]
+    bad = [{**base, "session": "a" * 31}, {**base, "session": ALICE + "0"},
+           {**base, "session": 12}, {**base, "user": "alice\x1b[2J"}, {**base, "user": "x" * 40},
+           {**base, "node": "gw 1"}, {**base, "node": ["server"]}, {**base, "role": "Server!"}]
+    parsed = list(parse_lines(json.dumps(r) for r in good + bad))
+    assert len(parsed) == len(good)
+
+
+def test_the_terminal_view_escapes_what_others_chose(tmp_path: Path) -> None:
+    """Issue 9 point 9: strings other users choose reached root's terminal with escape
+    sequences intact (pvpn trace: reasons, peers, next hops...)."""
+    evil = "\x1b]0;owned\x07\x1b[2J\u202e"
+    path = write(tmp_path / "pvpn-server.log",
+                 {"time": 1.0, "role": "server", "node": "server", "event": "session:opened",
+                  "session": ALICE, "user": "alice", "peer": evil, "next_hop": evil},
+                 {"time": 2.0, "role": "server", "node": "server", "event": "packet:dropped",
+                  "session": ALICE, "user": "alice", "reason": evil, "count": 1},
+                 {"time": 3.0, "role": "server", "node": "server", "event": "session:closed",
+                  "session": ALICE, "user": "alice", "reason": evil, "drops": {evil: 1}})
+    records = session_records([path], ALICE)
+    text = format_trace(trace_session(records, ALICE))
+    assert "owned" in text
+    assert "\x1b" not in text and "\x07" not in text and "\u202e" not in text
+    assert all(line.isprintable() for line in text.splitlines())

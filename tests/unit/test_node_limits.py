@@ -1,0 +1,42 @@
+"""The nodes' limits are [server] / [gateway] settings with safe defaults (issue 9 points 7, 8;
+docs/design.md "Limits and defences: the nodes")."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from pvpn.config import NodeLimits, load_gateway_config, load_server_config
+from pvpn.errors import ConfigError
+
+
+def base(tmp_path: Path, role: str) -> str:
+    for name in ("node.crt", "node.key"):
+        (tmp_path / name).write_text("x")
+    (tmp_path / "users").mkdir(exist_ok=True)
+    return (f'[{role}]\nname = "{role}"\nlisten = ["127.0.0.1:4433"]\n'
+            f'certificate = "{tmp_path}/node.crt"\nprivate_key = "{tmp_path}/node.key"\n'
+            f'authorized_keys = "{tmp_path}/users"\n')
+
+
+@pytest.mark.parametrize("role, load", [("server", load_server_config),
+                                        ("gateway", load_gateway_config)])
+def test_limits_defaults_settings_and_mistakes(tmp_path: Path, role: str, load: object) -> None:
+    path = tmp_path / f"{role}.toml"
+    path.write_text(base(tmp_path, role))
+    assert load(path).limits == NodeLimits(  # type: ignore[operator]
+        hello_timeout=10, auth_timeout=15, reauth_interval=3600, preauth_per_source=32,
+        preauth_max=256)
+    path.write_text(base(tmp_path, role) + "hello_timeout = 5\nauth_timeout = 20\n"
+                    "reauth_interval = 600\npreauth_per_source = 8\npreauth_max = 64\n")
+    assert load(path).limits == NodeLimits(5, 20, 600, 8, 64)  # type: ignore[operator]
+    for bad, setting in (("hello_timeout = 0", "hello_timeout"),
+                         ("hello_timeout = 20\nauth_timeout = 15", "auth_timeout"),
+                         ("reauth_interval = 1", "reauth_interval"),
+                         ("preauth_max = 0", "preauth_max"),
+                         ("preauth_per_source = 300", "preauth_per_source"),
+                         ('preauth_max = "many"', "preauth_max")):
+        path.write_text(base(tmp_path, role) + bad + "\n")
+        with pytest.raises(ConfigError, match=rf"\[{role}\] {setting}"):
+            load(path)  # type: ignore[operator]

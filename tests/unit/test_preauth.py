@@ -1,0 +1,236 @@
+"""Before authentication a stranger gets little and costs little (issue 9 point 7): per-source
+and node-wide limits on connections awaiting authentication that give up the least advanced
+and oldest one (so a flood costs the flooder, and a user of the same host still logs in), a
+short deadline for HELLO, no TLS state for a connection that never speaks, and records of
+what a stranger claimed that join no session's trace."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+
+from pvpn import auth, pki, tls
+from pvpn.config import ServerConfig, UserPolicy, parse_prefix
+from pvpn.protocol import (
+    CloseLink, LinkEstablished, LinkRefused, LogRecord, SendBytes, ServerNode, UserLink,
+)
+
+SERVER_IP = "10.0.0.1"
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    d = tmp_path_factory.mktemp("preauth")
+    pki.create_ca(d / "ca")
+    crt, key = pki.issue_certificate(d / "ca", "server", d / "server", ips=[SERVER_IP])
+    users = d / "users"
+    users.mkdir()
+    keys = {name: auth.generate_user_key(2048) for name in ("alice", "bob")}
+    for name, k in keys.items():
+        auth.save_public_key(k, users / f"{name}.pub", name)
+    return {"ca": str(d / "ca" / "ca.crt"), "crt": str(crt), "key": str(key), "users": users,
+            "keys": keys, "server_ctx": tls.make_server_context(str(crt), str(key)),
+            "client_ctx": tls.make_client_context(ca_file=str(d / "ca" / "ca.crt"))}
+
+
+def limits(**settings: float) -> Any:
+    from pvpn.config import NodeLimits  # here, so the module loads on code without it
+
+    return NodeLimits(**settings)  # type: ignore[arg-type]
+
+
+class Node:
+    """A server node, its links' user ends, and what it said to whom."""
+
+    def __init__(self, w: dict[str, Any], **settings: float) -> None:
+        self.w = w
+        allow = [parse_prefix("10.9.0.0/24")]
+        config = ServerConfig(Path("s.toml"), "server", [], Path(w["crt"]), Path(w["key"]),
+                              w["users"], 0, (61000, 61999), "t",
+                              {"alice": UserPolicy(list(allow)), "bob": UserPolicy(list(allow))})
+        self.node = ServerNode(config, auth.AuthorizedKeys(w["users"]), auth.verify_signature,
+                               lambda dst: bytes(4))
+        if settings:
+            self.node.limits = limits(**settings)
+        self.now = 100.0
+        self.ends: dict[int, Any] = {}  # link id -> the client's TlsSession or UserLink
+        self.events: dict[int, list[Any]] = {}
+        self.closed: set[int] = set()
+        self.logs: list[Any] = []
+        self.ids = 0
+
+    def tls_factory(self) -> Callable[[], tls.TlsSession]:
+        ctx = self.w["server_ctx"]
+        return lambda: tls.TlsSession(ctx, server_side=True)
+
+    def open(self, peer: str = "10.0.0.7:40000", lazily: bool = False) -> int:
+        """A connection from ``peer``; its TLS session made at once (or by the node, on the
+        first bytes: ``lazily``)."""
+        self.ids += 1
+        made = self.tls_factory()
+        assert self.node.link_opened(self.ids, made if lazily else made(), peer, self.now)
+        self.settle()
+        return self.ids
+
+    def client_tls(self) -> tls.TlsSession:
+        session = tls.TlsSession(self.w["client_ctx"], server_side=False, server_name=SERVER_IP)
+        session.start()
+        return session
+
+    def stranger(self, kind: str, peer: str = "10.0.0.7:40000") -> int:
+        """A connection that stops: "idle" (no byte), "partial" (half a ClientHello) or
+        "tls" (a whole TLS handshake, then nothing)."""
+        link = self.open(peer)
+        if kind != "idle":
+            client = self.client_tls()
+            hello = client.data_to_send()
+            self.ends[link] = client
+            self.node.receive_data(link, hello[:40] if kind == "partial" else hello, self.now)
+            self.settle()
+        return link
+
+    def user(self, name: str, peer: str = "10.0.0.7:40000", session: bytes = b"") -> int:
+        link = self.open(peer)
+        key = self.w["keys"][name]
+        user_link = UserLink(self.client_tls(), user=name, uid=1001, want=["10.9.0.0/24"],
+                             client_name="clienthost", session=session,
+                             signer=lambda n, b, node: auth.sign_challenge(key, n, b, name, node))
+        user_link.start(self.now)
+        self.ends[link] = user_link
+        self.settle()
+        return link
+
+    def settle(self) -> None:
+        node = self.node
+        for _ in range(50):
+            moved = False
+            for link, end in self.ends.items():
+                if link in self.closed:
+                    continue
+                data = end.data_to_send(self.now) if isinstance(end, UserLink) else \
+                    end.data_to_send()
+                if data:
+                    moved = True
+                    node.receive_data(link, data, self.now)
+            node.flush(self.now)
+            commands, node.commands = node.commands, []
+            for cmd in commands:
+                if isinstance(cmd, SendBytes) and cmd.link not in self.closed:
+                    end = self.ends.get(cmd.link)
+                    if isinstance(end, UserLink):
+                        moved = True
+                        self.events.setdefault(cmd.link, []).extend(
+                            end.receive_data(cmd.data, self.now))
+                    elif end is not None:
+                        end.receive_data(cmd.data)
+                elif isinstance(cmd, CloseLink):
+                    self.closed.add(cmd.link)
+                elif isinstance(cmd, LogRecord):
+                    self.logs.append(cmd.record)
+            if not moved:
+                return
+        raise AssertionError("did not settle")
+
+    def established(self, link: int) -> bool:
+        return any(isinstance(e, LinkEstablished) for e in self.events.get(link, []))
+
+
+def test_a_silent_connection_costs_no_tls_state(world: Any) -> None:
+    n = Node(world)
+    link = n.open(lazily=True)
+    assert n.node.links[link].tls is None
+    client = n.client_tls()
+    n.node.receive_data(link, client.data_to_send()[:40], n.now)
+    assert n.node.links[link].tls is not None
+
+
+def test_a_legitimate_user_logs_in_while_strangers_from_her_host_flood(world: Any) -> None:
+    """300 connections from one host (a third silent, a third stopped in the ClientHello, a
+    third stopped after TLS), alice's in the middle of them: alice is in, and no more than
+    preauth_per_source strangers are held at any time."""
+    n = Node(world)
+    per_source = 32  # the default preauth_per_source
+    kinds = ["idle", "partial", "tls"]
+    for number in range(150):
+        n.stranger(kinds[number % 3])
+    alice = n.user("alice")
+    for number in range(150):
+        n.stranger(kinds[number % 3])
+        held = [link for link in n.node.links.values()
+                if not link.closed and link.state.value != "established"]
+        assert len(held) <= per_source
+    assert n.established(alice)
+    evicted = [r for r in n.logs if r.event == "link:evicted"]
+    assert evicted and len(evicted) < 30, "rate-limited records"
+
+
+def test_a_full_node_gives_up_a_stranger_for_a_user(world: Any) -> None:
+    """4,096 idle connections from one address took every link slot: nobody else got in."""
+    n = Node(world)
+    n.node.MAX_LINKS = 64
+    for _ in range(64):
+        n.stranger("idle", peer="192.0.2.9:1000")
+    bob = n.user("bob", peer="198.51.100.2:2000")
+    assert n.established(bob)
+
+
+def test_the_busiest_source_pays_when_the_node_is_at_its_limit(world: Any) -> None:
+    n = Node(world, preauth_max=20, preauth_per_source=10)
+    for host in range(4):
+        for _ in range(4 if host else 8):
+            n.stranger("tls", peer=f"192.0.2.{host + 1}:1000")
+    assert sum(1 for l in n.node.links.values() if l.preauth) == 20
+    n.stranger("idle", peer="198.51.100.2:2000")
+    evicted = [l for l in n.node.links.values() if l.closed]
+    assert len(evicted) == 1 and evicted[0].source == "192.0.2.1"
+
+
+def test_an_authenticated_link_is_never_evicted(world: Any) -> None:
+    n = Node(world, preauth_max=8, preauth_per_source=4)
+    alice = n.user("alice")
+    assert n.established(alice)
+    for _ in range(40):
+        n.stranger("tls")
+    assert alice not in n.closed
+
+
+def test_ipv6_sources_are_counted_by_their_64(world: Any) -> None:
+    n = Node(world, preauth_max=64, preauth_per_source=4)
+    for host in range(12):
+        n.stranger("idle", peer=f"[2001:db8:0:1::{host + 1}]:5000")
+    assert sum(1 for l in n.node.links.values() if l.preauth) == 4
+
+
+def test_no_hello_within_hello_timeout_closes_the_link(world: Any) -> None:
+    n = Node(world)
+    link = n.stranger("tls")
+    n.now += 10 + 1  # the default hello_timeout, and a second
+    n.node.handle_timer(n.now)
+    n.settle()
+    assert link in n.closed
+    assert any(r.event == "link:error" and "no HELLO" in r.reason for r in n.logs)
+
+
+def test_a_strangers_records_join_no_session(world: Any) -> None:
+    """Issue 9 point 9: an unauthenticated HELLO names any session id, and its auth:refused
+    record merged into that session's trace."""
+    n = Node(world)
+    alice = n.user("alice")
+    (session,) = n.node.sessions
+    n.logs.clear()
+    forger = n.open(peer="203.0.113.5:4001")
+    key = world["keys"]["bob"]  # bob's key, alice's name, alice's session id
+    link = UserLink(n.client_tls(), user="alice", uid=1001, want=["10.9.0.0/24"],
+                    client_name="x", session=session,
+                    signer=lambda nonce, b, node: auth.sign_challenge(key, nonce, b, "alice", node))
+    link.start(n.now)
+    n.ends[forger] = link
+    n.settle()
+    n.node.link_lost(forger, n.now)
+    n.settle()
+    assert any(isinstance(e, LinkRefused) for e in n.events[forger])
+    strangers = [r for r in n.logs if r.peer.startswith("203.0.113.5")]
+    assert strangers and all(r.session == "" for r in strangers)
+    assert n.established(alice)
