@@ -1265,7 +1265,8 @@ class ServerNode(NodeBase):
             self._drop(session, Drop.SESSION_DETACHED, now, entry.original)
             return True
         link = self.links.get(session.link)
-        if link is None:
+        if link is None or link.closed:  # closed, not yet lost: its output is over
+            self._drop(session, Drop.SESSION_DETACHED, now, entry.original)
             return True
         if link.congested:
             self._drop(session, Drop.LINK_CONGESTED, now, entry.original)

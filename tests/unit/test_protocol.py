@@ -762,7 +762,11 @@ def test_a_link_whose_tls_failed_drops_its_queued_replies(pki_dir: Any, reply_fi
     if reply_first:
         assert node.receive_reply(reply, h.now)  # queued for her link, not yet flushed
     node.receive_data(1, CORRUPT_RECORD, h.now)
+    session = next(s for s in node.sessions.values() if s.user == "alice")
+    counted = session.packets_in
     assert node.receive_reply(reply, h.now)  # routed to her link after its TLS failed
+    assert session.packets_in == counted, "not counted as delivered: it goes nowhere"
+    assert session.drops.as_dict().get("session-detached") == 1
     node.handle_timer(h.now + 1)
     node.flush(h.now + 1)
     assert not sent_after_close(node.commands, 1)
