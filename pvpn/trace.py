@@ -246,6 +246,7 @@ class SessionTrace:
     end: float
     hops: list[HopSummary]
     timeline: list[LogRecord]
+    foreign: list[str] = field(default_factory=list)  # others' records with this id, left out
 
     @property
     def user(self) -> str:
@@ -335,9 +336,45 @@ def _chain_order(hop: HopSummary) -> tuple[int, int, float]:
     return rank, path, hop.first
 
 
+def _owner(records: Sequence[LogRecord]) -> str:
+    """The user the server authenticated for this session id ("" if no server logged one).
+
+    The server alone makes the id unique (it replaces a proposed id that is taken), so its
+    user is the session's; a gateway takes the id an authenticated user proposes."""
+    for record in records:
+        if (_text(record, "role") == "server" and _text(record, "user")
+                and _text(record, "event") in ("session:opened", "session:resumed")):
+            return _text(record, "user")
+    return ""
+
+
+def _foreign(records: Sequence[LogRecord]) -> tuple[list[LogRecord], list[str]]:
+    """``records`` without a gateway's records of another user than the session's owner (a
+    user who proposed someone else's session id at a gateway), and what was left out."""
+    owner = _owner(records)
+    if not owner:
+        return list(records), []
+    kept: list[LogRecord] = []
+    left: dict[tuple[str, str], int] = {}
+    for record in records:
+        user = _text(record, "user")
+        if _text(record, "role") == "gateway" and user and user != owner:
+            key = (_text(record, "node"), user)
+            left[key] = left.get(key, 0) + 1
+            continue
+        kept.append(record)
+    return kept, [f"{count} record(s) of user {user} at {node or 'a gateway'} carry this "
+                  f"session id; the server's session is {owner}'s, so they are not shown"
+                  for (node, user), count in sorted(left.items())]
+
+
 def trace_session(records: Iterable[LogRecord], session: str) -> SessionTrace:
-    """The trace of ``session`` (full hex id) from any records (others' are ignored)."""
-    mine = select_session(records, session)
+    """The trace of ``session`` (full hex id) from any records (others' are ignored).
+
+    A gateway's records of a user other than the one the server authenticated for this id
+    are left out (and said so in ``foreign``): an authenticated user can propose any session
+    id at a gateway, and must not write into another user's trace."""
+    mine, foreign = _foreign(select_session(records, session))
     by_hop: dict[tuple[str, str], list[LogRecord]] = {}
     for record in mine:
         by_hop.setdefault(_hop_key(record), []).append(record)
@@ -346,7 +383,7 @@ def trace_session(records: Iterable[LogRecord], session: str) -> SessionTrace:
     times = [record_time(r) or 0.0 for r in mine]
     return SessionTrace(session=session.strip().lower(),
                         start=min(times, default=0.0), end=max(times, default=0.0),
-                        hops=hops, timeline=mine)
+                        hops=hops, timeline=mine, foreign=foreign)
 
 
 @dataclass(slots=True)
@@ -413,7 +450,7 @@ def trace_to_json(trace: SessionTrace) -> dict[str, Any]:
         "session": trace.session, "user": trace.user, "uid": trace.uid,
         "start": trace.start, "end": trace.end,
         "duration": _offset(trace.end, trace.start), "closed": trace.closed,
-        "chain": [hop.name for hop in trace.hops],
+        "chain": [hop.name for hop in trace.hops], "foreign": list(trace.foreign),
         "hops": [hop_to_json(hop, trace.start) for hop in trace.hops],
         "timeline": [{"offset": _offset(record_time(r) or trace.start, trace.start), **r}
                      for r in trace.timeline],
@@ -536,6 +573,7 @@ def format_trace(trace: SessionTrace, timeline: bool = True) -> str:
         f"  {format_time(trace.start)} .. +{trace.end - trace.start:.3f}s   "
         f"{'closed' if trace.closed else 'open (no end logged by the client or server)'}",
         f"  chain: {' > '.join(_p(hop.name) for hop in trace.hops)}",
+        *(f"  warning: {_p(line)}" for line in trace.foreign),
         "",
     ]
     for index, hop in enumerate(trace.hops, 1):

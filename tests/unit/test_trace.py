@@ -409,3 +409,23 @@ def test_the_terminal_view_escapes_what_others_chose(tmp_path: Path) -> None:
     assert "owned" in text
     assert "\x1b" not in text and "\x07" not in text and "\u202e" not in text
     assert all(line.isprintable() for line in text.splitlines())
+
+
+def test_another_users_records_under_this_session_id_at_a_gateway_are_left_out(
+        tmp_path: Path) -> None:
+    """An authenticated user can propose any session id at a gateway (the server alone makes
+    ids unique). mallory proposed alice's at a third gateway: those records must not join
+    alice's trace (they did), and the view says they were left out."""
+    chain_logs(tmp_path)
+    write(tmp_path / "gw9" / "pvpn-gateway.log",
+          rec(3.0, "gateway", "gw9", "session:opened", path=[], peer="10.66.0.1:1",
+              next_hop="10.77.2.2:4433", session=S, user="mallory", uid=1003),
+          rec(3.5, "gateway", "gw9", "session:closed", reason="closed by the user: x",
+              bytes_to_next=1, bytes_from_next=1, session=S, user="mallory", uid=1003))
+    trace = trace_session(read_records(log_files([tmp_path])), S)
+    assert [hop.name for hop in trace.hops] == ["client", "gw1", "gw2", "server"]
+    assert all(r.get("user") != "mallory" for r in trace.timeline)
+    assert trace.foreign == ["2 record(s) of user mallory at gw9 carry this session id; the "
+                             "server's session is alice's, so they are not shown"]
+    assert "warning: 2 record(s) of user mallory at gw9" in format_trace(trace)
+    assert trace_to_json(trace)["foreign"] == trace.foreign
