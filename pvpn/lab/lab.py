@@ -239,10 +239,14 @@ def _supervisord_env(host_dir: Path) -> dict[str, str]:
 def _start_supervisord(topology: Topology, role: str) -> None:
     host_dir = topology.host_dir(role)
     supervisord = require_program("supervisord")
+    command = [supervisord, "-c", str(host_dir / "supervisord.conf")]
+    if services.node_program(role) is not None:
+        # As on a real node (supervisord.d/supervisord.conf): under umask 077, so the log
+        # supervisord opens before applying its own umask setting is root's too.
+        command = ["sh", "-c", 'umask 077 && exec "$0" "$@"', *command]
     # supervisord daemonizes (nodaemon=false): this returns once it has forked; the daemon
     # stays in the host's namespace.
-    run(netns.ns_exec(topology.host(role).namespace, supervisord,
-                      "-c", str(host_dir / "supervisord.conf")),
+    run(netns.ns_exec(topology.host(role).namespace, *command),
         env=_supervisord_env(host_dir), cwd=host_dir, timeout=30)
 
 

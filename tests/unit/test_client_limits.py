@@ -268,3 +268,19 @@ def test_pvpn_status_escapes_what_users_chose(monkeypatch: pytest.MonkeyPatch,
     out = capsys.readouterr().out
     assert "\x1b" not in out and "\x07" not in out
     assert "x\\x1b[2J\\x1b]0;owned\\x07:4433" in out
+
+
+def test_the_shipped_supervisord_files_keep_logs_root_s() -> None:
+    """Under supervisord's default umask (022) the nodes' logs were readable by every user."""
+    import configparser
+
+    conf = Path(__file__).resolve().parents[2] / "supervisord.d"
+    main = configparser.ConfigParser(interpolation=None)
+    main.read(conf / "supervisord.conf")
+    assert main["supervisord"]["umask"] == "077"
+    # The run directory is traversable (pvpn-client's socket); every log is in the 0700 one.
+    assert main["supervisord"]["logfile"].startswith("%(ENV_PVPN_LOGDIR)s/")
+    for program in ("pvpn-client", "pvpn-server", "pvpn-gateway"):
+        section = configparser.ConfigParser(interpolation=None)
+        section.read(conf / f"{program}.conf")
+        assert section[f"program:{program}"]["umask"] == "077"
