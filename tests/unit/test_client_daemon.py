@@ -18,6 +18,7 @@ from pvpn import firewall
 from pvpn.client import daemon as dm
 from pvpn.config import load_client_config
 from pvpn.envelope import EnvelopeDecoder, MsgType, decode_control, encode_control, encode_envelope
+from pvpn.io import conntrack
 
 
 class Kernel:
@@ -64,13 +65,13 @@ def kernel(monkeypatch: pytest.MonkeyPatch) -> Iterator[Kernel]:
         return []
 
     monkeypatch.setattr(dm.rules, "remove_instance", remove_instance)
-    monkeypatch.setattr(dm.conntrack, "count_marked", lambda mark, mask: k.marked.get(mark, 0))
+    monkeypatch.setattr(conntrack, "count_marked", lambda mark, mask: k.marked.get(mark, 0))
 
     def forget(mark: int, mask: int) -> int:
         k.forgotten.append(mark)
         return k.marked.pop(mark, 0)
 
-    monkeypatch.setattr(dm.conntrack, "forget_marked", forget)
+    monkeypatch.setattr(conntrack, "forget_marked", forget)
     monkeypatch.setattr(dm, "open_tun", lambda name: os.open(os.devnull, os.O_RDWR))
     monkeypatch.setattr(dm, "BatchedQueue", Queue)
     try:
@@ -246,14 +247,14 @@ def test_an_ended_session_leaves_no_mark_and_a_carried_mark_is_quarantined(
         # Marks that outlived a clean-up (a crash between the two steps, say) and cannot be
         # forgotten keep the slot from the next user.
         kernel.marked[mark] = 1
-        monkey_forget = dm.conntrack.forget_marked
-        dm.conntrack.forget_marked = lambda m, mask: 0  # type: ignore[assignment]
+        monkey_forget = conntrack.forget_marked
+        conntrack.forget_marked = lambda m, mask: 0  # type: ignore[assignment]
         try:
             bob = Process(daemon, 1002)
             assert bob.register(["10.77.1.0/24"])[0] is MsgType.REGISTERED
             assert daemon.registry.sessions[1].uid == 1002 and 0 not in daemon.registry.sessions
         finally:
-            dm.conntrack.forget_marked = monkey_forget  # type: ignore[assignment]
+            conntrack.forget_marked = monkey_forget  # type: ignore[assignment]
 
     run(scenario())
 
