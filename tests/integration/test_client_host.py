@@ -166,6 +166,50 @@ def test_restarts_of_every_node_keep_the_vpn_held_and_it_comes_back(
     assert tunnel_pids(lab1, "alice") == [] and "PVPNC-S" not in client_rules(lab1)
 
 
+def test_only_an_administrator_command_that_names_them_removes_sessions(
+        lab1: dict[str, Any]) -> None:
+    """Protection ends by the user, or by root naming what goes: `pvpn disconnect --all`
+    with pvpn-client running, `pvpn-client --remove-sessions` with it stopped."""
+    ns = lab1["hosts"]["client"]["namespace"]
+    config = lab1["configs"]["client"]
+    pvpn_client = str(Path(sys.executable).parent / "pvpn-client")
+
+    def remove_sessions() -> subprocess.CompletedProcess[str]:
+        return subprocess.run(["ip", "netns", "exec", ns, pvpn_client, "--config", config,
+                               "--remove-sessions"], capture_output=True, text=True, timeout=60)
+
+    alice = connect(lab1, "alice")
+    bob = connect(lab1, "bob")
+    try:
+        refused = remove_sessions()
+        assert refused.returncode == 1 and "pvpn disconnect --all" in refused.stdout
+        assert len(session_state(lab1, "root")) == 2
+        ended = sh(lab1, "client", "root", "pvpn", "disconnect", "--all", "--socket",
+                   lab1["client_socket"])
+        out = ended.stdout.decode()
+        assert ended.returncode == 0, ended.stderr
+        assert f"{alice} of alice" in out and f"{bob} of bob" in out
+        wait_until(lambda: not tunnel_pids(lab1, "alice") and not tunnel_pids(lab1, "bob"), 15,
+                   "the tunnel processes told and gone")
+        assert "PVPNC-S" not in client_rules(lab1)
+
+        alice = connect(lab1, "alice")
+        for pid in tunnel_pids(lab1, "alice"):
+            os.kill(pid, signal.SIGKILL)  # held, with nobody to come back for it
+        supervisorctl(lab1, "client", "stop", "pvpn-client")
+        assert "PVPNC-S0" in client_rules(lab1)
+        removed = remove_sessions()
+        assert removed.returncode == 0, removed.stdout + removed.stderr
+        assert f"removing session {alice} of alice" in removed.stdout
+        assert "PVPNC" not in client_rules(lab1)
+    finally:
+        supervisorctl(lab1, "client", "start", "pvpn-client")
+        wait_until(lambda: Path(lab1["client_socket"]).exists(), 30, "pvpn-client back")
+        disconnect(lab1, "alice")
+        disconnect(lab1, "bob")
+    assert session_state(lab1, "root") == []
+
+
 # A kept-alive HTTP connection: the reply that came in through the TUN device marked it.
 HOLD_OPEN = r"""
 import socket, sys, time
