@@ -575,7 +575,7 @@ def ensure_socket_dir(path: Path) -> str | None:
 
 
 async def serve(config: ClientConfig) -> None:
-    conntrack.tool()  # ConfigError now, not when the first session ends
+    conntrack.check()  # ConfigError now, not when the first session ends
     daemon = ClientDaemon(config)
     loop = daemon.loop
     if strict_rp_filter():

@@ -284,3 +284,35 @@ def test_the_shipped_supervisord_files_keep_logs_root_s() -> None:
         section = configparser.ConfigParser(interpolation=None)
         section.read(conf / f"{program}.conf")
         assert section[f"program:{program}"]["umask"] == "077"
+
+
+def test_ctnetlink_requests_and_replies() -> None:
+    """The mark questions pvpn-client asks the kernel, and how it reads the answers."""
+    import struct
+
+    from pvpn.io import conntrack as ct
+
+    request = ct.mark_request(ct.IPCTNL_MSG_CT_GET, ct.NLM_F_DUMP, 7, 0x30000, 0xFF0000)
+    length, kind, flags, seq, pid = struct.unpack_from("=IHHII", request)
+    assert length == len(request) == 16 + 4 + 8 + 8
+    assert kind == 1 << 8 | 1 and flags == 0x301 and seq == 7 and pid == 0
+    assert request[16:20] == b"\0\0\0\0"  # AF_UNSPEC: both families
+    assert request[20:28] == struct.pack("=HH", 8, 8) + b"\x00\x03\x00\x00"
+    assert request[28:36] == struct.pack("=HH", 8, 21) + b"\x00\xff\x00\x00"
+
+    def message(kind: int, seq: int, payload: bytes = b"") -> bytes:
+        body = payload + b"\0" * (-len(payload) % 4)
+        return struct.pack("=IHHII", 16 + len(payload), kind, 2, seq, 0) + body
+
+    entry = message(1 << 8 | 0, 7, b"x" * 21)
+    replies = ct.Replies()
+    ct.read_replies(entry * 3 + message(1 << 8, 99), 7, replies)  # another request's: not ours
+    assert (replies.entries, replies.done, replies.error) == (3, False, 0)
+    ct.read_replies(message(ct.NLMSG_DONE, 7, b"\0" * 4), 7, replies)
+    assert replies.done and replies.entries == 3
+    refused = ct.Replies()
+    ct.read_replies(message(ct.NLMSG_ERROR, 7, struct.pack("=i", -1) + b"\0" * 16), 7, refused)
+    assert refused.done and refused.error == 1
+    broken = ct.Replies()
+    ct.read_replies(struct.pack("=IHHII", 9999, 0, 0, 7, 0), 7, broken)
+    assert broken.done and broken.error
