@@ -135,10 +135,9 @@ class Registry:
 
     def find_held(self, uid: int, networks: list[Network]) -> SlotSession | None:
         """A session of this uid for exactly these prefixes whose tunnel process is gone."""
-        wanted = sorted(map(str, networks))
+        wanted = set(networks)
         for session in self.sessions.values():
-            if (session.uid == uid and not session.attached
-                    and sorted(map(str, session.networks)) == wanted):
+            if session.uid == uid and not session.attached and set(session.networks) == wanted:
                 return session
         return None
 

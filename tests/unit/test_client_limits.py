@@ -63,6 +63,7 @@ def test_prefixes_are_bounded_per_session_and_per_user(tmp_path: Path) -> None:
     # The same prefix twice is one prefix, not two rules.
     twice = registry.allocate(1001, "alice", "s:1", [NET4, NET4, NET6], 0.0)
     assert twice.networks == [NET4, NET6]
+    assert registry.find_held(1001, [NET6, NET4, NET4]) is twice, "held: the same prefixes"
 
 
 def test_a_session_never_up_expires_after_grace_time(tmp_path: Path) -> None:
