@@ -48,6 +48,8 @@ from pvpn.text import clip
 MAX_SERVER = 300
 TICK = 5.0
 PRUNE_EVERY = 60.0
+#: At most one local:error or local:refused record per uid this often (seconds).
+LOCAL_LOG_EVERY = 10.0
 
 
 def user_name(uid: int) -> str:
@@ -101,8 +103,8 @@ class LocalLink(asyncio.Protocol):
                 else:
                     self.daemon.local_control(self, envelope)
         except RemoteProtocolError as exc:
-            self.daemon.log_event("local:error", self.session, uid=self.uid,
-                                  reason=clip(f"{type(exc).__name__}: {exc}"))
+            self.daemon.local_record("local:error", self, self.session,
+                                     reason=clip(f"{type(exc).__name__}: {exc}"))
             self.close()
         self.flush()
 
@@ -142,7 +144,8 @@ class ClientDaemon:
         self.links: dict[int, LocalLink] = {}  # slot -> attached link
         self.local: set[LocalLink] = set()  # every admitted connection on the socket
         self.local_by_uid: dict[int, int] = {}
-        self._refusals_logged: dict[int, float] = {}  # uid -> last "local:refused" record
+        # uid -> (time of its last local:* record, records suppressed since)
+        self._local_logged: dict[int, tuple[float, int]] = {}
         self._dirty: set[LocalLink] = set()
         self._pruned = 0.0
 
@@ -170,11 +173,8 @@ class ClientDaemon:
                      "(max_local_connections_per_uid)"
                      if mine >= config.max_local_connections_per_uid else
                      f"{config.max_local_connections} in all (max_local_connections)")
-            now = self.loop.time()
-            if now - self._refusals_logged.get(uid, -60.0) >= 60.0:  # one record a minute
-                self._refusals_logged[uid] = now
-                self.log_event("local:refused", uid=uid, user=user_name(uid), pid=link.pid,
-                               reason=f"too many connections to pvpn-client: {limit}")
+            self.local_record("local:refused", link,
+                              reason=f"too many connections to pvpn-client: {limit}")
             link.send_control(MsgType.ERROR, {"code": "refused", "reason":
                               f"too many connections to pvpn-client: {limit}"})
             link.close()
@@ -182,6 +182,20 @@ class ClientDaemon:
         link.admitted = True
         self.local.add(link)
         self.local_by_uid[uid] = mine + 1
+
+    def local_record(self, event: str, link: LocalLink, session: SlotSession | None = None,
+                     **kw: Any) -> None:
+        """A record about a local connection's misstep (refused, garbage): at most one per uid
+        per LOCAL_LOG_EVERY seconds, saying how many were left out, so a local user looping
+        over bad connections cannot flood the log."""
+        now = self.loop.time()
+        last, suppressed = self._local_logged.get(link.uid, (-LOCAL_LOG_EVERY, 0))
+        if now - last < LOCAL_LOG_EVERY:
+            self._local_logged[link.uid] = (last, suppressed + 1)
+            return
+        self._local_logged[link.uid] = (now, 0)
+        self.log_event(event, session, uid=link.uid, user=user_name(link.uid), pid=link.pid,
+                       suppressed=suppressed, **kw)
 
     # -- sessions
     def _install(self, session: SlotSession) -> None:
@@ -531,9 +545,9 @@ class ClientDaemon:
         for link in list(self.local):
             if link.session is None and now - link.last_active > self.config.grace_time:
                 link.close()
-        for uid, at in list(self._refusals_logged.items()):
-            if now - at >= 60.0:
-                del self._refusals_logged[uid]
+        for uid, (at, suppressed) in list(self._local_logged.items()):
+            if now - at >= LOCAL_LOG_EVERY and not suppressed:
+                del self._local_logged[uid]
         if now - self._pruned >= PRUNE_EVERY:
             self._pruned = now
             for session in self.registry.sessions.values():

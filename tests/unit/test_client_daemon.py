@@ -385,3 +385,19 @@ def test_recovered_networks_are_the_ones_in_the_rules(kernel: Kernel, tmp_path: 
         assert session.state == "up", "the tunnel process re-attaches at once"
 
     run(scenario())
+
+
+def test_a_local_user_looping_over_garbage_cannot_flood_the_log(kernel: Kernel,
+                                                                tmp_path: Path) -> None:
+    async def scenario() -> None:
+        daemon = make_daemon(tmp_path)
+        for i in range(200):
+            garbage = Process(daemon, 1002, pid=i)
+            garbage.link.data_received(b"\xc1" * 10)  # not msgpack: the link is closed
+            assert garbage.transport.closed
+            await asyncio.sleep(0)
+        log = daemon.log.stream.getvalue()  # type: ignore[attr-defined]
+        assert log.count('"local:error"') == 1 and len(log) < 2000
+        assert daemon.local == set(), "every closed connection is forgotten"
+
+    run(scenario())
