@@ -1,8 +1,10 @@
 """`pvpn connect`: the user's own tunnel process.
 
 Runs as the user, holds the user's private key and TLS session, and relays packets between
-pvpn-client (over the local unix socket, where the kernel vouches for our uid) and the server.
-While it reconnects, pvpn-client keeps dropping the protected packets: nothing leaks in clear.
+pvpn-client (over the local unix socket, where the kernel vouches for our uid, and for the
+daemon's: it must be root) and the server. While it reconnects to either, pvpn-client keeps
+dropping the protected packets: nothing leaks in clear. A pvpn-client that stops or restarts
+is a lost one: we hold, register again and re-attach, and never exit as if the VPN had ended.
 """
 
 from __future__ import annotations
@@ -26,10 +28,14 @@ from pvpn.io.loop import WRITE_HIGH_WATER, set_nodelay
 from pvpn.io.pcap import DEFAULT_MAX_BYTES, PcapWriter
 from pvpn.envelope import DEFAULT_HOPS
 from pvpn.chain import ChainEvent, ChainFailed, ChainUp, UserChain
+from pvpn.client.peer import untrusted_peer
 from pvpn.protocol import PacketsReceived, UserLink
 
 CONNECT_TIMEOUT = 10.0
 MAX_BACKOFF = 10.0
+#: How long we keep trying to register again with a pvpn-client that went away (stopped,
+#: restarting, killed); the protection stays in the kernel meanwhile, and after it.
+RELOCAL_FOR = 3600.0
 
 
 @dataclass(slots=True)
@@ -123,6 +129,7 @@ class Connector:
         self.session = os.urandom(16)
         self.token = b""
         self.ending = False
+        self.attached = False  # ATTACH sent on the current local connection
         # Created here, by the user, mode 0600; every batch is flushed (a crash leaves a
         # readable file).
         self.pcap = None if options.pcap is None else PcapWriter(
@@ -133,11 +140,17 @@ class Connector:
         self.local_decoder = EnvelopeDecoder()
         self.local_seq = Sequencer()
         self.registered = self.loop.create_future()
+        self.attached = False
         if self.unregistered.done():
             self.unregistered = self.loop.create_future()
+
+        def stream() -> _Stream:
+            made = _Stream(self._local_data, lambda exc: self._local_lost(exc, made))
+            return made
+
         try:
-            _, proto = await self.loop.create_unix_connection(
-                lambda: _Stream(self._local_data, self._local_lost), str(self.opt.socket_path))
+            transport, proto = await self.loop.create_unix_connection(
+                stream, str(self.opt.socket_path))
         except (FileNotFoundError, ConnectionRefusedError):
             raise ConnectError(
                 f"pvpn-client is not running on this host (nothing listens on "
@@ -145,13 +158,26 @@ class Connector:
             ) from None
         except PermissionError:
             raise ConnectError(f"no permission to use {self.opt.socket_path}") from None
+        distrust = untrusted_peer(transport.get_extra_info("socket"), self.opt.socket_path)
+        if distrust is not None:
+            self.registered.cancel()
+            transport.abort()
+            raise ConnectError(distrust)
         self.local = proto
         self._local_send(MsgType.REGISTER, {"prefixes": self.opt.prefixes,
                                             "server": f"{self.opt.host}:{self.opt.port}"})
         reply = await asyncio.wait_for(self.registered, CONNECT_TIMEOUT)
-        if self.chain is not None and self.chain.up:  # re-registering a running VPN
-            self._local_send(MsgType.ATTACH, {"session": self.session})
+        self._attach()  # re-registering a running VPN: it is up again at once
         return reply
+
+    def _attach(self) -> None:
+        """ATTACH (the session id) once both ends are up: registered with pvpn-client and the
+        chain accepted, on every new registration and every rebuilt chain."""
+        chain = self.chain
+        if (not self.attached and self.registered.done() and not self.registered.cancelled()
+                and self.registered.exception() is None and chain is not None and chain.up):
+            self._local_send(MsgType.ATTACH, {"session": self.session})
+            self.attached = True
 
     def _local_send(self, mtype: MsgType, fields: dict[str, Any]) -> None:
         if self.local is not None and self.local.transport is not None:
@@ -169,6 +195,7 @@ class Connector:
                 if envelope.type is MsgType.REGISTERED and not self.registered.done():
                     self.registered.set_result(fields)
                 elif envelope.type is MsgType.STATUS_REPLY and not self.unregistered.done():
+                    self._unregister_answer(fields)
                     self.unregistered.set_result(None)
                 elif envelope.type is MsgType.ERROR:
                     self._local_error(fields["code"], fields["reason"])
@@ -183,14 +210,32 @@ class Connector:
             chain.send_packets(packets)
             self._flush_remote()
 
+    def _unregister_answer(self, fields: dict[str, Any]) -> None:
+        """pvpn-client's answer to UNREGISTER describes the session as it leaves it: held if
+        this process never had it up (an earlier one did, and its protection stays)."""
+        sessions = fields.get("sessions") or []
+        if sessions and isinstance(sessions[0], dict) and str(
+                sessions[0].get("state", "")).startswith("held"):
+            _say("your session stays held: its protected traffic is dropped until `pvpn "
+                 "connect` brings it up again, or `pvpn disconnect` ends it")
+
     def _local_error(self, code: str, reason: str) -> None:
         if not self.registered.done():
             self.registered.set_exception(ConnectError(f"pvpn-client refused: {reason}"))
             return
+        if code == "daemon-stopping":
+            # Stopping is not ending: the session stays held in the kernel; register again
+            # with the next pvpn-client (the lost connection does that).
+            _say(f"{reason}; holding your protected traffic until pvpn-client is back")
+            if self.local is not None and self.local.transport is not None:
+                self.local.transport.close()
+            return
         _say(f"{reason}")
-        self.end(0 if code in ("disconnected", "daemon-stopping") else 1, reason, unregister=False)
+        self.end(0 if code == "disconnected" else 1, reason, unregister=False)
 
-    def _local_lost(self, exc: Exception | None) -> None:
+    def _local_lost(self, exc: Exception | None, stream: _Stream) -> None:
+        if stream is not self.local:
+            return  # a connection we dropped before using it (an untrusted peer)
         self.local = None
         if not self.unregistered.done():
             self.unregistered.set_result(None)
@@ -204,17 +249,27 @@ class Connector:
 
     async def _relocal(self) -> None:
         delay = 0.5
-        for _ in range(120):
+        start = self.loop.time()
+        said = ""
+        for _ in range(int(RELOCAL_FOR / 0.5)):  # bounded by time below, long before this
             if self.ending:
                 return
+            if self.loop.time() - start > RELOCAL_FOR:
+                break
             try:
                 await self.open_local()
                 _say("re-registered with pvpn-client")
                 return
-            except (ConnectError, asyncio.TimeoutError, OSError):
+            except (ConnectError, asyncio.TimeoutError, OSError) as exc:
+                text = str(exc) or "timed out"
+                if text != said:  # each new reason once, not every retry
+                    _say(f"pvpn-client not back yet: {text}")
+                    said = text
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, MAX_BACKOFF)
-        self.end(1, "pvpn-client did not come back", unregister=False)
+        self.end(1, f"pvpn-client did not come back within {RELOCAL_FOR:.0f} s; your protected "
+                 "traffic stays blocked until `pvpn connect` or `pvpn disconnect`",
+                 unregister=False)
 
     # ------------------------------------------------------------ the chain to the server
     def _new_link(self, index: int, nodes_before: list[str]) -> UserLink:
@@ -343,7 +398,8 @@ class Connector:
             state = "resumed" if event.accept.resumed else "re-established as a new session"
             _say(f"session {self.session.hex()} {state}")
             if not event.accept.resumed:
-                self._local_send(MsgType.ATTACH, {"session": self.session})
+                self.attached = False  # a new session id to tell pvpn-client
+            self._attach()
             return
 
     # ------------------------------------------------------------ lifecycle
@@ -370,8 +426,12 @@ class Connector:
             self._local_send(MsgType.UNREGISTER, {"reason": reason})
         elif self.local is not None and self.local.transport is not None:
             self.local.transport.close()
-        elif not self.unregistered.done():
-            self.unregistered.set_result(None)
+        else:
+            if unregister and self.registered.done():
+                _say("pvpn-client is not reachable now: your session stays held (its protected "
+                     "traffic blocked) until `pvpn disconnect`")
+            if not self.unregistered.done():
+                self.unregistered.set_result(None)
         self.finished.set_result(status)
 
     async def wait_unregistered(self) -> None:
@@ -392,7 +452,7 @@ class Connector:
             raise ConnectError(str(exc) or "timed out waiting for the server") from None
         for sig in (signal.SIGINT, signal.SIGTERM):
             self.loop.add_signal_handler(sig, self.end, 0, "ended by the user")
-        self._local_send(MsgType.ATTACH, {"session": self.session})
+        self._attach()
         self.on_up(
             f"session {self.session.hex()} is up for {opt.remote_user} (uid {reply['uid']}): "
             f"{', '.join(event.accept.allow)} via {' > '.join(event.nodes)} "

@@ -3,32 +3,54 @@
 Users' `pvpn connect` processes register over a unix socket; the kernel tells us their uid
 (SO_PEERCRED). For each session we install owner-match rules feeding the session's own NFQUEUE,
 hand every queued packet to that user's process (which holds the user's key and TLS session),
-and deliver the replies it returns through the session's TUN device."""
+and deliver the replies it returns through the session's TUN device.
+
+Stopping (SIGTERM) or restarting pvpn-client leaves every session's rules in the kernel: the
+kernel drops their packets while nobody reads the queues, and the next pvpn-client picks them
+up (held) until their users' tunnel processes register again. Protection ends only by the
+user's `pvpn disconnect` (or their `pvpn connect` ending), root's `pvpn disconnect --all`, a
+documented timeout, or `pvpn-client --config FILE --remove-sessions` on a host whose
+pvpn-client is stopped."""
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import os
 import pwd
+import socket
+import sys
+from pathlib import Path
 from typing import Any, Callable
-
 
 from pvpn import firewall
 from pvpn import packet as pk
 from pvpn.config import ClientConfig, load_client_config, parse_prefixes
+from pvpn.drops import Drop
 from pvpn.envelope import (
     EnvelopeDecoder, MsgType, Sequencer, decode_control, encode_control, encode_envelope,
     status_pages,
 )
 from pvpn.errors import ConfigError, MalformedPacket, PolicyError, PvpnError, RemoteProtocolError
-from pvpn.io import rules
+from pvpn.io import conntrack, rules
 from pvpn.io.nfqueue import BatchedQueue
 from pvpn.io.loop import (
-    WRITE_HIGH_WATER, daemon_main, install_signals, peer_credentials, prepare_unix_socket,
+    EX_CONFIG, WRITE_HIGH_WATER, install_signals, peer_credentials, prepare_unix_socket,
+    run_daemon,
 )
 from pvpn.io.tun import open_tun, strict_rp_filter
 from pvpn.records import Record, RecordWriter, session_hex
-from pvpn.client.registry import MAX_FLOWS_PER_SESSION, Registry, SlotSession
+from pvpn.client.registry import SlotSession, Registry
+from pvpn.text import clip
+
+#: A registered ``server`` (shown in `pvpn status`, logged) is a host and port: a DNS name is at
+#: most 253 characters. Anything longer or with control characters is refused at REGISTER.
+MAX_SERVER = 300
+TICK = 5.0
+PRUNE_EVERY = 60.0
+#: At most one local:error or local:refused record per uid this often (seconds).
+LOCAL_LOG_EVERY = 10.0
+
 
 def user_name(uid: int) -> str:
     try:
@@ -49,8 +71,11 @@ class LocalLink(asyncio.Protocol):
         self.seq = Sequencer()
         self.pending: list[bytes] = []
         self.session: SlotSession | None = None
+        self.attached_here = False  # this process sent ATTACH: it had the session up
         self.unregistered = False
         self.congested = False
+        self.last_active = 0.0
+        self.admitted = False
 
     # -- asyncio
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -58,6 +83,8 @@ class LocalLink(asyncio.Protocol):
         self.transport = transport
         transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
         self.pid, self.uid, _ = peer_credentials(transport)
+        self.last_active = self.daemon.loop.time()
+        self.daemon.admit(self)
 
     def pause_writing(self) -> None:
         self.congested = True
@@ -66,6 +93,9 @@ class LocalLink(asyncio.Protocol):
         self.congested = False
 
     def data_received(self, data: bytes) -> None:
+        if not self.admitted:
+            return
+        self.last_active = self.daemon.loop.time()
         try:
             for envelope in self.decoder.feed(data):
                 if envelope.type is MsgType.PACKET:
@@ -73,8 +103,8 @@ class LocalLink(asyncio.Protocol):
                 else:
                     self.daemon.local_control(self, envelope)
         except RemoteProtocolError as exc:
-            self.daemon.log_event("local:error", self.session, uid=self.uid,
-                                  reason=f"{type(exc).__name__}: {exc}")
+            self.daemon.local_record("local:error", self, self.session,
+                                     reason=clip(f"{type(exc).__name__}: {exc}"))
             self.close()
         self.flush()
 
@@ -112,12 +142,18 @@ class ClientDaemon:
         self.queues: dict[int, BatchedQueue] = {}
         self.tun_fds: dict[int, int] = {}
         self.links: dict[int, LocalLink] = {}  # slot -> attached link
+        self.local: set[LocalLink] = set()  # every admitted connection on the socket
+        self.local_by_uid: dict[int, int] = {}
+        # uid -> (time of its last local:* record, records suppressed since)
+        self._local_logged: dict[int, tuple[float, int]] = {}
         self._dirty: set[LocalLink] = set()
+        self._pruned = 0.0
 
     def log_event(self, event: str, session: SlotSession | None = None, **kw: Any) -> None:
         rec = Record(event)
         if session is not None:
-            rec.session, rec.user, rec.uid = session_hex(session.session_id), session.user, session.uid
+            rec.session, rec.user = session_hex(session.session_id), session.user
+            rec.uid = session.uid
             rec.extra["slot"] = session.slot
         for key, value in kw.items():
             if key in ("reason", "flow", "peer", "user", "uid", "bytes"):
@@ -125,6 +161,41 @@ class ClientDaemon:
             else:
                 rec.extra[key] = value
         self.log.write(rec)
+
+    # -- local connections: bounded per uid and in all (root is never refused)
+    def admit(self, link: LocalLink) -> None:
+        config, uid = self.config, link.uid
+        users = len(self.local) - self.local_by_uid.get(0, 0)
+        mine = self.local_by_uid.get(uid, 0)
+        if uid != 0 and (mine >= config.max_local_connections_per_uid
+                         or users >= config.max_local_connections):
+            limit = (f"{config.max_local_connections_per_uid} per user "
+                     "(max_local_connections_per_uid)"
+                     if mine >= config.max_local_connections_per_uid else
+                     f"{config.max_local_connections} in all (max_local_connections)")
+            self.local_record("local:refused", link,
+                              reason=f"too many connections to pvpn-client: {limit}")
+            link.send_control(MsgType.ERROR, {"code": "refused", "reason":
+                              f"too many connections to pvpn-client: {limit}"})
+            link.close()
+            return
+        link.admitted = True
+        self.local.add(link)
+        self.local_by_uid[uid] = mine + 1
+
+    def local_record(self, event: str, link: LocalLink, session: SlotSession | None = None,
+                     **kw: Any) -> None:
+        """A record about a local connection's misstep (refused, garbage): at most one per uid
+        per LOCAL_LOG_EVERY seconds, saying how many were left out, so a local user looping
+        over bad connections cannot flood the log."""
+        now = self.loop.time()
+        last, suppressed = self._local_logged.get(link.uid, (-LOCAL_LOG_EVERY, 0))
+        if now - last < LOCAL_LOG_EVERY:
+            self._local_logged[link.uid] = (last, suppressed + 1)
+            return
+        self._local_logged[link.uid] = (now, 0)
+        self.log_event(event, session, uid=link.uid, user=user_name(link.uid), pid=link.pid,
+                       suppressed=suppressed, **kw)
 
     # -- sessions
     def _install(self, session: SlotSession) -> None:
@@ -137,7 +208,11 @@ class ClientDaemon:
     def _attach_devices(self, session: SlotSession) -> None:
         fd = open_tun(session.tun)
         self.tun_fds[session.slot] = fd
-        queue = BatchedQueue(session.queue, self._queue_callback(session), max_len=4096)
+        try:
+            queue = BatchedQueue(session.queue, self._queue_callback(session), max_len=4096)
+        except BaseException:
+            os.close(self.tun_fds.pop(session.slot))
+            raise
         self.queues[session.slot] = queue
 
         def drain() -> None:
@@ -147,26 +222,38 @@ class ClientDaemon:
         self.loop.add_reader(queue.fileno(), drain)
 
     def recover(self) -> None:
-        """Pick up what an earlier pvpn-client left: its sessions' rules stayed in the kernel
-        (protection never lapsed, the kernel dropped their packets); bind their queues and
-        TUN devices again and hold them until their users' tunnel processes come back."""
+        """Pick up what an earlier pvpn-client left (stopped, killed or an older version): its
+        sessions' rules stayed in the kernel (protection never lapsed, the kernel dropped their
+        packets); bind their queues and TUN devices again and hold them until their users'
+        tunnel processes come back. Jumps of the older format are converted in place."""
         instance = self.config.instance
         p = firewall.chain_prefix(instance)
         texts = [rules.saved(4), rules.saved(6)]
         installed, broken = firewall.parse_installed_sessions(instance, texts)
         now = self.loop.time()
         for found in installed:
-            session = self.registry.adopt(found.slot, found.uid, user_name(found.uid),
-                                          found.networks, found.queue, found.mark, found.tun, now)
+            # A session whose rules predate the record of its id (legacy) may have been up:
+            # it is held as long as one that was.
+            session = self.registry.adopt(
+                found.slot, found.uid, user_name(found.uid), found.networks, found.queue,
+                found.mark, found.tun, now, session_id=found.session_id,
+                ever_up=bool(found.session_id) or found.legacy)
             try:
                 self._attach_devices(session)
             except PvpnError as exc:
                 self.log_event("node:recover-failed", session, reason=str(exc))
                 self.end_session(session, f"could not recover: {exc}")
                 continue
+            repair = firewall.client_jumps_repair(instance, found, self.config.mark_mask)
+            if repair is not None:
+                try:
+                    rules.apply(repair)
+                except PvpnError as exc:  # the jumps found still feed the queue
+                    self.log_event("node:warning", session, reason=f"jumps not converted: {exc}")
             self.log_event("session:recovered", session, reason="rules kept across a restart; "
                            "held until the user's tunnel process registers again",
-                           prefixes=[str(n) for n in found.networks])
+                           prefixes=[str(n) for n in found.networks],
+                           converted="legacy" if found.legacy else bool(repair))
         if broken:
             self.log_event("node:cleanup", reason="incomplete session rules removed",
                            chains=broken)
@@ -180,8 +267,14 @@ class ClientDaemon:
             rules.apply(firewall.client_base(instance))
 
     def _uninstall(self, session: SlotSession) -> list[str]:
+        p = firewall.chain_prefix(self.config.instance)
         errors = rules.remove(firewall.client_session_removal(
-            self.config.instance, session.slot, session.tun))
+            self.config.instance, session.slot, session.uid, session.mark,
+            self.config.mark_mask, session.tun))
+        if errors:  # a jump of another shape (say, one an older version left): find them all
+            chains = list(firewall.session_chains(self.config.instance, session.slot))
+            errors = rules.remove_chains(chains, f"{p}-OUT") + rules.remove_chains(
+                chains, f"{p}-IN")
         queue = self.queues.pop(session.slot, None)
         if queue is not None:
             self.loop.remove_reader(queue.fileno())
@@ -192,19 +285,44 @@ class ClientDaemon:
         return errors
 
     def end_session(self, session: SlotSession, reason: str) -> None:
-        self.registry.release(session.slot)
+        """Remove the session's rules, then the marks its connections carry, then free the
+        slot: nothing of this session's is left for the slot's next holder."""
         link = self.links.pop(session.slot, None)
         if link is not None:
             link.session = None
         errors = self._uninstall(session)
+        forgotten: int | str
+        try:
+            forgotten = conntrack.forget_marked(session.mark, self.config.mark_mask)
+        except PvpnError as exc:  # the slot is checked again before it is given out
+            forgotten = f"failed: {exc}"
+        self.registry.release(session.slot)
         self.log_event("session:closed", session, reason=reason, packets_out=session.packets_out,
                        packets_in=session.packets_in, bytes_out=session.bytes_out,
-                       bytes_in=session.bytes_in, drops=dict(session.drops),
-                       rule_errors=errors or None)
+                       bytes_in=session.bytes_in, drops=session.drops.as_dict(),
+                       connections_forgotten=forgotten, rule_errors=errors or None)
+
+    def _slot_usable(self, slot: int) -> bool:
+        """Whether no connection carries the slot's mark any more (asked before the slot goes
+        to a new session). Marks left behind (a failed clean-up, a crash in between) are
+        forgotten and asked again; a slot that still has some is skipped (quarantined)."""
+        mark, mask = self.registry.mark_for(slot), self.config.mark_mask
+        try:
+            if conntrack.count_marked(mark, mask) == 0:
+                return True
+            conntrack.forget_marked(mark, mask)
+            left = conntrack.count_marked(mark, mask)
+        except PvpnError as exc:
+            self.log_event("slot:quarantined", slot=slot, reason=f"cannot ask conntrack: {exc}")
+            return False
+        if left:
+            self.log_event("slot:quarantined", slot=slot, connections=left,
+                           reason="connections of its last holder still carry its mark")
+        return left == 0
 
     # -- the packet path: queue -> user's process
     def _queue_callback(self, session: SlotSession) -> Callable[[bytes], bool]:
-        slot, uid, flows = session.slot, session.uid, session.flows
+        slot, uid, flows, max_flows = session.slot, session.uid, session.flows, session.max_flows
         parse_flow, loop_time = pk.parse_flow, self.loop.time
         dirty = self._dirty
         links = self.links
@@ -213,19 +331,21 @@ class ClientDaemon:
             # Always taken (dropped by the queue): it never leaves this host in clear.
             link = links.get(slot)
             if link is None or not session.session_id:
-                count = session.drop("tunnel down (fail closed)")
-                if count == 1 or count & (count - 1) == 0:
-                    self.log_event("packet:dropped", session, reason="tunnel down (fail closed)",
-                                   count=count)
+                self._dropped(session, Drop.TUNNEL_DOWN)
                 return True
             if link.congested:
-                session.drop("tunnel process not keeping up")
+                self._dropped(session, Drop.TUNNEL_CONGESTED)
                 return True
             try:
-                if len(flows) < MAX_FLOWS_PER_SESSION:
-                    flows[parse_flow(payload)] = loop_time()
+                key = parse_flow(payload)
             except MalformedPacket:
                 pass  # e.g. a locally generated ICMP error; it still belongs to this session
+            else:  # least recently used last; a full table forgets the flow idle longest
+                flows.pop(key, None)
+                flows[key] = loop_time()
+                if len(flows) > max_flows:
+                    del flows[next(iter(flows))]
+                    session.flows_evicted += 1
             session.packets_out += 1
             session.bytes_out += len(payload)
             link.pending.append(encode_envelope(MsgType.PACKET, session.session_id, uid,
@@ -234,6 +354,14 @@ class ClientDaemon:
             return True
 
         return on_packet
+
+    def _dropped(self, session: SlotSession, code: Drop, flow: pk.FlowKey | None = None) -> None:
+        """Count a drop by its code; log it when the session's rate limit allows."""
+        count = session.drop(code, self.loop.time())
+        if count:
+            self.log_event("packet:dropped", session, reason=code.value,
+                           flow=flow.describe() if flow is not None else "", count=count,
+                           unlogged=session.drops.take_unlogged())
 
     def flush(self) -> None:
         for link in self._dirty:
@@ -248,24 +376,26 @@ class ClientDaemon:
         try:
             flow, _, error = pk.classify(packet)  # one pass over the headers
             sent = flow if error else flow.reversed()  # an error quotes the packet as sent
-        except MalformedPacket as exc:
-            session.drop(f"malformed reply: {exc}")
+        except MalformedPacket:
+            self._dropped(session, Drop.MALFORMED_REPLY)
             return
         # Only replies to flows this session sent may enter the host: a user's process must not
         # be able to forge packets from protected addresses to other local sockets.
         if sent not in session.flows:
-            count = session.drop("reply to no flow of this session")
-            if count == 1 or count & (count - 1) == 0:
-                self.log_event("packet:dropped", session, flow=sent.describe(),
-                               reason="reply to no flow of this session", count=count)
+            self._dropped(session, Drop.REPLY_NO_FLOW, sent)
             return
+        if error:
+            # An ICMP error about one of the session's flows. Its outer addresses, type and
+            # length are checked here (Drop.REPLY_ICMP_REFUSED) by the pure check the packets
+            # engineer provides for errors coming back to a client host; wired in on merge.
+            pass
         try:
             os.write(self.tun_fds[session.slot], packet)
         except BlockingIOError:
-            session.drop("TUN device full")
+            self._dropped(session, Drop.TUN_FULL, sent)
             return
-        except OSError as exc:
-            session.drop(f"TUN write failed: {exc.strerror}")
+        except OSError:
+            self._dropped(session, Drop.TUN_WRITE_FAILED, sent)
             return
         session.packets_in += 1
         session.bytes_in += len(packet)
@@ -278,49 +408,81 @@ class ClientDaemon:
         if mtype is MsgType.REGISTER:
             self._register(link, fields, now)
         elif mtype is MsgType.ATTACH and link.session is not None:
-            link.session.session_id = fields["session"]
-            self.log_event("session:attached", link.session, pid=link.pid,
-                           server=link.session.server)
+            self._attach(link, link.session, fields["session"])
         elif mtype is MsgType.UNREGISTER and link.session is not None:
             link.unregistered = True
             session = link.session
-            self.end_session(session, f"ended by the user: {fields['reason']}")
+            if session.ever_up and not link.attached_here:
+                # This process picked up a held session but never had it up (say, the server
+                # was out of reach): the protection an earlier process set up stays.
+                self._detach(link, session, "the tunnel process that picked it up ended "
+                             f"without bringing it up: {clip(fields['reason'])}")
+            else:
+                self.end_session(session, f"ended by the user: {clip(fields['reason'])}")
             # Answer only once the rules are gone, so `pvpn connect` exits with nothing left.
             link.send_status([session.describe(now)])
             link.close()
         elif mtype is MsgType.STATUS:
             link.send_status([s.describe(now) for s in self.registry.visible_to(link.uid)])
         elif mtype is MsgType.DISCONNECT:
-            try:
-                found = self.registry.find_for_disconnect(link.uid, fields["session"])
-            except PolicyError as exc:
-                link.send_control(MsgType.ERROR, {"code": "not-found", "reason": str(exc)})
-                return
-            described = [s.describe(now) for s in found]
-            for session in found:
-                holder = self.links.get(session.slot)
-                if holder is not None:
-                    holder.send_control(MsgType.ERROR, {
-                        "code": "disconnected",
-                        "reason": f"disconnected by {user_name(link.uid)} (pvpn disconnect)"})
-                    holder.unregistered = True
-                    holder.close()
-                self.end_session(session, f"pvpn disconnect by uid {link.uid}")
-            link.send_status(described)
+            self._disconnect(link, fields, now)
         else:
             raise RemoteProtocolError(f"unexpected {mtype.name} on the local socket")
+
+    def _attach(self, link: LocalLink, session: SlotSession, session_id: bytes) -> None:
+        if len(session_id) != 16:
+            raise RemoteProtocolError("ATTACH needs the 16-byte session id")
+        if session.session_id != session_id:
+            # Recorded in the rules, so a restarted pvpn-client knows the session was up.
+            try:
+                rules.apply(firewall.client_session_attached(
+                    self.config.instance, session.slot, session.mark, self.config.mark_mask,
+                    session_id))
+            except PvpnError as exc:
+                self.log_event("node:warning", session, reason=f"session id not recorded: {exc}")
+        session.session_id = session_id
+        session.ever_up = True
+        link.attached_here = True
+        self.log_event("session:attached", session, pid=link.pid, server=session.server)
+
+    def _disconnect(self, link: LocalLink, fields: dict[str, Any], now: float) -> None:
+        slot = fields["slot"]
+        try:
+            found = self.registry.select_for_disconnect(
+                link.uid, fields["session"], slot if isinstance(slot, int) else None,
+                fields["all"])
+        except PolicyError as exc:
+            link.send_control(MsgType.ERROR, {"code": "not-found", "reason": str(exc)})
+            return
+        described = [s.describe(now) for s in found]
+        who = user_name(link.uid)
+        for session in found:
+            holder = self.links.get(session.slot)
+            if holder is not None:
+                holder.send_control(MsgType.ERROR, {
+                    "code": "disconnected",
+                    "reason": f"disconnected by {who} (pvpn disconnect)"})
+                holder.unregistered = True
+                holder.close()
+            self.end_session(session, f"pvpn disconnect by {who} (uid {link.uid})"
+                             + (" --all" if fields["all"] else ""))
+        link.send_status(described)
 
     def _register(self, link: LocalLink, fields: dict[str, Any], now: float) -> None:
         if link.session is not None:
             raise RemoteProtocolError("REGISTER twice on one connection")
+        server = fields["server"]
         try:
+            if len(server) > MAX_SERVER or not server.isprintable():
+                raise ConfigError(f"the server name must be printable and at most {MAX_SERVER} "
+                                  "characters")
             if not all(isinstance(p, str) for p in fields["prefixes"]):
                 raise ConfigError("prefixes must be strings")
             networks = parse_prefixes(fields["prefixes"])
             session = self.registry.find_held(link.uid, networks)
             if session is None:
-                session = self.registry.allocate(link.uid, user_name(link.uid), fields["server"],
-                                                 networks, now)
+                session = self.registry.allocate(link.uid, user_name(link.uid), server,
+                                                 networks, now, usable=self._slot_usable)
                 try:
                     self._install(session)
                 except PvpnError:
@@ -328,53 +490,114 @@ class ClientDaemon:
                     self.registry.release(session.slot)
                     raise
                 self.log_event("session:registered", session, pid=link.pid,
-                               prefixes=[str(n) for n in networks])
+                               prefixes=[str(n) for n in session.networks])
             else:
                 self.log_event("session:reattached", session, pid=link.pid)
         except (ConfigError, PolicyError, PvpnError) as exc:
             link.send_control(MsgType.ERROR, {"code": "refused", "reason": str(exc)})
             return
         session.attached = True
-        session.server = fields["server"]
+        session.held_since = None
+        session.server = server
         link.session = session
         self.links[session.slot] = link
         link.send_control(MsgType.REGISTERED, {"slot": session.slot, "queue": session.queue,
                                                "uid": link.uid, "user": session.user})
 
+    def _detach(self, link: LocalLink, session: SlotSession, reason: str) -> None:
+        """The session's tunnel process is gone; its packets keep being queued and dropped
+        until the user reconnects or runs `pvpn disconnect` (fail closed)."""
+        if self.links.get(session.slot) is link:
+            del self.links[session.slot]
+        if session.attached:
+            session.attached = False
+            session.held_since = self.loop.time()
+        link.session = None
+        self.log_event("session:held", session, reason=reason)
+
     def local_lost(self, link: LocalLink) -> None:
         self._dirty.discard(link)
+        if link.admitted and link in self.local:
+            self.local.discard(link)
+            left = self.local_by_uid.get(link.uid, 1) - 1
+            if left > 0:
+                self.local_by_uid[link.uid] = left
+            else:
+                self.local_by_uid.pop(link.uid, None)
         session = link.session
         if session is None or link.unregistered:
             return
-        if self.links.get(session.slot) is link:
-            del self.links[session.slot]
-        session.attached = False
-        # The VPN is still up: its packets keep being queued and dropped until the user
-        # reconnects or runs `pvpn disconnect` (fail closed).
-        self.log_event("session:held", session, reason="tunnel process gone; dropping its "
-                       "packets until it reconnects or `pvpn disconnect`")
+        self._detach(link, session, "tunnel process gone; dropping its packets until it "
+                     "reconnects or `pvpn disconnect`")
 
     def tick(self) -> None:
         now = self.loop.time()
-        for session in self.registry.sessions.values():
-            session.prune_flows(now)
+        for session, reason in self.registry.expired(now):
+            holder = self.links.get(session.slot)
+            if holder is not None:
+                holder.send_control(MsgType.ERROR, {"code": "expired", "reason":
+                                    f"pvpn-client ended the session: {reason}"})
+                holder.unregistered = True
+                holder.close()
+            self.end_session(session, reason)
+        # A connection that holds no session answers one question and goes; one that sits
+        # idle is closed after grace_time, like an SSH login that never completes.
+        for link in list(self.local):
+            if link.session is None and now - link.last_active > self.config.grace_time:
+                link.close()
+        for uid, (at, suppressed) in list(self._local_logged.items()):
+            if now - at >= LOCAL_LOG_EVERY and not suppressed:
+                del self._local_logged[uid]
+        if now - self._pruned >= PRUNE_EVERY:
+            self._pruned = now
+            for session in self.registry.sessions.values():
+                session.prune_flows(now)
 
     def shutdown(self, reason: str) -> None:
-        for session in list(self.registry.sessions.values()):
-            link = self.links.get(session.slot)
-            if link is not None:
-                link.send_control(MsgType.ERROR, {"code": "daemon-stopping", "reason": reason})
-                link.unregistered = True
-                link.close()
-            self.end_session(session, reason)
+        """An orderly stop: the tunnel processes are let go and every session stays, rules and
+        all (held): the kernel drops its packets until the next pvpn-client picks it up and the
+        user's `pvpn connect` registers again."""
+        for link in list(self.local):
+            link.close()
+        kept = list(self.registry.sessions.values())
+        if kept:
+            self.log_event("node:stopping", reason=f"{reason}; {len(kept)} session(s) stay "
+                           "protected (held) for the next pvpn-client",
+                           sessions=[{"slot": s.slot, "uid": s.uid, "user": s.user,
+                                      "session": s.session_id.hex()} for s in kept])
+
+    def release_host(self) -> list[str]:
+        """After the stop: with no session left the instance's rules go (the host is left as
+        found); with sessions, everything stays for the next pvpn-client."""
+        if self.registry.sessions:
+            return []
+        return rules.remove_instance(self.config.instance)
+
+
+def ensure_socket_dir(path: Path) -> str | None:
+    """The socket's directory, made if missing (0711: every user reaches the socket by name,
+    nobody lists the directory). A warning if an existing one is not traversable by users."""
+    parent = path.parent
+    if not parent.exists():
+        parent.mkdir(parents=True, exist_ok=True)
+        os.chmod(parent, 0o711)  # explicit: supervisord's umask 077 would make it 0700
+        return None
+    if not parent.stat().st_mode & 0o001:
+        return (f"{parent} is not traversable by other users, so they cannot reach "
+                f"{path.name}; chmod o+x {parent} (0711)")
+    return None
 
 
 async def serve(config: ClientConfig) -> None:
+    conntrack.check()  # ConfigError now, not when the first session ends
     daemon = ClientDaemon(config)
     loop = daemon.loop
     if strict_rp_filter():
         daemon.log_event("node:warning", reason="net.ipv4.conf.all.rp_filter=1 drops replies "
                          "arriving on TUN devices; set it to 0 or 2")
+    warning = ensure_socket_dir(config.socket)
+    if warning:
+        daemon.log_event("node:warning", reason=warning)
     prepare_unix_socket(
         config.socket,
         f"{config.socket} exists and is not a socket; remove it or change [client] socket",
@@ -392,28 +615,85 @@ async def serve(config: ClientConfig) -> None:
         daemon.log_event("node:started", socket=str(config.socket))
         while not stop.is_set():
             try:
-                await asyncio.wait_for(stop.wait(), timeout=5.0)
+                await asyncio.wait_for(stop.wait(), timeout=TICK)
             except asyncio.TimeoutError:
                 pass
             daemon.tick()
     finally:
-        try:
-            daemon.shutdown("pvpn-client shutting down")
-        except PvpnError as exc:  # shutdown goes on: the rules must go whatever happened
-            daemon.log_event("node:error", reason=f"while closing sessions: {exc}")
         if listener is not None:
             listener.close()
-        await asyncio.sleep(0.05)
-        errors = rules.remove_instance(config.instance)
+        daemon.shutdown("pvpn-client stopping")
+        await asyncio.sleep(0.05)  # the links' ends are logged (session:held)
+        errors = daemon.release_host()
         try:
             config.socket.unlink()
         except FileNotFoundError:
             pass
-        daemon.log_event("node:stopped", reason="; ".join(errors) or "clean")
+        daemon.log_event("node:stopped", reason="; ".join(errors) or "clean",
+                         held=len(daemon.registry.sessions))
+
+
+# ---------------------------------------------------------------- offline administration
+
+
+def remove_sessions(config: ClientConfig, out: Callable[[str], None]) -> int:
+    """`pvpn-client --config FILE --remove-sessions`: with pvpn-client stopped (a host being
+    decommissioned, say), remove every session it left, naming each, and its marks."""
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(str(config.socket))
+    except OSError:
+        pass
+    else:
+        out(f"pvpn-client is running (it answers on {config.socket}); end sessions through it "
+            "with `pvpn disconnect --all` as root, or stop it first")
+        return 1
+    finally:
+        probe.close()
+    installed, broken = firewall.parse_installed_sessions(
+        config.instance, [rules.saved(4), rules.saved(6)])
+    for s in installed:
+        out(f"removing session {s.session_id.hex() or '(no id recorded)'} of "
+            f"{user_name(s.uid)} (uid {s.uid}) in slot {s.slot}: "
+            f"{', '.join(str(n) for n in s.networks)}")
+    if broken:
+        out(f"removing incomplete session chains: {', '.join(broken)}")
+    errors = rules.remove_instance(config.instance)
+    for s in installed:
+        try:
+            conntrack.forget_marked(s.mark, config.mark_mask)
+        except PvpnError as exc:
+            errors.append(str(exc))
+    for error in errors:
+        out(f"error: {error}")
+    out(f"removed {len(installed)} session(s) of instance {config.instance}; their users' "
+        "protected traffic now takes the normal route" if installed else
+        f"no sessions of instance {config.instance} on this host; its rules are gone")
+    return 1 if errors else 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    return daemon_main("pvpn-client", __doc__, load_client_config, serve, argv)
+    parser = argparse.ArgumentParser(prog="pvpn-client", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, type=Path, help="the node's TOML config")
+    parser.add_argument("--remove-sessions", action="store_true",
+                        help="with pvpn-client stopped: remove every session it left in the "
+                        "kernel (each is named), ending their protection")
+    args = parser.parse_args(argv)
+    if args.remove_sessions:
+        try:
+            return remove_sessions(load_client_config(args.config), print)
+        except ConfigError as exc:
+            print(f"pvpn-client: configuration error: {exc}", file=sys.stderr)
+            return EX_CONFIG
+        except PvpnError as exc:
+            print(f"pvpn-client: {exc}", file=sys.stderr)
+            return 1
+
+    async def run() -> None:
+        await serve(load_client_config(args.config))
+
+    return run_daemon("pvpn-client", run)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ import argparse
 import getpass
 import json
 import os
+import re
 import socket
 import sys
 import time
@@ -13,13 +14,14 @@ from pathlib import Path
 from typing import Any
 
 from pvpn import __version__
+from pvpn.client.peer import untrusted_peer
 from pvpn.config import DEFAULT_PORT, parse_endpoint, parse_prefixes
 from pvpn.envelope import (
     EnvelopeDecoder, MsgType, decode_control, encode_control, encode_envelope,
 )
 from pvpn.errors import ConfigError, PvpnError
 from pvpn.io.pcap import DEFAULT_MAX_BYTES
-from pvpn.text import quoted
+from pvpn.text import printable, quoted
 
 DEFAULT_SOCKET = Path(os.environ.get("PVPN_SOCKET", "/run/pvpn/client.sock"))
 
@@ -85,8 +87,16 @@ def ask_daemon(socket_path: Path, mtype: MsgType, fields: dict[str, Any],
     try:
         sock.connect(str(socket_path))
     except (FileNotFoundError, ConnectionRefusedError):
+        sock.close()
         raise PvpnError(f"pvpn-client is not running on this host (nothing listens on "
                         f"{socket_path}); ask root to start it") from None
+    except OSError:
+        sock.close()
+        raise
+    distrust = untrusted_peer(sock, socket_path)
+    if distrust is not None:  # nothing is sent to it, nothing it says is believed
+        sock.close()
+        raise PvpnError(distrust)
     with sock:
         sock.sendall(encode_envelope(mtype, b"", os.getuid(), 0, encode_control(fields)))
         decoder = EnvelopeDecoder()
@@ -177,43 +187,69 @@ def cmd_node_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def _text(value: Any) -> str:
+    """A value from the daemon's description of a session, safe for the terminal: users
+    choose some of it (the server they registered), so every non-printable character is
+    escaped."""
+    return printable(str(value))
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     if args.node or args.supervisord:
         return cmd_node_status(args)
     _, reply = ask_daemon(args.socket, MsgType.STATUS, {})
     sessions = reply["sessions"]
     if args.json:
-        print(json.dumps(sessions, indent=2))
+        print(json.dumps(sessions, indent=2))  # JSON escapes control characters itself
         return 0
     if not sessions:
         print("no pvpn sessions" + ("" if os.getuid() == 0 else " of yours") + " on this host")
         return 0
     for s in sessions:
-        print(f"{s['session'] or '(connecting)':32}  {s['user']:>10} (uid {s['uid']})  "
-              f"{s['state']}\n    to {', '.join(s['prefixes'])} via {s['server']}; "
-              f"age {s['age']:.0f} s; out {s['packets_out']} pkts/{s['bytes_out']} B, "
-              f"in {s['packets_in']} pkts/{s['bytes_in']} B; drops {s['drops'] or 'none'}")
+        get = s.get
+        prefixes = get("prefixes") or []
+        drops = get("drops") or {}
+        drop_text = ", ".join(f"{_text(k)} {_text(v)}" for k, v in drops.items()) \
+            if isinstance(drops, dict) else _text(drops)
+        to = ", ".join(_text(p) for p in prefixes) if isinstance(prefixes, list) \
+            else _text(prefixes)
+        print(f"{_text(get('session') or '(connecting)'):32}  {_text(get('user', '?')):>10} "
+              f"(uid {_text(get('uid', '?'))}, slot {_text(get('slot', '?'))})  "
+              f"{_text(get('state', '?'))}\n"
+              f"    to {to} via {_text(get('server', '?'))}; age {_text(get('age', '?'))} s; "
+              f"out {_text(get('packets_out', 0))} pkts/{_text(get('bytes_out', 0))} B, "
+              f"in {_text(get('packets_in', 0))} pkts/{_text(get('bytes_in', 0))} B; "
+              f"drops {drop_text or 'none'}")
     return 0
 
 
 def cmd_disconnect(args: argparse.Namespace) -> int:
-    session = b""
-    if args.session:
-        try:
-            session = bytes.fromhex(args.session if len(args.session) % 2 == 0
-                                    else args.session[:-1])
-        except ValueError:
-            raise ConfigError(f"{args.session!r} is not a session id (hex)") from None
-    mtype, reply = ask_daemon(args.socket, MsgType.DISCONNECT, {"session": session})
+    from pvpn.client.registry import MIN_ID_PREFIX
+
+    text = (args.session or "").lower()
+    if text and not re.fullmatch(rf"[0-9a-f]{{{MIN_ID_PREFIX},32}}", text):
+        raise ConfigError(f"{printable(args.session)!r} is not a session id: give at least "
+                          f"{MIN_ID_PREFIX} of its hex digits (`pvpn status` lists them), "
+                          "or --all")
+    if args.all and (text or args.slot is not None):
+        raise ConfigError("--all ends every session you may end; do not name one as well")
+    if text and args.slot is not None:
+        raise ConfigError("name a session by its id or by its slot, not both")
+    mtype, reply = ask_daemon(args.socket, MsgType.DISCONNECT,
+                              {"session": text, "slot": args.slot, "all": bool(args.all)})
     if mtype is MsgType.ERROR:
-        print(f"pvpn: {reply['reason']}", file=sys.stderr)
+        print(f"pvpn: {printable(str(reply['reason']))}", file=sys.stderr)
         return 1
     if not reply["sessions"]:
         print("pvpn: no session to disconnect")
         return 1
     for s in reply["sessions"]:
-        print(f"pvpn: disconnected session {s['session'] or '(connecting)'} "
-              f"({', '.join(s['prefixes'])})")
+        get = s.get
+        prefixes = get("prefixes") or []
+        print(f"pvpn: disconnected session {_text(get('session') or '(connecting)')} of "
+              f"{_text(get('user', '?'))} (uid {_text(get('uid', '?'))}, slot "
+              f"{_text(get('slot', '?'))}): "
+              f"{', '.join(_text(p) for p in prefixes) if isinstance(prefixes, list) else ''}")
     return 0
 
 
@@ -336,8 +372,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stop writing --pcap at N bytes (default 100 MB)")
     p.set_defaults(func=cmd_connect)
 
-    p = sub.add_parser("disconnect", help="close your VPN (all of yours without SESSION)")
-    p.add_argument("session", nargs="?", help="session id (or a prefix of it)")
+    p = sub.add_parser("disconnect", help="close your VPN: SESSION, or your only one without "
+                       "it; --all for all of yours (root: everyone's)")
+    p.add_argument("session", nargs="?", help="session id, or a prefix of it of at least 8 hex "
+                   "digits (`pvpn status` lists them)")
+    p.add_argument("--all", action="store_true", help="every session you may end (root: all "
+                   "of this host's, each named as it ends)")
+    p.add_argument("--slot", type=int, help="the session in this slot (one that has no id yet)")
     p.add_argument("--socket", type=Path, default=DEFAULT_SOCKET)
     p.set_defaults(func=cmd_disconnect)
 

@@ -345,6 +345,30 @@ class ClientConfig:
     max_sessions: int
     mark_mask: int
     instance: str
+    # What one local user may take (docs/design.md, "Limits and defences: the client host").
+    max_sessions_per_uid: int = 8
+    max_prefixes_per_session: int = 64
+    max_prefixes_per_uid: int = 256
+    max_flows_per_session: int = 8192
+    max_local_connections_per_uid: int = 16
+    max_local_connections: int = 512
+    grace_time: float = 120.0
+    held_timeout: float = 86400.0
+
+
+def contiguous_mask(mask: int) -> bool:
+    """One run of set bits (0x00ff0000, not 0x00ff00ff): a slot's mark is its number shifted
+    into the mask, so a gap in the mask could give a slot the mark 0 (no session) or another
+    slot's mark."""
+    low = mask & -mask
+    return mask > 0 and (mask + low) & mask == 0
+
+
+def _count(t: _Table, key: str, default: int, low: int, high: int) -> int:
+    value = int(t.get(key, int, default))
+    if not low <= value <= high:
+        raise ConfigError(f"{t.where(key)} must be {low}..{high}")
+    return value
 
 
 def load_client_config(path: Path) -> ClientConfig:
@@ -361,8 +385,12 @@ def load_client_config(path: Path) -> ClientConfig:
         mark_mask = int(mask_text, 0)
     except ValueError:
         raise ConfigError(f"{t.where('mark_mask')}: {mask_text!r} is not a number") from None
+    if not 0 < mark_mask < 1 << 32 or not contiguous_mask(mark_mask):
+        raise ConfigError(
+            f"{t.where('mark_mask')}: {mask_text} must be one run of set bits within 32 "
+            "(like 0x00ff0000): with a gap in it a slot's mark could be 0 or another slot's")
     bits = bin(mark_mask).count("1")
-    if mark_mask <= 0 or mark_mask >= 1 << 32 or (1 << bits) - 1 < max_sessions + 1:
+    if (1 << bits) - 1 < max_sessions + 1:
         raise ConfigError(
             f"{t.where('mark_mask')}: {mask_text} must be a 32-bit mask with room for "
             f"max_sessions={max_sessions} marks"
@@ -372,8 +400,25 @@ def load_client_config(path: Path) -> ClientConfig:
     if not 0 <= queue_base <= 65535 - max_sessions:
         raise ConfigError(f"{t.where('queue_base')} must leave room for max_sessions queues")
     instance = _instance(t, "pvpnc")
+    per_uid = _count(t, "max_sessions_per_uid", min(8, max_sessions), 1, max_sessions)
+    prefixes = _count(t, "max_prefixes_per_session", 64, 1, 256)
+    prefixes_uid = _count(t, "max_prefixes_per_uid", max(256, prefixes), prefixes, 65536)
+    flows = _count(t, "max_flows_per_session", 8192, 64, 1 << 20)
+    conns_uid = _count(t, "max_local_connections_per_uid", 16, 2, 4096)
+    conns = _count(t, "max_local_connections", max(512, conns_uid), conns_uid, 65536)
+    grace = float(t.get("grace_time", (int, float), 120.0))
+    if not 10 <= grace <= 3600:
+        raise ConfigError(f"{t.where('grace_time')} must be 10 to 3600 seconds")
+    held = float(t.get("held_timeout", (int, float), 86400.0))
+    if held != 0 and not grace <= held <= 366 * 86400:
+        raise ConfigError(f"{t.where('held_timeout')} must be 0 (held until `pvpn "
+                          f"disconnect`) or {grace:g} (grace_time) to {366 * 86400} seconds")
     t.finish()
-    return ClientConfig(path, name, socket_path, queue_base, max_sessions, mark_mask, instance)
+    return ClientConfig(path, name, socket_path, queue_base, max_sessions, mark_mask, instance,
+                        max_sessions_per_uid=per_uid, max_prefixes_per_session=prefixes,
+                        max_prefixes_per_uid=prefixes_uid, max_flows_per_session=flows,
+                        max_local_connections_per_uid=conns_uid, max_local_connections=conns,
+                        grace_time=grace, held_timeout=held)
 
 
 def parse_prefixes(texts: Sequence[str], where: str = "--to") -> list[Network]:

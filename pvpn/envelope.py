@@ -220,7 +220,9 @@ CONTROL_SCHEMAS: dict[MsgType, dict[str, tuple[type, ...]]] = {
     MsgType.REGISTERED: {"slot": _INT, "queue": _INT, "uid": _INT, "user": _STR},
     MsgType.ATTACH: {"session": _BYTES},
     MsgType.UNREGISTER: {"reason": _STR},
-    MsgType.DISCONNECT: {"session": _BYTES},
+    # A session id or a prefix of it (hex, at least 8 digits), a slot, or every session the
+    # caller may end; "" / None / False each name nothing (pvpn/client/registry.py).
+    MsgType.DISCONNECT: {"session": _STR, "slot": (int, type(None)), "all": (bool,)},
     MsgType.STATUS: {},
     MsgType.STATUS_REPLY: {"sessions": _LIST, "more": (bool,)},
     MsgType.ERROR: {"code": _STR, "reason": _STR},

@@ -31,6 +31,17 @@ class RuleSet:
     v6: str
 
 
+def rule_text(args: Sequence[str]) -> str:
+    """Arguments as one iptables-restore line: double quotes around an argument with spaces
+    (as iptables-save writes a comment), nothing else quoted (shlex.join's ``'!'`` is not
+    iptables-restore syntax)."""
+    def one(arg: str) -> str:
+        if arg and not any(c in arg for c in ' \t"\\\''):
+            return arg
+        return '"' + arg.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return " ".join(one(arg) for arg in args)
+
+
 def _restore(lines: Sequence[str]) -> str:
     return "" if not lines else "\n".join([f"*{TABLE}", *lines, "COMMIT", ""])
 
@@ -61,9 +72,36 @@ def session_chains(instance: str, slot: int) -> tuple[str, str]:
     return f"{p}-S{slot}", f"{p}-S{slot}I"
 
 
+def session_jumps(instance: str, slot: int, uid: int, mark: int, mask: int) -> list[str]:
+    """The two rules of ``<P>-OUT`` that lead into one session's outbound chain (as
+    iptables-save prints them, without ``-A``): one for the packets ``uid`` sent, one for the
+    ownerless packets of connections carrying the session's mark. Every other packet passes
+    the session by: another user's packets never cross its chain, so a session's prefixes
+    cost nothing to the host's other users."""
+    p = chain_prefix(instance)
+    out_chain, _ = session_chains(instance, slot)
+    return [
+        f"{p}-OUT -m owner --uid-owner {uid} -j {out_chain}",
+        f"{p}-OUT -m owner ! --uid-owner {ANY_UID} -m connmark --mark {mark:#x}/{mask:#x} "
+        f"-j {out_chain}",
+    ]
+
+
+def _marking(in_chain: str, mark: int, mask: int, session_id: bytes) -> list[str]:
+    lines = [f"-A {in_chain} -j CONNMARK --set-xmark {mark:#x}/{mask:#x}"]
+    if session_id:
+        # A rule without a target, read back by parse_installed_sessions: the session was up
+        # (attached) with this id, so a restarted pvpn-client holds it as a session that was up.
+        lines.append(f"-A {in_chain} -m comment --comment {SESSION_COMMENT}{session_id.hex()}")
+    return lines
+
+
+SESSION_COMMENT = "pvpn-session="
+
+
 def client_session(
     instance: str, slot: int, uid: int, networks: Sequence[Network], queue: int,
-    mark: int, mask: int, tun: str,
+    mark: int, mask: int, tun: str, session_id: bytes = b"",
 ) -> RuleSet:
     """Rules that feed one user's session queue.
 
@@ -75,6 +113,9 @@ def client_session(
       ``! --socket-exists`` would miss the kernel's own sockets, which exist but have no file.
       A packet owned by another user never matches, even on a marked connection: nobody can
       reach this queue by sharing a port.
+    * The session's chain is entered only by those two kinds of packet (:func:`session_jumps`);
+      its rules check the owner again, so the chain is right whichever way it is entered (the
+      format before the jumps matched, see :func:`parse_installed_sessions`).
     * No ``--queue-bypass``: with nobody reading the queue the kernel drops (fail closed).
     """
     p = chain_prefix(instance)
@@ -88,22 +129,53 @@ def client_session(
                          f"-j NFQUEUE --queue-num {queue}")
             lines.append(f"-A {out_chain} -d {net} -m owner ! --uid-owner {ANY_UID} "
                          f"-m connmark --mark {mark:#x}/{mask:#x} -j NFQUEUE --queue-num {queue}")
-        lines.append(f"-A {in_chain} -j CONNMARK --set-xmark {mark:#x}/{mask:#x}")
-        lines.append(f"-A {p}-OUT -j {out_chain}")
+        lines += _marking(in_chain, mark, mask, session_id)
+        lines += [f"-A {jump}" for jump in session_jumps(instance, slot, uid, mark, mask)]
         lines.append(f"-A {p}-IN -i {tun} -j {in_chain}")
     return RuleSet(_restore(result[0]), _restore(result[1]))
 
 
-def client_session_removal(instance: str, slot: int, tun: str) -> list[list[str]]:
+def client_session_attached(instance: str, slot: int, mark: int, mask: int,
+                            session_id: bytes) -> RuleSet:
+    """Record in the kernel that the session in ``slot`` is up as ``session_id``: its inbound
+    chain rewritten in one transaction (the marking rule never lapses)."""
+    _, in_chain = session_chains(instance, slot)
+    lines = [f"-F {in_chain}", *_marking(in_chain, mark, mask, session_id)]
+    return RuleSet(_restore(lines), _restore(lines))
+
+
+def client_session_removal(instance: str, slot: int, uid: int, mark: int, mask: int,
+                           tun: str) -> list[list[str]]:
     """iptables arguments (each run on its own, for both families) that undo one session."""
     p = chain_prefix(instance)
     out_chain, in_chain = session_chains(instance, slot)
     return [
-        ["-D", f"{p}-OUT", "-j", out_chain],
+        *(["-D", *shlex.split(jump)] for jump in session_jumps(instance, slot, uid, mark, mask)),
         ["-D", f"{p}-IN", "-i", tun, "-j", in_chain],
         ["-F", out_chain], ["-X", out_chain],
         ["-F", in_chain], ["-X", in_chain],
     ]
+
+
+def client_jumps_repair(instance: str, session: "InstalledSession", mask: int) -> RuleSet | None:
+    """The transaction that turns the jumps found into a recovered session's chain into the
+    ones :func:`session_jumps` makes: the unconditional jump of the format up to 34c7490
+    (every packet of every user crossed every session's chain), a jump lost or doubled. Old
+    and new jumps change in one iptables-restore per family, so the session's packets are
+    queued all along. None if the jumps are already right."""
+    wanted = [shlex.split(j) for j in session_jumps(instance, session.slot, session.uid,
+                                                   session.mark, mask)]
+    texts = []
+    for found in session.jumps:
+        if found == wanted:
+            texts.append("")
+            continue
+        lines = [f"-D {rule_text(args)}" for args in found]
+        lines += [f"-A {rule_text(args)}" for args in wanted]
+        texts.append(_restore(lines))
+    if not any(texts):
+        return None
+    return RuleSet(*texts)
 
 
 # ---------------------------------------------------------------- server host
@@ -140,7 +212,12 @@ def server_rules(instance: str, queue: int, ports: tuple[int, int]) -> RuleSet:
 
 @dataclass(slots=True)
 class InstalledSession:
-    """A session's rules as found in the kernel (after pvpn-client died without cleanup)."""
+    """A session's rules as found in the kernel (after pvpn-client stopped or died).
+
+    ``session_id`` is the id it was up with (empty if it never was, or if the rules predate
+    the record of it: then ``legacy`` is set, and nothing says whether it ever was up).
+    ``jumps`` holds, per family, the rules of ``<P>-OUT`` that lead into its chain, as
+    argument lists without ``-A``."""
 
     slot: int
     uid: int
@@ -148,6 +225,9 @@ class InstalledSession:
     queue: int
     mark: int
     tun: str
+    session_id: bytes = b""
+    legacy: bool = False
+    jumps: list[list[list[str]]] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -156,44 +236,81 @@ class _Found:
     queue: int | None = None
     mark: int | None = None
     tun: str | None = None
+    session_id: bytes = b""
     networks: list[Network] = field(default_factory=list)
+    jumps: list[list[list[str]]] = field(default_factory=lambda: [[], []])
 
 
 def parse_installed_sessions(instance: str, saved: Iterable[str]) -> tuple[
         list[InstalledSession], list[str]]:
-    """Read the per-session chains of ``instance`` out of ``iptables-save`` output (both
-    families' texts). Returns the sessions that are whole, and the chains that are not."""
+    """Read the per-session chains of ``instance`` out of ``iptables-save`` output (the IPv4
+    text, then the IPv6 one). Returns the sessions that are whole, and the chains that are not.
+
+    Both formats are read: this one, whose jumps into a session's chain match its owner
+    (:func:`session_jumps`), and the one before it (34c7490), which jumped into every
+    session's chain unconditionally; the chains themselves are the same in both. A whole
+    session needs its owner rules (uid, queue, prefixes), its marking rule and its TUN jump;
+    its jumps from ``<P>-OUT`` may be missing or old (:func:`client_jumps_repair`)."""
     p = chain_prefix(instance)
     out_re = re.compile(rf"^{re.escape(p)}-S(\d+)$")
     in_re = re.compile(rf"^{re.escape(p)}-S(\d+)I$")
     found: dict[int, _Found] = {}
     chains: set[str] = set()
-    for text in saved:
+    for family, text in enumerate(saved):
         for line in text.splitlines():
             if line.startswith(f":{p}-S"):
                 chains.add(line[1:].split()[0])
             if not line.startswith("-A "):
                 continue
-            args = shlex.split(line)
+            try:
+                args = shlex.split(line)
+            except ValueError:
+                continue  # not a rule of ours (an unbalanced quote in someone's comment)
             chain, target = args[1], _after(args, "-j")
             if (m := out_re.match(chain)) and "--uid-owner" in args and "!" not in args:
                 entry = found.setdefault(int(m[1]), _Found())
-                entry.uid = int(_after(args, "--uid-owner"))
-                entry.queue = int(_after(args, "--queue-num"))
-                entry.networks.append(ipaddress.ip_network(_after(args, "-d")))
+                entry.uid = _int(_after(args, "--uid-owner"))
+                entry.queue = _int(_after(args, "--queue-num"))
+                net = _network(_after(args, "-d"))
+                if net is not None:
+                    entry.networks.append(net)
+            elif chain == f"{p}-OUT" and (m := out_re.match(target)) and family < 2:
+                found.setdefault(int(m[1]), _Found()).jumps[family].append(args[1:])
             elif chain == f"{p}-IN" and (m := in_re.match(target)):
                 found.setdefault(int(m[1]), _Found()).tun = _after(args, "-i")
             elif (m := in_re.match(chain)) and "--set-xmark" in args:
                 mark = _after(args, "--set-xmark").split("/")[0]
-                found.setdefault(int(m[1]), _Found()).mark = int(mark, 16)
-    sessions = [
-        InstalledSession(slot, f.uid, f.networks, f.queue, f.mark, f.tun)
-        for slot, f in sorted(found.items())
-        if f.uid is not None and f.queue is not None and f.mark is not None
-        and f.tun is not None and f.networks
-    ]
+                found.setdefault(int(m[1]), _Found()).mark = _int(mark, 16)
+            elif (m := in_re.match(chain)) and _after(args, "--comment").startswith(
+                    SESSION_COMMENT):
+                sid = _after(args, "--comment")[len(SESSION_COMMENT):]
+                if re.fullmatch(r"[0-9a-f]{32}", sid):
+                    found.setdefault(int(m[1]), _Found()).session_id = bytes.fromhex(sid)
+    sessions = []
+    for slot, f in sorted(found.items()):
+        if (f.uid is None or f.queue is None or f.mark is None or f.tun is None
+                or not f.networks):
+            continue
+        owner_jumps = [j for fam in f.jumps for j in fam if "owner" in j]
+        legacy = not f.session_id and bool(f.jumps[0] or f.jumps[1]) and not owner_jumps
+        sessions.append(InstalledSession(slot, f.uid, f.networks, f.queue, f.mark, f.tun,
+                                         f.session_id, legacy, f.jumps))
     whole = {name for s in sessions for name in session_chains(instance, s.slot)}
     return sessions, sorted(chains - whole)
+
+
+def _int(text: str, base: int = 10) -> int | None:
+    try:
+        return int(text, base)
+    except ValueError:
+        return None
+
+
+def _network(text: str) -> Network | None:
+    try:
+        return ipaddress.ip_network(text)
+    except ValueError:
+        return None
 
 
 def _after(args: list[str], flag: str) -> str:

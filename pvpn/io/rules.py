@@ -9,7 +9,7 @@ import subprocess
 from typing import Iterable
 
 from pvpn.errors import ConfigError, PvpnError
-from pvpn.firewall import TABLE, RuleSet, chain_prefix
+from pvpn.firewall import TABLE, RuleSet, chain_prefix, rule_text
 
 _TOOLS = {4: ("iptables", "iptables-restore", "iptables-save"),
           6: ("ip6tables", "ip6tables-restore", "ip6tables-save")}
@@ -39,7 +39,7 @@ def remove(commands: list[list[str]]) -> list[str]:
     (the usual case, and fast), else command by command, tolerating what is already gone."""
     errors: list[str] = []
     for version in (4, 6):
-        text = "\n".join([f"*{TABLE}", *(shlex.join(args) for args in commands), "COMMIT", ""])
+        text = "\n".join([f"*{TABLE}", *(rule_text(args) for args in commands), "COMMIT", ""])
         proc = subprocess.run([_tool(version, 1), "-w", "5", "--noflush"], input=text,
                               capture_output=True, text=True, timeout=30)
         if proc.returncode != 0:

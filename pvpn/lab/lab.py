@@ -35,6 +35,7 @@ from pvpn.lab.commands import (
     search_path,
     spawn,
     succeeds,
+    venv_bin,
     wait_until,
 )
 from pvpn.lab.errors import LabError
@@ -238,10 +239,14 @@ def _supervisord_env(host_dir: Path) -> dict[str, str]:
 def _start_supervisord(topology: Topology, role: str) -> None:
     host_dir = topology.host_dir(role)
     supervisord = require_program("supervisord")
+    command = [supervisord, "-c", str(host_dir / "supervisord.conf")]
+    if services.node_program(role) is not None:
+        # As on a real node (supervisord.d/supervisord.conf): under umask 077, so the log
+        # supervisord opens before applying its own umask setting is root's too.
+        command = ["sh", "-c", 'umask 077 && exec "$0" "$@"', *command]
     # supervisord daemonizes (nodaemon=false): this returns once it has forked; the daemon
     # stays in the host's namespace.
-    run(netns.ns_exec(topology.host(role).namespace, supervisord,
-                      "-c", str(host_dir / "supervisord.conf")),
+    run(netns.ns_exec(topology.host(role).namespace, *command),
         env=_supervisord_env(host_dir), cwd=host_dir, timeout=30)
 
 
@@ -492,7 +497,10 @@ def exec_argv(name: str, role: str, user: str, command: list[str]) -> tuple[list
     """The argument list (and working directory) that runs ``command`` on a lab host.
 
     The command runs in the host's namespace as ``user`` with that user's groups and
-    environment (HOME, USER, SHELL, PATH as at login), from the user's home directory.
+    environment (HOME, USER, SHELL as at login), from the user's home directory. Its PATH is
+    the login one behind the scripts directory of the Python environment pvpn runs from, so
+    the users' ``pvpn`` is the same code as the lab's nodes (the one on /usr/local/bin may be
+    another installation's).
     """
     check_name(name)
     namespace = f"{name}-{role}"
@@ -503,9 +511,11 @@ def exec_argv(name: str, role: str, user: str, command: list[str]) -> tuple[list
         raise LabError("name a command to run after --")
     account = users.require_user(user)
     cwd = account.home if account.home.is_dir() else Path("/")
+    login_path = ("/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+                  if account.uid == 0 else "/usr/local/bin:/usr/bin:/bin")
     argv = netns.ns_exec(namespace, "setpriv", "--reuid", str(account.uid),
                          "--regid", str(account.gid), "--init-groups", "--reset-env",
-                         "--", *command)
+                         "--", "env", f"PATH={venv_bin()}:{login_path}", *command)
     return argv, cwd
 
 

@@ -1,6 +1,7 @@
 """Nodes under supervisord (issue 4): SIGHUP reloads keys and users without dropping
-sessions, SIGTERM closes sessions with a reason and removes the rules, a broken config ends
-FATAL (not in a restart loop), and `pvpn status` on a node shows its sessions and health."""
+sessions, SIGTERM makes the server close sessions with a reason and remove its rules while
+pvpn-client keeps its sessions held (issue 9), a broken config ends FATAL (not in a restart
+loop), and `pvpn status` on a node shows its sessions and health."""
 
 from __future__ import annotations
 
@@ -110,7 +111,8 @@ def rules(info: dict[str, Any], host: str) -> str:
                                   text=True).stdout for tool in ("iptables-save", "ip6tables-save"))
 
 
-def test_sigterm_closes_sessions_with_a_reason_and_removes_rules(slab: dict[str, Any]) -> None:
+def test_sigterm_server_closes_sessions_and_removes_rules_client_keeps_them_held(
+        slab: dict[str, Any]) -> None:
     session = connect(slab, "alice")
     try:
         assert "PVPNS-IN" in rules(slab, "server")
@@ -120,9 +122,11 @@ def test_sigterm_closes_sessions_with_a_reason_and_removes_rules(slab: dict[str,
         assert f'"event":"session:closed","session":"{session}"' in log
         assert "server shutting down" in log
         assert "PVPNS" not in rules(slab, "server")
+        # pvpn-client's SIGTERM is no end of the protection (issue 9): alice's session stays
+        # in the kernel, held, for the next pvpn-client.
         ctl(slab, "client", "stop", "pvpn-client")
         wait_state(slab, "client", "pvpn-client", "STOPPED")
-        assert "PVPNC" not in rules(slab, "client")
+        assert "PVPNC-S0" in rules(slab, "client")
     finally:
         ctl(slab, "server", "start", "pvpn-server")
         ctl(slab, "client", "start", "pvpn-client")

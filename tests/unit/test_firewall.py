@@ -41,3 +41,108 @@ def test_installed_sessions_are_read_back() -> None:
 def test_other_instances_are_not_ours() -> None:
     a = firewall.client_session("other", 0, 1001, NETS, 3000, 0x10000, 0xFF0000, "other0")
     assert firewall.parse_installed_sessions("pvpnc", [a.v4, a.v6]) == ([], [])
+
+
+# ---------------------------------------------------------------- issue 9: whose packets cross
+
+
+def rules_of(text: str, chain: str) -> list[str]:
+    return [line for line in text.splitlines() if line.startswith(f"-A {chain} ")]
+
+
+def test_a_session_chain_is_entered_only_by_its_owner_and_its_ownerless_packets() -> None:
+    """Every packet of every user crossed every session's chain (up to 34c7490): the jumps
+    into a session's chain now match its uid, or no owner and its connection mark."""
+    rules = firewall.client_session("pvpnc", 3, 1001, NETS, 3003, 0x40000, 0xFF0000, "pvpnc3")
+    for text in (rules.v4, rules.v6):
+        assert rules_of(text, "PVPNC-OUT") == [
+            "-A PVPNC-OUT -m owner --uid-owner 1001 -j PVPNC-S3",
+            "-A PVPNC-OUT -m owner ! --uid-owner 0-4294967294 -m connmark "
+            "--mark 0x40000/0xff0000 -j PVPNC-S3",
+        ]
+    removal = firewall.client_session_removal("pvpnc", 3, 1001, 0x40000, 0xFF0000, "pvpnc3")
+    assert ["-D", "PVPNC-OUT", "-m", "owner", "--uid-owner", "1001", "-j", "PVPNC-S3"] in removal
+    assert ["-X", "PVPNC-S3"] in removal and ["-X", "PVPNC-S3I"] in removal
+
+
+# What pvpn-client at 34c7490 installed for one session (firewall.client_session then), as
+# iptables-save prints it: the same chains, and an unconditional jump into the session's chain.
+LEGACY_V4 = """*mangle
+:PREROUTING ACCEPT [0:0]
+:OUTPUT ACCEPT [0:0]
+:PVPNC-IN - [0:0]
+:PVPNC-OUT - [0:0]
+:PVPNC-S2 - [0:0]
+:PVPNC-S2I - [0:0]
+-A PREROUTING -j PVPNC-IN
+-A OUTPUT -j PVPNC-OUT
+-A PVPNC-IN -i pvpnc2 -j PVPNC-S2I
+-A PVPNC-OUT -j PVPNC-S2
+-A PVPNC-S2 -d 10.77.1.0/24 -m owner --uid-owner 1001 -j NFQUEUE --queue-num 3002
+-A PVPNC-S2 -d 10.77.1.0/24 -m owner ! --uid-owner 0-4294967294 -m connmark --mark 0x30000/0xff0000 -j NFQUEUE --queue-num 3002
+-A PVPNC-S2I -j CONNMARK --set-xmark 0x30000/0xff0000
+COMMIT
+"""
+LEGACY_V6 = (LEGACY_V4.replace("10.77.1.0/24", "fd77:0:0:1::/64"))
+
+
+def test_rules_of_the_previous_version_are_recovered_and_converted_in_one_step() -> None:
+    (found,), broken = firewall.parse_installed_sessions("pvpnc", [LEGACY_V4, LEGACY_V6])
+    assert broken == []
+    assert (found.slot, found.uid, found.queue, found.mark, found.tun) == (
+        2, 1001, 3002, 0x30000, "pvpnc2")
+    assert found.legacy and found.session_id == b"", "nothing says whether it was up"
+    repair = firewall.client_jumps_repair("pvpnc", found, 0xFF0000)
+    assert repair is not None
+    for text in (repair.v4, repair.v6):
+        # One transaction per family: the old jump goes as the new ones come.
+        assert text.startswith("*mangle\n") and text.endswith("COMMIT\n")
+        assert text.count("COMMIT") == 1
+        assert "-D PVPNC-OUT -j PVPNC-S2" in text
+        assert "-A PVPNC-OUT -m owner --uid-owner 1001 -j PVPNC-S2" in text
+        assert ("-A PVPNC-OUT -m owner ! --uid-owner 0-4294967294 -m connmark --mark "
+                "0x30000/0xff0000 -j PVPNC-S2") in text
+
+
+def test_rules_of_this_version_need_no_conversion_and_carry_the_session_id() -> None:
+    sid = bytes(range(16))
+    base = firewall.client_base("pvpnc")
+    rules = firewall.client_session("pvpnc", 4, 1002, NETS, 3004, 0x50000, 0xFF0000, "pvpnc4")
+    attached = firewall.client_session_attached("pvpnc", 4, 0x50000, 0xFF0000, sid)
+    # ATTACH rewrites the inbound chain in one transaction: the marking rule, then the record.
+    assert rules_of(attached.v4, "PVPNC-S4I") == [
+        "-A PVPNC-S4I -j CONNMARK --set-xmark 0x50000/0xff0000",
+        f"-A PVPNC-S4I -m comment --comment pvpn-session={sid.hex()}"]
+    assert "-F PVPNC-S4I" in attached.v4.splitlines()
+    # iptables-save quotes the comment; what it prints is what parse reads back.
+    saved = [as_saved(base.v4 + rules.v4) + rules_of(attached.v4, "PVPNC-S4I")[1].replace(
+        "--comment ", '--comment "') + '"\n', as_saved(base.v6 + rules.v6)]
+    (found,), _ = firewall.parse_installed_sessions("pvpnc", saved)
+    assert found.session_id == sid and not found.legacy
+    assert firewall.client_jumps_repair("pvpnc", found, 0xFF0000) is None
+    # Without the record: a session that never came up.
+    (bare,), _ = firewall.parse_installed_sessions(
+        "pvpnc", [as_saved(base.v4 + rules.v4), as_saved(base.v6 + rules.v6)])
+    assert bare.session_id == b"" and not bare.legacy
+
+
+def test_a_lost_or_doubled_jump_is_put_right() -> None:
+    rules = firewall.client_session("pvpnc", 1, 1001, NETS, 3001, 0x20000, 0xFF0000, "pvpnc1")
+    v4 = "\n".join(line for line in rules.v4.splitlines()
+                   if not line.startswith("-A PVPNC-OUT -m owner !"))
+    jump = rules_of(rules.v6, "PVPNC-OUT")[0]
+    v6 = rules.v6.replace(jump, f"{jump}\n{jump}")
+    (found,), _ = firewall.parse_installed_sessions("pvpnc", [v4, v6])
+    repair = firewall.client_jumps_repair("pvpnc", found, 0xFF0000)
+    assert repair is not None
+    assert repair.v6.count("-D PVPNC-OUT -m owner --uid-owner 1001 -j PVPNC-S1") == 2
+    assert repair.v4.count("-A PVPNC-OUT") == 2
+
+
+def test_what_someone_else_wrote_in_our_chains_cannot_break_recovery() -> None:
+    rules = firewall.client_session("pvpnc", 0, 1001, NETS, 3000, 0x10000, 0xFF0000, "pvpnc0")
+    junk = ('-A PVPNC-S0 -d not-an-address -m owner --uid-owner x -j NFQUEUE --queue-num y\n'
+            '-A PVPNC-S0I -m comment --comment "unbalanced\n'
+            '-A PVPNC-S0I -m comment --comment pvpn-session=zz\n')
+    (found,), _ = firewall.parse_installed_sessions("pvpnc", [rules.v4 + junk, rules.v6])
+    assert found.session_id == b"" and found.uid == 1001

@@ -1,0 +1,403 @@
+"""pvpn-client's control path with the kernel faked (iptables, conntrack, TUN, NFQUEUE): what
+an orderly stop leaves, who may connect, what a registration may carry, when sessions end.
+Scripted like a conversation: envelopes in over a fake unix connection, envelopes out."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import ipaddress
+import os
+import struct
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+
+from pvpn import firewall
+from pvpn.client import daemon as dm
+from pvpn.config import load_client_config
+from pvpn.envelope import EnvelopeDecoder, MsgType, decode_control, encode_control, encode_envelope
+from pvpn.io import conntrack
+
+
+class Kernel:
+    """What the daemon asked of iptables and conntrack, and what they hold."""
+
+    def __init__(self) -> None:
+        self.applied: list[firewall.RuleSet] = []
+        self.removed: list[list[list[str]]] = []
+        self.instance_removed = 0
+        self.marked: dict[int, int] = {}  # mark -> connections carrying it
+        self.forgotten: list[int] = []
+        self.saved = ["", ""]
+
+
+@pytest.fixture
+def kernel(monkeypatch: pytest.MonkeyPatch) -> Iterator[Kernel]:
+    k = Kernel()
+    pipes: list[int] = []
+    DAEMONS.clear()
+
+    class Queue:
+        def __init__(self, number: int, callback: Any, max_len: int) -> None:
+            self.r, self.w = os.pipe()
+            pipes.extend((self.r, self.w))
+            self.callback = callback
+
+        def fileno(self) -> int:
+            return self.r
+
+        def drain(self) -> None:
+            pass
+
+        def close(self) -> None:
+            pass
+
+    monkeypatch.setattr(dm.rules, "apply", k.applied.append)
+    monkeypatch.setattr(dm.rules, "remove", lambda cmds: k.removed.append(cmds) or [])
+    monkeypatch.setattr(dm.rules, "saved", lambda version: k.saved[version // 6])
+    monkeypatch.setattr(dm.rules, "ensure_jump", lambda *a: None)
+    monkeypatch.setattr(dm.rules, "remove_chains", lambda *a: [])
+
+    def remove_instance(instance: str) -> list[str]:
+        k.instance_removed += 1
+        return []
+
+    monkeypatch.setattr(dm.rules, "remove_instance", remove_instance)
+    monkeypatch.setattr(conntrack, "count_marked", lambda mark, mask: k.marked.get(mark, 0))
+
+    def forget(mark: int, mask: int) -> int:
+        k.forgotten.append(mark)
+        return k.marked.pop(mark, 0)
+
+    monkeypatch.setattr(conntrack, "forget_marked", forget)
+    monkeypatch.setattr(dm, "open_tun", lambda name: os.open(os.devnull, os.O_RDWR))
+    monkeypatch.setattr(dm, "BatchedQueue", Queue)
+    try:
+        yield k
+    finally:
+        for fd in pipes:
+            os.close(fd)
+        for daemon in DAEMONS:  # the TUN devices of the sessions still open
+            for fd in daemon.tun_fds.values():
+                os.close(fd)
+
+
+class Transport(asyncio.Transport):
+    def __init__(self, protocol: dm.LocalLink, uid: int, pid: int) -> None:
+        super().__init__()
+        self.protocol, self.uid, self.pid = protocol, uid, pid
+        self.written = bytearray()
+        self.closed = False
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        if name == "socket":
+            creds = struct.pack("3i", self.pid, self.uid, self.uid)
+
+            class Sock:
+                def getsockopt(self, *args: Any) -> bytes:
+                    return creds
+            return Sock()
+        return default
+
+    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
+        pass
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        self.written += data
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            asyncio.get_running_loop().call_soon(self.protocol.connection_lost, None)
+
+
+class Process:
+    """One local process on pvpn-client's socket, as the kernel names it (uid, pid)."""
+
+    def __init__(self, daemon: dm.ClientDaemon, uid: int, pid: int = 4242) -> None:
+        self.link = dm.LocalLink(daemon)
+        self.transport = Transport(self.link, uid, pid)
+        self.link.connection_made(self.transport)
+        self.seq = 0
+        self.decoder = EnvelopeDecoder()
+        self.read = 0
+
+    def send(self, mtype: MsgType, fields: dict[str, Any], session: bytes = b"") -> None:
+        self.link.data_received(encode_envelope(mtype, session, self.transport.uid, self.seq,
+                                                encode_control(fields)))
+        self.seq += 1
+
+    def replies(self) -> list[tuple[MsgType, dict[str, Any]]]:
+        data = bytes(self.transport.written[self.read:])
+        self.read = len(self.transport.written)
+        return [(e.type, decode_control(e)) for e in self.decoder.feed(data)]
+
+    def register(self, prefixes: list[str], server: str = "vpn.example:4433") -> tuple[
+            MsgType, dict[str, Any]]:
+        self.send(MsgType.REGISTER, {"prefixes": prefixes, "server": server})
+        (reply,) = self.replies()
+        return reply
+
+
+DAEMONS: list[dm.ClientDaemon] = []
+
+
+def make_daemon(tmp_path: Path, **settings: Any) -> dm.ClientDaemon:
+    lines = ["[client]", 'name = "client"', f'socket = "{tmp_path / "c.sock"}"']
+    lines += [f"{k} = {v}" for k, v in settings.items()]
+    (tmp_path / "client.toml").write_text("\n".join(lines) + "\n")
+    daemon = dm.ClientDaemon(load_client_config(tmp_path / "client.toml"))
+    daemon.log.stream = io.StringIO()
+    DAEMONS.append(daemon)
+    return daemon
+
+
+def run(coro: Any) -> Any:
+    return asyncio.run(coro)
+
+
+SID = bytes(range(16))
+
+
+def test_an_orderly_stop_keeps_every_session_and_its_rules(kernel: Kernel,
+                                                           tmp_path: Path) -> None:
+    """SIGTERM removed every session's rules and told each `pvpn connect` to exit 0."""
+    async def scenario() -> None:
+        daemon = make_daemon(tmp_path)
+        alice = Process(daemon, 1001)
+        assert alice.register(["10.77.1.0/24"])[0] is MsgType.REGISTERED
+        alice.send(MsgType.ATTACH, {"session": SID})
+        daemon.shutdown("pvpn-client stopping")
+        await asyncio.sleep(0)
+        assert alice.replies() == [], "no ERROR: the tunnel process treats it as a lost daemon"
+        assert alice.transport.closed
+        assert kernel.removed == [] and kernel.forgotten == []
+        assert daemon.release_host() == [] and kernel.instance_removed == 0
+        (session,) = daemon.registry.sessions.values()
+        assert session.state.startswith("held")
+
+    run(scenario())
+
+
+def test_a_stop_with_no_session_leaves_the_host_as_found(kernel: Kernel, tmp_path: Path) -> None:
+    async def scenario() -> None:
+        daemon = make_daemon(tmp_path)
+        daemon.shutdown("pvpn-client stopping")
+        daemon.release_host()
+        assert kernel.instance_removed == 1
+
+    run(scenario())
+
+
+def test_attach_is_recorded_in_the_rules_for_the_next_pvpn_client(kernel: Kernel,
+                                                                 tmp_path: Path) -> None:
+    async def scenario() -> None:
+        daemon = make_daemon(tmp_path)
+        alice = Process(daemon, 1001)
+        alice.register(["10.77.1.0/24"])
+        alice.send(MsgType.ATTACH, {"session": SID})
+        recorded = kernel.applied[-1]
+        assert f"pvpn-session={SID.hex()}" in recorded.v4 + recorded.v6
+        alice.send(MsgType.ATTACH, {"session": SID})
+        assert kernel.applied[-1] is recorded, "the same id is not written twice"
+
+    run(scenario())
+
+
+def test_a_process_that_never_had_a_held_session_up_cannot_end_it(kernel: Kernel,
+                                                                  tmp_path: Path) -> None:
+    """`pvpn connect` picking up a held session, then failing to reach the server, sent
+    UNREGISTER: the protection an earlier process set up ended with it."""
+    async def scenario() -> None:
+        daemon = make_daemon(tmp_path)
+        first = Process(daemon, 1001, pid=1)
+        first.register(["10.77.1.0/24"])
+        first.send(MsgType.ATTACH, {"session": SID})
+        first.transport.close()  # killed
+        await asyncio.sleep(0)
+        second = Process(daemon, 1001, pid=2)
+        assert second.register(["10.77.1.0/24"])[0] is MsgType.REGISTERED
+        second.send(MsgType.UNREGISTER, {"reason": "could not connect: timed out"})
+        ((mtype, reply),) = second.replies()
+        assert mtype is MsgType.STATUS_REPLY and reply["sessions"][0]["state"].startswith("held")
+        assert kernel.removed == [] and len(daemon.registry.sessions) == 1
+        # The process that has it up ends it.
+        third = Process(daemon, 1001, pid=3)
+        third.register(["10.77.1.0/24"])
+        third.send(MsgType.ATTACH, {"session": SID})
+        third.send(MsgType.UNREGISTER, {"reason": "ended by the user"})
+        assert daemon.registry.sessions == {} and len(kernel.removed) == 1
+
+    run(scenario())
+
+
+def test_an_ended_session_leaves_no_mark_and_a_carried_mark_is_quarantined(
+        kernel: Kernel, tmp_path: Path) -> None:
+    async def scenario() -> None:
+        daemon = make_daemon(tmp_path)
+        alice = Process(daemon, 1001)
+        alice.register(["10.77.1.0/24"])
+        alice.send(MsgType.ATTACH, {"session": SID})
+        mark = daemon.registry.sessions[0].mark
+        kernel.marked[mark] = 3  # her connections, marked by her TUN device
+        alice.send(MsgType.UNREGISTER, {"reason": "ended by the user"})
+        assert kernel.forgotten == [mark] and mark not in kernel.marked
+        # Marks that outlived a clean-up (a crash between the two steps, say) and cannot be
+        # forgotten keep the slot from the next user.
+        kernel.marked[mark] = 1
+        monkey_forget = conntrack.forget_marked
+        conntrack.forget_marked = lambda m, mask: 0  # type: ignore[assignment]
+        try:
+            bob = Process(daemon, 1002)
+            assert bob.register(["10.77.1.0/24"])[0] is MsgType.REGISTERED
+            assert daemon.registry.sessions[1].uid == 1002 and 0 not in daemon.registry.sessions
+        finally:
+            conntrack.forget_marked = monkey_forget  # type: ignore[assignment]
+
+    run(scenario())
+
+
+def test_local_connections_are_bounded_per_uid_and_root_is_never_refused(
+        kernel: Kernel, tmp_path: Path) -> None:
+    async def scenario() -> None:
+        daemon = make_daemon(tmp_path, max_local_connections_per_uid=3,
+                             max_local_connections=4)
+        bobs = [Process(daemon, 1002, pid=i) for i in range(4)]
+        assert [p.transport.closed for p in bobs] == [False, False, False, True]
+        ((mtype, reply),) = bobs[3].replies()
+        assert mtype is MsgType.ERROR and "max_local_connections_per_uid" in reply["reason"]
+        carol = Process(daemon, 1003)
+        dave = Process(daemon, 1004)
+        assert not carol.transport.closed and dave.transport.closed  # 4 in all
+        roots = [Process(daemon, 0, pid=100 + i) for i in range(8)]
+        assert not any(p.transport.closed for p in roots)
+        bobs[0].transport.close()
+        await asyncio.sleep(0)
+        assert not Process(daemon, 1002).transport.closed, "a freed place can be taken again"
+
+    run(scenario())
+
+
+def test_an_idle_connection_without_a_session_is_closed_after_grace_time(
+        kernel: Kernel, tmp_path: Path) -> None:
+    async def scenario() -> None:
+        daemon = make_daemon(tmp_path, grace_time=10)
+        idle = Process(daemon, 1002)
+        busy = Process(daemon, 1001)
+        busy.register(["10.77.1.0/24"])
+        idle.link.last_active = busy.link.last_active = daemon.loop.time() - 11
+        daemon.tick()
+        assert idle.transport.closed and not busy.transport.closed
+
+    run(scenario())
+
+
+def test_a_session_never_up_is_ended_and_its_process_told(kernel: Kernel, tmp_path: Path) -> None:
+    async def scenario() -> None:
+        daemon = make_daemon(tmp_path, grace_time=10)
+        bob = Process(daemon, 1002)
+        bob.register(["10.77.1.0/24"])
+        daemon.registry.sessions[0].opened -= 11
+        daemon.tick()
+        ((mtype, reply),) = bob.replies()
+        assert mtype is MsgType.ERROR and reply["code"] == "expired"
+        assert daemon.registry.sessions == {} and bob.transport.closed
+
+    run(scenario())
+
+
+@pytest.mark.parametrize("server", ["x" * 4000, "vpn\x1b[2J:4433", "a\nb:1"])
+def test_a_registration_with_an_unreasonable_server_string_is_refused(
+        kernel: Kernel, tmp_path: Path, server: str) -> None:
+    """About 16 registrations with 4 KB server strings blinded root's `pvpn status`; control
+    characters reached root's terminal."""
+    async def scenario() -> None:
+        daemon = make_daemon(tmp_path)
+        mtype, reply = Process(daemon, 1002).register(["10.77.1.0/24"], server)
+        assert mtype is MsgType.ERROR and "printable" in reply["reason"]
+        assert daemon.registry.sessions == {}
+
+    run(scenario())
+
+
+def test_disconnect_as_root_with_all_ends_everything_and_names_it(kernel: Kernel,
+                                                                 tmp_path: Path) -> None:
+    async def scenario() -> None:
+        daemon = make_daemon(tmp_path)
+        users = [Process(daemon, uid) for uid in (1001, 1002)]
+        for i, p in enumerate(users):
+            p.register([f"10.{i}.0.0/16"])
+            p.send(MsgType.ATTACH, {"session": bytes([i]) * 16})
+        root = Process(daemon, 0)
+        root.send(MsgType.DISCONNECT, {"session": "0", "slot": None, "all": False})
+        ((mtype, _),) = root.replies()
+        assert mtype is MsgType.ERROR and len(daemon.registry.sessions) == 2
+        root.send(MsgType.DISCONNECT, {"session": "", "slot": None, "all": True})
+        ((mtype, reply),) = root.replies()
+        assert mtype is MsgType.STATUS_REPLY
+        assert sorted(s["user"] for s in reply["sessions"]) == [
+            dm.user_name(1001), dm.user_name(1002)]
+        assert daemon.registry.sessions == {}
+        for p in users:
+            ((mtype, told),) = p.replies()
+            assert mtype is MsgType.ERROR and told["code"] == "disconnected"
+
+    run(scenario())
+
+
+def test_recovery_converts_the_previous_versions_jumps(kernel: Kernel, tmp_path: Path) -> None:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "firewall_tests", Path(__file__).with_name("test_firewall.py"))
+    assert spec is not None and spec.loader is not None
+    legacy = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(legacy)
+    kernel.saved = [legacy.LEGACY_V4, legacy.LEGACY_V6]
+
+    async def scenario() -> None:
+        daemon = make_daemon(tmp_path)
+        daemon.recover()
+        (session,) = daemon.registry.sessions.values()
+        assert session.slot == 2 and session.ever_up, "held as long as one that was up"
+        (repair,) = kernel.applied
+        assert "-D PVPNC-OUT -j PVPNC-S2" in repair.v4
+        assert "-A PVPNC-OUT -m owner --uid-owner 1001 -j PVPNC-S2" in repair.v6
+
+    run(scenario())
+
+
+def test_recovered_networks_are_the_ones_in_the_rules(kernel: Kernel, tmp_path: Path) -> None:
+    rules = firewall.client_session("pvpnc", 0, 1001, [ipaddress.ip_network("10.1.0.0/16")],
+                                    3000, 0x10000, 0xFF0000, "pvpnc0", session_id=SID)
+    kernel.saved = [firewall.client_base("pvpnc").v4 + rules.v4,
+                    firewall.client_base("pvpnc").v6 + rules.v6]
+
+    async def scenario() -> None:
+        daemon = make_daemon(tmp_path)
+        daemon.recover()
+        (session,) = daemon.registry.sessions.values()
+        assert session.session_id == SID and session.ever_up and kernel.applied == []
+        alice = Process(daemon, 1001)
+        assert alice.register(["10.1.0.0/16"])[0] is MsgType.REGISTERED
+        assert session.state == "up", "the tunnel process re-attaches at once"
+
+    run(scenario())
+
+
+def test_a_local_user_looping_over_garbage_cannot_flood_the_log(kernel: Kernel,
+                                                                tmp_path: Path) -> None:
+    async def scenario() -> None:
+        daemon = make_daemon(tmp_path)
+        for i in range(200):
+            garbage = Process(daemon, 1002, pid=i)
+            garbage.link.data_received(b"\xc1" * 10)  # not msgpack: the link is closed
+            assert garbage.transport.closed
+            await asyncio.sleep(0)
+        log = daemon.log.stream.getvalue()  # type: ignore[attr-defined]
+        assert log.count('"local:error"') == 1 and len(log) < 2000
+        assert daemon.local == set(), "every closed connection is forgotten"
+
+    run(scenario())
