@@ -385,10 +385,16 @@ class ClientDaemon:
             self._dropped(session, Drop.REPLY_NO_FLOW, sent)
             return
         if error:
-            # An ICMP error about one of the session's flows. Its outer addresses, type and
-            # length are checked here (Drop.REPLY_ICMP_REFUSED) by the pure check the packets
-            # engineer provides for errors coming back to a client host; wired in on merge.
-            pass
+            # An ICMP error about one of the session's flows enters only as a host may receive
+            # it: no redirect or source quench, at most 576/1280 bytes, addressed to the
+            # source of the packet it quotes (RFC 1122 3.2.2, RFC 1812 4.3.2.3, RFC 4443 2.4).
+            try:
+                refused = pk.received_icmp_error_refusal(packet) is not None
+            except MalformedPacket:
+                refused = True
+            if refused:
+                self._dropped(session, Drop.REPLY_ICMP_REFUSED, sent)
+                return
         try:
             os.write(self.tun_fds[session.slot], packet)
         except BlockingIOError:

@@ -401,3 +401,39 @@ def test_a_local_user_looping_over_garbage_cannot_flood_the_log(kernel: Kernel,
         assert daemon.local == set(), "every closed connection is forgotten"
 
     run(scenario())
+
+
+def test_icmp_errors_handed_back_enter_the_host_only_as_a_host_may_receive_them(
+        kernel: Kernel, tmp_path: Path) -> None:
+    """Issue 9 point 4: pvpn-client checked an ICMP error from a user's tunnel only by the flow
+    it quotes; a redirect, an error addressed to another local address or one of 1,500 bytes
+    about that flow entered the host. Now its type, outer destination and length are checked
+    too (packet.received_icmp_error_refusal)."""
+    from scapy.layers.inet import ICMP, IP, UDP
+
+    async def scenario() -> None:
+        daemon = make_daemon(tmp_path)
+        alice = Process(daemon, 1001)
+        alice.register(["10.77.1.0/24"])
+        alice.send(MsgType.ATTACH, {"session": SID})
+        session = daemon.registry.sessions[0]
+        out = bytes(IP(src="10.77.0.1", dst="10.77.1.2") / UDP(sport=5000, dport=53) / b"q")
+        assert daemon.queues[0].callback(out)  # hers, on its way out: now a flow of hers
+
+        def hand_back(packet: Any) -> None:
+            alice.link.data_received(encode_envelope(MsgType.PACKET, SID, 1001, alice.seq,
+                                                     bytes(packet)))
+            alice.seq += 1
+
+        hand_back(IP(src="10.77.1.2", dst="10.77.0.1") / ICMP(type=5, code=1, gw="10.77.1.66")
+                  / out)  # a redirect: would move the host's route
+        hand_back(IP(src="10.77.1.2", dst="10.77.0.99") / ICMP(type=3, code=3) / out)
+        hand_back(IP(src="10.77.1.2", dst="10.77.0.1") / ICMP(type=3, code=3) / out
+                  / (b"x" * 1500))  # longer than any host sends (RFC 1812: 576)
+        assert session.packets_in == 0
+        assert session.drops.as_dict() == {"reply-icmp-refused": 3}
+        # A router on the way saying the port is unreachable: a host takes that.
+        hand_back(IP(src="10.77.1.254", dst="10.77.0.1") / ICMP(type=3, code=3) / out)
+        assert session.packets_in == 1
+
+    run(scenario())
