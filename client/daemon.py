@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import os
 import pwd
 import socket
@@ -35,8 +36,8 @@ from pvpn.errors import ConfigError, MalformedPacket, PolicyError, PvpnError, Re
 from pvpn.io import conntrack, rules
 from pvpn.io.nfqueue import BatchedQueue
 from pvpn.io.loop import (
-    EX_CONFIG, WRITE_HIGH_WATER, install_signals, peer_credentials, prepare_unix_socket,
-    run_daemon,
+    EX_CONFIG, WRITE_HIGH_WATER, Guard, guarded, install_signals, peer_credentials,
+    prepare_unix_socket, run_daemon,
 )
 from pvpn.io.tun import open_tun, strict_rp_filter
 from pvpn.records import Record, RecordWriter, session_hex
@@ -64,6 +65,8 @@ class LocalLink(asyncio.Protocol):
 
     def __init__(self, daemon: "ClientDaemon") -> None:
         self.daemon = daemon
+        self.guard = daemon.guard
+        self.id = next(daemon.link_ids)
         self.transport: asyncio.Transport | None = None
         self.uid = -1
         self.pid = -1
@@ -77,21 +80,30 @@ class LocalLink(asyncio.Protocol):
         self.last_active = 0.0
         self.admitted = False
 
-    # -- asyncio
+    # -- asyncio; what escapes a callback goes to the guard, which closes this connection only
+    @property
+    def guard_link(self) -> int:
+        return self.id
+
+    @guarded("local connection_made")
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self.transport = transport
+        self.daemon.by_id[self.id] = self
         transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
         self.pid, self.uid, _ = peer_credentials(transport)
         self.last_active = self.daemon.loop.time()
         self.daemon.admit(self)
 
+    @guarded("local pause_writing")
     def pause_writing(self) -> None:
         self.congested = True
 
+    @guarded("local resume_writing")
     def resume_writing(self) -> None:
         self.congested = False
 
+    @guarded("local data_received")
     def data_received(self, data: bytes) -> None:
         if not self.admitted:
             return
@@ -108,7 +120,9 @@ class LocalLink(asyncio.Protocol):
             self.close()
         self.flush()
 
+    @guarded("local connection_lost")
     def connection_lost(self, exc: Exception | None) -> None:
+        self.daemon.by_id.pop(self.id, None)
         self.daemon.local_lost(self)
 
     # -- output
@@ -139,6 +153,11 @@ class ClientDaemon:
         self.log = RecordWriter("client", config.name)
         self.registry = Registry(config)
         self.loop = asyncio.get_running_loop()
+        # No exception a local user or a packet can cause ends pvpn-client: the guard logs it
+        # (node:error, with the traceback) and closes only the connection concerned.
+        self.guard = Guard(self.log.write, self._close_failed_link)
+        self.link_ids = itertools.count(1)
+        self.by_id: dict[int, LocalLink] = {}
         self.queues: dict[int, BatchedQueue] = {}
         self.tun_fds: dict[int, int] = {}
         self.links: dict[int, LocalLink] = {}  # slot -> attached link
@@ -148,6 +167,11 @@ class ClientDaemon:
         self._local_logged: dict[int, tuple[float, int]] = {}
         self._dirty: set[LocalLink] = set()
         self._pruned = 0.0
+
+    def _close_failed_link(self, link_id: int, reason: str) -> None:
+        link = self.by_id.get(link_id)
+        if link is not None:
+            link.close()
 
     def log_event(self, event: str, session: SlotSession | None = None, **kw: Any) -> None:
         rec = Record(event)
@@ -216,8 +240,9 @@ class ClientDaemon:
         self.queues[session.slot] = queue
 
         def drain() -> None:
-            queue.drain()
-            self.flush()
+            # A packet whose handling failed is dropped (fail closed), the rest go on.
+            self.guard.call("queue drain", queue.drain)
+            self.guard.call("flush", self.flush)
 
         self.loop.add_reader(queue.fileno(), drain)
 
@@ -610,6 +635,7 @@ async def serve(config: ClientConfig) -> None:
         f"another pvpn-client already listens on {config.socket}")
     stop = asyncio.Event()
     listener: asyncio.AbstractServer | None = None
+    daemon.guard.install(loop)
     try:
         daemon.recover()
         listener = await loop.create_unix_server(lambda: LocalLink(daemon), str(config.socket))
@@ -624,11 +650,11 @@ async def serve(config: ClientConfig) -> None:
                 await asyncio.wait_for(stop.wait(), timeout=TICK)
             except asyncio.TimeoutError:
                 pass
-            daemon.tick()
+            daemon.guard.call("timer", daemon.tick)
     finally:
         if listener is not None:
             listener.close()
-        daemon.shutdown("pvpn-client stopping")
+        daemon.guard.call("shutdown", daemon.shutdown, "pvpn-client stopping")
         await asyncio.sleep(0.05)  # the links' ends are logged (session:held)
         errors = daemon.release_host()
         try:

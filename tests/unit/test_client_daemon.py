@@ -437,3 +437,29 @@ def test_icmp_errors_handed_back_enter_the_host_only_as_a_host_may_receive_them(
         assert session.packets_in == 1
 
     run(scenario())
+
+
+def test_an_exception_in_one_connections_handling_closes_that_connection_only(
+        kernel: Kernel, tmp_path: Path) -> None:
+    """Issue 9 point 2 for pvpn-client: what escapes the handling of one local connection (a
+    bug a local user found) is logged as node:error with the traceback and closes that
+    connection; the daemon serves the others."""
+    async def scenario() -> None:
+        daemon = make_daemon(tmp_path)
+        alice, bob = Process(daemon, 1001), Process(daemon, 1002)
+        alice.register(["10.77.1.0/24"])
+        alice.send(MsgType.ATTACH, {"session": SID})
+
+        def broken(link: Any, packet: bytes) -> None:
+            raise KeyError("a bug")
+
+        daemon.inject = broken  # type: ignore[method-assign]
+        alice.link.data_received(encode_envelope(MsgType.PACKET, SID, 1001, alice.seq, b"x"))
+        assert alice.transport.closed
+        log = daemon.log.stream.getvalue()  # type: ignore[attr-defined]
+        assert '"event":"node:error"' in log and "KeyError" in log and "Traceback" in log
+        assert bob.register(["10.77.2.0/24"])[0] is MsgType.REGISTERED
+        daemon.tick = lambda: 1 / 0  # type: ignore[method-assign,assignment,return-value]
+        assert not daemon.guard.call("timer", daemon.tick)
+
+    run(scenario())
