@@ -30,6 +30,7 @@ from pvpn.envelope import DEFAULT_HOPS
 from pvpn.chain import ChainEvent, ChainFailed, ChainUp, UserChain
 from pvpn.client.peer import untrusted_peer
 from pvpn.protocol import PacketsReceived, UserLink
+from pvpn.text import printable
 
 CONNECT_TIMEOUT = 10.0
 MAX_BACKOFF = 10.0
@@ -65,8 +66,19 @@ def _endpoint_text(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+def _terminal(text: str) -> str:
+    """A line for the user's terminal: what nodes and gateways said (a refusal's reason, a
+    node name) is theirs to choose, so every non-printable character is escaped; our own
+    line breaks stay."""
+    return "\n".join(printable(line) for line in text.split("\n"))
+
+
 def _say(text: str) -> None:
-    print(f"pvpn: {text}", file=sys.stderr, flush=True)
+    print(f"pvpn: {_terminal(text)}", file=sys.stderr, flush=True)
+
+
+def _tell(text: str) -> None:
+    print(f"pvpn: {_terminal(text)}", flush=True)
 
 
 class _Stream(asyncio.Protocol):
@@ -470,7 +482,7 @@ def run_connect(options: ConnectOptions, background: bool, log_path: Path | None
     """Run in the foreground, or fork and return once the VPN is up (or failed)."""
     if not background:
         async def foreground() -> int:
-            connector = Connector(options, lambda line: print(f"pvpn: {line}", flush=True))
+            connector = Connector(options, _tell)
             return await connector.run()
         try:
             return asyncio.run(foreground())
@@ -485,7 +497,7 @@ def run_connect(options: ConnectOptions, background: bool, log_path: Path | None
         with os.fdopen(read_fd) as pipe:
             message = pipe.read()
         if message.startswith("up "):
-            print(f"pvpn: {message[3:].strip()} (pid {pid})", flush=True)
+            _tell(f"{message[3:].strip()} (pid {pid})")
             return 0
         _say(f"error: {message.strip() or 'the tunnel process exited'}")
         return 1
@@ -511,7 +523,7 @@ def run_connect(options: ConnectOptions, background: bool, log_path: Path | None
             pipe_out.close()
 
     def on_up(line: str) -> None:
-        print(f"pvpn: {line}", flush=True)
+        _tell(line)
         report(f"up {line}")
 
     async def detached() -> int:

@@ -63,3 +63,16 @@ def test_connect_refuses_unclear_requests_before_doing_anything(
     args = build_parser().parse_args(["connect", *argv])
     with pytest.raises(ConfigError, match=words.replace("[", r"\[")):
         cmd_connect(args)
+
+
+def test_pvpn_connect_escapes_what_nodes_said(capsys: pytest.CaptureFixture[str]) -> None:
+    """Issue 9 point 9: a node's refusal or close reason (and the node names of ACCEPT) reach
+    the user's terminal; a rogue gateway or server must not drive it with escape sequences."""
+    from pvpn.client import connect
+
+    connect._say("refused: \x1b]0;pwned\x07\x1b[2J (auth-failed)\nsecond line")
+    connect._tell("session up via gw\x1b[31m1")
+    captured = capsys.readouterr()
+    assert captured.err == ("pvpn: refused: \\x1b]0;pwned\\x07\\x1b[2J (auth-failed)\n"
+                            "second line\n")
+    assert captured.out == "pvpn: session up via gw\\x1b[31m1\n"
