@@ -351,7 +351,8 @@ class UserLink:
     def _control(self, envelope: Envelope) -> LinkEvent | None:
         mtype = envelope.type
         if mtype is MsgType.KEEPALIVE:
-            self._send_control(MsgType.KEEPALIVE_ACK, {})
+            if not self.congested:  # a node that does not read gets no echo to pile up
+                self._send_control(MsgType.KEEPALIVE_ACK, {})
             return None
         if mtype is MsgType.KEEPALIVE_ACK:
             return None
@@ -760,7 +761,11 @@ class NodeBase:
     def _control(self, link: NodeLink, envelope: Envelope, now: float) -> None:
         mtype, state = envelope.type, link.state
         if mtype is MsgType.KEEPALIVE and state is NodeLinkState.ESTABLISHED:
-            self._send(link, MsgType.KEEPALIVE_ACK, link.session_id, encode_control({}))
+            # Not on a congested link: a peer that sends KEEPALIVEs and never reads would have
+            # the node buffer one answer per KEEPALIVE, without bound. Its socket is full of
+            # what it has not read yet, so it knows the node is alive anyway.
+            if not link.congested:
+                self._send(link, MsgType.KEEPALIVE_ACK, link.session_id, encode_control({}))
             return
         if mtype is MsgType.KEEPALIVE_ACK and state is NodeLinkState.ESTABLISHED:
             return

@@ -644,3 +644,19 @@ def test_an_unanswered_challenge_closes_the_link(world: Any) -> None:
     tick(net, 16, chain)
     assert any(r.event == "link:error" and "re-authentication" in r.reason
                for a, r in net.logs if a == ADDR["server"])
+
+
+def test_a_gateway_answers_no_keepalives_on_a_link_that_does_not_read(world: Any) -> None:
+    """The gateway's side of the KEEPALIVE echo: a user who never reads its link gets no
+    answers queued for it while the link is congested (pvpn-gateway tells the node)."""
+    net = Net(world)
+    chain, events = net.chain("alice", [ADDR["gw1"], ADDR["gw2"], ADDR["server"]])
+    up_event(events)
+    gw1 = net.nodes[ADDR["gw1"]]
+    _, link_id = chain.first  # type: ignore[attr-defined]
+    gw1.link_congested(link_id, True)
+    for _ in range(5000):
+        chain.links[0]._send_control(MsgType.KEEPALIVE, {})
+    gw1.receive_data(link_id, chain.links[0].data_to_send(net.now), net.now)
+    gw1.flush(net.now)
+    assert sum(len(c.data) for c in gw1.commands if isinstance(c, SendBytes)) < 1000

@@ -871,3 +871,41 @@ def test_the_users_end_drops_its_output_when_its_tls_fails(pki_dir: Any) -> None
     assert other.data_to_send(h.now) == b""
     failed = other.handle_timer(h.now)
     assert isinstance(failed, LinkClosed) and "TLS failed on output" in failed.reason
+
+
+def keepalive_flood(link: UserLink, count: int) -> bytes:
+    for _ in range(count):
+        link._send_control(MsgType.KEEPALIVE, {})
+    return link.data_to_send(0.0)
+
+
+def test_a_peer_that_does_not_read_gets_no_keepalive_answers_to_pile_up(pki_dir: Any) -> None:
+    """An authenticated user who sends KEEPALIVEs as fast as the line goes and never reads
+    made the node queue one KEEPALIVE_ACK per KEEPALIVE, as many bytes as it sent, without
+    bound (the socket's high-water mark only dropped packets): the node's memory was the
+    user's to fill. On a congested link a KEEPALIVE is not answered; the user's end does the
+    same for a node."""
+    h = Harness(pki_dir)
+    link = h.connect(1, "alice")
+    h.node.link_congested(1, True)
+    flood = keepalive_flood(link, 5000)
+    assert len(flood) > 100_000
+    h.node.receive_data(1, flood, h.now)
+    h.node.flush(h.now)
+    queued = sum(len(c.data) for c in h.node.commands if isinstance(c, SendBytes))
+    assert queued < 1000 and not h.node.links[1].closed
+    h.node.commands.clear()
+    h.node.link_congested(1, False)  # once it drains, KEEPALIVEs are answered again
+    h.node.receive_data(1, keepalive_flood(link, 1), h.now)
+    assert any(isinstance(c, SendBytes) and c.link == 1 for c in h.node.commands)
+    # The user's end: a node flooding KEEPALIVEs at a congested tunnel gets nothing back.
+    h.node.commands.clear()
+    for _ in range(3000):
+        h.node._send(h.node.links[1], MsgType.KEEPALIVE, h.node.links[1].session_id,
+                     encode_control({}))
+    h.node.flush(h.now)
+    link.congested = True
+    for cmd in h.node.commands:
+        if isinstance(cmd, SendBytes):
+            link.receive_data(cmd.data, h.now)
+    assert len(link.data_to_send(h.now)) < 1000
