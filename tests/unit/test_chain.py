@@ -660,3 +660,25 @@ def test_a_gateway_answers_no_keepalives_on_a_link_that_does_not_read(world: Any
     gw1.receive_data(link_id, chain.links[0].data_to_send(net.now), net.now)
     gw1.flush(net.now)
     assert sum(len(c.data) for c in gw1.commands if isinstance(c, SendBytes)) < 1000
+
+
+def test_one_user_cannot_take_every_link_of_a_gateway(world: Any) -> None:
+    """A user the gateway lets through could open splice after splice (each an onward
+    connection) until the gateway held MAX_LINKS links and refused everyone else ("too many
+    links"). One user has at most sessions_per_user splices, connecting ones included; the
+    next is refused with the reason, and other users still get in."""
+    net = Net(world)
+    gw1 = net.nodes[ADDR["gw1"]]
+    gw1.MAX_LINKS = 12
+    net.hold_next = True  # the onward connections hang: splices stay connecting
+    for _ in range(12):
+        net.chain("alice", [ADDR["gw1"], ADDR["gw2"], ADDR["server"]])
+    assert len(gw1.splices) == 10  # the default sessions_per_user
+    refused = [r for a, r in net.logs if r.event == "auth:refused"]
+    assert refused and all(r.extra["code"] == "too-many-sessions" for r in refused)
+    net.hold_next = False
+    for address, cmd in net.held:
+        net.nodes[address].next_failed(cmd.link, "no route", net.now)
+    net.held.clear()
+    chain, events = net.chain("bob", [ADDR["gw1"], ADDR["gw2"], ADDR["server"]])
+    up_event(events)
