@@ -517,6 +517,9 @@ MAX_REASON = 1024
 #: Entries of a HELLO's ``want`` (destination prefixes) and ``path`` (nodes before this one).
 MAX_WANT = 64
 MAX_PATH = 64
+#: What a frame may hold before its link has authenticated: the largest HELLO (64 prefixes
+#: and 64 node names) is under 9 KB, an AUTH under 3 KB.
+MAX_PREAUTH_FRAME = 16384
 
 
 def source_of(peer: str) -> str:
@@ -727,6 +730,12 @@ class NodeBase:
                         self._on_data(link, envelope.body, now)
                     else:
                         self._control(link, envelope, now)
+                if (link.authenticated_at is None and not link.closed
+                        and decoder.buffered > MAX_PREAUTH_FRAME):
+                    # A stranger's half-sent 64 KB frame held four times the memory of its
+                    # connection, for as long as the node waited for its HELLO.
+                    raise MalformedFrame(f"a frame of more than {MAX_PREAUTH_FRAME} bytes "
+                                         "before authentication")
         except RemoteProtocolError as exc:
             # Garbage from one peer closes that link only; everyone else is served on.
             self._fail_link(link, f"{type(exc).__name__}: {exc}")
