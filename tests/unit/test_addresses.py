@@ -201,3 +201,43 @@ def test_this_hosts_own_addresses_include_its_loopback() -> None:
     if not Path("/proc/net/fib_trie").exists():
         pytest.skip("no /proc/net/fib_trie here")
     assert net("127.0.0.1/32") in read_local_addresses()
+
+
+# A host with transparent proxying (TPROXY) routes everything as local in a table of its own,
+# which fib_trie and ipv6_route list with the others (read from a network namespace with
+# `ip route add local 0.0.0.0/0 dev lo table 100` and `ip -6 route add local ::/0 ...`).
+TPROXY_TRIE = """\
+Id 100:
+  |-- 0.0.0.0
+     /0 host LOCAL
+"""
+
+
+def test_a_catch_all_local_route_in_another_table_names_nothing_else() -> None:
+    """With TPROXY's catch-all local route the node's own addresses held 0.0.0.0/0 and ::/0,
+    so every allow entry lay inside an own network and "named" every excluded address: a
+    user with 0.0.0.0/0 reached the server's loopback, link-local (cloud metadata) and its
+    own addresses, and `--to 127.0.0.1` was accepted at login. An entry inside one excluded
+    range now names only that range (or, inside a special range, what it covers)."""
+    local = LOCAL | parse_fib_trie(TPROXY_TRIE.splitlines()) | {net("::/0")}
+    assert net("0.0.0.0/0") in local
+    dest = Destinations(EVERYWHERE, EVERYWHERE, local)
+    for address in [*SPECIAL_SAMPLES, "10.77.1.1", "10.77.1.255", "fd77:0:0:1::1"]:
+        assert not dest.contains(packed(address)), address
+    assert dest.contains(packed("192.0.2.7")) and dest.contains(packed("2001:db8::7"))
+    assert "loopback" in (exclusion(net("127.0.0.1/32"), EVERYWHERE, local) or "")
+    assert exclusion(net("10.77.1.1/32"), [net("10.77.1.0/24")], local) == \
+        "10.77.1.1 is an address of this node"
+    assert address_exclusion(ipaddress.ip_address("::ffff:127.0.0.1"), EVERYWHERE, local)
+    assert address_exclusion(ipaddress.ip_address("10.77.1.2"), EVERYWHERE, local) is None
+    # What is named still opens, and nothing more.
+    allow = [*EVERYWHERE, net("127.0.0.0/8"), net("10.77.1.1/32")]
+    dest = Destinations(EVERYWHERE, allow, local)
+    assert dest.contains(packed("127.0.0.1")) and dest.contains(packed("10.77.1.1"))
+    assert not dest.contains(packed("10.77.1.255")) and not dest.contains(packed("169.254.0.1"))
+    # A prefix really routed as local on its own, inside the catch-all: excluded unless named.
+    anyip = local | {net("10.9.0.0/24")}
+    dest = Destinations([net("10.0.0.0/8")], [net("10.0.0.0/8")], anyip)
+    assert not dest.contains(packed("10.9.0.77")) and dest.contains(packed("10.8.0.77"))
+    dest = Destinations([net("10.0.0.0/8")], [net("10.0.0.0/8"), net("10.9.0.64/26")], anyip)
+    assert dest.contains(packed("10.9.0.77"))
