@@ -203,6 +203,33 @@ def test_this_hosts_own_addresses_include_its_loopback() -> None:
     assert net("127.0.0.1/32") in read_local_addresses()
 
 
+_Z = "00000000000000000000000000000000"
+IPV6_ROUTE = "".join(f"{dest} {plen} {_Z} 00 {_Z} {rest}\n" for dest, plen, rest in (
+    ("fd770000000000010000000000000000", "40", "00000100 00000001 00000000 00000001 eth1"),
+    ("00000000000000000000000000000001", "80", "00000000 00000003 00000000 80200001 lo"),
+    ("20010db8000500000000000000000000", "40", "00000400 00000001 00000000 80000001 lo"),
+    (_Z, "00", "ffffffff 00000001 00000000 00200200 lo"),
+))
+
+
+def test_an_ipv6_prefix_routed_as_local_is_the_nodes_own(tmp_path: Path) -> None:
+    """`ip -6 route add local 2001:db8:5::/64 dev lo` (AnyIP) makes the host answer every
+    address of the prefix, yet if_inet6 lists none of them: an allow list covering it (::/0)
+    reached the server's own services there. Local routes of /proc/net/ipv6_route count as
+    the node's own (the lines are a network namespace's, with that route added)."""
+    (tmp_path / "fib_trie").write_text(FIB_TRIE)
+    (tmp_path / "ipv6_route").write_text(IPV6_ROUTE)
+    local = read_local_addresses(tmp_path)
+    assert net("2001:db8:5::/64") in local
+    allow = Destinations([net("::/0")], [net("::/0")], local)
+    assert not allow.contains(ipaddress.ip_address("2001:db8:5::7").packed)
+    assert allow.contains(ipaddress.ip_address("2001:db8:6::7").packed)
+    from pvpn.io.localaddrs import parse_ipv6_route  # here, so the module loads without it
+
+    assert parse_ipv6_route(IPV6_ROUTE.splitlines()) == {net("::1"), net("2001:db8:5::/64")}
+    assert parse_ipv6_route(["short", "zz" * 16 + " 40 x x x x x x 80000001 lo"]) == set()
+
+
 # A host with transparent proxying (TPROXY) routes everything as local in a table of its own,
 # which fib_trie and ipv6_route list with the others (read from a network namespace with
 # `ip route add local 0.0.0.0/0 dev lo table 100` and `ip -6 route add local ::/0 ...`).
