@@ -6,7 +6,8 @@ arriving from the node's own address, and to its loopback, link-local neighbours
 groups and broadcasts. So two kinds of address are excluded from every allow list and rule:
 
 * the *special* ranges of :data:`SPECIAL` (loopback, unspecified, link-local, multicast,
-  broadcast and the reserved class E, IPv4-mapped and IPv4-compatible IPv6), and
+  broadcast and the reserved class E, IPv4-mapped and IPv4-compatible IPv6, and the NAT64
+  and 6to4 prefixes that embed an IPv4 address), and
 * the node's *own* addresses: the local and broadcast addresses of its interfaces (and any
   prefix routed as local), read by an adapter (:mod:`pvpn.io.localaddrs`) and handed to the
   node.
@@ -48,6 +49,12 @@ SPECIAL: Final[tuple[tuple[Network, str], ...]] = (
     (_net("::1/128"), "loopback (RFC 4291 2.5.3)"),
     (_net("::/96"), "IPv4-compatible (deprecated, RFC 4291 2.5.5.1)"),
     (_net("::ffff:0:0/96"), "IPv4-mapped (RFC 4291 2.5.5.2)"),
+    # IPv6 addresses that carry an IPv4 address a translator or tunnel on the node or its
+    # network delivers to: an IPv6 allow list must not reach IPv4 (the node's own addresses
+    # among them) through them unless it names them.
+    (_net("64:ff9b::/96"), "NAT64, an IPv4 address embedded (RFC 6052)"),
+    (_net("64:ff9b:1::/48"), "local-use NAT64, an IPv4 address embedded (RFC 8215)"),
+    (_net("2002::/16"), "6to4, an IPv4 address embedded (RFC 3056)"),
     (_net("fe80::/10"), "link-local (RFC 4291 2.5.6)"),
     (_net("ff00::/8"), "multicast (RFC 4291 2.7)"),
 )

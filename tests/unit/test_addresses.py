@@ -103,7 +103,8 @@ def test_exclusion_explains_a_destination_that_is_excluded_as_a_whole() -> None:
 def test_the_special_ranges_are_the_documented_ones() -> None:
     assert {str(n) for n, _ in SPECIAL} == {
         "0.0.0.0/8", "127.0.0.0/8", "169.254.0.0/16", "224.0.0.0/4", "240.0.0.0/4", "::/128",
-        "::1/128", "::/96", "::ffff:0:0/96", "fe80::/10", "ff00::/8"}
+        "::1/128", "::/96", "::ffff:0:0/96", "fe80::/10", "ff00::/8", "64:ff9b::/96",
+        "64:ff9b:1::/48", "2002::/16"}
     design = (Path(__file__).resolve().parents[2] / "docs" / "design.md").read_text()
     for network, _ in SPECIAL:
         assert f"`{network}`" in design, network
@@ -268,3 +269,17 @@ def test_a_catch_all_local_route_in_another_table_names_nothing_else() -> None:
     assert not dest.contains(packed("10.9.0.77")) and dest.contains(packed("10.8.0.77"))
     dest = Destinations([net("10.0.0.0/8")], [net("10.0.0.0/8"), net("10.9.0.64/26")], anyip)
     assert dest.contains(packed("10.9.0.77"))
+
+
+@pytest.mark.parametrize("address", ["64:ff9b::a4d:101", "64:ff9b::7f00:1", "64:ff9b:1::a4d:101",
+                                     "2002:a4d:101::1", "2002:7f00:1::1"])
+def test_ipv6_that_embeds_ipv4_is_excluded_unless_named(address: str) -> None:
+    """NAT64 (64:ff9b::/96, 64:ff9b:1::/48) and 6to4 (2002::/16) addresses carry an IPv4
+    address that a translator or tunnel on the server (tayga, a sit tunnel) or its network
+    delivers to: with ::/0 allowed, 64:ff9b::10.77.1.1 reached the server's own 10.77.1.1 and
+    any IPv4 address outside the user's IPv4 allow list. Excluded unless the allow list or a
+    next rule names the prefix (the opt-in for a NAT64)."""
+    assert not Destinations(EVERYWHERE, EVERYWHERE, LOCAL).contains(packed(address))
+    assert address_exclusion(ipaddress.ip_address(address), EVERYWHERE, LOCAL)
+    named = [*EVERYWHERE, net("64:ff9b::/96"), net("64:ff9b:1::/48"), net("2002::/16")]
+    assert Destinations(EVERYWHERE, named, LOCAL).contains(packed(address))
