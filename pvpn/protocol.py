@@ -1351,15 +1351,23 @@ class ServerNode(NodeBase):
 
     def set_local_addresses(self, addresses: Local) -> None:
         """The server's own addresses changed (read at start, on reload, periodically):
-        every session's destinations are computed again, and mappings to an address that
-        became the server's own are dropped."""
+        every session's destinations are computed again, mappings to an address that became
+        the server's own are dropped, and so are mappings from an address it no longer has."""
         if addresses == self.local_addresses:
             return
+        # Addresses the server had and lost (renumbered, a failover address moved to another
+        # host): a mapping sending from one would go on with a source the server no longer
+        # owns (the raw socket does not check), and its replies would reach whoever has it now.
+        gone = {n.network_address.packed for n in self.local_addresses - addresses
+                if n.num_addresses == 1}
         self.local_addresses = addresses
         for session in list(self.sessions.values()):
             policy = self.config.users.get(session.user)
             if policy is not None:
                 self._narrow(session, policy, session.allow.networks)
+            if gone:
+                self.flows.drop_flows([f for f in self.flows.session_flows(session.id)
+                                       if f.nat_src in gone])
 
     def _narrow(self, session: Session, policy: UserPolicy, networks: list[Network]) -> None:
         """Give ``session`` these prefixes under ``policy`` and the current own addresses,

@@ -909,3 +909,20 @@ def test_a_peer_that_does_not_read_gets_no_keepalive_answers_to_pile_up(pki_dir:
         if isinstance(cmd, SendBytes):
             link.receive_data(cmd.data, h.now)
     assert len(link.data_to_send(h.now)) < 1000
+
+
+def test_mappings_from_an_address_the_server_no_longer_has_go(pki_dir: Any) -> None:
+    """An address the server sent from moved away (renumbered; a failover address taken over
+    by the standby): its mappings went on sending with it, for up to 2 h 4 min, the raw
+    socket never checking, and the replies, the users' data, reached whoever has it now.
+    They are dropped when the server's addresses change; other mappings stay."""
+    h = Harness(pki_dir)
+    h.node.set_local_addresses(frozenset({parse_prefix("10.9.0.1"), parse_prefix("fd09::1")}))
+    h.connect(1, "alice", want=("10.9.0.0/24", "fd09::/64"))
+    udp_flow(h)
+    h.links[1].send_packets([bytes(IPv6(src="fd00::2", dst="fd09::5") / UDP(sport=1, dport=53))])
+    h.transfer()
+    assert len(h.node.flows) == 2
+    h.node.set_local_addresses(frozenset({parse_prefix("fd09::1")}))  # 10.9.0.1 is gone
+    assert [f.nat_src for f in h.node.flows.session_flows(next(iter(h.node.sessions)))] == [
+        NAT_SRC6]
