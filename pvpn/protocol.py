@@ -170,6 +170,10 @@ class LinkClosed:
 
 
 LinkEvent = Union[LinkEstablished, LinkRefused, PacketsReceived, DataReceived, LinkClosed]
+#: Re-authentications a user's end answers in a burst, and the seconds that earn one more
+#: (a node's shortest reauth_interval).
+REAUTH_BURST = 8
+REAUTH_REFILL = 10.0
 Signer = Callable[[bytes, bytes, str], bytes]  # (challenge, binding, node) -> signature
 
 
@@ -226,6 +230,11 @@ class UserLink:
         self.carries = MsgType.PACKET if next_hop is None else MsgType.DATA
         self.node = ""  # the node's name, once it has accepted us
         self.reauthenticated = 0  # answers to a node's CHALLENGE on the established link
+        # A node challenges again at most every reauth_interval (10 s at least) and on a
+        # reload, one challenge at a time; each answer costs an RSA signature, so a node (a
+        # rogue gateway) asking faster than that could keep the user's process busy signing.
+        self._reauth_tokens = float(REAUTH_BURST)
+        self._reauth_refilled = 0.0
         self._broken = False  # the link failed: nothing more is sent on it
         self._unreported: str | None = None  # a failure on output, for handle_timer to tell
         self._pending.append(encode_envelope(
@@ -321,7 +330,7 @@ class UserLink:
                     if relayed:
                         events.append(DataReceived(b"".join(relayed)))
                         relayed = []
-                    event = self._control(envelope)
+                    event = self._control(envelope, now)
                     if event is not None:
                         events.append(event)
                     established = self.state is LinkState.ESTABLISHED
@@ -348,7 +357,7 @@ class UserLink:
                     "next hop's ciphertext, only the server may carry packets")
         return f"the server {node} sent {mtype.name} envelopes: it carries packets only"
 
-    def _control(self, envelope: Envelope) -> LinkEvent | None:
+    def _control(self, envelope: Envelope, now: float) -> LinkEvent | None:
         mtype = envelope.type
         if mtype is MsgType.KEEPALIVE:
             if not self.congested:  # a node that does not read gets no echo to pile up
@@ -366,6 +375,13 @@ class UserLink:
             # Re-authentication: the same key, a fresh nonce, the same TLS session's binding.
             if fields["node"] != self.node:
                 raise MalformedFrame("a CHALLENGE naming another node on an established link")
+            tokens = min(float(REAUTH_BURST), self._reauth_tokens
+                         + (now - self._reauth_refilled) / REAUTH_REFILL)
+            self._reauth_refilled = now
+            if tokens < 1.0:
+                raise MalformedFrame(f"{self.node} asks for re-authentication far more often "
+                                     "than a node does")
+            self._reauth_tokens = tokens - 1.0
             signature = self._signer(fields["nonce"], self.tls.binding(), fields["node"])
             self._send_control(MsgType.AUTH, {"signature": signature})
             self.reauthenticated += 1

@@ -639,7 +639,7 @@ def test_an_unanswered_challenge_closes_the_link(world: Any) -> None:
     chain, events = net.chain("alice", HOPS)
     up_event(events)
     chain.links[-1]._signer = lambda *args: None  # type: ignore[assignment,return-value]
-    chain.links[-1]._control = lambda envelope: None  # type: ignore[method-assign]  # mute
+    chain.links[-1]._control = lambda envelope, now: None  # type: ignore[method-assign]  # mute
     tick(net, 61, chain)
     tick(net, 16, chain)
     assert any(r.event == "link:error" and "re-authentication" in r.reason

@@ -926,3 +926,31 @@ def test_mappings_from_an_address_the_server_no_longer_has_go(pki_dir: Any) -> N
     h.node.set_local_addresses(frozenset({parse_prefix("fd09::1")}))  # 10.9.0.1 is gone
     assert [f.nat_src for f in h.node.flows.session_flows(next(iter(h.node.sessions)))] == [
         NAT_SRC6]
+
+
+def test_the_users_end_signs_no_flood_of_challenges(pki_dir: Any) -> None:
+    """A node (a rogue gateway, say) sent CHALLENGE after CHALLENGE on an established link and
+    the user's process signed every one: an RSA signature each, its CPU the node's to spend.
+    Honest nodes challenge one at a time, at most every reauth_interval (10 s or more) and on a
+    reload: a burst of 8 is answered, then one per 10 s; beyond that the link closes."""
+    h = Harness(pki_dir)
+    link = h.connect(1, "alice")
+    node_link = h.node.links[1]
+
+    def challenge(count: int) -> list[Any]:
+        for _ in range(count):
+            h.node._send(node_link, MsgType.CHALLENGE, node_link.session_id,
+                         encode_control({"nonce": bytes(32), "node": "server"}))
+        h.node.flush(h.now)
+        events: list[Any] = []
+        for cmd in h.node.commands:
+            if isinstance(cmd, SendBytes):
+                events += link.receive_data(cmd.data, h.now)
+        h.node.commands.clear()
+        return events
+
+    assert not challenge(8) and link.reauthenticated == 8
+    h.now += 10.0
+    assert not challenge(1) and link.reauthenticated == 9
+    closed = first(challenge(40), LinkClosed)
+    assert "re-authentication" in closed.reason and link.reauthenticated == 9
