@@ -565,6 +565,37 @@ def client_host_name(name: str) -> str:
     return kept[:64] or "client"
 
 
+class RecordBudget:
+    """A token bucket deciding which of a kind of record are written: a burst, then ``rate``
+    a second; what it holds back is counted in :attr:`unlogged`. Time is passed in."""
+
+    __slots__ = ("unlogged", "_burst", "_rate", "_tokens", "_refilled")
+
+    def __init__(self, burst: float, rate: float) -> None:
+        self.unlogged = 0
+        self._burst, self._rate = burst, rate
+        self._tokens, self._refilled = burst, 0.0
+
+    def take(self, now: float) -> bool:
+        tokens = min(self._burst, self._tokens + max(0.0, now - self._refilled) * self._rate)
+        self._refilled = now
+        if tokens >= 1.0:
+            self._tokens = tokens - 1.0
+            return True
+        self._tokens = tokens
+        self.unlogged += 1
+        return False
+
+
+#: Records about connections that have not authenticated, of each kind (link:opened,
+#: auth:refused, ...): per source (an address, an IPv6 /64) a burst of 20, then one a second,
+#: and from all sources together 100, then 10 a second. A stranger's connection writes two or
+#: three records; unbounded, a few minutes of connections from one host rotated a node's
+#: whole log history away (issue 9 point 7).
+STRANGER_RECORDS_PER_SOURCE = (20.0, 1.0)
+STRANGER_RECORDS = (100.0, 10.0)
+
+
 class NodeBase:
     """What every node does with its users' links: the HELLO / CHALLENGE / AUTH exchange,
     re-authentication of live links, keepalives, dead-peer detection, one TLS write per link
@@ -596,11 +627,34 @@ class NodeBase:
         self._preauth_count = 0
         self._evictions: dict[str, int] = {}  # per source, for rate-limited records
         self._closing: set[int] = set()  # closed by us, until the adapter says they are gone
+        # Which records about strangers' connections are written (see STRANGER_RECORDS).
+        self._stranger_records: dict[tuple[str, str], RecordBudget] = {}
+        self._all_stranger_records: dict[str, RecordBudget] = {}
+        self._now = 0.0  # the time of the latest input, for the record budgets
 
     # -- helpers
     def _log(self, event: str, link: NodeLink | None = None, session: Session | None = None,
              **kw: object) -> None:
         rec = Record(event=event)
+        if session is None and (link is None or link.authenticated_at is None):
+            # About a connection that has not authenticated: written within a budget.
+            source = link.source if link is not None else source_of(str(kw.get("peer", "")))
+            budget = self._stranger_records.get((source, event))
+            if budget is None:
+                if len(self._stranger_records) >= 4096:
+                    self._stranger_records.clear()
+                budget = self._stranger_records[(source, event)] = RecordBudget(
+                    *STRANGER_RECORDS_PER_SOURCE)
+            everyone = self._all_stranger_records.get(event)
+            if everyone is None:
+                everyone = self._all_stranger_records[event] = RecordBudget(*STRANGER_RECORDS)
+            if not budget.take(self._now):
+                return
+            if not everyone.take(self._now):
+                budget.unlogged += 1
+                return
+            if budget.unlogged:
+                rec.extra["unlogged"], budget.unlogged = budget.unlogged, 0
         if session is not None:
             rec.session, rec.user, rec.uid, rec.peer = (
                 session_hex(session.id), session.user, session.uid, session.peer)
@@ -700,6 +754,7 @@ class NodeBase:
                     now: float) -> bool:
         """A TCP connection arrived; ``tls`` is its TLS session, or what makes it (then it is
         made on the first bytes). False if the node is full (the adapter closes it)."""
+        self._now = now
         source = source_of(peer)
         if not self._make_room(source):
             self._log("link:refused", peer=peer, reason="too many links")
@@ -714,13 +769,14 @@ class NodeBase:
         self._preauth.setdefault(source, {})[link_id] = None
         self._preauth_count += 1
         link.preauth = True
-        self._log("link:opened", peer=peer)
+        self._log("link:opened", link)
         return True
 
     def receive_data(self, link_id: int, data: bytes, now: float) -> None:
         link = self.links.get(link_id)
         if link is None or link.closed:
             return
+        self._now = now
         link.last_received = now
         try:
             tls = link.tls
@@ -765,11 +821,13 @@ class NodeBase:
     def link_failed(self, link_id: int, reason: str, now: float) -> None:
         """Something went wrong with this link outside the protocol (the daemon's guard caught
         it): close it, and only it."""
+        self._now = now
         link = self.links.get(link_id)
         if link is not None and not link.closed:
             self._fail_link(link, reason)
 
     def link_lost(self, link_id: int, now: float, reason: str = "connection closed") -> None:
+        self._now = now
         link = self.links.pop(link_id, None)
         if link is None:
             return
@@ -994,6 +1052,7 @@ class NodeBase:
                 self.flush_link(link, now)
 
     def _link_timers(self, now: float) -> None:
+        self._now = now
         limits = self.limits
         for link in list(self.links.values()):
             if link.closed:

@@ -261,3 +261,25 @@ def test_a_stranger_cannot_park_a_large_frame_before_authenticating(world: Any) 
         signer=lambda nonce, b, node: auth.sign_challenge(key, nonce, b, "alice", node))
     n.settle()
     assert n.established(big)
+
+
+def test_a_flood_of_strangers_cannot_rotate_the_log_away(world: Any) -> None:
+    """Each stranger's connection wrote its records (link:opened, link:evicted or link:error,
+    link:closed), unbounded: a few minutes of connections from one host filled the node's
+    200 MB of log history with them. Records about connections that never authenticated are
+    written within a budget, per source and for everyone, per kind of record; a record says
+    how many it stands for, and a user's session is logged as always."""
+    n = Node(world)
+    for number in range(1500):
+        n.stranger("idle", f"10.0.0.7:{number}")
+        n.node.link_lost(n.ids, n.now)
+    for number in range(1500):  # from many addresses: the node-wide budget holds
+        n.stranger("idle", f"10.1.{number // 250}.{number % 250}:1")
+    assert len(n.logs) < 300  # of some 6,000
+    n.now += 60
+    n.stranger("idle", "10.0.0.7:9")
+    (later,) = [r for r in n.logs[-3:] if r.event == "link:opened"]
+    assert later.extra["unlogged"] > 1000
+    alice = n.user("alice")
+    assert n.established(alice)
+    assert any(r.event == "session:opened" and r.user == "alice" for r in n.logs)
