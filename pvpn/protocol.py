@@ -1343,6 +1343,12 @@ class ServerNode(NodeBase):
                     self._drop(owner, Drop.REPLY_ICMP_REFUSED, now, entry.original, refusal)
                 return True
         else:
+            if ((flow.proto == pk.PROTO_ICMP or flow.proto == pk.PROTO_ICMPV6)
+                    and pk.icmp_type(packet) not in pk.ECHO_REPLIES):
+                # An echo request to the NAT address and id of a user's ping is the server's
+                # own to answer (conntrack: NEW, not the mapping's reply), not a way for the
+                # remote end to ping the user's host back through the tunnel.
+                return False
             entry = self.flows.inbound(flow.proto, flow.src, flow.sport, flow.dst, flow.dport,
                                        now, flags)
         if entry is None:

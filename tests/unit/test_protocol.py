@@ -10,7 +10,7 @@ from typing import Any
 import msgpack
 import pytest
 from scapy.layers.inet import ICMP, IP, TCP, UDP
-from scapy.layers.inet6 import IPv6
+from scapy.layers.inet6 import ICMPv6EchoReply, ICMPv6EchoRequest, IPv6
 
 from pvpn import auth, pki, tls
 from pvpn.config import ServerConfig, UserPolicy, parse_prefix
@@ -954,3 +954,24 @@ def test_the_users_end_signs_no_flood_of_challenges(pki_dir: Any) -> None:
     assert not challenge(1) and link.reauthenticated == 9
     closed = first(challenge(40), LinkClosed)
     assert "re-authentication" in closed.reason and link.reauthenticated == 9
+
+
+def test_the_remote_end_of_a_ping_cannot_ping_the_users_host_back(pki_dir: Any) -> None:
+    """An echo mapping took any echo with its id: the host alice pinged could send echo
+    requests to the NAT address and id for 30 s, and they reached alice's client host through
+    her tunnel (which answered). Only echo replies answer an echo mapping; a request is the
+    server's to answer."""
+    h = Harness(pki_dir)
+    h.connect(1, "alice", want=("10.9.0.0/24", "fd09::/64"))
+    h.links[1].send_packets([bytes(IP(src=CLIENT, dst=TARGET) / ICMP(id=77, seq=1)),
+                             bytes(IPv6(src="fd00::2", dst="fd09::5") / ICMPv6EchoRequest(id=78))])
+    h.transfer()
+    ident4, ident6 = IP(h.injected[0])[ICMP].id, IPv6(h.injected[1])[ICMPv6EchoRequest].id
+    back4 = IP(src=TARGET, dst="10.9.0.1") / ICMP(type=8, id=ident4, seq=9)
+    back6 = IPv6(src="fd09::5", dst="fd09::1") / ICMPv6EchoRequest(id=ident6)
+    assert not h.node.receive_reply(bytes(back4), h.now)
+    assert not h.node.receive_reply(bytes(back6), h.now)
+    assert h.node.receive_reply(bytes(IP(src=TARGET, dst="10.9.0.1") / ICMP(type=0, id=ident4)),
+                                h.now)
+    assert h.node.receive_reply(bytes(IPv6(src="fd09::5", dst="fd09::1")
+                                      / ICMPv6EchoReply(id=ident6)), h.now)
