@@ -80,8 +80,8 @@ def _inside(network: Network, networks: Iterable[Network]) -> bool:
 
 def own_network(network: Network, local: Local) -> Network | None:
     """The narrowest own network of the node holding all of ``network``, or None."""
-    holding = [own for own in local
-               if network.version == own.version and network.subnet_of(own)]  # type: ignore[arg-type]
+    holding = [own for own in local if network.version == own.version
+               and network.subnet_of(own)]  # type: ignore[arg-type]
     return max(holding, key=lambda own: own.prefixlen, default=None)
 
 
@@ -113,8 +113,8 @@ def exclusion(network: Network, entries: Sequence[Network], local: Local) -> str
     if what is not None:
         why = f"{network} is {what}"
     elif own is not None:
-        why = (f"{network.network_address} is an address of this node"
-               if own.num_addresses == 1 else f"{network} lies in {own}, routed as local on this node")
+        why = (f"{network.network_address} is an address of this node" if own.num_addresses == 1
+               else f"{network} lies in {own}, routed as local on this node")
     else:
         return None
     if any(n.version == network.version and n.overlaps(network)

@@ -6,8 +6,8 @@ prefix routed as local, ``ip route add local 10.9.0.0/24 dev lo``) and every BRO
 addresses), ``/proc/net/anycast6`` (the anycast ones, such as a router's subnet-router
 anycast) and the local routes of ``/proc/net/ipv6_route`` (a prefix routed as local, ``ip -6
 route add local 2001:db8::/64 dev lo``: AnyIP, TPROXY; the host answers every address in it,
-though if_inet6 lists none). The nodes keep them out of every allow list and next-hop rule that does not name
-them (:mod:`pvpn.addresses`); they are read at start, on reload and every
+though if_inet6 lists none). The nodes keep them out of every allow list and next-hop rule
+that does not name them (:mod:`pvpn.addresses`); they are read at start, on reload and every
 :data:`REFRESH_INTERVAL` seconds, so an address added later is excluded within that time.
 """
 
