@@ -176,15 +176,18 @@ class PrevHopProtocol(asyncio.Protocol):
         gw.node.receive_data(self.id, data, gw.loop.time())
         gw.dispatch()
 
-    # Relayed bytes can't be dropped (they are a TLS stream): back-pressure instead.
+    # Relayed bytes can't be dropped (they are a TLS stream): back-pressure instead. The node
+    # hears of it too, so it answers no KEEPALIVE of a peer that does not read.
     @guarded("pause_writing")
     def pause_writing(self) -> None:
+        self.gateway.node.link_congested(self.id, True)
         nxt = self.gateway.nexts.get(self.id)
         if nxt is not None:
             nxt.pause_reading()
 
     @guarded("resume_writing")
     def resume_writing(self) -> None:
+        self.gateway.node.link_congested(self.id, False)
         nxt = self.gateway.nexts.get(self.id)
         if nxt is not None:
             nxt.resume_reading()

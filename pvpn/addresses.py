@@ -6,7 +6,8 @@ arriving from the node's own address, and to its loopback, link-local neighbours
 groups and broadcasts. So two kinds of address are excluded from every allow list and rule:
 
 * the *special* ranges of :data:`SPECIAL` (loopback, unspecified, link-local, multicast,
-  broadcast and the reserved class E, IPv4-mapped and IPv4-compatible IPv6), and
+  broadcast and the reserved class E, IPv4-mapped and IPv4-compatible IPv6, and the NAT64
+  and 6to4 prefixes that embed an IPv4 address), and
 * the node's *own* addresses: the local and broadcast addresses of its interfaces (and any
   prefix routed as local), read by an adapter (:mod:`pvpn.io.localaddrs`) and handed to the
   node.
@@ -48,6 +49,12 @@ SPECIAL: Final[tuple[tuple[Network, str], ...]] = (
     (_net("::1/128"), "loopback (RFC 4291 2.5.3)"),
     (_net("::/96"), "IPv4-compatible (deprecated, RFC 4291 2.5.5.1)"),
     (_net("::ffff:0:0/96"), "IPv4-mapped (RFC 4291 2.5.5.2)"),
+    # IPv6 addresses that carry an IPv4 address a translator or tunnel on the node or its
+    # network delivers to: an IPv6 allow list must not reach IPv4 (the node's own addresses
+    # among them) through them unless it names them.
+    (_net("64:ff9b::/96"), "NAT64, an IPv4 address embedded (RFC 6052)"),
+    (_net("64:ff9b:1::/48"), "local-use NAT64, an IPv4 address embedded (RFC 8215)"),
+    (_net("2002::/16"), "6to4, an IPv4 address embedded (RFC 3056)"),
     (_net("fe80::/10"), "link-local (RFC 4291 2.5.6)"),
     (_net("ff00::/8"), "multicast (RFC 4291 2.7)"),
 )
@@ -72,11 +79,10 @@ def _inside(network: Network, networks: Iterable[Network]) -> bool:
 
 
 def own_network(network: Network, local: Local) -> Network | None:
-    """The own network of the node holding all of ``network``, or None."""
-    for own in local:
-        if network.version == own.version and network.subnet_of(own):  # type: ignore[arg-type]
-            return own
-    return None
+    """The narrowest own network of the node holding all of ``network``, or None."""
+    holding = [own for own in local if network.version == own.version
+               and network.subnet_of(own)]  # type: ignore[arg-type]
+    return max(holding, key=lambda own: own.prefixlen, default=None)
 
 
 def named_entries(entries: Iterable[Network], local: Local) -> list[Network]:
@@ -86,21 +92,35 @@ def named_entries(entries: Iterable[Network], local: Local) -> list[Network]:
     return [e for e in entries if special_range(e) is not None or _inside(e, local)]
 
 
+def _openers(excluded: Network | None, entries: Iterable[Network]) -> list[Network]:
+    """The entries that name addresses of ``excluded``, one of the node's own networks (None:
+    a special range): those lying inside a special range, and those lying inside ``excluded``
+    itself (for a single own address: equal to it). An entry lying inside *another* excluded
+    range names nothing here: a prefix routed as local in a policy-routing table (TPROXY's
+    ``local 0.0.0.0/0 dev lo table 100``) holds every entry, and must not make every entry name
+    the node's loopback and its own addresses."""
+    return [e for e in entries if special_range(e) is not None or (
+        excluded is not None and e.version == excluded.version
+        and e.subnet_of(excluded))]  # type: ignore[arg-type]
+
+
 def exclusion(network: Network, entries: Sequence[Network], local: Local) -> str | None:
     """Why *all* of ``network`` is excluded although ``entries`` cover it: it lies in a special
     range or in the node's own addresses, and no entry names any of it. None if some of it
     may be reached (what is left excluded is dropped packet by packet)."""
-    named = named_entries(entries, local)
-    if any(n.version == network.version and n.overlaps(network) for n in named):
-        return None
     what = special_range(network)
+    own = own_network(network, local) if what is None else None
     if what is not None:
-        return f"{network} is {what}"
-    own = own_network(network, local)
-    if own is not None:
-        return (f"{network.network_address} is an address of this node" if own.num_addresses == 1
-                else f"{network} lies in {own}, routed as local on this node")
-    return None
+        why = f"{network} is {what}"
+    elif own is not None:
+        why = (f"{network.network_address} is an address of this node" if own.num_addresses == 1
+               else f"{network} lies in {own}, routed as local on this node")
+    else:
+        return None
+    if any(n.version == network.version and n.overlaps(network)
+           for n in _openers(own, entries)):
+        return None
+    return why
 
 
 def address_exclusion(address: Address, entries: Sequence[Network], local: Local) -> str | None:
@@ -133,26 +153,26 @@ class Destinations:
     scan and one set lookup per packet.
     """
 
-    __slots__ = ("networks", "_v4", "_v6", "_special4", "_special6", "_named4", "_named6",
-                 "_own", "_special")
+    __slots__ = ("networks", "_v4", "_v6", "_ranges4", "_ranges6", "_own", "_special")
 
     def __init__(self, networks: Iterable[Network], entries: Sequence[Network] = (),
                  local: Local = frozenset()) -> None:
         self.networks = list(networks)
-        named = named_entries(entries, local)
         # Special ranges and the node's own wider local prefixes work alike: excluded but
-        # what an entry inside them names. Own single addresses go in a set.
-        ranges = [s for s, _ in SPECIAL] + [n for n in local if n.num_addresses > 1]
-        special = [s for s in ranges
-                   if any(s.version == n.version and s.overlaps(n)
-                          for n in self.networks)]
-        self._special = special
+        # what an entry names (see _openers), each range with the entries that open it. Own
+        # single addresses go in a set.
+        ranges: list[tuple[Network, list[Network]]] = [
+            (s, _openers(None, entries)) for s, _ in SPECIAL]
+        ranges += [(n, _openers(n, entries)) for n in local if n.num_addresses > 1]
+        kept = [(r, opened) for r, opened in ranges
+                if any(r.version == n.version and r.overlaps(n) for n in self.networks)]
+        self._special = kept
         self._v4 = _table(self.networks, 4)
         self._v6 = _table(self.networks, 6)
-        self._special4 = _table(special, 4)
-        self._special6 = _table(special, 6)
-        self._named4 = _table(named, 4)
-        self._named6 = _table(named, 6)
+        self._ranges4 = [(int(r.network_address), int(r.netmask), _table(opened, 4))
+                         for r, opened in kept if r.version == 4]
+        self._ranges6 = [(int(r.network_address), int(r.netmask), _table(opened, 6))
+                         for r, opened in kept if r.version == 6]
         # The node's own addresses inside the session's prefixes, less the named ones.
         own = set()
         for host in local:
@@ -160,11 +180,8 @@ class Destinations:
                 continue
             address = host.network_address.packed
             value = int.from_bytes(address, "big")
-            if len(address) == 4:
-                inside, named_table = _matches(value, self._v4), self._named4
-            else:
-                inside, named_table = _matches(value, self._v6), self._named6
-            if inside and not _matches(value, named_table):
+            inside = _matches(value, self._v4 if len(address) == 4 else self._v6)
+            if inside and not _matches(value, _table(_openers(host, entries), host.version)):
                 own.add(address)
         self._own = frozenset(own)
 
@@ -172,9 +189,9 @@ class Destinations:
         """Whether a packet to ``address`` (packed, 4 or 16 bytes) may leave."""
         value = int.from_bytes(address, "big")
         if len(address) == 4:
-            table, special, named = self._v4, self._special4, self._named4
+            table, ranges = self._v4, self._ranges4
         else:
-            table, special, named = self._v6, self._special6, self._named6
+            table, ranges = self._v6, self._ranges6
         for net, mask in table:
             if value & mask == net:
                 break
@@ -182,9 +199,9 @@ class Destinations:
             return False
         if address in self._own:
             return False
-        for net, mask in special:
-            if value & mask == net:
-                return _matches(value, named)
+        for net, mask, opened in ranges:  # every range holding it must be named
+            if value & mask == net and not _matches(value, opened):
+                return False
         return True
 
     def covers(self, address: bytes) -> bool:
@@ -195,7 +212,6 @@ class Destinations:
     def excluded(self) -> list[str]:
         """What is excluded from the session's prefixes, for ``pvpn status``."""
         out = [str(ipaddress.ip_address(a)) for a in sorted(self._own)]
-        for special in self._special:
-            named = self._named4 if special.version == 4 else self._named6
-            out.append(f"{special} (but what the allow list names)" if named else str(special))
+        for special, opened in self._special:
+            out.append(f"{special} (but what the allow list names)" if opened else str(special))
         return out

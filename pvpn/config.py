@@ -510,6 +510,9 @@ class GatewayConfig:
     dead_after: float = 30.0
     control: Path = Path("/run/pvpn/gateway.ctl")
     limits: NodeLimits = field(default_factory=NodeLimits)
+    # Splices one user may have at once, connecting ones included (the server's
+    # sessions_per_user, OpenSSH's MaxSessions default); beyond it a new one is refused.
+    sessions_per_user: int = 10
 
 
 def load_gateway_config(path: Path) -> GatewayConfig:
@@ -521,6 +524,9 @@ def load_gateway_config(path: Path) -> GatewayConfig:
     _check_timers(t, keepalive, dead_after)
     control = Path(t.get("control", str, "/run/pvpn/gateway.ctl"))
     limits = _limits(t)
+    sessions_per_user = t.get("sessions_per_user", int, 10)
+    if not 1 <= sessions_per_user <= 1024:
+        raise ConfigError(f"{t.where('sessions_per_user')} must be 1 to 1024")
     t.finish()
     users: dict[str, GatewayPolicy] = {}
     users_data = data.get("users", {})
@@ -534,4 +540,5 @@ def load_gateway_config(path: Path) -> GatewayConfig:
         u.finish()
         users[user] = GatewayPolicy(rules)
     return GatewayConfig(path, name, listen, certificate, private_key, authorized_keys,
-                         connect_timeout, users, keepalive, dead_after, control, limits)
+                         connect_timeout, users, keepalive, dead_after, control, limits,
+                         int(sessions_per_user))

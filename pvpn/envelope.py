@@ -130,6 +130,12 @@ class EnvelopeDecoder:
         self._max_frame = max_frame
         self._expected_seq = 0
         self._failed: MalformedFrame | SequenceError | None = None
+        self._fed = 0
+
+    @property
+    def buffered(self) -> int:
+        """Bytes fed that are not yet part of a whole envelope (a frame still arriving)."""
+        return self._fed - self._unpacker.tell()  # type: ignore[no-any-return]
 
     def feed(self, data: bytes) -> Iterator[Envelope]:
         """Yield every complete envelope in the stream so far.
@@ -142,8 +148,10 @@ class EnvelopeDecoder:
         # holds for any read size and only a frame that is really too large trips it.
         step = self._max_frame
         for start in range(0, len(data), step):
+            chunk = data[start:start + step] if len(data) > step else data
             try:
-                self._unpacker.feed(data[start:start + step] if len(data) > step else data)
+                self._unpacker.feed(chunk)
+                self._fed += len(chunk)
             except (msgpack.BufferFull, ValueError) as exc:
                 self._fail(MalformedFrame(f"frame larger than {self._max_frame} bytes: "
                                           f"{clip(str(exc), 200)}"))

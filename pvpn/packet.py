@@ -334,6 +334,15 @@ def classify(packet: bytes, strict: bool = False) -> tuple[FlowKey, int, bool]:
     return FlowKey(inner_proto, src, ident, dst, ident), 0, True
 
 
+#: Echo replies (RFC 792 type 0, RFC 4443 type 129): what answers an echo mapping.
+ECHO_REPLIES: Final = frozenset((0, 129))
+
+
+def icmp_type(packet: bytes) -> int:
+    """The ICMP/ICMPv6 type of a packet :func:`classify` took as ICMP."""
+    return packet[(packet[0] & 0x0F) * 4] if packet[0] >> 4 == 4 else packet[40]
+
+
 def is_icmp_error(packet: bytes) -> bool:
     """Whether this is a supported ICMP/ICMPv6 error; MalformedPacket if not a valid packet."""
     version, proto, l4, _ = _locate(packet)

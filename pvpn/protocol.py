@@ -170,6 +170,10 @@ class LinkClosed:
 
 
 LinkEvent = Union[LinkEstablished, LinkRefused, PacketsReceived, DataReceived, LinkClosed]
+#: Re-authentications a user's end answers in a burst, and the seconds that earn one more
+#: (a node's shortest reauth_interval).
+REAUTH_BURST = 8
+REAUTH_REFILL = 10.0
 Signer = Callable[[bytes, bytes, str], bytes]  # (challenge, binding, node) -> signature
 
 
@@ -226,6 +230,11 @@ class UserLink:
         self.carries = MsgType.PACKET if next_hop is None else MsgType.DATA
         self.node = ""  # the node's name, once it has accepted us
         self.reauthenticated = 0  # answers to a node's CHALLENGE on the established link
+        # A node challenges again at most every reauth_interval (10 s at least) and on a
+        # reload, one challenge at a time; each answer costs an RSA signature, so a node (a
+        # rogue gateway) asking faster than that could keep the user's process busy signing.
+        self._reauth_tokens = float(REAUTH_BURST)
+        self._reauth_refilled = 0.0
         self._broken = False  # the link failed: nothing more is sent on it
         self._unreported: str | None = None  # a failure on output, for handle_timer to tell
         self._pending.append(encode_envelope(
@@ -321,7 +330,7 @@ class UserLink:
                     if relayed:
                         events.append(DataReceived(b"".join(relayed)))
                         relayed = []
-                    event = self._control(envelope)
+                    event = self._control(envelope, now)
                     if event is not None:
                         events.append(event)
                     established = self.state is LinkState.ESTABLISHED
@@ -348,10 +357,11 @@ class UserLink:
                     "next hop's ciphertext, only the server may carry packets")
         return f"the server {node} sent {mtype.name} envelopes: it carries packets only"
 
-    def _control(self, envelope: Envelope) -> LinkEvent | None:
+    def _control(self, envelope: Envelope, now: float) -> LinkEvent | None:
         mtype = envelope.type
         if mtype is MsgType.KEEPALIVE:
-            self._send_control(MsgType.KEEPALIVE_ACK, {})
+            if not self.congested:  # a node that does not read gets no echo to pile up
+                self._send_control(MsgType.KEEPALIVE_ACK, {})
             return None
         if mtype is MsgType.KEEPALIVE_ACK:
             return None
@@ -365,6 +375,13 @@ class UserLink:
             # Re-authentication: the same key, a fresh nonce, the same TLS session's binding.
             if fields["node"] != self.node:
                 raise MalformedFrame("a CHALLENGE naming another node on an established link")
+            tokens = min(float(REAUTH_BURST), self._reauth_tokens
+                         + (now - self._reauth_refilled) / REAUTH_REFILL)
+            self._reauth_refilled = now
+            if tokens < 1.0:
+                raise MalformedFrame(f"{self.node} asks for re-authentication far more often "
+                                     "than a node does")
+            self._reauth_tokens = tokens - 1.0
             signature = self._signer(fields["nonce"], self.tls.binding(), fields["node"])
             self._send_control(MsgType.AUTH, {"signature": signature})
             self.reauthenticated += 1
@@ -516,6 +533,9 @@ MAX_REASON = 1024
 #: Entries of a HELLO's ``want`` (destination prefixes) and ``path`` (nodes before this one).
 MAX_WANT = 64
 MAX_PATH = 64
+#: What a frame may hold before its link has authenticated: the largest HELLO (64 prefixes
+#: and 64 node names) is under 9 KB, an AUTH under 3 KB.
+MAX_PREAUTH_FRAME = 16384
 
 
 def source_of(peer: str) -> str:
@@ -543,6 +563,37 @@ def client_host_name(name: str) -> str:
     refuse is replaced here, so an odd host name never locks its users out."""
     kept = "".join(c if c.isascii() and (c.isalnum() or c in "_.-") else "_" for c in name)
     return kept[:64] or "client"
+
+
+class RecordBudget:
+    """A token bucket deciding which of a kind of record are written: a burst, then ``rate``
+    a second; what it holds back is counted in :attr:`unlogged`. Time is passed in."""
+
+    __slots__ = ("unlogged", "_burst", "_rate", "_tokens", "_refilled")
+
+    def __init__(self, burst: float, rate: float) -> None:
+        self.unlogged = 0
+        self._burst, self._rate = burst, rate
+        self._tokens, self._refilled = burst, 0.0
+
+    def take(self, now: float) -> bool:
+        tokens = min(self._burst, self._tokens + max(0.0, now - self._refilled) * self._rate)
+        self._refilled = now
+        if tokens >= 1.0:
+            self._tokens = tokens - 1.0
+            return True
+        self._tokens = tokens
+        self.unlogged += 1
+        return False
+
+
+#: Records about connections that have not authenticated, of each kind (link:opened,
+#: auth:refused, ...): per source (an address, an IPv6 /64) a burst of 20, then one a second,
+#: and from all sources together 100, then 10 a second. A stranger's connection writes two or
+#: three records; unbounded, a few minutes of connections from one host rotated a node's
+#: whole log history away (issue 9 point 7).
+STRANGER_RECORDS_PER_SOURCE = (20.0, 1.0)
+STRANGER_RECORDS = (100.0, 10.0)
 
 
 class NodeBase:
@@ -576,11 +627,34 @@ class NodeBase:
         self._preauth_count = 0
         self._evictions: dict[str, int] = {}  # per source, for rate-limited records
         self._closing: set[int] = set()  # closed by us, until the adapter says they are gone
+        # Which records about strangers' connections are written (see STRANGER_RECORDS).
+        self._stranger_records: dict[tuple[str, str], RecordBudget] = {}
+        self._all_stranger_records: dict[str, RecordBudget] = {}
+        self._now = 0.0  # the time of the latest input, for the record budgets
 
     # -- helpers
     def _log(self, event: str, link: NodeLink | None = None, session: Session | None = None,
              **kw: object) -> None:
         rec = Record(event=event)
+        if session is None and (link is None or link.authenticated_at is None):
+            # About a connection that has not authenticated: written within a budget.
+            source = link.source if link is not None else source_of(str(kw.get("peer", "")))
+            budget = self._stranger_records.get((source, event))
+            if budget is None:
+                if len(self._stranger_records) >= 4096:
+                    self._stranger_records.clear()
+                budget = self._stranger_records[(source, event)] = RecordBudget(
+                    *STRANGER_RECORDS_PER_SOURCE)
+            everyone = self._all_stranger_records.get(event)
+            if everyone is None:
+                everyone = self._all_stranger_records[event] = RecordBudget(*STRANGER_RECORDS)
+            if not budget.take(self._now):
+                return
+            if not everyone.take(self._now):
+                budget.unlogged += 1
+                return
+            if budget.unlogged:
+                rec.extra["unlogged"], budget.unlogged = budget.unlogged, 0
         if session is not None:
             rec.session, rec.user, rec.uid, rec.peer = (
                 session_hex(session.id), session.user, session.uid, session.peer)
@@ -680,6 +754,7 @@ class NodeBase:
                     now: float) -> bool:
         """A TCP connection arrived; ``tls`` is its TLS session, or what makes it (then it is
         made on the first bytes). False if the node is full (the adapter closes it)."""
+        self._now = now
         source = source_of(peer)
         if not self._make_room(source):
             self._log("link:refused", peer=peer, reason="too many links")
@@ -694,13 +769,14 @@ class NodeBase:
         self._preauth.setdefault(source, {})[link_id] = None
         self._preauth_count += 1
         link.preauth = True
-        self._log("link:opened", peer=peer)
+        self._log("link:opened", link)
         return True
 
     def receive_data(self, link_id: int, data: bytes, now: float) -> None:
         link = self.links.get(link_id)
         if link is None or link.closed:
             return
+        self._now = now
         link.last_received = now
         try:
             tls = link.tls
@@ -726,6 +802,12 @@ class NodeBase:
                         self._on_data(link, envelope.body, now)
                     else:
                         self._control(link, envelope, now)
+                if (link.authenticated_at is None and not link.closed
+                        and decoder.buffered > MAX_PREAUTH_FRAME):
+                    # A stranger's half-sent 64 KB frame held four times the memory of its
+                    # connection, for as long as the node waited for its HELLO.
+                    raise MalformedFrame(f"a frame of more than {MAX_PREAUTH_FRAME} bytes "
+                                         "before authentication")
         except RemoteProtocolError as exc:
             # Garbage from one peer closes that link only; everyone else is served on.
             self._fail_link(link, f"{type(exc).__name__}: {exc}")
@@ -739,11 +821,13 @@ class NodeBase:
     def link_failed(self, link_id: int, reason: str, now: float) -> None:
         """Something went wrong with this link outside the protocol (the daemon's guard caught
         it): close it, and only it."""
+        self._now = now
         link = self.links.get(link_id)
         if link is not None and not link.closed:
             self._fail_link(link, reason)
 
     def link_lost(self, link_id: int, now: float, reason: str = "connection closed") -> None:
+        self._now = now
         link = self.links.pop(link_id, None)
         if link is None:
             return
@@ -760,7 +844,11 @@ class NodeBase:
     def _control(self, link: NodeLink, envelope: Envelope, now: float) -> None:
         mtype, state = envelope.type, link.state
         if mtype is MsgType.KEEPALIVE and state is NodeLinkState.ESTABLISHED:
-            self._send(link, MsgType.KEEPALIVE_ACK, link.session_id, encode_control({}))
+            # Not on a congested link: a peer that sends KEEPALIVEs and never reads would have
+            # the node buffer one answer per KEEPALIVE, without bound. Its socket is full of
+            # what it has not read yet, so it knows the node is alive anyway.
+            if not link.congested:
+                self._send(link, MsgType.KEEPALIVE_ACK, link.session_id, encode_control({}))
             return
         if mtype is MsgType.KEEPALIVE_ACK and state is NodeLinkState.ESTABLISHED:
             return
@@ -964,6 +1052,7 @@ class NodeBase:
                 self.flush_link(link, now)
 
     def _link_timers(self, now: float) -> None:
+        self._now = now
         limits = self.limits
         for link in list(self.links.values()):
             if link.closed:
@@ -1254,6 +1343,12 @@ class ServerNode(NodeBase):
                     self._drop(owner, Drop.REPLY_ICMP_REFUSED, now, entry.original, refusal)
                 return True
         else:
+            if ((flow.proto == pk.PROTO_ICMP or flow.proto == pk.PROTO_ICMPV6)
+                    and pk.icmp_type(packet) not in pk.ECHO_REPLIES):
+                # An echo request to the NAT address and id of a user's ping is the server's
+                # own to answer (conntrack: NEW, not the mapping's reply), not a way for the
+                # remote end to ping the user's host back through the tunnel.
+                return False
             entry = self.flows.inbound(flow.proto, flow.src, flow.sport, flow.dst, flow.dport,
                                        now, flags)
         if entry is None:
@@ -1337,15 +1432,23 @@ class ServerNode(NodeBase):
 
     def set_local_addresses(self, addresses: Local) -> None:
         """The server's own addresses changed (read at start, on reload, periodically):
-        every session's destinations are computed again, and mappings to an address that
-        became the server's own are dropped."""
+        every session's destinations are computed again, mappings to an address that became
+        the server's own are dropped, and so are mappings from an address it no longer has."""
         if addresses == self.local_addresses:
             return
+        # Addresses the server had and lost (renumbered, a failover address moved to another
+        # host): a mapping sending from one would go on with a source the server no longer
+        # owns (the raw socket does not check), and its replies would reach whoever has it now.
+        gone = {n.network_address.packed for n in self.local_addresses - addresses
+                if n.num_addresses == 1}
         self.local_addresses = addresses
         for session in list(self.sessions.values()):
             policy = self.config.users.get(session.user)
             if policy is not None:
                 self._narrow(session, policy, session.allow.networks)
+            if gone:
+                self.flows.drop_flows([f for f in self.flows.session_flows(session.id)
+                                       if f.nat_src in gone])
 
     def _narrow(self, session: Session, policy: UserPolicy, networks: list[Network]) -> None:
         """Give ``session`` these prefixes under ``policy`` and the current own addresses,

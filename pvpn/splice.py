@@ -117,11 +117,28 @@ class GatewayNode(NodeBase):
                          f"{excluded}, which no next rule of the user names",
                          f"next hop {link.next_hop} special: {excluded}")
             return
+        limit = self.config.sessions_per_user
+        mine = self._splices_of(link.user)
+        if mine >= limit:
+            # Else one user's splices could take every link of the gateway (MAX_LINKS) and
+            # every connection it may open onward, and no other user would get in.
+            self._refuse(link, "too-many-sessions",
+                         f"user {link.user!r} has {mine} sessions through {self.name}, the most "
+                         "one user may have; end one (pvpn disconnect) and try again",
+                         f"{mine} sessions already")
+            return
         if len(link.session_id) != 16:
             link.session_id = self._random(16)
         self.splices[link.id] = Splice(link.next_hop, now)
         self.commands.append(OpenNextHop(link.id, host, port, self.config.connect_timeout))
         self._log("splice:connecting", link, next_hop=link.next_hop)
+
+    def _splices_of(self, user: str) -> int:
+        """The splices of ``user`` whose link is open, connecting ones included."""
+        links = self.links
+        return sum(1 for link_id in self.splices
+                   if (other := links.get(link_id)) is not None and not other.closed
+                   and other.user == user)
 
     def set_local_addresses(self, addresses: Local) -> None:
         """The gateway's own addresses (read at start, on reload, periodically): a splice to

@@ -51,7 +51,8 @@ class Server:
         self.guard = Guard(self.log.write, self.close_failed)
         self.context = tls.make_server_context(str(config.certificate), str(config.private_key))
         keys = auth.AuthorizedKeys(config.authorized_keys, warn=self.key_warning)
-        self.node = ServerNode(config, keys, auth.verify_signature, SourceAddresses())
+        self.sources = SourceAddresses()
+        self.node = ServerNode(config, keys, auth.verify_signature, self.sources)
         # [server] pcap_dir: every session's inner packets to <pcap_dir>/<session>.pcap.
         self.captures = (None if config.pcap_dir is None else SessionCaptures(
             config.pcap_dir, config.pcap_max_bytes, self.log.write,
@@ -69,6 +70,7 @@ class Server:
         """Hand the node the server's own addresses: at start, on reload, every 10 s."""
         addresses = self.addresses.poll(self.loop.time(), force)
         if addresses is not None:
+            self.sources.clear()  # a source address the kernel chose may be gone
             self.node.set_local_addresses(addresses)
         error = self.addresses.take_error()
         if error is not None:

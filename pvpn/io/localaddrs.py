@@ -3,9 +3,11 @@
 IPv4 from ``/proc/net/fib_trie``: every LOCAL entry (an interface address as a /32, or a whole
 prefix routed as local, ``ip route add local 10.9.0.0/24 dev lo``) and every BROADCAST entry
 (the directed broadcast of each subnet). IPv6 from ``/proc/net/if_inet6`` (the interface
-addresses) and ``/proc/net/anycast6`` (the anycast ones, such as a router's subnet-router
-anycast). The nodes keep them out of every allow list and next-hop rule that does not name
-them (:mod:`pvpn.addresses`); they are read at start, on reload and every
+addresses), ``/proc/net/anycast6`` (the anycast ones, such as a router's subnet-router
+anycast) and the local routes of ``/proc/net/ipv6_route`` (a prefix routed as local, ``ip -6
+route add local 2001:db8::/64 dev lo``: AnyIP, TPROXY; the host answers every address in it,
+though if_inet6 lists none). The nodes keep them out of every allow list and next-hop rule
+that does not name them (:mod:`pvpn.addresses`); they are read at start, on reload and every
 :data:`REFRESH_INTERVAL` seconds, so an address added later is excluded within that time.
 """
 
@@ -52,6 +54,28 @@ def parse_if_inet6(lines: Iterable[str], column: int = 0) -> set[Network]:
     return found
 
 
+#: RTF_LOCAL (linux/ipv6_route.h): a route to the host itself.
+_RTF_LOCAL = 0x80000000
+
+
+def parse_ipv6_route(lines: Iterable[str]) -> set[Network]:
+    """The local routes of ``/proc/net/ipv6_route`` (every table): destination, prefix length
+    and flags are its first, second and ninth columns, in hex."""
+    found: set[Network] = set()
+    for line in lines:
+        fields = line.split()
+        if len(fields) < 9 or len(fields[0]) != 32:
+            continue
+        try:
+            if not int(fields[8], 16) & _RTF_LOCAL:
+                continue
+            address = ipaddress.IPv6Address(bytes.fromhex(fields[0]))
+            found.add(ipaddress.ip_network(f"{address}/{int(fields[1], 16)}", strict=False))
+        except ValueError:
+            continue
+    return found
+
+
 def read_local_addresses(proc_net: Path = PROC_NET) -> Local:
     """Every address of this host (its network namespace); OSError if IPv4's can't be read
     (a host without IPv6 has no if_inet6: then there are none)."""
@@ -64,6 +88,11 @@ def read_local_addresses(proc_net: Path = PROC_NET) -> Local:
                 found |= parse_if_inet6(handle, column)
         except FileNotFoundError:
             continue
+    try:
+        with open(proc_net / "ipv6_route") as handle:
+            found |= parse_ipv6_route(handle)
+    except FileNotFoundError:
+        pass
     return frozenset(found)
 
 

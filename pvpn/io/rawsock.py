@@ -56,3 +56,7 @@ class SourceAddresses:
             self._cache.clear()
         self._cache[destination] = source
         return source
+
+    def clear(self) -> None:
+        """Forget every answer (the host's addresses changed: one may be gone)."""
+        self._cache.clear()

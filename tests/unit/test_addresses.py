@@ -103,7 +103,8 @@ def test_exclusion_explains_a_destination_that_is_excluded_as_a_whole() -> None:
 def test_the_special_ranges_are_the_documented_ones() -> None:
     assert {str(n) for n, _ in SPECIAL} == {
         "0.0.0.0/8", "127.0.0.0/8", "169.254.0.0/16", "224.0.0.0/4", "240.0.0.0/4", "::/128",
-        "::1/128", "::/96", "::ffff:0:0/96", "fe80::/10", "ff00::/8"}
+        "::1/128", "::/96", "::ffff:0:0/96", "fe80::/10", "ff00::/8", "64:ff9b::/96",
+        "64:ff9b:1::/48", "2002::/16"}
     design = (Path(__file__).resolve().parents[2] / "docs" / "design.md").read_text()
     for network, _ in SPECIAL:
         assert f"`{network}`" in design, network
@@ -201,3 +202,84 @@ def test_this_hosts_own_addresses_include_its_loopback() -> None:
     if not Path("/proc/net/fib_trie").exists():
         pytest.skip("no /proc/net/fib_trie here")
     assert net("127.0.0.1/32") in read_local_addresses()
+
+
+_Z = "00000000000000000000000000000000"
+IPV6_ROUTE = "".join(f"{dest} {plen} {_Z} 00 {_Z} {rest}\n" for dest, plen, rest in (
+    ("fd770000000000010000000000000000", "40", "00000100 00000001 00000000 00000001 eth1"),
+    ("00000000000000000000000000000001", "80", "00000000 00000003 00000000 80200001 lo"),
+    ("20010db8000500000000000000000000", "40", "00000400 00000001 00000000 80000001 lo"),
+    (_Z, "00", "ffffffff 00000001 00000000 00200200 lo"),
+))
+
+
+def test_an_ipv6_prefix_routed_as_local_is_the_nodes_own(tmp_path: Path) -> None:
+    """`ip -6 route add local 2001:db8:5::/64 dev lo` (AnyIP) makes the host answer every
+    address of the prefix, yet if_inet6 lists none of them: an allow list covering it (::/0)
+    reached the server's own services there. Local routes of /proc/net/ipv6_route count as
+    the node's own (the lines are a network namespace's, with that route added)."""
+    (tmp_path / "fib_trie").write_text(FIB_TRIE)
+    (tmp_path / "ipv6_route").write_text(IPV6_ROUTE)
+    local = read_local_addresses(tmp_path)
+    assert net("2001:db8:5::/64") in local
+    allow = Destinations([net("::/0")], [net("::/0")], local)
+    assert not allow.contains(ipaddress.ip_address("2001:db8:5::7").packed)
+    assert allow.contains(ipaddress.ip_address("2001:db8:6::7").packed)
+    from pvpn.io.localaddrs import parse_ipv6_route  # here, so the module loads without it
+
+    assert parse_ipv6_route(IPV6_ROUTE.splitlines()) == {net("::1"), net("2001:db8:5::/64")}
+    assert parse_ipv6_route(["short", "zz" * 16 + " 40 x x x x x x 80000001 lo"]) == set()
+
+
+# A host with transparent proxying (TPROXY) routes everything as local in a table of its own,
+# which fib_trie and ipv6_route list with the others (read from a network namespace with
+# `ip route add local 0.0.0.0/0 dev lo table 100` and `ip -6 route add local ::/0 ...`).
+TPROXY_TRIE = """\
+Id 100:
+  |-- 0.0.0.0
+     /0 host LOCAL
+"""
+
+
+def test_a_catch_all_local_route_in_another_table_names_nothing_else() -> None:
+    """With TPROXY's catch-all local route the node's own addresses held 0.0.0.0/0 and ::/0,
+    so every allow entry lay inside an own network and "named" every excluded address: a
+    user with 0.0.0.0/0 reached the server's loopback, link-local (cloud metadata) and its
+    own addresses, and `--to 127.0.0.1` was accepted at login. An entry inside one excluded
+    range now names only that range (or, inside a special range, what it covers)."""
+    local = LOCAL | parse_fib_trie(TPROXY_TRIE.splitlines()) | {net("::/0")}
+    assert net("0.0.0.0/0") in local
+    dest = Destinations(EVERYWHERE, EVERYWHERE, local)
+    for address in [*SPECIAL_SAMPLES, "10.77.1.1", "10.77.1.255", "fd77:0:0:1::1"]:
+        assert not dest.contains(packed(address)), address
+    assert dest.contains(packed("192.0.2.7")) and dest.contains(packed("2001:db8::7"))
+    assert "loopback" in (exclusion(net("127.0.0.1/32"), EVERYWHERE, local) or "")
+    assert exclusion(net("10.77.1.1/32"), [net("10.77.1.0/24")], local) == \
+        "10.77.1.1 is an address of this node"
+    assert address_exclusion(ipaddress.ip_address("::ffff:127.0.0.1"), EVERYWHERE, local)
+    assert address_exclusion(ipaddress.ip_address("10.77.1.2"), EVERYWHERE, local) is None
+    # What is named still opens, and nothing more.
+    allow = [*EVERYWHERE, net("127.0.0.0/8"), net("10.77.1.1/32")]
+    dest = Destinations(EVERYWHERE, allow, local)
+    assert dest.contains(packed("127.0.0.1")) and dest.contains(packed("10.77.1.1"))
+    assert not dest.contains(packed("10.77.1.255")) and not dest.contains(packed("169.254.0.1"))
+    # A prefix really routed as local on its own, inside the catch-all: excluded unless named.
+    anyip = local | {net("10.9.0.0/24")}
+    dest = Destinations([net("10.0.0.0/8")], [net("10.0.0.0/8")], anyip)
+    assert not dest.contains(packed("10.9.0.77")) and dest.contains(packed("10.8.0.77"))
+    dest = Destinations([net("10.0.0.0/8")], [net("10.0.0.0/8"), net("10.9.0.64/26")], anyip)
+    assert dest.contains(packed("10.9.0.77"))
+
+
+@pytest.mark.parametrize("address", ["64:ff9b::a4d:101", "64:ff9b::7f00:1", "64:ff9b:1::a4d:101",
+                                     "2002:a4d:101::1", "2002:7f00:1::1"])
+def test_ipv6_that_embeds_ipv4_is_excluded_unless_named(address: str) -> None:
+    """NAT64 (64:ff9b::/96, 64:ff9b:1::/48) and 6to4 (2002::/16) addresses carry an IPv4
+    address that a translator or tunnel on the server (tayga, a sit tunnel) or its network
+    delivers to: with ::/0 allowed, 64:ff9b::10.77.1.1 reached the server's own 10.77.1.1 and
+    any IPv4 address outside the user's IPv4 allow list. Excluded unless the allow list or a
+    next rule names the prefix (the opt-in for a NAT64)."""
+    assert not Destinations(EVERYWHERE, EVERYWHERE, LOCAL).contains(packed(address))
+    assert address_exclusion(ipaddress.ip_address(address), EVERYWHERE, LOCAL)
+    named = [*EVERYWHERE, net("64:ff9b::/96"), net("64:ff9b:1::/48"), net("2002::/16")]
+    assert Destinations(EVERYWHERE, named, LOCAL).contains(packed(address))

@@ -639,8 +639,46 @@ def test_an_unanswered_challenge_closes_the_link(world: Any) -> None:
     chain, events = net.chain("alice", HOPS)
     up_event(events)
     chain.links[-1]._signer = lambda *args: None  # type: ignore[assignment,return-value]
-    chain.links[-1]._control = lambda envelope: None  # type: ignore[method-assign]  # mute
+    chain.links[-1]._control = lambda envelope, now: None  # type: ignore[method-assign]  # mute
     tick(net, 61, chain)
     tick(net, 16, chain)
     assert any(r.event == "link:error" and "re-authentication" in r.reason
                for a, r in net.logs if a == ADDR["server"])
+
+
+def test_a_gateway_answers_no_keepalives_on_a_link_that_does_not_read(world: Any) -> None:
+    """The gateway's side of the KEEPALIVE echo: a user who never reads its link gets no
+    answers queued for it while the link is congested (pvpn-gateway tells the node)."""
+    net = Net(world)
+    chain, events = net.chain("alice", [ADDR["gw1"], ADDR["gw2"], ADDR["server"]])
+    up_event(events)
+    gw1 = net.nodes[ADDR["gw1"]]
+    _, link_id = chain.first  # type: ignore[attr-defined]
+    gw1.link_congested(link_id, True)
+    for _ in range(5000):
+        chain.links[0]._send_control(MsgType.KEEPALIVE, {})
+    gw1.receive_data(link_id, chain.links[0].data_to_send(net.now), net.now)
+    gw1.flush(net.now)
+    assert sum(len(c.data) for c in gw1.commands if isinstance(c, SendBytes)) < 1000
+
+
+def test_one_user_cannot_take_every_link_of_a_gateway(world: Any) -> None:
+    """A user the gateway lets through could open splice after splice (each an onward
+    connection) until the gateway held MAX_LINKS links and refused everyone else ("too many
+    links"). One user has at most sessions_per_user splices, connecting ones included; the
+    next is refused with the reason, and other users still get in."""
+    net = Net(world)
+    gw1 = net.nodes[ADDR["gw1"]]
+    gw1.MAX_LINKS = 12
+    net.hold_next = True  # the onward connections hang: splices stay connecting
+    for _ in range(12):
+        net.chain("alice", [ADDR["gw1"], ADDR["gw2"], ADDR["server"]])
+    assert len(gw1.splices) == 10  # the default sessions_per_user
+    refused = [r for a, r in net.logs if r.event == "auth:refused"]
+    assert refused and all(r.extra["code"] == "too-many-sessions" for r in refused)
+    net.hold_next = False
+    for address, cmd in net.held:
+        net.nodes[address].next_failed(cmd.link, "no route", net.now)
+    net.held.clear()
+    chain, events = net.chain("bob", [ADDR["gw1"], ADDR["gw2"], ADDR["server"]])
+    up_event(events)

@@ -247,3 +247,48 @@ def test_the_gateway_serves_on_through_a_failing_timer_and_shuts_down_through_an
     events = [(r["event"], r.get("where")) for r in records(stream)]
     assert ("node:error", "timer") in events and ("node:error", "shutdown") in events
     assert events[-1] == ("node:stopped", None)
+
+
+def test_the_gateway_tells_the_node_when_a_users_link_stops_reading(
+        certs: dict[str, Path]) -> None:
+    """pvpn-gateway passes the user's socket's back-pressure on to the node, which then
+    answers no KEEPALIVE on that link (a peer that does not read can't fill its memory)."""
+    from pvpn.gateway.daemon import Gateway, PrevHopProtocol
+
+    config = GatewayConfig(Path("g.toml"), "gw1", [], certs["crt"], certs["key"], certs["users"],
+                           5.0)
+
+    async def scenario() -> None:
+        gateway = Gateway(config)
+        gateway.log.stream = io.StringIO()
+        protocol = PrevHopProtocol(gateway)
+        protocol.connection_made(FakeTransport())  # type: ignore[arg-type]
+        protocol.pause_writing()
+        assert gateway.node.links[protocol.id].congested
+        protocol.resume_writing()
+        assert not gateway.node.links[protocol.id].congested
+
+    asyncio.run(scenario())
+
+
+def test_the_server_forgets_its_source_addresses_when_its_addresses_change(
+        certs: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The kernel's choice of source address per destination was cached for good: after an
+    address moved away the server went on sending new flows from it."""
+    from pvpn.io.localaddrs import LocalAddressWatch
+    from pvpn.server import daemon
+
+    monkeypatch.setattr(daemon, "RawSender", FakeRaw)
+    config = ServerConfig(Path("s.toml"), "server", [], certs["crt"], certs["key"],
+                          certs["users"], 0, (61000, 61999), "t")
+
+    async def scenario() -> None:
+        server = daemon.Server(config)
+        server.log.stream = io.StringIO()
+        sources = server.node._source_for
+        sources._cache[bytes(4)] = bytes([10, 9, 0, 1])  # type: ignore[attr-defined]
+        server.addresses = LocalAddressWatch(lambda: frozenset())
+        server.refresh_addresses(force=True)
+        assert not sources._cache  # type: ignore[attr-defined]
+
+    asyncio.run(scenario())

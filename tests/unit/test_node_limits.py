@@ -40,3 +40,14 @@ def test_limits_defaults_settings_and_mistakes(tmp_path: Path, role: str, load: 
         path.write_text(base(tmp_path, role) + bad + "\n")
         with pytest.raises(ConfigError, match=rf"\[{role}\] {setting}"):
             load(path)  # type: ignore[operator]
+
+
+def test_a_gateways_sessions_per_user(tmp_path: Path) -> None:
+    path = tmp_path / "gateway.toml"
+    path.write_text(base(tmp_path, "gateway"))
+    assert load_gateway_config(path).sessions_per_user == 10
+    path.write_text(base(tmp_path, "gateway") + "sessions_per_user = 3\n")
+    assert load_gateway_config(path).sessions_per_user == 3
+    path.write_text(base(tmp_path, "gateway") + "sessions_per_user = 0\n")
+    with pytest.raises(ConfigError, match=r"\[gateway\] sessions_per_user"):
+        load_gateway_config(path)

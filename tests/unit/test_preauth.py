@@ -234,3 +234,52 @@ def test_a_strangers_records_join_no_session(world: Any) -> None:
     strangers = [r for r in n.logs if r.peer.startswith("203.0.113.5")]
     assert strangers and all(r.session == "" for r in strangers)
     assert n.established(alice)
+
+
+def test_a_stranger_cannot_park_a_large_frame_before_authenticating(world: Any) -> None:
+    """After TLS a stranger sent most of a 64 KB frame and stopped: the node held it (about
+    170 KB of decoder buffer, four times what the connection costs otherwise) until the HELLO
+    deadline, on every connection it was allowed. Before authentication a frame may hold at
+    most 16 KB (the largest HELLO is under 9 KB): more closes the link. A user whose HELLO
+    names 64 prefixes and 64 nodes is not affected."""
+    import msgpack
+
+    from pvpn.envelope import MsgType
+
+    n = Node(world)
+    link = n.stranger("tls")
+    client = n.ends[link]
+    client.send(msgpack.packb([1, int(MsgType.HELLO), b"", 0, 0, 16, b"x" * 60000])[:-1])
+    n.node.receive_data(link, client.data_to_send(), n.now)
+    assert n.node.links[link].closed
+    big = n.open("10.0.0.8:40000")
+    key = world["keys"]["alice"]
+    n.ends[big] = UserLink(
+        n.client_tls(), user="alice", uid=1001, client_name="clienthost",
+        want=[f"10.9.0.{i}/32" for i in range(64)],
+        path=[f"gw{i:02d}" + "x" * 58 for i in range(64)],
+        signer=lambda nonce, b, node: auth.sign_challenge(key, nonce, b, "alice", node))
+    n.settle()
+    assert n.established(big)
+
+
+def test_a_flood_of_strangers_cannot_rotate_the_log_away(world: Any) -> None:
+    """Each stranger's connection wrote its records (link:opened, link:evicted or link:error,
+    link:closed), unbounded: a few minutes of connections from one host filled the node's
+    200 MB of log history with them. Records about connections that never authenticated are
+    written within a budget, per source and for everyone, per kind of record; a record says
+    how many it stands for, and a user's session is logged as always."""
+    n = Node(world)
+    for number in range(1500):
+        n.stranger("idle", f"10.0.0.7:{number}")
+        n.node.link_lost(n.ids, n.now)
+    for number in range(1500):  # from many addresses: the node-wide budget holds
+        n.stranger("idle", f"10.1.{number // 250}.{number % 250}:1")
+    assert len(n.logs) < 300  # of some 6,000
+    n.now += 60
+    n.stranger("idle", "10.0.0.7:9")
+    (later,) = [r for r in n.logs[-3:] if r.event == "link:opened"]
+    assert later.extra["unlogged"] > 1000
+    alice = n.user("alice")
+    assert n.established(alice)
+    assert any(r.event == "session:opened" and r.user == "alice" for r in n.logs)

@@ -10,7 +10,7 @@ from typing import Any
 import msgpack
 import pytest
 from scapy.layers.inet import ICMP, IP, TCP, UDP
-from scapy.layers.inet6 import IPv6
+from scapy.layers.inet6 import ICMPv6EchoReply, ICMPv6EchoRequest, IPv6
 
 from pvpn import auth, pki, tls
 from pvpn.config import ServerConfig, UserPolicy, parse_prefix
@@ -871,3 +871,107 @@ def test_the_users_end_drops_its_output_when_its_tls_fails(pki_dir: Any) -> None
     assert other.data_to_send(h.now) == b""
     failed = other.handle_timer(h.now)
     assert isinstance(failed, LinkClosed) and "TLS failed on output" in failed.reason
+
+
+def keepalive_flood(link: UserLink, count: int) -> bytes:
+    for _ in range(count):
+        link._send_control(MsgType.KEEPALIVE, {})
+    return link.data_to_send(0.0)
+
+
+def test_a_peer_that_does_not_read_gets_no_keepalive_answers_to_pile_up(pki_dir: Any) -> None:
+    """An authenticated user who sends KEEPALIVEs as fast as the line goes and never reads
+    made the node queue one KEEPALIVE_ACK per KEEPALIVE, as many bytes as it sent, without
+    bound (the socket's high-water mark only dropped packets): the node's memory was the
+    user's to fill. On a congested link a KEEPALIVE is not answered; the user's end does the
+    same for a node."""
+    h = Harness(pki_dir)
+    link = h.connect(1, "alice")
+    h.node.link_congested(1, True)
+    flood = keepalive_flood(link, 5000)
+    assert len(flood) > 100_000
+    h.node.receive_data(1, flood, h.now)
+    h.node.flush(h.now)
+    queued = sum(len(c.data) for c in h.node.commands if isinstance(c, SendBytes))
+    assert queued < 1000 and not h.node.links[1].closed
+    h.node.commands.clear()
+    h.node.link_congested(1, False)  # once it drains, KEEPALIVEs are answered again
+    h.node.receive_data(1, keepalive_flood(link, 1), h.now)
+    assert any(isinstance(c, SendBytes) and c.link == 1 for c in h.node.commands)
+    # The user's end: a node flooding KEEPALIVEs at a congested tunnel gets nothing back.
+    h.node.commands.clear()
+    for _ in range(3000):
+        h.node._send(h.node.links[1], MsgType.KEEPALIVE, h.node.links[1].session_id,
+                     encode_control({}))
+    h.node.flush(h.now)
+    link.congested = True
+    for cmd in h.node.commands:
+        if isinstance(cmd, SendBytes):
+            link.receive_data(cmd.data, h.now)
+    assert len(link.data_to_send(h.now)) < 1000
+
+
+def test_mappings_from_an_address_the_server_no_longer_has_go(pki_dir: Any) -> None:
+    """An address the server sent from moved away (renumbered; a failover address taken over
+    by the standby): its mappings went on sending with it, for up to 2 h 4 min, the raw
+    socket never checking, and the replies, the users' data, reached whoever has it now.
+    They are dropped when the server's addresses change; other mappings stay."""
+    h = Harness(pki_dir)
+    h.node.set_local_addresses(frozenset({parse_prefix("10.9.0.1"), parse_prefix("fd09::1")}))
+    h.connect(1, "alice", want=("10.9.0.0/24", "fd09::/64"))
+    udp_flow(h)
+    h.links[1].send_packets([bytes(IPv6(src="fd00::2", dst="fd09::5") / UDP(sport=1, dport=53))])
+    h.transfer()
+    assert len(h.node.flows) == 2
+    h.node.set_local_addresses(frozenset({parse_prefix("fd09::1")}))  # 10.9.0.1 is gone
+    assert [f.nat_src for f in h.node.flows.session_flows(next(iter(h.node.sessions)))] == [
+        NAT_SRC6]
+
+
+def test_the_users_end_signs_no_flood_of_challenges(pki_dir: Any) -> None:
+    """A node (a rogue gateway, say) sent CHALLENGE after CHALLENGE on an established link and
+    the user's process signed every one: an RSA signature each, its CPU the node's to spend.
+    Honest nodes challenge one at a time, at most every reauth_interval (10 s or more) and on a
+    reload: a burst of 8 is answered, then one per 10 s; beyond that the link closes."""
+    h = Harness(pki_dir)
+    link = h.connect(1, "alice")
+    node_link = h.node.links[1]
+
+    def challenge(count: int) -> list[Any]:
+        for _ in range(count):
+            h.node._send(node_link, MsgType.CHALLENGE, node_link.session_id,
+                         encode_control({"nonce": bytes(32), "node": "server"}))
+        h.node.flush(h.now)
+        events: list[Any] = []
+        for cmd in h.node.commands:
+            if isinstance(cmd, SendBytes):
+                events += link.receive_data(cmd.data, h.now)
+        h.node.commands.clear()
+        return events
+
+    assert not challenge(8) and link.reauthenticated == 8
+    h.now += 10.0
+    assert not challenge(1) and link.reauthenticated == 9
+    closed = first(challenge(40), LinkClosed)
+    assert "re-authentication" in closed.reason and link.reauthenticated == 9
+
+
+def test_the_remote_end_of_a_ping_cannot_ping_the_users_host_back(pki_dir: Any) -> None:
+    """An echo mapping took any echo with its id: the host alice pinged could send echo
+    requests to the NAT address and id for 30 s, and they reached alice's client host through
+    her tunnel (which answered). Only echo replies answer an echo mapping; a request is the
+    server's to answer."""
+    h = Harness(pki_dir)
+    h.connect(1, "alice", want=("10.9.0.0/24", "fd09::/64"))
+    h.links[1].send_packets([bytes(IP(src=CLIENT, dst=TARGET) / ICMP(id=77, seq=1)),
+                             bytes(IPv6(src="fd00::2", dst="fd09::5") / ICMPv6EchoRequest(id=78))])
+    h.transfer()
+    ident4, ident6 = IP(h.injected[0])[ICMP].id, IPv6(h.injected[1])[ICMPv6EchoRequest].id
+    back4 = IP(src=TARGET, dst="10.9.0.1") / ICMP(type=8, id=ident4, seq=9)
+    back6 = IPv6(src="fd09::5", dst="fd09::1") / ICMPv6EchoRequest(id=ident6)
+    assert not h.node.receive_reply(bytes(back4), h.now)
+    assert not h.node.receive_reply(bytes(back6), h.now)
+    assert h.node.receive_reply(bytes(IP(src=TARGET, dst="10.9.0.1") / ICMP(type=0, id=ident4)),
+                                h.now)
+    assert h.node.receive_reply(bytes(IPv6(src="fd09::5", dst="fd09::1")
+                                      / ICMPv6EchoReply(id=ident6)), h.now)
