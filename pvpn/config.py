@@ -19,6 +19,7 @@ from pvpn.addresses import Local, address_exclusion
 from pvpn.errors import ConfigError
 from pvpn.flowtable import MAX_FLOWS
 from pvpn.io.pcap import DEFAULT_MAX_BYTES, DEFAULT_MAX_FILES, DEFAULT_MAX_TOTAL_BYTES
+from pvpn.text import quoted
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
@@ -27,7 +28,13 @@ _INSTANCE_RE = re.compile(r"^[a-z][a-z0-9]{0,7}$")
 
 
 def parse_prefix(text: str, where: str = "prefix") -> Network:
-    """Parse ``10.0.0.0/24``, ``fd00::/64`` or a bare address (a /32 or /128)."""
+    """Parse ``10.0.0.0/24``, ``fd00::/64`` or a bare address (a /32 or /128).
+
+    An IPv6 zone (``fe80::1%eth0``) is refused: a prefix has none (RFC 4007 11.7), and
+    Python's ipaddress takes any text after the ``%``, line breaks included, which would
+    reach iptables-restore as lines of its own (a local user's REGISTER wrote rules as root)."""
+    if "%" in text:
+        raise ConfigError(f"{where}: {quoted(text, 64)} has a zone (%...); a prefix has none")
     try:
         return ipaddress.ip_network(text, strict=False)
     except ValueError:

@@ -463,3 +463,25 @@ def test_an_exception_in_one_connections_handling_closes_that_connection_only(
         assert not daemon.guard.call("timer", daemon.tick)
 
     run(scenario())
+
+
+#: An IPv6 zone (the text after ``%``) may be anything but ``%`` and ``/`` to Python's
+#: ipaddress, line breaks included: as a --to prefix it wrote its own lines into the rules
+#: pvpn-client installs as root (here: alice's IPv6 packets into bob's queue, and a rule in
+#: the filter table). Checked on a live ip6tables-restore: every line was committed.
+ZONE_INJECTION = ("fe80::1%lo -j RETURN\n"
+                  "-I PVPNC-OUT 1 -m owner --uid-owner 1001 -j NFQUEUE --queue-num 3001\n"
+                  "COMMIT\n*filter\n-I INPUT 1 -p tcp --dport 22 -j DROP\nCOMMIT\n*mangle\n"
+                  "-A PVPNC-S0 -d ::1")
+
+
+@pytest.mark.parametrize("prefix", [ZONE_INJECTION, "fe80::%eth0/64", "fe80::1%lo"])
+def test_a_registered_prefix_cannot_write_rules_of_its_own(kernel: Kernel, tmp_path: Path,
+                                                           prefix: str) -> None:
+    async def scenario() -> None:
+        daemon = make_daemon(tmp_path)
+        mtype, reply = Process(daemon, 1002).register(["10.77.1.0/24", prefix])
+        assert mtype is MsgType.ERROR and "zone" in reply["reason"]
+        assert kernel.applied == [] and daemon.registry.sessions == {}
+
+    run(scenario())
