@@ -51,6 +51,10 @@ TICK = 5.0
 PRUNE_EVERY = 60.0
 #: At most one local:error or local:refused record per uid this often (seconds).
 LOCAL_LOG_EVERY = 10.0
+#: The questions answered with more than an acknowledgement: refused while the asker leaves
+#: earlier answers unread (WRITE_HIGH_WATER), so one local user cannot make pvpn-client buffer
+#: without bound.
+ANSWERED = frozenset({MsgType.REGISTER, MsgType.STATUS, MsgType.DISCONNECT})
 
 
 def user_name(uid: int) -> str:
@@ -114,6 +118,7 @@ class LocalLink(asyncio.Protocol):
                     self.daemon.inject(self, envelope.body)
                 else:
                     self.daemon.local_control(self, envelope)
+                    self.flush()  # so the next question sees whether this answer is read
         except RemoteProtocolError as exc:
             self.daemon.local_record("local:error", self, self.session,
                                      reason=clip(f"{type(exc).__name__}: {exc}"))
@@ -434,6 +439,10 @@ class ClientDaemon:
     # -- local control
     def local_control(self, link: LocalLink, envelope: Any) -> None:
         mtype = envelope.type
+        if link.congested and mtype in ANSWERED:
+            # Its answers wait unread above WRITE_HIGH_WATER: another question would only grow
+            # what pvpn-client holds for it (ATTACH and UNREGISTER are never refused so).
+            raise RemoteProtocolError("asks faster than it reads the answers")
         fields = decode_control(envelope)
         now = self.loop.time()
         if mtype is MsgType.REGISTER:

@@ -485,3 +485,38 @@ def test_a_registered_prefix_cannot_write_rules_of_its_own(kernel: Kernel, tmp_p
         assert kernel.applied == [] and daemon.registry.sessions == {}
 
     run(scenario())
+
+
+class SlowReader(Transport):
+    """A peer that never reads: like asyncio's, the transport tells its protocol to pause
+    writing once more than WRITE_HIGH_WATER waits to be sent."""
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        super().write(data)
+        if len(self.written) > dm.WRITE_HIGH_WATER and not self.protocol.congested:
+            self.protocol.pause_writing()
+
+
+@pytest.mark.parametrize("mtype, fields", [
+    (MsgType.STATUS, {}),
+    (MsgType.DISCONNECT, {"session": "0123456789abcdef", "slot": None, "all": False}),
+])
+def test_a_process_that_asks_and_never_reads_cannot_fill_pvpn_client_s_memory(
+        kernel: Kernel, tmp_path: Path, mtype: MsgType, fields: dict[str, Any]) -> None:
+    """Every answer was queued whether or not the asker read it: bob wrote 20,000 questions
+    (260 KB) and read nothing, and pvpn-client (root) buffered 22 MB of answers for him, 84
+    bytes for each byte he sent, without bound."""
+    async def scenario() -> None:
+        daemon = make_daemon(tmp_path)
+        bob = Process(daemon, 1002)
+        bob.transport = SlowReader(bob.link, 1002, 4242)
+        bob.link.transport = bob.transport
+        bob.register([f"10.{i}.0.0/16" for i in range(64)])
+        bob.send(MsgType.ATTACH, {"session": SID})
+        burst = b"".join(encode_envelope(mtype, b"", 1002, bob.seq + i, encode_control(fields))
+                         for i in range(20_000))
+        bob.link.data_received(burst)
+        assert len(bob.transport.written) < 2 * dm.WRITE_HIGH_WATER
+        assert bob.transport.closed, "a process that asks faster than it reads is let go"
+
+    run(scenario())
