@@ -55,6 +55,9 @@ LOCAL_LOG_EVERY = 10.0
 #: earlier answers unread (WRITE_HIGH_WATER), so one local user cannot make pvpn-client buffer
 #: without bound.
 ANSWERED = frozenset({MsgType.REGISTER, MsgType.STATUS, MsgType.DISCONNECT})
+#: A session's id is written into its rules at its first ATTACH, a change of it at most this
+#: often (seconds; the timer writes what is due), so ATTACHes cannot keep iptables running.
+RECORD_EVERY = 60.0
 
 
 def user_name(uid: int) -> str:
@@ -472,18 +475,28 @@ class ClientDaemon:
     def _attach(self, link: LocalLink, session: SlotSession, session_id: bytes) -> None:
         if len(session_id) != 16:
             raise RemoteProtocolError("ATTACH needs the 16-byte session id")
-        if session.session_id != session_id:
-            # Recorded in the rules, so a restarted pvpn-client knows the session was up.
-            try:
-                rules.apply(firewall.client_session_attached(
-                    self.config.instance, session.slot, session.mark, self.config.mark_mask,
-                    session_id))
-            except PvpnError as exc:
-                self.log_event("node:warning", session, reason=f"session id not recorded: {exc}")
         session.session_id = session_id
         session.ever_up = True
         link.attached_here = True
+        self._record_id(session, self.loop.time())
         self.log_event("session:attached", session, pid=link.pid, server=session.server)
+
+    def _record_id(self, session: SlotSession, now: float) -> None:
+        """Write the session's id into its rules, so a restarted pvpn-client knows it was up:
+        at once when none is recorded, a changed one at most once a RECORD_EVERY (the timer
+        writes it when due; the record already says the session was up)."""
+        if session.recorded == session.session_id or (
+                session.recorded and now - session.recorded_at < RECORD_EVERY):
+            return
+        session.recorded_at = now
+        try:
+            rules.apply(firewall.client_session_attached(
+                self.config.instance, session.slot, session.mark, self.config.mark_mask,
+                session.session_id))
+        except PvpnError as exc:  # tried again in RECORD_EVERY
+            self.log_event("node:warning", session, reason=f"session id not recorded: {exc}")
+            return
+        session.recorded = session.session_id
 
     def _disconnect(self, link: LocalLink, fields: dict[str, Any], now: float) -> None:
         slot = fields["slot"]
@@ -588,8 +601,12 @@ class ClientDaemon:
         for uid, (at, suppressed) in list(self._local_logged.items()):
             if now - at >= LOCAL_LOG_EVERY and not suppressed:
                 del self._local_logged[uid]
+        for session in list(self.registry.sessions.values()):
+            if session.ever_up and session.recorded != session.session_id:
+                self._record_id(session, now)
         if now - self._pruned >= PRUNE_EVERY:
             self._pruned = now
+            self.registry.forget_rates(now)
             for session in self.registry.sessions.values():
                 session.prune_flows(now)
 

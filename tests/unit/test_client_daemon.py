@@ -520,3 +520,63 @@ def test_a_process_that_asks_and_never_reads_cannot_fill_pvpn_client_s_memory(
         assert bob.transport.closed, "a process that asks faster than it reads is let go"
 
     run(scenario())
+
+
+def test_attach_with_ever_new_ids_cannot_keep_pvpn_client_running_iptables(
+        kernel: Kernel, tmp_path: Path) -> None:
+    """Every ATTACH with another id rewrote the session's inbound chain, two iptables-restore
+    runs inside the event loop (29 ms, measured): bob's one write of 8,000 ATTACHes (no server
+    needed) froze every user's packets for nearly 4 minutes. The kernel's record of the id is
+    written at once the first time (it says the session was up), later at most once a
+    RECORD_EVERY."""
+    async def scenario() -> None:
+        daemon = make_daemon(tmp_path)
+        bob = Process(daemon, 1002)
+        bob.register(["10.77.1.0/24"])
+        installed = len(kernel.applied)
+        ids = [bytes([i % 251]) * 16 for i in range(1000)]
+        bob.link.data_received(b"".join(
+            encode_envelope(MsgType.ATTACH, b"", 1002, bob.seq + i,
+                            encode_control({"session": sid})) for i, sid in enumerate(ids)))
+        bob.seq += len(ids)
+        assert not bob.transport.closed
+        session = daemon.registry.sessions[0]
+        assert session.session_id == ids[-1], "the live id is the last one"
+        assert len(kernel.applied) == installed + 1
+        assert f"pvpn-session={ids[0].hex()}" in kernel.applied[-1].v4
+        daemon.tick()
+        assert len(kernel.applied) == installed + 1, "not yet due"
+        session.recorded_at -= dm.RECORD_EVERY
+        daemon.tick()
+        assert f"pvpn-session={ids[-1].hex()}" in kernel.applied[-1].v4
+        assert len(kernel.applied) == installed + 2
+
+    run(scenario())
+
+
+def test_registering_and_ending_sessions_in_a_loop_is_bounded_per_uid(kernel: Kernel,
+                                                                     tmp_path: Path) -> None:
+    """Each new registration installs rules and each end removes them and asks conntrack:
+    bob's loop of REGISTER + UNREGISTER (pipelined, on fresh connections) kept pvpn-client
+    running iptables for him alone. New sessions of one uid now come at most
+    max_sessions_per_uid at once, then max_new_sessions_per_minute."""
+    async def scenario() -> None:
+        daemon = make_daemon(tmp_path, max_new_sessions_per_minute=6)
+        refused = []
+        for i in range(50):
+            bob = Process(daemon, 1002, pid=i)
+            mtype, reply = bob.register(["10.77.1.0/24"])
+            if mtype is MsgType.ERROR:
+                refused.append(reply["reason"])
+            else:
+                bob.send(MsgType.UNREGISTER, {"reason": "again"})
+            bob.transport.close()
+            await asyncio.sleep(0)
+        assert len(kernel.applied) == 8 and len(refused) == 42
+        assert "max_new_sessions_per_minute" in refused[0]
+        assert Process(daemon, 1001).register(["10.77.1.0/24"])[0] is MsgType.REGISTERED
+        daemon.registry.rates[1002] = (0.0, daemon.loop.time() - 10.5)  # 10 s: one more
+        assert Process(daemon, 1002).register(["10.77.1.0/24"])[0] is MsgType.REGISTERED
+        assert Process(daemon, 1002).register(["10.77.2.0/24"])[0] is MsgType.ERROR
+
+    run(scenario())
