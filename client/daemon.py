@@ -173,6 +173,8 @@ class ClientDaemon:
         self.local_by_uid: dict[int, int] = {}
         # uid -> (time of its last local:* record, records suppressed since)
         self._local_logged: dict[int, tuple[float, int]] = {}
+        # (event, slot) -> the same, for what a user does with their own session
+        self._session_logged: dict[tuple[str, int], tuple[float, int]] = {}
         self._dirty: set[LocalLink] = set()
         self._pruned = 0.0
 
@@ -228,6 +230,18 @@ class ClientDaemon:
         self._local_logged[link.uid] = (now, 0)
         self.log_event(event, session, uid=link.uid, user=user_name(link.uid), pid=link.pid,
                        suppressed=suppressed, **kw)
+
+    def session_record(self, event: str, session: SlotSession, **kw: Any) -> None:
+        """A record of what a user did with their own session (attached, reattached, held),
+        which costs pvpn-client nothing else and so could be repeated at will: at most one
+        per event and session per LOCAL_LOG_EVERY seconds, saying how many were left out."""
+        now, key = self.loop.time(), (event, session.slot)
+        last, suppressed = self._session_logged.get(key, (-LOCAL_LOG_EVERY, 0))
+        if now - last < LOCAL_LOG_EVERY:
+            self._session_logged[key] = (last, suppressed + 1)
+            return
+        self._session_logged[key] = (now, 0)
+        self.log_event(event, session, **kw, **({"suppressed": suppressed} if suppressed else {}))
 
     # -- sessions
     def _install(self, session: SlotSession) -> None:
@@ -330,6 +344,8 @@ class ClientDaemon:
         except PvpnError as exc:  # the slot is checked again before it is given out
             forgotten = f"failed: {exc}"
         self.registry.release(session.slot)
+        for event in ("session:attached", "session:reattached", "session:held"):
+            self._session_logged.pop((event, session.slot), None)
         self.log_event("session:closed", session, reason=reason, packets_out=session.packets_out,
                        packets_in=session.packets_in, bytes_out=session.bytes_out,
                        bytes_in=session.bytes_in, drops=session.drops.as_dict(),
@@ -479,7 +495,7 @@ class ClientDaemon:
         session.ever_up = True
         link.attached_here = True
         self._record_id(session, self.loop.time())
-        self.log_event("session:attached", session, pid=link.pid, server=session.server)
+        self.session_record("session:attached", session, pid=link.pid, server=session.server)
 
     def _record_id(self, session: SlotSession, now: float) -> None:
         """Write the session's id into its rules, so a restarted pvpn-client knows it was up:
@@ -545,7 +561,7 @@ class ClientDaemon:
                 self.log_event("session:registered", session, pid=link.pid,
                                prefixes=[str(n) for n in session.networks])
             else:
-                self.log_event("session:reattached", session, pid=link.pid)
+                self.session_record("session:reattached", session, pid=link.pid)
         except (ConfigError, PolicyError, PvpnError) as exc:
             link.send_control(MsgType.ERROR, {"code": "refused", "reason": str(exc)})
             return
@@ -566,7 +582,7 @@ class ClientDaemon:
             session.attached = False
             session.held_since = self.loop.time()
         link.session = None
-        self.log_event("session:held", session, reason=reason)
+        self.session_record("session:held", session, reason=reason)
 
     def local_lost(self, link: LocalLink) -> None:
         self._dirty.discard(link)
@@ -601,6 +617,9 @@ class ClientDaemon:
         for uid, (at, suppressed) in list(self._local_logged.items()):
             if now - at >= LOCAL_LOG_EVERY and not suppressed:
                 del self._local_logged[uid]
+        for key, (at, suppressed) in list(self._session_logged.items()):
+            if now - at >= LOCAL_LOG_EVERY and not suppressed:
+                del self._session_logged[key]
         for session in list(self.registry.sessions.values()):
             if session.ever_up and session.recorded != session.session_id:
                 self._record_id(session, now)

@@ -580,3 +580,36 @@ def test_registering_and_ending_sessions_in_a_loop_is_bounded_per_uid(kernel: Ke
         assert Process(daemon, 1002).register(["10.77.2.0/24"])[0] is MsgType.ERROR
 
     run(scenario())
+
+
+def test_a_user_cycling_their_own_session_cannot_flood_root_s_log(kernel: Kernel,
+                                                                  tmp_path: Path) -> None:
+    """Picking up one's own held session and letting it go costs pvpn-client no rules, but
+    each cycle wrote session:reattached and session:held, and each ATTACH session:attached:
+    a loop of bob's rotated root's log history away (200 MB in minutes). Now at most one of
+    each per session per LOCAL_LOG_EVERY, the next one saying how many were left out."""
+    async def scenario() -> None:
+        daemon = make_daemon(tmp_path)
+        bob = Process(daemon, 1002)
+        bob.register(["10.77.1.0/24"])
+        bob.send(MsgType.ATTACH, {"session": SID})
+        bob.transport.close()
+        await asyncio.sleep(0)
+        for i in range(200):
+            again = Process(daemon, 1002, pid=i)
+            assert again.register(["10.77.1.0/24"])[0] is MsgType.REGISTERED
+            for n in range(5):
+                again.send(MsgType.ATTACH, {"session": bytes([n]) * 16})
+            again.transport.close()
+            await asyncio.sleep(0)
+        log = daemon.log.stream.getvalue()  # type: ignore[attr-defined]
+        assert len(log.splitlines()) < 12, log[-2000:]
+        for key in list(daemon._session_logged):
+            at, suppressed = daemon._session_logged[key]
+            daemon._session_logged[key] = (at - dm.LOCAL_LOG_EVERY, suppressed)
+        last = Process(daemon, 1002, pid=999)
+        last.register(["10.77.1.0/24"])
+        record = daemon.log.stream.getvalue().splitlines()[-1]  # type: ignore[attr-defined]
+        assert '"session:reattached"' in record and '"suppressed":199' in record
+
+    run(scenario())
