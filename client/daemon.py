@@ -20,6 +20,7 @@ import itertools
 import os
 import pwd
 import socket
+import stat
 import sys
 from pathlib import Path
 from typing import Any, Callable
@@ -650,13 +651,41 @@ class ClientDaemon:
         return rules.remove_instance(self.config.instance)
 
 
+def unsafe_directory(directory: Path) -> str | None:
+    """Why ``directory`` (an existing one), or one above it, may be changed by someone other
+    than root, or None. A sticky directory (/tmp) is safe: nobody renames what root made in it.
+    As OpenSSH's StrictModes (``safe_path``), on the real path."""
+    real = directory.resolve()
+    for d in (real, *real.parents):
+        st = d.stat()
+        if st.st_uid != 0:
+            return f"{d} is owned by uid {st.st_uid}, not root"
+        if st.st_mode & 0o022 and not st.st_mode & stat.S_ISVTX:
+            return f"{d} is writable by other users"
+    return None
+
+
 def ensure_socket_dir(path: Path) -> str | None:
     """The socket's directory, made if missing (0711: every user reaches the socket by name,
-    nobody lists the directory). A warning if an existing one is not traversable by users."""
+    nobody lists the directory). A warning if an existing one is not traversable by users.
+
+    ConfigError if the directory, or one above it, is not root's alone: pvpn-client makes the
+    socket 0666 with chmod, which follows symlinks, so whoever may change the directory could
+    swap the new socket for a link to /etc/shadow between bind and chmod."""
     parent = path.parent
-    if not parent.exists():
+    existing = parent
+    while not existing.exists():
+        existing = existing.parent
+    unsafe = unsafe_directory(existing)
+    if unsafe is not None:
+        raise ConfigError(f"{unsafe}; whoever may change it could swap {path.name} for a "
+                          "symlink that pvpn-client would make 0666: give [client] socket a "
+                          "directory that only root may change (/run/pvpn, 0711)")
+    if existing != parent:
+        made = [d for d in (parent, *parent.parents) if not d.exists()]
         parent.mkdir(parents=True, exist_ok=True)
-        os.chmod(parent, 0o711)  # explicit: supervisord's umask 077 would make it 0700
+        for d in made:
+            os.chmod(d, 0o711)  # explicit: supervisord's umask 077 would make them 0700
         return None
     if not parent.stat().st_mode & 0o001:
         return (f"{parent} is not traversable by other users, so they cannot reach "

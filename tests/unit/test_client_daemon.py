@@ -613,3 +613,32 @@ def test_a_user_cycling_their_own_session_cannot_flood_root_s_log(kernel: Kernel
         assert '"session:reattached"' in record and '"suppressed":199' in record
 
     run(scenario())
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="directories of other owners: root makes them")
+def test_the_socket_is_never_made_in_a_directory_another_user_may_change(tmp_path: Path) -> None:
+    """pvpn-client makes its socket 0666 with chmod, which follows symlinks: in a directory a
+    user can write (a socket set under /tmp/pvpn/, a directory bob made first), bob swaps the
+    new socket for a link to /etc/shadow between bind and chmod and root makes that 0666. Such
+    a directory, or one on the way to it, is refused (OpenSSH's StrictModes)."""
+    from pvpn.errors import ConfigError
+
+    os.chmod(tmp_path, 0o755)
+    shared = tmp_path / "shared"
+    shared.mkdir(mode=0o777)
+    os.chmod(shared, 0o777)
+    with pytest.raises(ConfigError, match="writable"):
+        dm.ensure_socket_dir(shared / "c.sock")
+    with pytest.raises(ConfigError, match="writable"):
+        dm.ensure_socket_dir(shared / "run" / "c.sock")  # made inside it: bob renames "run"
+    bobs = tmp_path / "bobs"
+    bobs.mkdir(mode=0o711)
+    os.chown(bobs, 1002, 1002)
+    with pytest.raises(ConfigError, match="owned by uid 1002"):
+        dm.ensure_socket_dir(bobs / "c.sock")
+    sticky = tmp_path / "sticky"
+    sticky.mkdir()
+    os.chmod(sticky, 0o1777)  # like /tmp: nobody renames what root made there
+    assert dm.ensure_socket_dir(sticky / "c.sock") is None
+    assert dm.ensure_socket_dir(tmp_path / "run" / "c.sock") is None
+    assert (tmp_path / "run").stat().st_mode & 0o777 == 0o711
