@@ -257,6 +257,9 @@ class ClientDaemon:
         self.tun_fds[session.slot] = fd
         try:
             queue = BatchedQueue(session.queue, self._queue_callback(session), max_len=4096)
+        except OSError as exc:  # the queue is bound by someone else, say
+            os.close(self.tun_fds.pop(session.slot))
+            raise PvpnError(f"cannot bind NFQUEUE {session.queue}: {exc}") from None
         except BaseException:
             os.close(self.tun_fds.pop(session.slot))
             raise
@@ -289,9 +292,11 @@ class ClientDaemon:
             try:
                 self._attach_devices(session)
             except PvpnError as exc:
-                self.log_event("node:recover-failed", session, reason=str(exc))
-                self.end_session(session, f"could not recover: {exc}")
-                continue
+                # Its rules stay: with nobody reading its queue the kernel drops its packets.
+                # Ending it here would let them out in clear though nobody said stop; its
+                # devices are tried again when its user's tunnel process registers.
+                self.log_event("node:recover-failed", session, reason=f"{exc}; held, its rules "
+                               "kept; tried again when its tunnel process registers")
             repair = firewall.client_jumps_repair(instance, found, self.config.mark_mask)
             if repair is not None:
                 try:
@@ -562,6 +567,8 @@ class ClientDaemon:
                 self.log_event("session:registered", session, pid=link.pid,
                                prefixes=[str(n) for n in session.networks])
             else:
+                if session.slot not in self.queues:  # its devices failed at recovery
+                    self._attach_devices(session)
                 self.session_record("session:reattached", session, pid=link.pid)
         except (ConfigError, PolicyError, PvpnError) as exc:
             link.send_control(MsgType.ERROR, {"code": "refused", "reason": str(exc)})

@@ -642,3 +642,40 @@ def test_the_socket_is_never_made_in_a_directory_another_user_may_change(tmp_pat
     assert dm.ensure_socket_dir(sticky / "c.sock") is None
     assert dm.ensure_socket_dir(tmp_path / "run" / "c.sock") is None
     assert (tmp_path / "run").stat().st_mode & 0o777 == 0o711
+
+
+def test_a_session_whose_devices_fail_at_recovery_keeps_its_protection(
+        kernel: Kernel, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A restarted pvpn-client that could not open a recovered session's TUN device (or bind
+    its queue) ended the session: its rules went, and its user's protected traffic left in
+    clear though nobody had said stop. The rules now stay (nobody reads the queue: the kernel
+    drops), and the devices are tried again when the user's tunnel process registers."""
+    from pvpn.errors import PvpnError
+
+    rules = firewall.client_session("pvpnc", 0, 1001, [ipaddress.ip_network("10.1.0.0/16")],
+                                    3000, 0x10000, 0xFF0000, "pvpnc0", session_id=SID)
+    kernel.saved = [firewall.client_base("pvpnc").v4 + rules.v4,
+                    firewall.client_base("pvpnc").v6 + rules.v6]
+    failing = [True]
+
+    def open_tun(name: str) -> int:
+        if failing[0]:
+            raise PvpnError(f"cannot set up TUN device {name}: busy")
+        return os.open(os.devnull, os.O_RDWR)
+
+    monkeypatch.setattr(dm, "open_tun", open_tun)
+
+    async def scenario() -> None:
+        daemon = make_daemon(tmp_path)
+        daemon.recover()
+        assert kernel.removed == [] and kernel.forgotten == []
+        (session,) = daemon.registry.sessions.values()
+        assert session.state.startswith("held")
+        mtype, reply = Process(daemon, 1001, pid=1).register(["10.1.0.0/16"])
+        assert mtype is MsgType.ERROR and "busy" in reply["reason"]
+        assert kernel.removed == [] and session.state.startswith("held")
+        failing[0] = False
+        assert Process(daemon, 1001, pid=2).register(["10.1.0.0/16"])[0] is MsgType.REGISTERED
+        assert session.state == "up" and 0 in daemon.queues and 0 in daemon.tun_fds
+
+    run(scenario())
