@@ -281,6 +281,21 @@ class ClientDaemon:
         p = firewall.chain_prefix(instance)
         texts = [rules.saved(4), rules.saved(6)]
         installed, broken = firewall.parse_installed_sessions(instance, texts)
+        missing = [f":{p}-OUT " not in text or f":{p}-IN " not in text for text in texts]
+        if any(missing) and not installed:  # a first start, or a half-made one
+            rules.remove_instance(instance)
+            rules.apply(firewall.client_base(instance))
+            return
+        if any(missing):
+            # Someone removed one family's chains (a firewall reload, say): they are put back
+            # there first (the sessions' jumps are repaired into them below), and nothing of
+            # what the other family still holds goes.
+            base = firewall.client_base(instance)
+            rules.apply(firewall.RuleSet(base.v4 if missing[0] else "",
+                                         base.v6 if missing[1] else ""))
+            self.log_event("node:warning", reason="the instance's hook chains were missing in "
+                           + " and ".join(f for f, m in zip(("IPv4", "IPv6"), missing) if m)
+                           + "; put back")
         now = self.loop.time()
         for found in installed:
             # A session whose rules predate the record of its id (legacy) may have been up:
@@ -312,12 +327,8 @@ class ClientDaemon:
                            chains=broken)
             rules.remove_chains(broken, f"{p}-OUT")
             rules.remove_chains(broken, f"{p}-IN")
-        if f":{p}-OUT " in texts[0] and f":{p}-OUT " in texts[1]:
-            rules.ensure_jump("OUTPUT", f"{p}-OUT")
-            rules.ensure_jump("PREROUTING", f"{p}-IN")
-        else:
-            rules.remove_instance(instance)
-            rules.apply(firewall.client_base(instance))
+        rules.ensure_jump("OUTPUT", f"{p}-OUT")
+        rules.ensure_jump("PREROUTING", f"{p}-IN")
 
     def _uninstall(self, session: SlotSession) -> list[str]:
         p = firewall.chain_prefix(self.config.instance)

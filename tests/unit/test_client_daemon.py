@@ -679,3 +679,24 @@ def test_a_session_whose_devices_fail_at_recovery_keeps_its_protection(
         assert session.state == "up" and 0 in daemon.queues and 0 in daemon.tun_fds
 
     run(scenario())
+
+
+def test_a_restart_after_one_family_was_flushed_keeps_the_other_s_protection(
+        kernel: Kernel, tmp_path: Path) -> None:
+    """Someone flushed the IPv4 mangle table (a firewall reload, say), then pvpn-client was
+    restarted: finding its chains in one family only, it removed every rule of the instance,
+    the recovered sessions' IPv6 rules too, while holding those sessions as protected. Now
+    the hook chains are put back where they are missing and nothing recovered is removed."""
+    rules = firewall.client_session("pvpnc", 0, 1001, [ipaddress.ip_network("fd00:1::/64")],
+                                    3000, 0x10000, 0xFF0000, "pvpnc0", session_id=SID)
+    kernel.saved = ["", firewall.client_base("pvpnc").v6 + rules.v6]
+
+    async def scenario() -> None:
+        daemon = make_daemon(tmp_path)
+        daemon.recover()
+        assert len(daemon.registry.sessions) == 1
+        assert kernel.instance_removed == 0
+        base = [r for r in kernel.applied if ":PVPNC-OUT" in r.v4 + r.v6]
+        assert base == [firewall.RuleSet(firewall.client_base("pvpnc").v4, "")]
+
+    run(scenario())
