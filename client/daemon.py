@@ -34,8 +34,9 @@ from pvpn.envelope import (
     status_pages,
 )
 from pvpn.errors import ConfigError, MalformedPacket, PolicyError, PvpnError, RemoteProtocolError
-from pvpn.io import conntrack, rules
+from pvpn.io import conntrack, rules, sockdiag
 from pvpn.io.nfqueue import BatchedQueue
+from pvpn.io.sockdiag import SocketOwners
 from pvpn.io.loop import (
     EX_CONFIG, WRITE_HIGH_WATER, Guard, guarded, install_signals, peer_credentials,
     prepare_unix_socket, run_daemon,
@@ -162,6 +163,7 @@ class ClientDaemon:
         self.log = RecordWriter("client", config.name)
         self.registry = Registry(config)
         self.loop = asyncio.get_running_loop()
+        self.owners = SocketOwners()  # whose socket a reply would reach
         # No exception a local user or a packet can cause ends pvpn-client: the guard logs it
         # (node:error, with the traceback) and closes only the connection concerned.
         self.guard = Guard(self.log.write, self._close_failed_link)
@@ -461,6 +463,16 @@ class ClientDaemon:
             if refused:
                 self._dropped(session, Drop.REPLY_ICMP_REFUSED, sent)
                 return
+        if sent.proto == pk.PROTO_TCP or sent.proto == pk.PROTO_UDP:
+            # The flow is the session's, but its local port may have changed hands since: only
+            # a socket of the session's user, or no process's, may get the packet.
+            try:
+                owner = self.owners.owner(sent)
+            except PvpnError:
+                owner = -1  # the kernel cannot tell: fail closed
+            if owner is not None and owner != session.uid:
+                self._dropped(session, Drop.REPLY_NOT_YOURS, sent)
+                return
         try:
             os.write(self.tun_fds[session.slot], packet)
         except BlockingIOError:
@@ -713,6 +725,7 @@ def ensure_socket_dir(path: Path) -> str | None:
 
 async def serve(config: ClientConfig) -> None:
     conntrack.check()  # ConfigError now, not when the first session ends
+    sockdiag.check()  # ... not a silent "nobody's socket" for every reply
     daemon = ClientDaemon(config)
     loop = daemon.loop
     if strict_rp_filter():

@@ -700,3 +700,62 @@ def test_a_restart_after_one_family_was_flushed_keeps_the_other_s_protection(
         assert base == [firewall.RuleSet(firewall.client_base("pvpnc").v4, "")]
 
     run(scenario())
+
+
+def test_a_reply_for_a_port_that_changed_hands_never_reaches_the_new_owner(
+        kernel: Kernel, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A session remembers its flows by addresses and ports, and a local port changes hands:
+    bob sent once from UDP port 40000 to 10.77.1.2:53 and closed the socket, alice's resolver
+    took port 40000, and a "reply" bob's tunnel process handed back for his old flow was
+    written to his TUN device and delivered to alice's socket (seen in a lab: a forged answer
+    reached her, though she had no VPN at all). Now the kernel is asked whose socket would get
+    it (sock_diag) and only the session user's, or no process's, does."""
+    from scapy.layers.inet import IP, UDP
+
+    owners: dict[Any, int | None] = {}
+    asked: list[Any] = []
+
+    class Owners:
+        def owner(self, flow: Any) -> int | None:
+            asked.append(flow)
+            return owners.get(flow)
+
+    monkeypatch.setattr(dm, "SocketOwners", Owners, raising=False)
+
+    async def scenario() -> None:
+        daemon = make_daemon(tmp_path)
+        bob = Process(daemon, 1002)
+        bob.register(["10.77.1.0/24"])
+        bob.send(MsgType.ATTACH, {"session": SID})
+        session = daemon.registry.sessions[0]
+        out = bytes(IP(src="10.77.0.1", dst="10.77.1.2") / UDP(sport=40000, dport=53) / b"q")
+        assert daemon.queues[0].callback(out)
+        reply = bytes(IP(src="10.77.1.2", dst="10.77.0.1") / UDP(sport=53, dport=40000)
+                      / b"forged")
+
+        def hand_back(packet: bytes) -> None:
+            bob.link.data_received(encode_envelope(MsgType.PACKET, SID, 1002, bob.seq, packet))
+            bob.seq += 1
+
+        hand_back(reply)  # nobody's socket there: the kernel answers it itself
+        assert session.packets_in == 1
+        (flow,) = asked
+        owners[flow] = 1001  # alice's resolver now holds port 40000
+        hand_back(reply)
+        error = bytes(IP(src="10.77.1.2", dst="10.77.0.1") / ICMP_UNREACHABLE / out)
+        hand_back(error)  # an error about the flow reaches the same socket
+        assert session.packets_in == 1
+        assert session.drops.as_dict() == {"reply-not-yours": 2}
+        owners[flow] = 1002  # his own again
+        hand_back(reply)
+        assert session.packets_in == 2
+
+    run(scenario())
+
+
+def _icmp_unreachable() -> Any:
+    from scapy.layers.inet import ICMP
+    return ICMP(type=3, code=3)
+
+
+ICMP_UNREACHABLE = _icmp_unreachable()
