@@ -361,7 +361,7 @@ class ClientConfig:
     max_local_connections: int = 512
     grace_time: float = 120.0
     held_timeout: float = 86400.0
-    max_new_sessions_per_minute: int = 30
+    max_new_sessions_per_minute: int = 120
 
 
 def contiguous_mask(mask: int) -> bool:
@@ -417,7 +417,7 @@ def load_client_config(path: Path) -> ClientConfig:
     grace = float(t.get("grace_time", (int, float), 120.0))
     if not 10 <= grace <= 3600:
         raise ConfigError(f"{t.where('grace_time')} must be 10 to 3600 seconds")
-    new_sessions = _count(t, "max_new_sessions_per_minute", 30, 1, 6000)
+    new_sessions = _count(t, "max_new_sessions_per_minute", 120, 1, 6000)
     held = float(t.get("held_timeout", (int, float), 86400.0))
     if held != 0 and not grace <= held <= 366 * 86400:
         raise ConfigError(f"{t.where('held_timeout')} must be 0 (held until `pvpn "

@@ -181,7 +181,7 @@ def test_the_defaults(tmp_path: Path) -> None:
             config.max_prefixes_per_uid, config.max_flows_per_session,
             config.max_local_connections_per_uid, config.max_local_connections,
             config.grace_time, config.held_timeout, config.max_new_sessions_per_minute) == (
-                8, 64, 256, 8192, 16, 512, 120.0, 86400.0, 30)
+                8, 64, 256, 8192, 16, 512, 120.0, 86400.0, 120)
 
 
 # ---------------------------------------------------------------- pvpn disconnect
