@@ -20,6 +20,7 @@ import itertools
 import os
 import pwd
 import socket
+import stat
 import sys
 from pathlib import Path
 from typing import Any, Callable
@@ -33,8 +34,9 @@ from pvpn.envelope import (
     status_pages,
 )
 from pvpn.errors import ConfigError, MalformedPacket, PolicyError, PvpnError, RemoteProtocolError
-from pvpn.io import conntrack, rules
+from pvpn.io import conntrack, rules, sockdiag
 from pvpn.io.nfqueue import BatchedQueue
+from pvpn.io.sockdiag import SocketOwners
 from pvpn.io.loop import (
     EX_CONFIG, WRITE_HIGH_WATER, Guard, guarded, install_signals, peer_credentials,
     prepare_unix_socket, run_daemon,
@@ -51,6 +53,13 @@ TICK = 5.0
 PRUNE_EVERY = 60.0
 #: At most one local:error or local:refused record per uid this often (seconds).
 LOCAL_LOG_EVERY = 10.0
+#: The questions answered with more than an acknowledgement: refused while the asker leaves
+#: earlier answers unread (WRITE_HIGH_WATER), so one local user cannot make pvpn-client buffer
+#: without bound.
+ANSWERED = frozenset({MsgType.REGISTER, MsgType.STATUS, MsgType.DISCONNECT})
+#: A session's id is written into its rules at its first ATTACH, a change of it at most this
+#: often (seconds; the timer writes what is due), so ATTACHes cannot keep iptables running.
+RECORD_EVERY = 60.0
 
 
 def user_name(uid: int) -> str:
@@ -114,6 +123,7 @@ class LocalLink(asyncio.Protocol):
                     self.daemon.inject(self, envelope.body)
                 else:
                     self.daemon.local_control(self, envelope)
+                    self.flush()  # so the next question sees whether this answer is read
         except RemoteProtocolError as exc:
             self.daemon.local_record("local:error", self, self.session,
                                      reason=clip(f"{type(exc).__name__}: {exc}"))
@@ -153,6 +163,7 @@ class ClientDaemon:
         self.log = RecordWriter("client", config.name)
         self.registry = Registry(config)
         self.loop = asyncio.get_running_loop()
+        self.owners = SocketOwners()  # whose socket a reply would reach
         # No exception a local user or a packet can cause ends pvpn-client: the guard logs it
         # (node:error, with the traceback) and closes only the connection concerned.
         self.guard = Guard(self.log.write, self._close_failed_link)
@@ -165,6 +176,8 @@ class ClientDaemon:
         self.local_by_uid: dict[int, int] = {}
         # uid -> (time of its last local:* record, records suppressed since)
         self._local_logged: dict[int, tuple[float, int]] = {}
+        # (event, slot) -> the same, for what a user does with their own session
+        self._session_logged: dict[tuple[str, int], tuple[float, int]] = {}
         self._dirty: set[LocalLink] = set()
         self._pruned = 0.0
 
@@ -221,6 +234,18 @@ class ClientDaemon:
         self.log_event(event, session, uid=link.uid, user=user_name(link.uid), pid=link.pid,
                        suppressed=suppressed, **kw)
 
+    def session_record(self, event: str, session: SlotSession, **kw: Any) -> None:
+        """A record of what a user did with their own session (attached, reattached, held),
+        which costs pvpn-client nothing else and so could be repeated at will: at most one
+        per event and session per LOCAL_LOG_EVERY seconds, saying how many were left out."""
+        now, key = self.loop.time(), (event, session.slot)
+        last, suppressed = self._session_logged.get(key, (-LOCAL_LOG_EVERY, 0))
+        if now - last < LOCAL_LOG_EVERY:
+            self._session_logged[key] = (last, suppressed + 1)
+            return
+        self._session_logged[key] = (now, 0)
+        self.log_event(event, session, **kw, **({"suppressed": suppressed} if suppressed else {}))
+
     # -- sessions
     def _install(self, session: SlotSession) -> None:
         """TUN device, queue, then rules: the rules go in last, fully formed, in one step."""
@@ -234,6 +259,9 @@ class ClientDaemon:
         self.tun_fds[session.slot] = fd
         try:
             queue = BatchedQueue(session.queue, self._queue_callback(session), max_len=4096)
+        except OSError as exc:  # the queue is bound by someone else, say
+            os.close(self.tun_fds.pop(session.slot))
+            raise PvpnError(f"cannot bind NFQUEUE {session.queue}: {exc}") from None
         except BaseException:
             os.close(self.tun_fds.pop(session.slot))
             raise
@@ -255,6 +283,21 @@ class ClientDaemon:
         p = firewall.chain_prefix(instance)
         texts = [rules.saved(4), rules.saved(6)]
         installed, broken = firewall.parse_installed_sessions(instance, texts)
+        missing = [f":{p}-OUT " not in text or f":{p}-IN " not in text for text in texts]
+        if any(missing) and not installed:  # a first start, or a half-made one
+            rules.remove_instance(instance)
+            rules.apply(firewall.client_base(instance))
+            return
+        if any(missing):
+            # Someone removed one family's chains (a firewall reload, say): they are put back
+            # there first (the sessions' jumps are repaired into them below), and nothing of
+            # what the other family still holds goes.
+            base = firewall.client_base(instance)
+            rules.apply(firewall.RuleSet(base.v4 if missing[0] else "",
+                                         base.v6 if missing[1] else ""))
+            self.log_event("node:warning", reason="the instance's hook chains were missing in "
+                           + " and ".join(f for f, m in zip(("IPv4", "IPv6"), missing) if m)
+                           + "; put back")
         now = self.loop.time()
         for found in installed:
             # A session whose rules predate the record of its id (legacy) may have been up:
@@ -266,9 +309,11 @@ class ClientDaemon:
             try:
                 self._attach_devices(session)
             except PvpnError as exc:
-                self.log_event("node:recover-failed", session, reason=str(exc))
-                self.end_session(session, f"could not recover: {exc}")
-                continue
+                # Its rules stay: with nobody reading its queue the kernel drops its packets.
+                # Ending it here would let them out in clear though nobody said stop; its
+                # devices are tried again when its user's tunnel process registers.
+                self.log_event("node:recover-failed", session, reason=f"{exc}; held, its rules "
+                               "kept; tried again when its tunnel process registers")
             repair = firewall.client_jumps_repair(instance, found, self.config.mark_mask)
             if repair is not None:
                 try:
@@ -284,12 +329,8 @@ class ClientDaemon:
                            chains=broken)
             rules.remove_chains(broken, f"{p}-OUT")
             rules.remove_chains(broken, f"{p}-IN")
-        if f":{p}-OUT " in texts[0] and f":{p}-OUT " in texts[1]:
-            rules.ensure_jump("OUTPUT", f"{p}-OUT")
-            rules.ensure_jump("PREROUTING", f"{p}-IN")
-        else:
-            rules.remove_instance(instance)
-            rules.apply(firewall.client_base(instance))
+        rules.ensure_jump("OUTPUT", f"{p}-OUT")
+        rules.ensure_jump("PREROUTING", f"{p}-IN")
 
     def _uninstall(self, session: SlotSession) -> list[str]:
         p = firewall.chain_prefix(self.config.instance)
@@ -322,6 +363,8 @@ class ClientDaemon:
         except PvpnError as exc:  # the slot is checked again before it is given out
             forgotten = f"failed: {exc}"
         self.registry.release(session.slot)
+        for event in ("session:attached", "session:reattached", "session:held"):
+            self._session_logged.pop((event, session.slot), None)
         self.log_event("session:closed", session, reason=reason, packets_out=session.packets_out,
                        packets_in=session.packets_in, bytes_out=session.bytes_out,
                        bytes_in=session.bytes_in, drops=session.drops.as_dict(),
@@ -420,6 +463,16 @@ class ClientDaemon:
             if refused:
                 self._dropped(session, Drop.REPLY_ICMP_REFUSED, sent)
                 return
+        if sent.proto == pk.PROTO_TCP or sent.proto == pk.PROTO_UDP:
+            # The flow is the session's, but its local port may have changed hands since: only
+            # a socket of the session's user, or no process's, may get the packet.
+            try:
+                owner = self.owners.owner(sent)
+            except PvpnError:
+                owner = -1  # the kernel cannot tell: fail closed
+            if owner is not None and owner != session.uid:
+                self._dropped(session, Drop.REPLY_NOT_YOURS, sent)
+                return
         try:
             os.write(self.tun_fds[session.slot], packet)
         except BlockingIOError:
@@ -434,6 +487,10 @@ class ClientDaemon:
     # -- local control
     def local_control(self, link: LocalLink, envelope: Any) -> None:
         mtype = envelope.type
+        if link.congested and mtype in ANSWERED:
+            # Its answers wait unread above WRITE_HIGH_WATER: another question would only grow
+            # what pvpn-client holds for it (ATTACH and UNREGISTER are never refused so).
+            raise RemoteProtocolError("asks faster than it reads the answers")
         fields = decode_control(envelope)
         now = self.loop.time()
         if mtype is MsgType.REGISTER:
@@ -463,18 +520,28 @@ class ClientDaemon:
     def _attach(self, link: LocalLink, session: SlotSession, session_id: bytes) -> None:
         if len(session_id) != 16:
             raise RemoteProtocolError("ATTACH needs the 16-byte session id")
-        if session.session_id != session_id:
-            # Recorded in the rules, so a restarted pvpn-client knows the session was up.
-            try:
-                rules.apply(firewall.client_session_attached(
-                    self.config.instance, session.slot, session.mark, self.config.mark_mask,
-                    session_id))
-            except PvpnError as exc:
-                self.log_event("node:warning", session, reason=f"session id not recorded: {exc}")
         session.session_id = session_id
         session.ever_up = True
         link.attached_here = True
-        self.log_event("session:attached", session, pid=link.pid, server=session.server)
+        self._record_id(session, self.loop.time())
+        self.session_record("session:attached", session, pid=link.pid, server=session.server)
+
+    def _record_id(self, session: SlotSession, now: float) -> None:
+        """Write the session's id into its rules, so a restarted pvpn-client knows it was up:
+        at once when none is recorded, a changed one at most once a RECORD_EVERY (the timer
+        writes it when due; the record already says the session was up)."""
+        if session.recorded == session.session_id or (
+                session.recorded and now - session.recorded_at < RECORD_EVERY):
+            return
+        session.recorded_at = now
+        try:
+            rules.apply(firewall.client_session_attached(
+                self.config.instance, session.slot, session.mark, self.config.mark_mask,
+                session.session_id))
+        except PvpnError as exc:  # tried again in RECORD_EVERY
+            self.log_event("node:warning", session, reason=f"session id not recorded: {exc}")
+            return
+        session.recorded = session.session_id
 
     def _disconnect(self, link: LocalLink, fields: dict[str, Any], now: float) -> None:
         slot = fields["slot"]
@@ -523,7 +590,9 @@ class ClientDaemon:
                 self.log_event("session:registered", session, pid=link.pid,
                                prefixes=[str(n) for n in session.networks])
             else:
-                self.log_event("session:reattached", session, pid=link.pid)
+                if session.slot not in self.queues:  # its devices failed at recovery
+                    self._attach_devices(session)
+                self.session_record("session:reattached", session, pid=link.pid)
         except (ConfigError, PolicyError, PvpnError) as exc:
             link.send_control(MsgType.ERROR, {"code": "refused", "reason": str(exc)})
             return
@@ -544,7 +613,7 @@ class ClientDaemon:
             session.attached = False
             session.held_since = self.loop.time()
         link.session = None
-        self.log_event("session:held", session, reason=reason)
+        self.session_record("session:held", session, reason=reason)
 
     def local_lost(self, link: LocalLink) -> None:
         self._dirty.discard(link)
@@ -579,8 +648,15 @@ class ClientDaemon:
         for uid, (at, suppressed) in list(self._local_logged.items()):
             if now - at >= LOCAL_LOG_EVERY and not suppressed:
                 del self._local_logged[uid]
+        for key, (at, suppressed) in list(self._session_logged.items()):
+            if now - at >= LOCAL_LOG_EVERY and not suppressed:
+                del self._session_logged[key]
+        for session in list(self.registry.sessions.values()):
+            if session.ever_up and session.recorded != session.session_id:
+                self._record_id(session, now)
         if now - self._pruned >= PRUNE_EVERY:
             self._pruned = now
+            self.registry.forget_rates(now)
             for session in self.registry.sessions.values():
                 session.prune_flows(now)
 
@@ -605,13 +681,41 @@ class ClientDaemon:
         return rules.remove_instance(self.config.instance)
 
 
+def unsafe_directory(directory: Path) -> str | None:
+    """Why ``directory`` (an existing one), or one above it, may be changed by someone other
+    than root, or None. A sticky directory (/tmp) is safe: nobody renames what root made in it.
+    As OpenSSH's StrictModes (``safe_path``), on the real path."""
+    real = directory.resolve()
+    for d in (real, *real.parents):
+        st = d.stat()
+        if st.st_uid != 0:
+            return f"{d} is owned by uid {st.st_uid}, not root"
+        if st.st_mode & 0o022 and not st.st_mode & stat.S_ISVTX:
+            return f"{d} is writable by other users"
+    return None
+
+
 def ensure_socket_dir(path: Path) -> str | None:
     """The socket's directory, made if missing (0711: every user reaches the socket by name,
-    nobody lists the directory). A warning if an existing one is not traversable by users."""
+    nobody lists the directory). A warning if an existing one is not traversable by users.
+
+    ConfigError if the directory, or one above it, is not root's alone: pvpn-client makes the
+    socket 0666 with chmod, which follows symlinks, so whoever may change the directory could
+    swap the new socket for a link to /etc/shadow between bind and chmod."""
     parent = path.parent
-    if not parent.exists():
+    existing = parent
+    while not existing.exists():
+        existing = existing.parent
+    unsafe = unsafe_directory(existing)
+    if unsafe is not None:
+        raise ConfigError(f"{unsafe}; whoever may change it could swap {path.name} for a "
+                          "symlink that pvpn-client would make 0666: give [client] socket a "
+                          "directory that only root may change (/run/pvpn, 0711)")
+    if existing != parent:
+        made = [d for d in (parent, *parent.parents) if not d.exists()]
         parent.mkdir(parents=True, exist_ok=True)
-        os.chmod(parent, 0o711)  # explicit: supervisord's umask 077 would make it 0700
+        for d in made:
+            os.chmod(d, 0o711)  # explicit: supervisord's umask 077 would make them 0700
         return None
     if not parent.stat().st_mode & 0o001:
         return (f"{parent} is not traversable by other users, so they cannot reach "
@@ -621,6 +725,7 @@ def ensure_socket_dir(path: Path) -> str | None:
 
 async def serve(config: ClientConfig) -> None:
     conntrack.check()  # ConfigError now, not when the first session ends
+    sockdiag.check()  # ... not a silent "nobody's socket" for every reply
     daemon = ClientDaemon(config)
     loop = daemon.loop
     if strict_rp_filter():

@@ -52,6 +52,9 @@ class SlotSession:
     opened: float  # registered (or recovered after a restart)
     max_flows: int = 8192
     session_id: bytes = b""
+    # The id recorded in the session's rules (what the next pvpn-client reads), and when.
+    recorded: bytes = b""
+    recorded_at: float = float("-inf")
     attached: bool = False  # a tunnel process is connected for it
     ever_up: bool = False  # it was attached (ATTACH) with a session id at least once
     held_since: float | None = None  # when its tunnel process went
@@ -127,6 +130,9 @@ class Registry:
         self.config = config
         self.sessions: dict[int, SlotSession] = {}
         self._shift = (config.mark_mask & -config.mark_mask).bit_length() - 1
+        # uid -> (allowance of new sessions, when it was counted): a token bucket of
+        # max_sessions_per_uid refilled at max_new_sessions_per_minute.
+        self.rates: dict[int, tuple[float, float]] = {}
 
     def mark_for(self, slot: int) -> int:
         # Slot 0 gets mark 1 (shifted into the mask): an unmarked connection is never a session.
@@ -180,6 +186,7 @@ class Registry:
         if not free:
             raise PolicyError(f"all {config.max_sessions} session slots of this host are "
                               "in use; ask root to raise max_sessions")
+        self._take_allowance(uid, now)
         slot = next((s for s in free[:MAX_SLOT_PROBES] if usable(s)), None)
         if slot is None:
             raise PolicyError(
@@ -193,6 +200,31 @@ class Registry:
         self.sessions[slot] = session
         return session
 
+    def _take_allowance(self, uid: int, now: float) -> None:
+        """Count one new session (its rules installed, later removed, conntrack asked) against
+        the uid's rate, or PolicyError: so nobody's loop of registrations keeps pvpn-client
+        running iptables for them (root is never refused)."""
+        if uid == 0:
+            return
+        burst, rate = float(self.config.max_sessions_per_uid), \
+            self.config.max_new_sessions_per_minute / 60.0
+        tokens, then = self.rates.get(uid, (burst, now))
+        tokens = min(burst, tokens + (now - then) * rate)
+        if tokens < 1.0:
+            raise PolicyError(
+                f"too many new sessions: at most {self.config.max_new_sessions_per_minute} a "
+                f"minute per user (max_new_sessions_per_minute); try again in "
+                f"{(1.0 - tokens) / rate:.0f} s")
+        self.rates[uid] = (tokens - 1.0, now)
+
+    def forget_rates(self, now: float) -> None:
+        """Drop the uids whose allowance is whole again (the table holds the recent ones)."""
+        burst, rate = float(self.config.max_sessions_per_uid), \
+            self.config.max_new_sessions_per_minute / 60.0
+        for uid, (tokens, then) in list(self.rates.items()):
+            if tokens + (now - then) * rate >= burst:
+                del self.rates[uid]
+
     def adopt(self, slot: int, uid: int, user: str, networks: list[Network], queue: int,
               mark: int, tun: str, now: float, session_id: bytes = b"",
               ever_up: bool = False) -> SlotSession:
@@ -202,7 +234,8 @@ class Registry:
         session = SlotSession(slot=slot, uid=uid, user=user, server="(recovered)",
                               networks=list(networks), queue=queue, mark=mark, tun=tun,
                               opened=now, max_flows=self.config.max_flows_per_session,
-                              session_id=session_id, ever_up=ever_up, held_since=now)
+                              session_id=session_id, recorded=session_id, ever_up=ever_up,
+                              held_since=now)
         self.sessions[slot] = session
         return session
 

@@ -19,6 +19,7 @@ from pvpn.addresses import Local, address_exclusion
 from pvpn.errors import ConfigError
 from pvpn.flowtable import MAX_FLOWS
 from pvpn.io.pcap import DEFAULT_MAX_BYTES, DEFAULT_MAX_FILES, DEFAULT_MAX_TOTAL_BYTES
+from pvpn.text import quoted
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
@@ -27,7 +28,13 @@ _INSTANCE_RE = re.compile(r"^[a-z][a-z0-9]{0,7}$")
 
 
 def parse_prefix(text: str, where: str = "prefix") -> Network:
-    """Parse ``10.0.0.0/24``, ``fd00::/64`` or a bare address (a /32 or /128)."""
+    """Parse ``10.0.0.0/24``, ``fd00::/64`` or a bare address (a /32 or /128).
+
+    An IPv6 zone (``fe80::1%eth0``) is refused: a prefix has none (RFC 4007 11.7), and
+    Python's ipaddress takes any text after the ``%``, line breaks included, which would
+    reach iptables-restore as lines of its own (a local user's REGISTER wrote rules as root)."""
+    if "%" in text:
+        raise ConfigError(f"{where}: {quoted(text, 64)} has a zone (%...); a prefix has none")
     try:
         return ipaddress.ip_network(text, strict=False)
     except ValueError:
@@ -354,6 +361,7 @@ class ClientConfig:
     max_local_connections: int = 512
     grace_time: float = 120.0
     held_timeout: float = 86400.0
+    max_new_sessions_per_minute: int = 120
 
 
 def contiguous_mask(mask: int) -> bool:
@@ -409,6 +417,7 @@ def load_client_config(path: Path) -> ClientConfig:
     grace = float(t.get("grace_time", (int, float), 120.0))
     if not 10 <= grace <= 3600:
         raise ConfigError(f"{t.where('grace_time')} must be 10 to 3600 seconds")
+    new_sessions = _count(t, "max_new_sessions_per_minute", 120, 1, 6000)
     held = float(t.get("held_timeout", (int, float), 86400.0))
     if held != 0 and not grace <= held <= 366 * 86400:
         raise ConfigError(f"{t.where('held_timeout')} must be 0 (held until `pvpn "
@@ -418,7 +427,8 @@ def load_client_config(path: Path) -> ClientConfig:
                         max_sessions_per_uid=per_uid, max_prefixes_per_session=prefixes,
                         max_prefixes_per_uid=prefixes_uid, max_flows_per_session=flows,
                         max_local_connections_per_uid=conns_uid, max_local_connections=conns,
-                        grace_time=grace, held_timeout=held)
+                        grace_time=grace, held_timeout=held,
+                        max_new_sessions_per_minute=new_sessions)
 
 
 def parse_prefixes(texts: Sequence[str], where: str = "--to") -> list[Network]:

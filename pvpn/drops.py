@@ -23,6 +23,7 @@ class Drop(enum.Enum):
     MALFORMED_REPLY = "malformed-reply"
     REPLY_NO_FLOW = "reply-no-flow"
     REPLY_ICMP_REFUSED = "reply-icmp-refused"
+    REPLY_NOT_YOURS = "reply-not-yours"
     TUN_FULL = "tun-full"
     TUN_WRITE_FAILED = "tun-write-failed"
     # pvpn-server: packets a session sends (IP_OPTIONS also for replies)
@@ -54,6 +55,8 @@ _DESCRIPTIONS: dict[Drop, str] = {
     Drop.REPLY_NO_FLOW: "a reply to no flow this session sent (anti-spoofing)",
     Drop.REPLY_ICMP_REFUSED: "an ICMP error whose type, addresses or length a host would "
                              "not receive for this flow",
+    Drop.REPLY_NOT_YOURS: "a reply to a flow of this session whose local port another user's "
+                          "socket now holds",
     Drop.TUN_FULL: "the session's TUN device is full",
     Drop.TUN_WRITE_FAILED: "writing to the session's TUN device failed",
     Drop.MALFORMED_PACKET: "a packet that is not one pvpn carries",

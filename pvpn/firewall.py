@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from typing import Iterable, Sequence
 
 from pvpn.config import Network
+from pvpn.errors import LocalProtocolError
+from pvpn.text import quoted
 
 TABLE = "mangle"
 ANY_UID = "0-4294967294"  # every uid but the invalid (u32)-1
@@ -43,6 +45,10 @@ def rule_text(args: Sequence[str]) -> str:
 
 
 def _restore(lines: Sequence[str]) -> str:
+    for line in lines:
+        if not line.isprintable():  # a line break would start a rule (or a table) of its own
+            raise LocalProtocolError(f"a rule with a line break or control character: "
+                                     f"{quoted(line, 120)}")
     return "" if not lines else "\n".join([f"*{TABLE}", *lines, "COMMIT", ""])
 
 

@@ -341,3 +341,95 @@ def test_the_users_processes_trust_only_a_root_daemon(lab_usable: None) -> None:
         assert out.split()[-1] == b"0", "nothing was sent to the impostor"
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+BOB_TUNNEL = r"""
+import json, os, socket, sys
+from scapy.layers.inet import IP, UDP
+from pvpn.envelope import EnvelopeDecoder, MsgType, decode_control, encode_control, encode_envelope
+path, target, port = sys.argv[1], sys.argv[2], int(sys.argv[3])
+local = socket.socket(socket.AF_UNIX)
+local.connect(path)
+local.settimeout(10)
+decoder, seq = EnvelopeDecoder(), 0
+
+def send(mtype, body):
+    global seq
+    local.sendall(encode_envelope(mtype, b"", os.getuid(), seq, body))
+    seq += 1
+
+def receive(mtype):
+    while True:
+        for envelope in decoder.feed(local.recv(65536)):
+            if envelope.type is mtype:
+                return envelope
+
+# bob's own "tunnel process": no server anywhere, any session id
+send(MsgType.REGISTER, encode_control({"prefixes": [f"{target}/32"], "server": "nowhere:9"}))
+receive(MsgType.REGISTERED)
+send(MsgType.ATTACH, encode_control({"session": os.urandom(16)}))
+mine = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+mine.bind(("0.0.0.0", port))
+mine.sendto(b"query", (target, 53))
+sent = IP(receive(MsgType.PACKET).body)  # in bob's queue: a flow of his session
+mine.close()  # the port is free for anyone now
+print("ready", flush=True)
+sys.stdin.readline()
+forged = bytes(IP(src=sent.dst, dst=sent.src) / UDP(sport=53, dport=port) / b"FORGED BY BOB")
+for _ in range(5):
+    send(MsgType.PACKET, forged)
+send(MsgType.STATUS, encode_control({}))
+status = decode_control(receive(MsgType.STATUS_REPLY))
+print(json.dumps(status["sessions"][0]["drops"]), flush=True)
+send(MsgType.UNREGISTER, encode_control({"reason": "done"}))
+receive(MsgType.STATUS_REPLY)
+"""
+
+ALICE_SOCKET = r"""
+import socket, sys
+mine = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+mine.bind(("0.0.0.0", int(sys.argv[1])))
+mine.settimeout(4)
+print("bound", flush=True)
+try:
+    print(mine.recvfrom(2048)[0].decode(), flush=True)
+except socket.timeout:
+    print("nothing", flush=True)
+"""
+
+
+def test_a_port_that_changed_hands_gets_nothing_from_its_last_user_s_tunnel(
+        lab1: dict[str, Any]) -> None:
+    """bob (no account anywhere) registers a session from his own program, sends once from
+    UDP port 40123 and closes the socket; alice's program takes port 40123; bob hands back a
+    "reply" for his old flow. It reached alice's socket, from an address of bob's choosing,
+    though alice had no VPN at all. Now pvpn-client asks the kernel whose socket it would
+    reach, and drops it (reply-not-yours)."""
+    port = "40123"
+    bob_argv, cwd = exec_argv(lab1["name"], "client", "bob", [
+        sys.executable, "-c", BOB_TUNNEL, lab1["client_socket"], lab1["target"]["ipv4"], port])
+    bob = subprocess.Popen(bob_argv, cwd=cwd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE)
+    alice: subprocess.Popen[bytes] | None = None
+    try:
+        assert bob.stdout is not None and bob.stdin is not None
+        assert bob.stdout.readline() == b"ready\n", bob.stderr.read() if bob.stderr else ""
+        alice_argv, cwd = exec_argv(lab1["name"], "client", "alice",
+                                    [sys.executable, "-c", ALICE_SOCKET, port])
+        alice = subprocess.Popen(alice_argv, cwd=cwd, stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE)
+        assert alice.stdout is not None
+        assert alice.stdout.readline() == b"bound\n"
+        bob.stdin.write(b"go\n")
+        bob.stdin.flush()
+        drops = json.loads(bob.stdout.readline())
+        got = alice.stdout.readline()
+        assert got == b"nothing\n", f"alice's socket got {got!r} from bob's tunnel"
+        assert drops.get("reply-not-yours") == 5, drops
+        assert bob.wait(timeout=20) == 0
+    finally:
+        for proc in (bob, alice):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        disconnect(lab1, "bob")

@@ -463,3 +463,299 @@ def test_an_exception_in_one_connections_handling_closes_that_connection_only(
         assert not daemon.guard.call("timer", daemon.tick)
 
     run(scenario())
+
+
+#: An IPv6 zone (the text after ``%``) may be anything but ``%`` and ``/`` to Python's
+#: ipaddress, line breaks included: as a --to prefix it wrote its own lines into the rules
+#: pvpn-client installs as root (here: alice's IPv6 packets into bob's queue, and a rule in
+#: the filter table). Checked on a live ip6tables-restore: every line was committed.
+ZONE_INJECTION = ("fe80::1%lo -j RETURN\n"
+                  "-I PVPNC-OUT 1 -m owner --uid-owner 1001 -j NFQUEUE --queue-num 3001\n"
+                  "COMMIT\n*filter\n-I INPUT 1 -p tcp --dport 22 -j DROP\nCOMMIT\n*mangle\n"
+                  "-A PVPNC-S0 -d ::1")
+
+
+@pytest.mark.parametrize("prefix", [ZONE_INJECTION, "fe80::%eth0/64", "fe80::1%lo"])
+def test_a_registered_prefix_cannot_write_rules_of_its_own(kernel: Kernel, tmp_path: Path,
+                                                           prefix: str) -> None:
+    async def scenario() -> None:
+        daemon = make_daemon(tmp_path)
+        mtype, reply = Process(daemon, 1002).register(["10.77.1.0/24", prefix])
+        assert mtype is MsgType.ERROR and "zone" in reply["reason"]
+        assert kernel.applied == [] and daemon.registry.sessions == {}
+
+    run(scenario())
+
+
+class SlowReader(Transport):
+    """A peer that never reads: like asyncio's, the transport tells its protocol to pause
+    writing once more than WRITE_HIGH_WATER waits to be sent."""
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        super().write(data)
+        if len(self.written) > dm.WRITE_HIGH_WATER and not self.protocol.congested:
+            self.protocol.pause_writing()
+
+
+@pytest.mark.parametrize("mtype, fields", [
+    (MsgType.STATUS, {}),
+    (MsgType.DISCONNECT, {"session": "0123456789abcdef", "slot": None, "all": False}),
+])
+def test_a_process_that_asks_and_never_reads_cannot_fill_pvpn_client_s_memory(
+        kernel: Kernel, tmp_path: Path, mtype: MsgType, fields: dict[str, Any]) -> None:
+    """Every answer was queued whether or not the asker read it: bob wrote 20,000 questions
+    (260 KB) and read nothing, and pvpn-client (root) buffered 22 MB of answers for him, 84
+    bytes for each byte he sent, without bound."""
+    async def scenario() -> None:
+        daemon = make_daemon(tmp_path)
+        bob = Process(daemon, 1002)
+        bob.transport = SlowReader(bob.link, 1002, 4242)
+        bob.link.transport = bob.transport
+        bob.register([f"10.{i}.0.0/16" for i in range(64)])
+        bob.send(MsgType.ATTACH, {"session": SID})
+        burst = b"".join(encode_envelope(mtype, b"", 1002, bob.seq + i, encode_control(fields))
+                         for i in range(20_000))
+        bob.link.data_received(burst)
+        assert len(bob.transport.written) < 2 * dm.WRITE_HIGH_WATER
+        assert bob.transport.closed, "a process that asks faster than it reads is let go"
+
+    run(scenario())
+
+
+def test_attach_with_ever_new_ids_cannot_keep_pvpn_client_running_iptables(
+        kernel: Kernel, tmp_path: Path) -> None:
+    """Every ATTACH with another id rewrote the session's inbound chain, two iptables-restore
+    runs inside the event loop (29 ms, measured): bob's one write of 8,000 ATTACHes (no server
+    needed) froze every user's packets for nearly 4 minutes. The kernel's record of the id is
+    written at once the first time (it says the session was up), later at most once a
+    RECORD_EVERY."""
+    async def scenario() -> None:
+        daemon = make_daemon(tmp_path)
+        bob = Process(daemon, 1002)
+        bob.register(["10.77.1.0/24"])
+        installed = len(kernel.applied)
+        ids = [bytes([i % 251]) * 16 for i in range(1000)]
+        bob.link.data_received(b"".join(
+            encode_envelope(MsgType.ATTACH, b"", 1002, bob.seq + i,
+                            encode_control({"session": sid})) for i, sid in enumerate(ids)))
+        bob.seq += len(ids)
+        assert not bob.transport.closed
+        session = daemon.registry.sessions[0]
+        assert session.session_id == ids[-1], "the live id is the last one"
+        assert len(kernel.applied) == installed + 1
+        assert f"pvpn-session={ids[0].hex()}" in kernel.applied[-1].v4
+        daemon.tick()
+        assert len(kernel.applied) == installed + 1, "not yet due"
+        session.recorded_at -= dm.RECORD_EVERY
+        daemon.tick()
+        assert f"pvpn-session={ids[-1].hex()}" in kernel.applied[-1].v4
+        assert len(kernel.applied) == installed + 2
+
+    run(scenario())
+
+
+def test_registering_and_ending_sessions_in_a_loop_is_bounded_per_uid(kernel: Kernel,
+                                                                     tmp_path: Path) -> None:
+    """Each new registration installs rules and each end removes them and asks conntrack:
+    bob's loop of REGISTER + UNREGISTER (pipelined, on fresh connections) kept pvpn-client
+    running iptables for him alone. New sessions of one uid now come at most
+    max_sessions_per_uid at once, then max_new_sessions_per_minute."""
+    async def scenario() -> None:
+        daemon = make_daemon(tmp_path, max_new_sessions_per_minute=6)
+        refused = []
+        for i in range(50):
+            bob = Process(daemon, 1002, pid=i)
+            mtype, reply = bob.register(["10.77.1.0/24"])
+            if mtype is MsgType.ERROR:
+                refused.append(reply["reason"])
+            else:
+                bob.send(MsgType.UNREGISTER, {"reason": "again"})
+            bob.transport.close()
+            await asyncio.sleep(0)
+        assert len(kernel.applied) == 8 and len(refused) == 42
+        assert "max_new_sessions_per_minute" in refused[0]
+        assert Process(daemon, 1001).register(["10.77.1.0/24"])[0] is MsgType.REGISTERED
+        daemon.registry.rates[1002] = (0.0, daemon.loop.time() - 10.5)  # 10 s: one more
+        assert Process(daemon, 1002).register(["10.77.1.0/24"])[0] is MsgType.REGISTERED
+        assert Process(daemon, 1002).register(["10.77.2.0/24"])[0] is MsgType.ERROR
+
+    run(scenario())
+
+
+def test_a_user_cycling_their_own_session_cannot_flood_root_s_log(kernel: Kernel,
+                                                                  tmp_path: Path) -> None:
+    """Picking up one's own held session and letting it go costs pvpn-client no rules, but
+    each cycle wrote session:reattached and session:held, and each ATTACH session:attached:
+    a loop of bob's rotated root's log history away (200 MB in minutes). Now at most one of
+    each per session per LOCAL_LOG_EVERY, the next one saying how many were left out."""
+    async def scenario() -> None:
+        daemon = make_daemon(tmp_path)
+        bob = Process(daemon, 1002)
+        bob.register(["10.77.1.0/24"])
+        bob.send(MsgType.ATTACH, {"session": SID})
+        bob.transport.close()
+        await asyncio.sleep(0)
+        for i in range(200):
+            again = Process(daemon, 1002, pid=i)
+            assert again.register(["10.77.1.0/24"])[0] is MsgType.REGISTERED
+            for n in range(5):
+                again.send(MsgType.ATTACH, {"session": bytes([n]) * 16})
+            again.transport.close()
+            await asyncio.sleep(0)
+        log = daemon.log.stream.getvalue()  # type: ignore[attr-defined]
+        assert len(log.splitlines()) < 12, log[-2000:]
+        for key in list(daemon._session_logged):
+            at, suppressed = daemon._session_logged[key]
+            daemon._session_logged[key] = (at - dm.LOCAL_LOG_EVERY, suppressed)
+        last = Process(daemon, 1002, pid=999)
+        last.register(["10.77.1.0/24"])
+        record = daemon.log.stream.getvalue().splitlines()[-1]  # type: ignore[attr-defined]
+        assert '"session:reattached"' in record and '"suppressed":199' in record
+
+    run(scenario())
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="directories of other owners: root makes them")
+def test_the_socket_is_never_made_in_a_directory_another_user_may_change(tmp_path: Path) -> None:
+    """pvpn-client makes its socket 0666 with chmod, which follows symlinks: in a directory a
+    user can write (a socket set under /tmp/pvpn/, a directory bob made first), bob swaps the
+    new socket for a link to /etc/shadow between bind and chmod and root makes that 0666. Such
+    a directory, or one on the way to it, is refused (OpenSSH's StrictModes)."""
+    from pvpn.errors import ConfigError
+
+    os.chmod(tmp_path, 0o755)
+    shared = tmp_path / "shared"
+    shared.mkdir(mode=0o777)
+    os.chmod(shared, 0o777)
+    with pytest.raises(ConfigError, match="writable"):
+        dm.ensure_socket_dir(shared / "c.sock")
+    with pytest.raises(ConfigError, match="writable"):
+        dm.ensure_socket_dir(shared / "run" / "c.sock")  # made inside it: bob renames "run"
+    bobs = tmp_path / "bobs"
+    bobs.mkdir(mode=0o711)
+    os.chown(bobs, 1002, 1002)
+    with pytest.raises(ConfigError, match="owned by uid 1002"):
+        dm.ensure_socket_dir(bobs / "c.sock")
+    sticky = tmp_path / "sticky"
+    sticky.mkdir()
+    os.chmod(sticky, 0o1777)  # like /tmp: nobody renames what root made there
+    assert dm.ensure_socket_dir(sticky / "c.sock") is None
+    assert dm.ensure_socket_dir(tmp_path / "run" / "c.sock") is None
+    assert (tmp_path / "run").stat().st_mode & 0o777 == 0o711
+
+
+def test_a_session_whose_devices_fail_at_recovery_keeps_its_protection(
+        kernel: Kernel, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A restarted pvpn-client that could not open a recovered session's TUN device (or bind
+    its queue) ended the session: its rules went, and its user's protected traffic left in
+    clear though nobody had said stop. The rules now stay (nobody reads the queue: the kernel
+    drops), and the devices are tried again when the user's tunnel process registers."""
+    from pvpn.errors import PvpnError
+
+    rules = firewall.client_session("pvpnc", 0, 1001, [ipaddress.ip_network("10.1.0.0/16")],
+                                    3000, 0x10000, 0xFF0000, "pvpnc0", session_id=SID)
+    kernel.saved = [firewall.client_base("pvpnc").v4 + rules.v4,
+                    firewall.client_base("pvpnc").v6 + rules.v6]
+    failing = [True]
+
+    def open_tun(name: str) -> int:
+        if failing[0]:
+            raise PvpnError(f"cannot set up TUN device {name}: busy")
+        return os.open(os.devnull, os.O_RDWR)
+
+    monkeypatch.setattr(dm, "open_tun", open_tun)
+
+    async def scenario() -> None:
+        daemon = make_daemon(tmp_path)
+        daemon.recover()
+        assert kernel.removed == [] and kernel.forgotten == []
+        (session,) = daemon.registry.sessions.values()
+        assert session.state.startswith("held")
+        mtype, reply = Process(daemon, 1001, pid=1).register(["10.1.0.0/16"])
+        assert mtype is MsgType.ERROR and "busy" in reply["reason"]
+        assert kernel.removed == [] and session.state.startswith("held")
+        failing[0] = False
+        assert Process(daemon, 1001, pid=2).register(["10.1.0.0/16"])[0] is MsgType.REGISTERED
+        assert session.state == "up" and 0 in daemon.queues and 0 in daemon.tun_fds
+
+    run(scenario())
+
+
+def test_a_restart_after_one_family_was_flushed_keeps_the_other_s_protection(
+        kernel: Kernel, tmp_path: Path) -> None:
+    """Someone flushed the IPv4 mangle table (a firewall reload, say), then pvpn-client was
+    restarted: finding its chains in one family only, it removed every rule of the instance,
+    the recovered sessions' IPv6 rules too, while holding those sessions as protected. Now
+    the hook chains are put back where they are missing and nothing recovered is removed."""
+    rules = firewall.client_session("pvpnc", 0, 1001, [ipaddress.ip_network("fd00:1::/64")],
+                                    3000, 0x10000, 0xFF0000, "pvpnc0", session_id=SID)
+    kernel.saved = ["", firewall.client_base("pvpnc").v6 + rules.v6]
+
+    async def scenario() -> None:
+        daemon = make_daemon(tmp_path)
+        daemon.recover()
+        assert len(daemon.registry.sessions) == 1
+        assert kernel.instance_removed == 0
+        base = [r for r in kernel.applied if ":PVPNC-OUT" in r.v4 + r.v6]
+        assert base == [firewall.RuleSet(firewall.client_base("pvpnc").v4, "")]
+
+    run(scenario())
+
+
+def test_a_reply_for_a_port_that_changed_hands_never_reaches_the_new_owner(
+        kernel: Kernel, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A session remembers its flows by addresses and ports, and a local port changes hands:
+    bob sent once from UDP port 40000 to 10.77.1.2:53 and closed the socket, alice's resolver
+    took port 40000, and a "reply" bob's tunnel process handed back for his old flow was
+    written to his TUN device and delivered to alice's socket (seen in a lab: a forged answer
+    reached her, though she had no VPN at all). Now the kernel is asked whose socket would get
+    it (sock_diag) and only the session user's, or no process's, does."""
+    from scapy.layers.inet import IP, UDP
+
+    owners: dict[Any, int | None] = {}
+    asked: list[Any] = []
+
+    class Owners:
+        def owner(self, flow: Any) -> int | None:
+            asked.append(flow)
+            return owners.get(flow)
+
+    monkeypatch.setattr(dm, "SocketOwners", Owners, raising=False)
+
+    async def scenario() -> None:
+        daemon = make_daemon(tmp_path)
+        bob = Process(daemon, 1002)
+        bob.register(["10.77.1.0/24"])
+        bob.send(MsgType.ATTACH, {"session": SID})
+        session = daemon.registry.sessions[0]
+        out = bytes(IP(src="10.77.0.1", dst="10.77.1.2") / UDP(sport=40000, dport=53) / b"q")
+        assert daemon.queues[0].callback(out)
+        reply = bytes(IP(src="10.77.1.2", dst="10.77.0.1") / UDP(sport=53, dport=40000)
+                      / b"forged")
+
+        def hand_back(packet: bytes) -> None:
+            bob.link.data_received(encode_envelope(MsgType.PACKET, SID, 1002, bob.seq, packet))
+            bob.seq += 1
+
+        hand_back(reply)  # nobody's socket there: the kernel answers it itself
+        assert session.packets_in == 1
+        (flow,) = asked
+        owners[flow] = 1001  # alice's resolver now holds port 40000
+        hand_back(reply)
+        error = bytes(IP(src="10.77.1.2", dst="10.77.0.1") / ICMP_UNREACHABLE / out)
+        hand_back(error)  # an error about the flow reaches the same socket
+        assert session.packets_in == 1
+        assert session.drops.as_dict() == {"reply-not-yours": 2}
+        owners[flow] = 1002  # his own again
+        hand_back(reply)
+        assert session.packets_in == 2
+
+    run(scenario())
+
+
+def _icmp_unreachable() -> Any:
+    from scapy.layers.inet import ICMP
+    return ICMP(type=3, code=3)
+
+
+ICMP_UNREACHABLE = _icmp_unreachable()

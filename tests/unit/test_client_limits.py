@@ -16,7 +16,7 @@ from pvpn import cli
 from pvpn.client import registry as reg
 from pvpn.config import ClientConfig, load_client_config
 from pvpn.envelope import MsgType
-from pvpn.errors import ConfigError, PolicyError
+from pvpn.errors import ConfigError, PolicyError, PvpnError
 from pvpn.packet import FlowKey
 
 NET4 = ipaddress.ip_network("10.77.1.0/24")
@@ -180,7 +180,8 @@ def test_the_defaults(tmp_path: Path) -> None:
     assert (config.max_sessions_per_uid, config.max_prefixes_per_session,
             config.max_prefixes_per_uid, config.max_flows_per_session,
             config.max_local_connections_per_uid, config.max_local_connections,
-            config.grace_time, config.held_timeout) == (8, 64, 256, 8192, 16, 512, 120.0, 86400.0)
+            config.grace_time, config.held_timeout, config.max_new_sessions_per_minute) == (
+                8, 64, 256, 8192, 16, 512, 120.0, 86400.0, 120)
 
 
 # ---------------------------------------------------------------- pvpn disconnect
@@ -317,3 +318,52 @@ def test_ctnetlink_requests_and_replies() -> None:
     broken = ct.Replies()
     ct.read_replies(struct.pack("=IHHII", 9999, 0, 0, 7, 0), 7, broken)
     assert broken.done and broken.error
+
+
+def test_sock_diag_questions_and_answers() -> None:
+    """Whose socket a reply would reach: the question pvpn-client asks the kernel (UDP by the
+    arriving packet's source and destination, TCP by the socket's own), how it reads the
+    answer, and the real kernel's answer about sockets of our own."""
+    import errno
+    import os
+    import socket
+    import struct
+
+    from pvpn.io import sockdiag as sd
+
+    local, remote = socket.inet_aton("10.77.0.1"), socket.inet_aton("10.77.1.2")
+    udp = sd.lookup_request(FlowKey(17, local, 40000, remote, 53), 5)
+    length, kind, flags, seq, _ = struct.unpack_from("=IHHII", udp)
+    assert (length, kind, flags, seq) == (len(udp), 20, 1, 5) == (72, 20, 1, 5)
+    assert udp[16:20] == bytes([socket.AF_INET, 17, 0, 0])
+    assert udp[24:28] == struct.pack(">HH", 53, 40000) and udp[28:32] == remote
+    assert udp[44:48] == local
+    tcp = sd.lookup_request(FlowKey(6, local, 40000, remote, 80), 6)
+    assert tcp[24:28] == struct.pack(">HH", 40000, 80) and tcp[28:32] == local
+
+    def answer(seq: int, uid: int, inode: int) -> bytes:
+        body = b"\0" * 64 + struct.pack("=II", uid, inode)
+        return struct.pack("=IHHII", 16 + len(body), 20, 2, seq, 0) + body
+
+    def error(seq: int, code: int) -> bytes:
+        return struct.pack("=IHHII", 36, 2, 0, seq, 0) + struct.pack("=i", -code) + b"\0" * 16
+
+    assert sd.read_owner(answer(5, 1001, 77), 5) == (True, 1001)
+    assert sd.read_owner(answer(5, 0, 0), 5) == (True, None), "TIME_WAIT: no process's"
+    assert sd.read_owner(error(5, errno.ENOENT), 5) == (True, None)
+    assert sd.read_owner(answer(4, 1001, 77), 5) == (False, None), "a late answer"
+    with pytest.raises(PvpnError):
+        sd.read_owner(error(5, errno.EPERM), 5)
+    with pytest.raises(PvpnError):
+        sd.read_owner(b"\xff" * 20, 5)
+    sd.check()  # this kernel's sock_diag finds our own sockets
+    owners = sd.SocketOwners()
+    mine = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        mine.bind(("127.0.0.1", 0))
+        flow = FlowKey(17, socket.inet_aton("127.0.0.1"), mine.getsockname()[1], remote, 53)
+        assert owners.owner(flow) == os.geteuid()
+        assert owners.owner(flow._replace(sport=1)) is None
+    finally:
+        mine.close()
+        owners.close()

@@ -146,3 +146,21 @@ def test_what_someone_else_wrote_in_our_chains_cannot_break_recovery() -> None:
             '-A PVPNC-S0I -m comment --comment pvpn-session=zz\n')
     (found,), _ = firewall.parse_installed_sessions("pvpnc", [rules.v4 + junk, rules.v6])
     assert found.session_id == b"" and found.uid == 1001
+
+
+def test_no_rule_text_carries_a_line_break() -> None:
+    """Whatever a rule is built from, it stays one line of iptables-restore input: a value
+    with a line break in it (an IPv6 zone could carry one) is refused, not installed."""
+    import pytest
+
+    from pvpn.errors import LocalProtocolError
+
+    class Odd:
+        version = 6
+
+        def __str__(self) -> str:
+            return "fe80::1%x\nCOMMIT\n*filter\n-I INPUT 1 -j ACCEPT\nCOMMIT\n*mangle\n-A X"
+
+    with pytest.raises(LocalProtocolError, match="line break"):
+        firewall.client_session("pvpnc", 0, 1001, [Odd()], 3000,  # type: ignore[list-item]
+                                0x10000, 0xFF0000, "pvpnc0")
