@@ -44,7 +44,7 @@ NODE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
 #: The client host's name a user's process gives (pvpn.protocol.UserLink makes it fit).
 CLIENT_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 #: A next hop as a HELLO names it: ADDRESS:PORT or [V6]:PORT.
-ENDPOINT = re.compile(r"[0-9A-Za-z.:%\[\]_-]{1,64}")
+ENDPOINT = re.compile(r"[0-9A-Za-z.:\[\]_-]{1,64}")
 
 
 @dataclass(slots=True)

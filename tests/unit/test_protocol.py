@@ -831,6 +831,7 @@ def test_a_refusal_quoting_a_long_path_is_bounded(pki_dir: Any) -> None:
     ({"client": "c" * 4000}, "client host name"),
     ({"path": ["gw1\x1b[31m"]}, "node names"),
     ({"next": "10.0.0.1:4433\n" + "x" * 4000}, "next hop"),
+    ({"next": "[fe80::1%eth0]:4433"}, "next hop"),  # a zone: an interface of the node's choosing
     ({"want": ["10.9.0.0/24"] * 65}, "destination prefixes"),
 ])
 def test_hello_identifiers_are_checked_before_use(pki_dir: Any, fields: dict[str, Any],
