@@ -520,6 +520,11 @@ class ClientDaemon:
     def _attach(self, link: LocalLink, session: SlotSession, session_id: bytes) -> None:
         if len(session_id) != 16:
             raise RemoteProtocolError("ATTACH needs the 16-byte session id")
+        if any(other.session_id == session_id and other is not session
+               for other in self.registry.sessions.values()):
+            # The server makes ids unique; one named again here is someone else's, and its
+            # records would join that session's trace.
+            raise RemoteProtocolError("ATTACH of a session id another session holds")
         session.session_id = session_id
         session.ever_up = True
         link.attached_here = True

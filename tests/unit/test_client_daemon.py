@@ -759,3 +759,22 @@ def _icmp_unreachable() -> Any:
 
 
 ICMP_UNREACHABLE = _icmp_unreachable()
+
+
+def test_a_session_id_another_session_holds_cannot_be_attached(kernel: Kernel,
+                                                              tmp_path: Path) -> None:
+    """bob's process could ATTACH alice's session id to his own slot, and his records then
+    joined her `pvpn trace`. An id another session holds is refused (the link closes; alice's
+    session and bob's registration are untouched)."""
+    async def scenario() -> None:
+        daemon = make_daemon(tmp_path)
+        alice, bob = Process(daemon, 1001), Process(daemon, 1002)
+        alice.register(["10.77.1.0/24"])
+        alice.send(MsgType.ATTACH, {"session": SID})
+        bob.register(["10.77.1.0/24"])
+        bob.send(MsgType.ATTACH, {"session": SID})
+        assert bob.transport.closed
+        owners = {s.uid: s.session_id for s in daemon.registry.sessions.values()}
+        assert owners == {1001: SID, 1002: b""}
+
+    run(scenario())
