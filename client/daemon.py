@@ -21,6 +21,7 @@ import os
 import pwd
 import socket
 import stat
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any, Callable
@@ -60,6 +61,9 @@ ANSWERED = frozenset({MsgType.REGISTER, MsgType.STATUS, MsgType.DISCONNECT})
 #: A session's id is written into its rules at its first ATTACH, a change of it at most this
 #: often (seconds; the timer writes what is due), so ATTACHes cannot keep iptables running.
 RECORD_EVERY = 60.0
+#: How often the kernel's rules are compared with the sessions held (seconds): someone else's
+#: firewall reload or `iptables -t mangle -F` takes them away; they are put back within this.
+RULES_CHECK_EVERY = 5.0
 
 
 def user_name(uid: int) -> str:
@@ -169,6 +173,9 @@ class ClientDaemon:
         self.guard = Guard(self.log.write, self._close_failed_link)
         self.link_ids = itertools.count(1)
         self.by_id: dict[int, LocalLink] = {}
+        # Bumped by every change pvpn-client makes to its rules: a check of the kernel's
+        # rules that began before a change is not acted on (it would "repair" that change).
+        self.rules_epoch = 0
         self.queues: dict[int, BatchedQueue] = {}
         self.tun_fds: dict[int, int] = {}
         self.links: dict[int, LocalLink] = {}  # slot -> attached link
@@ -250,6 +257,7 @@ class ClientDaemon:
     def _install(self, session: SlotSession) -> None:
         """TUN device, queue, then rules: the rules go in last, fully formed, in one step."""
         self._attach_devices(session)
+        self.rules_epoch += 1
         rules.apply(firewall.client_session(
             self.config.instance, session.slot, session.uid, session.networks, session.queue,
             session.mark, self.config.mark_mask, session.tun))
@@ -281,6 +289,7 @@ class ClientDaemon:
         tunnel processes come back. Jumps of the older format are converted in place."""
         instance = self.config.instance
         p = firewall.chain_prefix(instance)
+        self.rules_epoch += 1
         texts = [rules.saved(4), rules.saved(6)]
         installed, broken = firewall.parse_installed_sessions(instance, texts)
         missing = [f":{p}-OUT " not in text or f":{p}-IN " not in text for text in texts]
@@ -334,6 +343,7 @@ class ClientDaemon:
 
     def _uninstall(self, session: SlotSession) -> list[str]:
         p = firewall.chain_prefix(self.config.instance)
+        self.rules_epoch += 1
         errors = rules.remove(firewall.client_session_removal(
             self.config.instance, session.slot, session.uid, session.mark,
             self.config.mark_mask, session.tun))
@@ -539,6 +549,7 @@ class ClientDaemon:
                 session.recorded and now - session.recorded_at < RECORD_EVERY):
             return
         session.recorded_at = now
+        self.rules_epoch += 1
         try:
             rules.apply(firewall.client_session_attached(
                 self.config.instance, session.slot, session.mark, self.config.mark_mask,
@@ -678,12 +689,83 @@ class ClientDaemon:
                            sessions=[{"slot": s.slot, "uid": s.uid, "user": s.user,
                                       "session": s.session_id.hex()} for s in kept])
 
+    # -- the kernel's rules, watched
+    def held_rules(self) -> list[firewall.InstalledSession]:
+        """Every session's rules as pvpn-client installs them (what the kernel must hold)."""
+        return [firewall.InstalledSession(s.slot, s.uid, list(s.networks), s.queue, s.mark,
+                                          s.tun, s.recorded)
+                for s in self.registry.sessions.values()]
+
+    def check_rules(self, saved: list[str], epoch: int) -> None:
+        """Put back what someone else took from the sessions' rules (a firewall reload, a
+        flush of the mangle table): ``saved`` is iptables-save of each family, taken while
+        the rules were at ``epoch``. Until then the session's packets went the normal route,
+        so this is logged as a warning naming what was missing."""
+        if epoch != self.rules_epoch:
+            return  # pvpn-client changed them since: the next check looks again
+        instance, mask = self.config.instance, self.config.mark_mask
+        found = firewall.check_rules(instance, saved, self.held_rules(), mask)
+        if not found:
+            return
+        self.rules_epoch += 1
+        p = firewall.chain_prefix(instance)
+        base = firewall.client_base(instance)
+        for version in found.unbased:
+            # Chains and hooks of this family anew (nothing of it is left to flush).
+            rules.apply(firewall.RuleSet(base.v4 if version == 4 else "",
+                                         base.v6 if version == 6 else ""))
+        if found.unhooked:
+            rules.ensure_jump("OUTPUT", f"{p}-OUT")
+            rules.ensure_jump("PREROUTING", f"{p}-IN")
+        repaired = []
+        for version, slots in found.broken.items():
+            for slot in slots:
+                session = self.registry.sessions[slot]
+                # What is left of the session in this family goes, then it is whole again.
+                rules.run_each(firewall.client_session_removal(
+                    instance, slot, session.uid, session.mark, mask, session.tun), (version,))
+                whole = firewall.client_session(instance, slot, session.uid, session.networks,
+                                                session.queue, session.mark, mask, session.tun,
+                                                session.recorded)
+                rules.apply(firewall.RuleSet(whole.v4 if version == 4 else "",
+                                             whole.v6 if version == 6 else ""))
+                repaired.append(f"slot {slot} (IPv{version})")
+        self.log_event("node:warning", reason="rules of pvpn-client were removed by someone "
+                       "else (a firewall reload?) and are put back; until now the protected "
+                       "traffic of these sessions took the normal route",
+                       families_without_chains=found.unbased or None,
+                       families_unhooked=found.unhooked or None,
+                       sessions=repaired or None)
+
+    async def watch_rules(self, stop: asyncio.Event) -> None:
+        """Every RULES_CHECK_EVERY seconds: the kernel's rules against the sessions held.
+        iptables-save runs in a thread, so the packet path does not wait for it."""
+        while not stop.is_set():
+            try:
+                await asyncio.wait_for(stop.wait(), timeout=RULES_CHECK_EVERY)
+                return
+            except asyncio.TimeoutError:
+                pass
+            if not self.registry.sessions:
+                continue
+            epoch = self.rules_epoch
+            try:
+                saved = await self.loop.run_in_executor(None, _saved_rules)
+            except (PvpnError, OSError, subprocess.SubprocessError) as exc:
+                self.log_event("node:warning", reason=f"cannot read the rules: {exc}")
+                continue
+            self.guard.call("rules check", self.check_rules, saved, epoch)
+
     def release_host(self) -> list[str]:
         """After the stop: with no session left the instance's rules go (the host is left as
         found); with sessions, everything stays for the next pvpn-client."""
         if self.registry.sessions:
             return []
         return rules.remove_instance(self.config.instance)
+
+
+def _saved_rules() -> list[str]:
+    return [rules.saved(4), rules.saved(6)]
 
 
 def unsafe_directory(directory: Path) -> str | None:
@@ -755,12 +837,14 @@ async def serve(config: ClientConfig) -> None:
         install_signals(loop, stop, lambda: daemon.log_event(
             "node:reloaded", reason="nothing to reload: keys live in the users' processes"))
         daemon.log_event("node:started", socket=str(config.socket))
+        watcher = loop.create_task(daemon.watch_rules(stop))
         while not stop.is_set():
             try:
                 await asyncio.wait_for(stop.wait(), timeout=TICK)
             except asyncio.TimeoutError:
                 pass
             daemon.guard.call("timer", daemon.tick)
+        await watcher
     finally:
         if listener is not None:
             listener.close()

@@ -184,6 +184,55 @@ def client_jumps_repair(instance: str, session: "InstalledSession", mask: int) -
     return RuleSet(*texts)
 
 
+@dataclass(slots=True)
+class RulesCheck:
+    """What the kernel's rules lack of the sessions pvpn-client holds, per family (4, 6): the
+    families whose hook chains are gone (``unbased``) or no longer hooked into OUTPUT and
+    PREROUTING (``unhooked``), and the sessions whose rules are not whole there (``broken``:
+    family -> slots)."""
+
+    unbased: list[int] = field(default_factory=list)
+    unhooked: list[int] = field(default_factory=list)
+    broken: dict[int, list[int]] = field(default_factory=dict)
+
+    def __bool__(self) -> bool:
+        return bool(self.unbased or self.unhooked or self.broken)
+
+
+def check_rules(instance: str, saved: Sequence[str], held: Iterable[InstalledSession],
+                mask: int) -> RulesCheck:
+    """Compare ``iptables-save`` of each family (``saved``: the IPv4 text, then the IPv6 one)
+    with the sessions pvpn-client holds (``held``, as it would install them). A family a session
+    protects no prefix of needs nothing of it. Someone else's firewall reload or a typo
+    (``iptables -t mangle -F``) takes rules away; this says which to put back."""
+    p = chain_prefix(instance)
+    result = RulesCheck()
+    held = list(held)
+    for family, (version, text) in enumerate(zip((4, 6), saved)):
+        lines = set(text.splitlines())
+        declared = {line.split()[0] for line in lines if line.startswith(f":{p}-")}
+        if f":{p}-OUT" not in declared or f":{p}-IN" not in declared:
+            result.unbased.append(version)
+        elif (f"-A OUTPUT -j {p}-OUT" not in lines
+              or f"-A PREROUTING -j {p}-IN" not in lines):
+            result.unhooked.append(version)
+        texts = [text, ""] if family == 0 else ["", text]
+        found = {s.slot: s for s in parse_installed_sessions(instance, texts)[0]}
+        for want in held:
+            nets = {n for n in want.networks if n.version == version}
+            if not nets:
+                continue
+            have = found.get(want.slot)
+            wanted = [shlex.split(j) for j in session_jumps(instance, want.slot, want.uid,
+                                                           want.mark, mask)]
+            if (have is None or version in result.unbased or have.uid != want.uid
+                    or have.queue != want.queue or have.mark != want.mark
+                    or have.tun != want.tun or set(have.networks) != nets
+                    or have.jumps[family] != wanted):
+                result.broken.setdefault(version, []).append(want.slot)
+    return result
+
+
 # ---------------------------------------------------------------- server host
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import os
 import shutil
 import signal
@@ -433,3 +434,34 @@ def test_a_port_that_changed_hands_gets_nothing_from_its_last_user_s_tunnel(
                 proc.kill()
                 proc.wait()
         disconnect(lab1, "bob")
+
+
+def test_rules_someone_else_flushes_are_put_back_within_seconds(lab1: dict[str, Any]) -> None:
+    """A firewall reload (`iptables-restore` of a file with a *mangle section, `iptables -t
+    mangle -F`) took every session's rules while pvpn-client and `pvpn status` said "up", and
+    alice's protected traffic left in clear for good. pvpn-client now compares the kernel's
+    rules with its sessions every few seconds: in steady state it finds nothing to put back
+    (no false alarm from iptables-save's own spelling), after a flush it puts everything back,
+    and from then on nothing of hers leaves in clear."""
+    ns = lab1["hosts"]["client"]["namespace"]
+    session = connect(lab1, "alice")
+    try:
+        assert reaches(lab1)
+        time.sleep(6)  # at least one check of whole rules
+        assert "removed by someone else" not in client_log(lab1)
+        before = saved_rules(lab1)
+        for tool in ("iptables", "ip6tables"):
+            for command in (["-F"], ["-X"]):
+                subprocess.run(["ip", "netns", "exec", ns, tool, "-t", "mangle", *command],
+                               check=True)
+        wait_until(lambda: "removed by someone else" in client_log(lab1), 15,
+                   "pvpn-client noticed the flush")
+        strip = re.compile(r"^#.*$|\[\d+:\d+\]", re.M)
+        assert [strip.sub("", t) for t in saved_rules(lab1)] == [strip.sub("", t)
+                                                                  for t in before]
+        with capture(lab1) as pcap:
+            assert reaches(lab1)
+        assert clear_packets(pcap, lab1) == []
+        assert [s["session"] for s in session_state(lab1, "alice")] == [session]
+    finally:
+        disconnect(lab1, "alice")

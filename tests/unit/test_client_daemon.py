@@ -778,3 +778,37 @@ def test_a_session_id_another_session_holds_cannot_be_attached(kernel: Kernel,
         assert owners == {1001: SID, 1002: b""}
 
     run(scenario())
+
+
+def test_rules_someone_else_removed_are_put_back_by_the_next_check(
+        kernel: Kernel, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A flush of the mangle table (a firewall reload) took every session's rules while
+    pvpn-client said "up". The watch puts back the hook chains and each session's rules of
+    the family that lost them, and says so; a check taken while pvpn-client changed its own
+    rules is not acted on."""
+    ran: list[tuple[list[list[str]], tuple[int, ...]]] = []
+    monkeypatch.setattr(dm.rules, "run_each", lambda cmds, versions=(4, 6): ran.append(
+        (cmds, tuple(versions))) or [])
+
+    async def scenario() -> None:
+        daemon = make_daemon(tmp_path)
+        alice = Process(daemon, 1001)
+        alice.register(["10.77.1.0/24", "fd77:0:0:1::/64"])
+        alice.send(MsgType.ATTACH, {"session": SID})
+        flushed = ["*mangle\n:OUTPUT ACCEPT [0:0]\nCOMMIT\n"] * 2
+        epoch = daemon.rules_epoch
+        daemon.registry.sessions[0].recorded = SID
+        applied = len(kernel.applied)
+        daemon.check_rules(flushed, epoch - 1)  # taken before pvpn-client's own change
+        assert len(kernel.applied) == applied
+        daemon.check_rules(flushed, epoch)
+        put_back = kernel.applied[applied:]
+        assert [bool(r.v4) for r in put_back] == [True, False, True, False]
+        assert ":PVPNC-OUT" in put_back[0].v4 and ":PVPNC-OUT" in put_back[1].v6
+        assert "--uid-owner 1001" in put_back[2].v4 and "fd77:0:0:1::/64" in put_back[3].v6
+        assert f"pvpn-session={SID.hex()}" in put_back[2].v4, "the record of its id too"
+        assert [versions for _, versions in ran] == [(4,), (6,)]
+        log = daemon.log.stream.getvalue()  # type: ignore[attr-defined]
+        assert "removed by someone else" in log and "slot 0 (IPv4)" in log
+
+    run(scenario())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+from typing import Any
 
 from pvpn import firewall
 
@@ -164,3 +165,55 @@ def test_no_rule_text_carries_a_line_break() -> None:
     with pytest.raises(LocalProtocolError, match="line break"):
         firewall.client_session("pvpnc", 0, 1001, [Odd()], 3000,  # type: ignore[list-item]
                                 0x10000, 0xFF0000, "pvpnc0")
+
+
+def saved_form(*rule_sets: str) -> str:
+    """iptables-save's text of what these restore texts installed: one table, appends only."""
+    lines = ["*mangle", ":PREROUTING ACCEPT [0:0]", ":OUTPUT ACCEPT [0:0]"]
+    for text in rule_sets:
+        for line in text.splitlines():
+            if line in ("*mangle", "COMMIT", "") or line.startswith(":PREROUTING"):
+                continue
+            lines.append(line.replace("-I OUTPUT 1 ", "-A OUTPUT ")
+                         .replace("-I PREROUTING 1 ", "-A PREROUTING "))
+    return "\n".join([*lines, "COMMIT", ""])
+
+
+def held(slot: int, uid: int, nets: list[Any], mark: int) -> firewall.InstalledSession:
+    return firewall.InstalledSession(slot, uid, nets, 3000 + slot, mark, f"pvpnc{slot}")
+
+
+def kernel_rules(*sessions: firewall.InstalledSession) -> list[str]:
+    base = firewall.client_base("pvpnc")
+    made = [firewall.client_session("pvpnc", s.slot, s.uid, s.networks, s.queue, s.mark,
+                                    0xFF0000, s.tun) for s in sessions]
+    return [saved_form(base.v4, *(m.v4 for m in made)),
+            saved_form(base.v6, *(m.v6 for m in made))]
+
+
+def test_rules_someone_else_removed_are_found_family_by_family() -> None:
+    """A firewall reload or `iptables -t mangle -F` took a session's rules away while
+    pvpn-client said "up", and its protected traffic left in clear. check_rules says what to
+    put back: nothing while the rules are whole; the sessions a family lost; a family whose
+    hook chains are gone or unhooked. A family a session protects nothing of needs nothing."""
+    alice = held(0, 1001, NETS, 0x10000)
+    bob = held(1, 1002, NETS[:1], 0x20000)  # IPv4 only
+    intact = kernel_rules(alice, bob)
+    assert not firewall.check_rules("pvpnc", intact, [alice, bob], 0xFF0000)
+    # IPv6 flushed (ip6tables -t mangle -F, then -X): alice's IPv6 protection is gone, bob
+    # had none there.
+    flushed6 = [intact[0], saved_form()]
+    found = firewall.check_rules("pvpnc", flushed6, [alice, bob], 0xFF0000)
+    assert found.unbased == [6] and found.broken == {6: [0]} and not found.unhooked
+    # Only the hook into OUTPUT removed, chains left: hooked again, sessions whole.
+    unhooked = [intact[0].replace("-A OUTPUT -j PVPNC-OUT\n", ""), intact[1]]
+    found = firewall.check_rules("pvpnc", unhooked, [alice, bob], 0xFF0000)
+    assert found.unhooked == [4] and not found.broken and not found.unbased
+    # One rule of bob's chain deleted: that session, that family.
+    cut = [intact[0].replace("-A PVPNC-S1 -d 10.77.1.0/24 -m owner --uid-owner 1002 -j "
+                             "NFQUEUE --queue-num 3001\n", ""), intact[1]]
+    assert firewall.check_rules("pvpnc", cut, [alice, bob], 0xFF0000).broken == {4: [1]}
+    # A jump into a session's chain of another shape (say, someone's -I of the old one).
+    odd = [intact[0].replace("-A PVPNC-OUT -m owner --uid-owner 1001 -j PVPNC-S0",
+                             "-A PVPNC-OUT -j PVPNC-S0"), intact[1]]
+    assert firewall.check_rules("pvpnc", odd, [alice, bob], 0xFF0000).broken == {4: [0]}
