@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import concurrent.futures
 import itertools
 import os
 import pwd
@@ -739,22 +740,29 @@ class ClientDaemon:
 
     async def watch_rules(self, stop: asyncio.Event) -> None:
         """Every RULES_CHECK_EVERY seconds: the kernel's rules against the sessions held.
-        iptables-save runs in a thread, so the packet path does not wait for it."""
-        while not stop.is_set():
-            try:
-                await asyncio.wait_for(stop.wait(), timeout=RULES_CHECK_EVERY)
-                return
-            except asyncio.TimeoutError:
-                pass
-            if not self.registry.sessions:
-                continue
-            epoch = self.rules_epoch
-            try:
-                saved = await self.loop.run_in_executor(None, _saved_rules)
-            except (PvpnError, OSError, subprocess.SubprocessError) as exc:
-                self.log_event("node:warning", reason=f"cannot read the rules: {exc}")
-                continue
-            self.guard.call("rules check", self.check_rules, saved, epoch)
+        iptables-save runs in a thread of its own, so the packet path does not wait for it;
+        the thread is made at once and lives as long as the daemon (one, whatever happens)."""
+        reader = concurrent.futures.ThreadPoolExecutor(max_workers=1,
+                                                       thread_name_prefix="rules")
+        reader.submit(lambda: None).result()
+        try:
+            while not stop.is_set():
+                try:
+                    await asyncio.wait_for(stop.wait(), timeout=RULES_CHECK_EVERY)
+                    return
+                except asyncio.TimeoutError:
+                    pass
+                if not self.registry.sessions:
+                    continue
+                epoch = self.rules_epoch
+                try:
+                    saved = await self.loop.run_in_executor(reader, _saved_rules)
+                except (PvpnError, OSError, subprocess.SubprocessError) as exc:
+                    self.log_event("node:warning", reason=f"cannot read the rules: {exc}")
+                    continue
+                self.guard.call("rules check", self.check_rules, saved, epoch)
+        finally:
+            reader.shutdown(wait=False)
 
     def release_host(self) -> list[str]:
         """After the stop: with no session left the instance's rules go (the host is left as
