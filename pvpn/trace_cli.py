@@ -8,7 +8,7 @@ the tracing itself is :mod:`pvpn.trace` (pure).
 With ``--packets`` (or ``--pcap PATH``) the session's packet captures are read too
 (:mod:`pvpn.trace_packets`, with scapy): the files the server's ``capture:opened`` records
 name, the lab's server captures, and those given with ``--pcap`` (a file, or a directory of
-``<session>.pcap`` files).
+``<session>.pcap`` files).  ``--html FILE`` writes the page of :mod:`pvpn.trace_html`.
 """
 
 from __future__ import annotations
@@ -216,6 +216,25 @@ def read_captures(trace: SessionTrace, pcaps: Sequence[Path], lab_name: str | No
     return [read_capture(path, where) for path, where in find_captures(trace, pcaps, lab_name)]
 
 
+def write_page(path: Path, text: str) -> None:
+    """Write the page to ``path``, mode 0600: it shows what the nodes' logs (root's) hold."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     0o600)
+    except OSError as exc:
+        raise ConfigError(f"cannot write the page {path}: {exc.strerror or exc}") from None
+    try:
+        os.fchmod(fd, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            fd = -1
+            handle.write(text)
+    except OSError as exc:
+        raise ConfigError(f"cannot write the page {path}: {exc.strerror or exc}") from None
+    finally:
+        if fd >= 0:
+            os.close(fd)
+
+
 def _where(files: Sequence[Path]) -> str:
     shown = ", ".join(str(f) for f in files[:6])
     more = f" and {len(files) - 6} more" if len(files) > 6 else ""
@@ -267,9 +286,9 @@ def cmd_trace(args: argparse.Namespace) -> int:
         if session:
             listing = [s for s in listing if s.session.startswith(session.lower())]
         if not (args.all or session):
-            if packets:
-                raise ConfigError("--packets and --pcap show a traced session: give SESSION "
-                                  "or --all")
+            if packets or args.html:
+                raise ConfigError("--packets, --pcap and --html show a traced session: give "
+                                  "SESSION or --all")
             if args.json:
                 _print_json({"user": user, "sessions": [s.to_json() for s in listing]})
             else:
@@ -286,12 +305,19 @@ def cmd_trace(args: argparse.Namespace) -> int:
                               f"({', '.join(matches[:5])}"
                               f"{', ...' if len(matches) > 5 else ''}); give more of the id")
         traces = [trace_session(groups[matches[0]], matches[0])]
-    if len(traces) > 1 and any(p.is_file() for p in pcaps):
-        raise ConfigError(f"{len(traces)} sessions match and a --pcap file belongs to one: "
-                          "name the session (or give --pcap a directory of <session>.pcap "
-                          "files)")
+    if len(traces) > 1 and (args.html or any(p.is_file() for p in pcaps)):
+        raise ConfigError(f"{len(traces)} sessions match: --html draws one, and a --pcap "
+                          "file belongs to one; name the session (or give --pcap a "
+                          "directory of <session>.pcap files)")
     captured = [read_captures(t, pcaps, lab_name) if packets else None for t in traces]
 
+    if args.html:
+        from pvpn.trace_html import render_html
+
+        write_page(args.html, render_html(traces[0], captured[0] or ()))
+        if not args.json:
+            print(f"wrote the page of session {traces[0].session} to {args.html}")
+            return 0
     if user:
         if args.json:
             _print_json({"user": user,
@@ -316,9 +342,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
                     "packets and envelopes each way, drops and their reasons, reconnects; "
                     "then every record on one timeline (times relative to the session's "
                     "first record).  With --packets, the session's packet captures too, "
-                    "flow by flow.",
+                    "flow by flow; with --html FILE, a page with the hops on one time axis "
+                    "and bytes per second per hop and direction.",
         usage="%(prog)s [SESSION] [--user NAME [--all]] [--logs PATH ...] [--lab NAME] "
-              "[--packets] [--pcap PATH ...] [--json]")
+              "[--packets] [--pcap PATH ...] [--html FILE] [--json]")
     parser.add_argument("session", nargs="?", metavar="SESSION",
                         help="session id (32 hex digits) or its first few digits")
     parser.add_argument("--user", metavar="NAME",
@@ -337,6 +364,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
                         help="a capture of the session (pvpn connect --pcap's file), or a "
                              "directory of <session>.pcap files; implies --packets "
                              "(repeatable)")
+    parser.add_argument("--html", type=Path, metavar="FILE",
+                        help="write the session as a self-contained page to FILE (0600): "
+                             "the hops on one time axis, bytes per second per hop and "
+                             "direction")
     parser.add_argument("--json", action="store_true", help="print JSON")
     parser.add_argument("--no-timeline", action="store_true",
                         help="only the per-hop blocks, not every record")

@@ -259,6 +259,6 @@ def test_without_scapy_it_says_how_to_get_it(tmp_path: Path, capsys: pytest.Capt
     finally:
         trace_packets.scapy_classes.cache_clear()
     # Nothing imports scapy before a capture is read (a node's programs never do).
-    probe = ("import sys, pvpn.cli, pvpn.trace_cli, pvpn.trace_packets; "
+    probe = ("import sys, pvpn.cli, pvpn.trace_cli, pvpn.trace_packets, pvpn.trace_html; "
              "sys.exit('scapy' in ' '.join(sys.modules))")
     assert subprocess.run([sys.executable, "-c", probe], timeout=60).returncode == 0
