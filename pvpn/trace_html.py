@@ -239,7 +239,7 @@ def _hop_lane(hop: HopSummary, records: Sequence[LogRecord], start: float, axis:
         tip = f"{_seconds(offset)}  {hop.name}  {event}  {_details(record)}".rstrip()
         placed.append((x, left, event, EVENT_CLASSES.get(event, "other"), tip, row))
     used = max((row + 1 for *_, row in placed if row is not None), default=0)
-    height = 30 + LANE_ROW * used
+    height = 36 + LANE_ROW * used
     bar = y + LANE_ROW * used + 16
     parts = [f'<g class="lane hop" data-hop="{esc(hop.name)}" data-role="{esc(hop.role)}">']
     if index % 2 == 0:
