@@ -380,13 +380,13 @@ def rate_plot_series(trace: SessionTrace, captures: Sequence[CaptureSummary], ax
     for capture in captures:
         if not capture.packets:
             continue
-        rates = rate_series(capture, trace.start + axis.t0, trace.start + axis.t1)
+        rates = rate_series(capture, trace.start, trace.start + axis.t1,
+                            begin=trace.start + axis.t0)
         for direction, points in (("up", rates.up), ("down", rates.down)):
-            shifted = [(axis.t0 + offset, rate) for offset, rate in points]
             label = (f"{capture_label(capture)} {direction}: from the packets "
                      f"({_bin(rates.bin)} bins)")
             series.append(Series(f"s{len(series)}", label, capture.where, direction, "pcap",
-                                 shifted, axis.t0 + rates.bin * len(points),
+                                 points, axis.t0 + rates.bin * len(points),
                                  len(series) % len(PALETTE)))
     return series
 

@@ -672,22 +672,24 @@ def nice_step(span: float, count: int) -> float:
     return float(10 * power)
 
 
-def rate_series(capture: CaptureSummary, start: float, end: float, bins: int = 100
-                ) -> RateSeries:
-    """The capture's bytes per second each way, from ``start`` to ``end`` (epoch), in about
-    ``bins`` bins of a round width (never finer than the BUCKET the counts are kept in)."""
-    width = max(BUCKET, nice_step(max(end - start, BUCKET), bins))
+def rate_series(capture: CaptureSummary, origin: float, end: float, bins: int = 100,
+                begin: float | None = None) -> RateSeries:
+    """The capture's bytes per second each way from ``begin`` (default: ``origin``) to
+    ``end`` (epoch), in about ``bins`` bins of a round width (never finer than the BUCKET
+    the counts are kept in); each point's time is an offset from ``origin``."""
+    begin = origin if begin is None else begin
+    width = max(BUCKET, nice_step(max(end - begin, BUCKET), bins))
     series: dict[str, list[tuple[float, float]]] = {}
-    count = max(1, math.ceil((end - start) / width - 1e-9))
+    count = max(1, math.ceil((end - begin) / width - 1e-9))
     for direction in ("up", "down"):
         totals = [0] * count
         for slot, size in capture.buckets[direction].items():
-            index = math.floor((slot * BUCKET - start) / width + 1e-9)
+            index = math.floor((slot * BUCKET - begin) / width + 1e-9)
             if 0 <= index < count:
                 totals[index] += size
             elif index == count:
                 totals[-1] += size  # the very last packet, on the end itself
-        series[direction] = [(round(i * width, 6), total / width)
+        series[direction] = [(round(begin - origin + i * width, 6), total / width)
                              for i, total in enumerate(totals)]
     return RateSeries(width, series["up"], series["down"])
 
@@ -709,7 +711,8 @@ def capture_to_json(capture: CaptureSummary, start: float, end: float) -> dict[s
         "undecoded": capture.undecoded, "truncated": capture.truncated,
         "other_flows": capture.other_flows, "other_packets": capture.other_packets,
         "flows": [flow.to_json(start) for flow in capture.flows],
-        "rates": rate_series(capture, start, max(end, capture.last or end)).to_json(),
+        "rates": rate_series(capture, start, max(end, capture.last or end),
+                             begin=min(start, capture.first or start)).to_json(),
     }
 
 

@@ -262,3 +262,16 @@ def test_without_scapy_it_says_how_to_get_it(tmp_path: Path, capsys: pytest.Capt
     probe = ("import sys, pvpn.cli, pvpn.trace_cli, pvpn.trace_packets, pvpn.trace_html; "
              "sys.exit('scapy' in ' '.join(sys.modules))")
     assert subprocess.run([sys.executable, "-c", probe], timeout=60).returncode == 0
+
+
+def test_the_rates_keep_packets_from_before_the_first_record(tmp_path: Path) -> None:
+    """A user's capture on a client whose clock runs ahead begins before the session's
+    first record (the server's): its bytes per second start there, not at 0."""
+    capture = read_capture(write_capture(tmp_path / "early.pcap", recorded_session()))
+    data = trace_packets.capture_to_json(capture, T0 + 1.5, T0 + 3)
+    rates = data["rates"]
+    assert rates["down"][0][0] == pytest.approx(-0.5)  # the first packet, at T0 + 1.0
+    assert sum(r for _t, r in rates["down"]) * rates["bin"] == pytest.approx(
+        data["down"]["bytes"])
+    assert sum(r for _t, r in rates["up"]) * rates["bin"] == pytest.approx(
+        data["up"]["bytes"])
