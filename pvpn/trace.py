@@ -563,8 +563,10 @@ def format_hop(index: int, hop: HopSummary, start: float) -> list[str]:
     return lines
 
 
-def format_trace(trace: SessionTrace, timeline: bool = True) -> str:
-    """The terminal view: a header, one block per hop in chain order, then the timeline."""
+def format_trace(trace: SessionTrace, timeline: bool = True, extra: Sequence[str] = ()
+                 ) -> str:
+    """The terminal view: a header, one block per hop in chain order, ``extra`` lines (the
+    captures' flows, with ``--packets``), then the timeline."""
     if not trace.hops:
         return f"session {trace.session}: no records"
     uid = f" (uid {trace.uid})" if trace.uid is not None else ""
@@ -579,6 +581,8 @@ def format_trace(trace: SessionTrace, timeline: bool = True) -> str:
     for index, hop in enumerate(trace.hops, 1):
         lines += format_hop(index, hop, trace.start)
         lines.append("")
+    if extra:
+        lines += [*extra, ""]
     if timeline:
         # The session's user and uid are in the header; a record says them only if it differs.
         same = {"user": trace.user, "uid": trace.uid}

@@ -8,6 +8,7 @@ import contextlib
 import json
 import os
 import pwd
+import re
 import shutil
 import stat
 import subprocess
@@ -18,7 +19,7 @@ from pathlib import Path
 from typing import Any, ContextManager
 
 import pytest
-from vpnlib import connect, connect_argv, disconnect, fetch_ok, sh
+from vpnlib import connect, connect_argv, curl, disconnect, fetch_ok, sh
 
 from pvpn.lab import lab as lab_module
 from pvpn.lab import services
@@ -112,6 +113,9 @@ def pcap_and_trace(info: dict[str, Any], alice_dir: Path) -> None:
     try:
         fetch_ok(info, "alice", "10k")
         fetch_ok(info, "alice", "1k", "url6")
+        # A port nothing listens on: the target answers the SYN with a reset.
+        refused = curl(info, "alice", f"http://{target4}:81/", 10)
+        assert refused.returncode == 7, refused.stderr  # curl: connection refused
     finally:
         disconnect(info, "alice")
     deadline = time.monotonic() + 15
@@ -173,6 +177,47 @@ def pcap_and_trace(info: dict[str, Any], alice_dir: Path) -> None:
     listing = pvpn("trace", "--user", "alice", "--lab", info["name"], "--json")
     assert listing.returncode == 0, listing.stderr
     assert session in [s["session"] for s in json.loads(listing.stdout)["sessions"]]
+
+    packets_in_the_trace(info, session, client_pcap, server_pcap, alice_dir)
+
+
+def packets_in_the_trace(info: dict[str, Any], session: str, client_pcap: Path,
+                         server_pcap: Path, alice_dir: Path) -> None:
+    """Issue 10 point 4: `pvpn trace --packets` finds the server's capture of her session by
+    itself and reads hers with --pcap: both show her flows to the target each way, and the
+    connection the target refused, reset by the target; --html draws the session."""
+    target4, target6 = info["target"]["ipv4"], info["target"]["ipv6"]
+    gateways = [role for role in info["hosts"] if role.startswith("gw")]
+    proc = pvpn("trace", session, "--lab", info["name"], "--pcap", str(client_pcap), "--json")
+    assert proc.returncode == 0, proc.stderr
+    captures = json.loads(proc.stdout)["captures"]
+    assert [(c["where"], c["path"]) for c in captures] == [
+        ("file", str(client_pcap)), ("server", str(server_pcap))]
+    for found in captures:
+        flows = found["flows"]
+        assert found["error"] == "" and found["packets"] == sum(
+            f["up"]["packets"] + f["down"]["packets"] for f in flows), found["path"]
+        web = [f for f in flows if f["server"] in (f"{target4}:80", f"[{target6}]:80")]
+        assert len(web) == 2, [f["flow"] for f in flows]
+        assert all(f["up"]["syns"] and f["down"]["syns"] and not f["down"]["resets"]
+                   for f in web), web
+        assert sum(f["down"]["payload"] for f in web) > 11 * 1024
+        [refused] = [f for f in flows if f["server"] == f"{target4}:81"]
+        assert refused["state"] == f"reset by {target4}:81", refused
+        assert refused["down"]["resets"] == 1 and refused["first_packet"]["text"].startswith("S ")
+
+    text = pvpn("trace", session[:12], "--lab", info["name"], "--packets", "--no-timeline")
+    assert text.returncode == 0, text.stderr
+    assert f"packets at server: {server_pcap}" in text.stdout
+    assert f"> {target4}:80 " in text.stdout and f"reset by {target4}:81" in text.stdout
+
+    page = alice_dir / "trace.html"
+    proc = pvpn("trace", session, "--lab", info["name"], "--packets", "--html", str(page))
+    assert proc.returncode == 0, proc.stderr
+    html = page.read_text()
+    assert re.findall(r'<g class="lane hop" data-hop="([^"]+)"', html) == [
+        "client", *gateways, "server"]
+    assert 'data-flow="tcp ' in html and 'data-source="pcap"' in html
 
 
 def test_trace_says_what_to_pass_when_it_cannot_guess(lab: dict[str, Any]) -> None:
