@@ -261,7 +261,10 @@ def test_without_scapy_it_says_how_to_get_it(tmp_path: Path, capsys: pytest.Capt
     # Nothing imports scapy before a capture is read (a node's programs never do).
     probe = ("import sys, pvpn.cli, pvpn.trace_cli, pvpn.trace_packets, pvpn.trace_html; "
              "sys.exit('scapy' in ' '.join(sys.modules))")
-    assert subprocess.run([sys.executable, "-c", probe], timeout=60).returncode == 0
+    # From a directory of its own: in a checkout, the current directory's pvpn/ would shadow
+    # the installed package (whose pvpn.client lives in client/).
+    assert subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, timeout=60,
+                          ).returncode == 0
 
 
 def test_the_rates_keep_packets_from_before_the_first_record(tmp_path: Path) -> None:
