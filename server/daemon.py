@@ -4,6 +4,7 @@ session whose flow it answers (the flow table), and logs every hop event as a JS
 from __future__ import annotations
 
 import asyncio
+import errno
 import itertools
 import os
 import time
@@ -13,6 +14,7 @@ from pvpn import auth, firewall, tls
 from pvpn.config import ServerConfig, load_server_config
 from pvpn.errors import ConfigError
 from pvpn.fragments import Reassembler
+from pvpn.packet import destination_address
 from pvpn.io import rules
 from pvpn.io.control import start_control, stop_control
 from pvpn.io.localaddrs import LocalAddressWatch
@@ -90,7 +92,8 @@ class Server:
         for cmd in commands:
             try:
                 if type(cmd) is InjectPacket:
-                    self.raw.send(cmd.packet)
+                    if self.raw.send(cmd.packet) == errno.EMSGSIZE:  # the link's MTU changed
+                        self.mtus.forget(destination_address(cmd.packet))
                 elif type(cmd) is SendBytes:
                     transport = self.transports.get(cmd.link)
                     if transport is not None:

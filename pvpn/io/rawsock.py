@@ -32,16 +32,20 @@ class RawSender:
         self._v4.setsockopt(socket.IPPROTO_IP, _IP_NODEFRAG, 1)
         self.errors = 0
 
-    def send(self, packet: bytes) -> None:
+    def send(self, packet: bytes) -> int:
+        """Send ``packet``; 0, or the errno of a failure (EMSGSIZE: larger than the link,
+        whose MTU changed since pvpn-server last asked, see PathMtu.forget)."""
         try:
             if packet[0] >> 4 == 4:
                 self._v4.sendto(packet, (socket.inet_ntop(socket.AF_INET, packet[16:20]), 0))
             else:
                 self._v6.sendto(packet, (socket.inet_ntop(socket.AF_INET6, packet[24:40]), 0))
-        except OSError:
+        except OSError as exc:
             # A full send buffer or an unroutable destination: the packet is lost like any
             # packet on a congested link; TCP inside the tunnel retransmits.
             self.errors += 1
+            return exc.errno or -1
+        return 0
 
     def close(self) -> None:
         self._v4.close()
@@ -53,7 +57,7 @@ class PathMtu:
     MTU discovery learned since: the ICMP errors pvpn-server hands on reach the kernel too),
     asked through a connected UDP socket (IP_MTU, IPV6_MTU) and kept ``lifetime`` seconds."""
 
-    def __init__(self, lifetime: float = 5.0, clock: Callable[[], float] = time.monotonic
+    def __init__(self, lifetime: float = 1.0, clock: Callable[[], float] = time.monotonic
                  ) -> None:
         self.lifetime = lifetime
         self._clock = clock
@@ -75,6 +79,10 @@ class PathMtu:
             self._cache.clear()
         self._cache[destination] = (mtu, now)
         return int(mtu)
+
+    def forget(self, destination: bytes) -> None:
+        """The next packet to ``destination`` asks the kernel again (a send was too large)."""
+        self._cache.pop(destination, None)
 
     def clear(self) -> None:
         self._cache.clear()
