@@ -43,7 +43,8 @@ from pvpn.io.loop import (
     EX_CONFIG, WRITE_HIGH_WATER, Guard, guarded, install_signals, peer_credentials,
     prepare_unix_socket, run_daemon,
 )
-from pvpn.io.tun import open_tun, strict_rp_filter
+from pvpn.io.tun import open_tun, read_copies, strict_rp_filter
+from pvpn.fragments import Reassembler
 from pvpn.records import Record, RecordWriter, session_hex
 from pvpn.client.registry import SlotSession, Registry
 from pvpn.text import clip
@@ -266,8 +267,9 @@ class ClientDaemon:
     def _attach_devices(self, session: SlotSession) -> None:
         fd = open_tun(session.tun)
         self.tun_fds[session.slot] = fd
+        take = self._queue_callback(session)
         try:
-            queue = BatchedQueue(session.queue, self._queue_callback(session), max_len=4096)
+            queue = BatchedQueue(session.queue, take, max_len=4096)
         except OSError as exc:  # the queue is bound by someone else, say
             os.close(self.tun_fds.pop(session.slot))
             raise PvpnError(f"cannot bind NFQUEUE {session.queue}: {exc}") from None
@@ -282,6 +284,20 @@ class ClientDaemon:
             self.guard.call("flush", self.flush)
 
         self.loop.add_reader(queue.fileno(), drain)
+        copies = Reassembler()
+
+        def read_big() -> None:
+            # The session's datagrams too large for a queue message: the kernel's copies,
+            # out of its TUN device (firewall.tee), handled as the queue's packets are.
+            self.guard.call("tun copies", self._take_copies, fd, copies, take)
+            self.guard.call("flush", self.flush)
+
+        self.loop.add_reader(fd, read_big)
+
+    def _take_copies(self, fd: int, copies: Reassembler, take: Callable[[bytes], bool]) -> None:
+        # The kernel's copy carries DF (nf_dup_ipv4 sets it); its sender set none.
+        for datagram in read_copies(fd, copies, self.loop.time(), 0, True):
+            take(datagram)
 
     def recover(self) -> None:
         """Pick up what an earlier pvpn-client left (stopped, killed or an older version): its
@@ -341,6 +357,9 @@ class ClientDaemon:
             rules.remove_chains(broken, f"{p}-IN")
         rules.ensure_jump("OUTPUT", f"{p}-OUT")
         rules.ensure_jump("PREROUTING", f"{p}-IN")
+        # Rules made before datagrams of any size lack it: no user's socket may send out of
+        # a session's TUN device, which pvpn-client now reads.
+        rules.ensure_rule(firewall.tun_guard(f"{p}-OUT", f"{instance}+"))
 
     def _uninstall(self, session: SlotSession) -> list[str]:
         p = firewall.chain_prefix(self.config.instance)
@@ -358,6 +377,7 @@ class ClientDaemon:
             queue.close()
         fd = self.tun_fds.pop(session.slot, None)
         if fd is not None:
+            self.loop.remove_reader(fd)
             os.close(fd)
         return errors
 

@@ -39,6 +39,7 @@ class Drop(enum.Enum):
     NAT_SHARE = "nat-share"
     NO_NAT_PORT = "no-nat-port"
     NO_ROUTE = "no-route"
+    TOO_BIG = "too-big"
     # pvpn-server: replies on their way to a session
     SESSION_DETACHED = "session-detached"
     LINK_CONGESTED = "link-congested"
@@ -73,6 +74,8 @@ _DESCRIPTIONS: dict[Drop, str] = {
     Drop.NAT_SHARE: "the user holds its share of one destination's NAT ports",
     Drop.NO_NAT_PORT: "every NAT port towards the destination is in use",
     Drop.NO_ROUTE: "the server has no route to the destination",
+    Drop.TOO_BIG: "larger than the link towards the destination and not to be fragmented "
+                  "(IPv4 DF): answered with the ICMP error of path MTU discovery",
     Drop.SESSION_DETACHED: "a reply while the user reconnects",
     Drop.LINK_CONGESTED: "the link to the user is congested",
 }

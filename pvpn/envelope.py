@@ -28,7 +28,9 @@ from pvpn.text import clip
 
 VERSION = 1
 SESSION_ID_LEN = 16
-MAX_PACKET = 65535
+#: The largest body: the largest IP packet there is without jumbograms (IPv6: the 40-byte
+#: header and a 65,535-byte payload; an IPv4 datagram is at most 65,535 bytes).
+MAX_PACKET = 40 + 65535
 #: An envelope is at most this big; anything larger is garbage or an attack.
 MAX_FRAME = MAX_PACKET + 1024
 DEFAULT_HOPS = 16

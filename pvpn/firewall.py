@@ -20,6 +20,33 @@ from pvpn.text import quoted
 TABLE = "mangle"
 ANY_UID = "0-4294967294"  # every uid but the invalid (u32)-1
 
+# Datagrams too large for an NFQUEUE message (the kernel copies at most 65,531 bytes of a
+# packet: NFQNL_MAX_COPY_RANGE) go to pvpn as the kernel's copy instead (TEE), out of a TUN
+# device that pvpn reads: the IPv4 total length, or the IPv6 payload length plus its 40-byte
+# header, above 65,531 (u32 reads the header itself; the length match stops at 65,535).
+BIG4 = '-m u32 --u32 "0&0xFFFF=65532:65535"'
+BIG6 = '-m u32 --u32 "4>>16=65492:65535"'
+# TEE sends its copy to a gateway through --oif: IPv4 takes any address as on the link (one
+# of TEST-NET-1, RFC 5737, which nothing routes); IPv6 needs one in the device's fe80::/64.
+# With the device gone the copy is not made (fail closed: the cut original is dropped).
+TEE_GATEWAY4 = "192.0.2.1"
+TEE_GATEWAY6 = "fe80::1"
+
+
+def tee(version: int, device: str) -> str:
+    """The rule target that copies a datagram out of ``device``."""
+    gateway = TEE_GATEWAY4 if version == 4 else TEE_GATEWAY6
+    return f"{BIG4 if version == 4 else BIG6} -j TEE --gateway {gateway} --oif {device}"
+
+
+def tun_guard(chain: str, devices: str) -> str:
+    """The rule (without ``-A``) that drops every packet a user's socket sends out of pvpn's
+    TUN devices (``devices``, an iptables interface name or ``prefix+``): pvpn reads what
+    leaves them as its users' datagrams, so only the kernel's copies (TEE's, which no socket
+    owns) may leave there; a user binding a socket to another's device (SO_BINDTODEVICE,
+    unprivileged since Linux 5.7) or sending to a link-local address on it gets EPERM."""
+    return f"{chain} -o {devices} -m owner --uid-owner {ANY_UID} -j DROP"
+
 
 def chain_prefix(instance: str) -> str:
     return instance.upper()
@@ -66,6 +93,7 @@ def client_base(instance: str) -> RuleSet:
     lines = [
         f":{p}-OUT - [0:0]",
         f":{p}-IN - [0:0]",
+        f"-A {tun_guard(f'{p}-OUT', f'{instance}+')}",
         f"-I OUTPUT 1 -j {p}-OUT",
         f"-I PREROUTING 1 -j {p}-IN",
     ]
@@ -123,6 +151,9 @@ def client_session(
       its rules check the owner again, so the chain is right whichever way it is entered (the
       format before the jumps matched, see :func:`parse_installed_sessions`).
     * No ``--queue-bypass``: with nobody reading the queue the kernel drops (fail closed).
+    * A datagram larger than an NFQUEUE message can carry is copied out of the session's TUN
+      device (:func:`tee`), where pvpn-client reads it; :func:`client_base` keeps every
+      user's own packets from leaving by a TUN device.
     """
     p = chain_prefix(instance)
     out_chain, in_chain = session_chains(instance, slot)
@@ -131,6 +162,11 @@ def client_session(
         lines = result[version]
         lines += [f":{out_chain} - [0:0]", f":{in_chain} - [0:0]"]
         for net in nets:
+            # A datagram too large for the queue: the kernel's copy of it leaves by the TUN
+            # device, which pvpn-client reads; the cut original goes on to the queue, which
+            # drops it.
+            lines.append(f"-A {out_chain} -d {net} -m owner --uid-owner {uid} "
+                         f"{tee(net.version, tun)}")
             lines.append(f"-A {out_chain} -d {net} -m owner --uid-owner {uid} "
                          f"-j NFQUEUE --queue-num {queue}")
             lines.append(f"-A {out_chain} -d {net} -m owner ! --uid-owner {ANY_UID} "
@@ -236,17 +272,37 @@ def check_rules(instance: str, saved: Sequence[str], held: Iterable[InstalledSes
 # ---------------------------------------------------------------- server host
 
 
+def server_tun(instance: str) -> str:
+    """The TUN device the server reads the kernel's copies of the largest replies from."""
+    return f"{instance}-big"
+
+
 def server_rules(instance: str, queue: int, ports: tuple[int, int]) -> RuleSet:
     """Capture replies to the NAT port range (and ICMP that may answer a NAT flow).
 
     Only packets addressed to this host (addrtype LOCAL) are queued; ICMP that turns out not
     to be ours is accepted again by the server, so the host's own pings keep working.
+
+    Fragments are reassembled by the kernel before they reach the queue: the chain
+    ``<P>-DEFRAG`` is never entered, but its socket match makes the kernel reassemble in this
+    namespace (nf_defrag_ipv4/6, as conntrack would, without tracking connections), so a
+    fragment flood costs the kernel's bounded reassembly memory, never pvpn-server's. A
+    reassembled datagram too large for a queue message is copied out of
+    :func:`server_tun` (TEE), which pvpn-server reads; nothing a local user sends may leave
+    by that device.
     """
     p = chain_prefix(instance)
     low, high = ports
-    common = [f":{p}-IN - [0:0]", f"-I PREROUTING 1 -m addrtype --dst-type LOCAL -j {p}-IN"]
+    tun = server_tun(instance)
+    common = [f":{p}-IN - [0:0]", f":{p}-OUT - [0:0]", f":{p}-DEFRAG - [0:0]",
+              f"-A {p}-DEFRAG -m socket -m comment --comment \"never entered: makes the "
+              f"kernel reassemble fragments before {p}-IN\" -j RETURN",
+              f"-A {tun_guard(f'{p}-OUT', tun)}",
+              f"-I OUTPUT 1 -j {p}-OUT",
+              f"-I PREROUTING 1 -m addrtype --dst-type LOCAL -j {p}-IN"]
     q = f"-j NFQUEUE --queue-num {queue}"
     v4 = common + [
+        f"-A {p}-IN {tee(4, tun)}",
         f"-A {p}-IN -p tcp --dport {low}:{high} {q}",
         f"-A {p}-IN -p udp --dport {low}:{high} {q}",
         *(f"-A {p}-IN -p icmp --icmp-type {t} {q}"
@@ -254,6 +310,7 @@ def server_rules(instance: str, queue: int, ports: tuple[int, int]) -> RuleSet:
                     "parameter-problem")),
     ]
     v6 = common + [
+        f"-A {p}-IN {tee(6, tun)}",
         f"-A {p}-IN -p tcp --dport {low}:{high} {q}",
         f"-A {p}-IN -p udp --dport {low}:{high} {q}",
         *(f"-A {p}-IN -p ipv6-icmp --icmpv6-type {t} {q}"
@@ -322,7 +379,8 @@ def parse_installed_sessions(instance: str, saved: Iterable[str]) -> tuple[
             except ValueError:
                 continue  # not a rule of ours (an unbalanced quote in someone's comment)
             chain, target = args[1], _after(args, "-j")
-            if (m := out_re.match(chain)) and "--uid-owner" in args and "!" not in args:
+            if ((m := out_re.match(chain)) and "--uid-owner" in args and "!" not in args
+                    and target == "NFQUEUE"):
                 entry = found.setdefault(int(m[1]), _Found())
                 entry.uid = _int(_after(args, "--uid-owner"))
                 entry.queue = _int(_after(args, "--queue-num"))

@@ -22,6 +22,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Protocol, Sequence, Union
 
+from pvpn import fragments
 from pvpn import packet as pk
 from pvpn.addresses import Destinations, Local, exclusion
 from pvpn.config import NodeLimits, Network, ServerConfig, UserPolicy, parse_prefix
@@ -1129,11 +1130,16 @@ class ServerNode(NodeBase):
         source_for: Callable[[bytes], bytes],
         random: Callable[[int], bytes] = os.urandom,
         flows: FlowTable | None = None,
+        mtu_for: Callable[[bytes], int] | None = None,
     ) -> None:
         super().__init__(config.name, keys, verify, random, config.keepalive, config.dead_after,
                          config.limits)
         self.config = config
         self._source_for = source_for
+        # The MTU towards a destination (pvpn.io.rawsock.PathMtu); None: nothing is too big.
+        self._mtu_for = mtu_for
+        self.too_big_reports = fragments.PacketTooBigReports()
+        self._ident4 = int.from_bytes(random(2), "big")  # IPv4 fragment ids, one per datagram
         self.flows = flows or FlowTable.for_config(config)
         self.sessions: dict[bytes, Session] = {}
         # Emit CapturePacket for every inner packet: what the user sent, the replies returned.
@@ -1288,6 +1294,7 @@ class ServerNode(NodeBase):
         except MalformedPacket as exc:
             self._drop(session, Drop.MALFORMED_PACKET, now, detail=str(exc))
             return
+        mtu = 0
         if error:
             # The client host's kernel answering a reply it could not deliver (a closed port):
             # it quotes the reply, so the flow it is about is the quote's, reversed. Only a
@@ -1307,6 +1314,9 @@ class ServerNode(NodeBase):
                        else Drop.DESTINATION_NOT_ALLOWED, now, flow)
             return
         else:
+            mtu = self._path_mtu(packet, flow.dst)
+            if mtu and self._too_big(session, packet, flow, mtu, now):
+                return
             try:
                 entry = self.flows.outbound(session.id, flow, self._source_for(flow.dst), now,
                                             flags, session.user)
@@ -1321,11 +1331,82 @@ class ServerNode(NodeBase):
                 return
         session.packets_out += 1
         session.bytes_out += len(packet)
-        self.commands.append(InjectPacket(pk.rewrite_source(packet, entry.nat_src, entry.nat_port)))
+        sent = pk.rewrite_source(packet, entry.nat_src, entry.nat_port)
+        if not error and mtu and len(sent) > mtu:
+            self._inject_fragments(sent, mtu)
+        else:
+            self.commands.append(InjectPacket(sent))
+
+    # -- datagrams larger than the next link (docs/design.md "Datagrams of any size")
+    def _path_mtu(self, packet: bytes, destination: bytes) -> int:
+        """The MTU towards ``destination`` if ``packet`` might not fit it, else 0. Every
+        IPv4 path carries 576 bytes in practice and every IPv6 link 1280 (RFC 8200 5), so
+        smaller packets need no look-up; an unroutable destination is the NAT's to refuse."""
+        if self._mtu_for is None or len(packet) <= (
+                576 if packet[0] >> 4 == 4 else fragments.IPV6_MIN_MTU):
+            return 0
+        try:
+            return self._mtu_for(destination)
+        except OSError:
+            return 0
+
+    def _too_big(self, session: Session, packet: bytes, flow: pk.FlowKey, mtu: int,
+                 now: float) -> bool:
+        """Answer a packet that must not be fragmented and does not fit with the ICMP error
+        of path MTU discovery (then it is dropped): an IPv4 packet with DF (RFC 1191), an
+        IPv6 one its sender's kernel would have sent whole (fragments.PacketTooBigReports).
+        The error comes from the server's own address towards the destination, the router
+        where the MTU drops, and reaches the session as any reply does."""
+        if len(packet) <= mtu:
+            return False
+        if packet[0] >> 4 == 4:
+            if not fragments.dont_fragment(packet):
+                return False
+        elif not self.too_big_reports.must_report((session.id, flow.src, flow.dst),
+                                                  len(packet), mtu, now):
+            return False
+        self._drop(session, Drop.TOO_BIG, now, flow, f"{len(packet)} bytes, mtu {mtu}")
+        try:
+            source = self._source_for(flow.dst)
+        except OSError:
+            return True
+        self._to_session(session, fragments.too_big(packet, mtu, source), now)
+        return True
+
+    def _inject_fragments(self, packet: bytes, mtu: int) -> None:
+        """Send ``packet`` as fragments that fit ``mtu``: the raw socket sends what it is given
+        (IP_HDRINCL) and refuses more than the link's MTU. IPv4 ids count up from a random
+        start, one per datagram (none repeats within 65,536 of the server's fragmented
+        datagrams); IPv6 ids are random 32-bit values (RFC 7739)."""
+        if packet[0] >> 4 == 4:
+            self._ident4 = self._ident4 % 0xFFFF + 1  # 1..65535: 0 would be replaced
+            ident = self._ident4
+        else:
+            ident = int.from_bytes(self._random(4), "big")
+        for piece in fragments.fragment(packet, mtu, ident):
+            self.commands.append(InjectPacket(piece))
+
+    def _to_session(self, session: Session, packet: bytes, now: float) -> None:
+        """A packet the server itself sends to a session (an ICMP error), as replies go."""
+        link = self.links.get(session.link) if session.link is not None else None
+        if link is None or link.closed:
+            self._drop(session, Drop.SESSION_DETACHED, now)
+            return
+        if link.congested:
+            self._drop(session, Drop.LINK_CONGESTED, now)
+            return
+        if self.capture:
+            self.commands.append(CapturePacket(session.id, packet))
+        session.packets_in += 1
+        session.bytes_in += len(packet)
+        link.pending.append(
+            encode_envelope(MsgType.PACKET, session.id, session.uid, link.seq.take(), packet))
+        self._dirty.add(link.id)
 
     def receive_reply(self, packet: bytes, now: float) -> bool:
         """A packet captured on its way in. True if it was ours (the adapter drops it from the
-        kernel's path); False if it belongs to someone else on this host (accept it)."""
+        kernel's path); False if it belongs to someone else on this host (accept it), and for
+        a path MTU error handed on to a session, which the server's kernel learns from too."""
         try:
             flow, flags, error = pk.classify(packet, True)
         except pk.IpOptions:
@@ -1374,7 +1455,9 @@ class ServerNode(NodeBase):
         link.pending.append(
             encode_envelope(MsgType.PACKET, session.id, session.uid, link.seq.take(), reply))
         self._dirty.add(link.id)
-        return True
+        # A path MTU error goes to the user and to the server's own kernel as well: the MTU
+        # it learns is what the server fragments its users' datagrams to (rawsock.PathMtu).
+        return not (error and fragments.is_path_mtu_error(packet))
 
     def _refused_reply(self, packet: bytes, drop: Drop, now: float) -> bool:
         """A packet the strict parse refused: ours (counted and dropped) if it answers a NAT

@@ -4,13 +4,17 @@ session whose flow it answers (the flow table), and logs every hop event as a JS
 from __future__ import annotations
 
 import asyncio
+import errno
 import itertools
+import os
 import time
 
 
 from pvpn import auth, firewall, tls
 from pvpn.config import ServerConfig, load_server_config
 from pvpn.errors import ConfigError
+from pvpn.fragments import Reassembler
+from pvpn.packet import destination_address
 from pvpn.io import rules
 from pvpn.io.control import start_control, stop_control
 from pvpn.io.localaddrs import LocalAddressWatch
@@ -20,7 +24,8 @@ from pvpn.io.loop import (
     set_nodelay,
 )
 from pvpn.io.pcap import SessionCaptures
-from pvpn.io.rawsock import RawSender, SourceAddresses
+from pvpn.io.rawsock import PathMtu, RawSender, SourceAddresses
+from pvpn.io.tun import open_tun, read_copies
 from pvpn.protocol import (
     CapturePacket, CloseLink, InjectPacket, LogRecord, SendBytes, ServerNode,
 )
@@ -52,7 +57,9 @@ class Server:
         self.context = tls.make_server_context(str(config.certificate), str(config.private_key))
         keys = auth.AuthorizedKeys(config.authorized_keys, warn=self.key_warning)
         self.sources = SourceAddresses()
-        self.node = ServerNode(config, keys, auth.verify_signature, self.sources)
+        self.mtus = PathMtu()  # what the server fragments its users' datagrams to
+        self.node = ServerNode(config, keys, auth.verify_signature, self.sources,
+                               mtu_for=self.mtus)
         # [server] pcap_dir: every session's inner packets to <pcap_dir>/<session>.pcap.
         self.captures = (None if config.pcap_dir is None else SessionCaptures(
             config.pcap_dir, config.pcap_max_bytes, self.log.write,
@@ -85,7 +92,8 @@ class Server:
         for cmd in commands:
             try:
                 if type(cmd) is InjectPacket:
-                    self.raw.send(cmd.packet)
+                    if self.raw.send(cmd.packet) == errno.EMSGSIZE:  # the link's MTU changed
+                        self.mtus.forget(destination_address(cmd.packet))
                 elif type(cmd) is SendBytes:
                     transport = self.transports.get(cmd.link)
                     if transport is not None:
@@ -125,6 +133,13 @@ class Server:
         except Exception as exc:  # noqa: BLE001 - the guard's; the packet is dropped (fail closed)
             self.guard.failed("reply", exc)
             return True
+
+    def take_copies(self, fd: int, reassembler: Reassembler) -> None:
+        """Replies too large for a queue message, as the kernel's copies brought them out of
+        the server's TUN device; a copy made as the reply arrived lost one hop (as if
+        forwarded), given back here."""
+        for datagram in read_copies(fd, reassembler, self.loop.time(), 1, True):
+            self.take_reply(datagram)
 
     def reload(self) -> None:
         try:
@@ -209,15 +224,24 @@ async def serve(config: ServerConfig) -> None:
                                 extra={"chains": stale}))
     rules.remove_instance(config.instance)
     queue: BatchedQueue | None = None
+    copies: int | None = None
     listeners: list[asyncio.AbstractServer] = []
     control: asyncio.AbstractServer | None = None
     stop = asyncio.Event()
     try:
         queue = BatchedQueue(config.queue, server.take_reply, max_len=8192)
+        # Replies too large for a queue message: the kernel's copies, out of this device.
+        copies = open_tun(firewall.server_tun(config.instance))
         rules.apply(firewall.server_rules(config.instance, config.queue, config.nat_ports))
 
         guard = server.guard
         guard.install(loop)
+        reassembler = Reassembler()
+
+        def read_big_replies(fd: int = copies) -> None:
+            guard.call("copies", server.take_copies, fd, reassembler)
+            guard.call("flush", server.node.flush, loop.time())
+            guard.call("dispatch", server.dispatch)
 
         def drain_queue(queue: BatchedQueue = queue) -> None:
             guard.call("queue drain", queue.drain)
@@ -225,6 +249,7 @@ async def serve(config: ServerConfig) -> None:
             guard.call("dispatch", server.dispatch)
 
         loop.add_reader(queue.fileno(), drain_queue)  # bound above, so removable below
+        loop.add_reader(copies, read_big_replies)
         for host, port in config.listen:
             listeners.append(await loop.create_server(
                 lambda: ServerLinkProtocol(server), host, port, reuse_address=True,
@@ -255,6 +280,9 @@ async def serve(config: ServerConfig) -> None:
         if queue is not None:
             loop.remove_reader(queue.fileno())
             queue.close()
+        if copies is not None:
+            loop.remove_reader(copies)
+            os.close(copies)
         errors = rules.remove_instance(config.instance)
         server.raw.close()
         server.log.write(Record("node:stopped", reason="; ".join(errors) or "clean"))

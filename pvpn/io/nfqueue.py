@@ -1,32 +1,115 @@
-"""NFQUEUE with batched drop verdicts: one netlink message per batch instead of one per packet.
+"""NFQUEUE, read by pvpn itself on its netlink socket, with batched drop verdicts.
 
-Both pvpn-client and pvpn-server take almost every queued packet (the packet travels on
-through the tunnel or as a rewritten copy; the original is dropped). NetfilterQueue answers
-each packet with its own netlink message, which profiles showed as a quarter of the server's
-time under load. The kernel's NFQNL_MSG_VERDICT_BATCH gives one verdict to every packet still
-queued up to an id, so here a packet that is taken gets no verdict of its own, and the taken
-packets are dropped together: every ``BATCH`` packets and whenever a read of the queue ends.
-A packet to let through is accepted at once, on its own (packets are dequeued in id order, so
-the batch verdict after it only finds the taken ones).
+The reader (nfnetlink_queue's messages, parsed with ``struct``; docs/design.md "Datagrams of
+any size" says why it replaced NetfilterQueue): one netlink socket per queue, bound and
+configured with one NFQNL_MSG_CONFIG message (bind, copy whole packets, the queue's length,
+optional flags), then read with ``recv_into`` into one preallocated buffer large enough for
+the largest message the kernel sends (a 65,531-byte packet and its attributes). The kernel
+copies at most 65,531 bytes of a packet (``NFQNL_MAX_COPY_RANGE``: an attribute's length is
+16 bits); a larger one comes cut, its length in NFQA_CAP_LEN, and is dropped here: pvpn's
+rules send a copy of such datagrams through a TUN device instead (``pvpn.firewall``).
+
+Verdicts: both pvpn-client and pvpn-server take almost every queued packet (the packet
+travels on through the tunnel or as a rewritten copy; the original is dropped). The kernel's
+NFQNL_MSG_VERDICT_BATCH gives one verdict to every packet still queued up to an id, so a
+packet that is taken gets no verdict of its own, and the taken packets are dropped together:
+every ``BATCH`` packets and whenever a read of the queue ends. A packet to let through is
+accepted at once, on its own (packets are dequeued in id order, so the batch verdict after it
+only finds the taken ones). No verdict ever says accept for a packet nobody judged: what the
+reader cannot parse, what arrives cut, and what a callback fails on is dropped (fail closed),
+and the queue is never configured to fail open.
 """
 
 from __future__ import annotations
 
+import errno
+import os
 import socket
 import struct
-from typing import Any, Callable
+from typing import Callable, Final, Iterator
 
-from netfilterqueue import NetfilterQueue
+# linux/netlink.h, netfilter/nfnetlink.h, nfnetlink_queue.h, netfilter.h
+_NLMSG_ERROR: Final = 2
+_NLM_F_REQUEST: Final = 1
+_NLM_F_ACK: Final = 4
+_NETLINK_NETFILTER: Final = 12
+_SOL_NETLINK: Final = 270
+_NETLINK_NO_ENOBUFS: Final = 5
+_SO_RCVBUFFORCE: Final = 33
+_NFNL_SUBSYS_QUEUE: Final = 3
+_NFQNL_MSG_PACKET: Final = 0
+_NFQNL_MSG_VERDICT: Final = 1
+_NFQNL_MSG_CONFIG: Final = 2
+_NFQNL_MSG_VERDICT_BATCH: Final = 3
+_NFQA_PACKET_HDR: Final = 1
+_NFQA_VERDICT_HDR: Final = 2
+_NFQA_PAYLOAD: Final = 10
+_NFQA_CAP_LEN: Final = 13
+_NFQA_CFG_CMD: Final = 1
+_NFQA_CFG_PARAMS: Final = 2
+_NFQA_CFG_QUEUE_MAXLEN: Final = 3
+_NFQA_CFG_MASK: Final = 4
+_NFQA_CFG_FLAGS: Final = 5
+_NFQNL_CFG_CMD_BIND: Final = 1
+_NFQNL_COPY_PACKET: Final = 2
+_NLA_TYPE_MASK: Final = 0x3FFF  # without NLA_F_NESTED and NLA_F_NET_BYTEORDER
+_NF_DROP: Final = 0
+_NF_ACCEPT: Final = 1
 
-# linux/netfilter/nfnetlink.h, nfnetlink_queue.h, netfilter.h
-_NFNL_SUBSYS_QUEUE = 3
-_NFQNL_MSG_VERDICT_BATCH = 3
-_NFQA_VERDICT_HDR = 2
-_NLM_F_REQUEST = 1
-_NF_DROP = 0
-_NETLINK_NETFILTER = 12
+_PACKET_TYPE: Final = (_NFNL_SUBSYS_QUEUE << 8) | _NFQNL_MSG_PACKET
+_NLMSGHDR: Final = struct.Struct("=IHHII")
+_NLATTR: Final = struct.Struct("=HH")
+_BE32: Final = struct.Struct(">I")
 
-BATCH = 64  # taken packets waiting for their verdict; well under any queue's max_len
+#: Taken packets waiting for their verdict; well under any queue's max_len.
+BATCH: Final = 64
+#: The most a queue's kernel copies of one packet (NFQNL_MAX_COPY_RANGE).
+MAX_COPY: Final = 0xFFFF - 4
+#: One recv_into buffer: the largest message (MAX_COPY of payload and the metadata before it,
+#: a few hundred bytes) fits with room to spare.
+RECV_BUFFER: Final = 1 << 17
+#: What the socket may hold for pvpn before the kernel drops queued packets (as
+#: NetfilterQueue's default, about 2.4 MB asked, which the kernel doubles).
+SOCKET_BUFFER: Final = 4 << 20
+#: Reads per drain at most, so one busy queue cannot hold the event loop for ever.
+MAX_READS: Final = 1024
+
+
+def _message(mtype: int, flags: int, queue_num: int, attributes: bytes, seq: int) -> bytes:
+    """nlmsghdr (host order), nfgenmsg (AF_UNSPEC, version 0, queue number big-endian), and
+    the attributes."""
+    body = struct.pack(">BBH", socket.AF_UNSPEC, 0, queue_num) + attributes
+    return _NLMSGHDR.pack(16 + len(body), (_NFNL_SUBSYS_QUEUE << 8) | mtype, flags,
+                          seq & 0xFFFFFFFF, 0) + body
+
+
+def _attribute(kind: int, data: bytes) -> bytes:
+    size = 4 + len(data)
+    return _NLATTR.pack(size, kind) + data + b"\x00" * (-size % 4)
+
+
+def config_message(queue_num: int, max_len: int, copy_range: int = 0xFFFF, flags: int = 0,
+                   seq: int = 0) -> bytes:
+    """One NFQNL_MSG_CONFIG that binds this socket to the queue, has whole packets copied
+    (NFQNL_COPY_PACKET, ``copy_range`` bytes at most: the kernel caps it at MAX_COPY), sets
+    the queue's length and, if any, ``flags`` (NFQA_CFG_F_GSO for issue 12's super-packets;
+    never NFQA_CFG_F_FAIL_OPEN). The kernel applies the command before the parameters, and
+    acknowledges the whole message (NLM_F_ACK)."""
+    attributes = (_attribute(_NFQA_CFG_CMD, struct.pack(">BxH", _NFQNL_CFG_CMD_BIND, 0))
+                  + _attribute(_NFQA_CFG_PARAMS, struct.pack(">IB", copy_range,
+                                                             _NFQNL_COPY_PACKET))
+                  + _attribute(_NFQA_CFG_QUEUE_MAXLEN, struct.pack(">I", max_len)))
+    if flags:
+        attributes += (_attribute(_NFQA_CFG_FLAGS, struct.pack(">I", flags))
+                       + _attribute(_NFQA_CFG_MASK, struct.pack(">I", flags)))
+    return _message(_NFQNL_MSG_CONFIG, _NLM_F_REQUEST | _NLM_F_ACK, queue_num, attributes, seq)
+
+
+def verdict_message(queue_num: int, packet_id: int, verdict: int = _NF_ACCEPT,
+                    seq: int = 0) -> bytes:
+    """The verdict for one packet: NFQA_VERDICT_HDR (verdict and id, big-endian)."""
+    return _message(_NFQNL_MSG_VERDICT, _NLM_F_REQUEST, queue_num,
+                    _attribute(_NFQA_VERDICT_HDR, struct.pack(">II", verdict, packet_id)), seq)
 
 
 def verdict_batch_message(queue_num: int, last_id: int, verdict: int = _NF_DROP,
@@ -34,62 +117,155 @@ def verdict_batch_message(queue_num: int, last_id: int, verdict: int = _NF_DROP,
     """The netlink message that gives ``verdict`` to every packet of the queue up to
     ``last_id``: nlmsghdr, nfgenmsg (AF_UNSPEC, version 0, queue number big-endian), and a
     NFQA_VERDICT_HDR attribute (verdict and id, big-endian)."""
-    attribute = struct.pack("=HH", 12, _NFQA_VERDICT_HDR) + struct.pack(">II", verdict, last_id)
-    body = struct.pack(">BBH", socket.AF_UNSPEC, 0, queue_num) + attribute
-    header = struct.pack("=IHHII", 16 + len(body),
-                         (_NFNL_SUBSYS_QUEUE << 8) | _NFQNL_MSG_VERDICT_BATCH,
-                         _NLM_F_REQUEST, seq & 0xFFFFFFFF, 0)
-    return header + body
+    return _message(_NFQNL_MSG_VERDICT_BATCH, _NLM_F_REQUEST, queue_num,
+                    _attribute(_NFQA_VERDICT_HDR, struct.pack(">II", verdict, last_id)), seq)
+
+
+def parse_packets(buffer: bytearray | bytes | memoryview, length: int
+                  ) -> Iterator[tuple[int, bytes, int]]:
+    """The packets in the first ``length`` bytes of ``buffer`` (what one recv gave):
+    ``(packet id, payload, original length)`` each. The original length exceeds the
+    payload's when the kernel cut the packet (NFQA_CAP_LEN). Error and other messages are
+    skipped; parsing stops at a message whose length does not fit (the kernel's messages
+    always do), and a packet message without its header gives id -1 (dropped by the batch
+    after it, never accepted)."""
+    view = memoryview(buffer)
+    at = 0
+    while at + 16 <= length:
+        size, kind = _NLMSGHDR.unpack_from(view, at)[:2]
+        if size < 16 or at + size > length:
+            return
+        if kind == _PACKET_TYPE:
+            packet_id, payload, original = -1, b"", -1
+            end = at + size
+            a = at + 20  # nlmsghdr, nfgenmsg
+            while a + 4 <= end:
+                alen, atype = _NLATTR.unpack_from(view, a)
+                if alen < 4 or a + alen > end:
+                    break
+                atype &= _NLA_TYPE_MASK
+                if atype == _NFQA_PAYLOAD:
+                    payload = bytes(view[a + 4:a + alen])
+                elif atype == _NFQA_PACKET_HDR and alen >= 8:
+                    packet_id = _BE32.unpack_from(view, a + 4)[0]
+                elif atype == _NFQA_CAP_LEN and alen >= 8:
+                    original = _BE32.unpack_from(view, a + 4)[0]
+                a += (alen + 3) & ~3
+            yield packet_id, payload, original if original >= 0 else len(payload)
+        at += (size + 3) & ~3
+
+
+def ack_error(buffer: bytes, seq: int) -> int | None:
+    """The errno of the NLMSG_ERROR answering message ``seq`` in ``buffer`` (0: success), or
+    None if there is none."""
+    at = 0
+    while at + 20 <= len(buffer):
+        size, kind, _, msg_seq, _ = _NLMSGHDR.unpack_from(buffer, at)
+        if size < 16:
+            return None
+        if kind == _NLMSG_ERROR and msg_seq == seq:
+            return -int(struct.unpack_from("=i", buffer, at + 16)[0])
+        at += (size + 3) & ~3
+    return None
 
 
 class BatchedQueue:
     """One bound NFQUEUE. ``take(payload)`` decides per packet: True drops it (in the next
-    batch), False accepts it now. An exception in ``take`` drops the packet (fail closed)."""
+    batch), False accepts it now. An exception in ``take`` drops the packet (fail closed), and
+    so does a packet the kernel had to cut (longer than MAX_COPY), which ``take`` never sees.
+    ``flags`` are NFQA_CFG_F_* flags for the queue (none by default)."""
 
-    def __init__(self, queue_num: int, take: Callable[[bytes], bool], max_len: int) -> None:
+    def __init__(self, queue_num: int, take: Callable[[bytes], bool], max_len: int,
+                 flags: int = 0) -> None:
         self.queue_num = queue_num
         self._take = take
-        self._queue = NetfilterQueue()
-        self._queue.bind(queue_num, self._on_packet, max_len=max_len)
-        # A second handle on the queue's own netlink socket (same port id, which the kernel
-        # checks), for the batch verdicts.
-        self._sock = socket.fromfd(self._queue.get_fd(), socket.AF_NETLINK, socket.SOCK_RAW,
+        self._sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC,
                                    _NETLINK_NETFILTER)
+        try:
+            self._sock.bind((0, 0))
+            try:
+                self._sock.setsockopt(socket.SOL_SOCKET, _SO_RCVBUFFORCE, SOCKET_BUFFER)
+            except PermissionError:
+                self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SOCKET_BUFFER)
+            # A full socket buffer drops packets in the kernel (never accepted: the queue does
+            # not fail open); the read goes on without an ENOBUFS error to handle.
+            self._sock.setsockopt(_SOL_NETLINK, _NETLINK_NO_ENOBUFS, 1)
+            self._configure(config_message(queue_num, max_len, flags=flags, seq=1), 1)
+            self._sock.setblocking(False)
+        except BaseException:
+            self._sock.close()
+            raise
+        self._buffer = bytearray(RECV_BUFFER)
         self._last_id = -1
         self._waiting = 0
-        self._seq = 0
+        self._seq = 1
         self.verdict_errors = 0
+        self.truncated = 0  # packets the kernel cut (their copy comes another way)
+
+    def _configure(self, message: bytes, seq: int) -> None:
+        """Send a config message and wait (bounded) for its acknowledgement; OSError with the
+        kernel's errno if it refused (EBUSY: another process holds the queue)."""
+        self._sock.settimeout(5.0)
+        self._sock.send(message)
+        for _ in range(64):  # packets queued meanwhile are skipped: the next batch drops them
+            answer = self._sock.recv(RECV_BUFFER)
+            error = ack_error(answer, seq)
+            if error is None:
+                continue
+            if error:
+                raise OSError(error, f"NFQUEUE {self.queue_num}: {os.strerror(error)}"
+                              + (" (bound by another process?)" if error == errno.EBUSY else ""))
+            return
+        raise OSError(errno.EPROTO, f"NFQUEUE {self.queue_num}: no answer to the bind")
 
     def fileno(self) -> int:
-        return int(self._queue.get_fd())
+        return self._sock.fileno()
 
-    def _on_packet(self, packet: Any) -> None:
+    def _on_packet(self, packet_id: int, payload: bytes, original: int) -> None:
         take = True
         try:
-            take = self._take(packet.get_payload())
+            if original > len(payload):
+                self.truncated += 1  # cut by the kernel: dropped, its copy comes by a TUN
+            elif packet_id >= 0:
+                take = self._take(payload)
         finally:
             if take:
-                self._last_id = packet.id
+                if packet_id > self._last_id:
+                    self._last_id = packet_id
                 self._waiting += 1
                 if self._waiting >= BATCH:
                     self.flush()
             else:
-                packet.accept()
+                self._seq += 1
+                try:
+                    self._sock.send(verdict_message(self.queue_num, packet_id, seq=self._seq))
+                except OSError:
+                    self.verdict_errors += 1  # it stays queued; the next batch drops it
 
     def drain(self) -> None:
         """Handle everything waiting in the queue, then drop the taken packets."""
+        buffer = self._buffer
         try:
-            self._queue.run(block=False)
+            for _ in range(MAX_READS):
+                try:
+                    length = self._sock.recv_into(buffer)
+                except BlockingIOError:
+                    break
+                except OSError as exc:
+                    if exc.errno == errno.ENOBUFS:
+                        continue
+                    raise
+                for packet_id, payload, original in parse_packets(buffer, length):
+                    self._on_packet(packet_id, payload, original)
         finally:
             self.flush()
 
     def flush(self) -> None:
-        if not self._waiting:
+        if not self._waiting or self._last_id < 0:
             return
         self._seq += 1
         try:
-            self._sock.sendto(verdict_batch_message(self.queue_num, self._last_id, seq=self._seq),
-                              (0, 0))
+            self._sock.send(verdict_batch_message(self.queue_num, self._last_id, seq=self._seq))
         except OSError:
             # The packets stay queued (nothing leaves); the next batch's verdict covers them.
             self.verdict_errors += 1
@@ -97,7 +273,6 @@ class BatchedQueue:
         self._waiting = 0
 
     def close(self) -> None:
-        """Unbind: packets still queued are dropped by the kernel."""
+        """Unbind (closing the socket does): packets still queued are dropped by the kernel."""
         self.flush()
-        self._queue.unbind()
         self._sock.close()

@@ -31,7 +31,7 @@ from pvpn.records import Record
 
 LINKTYPE_RAW = 101
 PCAP_MAGIC = 0xA1B2C3D4  # microsecond timestamps
-SNAPLEN = 262144  # what tcpdump uses; larger than any inner packet (MAX_PACKET is 65535)
+SNAPLEN = 262144  # what tcpdump uses; larger than any inner packet (MAX_PACKET is 65575)
 DEFAULT_MAX_BYTES = 100 * 1000 * 1000
 DEFAULT_MAX_TOTAL_BYTES = 1000 * 1000 * 1000  # all of a server's capture directory
 DEFAULT_MAX_FILES = 1000

@@ -83,6 +83,17 @@ def ensure_jump(builtin: str, chain: str) -> None:
             run_each([["-I", builtin, "1", "-j", chain]], (version,))
 
 
+def ensure_rule(rule: str) -> None:
+    """Insert ``rule`` (a chain and its arguments, as iptables-save prints them without
+    ``-A``) first in its chain in both families, unless it is there already."""
+    chain, *args = shlex.split(rule)
+    for version in (4, 6):
+        check = subprocess.run([_tool(version, 0), "-w", "5", "-t", TABLE, "-C", chain, *args],
+                               capture_output=True, text=True, timeout=30)
+        if check.returncode != 0:
+            run_each([["-I", chain, "1", *args]], (version,))
+
+
 def remove_chains(chains: list[str], referring: str) -> list[str]:
     """Remove these chains and the jumps to them from chain ``referring``."""
     errors: list[str] = []

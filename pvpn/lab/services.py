@@ -281,11 +281,13 @@ def target_supervisord_conf(topology: Topology, programs: dict[str, str]) -> str
                  target_dir, stopsignal="QUIT"),
         _program("iperf3", f"{programs['iperf3']} -s -p {IPERF_PORT}", target_dir),
         # One child per datagram (RECVFROM,fork) echoes it through a pipe; -T ends the child.
+        # -b: a datagram of any size whole (socat's 8 KB default cuts the larger ones).
         _program("echo4",
-                 f"{programs['socat']} -T 2 UDP4-RECVFROM:{ECHO_PORT},fork PIPE", target_dir),
-        _program("echo6",
-                 f"{programs['socat']} -T 2 UDP6-RECVFROM:{ECHO_PORT},fork,ipv6only=1 PIPE",
+                 f"{programs['socat']} -b 65536 -T 2 UDP4-RECVFROM:{ECHO_PORT},fork PIPE",
                  target_dir),
+        _program("echo6",
+                 f"{programs['socat']} -b 65536 -T 2 UDP6-RECVFROM:{ECHO_PORT},fork,ipv6only=1 "
+                 "PIPE", target_dir),
         # sshd re-executes itself, so it needs its absolute path; -D stays in the foreground,
         # -e logs to stderr (into supervisord's log).
         _program("sshd", f"{programs['sshd']} -D -e -f {target_dir}/sshd_config", target_dir),

@@ -8,6 +8,7 @@ import asyncio
 import io
 import ipaddress
 import os
+import socket
 import struct
 from pathlib import Path
 from typing import Any, Iterator
@@ -19,6 +20,15 @@ from pvpn.client import daemon as dm
 from pvpn.config import load_client_config
 from pvpn.envelope import EnvelopeDecoder, MsgType, decode_control, encode_control, encode_envelope
 from pvpn.io import conntrack
+
+
+def fake_tun(fds: list[int]) -> int:
+    """A TUN device's fd: pollable and writable (what is written goes to the other end,
+    which the list keeps to be closed), with nothing to read."""
+    ours, other = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    ours.setblocking(False)
+    fds.append(other.detach())
+    return ours.detach()
 
 
 class Kernel:
@@ -72,8 +82,9 @@ def kernel(monkeypatch: pytest.MonkeyPatch) -> Iterator[Kernel]:
         return k.marked.pop(mark, 0)
 
     monkeypatch.setattr(conntrack, "forget_marked", forget)
-    monkeypatch.setattr(dm, "open_tun", lambda name: os.open(os.devnull, os.O_RDWR))
+    monkeypatch.setattr(dm, "open_tun", lambda name: fake_tun(pipes))
     monkeypatch.setattr(dm, "BatchedQueue", Queue)
+    monkeypatch.setattr(dm.rules, "ensure_rule", lambda *a: None)
     try:
         yield k
     finally:
@@ -661,8 +672,9 @@ def test_a_session_whose_devices_fail_at_recovery_keeps_its_protection(
     def open_tun(name: str) -> int:
         if failing[0]:
             raise PvpnError(f"cannot set up TUN device {name}: busy")
-        return os.open(os.devnull, os.O_RDWR)
+        return fake_tun(others)
 
+    others: list[int] = []
     monkeypatch.setattr(dm, "open_tun", open_tun)
 
     async def scenario() -> None:

@@ -217,3 +217,42 @@ def test_rules_someone_else_removed_are_found_family_by_family() -> None:
     odd = [intact[0].replace("-A PVPNC-OUT -m owner --uid-owner 1001 -j PVPNC-S0",
                              "-A PVPNC-OUT -j PVPNC-S0"), intact[1]]
     assert firewall.check_rules("pvpnc", odd, [alice, bob], 0xFF0000).broken == {4: [0]}
+
+
+def test_datagrams_too_large_for_the_queue_are_copied_out_of_the_sessions_tun_device() -> None:
+    rules = firewall.client_session("pvpnc", 3, 1001, NETS, 3003, 0x40000, 0xFF0000, "pvpnc3")
+    v4, v6 = rules.v4.splitlines(), rules.v6.splitlines()
+    tee4 = ('-A PVPNC-S3 -d 10.77.1.0/24 -m owner --uid-owner 1001 -m u32 --u32 '
+            '"0&0xFFFF=65532:65535" -j TEE --gateway 192.0.2.1 --oif pvpnc3')
+    tee6 = ('-A PVPNC-S3 -d fd77:0:0:1::/64 -m owner --uid-owner 1001 -m u32 --u32 '
+            '"4>>16=65492:65535" -j TEE --gateway fe80::1 --oif pvpnc3')
+    # Before the queue's rule: the copy is made, then the cut original is queued and dropped.
+    assert v4.index(tee4) + 1 == v4.index(
+        "-A PVPNC-S3 -d 10.77.1.0/24 -m owner --uid-owner 1001 -j NFQUEUE --queue-num 3003")
+    assert tee6 in v6
+    # No user's socket sends out of any of the instance's TUN devices; only the kernel's
+    # copies, which no socket owns, leave there.
+    guard = "-A PVPNC-OUT -o pvpnc+ -m owner --uid-owner 0-4294967294 -j DROP"
+    base = firewall.client_base("pvpnc")
+    assert guard in base.v4.splitlines() and guard in base.v6.splitlines()
+    # Read back after a restart, the copying rules are not taken for the queue's.
+    sessions, broken = firewall.parse_installed_sessions(
+        "pvpnc", [base.v4 + as_saved(rules.v4), base.v6 + as_saved(rules.v6)])
+    assert [(s.slot, s.queue, len(s.networks)) for s in sessions] == [(3, 3003, 2)]
+    assert broken == []
+
+
+def test_the_server_reassembles_in_the_kernel_and_copies_the_largest_replies_out() -> None:
+    rules = firewall.server_rules("pvpns", 4000, (61000, 64999))
+    for text, tee in ((rules.v4, '-A PVPNS-IN -m u32 --u32 "0&0xFFFF=65532:65535" -j TEE '
+                       '--gateway 192.0.2.1 --oif pvpns-big'),
+                      (rules.v6, '-A PVPNS-IN -m u32 --u32 "4>>16=65492:65535" -j TEE '
+                       '--gateway fe80::1 --oif pvpns-big')):
+        lines = text.splitlines()
+        appended = [line for line in lines if line.startswith("-A PVPNS-IN ")]
+        assert appended[0] == tee  # before the queue's rules, which drop the cut original
+        assert any(line.startswith("-A PVPNS-DEFRAG -m socket ") for line in lines)
+        assert not any("-j PVPNS-DEFRAG" in line for line in lines)  # never entered
+        assert ("-A PVPNS-OUT -o pvpns-big -m owner --uid-owner 0-4294967294 -j DROP"
+                in lines and "-I OUTPUT 1 -j PVPNS-OUT" in lines)
+        assert "conntrack" not in text  # reassembly, not connection tracking

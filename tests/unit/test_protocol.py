@@ -15,6 +15,7 @@ from scapy.layers.inet6 import ICMPv6EchoReply, ICMPv6EchoRequest, IPv6
 from pvpn import auth, pki, tls
 from pvpn.config import ServerConfig, UserPolicy, parse_prefix
 from pvpn.envelope import MsgType, encode_control
+from pvpn import packet as pk
 from pvpn.protocol import (
     CloseLink, InjectPacket, LinkClosed, LinkEstablished, LinkRefused, LogRecord,
     PacketsReceived, SendBytes, ServerNode, UserLink,
@@ -45,7 +46,7 @@ def pki_dir(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
             "crt": str(crt), "key": str(key), "users": users, "keys": keys}
 
 
-def make_node(p: dict[str, Any]) -> ServerNode:
+def make_node(p: dict[str, Any], mtu_for: Any = None) -> ServerNode:
     allow = [parse_prefix("10.9.0.0/24"), parse_prefix("fd09::/64")]
     config = ServerConfig(
         path=Path("server.toml"), name="server", listen=[], certificate=Path(p["crt"]),
@@ -54,15 +55,15 @@ def make_node(p: dict[str, Any]) -> ServerNode:
         users={"alice": UserPolicy(list(allow)), "bob": UserPolicy(list(allow))},
     )
     return ServerNode(config, auth.AuthorizedKeys(p["users"]), auth.verify_signature,
-                      lambda dst: NAT_SRC if len(dst) == 4 else NAT_SRC6)
+                      lambda dst: NAT_SRC if len(dst) == 4 else NAT_SRC6, mtu_for=mtu_for)
 
 
 class Harness:
     """One server node and any number of user links, wired by an in-memory transfer()."""
 
-    def __init__(self, p: dict[str, Any]) -> None:
+    def __init__(self, p: dict[str, Any], mtu_for: Any = None) -> None:
         self.p = p
-        self.node = make_node(p)
+        self.node = make_node(p, mtu_for)
         self.server_ctx = tls.make_server_context(p["crt"], p["key"])
         self.links: dict[int, UserLink] = {}
         self.events: dict[int, list[Any]] = {}
@@ -443,7 +444,10 @@ def test_icmp_errors_from_the_network_are_judged_before_they_reach_the_user(pki_
     h = Harness(pki_dir)
     h.connect(1, "alice")
     nat_port = udp_flow(h)
-    for kind, code in ((3, 4), (11, 0), (3, 1)):  # a router's errors: the user's host needs them
+    # A router's errors: the user's host needs them. Fragmentation needed goes to the server's
+    # own kernel as well (not taken): the MTU it learns is what the server fragments to.
+    assert not h.node.receive_reply(server_error(3, 4, nat_port), h.now)
+    for kind, code in ((11, 0), (3, 1)):
         assert h.node.receive_reply(server_error(kind, code, nat_port), h.now)
     # Addressed to another address of the server than the one the quote was sent from, too
     # long, or of a type no host receives: taken (it is about our mapping) and dropped.
@@ -976,3 +980,86 @@ def test_the_remote_end_of_a_ping_cannot_ping_the_users_host_back(pki_dir: Any) 
                                 h.now)
     assert h.node.receive_reply(bytes(IPv6(src="fd09::5", dst="fd09::1")
                                       / ICMPv6EchoReply(id=ident6)), h.now)
+
+
+# ---------------------------------------------------------------- datagrams of any size
+
+from pvpn import fragments  # noqa: E402
+from scapy.layers.inet import defragment  # noqa: E402
+
+CLIENT6 = "fd00::2"
+
+
+def big_harness(pki_dir: Any, mtu: int) -> Harness:
+    h = Harness(pki_dir, mtu_for=lambda dst: mtu)
+    h.connect(1, "alice", want=("10.9.0.0/24", "fd09::/64"))
+    return h
+
+
+def test_a_datagram_larger_than_the_link_leaves_in_fragments_of_the_natted_datagram(
+        pki_dir: Any) -> None:
+    h = big_harness(pki_dir, 1500)
+    data = bytes(range(256)) * 200
+    sent = bytes(IP(src=CLIENT, dst=TARGET, id=99) / UDP(sport=5000, dport=7) / data)
+    h.links[1].send_packets([sent])
+    h.transfer()
+    assert len(h.injected) == 35 and all(len(p) <= 1500 for p in h.injected)
+    (whole,) = defragment([IP(p) for p in h.injected])
+    assert whole.src == "10.9.0.1" and bytes(whole[UDP].payload) == data
+    assert whole[UDP].chksum == IP(bytes(whole[IP]))[UDP].chksum  # still right after the NAT
+    h.injected.clear()
+    sent6 = bytes(IPv6(src=CLIENT6, dst="fd09::5") / UDP(sport=5000, dport=7) / data)
+    h.links[1].send_packets([sent6])
+    h.transfer()
+    assert len(h.injected) > 1 and all(len(p) <= 1500 for p in h.injected)
+    rebuilt = fragments.Reassembler()
+    out = [rebuilt.feed(p, 0.0) for p in h.injected][-1]
+    assert out is not None and IPv6(out).src == "fd09::1" and bytes(IPv6(out)[UDP].payload) == data
+    assert h.packets(1) == []  # no error: a datagram too large for the sender's link
+    assert drops(h) == {}
+
+
+def test_a_df_packet_too_big_for_the_link_gets_fragmentation_needed_back(pki_dir: Any) -> None:
+    h = big_harness(pki_dir, 1280)
+    sent = bytes(IP(src=CLIENT, dst=TARGET, flags="DF") / UDP(sport=5000, dport=7) / (b"x" * 1400))
+    h.links[1].send_packets([sent])
+    h.transfer()
+    assert h.injected == [] and drops(h) == {"too-big": 1}
+    (error,) = h.packets(1)
+    parsed = IP(error)
+    assert (parsed[ICMP].type, parsed[ICMP].code, parsed[ICMP].nexthopmtu) == (3, 4, 1280)
+    assert parsed.dst == CLIENT and bytes(parsed[ICMP].payload)[:20] == sent[:20]
+    assert pk.received_icmp_error_refusal(error) is None
+    # What fits leaves whole, DF and all; without DF a larger one is fragmented.
+    h.links[1].send_packets([bytes(IP(src=CLIENT, dst=TARGET, flags="DF") / UDP(sport=5000)
+                                   / (b"x" * 1252)),
+                             bytes(IP(src=CLIENT, dst=TARGET) / UDP(sport=5000) / (b"x" * 1400))])
+    h.transfer()
+    assert [len(p) for p in h.injected] == [1280, 1276, 172]
+
+
+def test_ipv6_gets_one_packet_too_big_then_the_server_fragments(pki_dir: Any) -> None:
+    h = big_harness(pki_dir, 1280)
+    sent = bytes(IPv6(src=CLIENT6, dst="fd09::5") / UDP(sport=5000, dport=7) / (b"x" * 1400))
+    h.links[1].send_packets([sent])
+    h.transfer()
+    assert h.injected == [] and drops(h) == {"too-big": 1}
+    (error,) = h.packets(1)
+    assert IPv6(error)[ICMPv6PacketTooBig].mtu == 1280 and IPv6(error).dst == CLIENT6
+    assert pk.received_icmp_error_refusal(error) is None
+    # Its kernel knows the MTU now: a datagram that still comes bigger is one it would have
+    # fragmented, so the server fragments it (RFC 8201 5.2: the source fragments).
+    h.links[1].send_packets([sent])
+    h.transfer()
+    assert len(h.injected) == 2 and all(len(p) <= 1280 for p in h.injected)
+    assert h.packets(1) == [] and drops(h) == {"too-big": 1}
+
+
+def test_a_path_mtu_error_reaches_the_user_and_the_servers_kernel(pki_dir: Any) -> None:
+    h = big_harness(pki_dir, 1500)
+    nat_port = udp_flow(h)
+    assert not h.node.receive_reply(server_error(3, 4, nat_port), h.now)  # accepted as well
+    h.node.flush(h.now)
+    h.transfer()
+    (delivered,) = h.packets(1)
+    assert IP(delivered)[ICMP].code == 4
