@@ -1,10 +1,14 @@
-"""NFQUEUE, read by pvpn itself on its netlink socket, with batched drop verdicts.
+"""NFQUEUE: bound with NetfilterQueue, read by pvpn itself on its socket, with batched drop
+verdicts.
 
-The reader (nfnetlink_queue's messages, parsed with ``struct``; docs/design.md "Datagrams of
-any size" says why it replaced NetfilterQueue): one netlink socket per queue, bound and
-configured with one NFQNL_MSG_CONFIG message (bind, copy whole packets, the queue's length,
-optional flags), then read with ``recv_into`` into one preallocated buffer large enough for
-the largest message the kernel sends (a 65,531-byte packet and its attributes). The kernel
+NetfilterQueue (libnetfilter_queue) binds and unbinds the queue; its own receive path is not
+used: it reads into a fixed 4 KB buffer and sets the queue's copy range to 4,016 bytes, so
+every packet over that arrived cut (docs/design.md "Datagrams of any size"). On the same
+netlink socket (the kernel knows it as the queue's owner) pvpn then sends one NFQNL_MSG_CONFIG
+of its own (copy whole packets, the queue's length, optional flags such as issue 12's
+NFQA_CFG_F_GSO) and reads the packets itself (nfnetlink_queue's messages, parsed with
+``struct``), with ``recv_into`` into one preallocated buffer large enough for the largest
+message the kernel sends (a 65,531-byte packet and its attributes). The kernel
 copies at most 65,531 bytes of a packet (``NFQNL_MAX_COPY_RANGE``: an attribute's length is
 16 bits); a larger one comes cut, its length in NFQA_CAP_LEN, and is dropped here: pvpn's
 rules send a copy of such datagrams through a TUN device instead (``pvpn.firewall``).
@@ -26,7 +30,10 @@ import errno
 import os
 import socket
 import struct
-from typing import Callable, Final, Iterator
+import warnings
+from typing import Any, Callable, Final, Iterator
+
+from netfilterqueue import NetfilterQueue
 
 # linux/netlink.h, netfilter/nfnetlink.h, nfnetlink_queue.h, netfilter.h
 _NLMSG_ERROR: Final = 2
@@ -75,6 +82,10 @@ SOCKET_BUFFER: Final = 4 << 20
 MAX_READS: Final = 1024
 
 
+def _unused_callback(packet: Any) -> None:
+    raise AssertionError("NetfilterQueue's receive path is not used")  # never run
+
+
 def _message(mtype: int, flags: int, queue_num: int, attributes: bytes, seq: int) -> bytes:
     """nlmsghdr (host order), nfgenmsg (AF_UNSPEC, version 0, queue number big-endian), and
     the attributes."""
@@ -89,13 +100,14 @@ def _attribute(kind: int, data: bytes) -> bytes:
 
 
 def config_message(queue_num: int, max_len: int, copy_range: int = 0xFFFF, flags: int = 0,
-                   seq: int = 0) -> bytes:
-    """One NFQNL_MSG_CONFIG that binds this socket to the queue, has whole packets copied
-    (NFQNL_COPY_PACKET, ``copy_range`` bytes at most: the kernel caps it at MAX_COPY), sets
-    the queue's length and, if any, ``flags`` (NFQA_CFG_F_GSO for issue 12's super-packets;
-    never NFQA_CFG_F_FAIL_OPEN). The kernel applies the command before the parameters, and
-    acknowledges the whole message (NLM_F_ACK)."""
-    attributes = (_attribute(_NFQA_CFG_CMD, struct.pack(">BxH", _NFQNL_CFG_CMD_BIND, 0))
+                   seq: int = 0, bind: bool = False) -> bytes:
+    """One NFQNL_MSG_CONFIG for a queue this socket is bound to (``bind``: that binds it
+    first): whole packets copied (NFQNL_COPY_PACKET, ``copy_range`` bytes at most: the kernel
+    caps it at MAX_COPY), the queue's length and, if any, ``flags`` (NFQA_CFG_F_GSO for issue
+    12's super-packets; never NFQA_CFG_F_FAIL_OPEN). The kernel applies a command before the
+    parameters, and acknowledges the whole message (NLM_F_ACK)."""
+    attributes = ((_attribute(_NFQA_CFG_CMD, struct.pack(">BxH", _NFQNL_CFG_CMD_BIND, 0))
+                   if bind else b"")
                   + _attribute(_NFQA_CFG_PARAMS, struct.pack(">IB", copy_range,
                                                              _NFQNL_COPY_PACKET))
                   + _attribute(_NFQA_CFG_QUEUE_MAXLEN, struct.pack(">I", max_len)))
@@ -179,10 +191,20 @@ class BatchedQueue:
                  flags: int = 0) -> None:
         self.queue_num = queue_num
         self._take = take
-        self._sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC,
-                                   _NETLINK_NETFILTER)
+        # NetfilterQueue binds the queue (OSError if someone else holds it); its callback is
+        # never called, as its receive path is never run.
+        self._binding = NetfilterQueue()
+        with warnings.catch_warnings():  # it warns when the kernel rounds the buffer size
+            warnings.simplefilter("ignore", RuntimeWarning)
+            self._binding.bind(queue_num, _unused_callback, max_len=max_len,
+                               sock_len=SOCKET_BUFFER // 2)
         try:
-            self._sock.bind((0, 0))
+            self._sock = socket.fromfd(self._binding.get_fd(), socket.AF_NETLINK,
+                                       socket.SOCK_RAW, _NETLINK_NETFILTER)
+        except BaseException:
+            self._binding.unbind()
+            raise
+        try:
             try:
                 self._sock.setsockopt(socket.SOL_SOCKET, _SO_RCVBUFFORCE, SOCKET_BUFFER)
             except PermissionError:
@@ -194,6 +216,7 @@ class BatchedQueue:
             self._sock.setblocking(False)
         except BaseException:
             self._sock.close()
+            self._binding.unbind()
             raise
         self._buffer = bytearray(RECV_BUFFER)
         self._last_id = -1
@@ -273,6 +296,7 @@ class BatchedQueue:
         self._waiting = 0
 
     def close(self) -> None:
-        """Unbind (closing the socket does): packets still queued are dropped by the kernel."""
+        """Unbind: packets still queued are dropped by the kernel."""
         self.flush()
         self._sock.close()
+        self._binding.unbind()

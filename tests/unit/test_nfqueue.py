@@ -59,13 +59,15 @@ def error_message(seq: int, error: int) -> bytes:
     return struct.pack("=IHHIIi", 36, 2, 0, seq, 0, -error) + b"\0" * 16
 
 
-def test_config_binds_copies_whole_packets_and_never_fails_open() -> None:
+def test_config_copies_whole_packets_and_never_fails_open() -> None:
     message = nfqueue.config_message(0x0102, max_len=4096, seq=1)
     length, mtype, flags, seq, _ = struct.unpack_from("=IHHII", message)
     assert (length, mtype, flags, seq) == (len(message), 0x0302, 1 | 4, 1)  # REQUEST | ACK
     assert message[16:20] == b"\x00\x00\x01\x02"
     attrs = parse_attributes(message[20:])
-    assert attrs[1] == b"\x01\x00\x00\x00"  # NFQNL_CFG_CMD_BIND
+    assert 1 not in attrs  # NetfilterQueue has bound the queue: no command
+    bind = parse_attributes(nfqueue.config_message(0x0102, 4096, bind=True)[20:])
+    assert bind[1] == b"\x01\x00\x00\x00"  # NFQNL_CFG_CMD_BIND
     assert attrs[2] == struct.pack(">IB", 0xFFFF, 2) + b"\0" * 3  # whole packets
     assert attrs[3] == struct.pack(">I", 4096)
     assert 5 not in attrs  # no flags: never NFQA_CFG_F_FAIL_OPEN
@@ -111,6 +113,7 @@ class FakeNetlink:
         self.sent: list[bytes] = []
         self.fail = False
         self.answers: list[bytes] = []
+        self.configured: list[bytes] = []
         FAKES.append(self)
 
     def bind(self, address: Any) -> None:
@@ -127,6 +130,7 @@ class FakeNetlink:
 
     def send(self, data: bytes) -> int:
         if struct.unpack_from("=H", data, 4)[0] == 0x0302:  # config: the kernel answers
+            self.configured.append(data)
             self.answers.append(error_message(struct.unpack_from("=I", data, 8)[0],
                                               self.bind_error))
             return len(data)
@@ -160,11 +164,32 @@ def verdicts(sock: FakeNetlink) -> list[tuple[int, int, int]]:
     return [(struct.unpack_from("=H", m, 4)[0], *struct.unpack(">II", m[-8:])) for m in sock.sent]
 
 
+class FakeBinding:
+    """NetfilterQueue: binds the queue (in the kernel, with its 4,016-byte copy range) and
+    gives its socket; its receive path is never run."""
+
+    bound: list[tuple[int, int]] = []
+
+    def bind(self, queue_num: int, callback: Any, max_len: int, sock_len: int) -> None:
+        self.bound.append((queue_num, max_len))
+
+    def get_fd(self) -> int:
+        return 99
+
+    def unbind(self) -> None:
+        self.bound.pop()
+
+    def run(self, block: bool = True) -> None:
+        raise AssertionError("NetfilterQueue's receive path must not be used")
+
+
 @pytest.fixture
 def kernel(monkeypatch: pytest.MonkeyPatch) -> Callable[[], FakeNetlink]:
     FAKES.clear()
     FakeNetlink.bind_error = 0
-    monkeypatch.setattr(nfqueue.socket, "socket", FakeNetlink)
+    FakeBinding.bound = []
+    monkeypatch.setattr(nfqueue, "NetfilterQueue", FakeBinding)
+    monkeypatch.setattr(nfqueue.socket, "fromfd", lambda fd, *args: FakeNetlink())
     return lambda: FAKES[-1]
 
 
@@ -224,7 +249,35 @@ def test_a_failed_verdict_is_covered_by_the_next(kernel: Callable[[], FakeNetlin
     assert verdicts(sock) == [(0x0303, 0, 2)]  # covers packet 1 as well
 
 
-def test_a_queue_someone_else_holds_is_refused(kernel: Callable[[], FakeNetlink]) -> None:
-    FakeNetlink.bind_error = 16  # EBUSY
-    with pytest.raises(OSError, match="bound by another process"):
+def test_a_queue_someone_else_holds_is_refused(kernel: Callable[[], FakeNetlink],
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    def held(self: FakeBinding, *args: Any, **kwargs: Any) -> None:
+        raise OSError("Failed to create queue 7.")  # what NetfilterQueue says
+
+    monkeypatch.setattr(FakeBinding, "bind", held)
+    with pytest.raises(OSError, match="queue 7"):
         nfqueue.BatchedQueue(7, lambda payload: True, max_len=100)
+
+
+def test_a_refused_configuration_unbinds_what_netfilterqueue_bound(
+        kernel: Callable[[], FakeNetlink]) -> None:
+    """The kernel refusing pvpn's own copy-range configuration (say, EPERM) leaves no queue
+    bound with NetfilterQueue's 4,016-byte copies behind."""
+    FakeNetlink.bind_error = 1  # EPERM
+    with pytest.raises(OSError, match="NFQUEUE 7"):
+        nfqueue.BatchedQueue(7, lambda payload: True, max_len=100)
+    assert FakeBinding.bound == []
+
+
+def test_the_copy_range_netfilterqueue_sets_is_raised_to_whole_packets(
+        kernel: Callable[[], FakeNetlink]) -> None:
+    """NetfilterQueue 1.1.0 sets the queue's copy range to 4,016 bytes; pvpn configures the
+    queue again on the same socket, for whole packets, and unbinds it on close."""
+    queue = nfqueue.BatchedQueue(7, lambda payload: True, max_len=100, flags=4)
+    assert FakeBinding.bound == [(7, 100)]
+    (configured,) = kernel().configured
+    attrs = parse_attributes(configured[20:])
+    assert 1 not in attrs and attrs[2][:5] == struct.pack(">IB", 0xFFFF, 2)
+    assert attrs[5] == struct.pack(">I", 4)  # the flags asked for (issue 12's GSO)
+    queue.close()
+    assert FakeBinding.bound == []
