@@ -410,7 +410,10 @@ class Connector:
             state = "resumed" if event.accept.resumed else "re-established as a new session"
             _say(f"session {self.session.hex()} {state}")
             if not event.accept.resumed:
-                self.attached = False  # a new session id to tell pvpn-client
+                # ATTACH again: a new server session (the server lost ours in a restart, or it
+                # expired), so pvpn-client makes the connections the old one carried fail at
+                # once instead of waiting for data that will never come.
+                self.attached = False
             self._attach()
             return
 

@@ -46,6 +46,7 @@ from pvpn.io.loop import (
 from pvpn.io.tun import open_tun, read_copies, strict_rp_filter
 from pvpn.fragments import Reassembler
 from pvpn.records import Record, RecordWriter, session_hex
+from pvpn.reset import tcp_probe
 from pvpn.client.registry import SlotSession, Registry
 from pvpn.text import clip
 
@@ -63,6 +64,9 @@ ANSWERED = frozenset({MsgType.REGISTER, MsgType.STATUS, MsgType.DISCONNECT})
 #: A session's id is written into its rules at its first ATTACH, a change of it at most this
 #: often (seconds; the timer writes what is due), so ATTACHes cannot keep iptables running.
 RECORD_EVERY = 60.0
+#: A session's TCP connections are probed (reset_connections) at most this often (seconds):
+#: a round costs a sock_diag question per flow, up to max_flows_per_session of them.
+PROBE_EVERY = 30.0
 #: How often the kernel's rules are compared with the sessions held (seconds): someone else's
 #: firewall reload or `iptables -t mangle -F` takes them away; they are put back within this.
 RULES_CHECK_EVERY = 5.0
@@ -556,11 +560,52 @@ class ClientDaemon:
             # The server makes ids unique; one named again here is someone else's, and its
             # records would join that session's trace.
             raise RemoteProtocolError("ATTACH of a session id another session holds")
+        # A new session at the server, not the one this session's connections went through:
+        # a second ATTACH on one registration (the tunnel process re-established the server
+        # session as a new one: the server lost it in a restart, or it expired), or another
+        # id than the one it was up with (a new tunnel process picked a held session up).
+        renewed = link.attached_here or (bool(session.session_id)
+                                         and session.session_id != session_id)
         session.session_id = session_id
         session.ever_up = True
         link.attached_here = True
         self._record_id(session, self.loop.time())
         self.session_record("session:attached", session, pid=link.pid, server=session.server)
+        if renewed:
+            self.reset_connections(session)
+
+    def reset_connections(self, session: SlotSession) -> None:
+        """The server's session is a new one: none of its NAT mappings carried this session's
+        TCP connections, and those wait for data that will never come (a download sends
+        nothing by itself), until the application gives up. Each connected socket of the
+        session's user gets a probe written to the TUN device as if from its remote end
+        (pvpn.reset.tcp_probe); it answers with a challenge ACK, which goes through the new
+        session to the server, which has no mapping for it and answers with a reset: the
+        application's connection fails within a round trip, explicitly. Only sockets of the
+        session's user in a synchronized state are probed (a connecting one would take the
+        SYN for a simultaneous open), at most once per PROBE_EVERY."""
+        now = self.loop.time()
+        fd = self.tun_fds.get(session.slot)
+        if fd is None or now - session.probed_at < PROBE_EVERY:
+            return
+        session.probed_at = now
+        probed = 0
+        for flow in [f for f in session.flows if f.proto == pk.PROTO_TCP]:
+            try:
+                uid, state = self.owners.socket(flow)
+            except PvpnError:
+                continue
+            if uid != session.uid or state not in sockdiag.TCP_SYNCHRONIZED:
+                continue
+            try:
+                os.write(fd, tcp_probe(flow, int.from_bytes(os.urandom(4), "big")))
+            except OSError:
+                break
+            probed += 1
+        if probed:
+            self.log_event("session:connections-reset", session, count=probed,
+                           reason="the server's session is a new one: its TCP connections "
+                                  "are made to answer, and the server resets them")
 
     def _record_id(self, session: SlotSession, now: float) -> None:
         """Write the session's id into its rules, so a restarted pvpn-client knows it was up:

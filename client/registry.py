@@ -62,6 +62,9 @@ class SlotSession:
     # Least recently used first: a full table forgets the flow idle longest.
     flows: dict[FlowKey, float] = field(default_factory=dict)
     flows_evicted: int = 0
+    # When its TCP connections were last made to speak after the server's session turned out
+    # to be a new one (ClientDaemon.reset_connections), so ATTACHes cannot repeat it at will.
+    probed_at: float = float("-inf")
     packets_out: int = 0
     packets_in: int = 0
     bytes_out: int = 0

@@ -243,9 +243,15 @@ class ServerConfig:
     pcap_max_total_bytes: int = DEFAULT_MAX_TOTAL_BYTES
     pcap_max_files: int = DEFAULT_MAX_FILES
     limits: NodeLimits = field(default_factory=NodeLimits)
+    # Sessions and NAT mappings kept across a restart (pvpn.state; off when None): saved at
+    # most every state_interval seconds while they change, and on an orderly stop.
+    state_file: Path | None = None
+    state_interval: float = 2.0
 
 
 DEFAULT_PORT = 4433
+#: Where pvpn-server keeps its sessions across a restart unless [server] state_file says.
+DEFAULT_STATE_FILE = "/var/lib/pvpn/server.state"
 
 
 def _node_tables(path: Path, role: str) -> tuple[dict[str, Any], _Table]:
@@ -316,6 +322,14 @@ def load_server_config(path: Path) -> ServerConfig:
     if not 1 <= pcap_files <= 1_000_000:
         raise ConfigError(f"{t.where('pcap_max_files')} must be 1 to 1000000")
     control = Path(t.get("control", str, "/run/pvpn/server.ctl"))
+    state_text = t.get("state_file", str, DEFAULT_STATE_FILE)
+    state_file = Path(state_text) if state_text else None
+    if state_file is not None and not state_file.is_absolute():
+        raise ConfigError(f"{t.where('state_file')} must be an absolute file path (or \"\" "
+                          "to keep no state: a restart then ends every session)")
+    state_interval = float(t.get("state_interval", (int, float), 2.0))
+    if not 0.5 <= state_interval <= 60:
+        raise ConfigError(f"{t.where('state_interval')} must be 0.5 to 60 seconds")
     limits = _limits(t)
     t.finish()
     users: dict[str, UserPolicy] = {}
@@ -339,7 +353,7 @@ def load_server_config(path: Path) -> ServerConfig:
         nat_syn_timeout=syn_timeout, nat_unreplied_timeout=unreplied_timeout,
         sessions_per_user=int(sessions_per_user), pcap_max_total_bytes=int(pcap_total),
         pcap_max_files=int(pcap_files),
-        limits=limits,
+        limits=limits, state_file=state_file, state_interval=state_interval,
     )
 
 

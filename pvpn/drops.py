@@ -40,6 +40,7 @@ class Drop(enum.Enum):
     NO_NAT_PORT = "no-nat-port"
     NO_ROUTE = "no-route"
     TOO_BIG = "too-big"
+    TCP_NO_MAPPING = "tcp-no-mapping"
     # pvpn-server: replies on their way to a session
     SESSION_DETACHED = "session-detached"
     LINK_CONGESTED = "link-congested"
@@ -76,6 +77,9 @@ _DESCRIPTIONS: dict[Drop, str] = {
     Drop.NO_ROUTE: "the server has no route to the destination",
     Drop.TOO_BIG: "larger than the link towards the destination and not to be fragmented "
                   "(IPv4 DF): answered with the ICMP error of path MTU discovery",
+    Drop.TCP_NO_MAPPING: "a TCP segment (not a SYN) of a connection the server has no "
+                         "mapping for (lost in a restart, expired, or ended): answered "
+                         "with a reset",
     Drop.SESSION_DETACHED: "a reply while the user reconnects",
     Drop.LINK_CONGESTED: "the link to the user is congested",
 }

@@ -54,3 +54,8 @@ class PolicyError(PvpnError):
 
 class FlowTableFull(PvpnError):
     """No free NAT port or flow slot is left; the packet is dropped."""
+
+
+class StateError(PvpnError):
+    """The server's saved state can't be used or written (corrupt, forged, of another node,
+    unsafe permissions, a failed write); the message says why."""

@@ -277,11 +277,19 @@ def server_tun(instance: str) -> str:
     return f"{instance}-big"
 
 
-def server_rules(instance: str, queue: int, ports: tuple[int, int]) -> RuleSet:
-    """Capture replies to the NAT port range (and ICMP that may answer a NAT flow).
+def server_rules(instance: str, queue: int, ports: tuple[int, int],
+                 icmp: bool = True) -> RuleSet:
+    """Capture replies to the NAT port range (and ICMP that may answer a NAT flow), in the
+    instance's chains; :func:`server_jumps` lead into them.
 
     Only packets addressed to this host (addrtype LOCAL) are queued; ICMP that turns out not
-    to be ours is accepted again by the server, so the host's own pings keep working.
+    to be ours is accepted again by the server, so the host's own pings keep working. The
+    chains are declared, so one iptables-restore replaces what an earlier run left in them,
+    atomically: no packet of a NAT flow ever meets the host's own stack (which would answer
+    it with a reset, ending the connection) while the server restarts. ``icmp=False``: the
+    NAT ports only, what a stopped server leaves so its sessions' connections survive the
+    restart (their packets are dropped, as nobody reads the queue), without taking the
+    host's own ICMP while it is stopped.
 
     Fragments are reassembled by the kernel before they reach the queue: the chain
     ``<P>-DEFRAG`` is never entered, but its socket match makes the kernel reassemble in this
@@ -297,9 +305,7 @@ def server_rules(instance: str, queue: int, ports: tuple[int, int]) -> RuleSet:
     common = [f":{p}-IN - [0:0]", f":{p}-OUT - [0:0]", f":{p}-DEFRAG - [0:0]",
               f"-A {p}-DEFRAG -m socket -m comment --comment \"never entered: makes the "
               f"kernel reassemble fragments before {p}-IN\" -j RETURN",
-              f"-A {tun_guard(f'{p}-OUT', tun)}",
-              f"-I OUTPUT 1 -j {p}-OUT",
-              f"-I PREROUTING 1 -m addrtype --dst-type LOCAL -j {p}-IN"]
+              f"-A {tun_guard(f'{p}-OUT', tun)}"]
     q = f"-j NFQUEUE --queue-num {queue}"
     v4 = common + [
         f"-A {p}-IN {tee(4, tun)}",
@@ -307,7 +313,7 @@ def server_rules(instance: str, queue: int, ports: tuple[int, int]) -> RuleSet:
         f"-A {p}-IN -p udp --dport {low}:{high} {q}",
         *(f"-A {p}-IN -p icmp --icmp-type {t} {q}"
           for t in ("echo-reply", "destination-unreachable", "time-exceeded",
-                    "parameter-problem")),
+                    "parameter-problem") if icmp),
     ]
     v6 = common + [
         f"-A {p}-IN {tee(6, tun)}",
@@ -315,11 +321,18 @@ def server_rules(instance: str, queue: int, ports: tuple[int, int]) -> RuleSet:
         f"-A {p}-IN -p udp --dport {low}:{high} {q}",
         *(f"-A {p}-IN -p ipv6-icmp --icmpv6-type {t} {q}"
           for t in ("echo-reply", "destination-unreachable", "packet-too-big", "time-exceeded",
-                    "parameter-problem")),
+                    "parameter-problem") if icmp),
     ]
     return RuleSet(_restore(v4), _restore(v6))
 
 
+def server_jumps(instance: str) -> list[list[str]]:
+    """The rules of built-in chains that lead into the server's chains (as iptables-save shows
+    them, without ``-A``): PREROUTING's into the queue rules, OUTPUT's into the guard of the
+    copies' TUN device."""
+    p = chain_prefix(instance)
+    return [["PREROUTING", "-m", "addrtype", "--dst-type", "LOCAL", "-j", f"{p}-IN"],
+            ["OUTPUT", "-j", f"{p}-OUT"]]
 
 
 @dataclass(slots=True)

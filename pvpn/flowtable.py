@@ -55,6 +55,17 @@ are not closed, counted over all their sessions, so a user keeping thousands of 
 open cannot take a destination away from everyone else on the server (closed mappings do not
 count: their ports go to whoever needs them).
 
+A table made with ``tcp_pickup=False`` (pvpn-server's) never picks a TCP connection up
+mid-stream: a segment without SYN for which it has no mapping is refused
+(``tcp-no-mapping``), and the server answers it with a reset, as a host answers a segment for
+a connection it does not have (RFC 9293 3.10.7.1). Such a segment can only belong to a
+connection whose mapping is gone (lost in a restart, expired, ended with its session): a new
+NAT port would reach a remote end that knows nothing of it, and the connection would hang.
+
+The mappings survive a restart of the server (:meth:`FlowTable.saved_flows`,
+:meth:`FlowTable.restore_flow`, pvpn.state): each with its port and state, the caps, the
+user's share and the port range checked again as it is put back.
+
 Lookups in both directions are dict lookups; idle flows sit in one insertion-ordered queue
 per timeout class, oldest first, so :meth:`FlowTable.expire` only touches the flows it
 removes; the eviction candidates sit in creation-ordered queues per scope.
@@ -64,7 +75,8 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, TypeVar, Union
+import math
+from typing import TYPE_CHECKING, NamedTuple, TypeVar, Union
 
 from pvpn.drops import Drop
 from pvpn.errors import ConfigError, FlowTableFull, LocalProtocolError
@@ -129,6 +141,64 @@ class Flow:
 _FIN_OUT = 1  # the client's side sent a FIN
 _FIN_IN = 2  # the remote side sent a FIN
 
+# A saved mapping's state (SavedFlow.state), one bit per Flow field.
+STATE_CLOSING = 1
+STATE_FIN_OUT = 2
+STATE_FIN_IN = 4
+STATE_CLOSED = 8
+STATE_REMOTE_CLOSED_FIRST = 16
+STATE_TIME_WAIT = 32
+STATE_REPLIED = 64
+STATE_STREAM = 128
+STATE_SYN = 256
+STATE_BITS = 511
+_TCP_ONLY = (STATE_CLOSING | STATE_FIN_OUT | STATE_FIN_IN | STATE_CLOSED
+             | STATE_REMOTE_CLOSED_FIRST | STATE_TIME_WAIT | STATE_SYN)
+#: Ages a saved mapping may give (seconds): more than any timeout, less than a clock's nonsense.
+MAX_AGE = 366 * 86400.0
+
+
+class SavedFlow(NamedTuple):
+    """One mapping as it is kept across a restart of the server (pvpn.state): its flow, NAT
+    address and port, and its times as ages at the snapshot (``idle``: since it was last
+    seen; ``closed_for``: since it closed, 0 while open)."""
+
+    key: FlowKey
+    nat_src: bytes
+    nat_port: int
+    idle: float
+    state: int
+    closed_for: float
+
+
+def _state_bits(flow: Flow) -> int:
+    return ((STATE_CLOSING if flow.closing else 0)
+            | (STATE_FIN_OUT if flow.fins & _FIN_OUT else 0)
+            | (STATE_FIN_IN if flow.fins & _FIN_IN else 0)
+            | (STATE_CLOSED if flow.closed else 0)
+            | (STATE_REMOTE_CLOSED_FIRST if flow.remote_closed_first else 0)
+            | (STATE_TIME_WAIT if flow.time_wait else 0)
+            | (STATE_REPLIED if flow.replied else 0)
+            | (STATE_STREAM if flow.stream else 0)
+            | (STATE_SYN if flow.syn else 0))
+
+
+def state_refusal(proto: int, state: int) -> str | None:
+    """Why ``state`` is no state a mapping of ``proto`` can be in, or None."""
+    if state & ~STATE_BITS:
+        return f"unknown state bits {state:#x}"
+    if proto != PROTO_TCP and state & _TCP_ONLY:
+        return "TCP state on a mapping that is not TCP"
+    if proto != PROTO_UDP and state & STATE_STREAM:
+        return "a UDP stream mark on a mapping that is not UDP"
+    if state & STATE_CLOSED and not state & STATE_CLOSING:
+        return "closed but not closing"
+    if state & STATE_TIME_WAIT and not state & STATE_CLOSED:
+        return "in TIME-WAIT but not closed"
+    if state & (STATE_FIN_OUT | STATE_FIN_IN) and not state & STATE_CLOSING:
+        return "a FIN seen but not closing"
+    return None
+
 
 def _remote_port(flow: FlowKey) -> int:
     # ICMP echo has no remote port; both directions use 0 (see the module docstring).
@@ -166,6 +236,7 @@ class FlowTable:
         tcp_unreplied_timeout: float = 300.0,
         max_flows_per_user: int = 16384,
         max_flows_per_session: int = 8192,
+        tcp_pickup: bool = True,
     ) -> None:
         low, high = port_range
         if not 1 <= low <= high <= 65535:
@@ -206,6 +277,11 @@ class FlowTable:
         self._closed_by_user: dict[Owner, _Queue] = {}
         self._closed_by_session: dict[bytes, _Queue] = {}
         self.evicted = 0  # mappings that made room for a new one (early drop)
+        # Whether a TCP segment without SYN may open a mapping (conntrack's tcp_loose).
+        self._pickup = tcp_pickup
+        # Counts every change worth saving (a mapping made, removed or changing state), so
+        # the server snapshots only a table that changed; never touched per packet.
+        self.changes = 0
         # Idle queues, keyed by id(flow) (Flow is mutable, so not hashable), least recently
         # seen first, one per timeout class. The default TCP timeout is RFC 5382 REQ-5's
         # 2 h 4 min; the UDP one stays above RFC 4787 REQ-5's 2 min minimum.
@@ -237,7 +313,8 @@ class FlowTable:
                    tcp_syn_timeout=config.nat_syn_timeout,
                    tcp_unreplied_timeout=config.nat_unreplied_timeout,
                    max_flows_per_user=config.nat_flows_per_user,
-                   max_flows_per_session=config.nat_flows_per_session)
+                   max_flows_per_session=config.nat_flows_per_session,
+                   tcp_pickup=False)
 
     def __len__(self) -> int:
         return len(self._by_session_flow)
@@ -266,6 +343,9 @@ class FlowTable:
         if found is not None:
             self._touch(found, now, tcp_flags, True)
             return found
+        if not self._pickup and flow.proto == PROTO_TCP and not tcp_flags & TCP_SYN:
+            raise FlowRefused(Drop.TCP_NO_MAPPING, "a TCP segment without SYN, and no mapping "
+                              "for its connection")
         return self._create(session_id, user or session_id, flow, nat_src, now, tcp_flags)
 
     def lookup(self, session_id: bytes, flow: FlowKey) -> Flow | None:
@@ -335,6 +415,105 @@ class FlowTable:
             self._remove(flow)
         return flows
 
+    # -- across a restart ---------------------------------------------------------------------
+
+    @property
+    def cursor(self) -> int:
+        """Where the round-robin hand-out of ports stands (saved, so a restarted server goes
+        on handing out the ports used longest ago)."""
+        return self._cursor
+
+    def restore_cursor(self, cursor: int) -> None:
+        if 0 <= cursor < self._size:
+            self._cursor = cursor
+
+    def saved_flows(self, session_id: bytes, now: float) -> list[SavedFlow]:
+        """The mappings of one session as a restarted server gets them back."""
+        return [SavedFlow(f.original, f.nat_src, f.nat_port, max(0.0, now - f.last_seen),
+                          _state_bits(f), max(0.0, now - f.closed_at) if f.closed else 0.0)
+                for f in self._by_session.get(session_id, {}).values()]
+
+    def restore_flow(self, session_id: bytes, user: Owner, saved: SavedFlow,
+                     now: float) -> Flow:
+        """Put a mapping saved before a restart back, with its NAT port and state, as if it
+        had never gone; its times are ``now`` less its ages. Give the oldest first: the idle
+        queues are ordered by last use.
+
+        Nothing is evicted to make room, and everything the table keeps for its own mappings
+        is checked first: ValueError for a mapping it never makes (a protocol without NAT,
+        mixed address families, an impossible state, a negative age, the same flow of the
+        session twice, a NAT port towards an endpoint that another mapping holds),
+        FlowRefused for one that breaks a bound (a NAT port outside its range, the session's,
+        the user's or the table's cap, the user's share of a destination: the settings may
+        have changed since)."""
+        key, nat_src, port = saved.key, saved.nat_src, saved.nat_port
+        proto = key.proto
+        if proto not in (PROTO_TCP, PROTO_UDP, PROTO_ICMP, PROTO_ICMPV6):
+            raise ValueError(f"no NAT for protocol {proto}")
+        if not len(key.src) == len(key.dst) == len(nat_src) or len(nat_src) not in (4, 16):
+            raise ValueError("addresses of different families or lengths")
+        if (proto == PROTO_ICMP and len(nat_src) != 4
+                or proto == PROTO_ICMPV6 and len(nat_src) != 16):
+            raise ValueError("ICMP of the other address family")
+        if not (0 <= key.sport <= 65535 and 0 <= key.dport <= 65535):
+            raise ValueError("a port outside 0-65535")
+        if proto in (PROTO_ICMP, PROTO_ICMPV6) and key.sport != key.dport:
+            raise ValueError("an echo mapping with two identifiers")
+        if not 0 <= port - self._low < self._size:  # nat_ports changed since
+            raise FlowRefused(Drop.NO_NAT_PORT, f"NAT port {port} outside nat_ports "
+                              f"{self._low}-{self._low + self._size - 1}")
+        refusal = state_refusal(proto, saved.state)
+        if refusal is not None:
+            raise ValueError(refusal)
+        for age in (saved.idle, saved.closed_for):
+            if not (math.isfinite(age) and 0 <= age <= MAX_AGE):
+                raise ValueError(f"an age of {age!r} s")
+        remote_port = _remote_port(key)
+        endpoint = (proto, nat_src, key.dst, remote_port)
+        reply_key = (proto, nat_src, port, key.dst, remote_port)
+        if (session_id, key) in self._by_session_flow:
+            raise ValueError("the session's flow is mapped already")
+        if reply_key in self._by_reply:
+            raise ValueError("its NAT port towards that endpoint is taken")
+        if len(self._by_session.get(session_id, ())) >= self._per_session:
+            raise FlowRefused(Drop.FLOW_CAP_SESSION, "the session holds as many mappings as "
+                              f"one session may ({self._per_session})")
+        if self._user_flows.get(user, 0) >= self._per_user:
+            raise FlowRefused(Drop.FLOW_CAP_USER, "the user holds as many mappings as one "
+                              f"user may ({self._per_user})")
+        if len(self._by_session_flow) >= self._max_flows:
+            raise FlowRefused(Drop.FLOW_TABLE_FULL, f"the table holds {self._max_flows}")
+        state = saved.state
+        closed = bool(state & STATE_CLOSED)
+        if not closed and self._held.get((user, endpoint), 0) >= self._share:
+            raise FlowRefused(Drop.NAT_SHARE, "the user holds its share of that destination's "
+                              "ports")
+        flow = Flow(session_id, key, nat_src, port, now - saved.idle,
+                    bool(state & STATE_CLOSING),
+                    fins=(_FIN_OUT if state & STATE_FIN_OUT else 0)
+                    | (_FIN_IN if state & STATE_FIN_IN else 0),
+                    closed=closed, closed_at=now - saved.closed_for if closed else 0.0,
+                    remote_closed_first=bool(state & STATE_REMOTE_CLOSED_FIRST),
+                    time_wait=bool(state & STATE_TIME_WAIT), replied=bool(state & STATE_REPLIED),
+                    stream=bool(state & STATE_STREAM), user=user, syn=bool(state & STATE_SYN))
+        self.changes += 1
+        fid = id(flow)
+        self._by_session_flow[(session_id, key)] = flow
+        self._by_reply[reply_key] = flow
+        self._ports_used[endpoint] = self._ports_used.get(endpoint, 0) + 1
+        self._by_session.setdefault(session_id, {})[fid] = flow
+        self._user_flows[user] = self._user_flows.get(user, 0) + 1
+        self._queue(flow)[fid] = flow
+        if not flow.replied:
+            self._index(flow, self._unreplied, self._unreplied_by_user,
+                        self._unreplied_by_session)
+        if closed:
+            self._closed_by_endpoint.setdefault(endpoint, OrderedDict())[fid] = flow
+            self._index(flow, self._closed, self._closed_by_user, self._closed_by_session)
+        else:
+            self._hold(flow, 1)
+        return flow
+
     # -- internals ---------------------------------------------------------------------------
 
     def _queue(self, flow: Flow) -> OrderedDict[int, Flow]:
@@ -397,6 +576,7 @@ class FlowTable:
     def _replied(self, flow: Flow) -> None:
         """The first packet from the remote end: the mapping is no longer an eviction
         candidate, and a TCP one leaves its short unreplied timeout."""
+        self.changes += 1
         key = id(flow)
         old = self._queue(flow)
         flow.replied = True
@@ -410,6 +590,7 @@ class FlowTable:
         self, flow: Flow, closing: bool, closed: bool, time_wait: bool, now: float,
         reopened: bool = False,
     ) -> None:
+        self.changes += 1
         key = id(flow)
         del self._queue(flow)[key]
         if flow.closed:
@@ -535,6 +716,7 @@ class FlowTable:
         self, session_id: bytes, user: Owner, flow: FlowKey, nat_src: bytes, port: int,
         now: float, tcp_flags: int,
     ) -> Flow:
+        self.changes += 1
         created = Flow(session_id, flow, nat_src, port, now, False, user=user,
                        syn=flow.proto == PROTO_TCP and tcp_flags & TCP_SYN != 0)
         remote_port = _remote_port(flow)
@@ -552,6 +734,7 @@ class FlowTable:
         return created
 
     def _remove(self, flow: Flow) -> None:
+        self.changes += 1
         original = flow.original
         remote_port = _remote_port(original)
         del self._by_session_flow[(flow.session_id, original)]

@@ -17,6 +17,7 @@ sessions and the NAT flow table. Inputs carry ``now``; outputs are commands coll
 from __future__ import annotations
 
 import enum
+import hmac
 import ipaddress
 import os
 from dataclasses import dataclass, field
@@ -46,9 +47,12 @@ from pvpn.errors import (
     LocalProtocolError,
     MalformedFrame,
     MalformedPacket,
+    PvpnError,
     RemoteProtocolError,
 )
 from pvpn.flowtable import FlowRefused, FlowTable
+from pvpn.reset import tcp_reset
+from pvpn.state import MAX_SESSIONS, SavedSession, ServerState, token_hash
 from pvpn.records import (
     CLIENT_NAME, ENDPOINT, NODE_NAME, USER_NAME, Record, session_hex,
 )
@@ -440,6 +444,9 @@ class Session:
     ``allow`` is where its packets may go (what the user asked for and the policy allows, less
     the special and own addresses the policy does not name), precomputed for the packet path.
     ``drops`` counts dropped packets by fixed code and rate-limits their records.
+    ``token_hash`` is what a resume's token is checked against (pvpn.state.token_hash), the
+    one thing of the token a saved state keeps; ``token`` is empty in a session a restarted
+    server put back, until its user resumes it.
     """
 
     id: bytes
@@ -457,6 +464,7 @@ class Session:
     bytes_in: int = 0
     bytes_out: int = 0
     drops: DropCounter = field(default_factory=DropCounter)
+    token_hash: bytes = b""
 
 
 @dataclass(slots=True)
@@ -1083,11 +1091,12 @@ class NodeBase:
                     self._send(link, MsgType.KEEPALIVE, link.session_id, encode_control({}))
                     link.last_sent = now
 
-    def _close_politely(self, link: NodeLink, reason: str) -> None:
-        """Shutdown: CLOSE with ``reason``, then TLS's close_notify, then the connection."""
+    def _close_politely(self, link: NodeLink, reason: str, tell: bool = True) -> None:
+        """Shutdown: CLOSE with ``reason`` (unless not ``tell``: the session is to be
+        resumed), then TLS's close_notify, then the connection."""
         if link.closed:
             return
-        if link.state is NodeLinkState.ESTABLISHED:
+        if tell and link.state is NodeLinkState.ESTABLISHED:
             self._send(link, MsgType.CLOSE, link.session_id,
                        encode_control({"reason": clip(reason, MAX_REASON)}))
         self.flush_link(link)  # the CLOSE goes out before TLS's close_notify
@@ -1144,6 +1153,13 @@ class ServerNode(NodeBase):
         self.sessions: dict[bytes, Session] = {}
         # Emit CapturePacket for every inner packet: what the user sent, the replies returned.
         self.capture = False
+        # Sessions made, resumed, detached, narrowed or ended (with the flow table's own
+        # count: state_version), so the daemon saves only a state that changed.
+        self._changes = 0
+
+    def state_version(self) -> int:
+        """Changes so far to what a snapshot holds (never counted per packet)."""
+        return self._changes + self.flows.changes
 
     def _authorized(self, link: NodeLink, now: float) -> None:
         if link.next_hop is not None:
@@ -1177,8 +1193,10 @@ class ServerNode(NodeBase):
         session, resumed = None, False
         old = self.sessions.get(link.session_id)
         if old is not None and link.token is not None:
-            if old.user == link.user and old.token == link.token:
+            if old.user == link.user and hmac.compare_digest(old.token_hash,
+                                                             token_hash(link.token)):
                 session, resumed = old, True
+                old.token = link.token  # a session put back after a restart kept its hash
                 if old.link is not None and old.link in self.links:
                     self._close_link(self.links[old.link])
                 # What it asks for now (and the policy now allows); mappings outside it go.
@@ -1190,11 +1208,14 @@ class ServerNode(NodeBase):
             sid = link.session_id
             if len(sid) != 16 or sid in self.sessions:
                 sid = self._random(16)
+            token = self._random(16)
             session = Session(
-                id=sid, token=self._random(16), user=link.user, uid=link.uid,
+                id=sid, token=token, user=link.user, uid=link.uid,
                 client=link.client, peer=link.peer, allow=allow, opened=now,
+                token_hash=token_hash(token),
             )
             self.sessions[session.id] = session
+        self._changes += 1
         session.link, session.detached_since, session.peer = link.id, None, link.peer
         link.session = session
         self._accept(link, session.id, session.token, [str(n) for n in link.want], resumed)
@@ -1234,6 +1255,7 @@ class ServerNode(NodeBase):
         if session is not None and session.link == link.id:
             session.link = None
             session.detached_since = now
+            self._changes += 1
             self._log("session:detached", session=session, reason=reason)
 
     def _end_link(self, link: NodeLink, reason: str) -> None:
@@ -1257,6 +1279,7 @@ class ServerNode(NodeBase):
             self._packet_from_user(link.session, packet, now)
 
     def _end_session(self, session: Session, reason: str) -> None:
+        self._changes += 1
         self.sessions.pop(session.id, None)
         session.link = None  # ended, not detached: its link closing later changes nothing
         flows = self.flows.drop_session(session.id)
@@ -1321,6 +1344,9 @@ class ServerNode(NodeBase):
                 entry = self.flows.outbound(session.id, flow, self._source_for(flow.dst), now,
                                             flags, session.user)
             except FlowRefused as exc:
+                if exc.drop is Drop.TCP_NO_MAPPING:
+                    self._reset(session, packet, flow, now)
+                    return
                 self._drop(session, exc.drop, now, flow, str(exc))
                 return
             except FlowTableFull as exc:
@@ -1401,6 +1427,24 @@ class ServerNode(NodeBase):
         session.bytes_in += len(packet)
         link.pending.append(
             encode_envelope(MsgType.PACKET, session.id, session.uid, link.seq.take(), packet))
+        self._dirty.add(link.id)
+
+    def _reset(self, session: Session, packet: bytes, flow: pk.FlowKey, now: float) -> None:
+        """A TCP segment of a connection the server has no mapping for: it can reach nobody
+        (its NAT port is gone with the mapping), so the user's TCP gets the reset a host
+        answers such a segment with (pvpn.reset), at once, instead of a silent hang."""
+        reset = tcp_reset(packet)
+        link = self.links.get(session.link) if session.link is not None else None
+        if reset is None or link is None or link.closed or link.congested:
+            self._drop(session, Drop.TCP_NO_MAPPING, now, flow)
+            return
+        self._drop(session, Drop.TCP_NO_MAPPING, now, flow, "answered with a reset")
+        if self.capture:
+            self.commands.append(CapturePacket(session.id, reset))
+        session.packets_in += 1
+        session.bytes_in += len(reset)
+        link.pending.append(
+            encode_envelope(MsgType.PACKET, session.id, session.uid, link.seq.take(), reset))
         self._dirty.add(link.id)
 
     def receive_reply(self, packet: bytes, now: float) -> bool:
@@ -1537,6 +1581,7 @@ class ServerNode(NodeBase):
         """Give ``session`` these prefixes under ``policy`` and the current own addresses,
         and drop its mappings to destinations it may no longer reach."""
         session.allow = Destinations(networks, policy.allow, self.local_addresses)
+        self._changes += 1
         allow = session.allow
         self.flows.drop_flows([f for f in self.flows.session_flows(session.id)
                                if not allow.contains(f.original.dst)])
@@ -1551,10 +1596,162 @@ class ServerNode(NodeBase):
         self.flush(now)
 
     def close_all(self, reason: str) -> None:
+        """Shutdown for good (no state is kept): every session ends, its user told why."""
         for link in list(self.links.values()):
             self._close_politely(link, reason)
         for session in list(self.sessions.values()):
             self._end_session(session, reason)
+
+    def detach_all(self, reason: str, now: float) -> None:
+        """Shutdown to come back (the state is saved): every link closes with TLS's
+        close_notify but no CLOSE, so each user's process holds its protected traffic and
+        resumes the same session from the next server; the sessions are detached, not
+        ended, and the snapshot taken after this keeps them with their mappings."""
+        self._now = now
+        for link in list(self.links.values()):
+            session = link.session
+            if session is not None and session.link == link.id:
+                session.link = None
+                session.detached_since = now
+                self._changes += 1
+                self._log("session:detached", session=session, reason=reason)
+            self._close_politely(link, reason, tell=False)
+
+    # -- across a restart (pvpn.state; the daemon reads and writes the file)
+    def snapshot(self, now: float) -> ServerState:
+        """What a restarted server needs to resume every session with its mappings; the
+        sessions active most recently first, within pvpn.state's bounds. ``saved_at`` is
+        left 0 for the adapter, which reads the wall clock."""
+        def recency(session: Session) -> float:
+            return now if session.link is not None else session.detached_since or 0.0
+
+        sessions = sorted(self.sessions.values(), key=recency, reverse=True)[:MAX_SESSIONS]
+        return ServerState(self.name, 0.0, self.flows.cursor, tuple(
+            SavedSession(
+                s.id, s.token_hash, s.user, s.uid, s.client, s.peer,
+                tuple(str(n) for n in s.allow.networks), max(0.0, now - s.opened),
+                None if s.detached_since is None else max(0.0, now - s.detached_since),
+                (s.packets_in, s.packets_out, s.bytes_in, s.bytes_out),
+                tuple(self.flows.saved_flows(s.id, now)))
+            for s in sessions))
+
+    def restore(self, state: ServerState, now: float, downtime: float) -> dict[str, Any]:
+        """Put back the sessions and mappings of a snapshot taken ``downtime`` seconds of
+        server absence ago, judged by the settings, policies, keys and addresses of now.
+        Each session comes back detached, waiting for its user's resume (a full HELLO and
+        AUTH with the user's key, and the token), and is written as ``session:restored``;
+        one that cannot come back is written as ``session:closed`` with the reason: its
+        grace ran out while the server was away (the downtime counts as detached time), its
+        user has no policy or no key left (revoked), nothing it asked for is allowed now, its
+        user already has ``sessions_per_user``. Its mappings come back with their ports and
+        states, each checked as the table checks its own (and its destination against the
+        session's allow list, its NAT address against the server's); the mappings' ages are
+        those of the snapshot, so a connection that was alive does not expire because the
+        server was away. Returns what was done, for the summary record."""
+        self._now = now
+        grace = self.config.resume_grace
+        report: dict[str, Any] = {"sessions": 0, "flows": 0, "skipped": {}}
+        skipped: dict[str, int] = report["skipped"]
+        if state.node != self.name:
+            raise ValueError(f"it was written by node {state.node!r}, not {self.name!r}")
+        self.flows.restore_cursor(state.cursor)
+        per_user: dict[str, int] = {}
+        restored: list[tuple[Session, SavedSession]] = []
+        # The sessions detached last first, so a lowered sessions_per_user keeps the freshest.
+        for saved in sorted(state.sessions, key=lambda s: s.detached or 0.0):
+            detached_for = (saved.detached or 0.0) + downtime
+            session = Session(
+                id=saved.id, token=b"", user=saved.user, uid=saved.uid, client=saved.client,
+                peer=saved.peer, allow=Destinations([], [], self.local_addresses),
+                opened=now - saved.age - downtime, detached_since=now - detached_for,
+                packets_in=saved.counters[0], packets_out=saved.counters[1],
+                bytes_in=saved.counters[2], bytes_out=saved.counters[3],
+                token_hash=saved.token_hash)
+            why = self._unrestorable(session, saved, detached_for, grace, per_user)
+            if why is not None:
+                skipped[why[0]] = skipped.get(why[0], 0) + 1
+                self._log("session:closed", session=session, reason=why[1],
+                          packets_in=session.packets_in, packets_out=session.packets_out,
+                          bytes_in=session.bytes_in, bytes_out=session.bytes_out,
+                          flows=len(saved.flows))
+                continue
+            per_user[session.user] = per_user.get(session.user, 0) + 1
+            self.sessions[session.id] = session
+            restored.append((session, saved))
+        # The mappings oldest first: the table's idle queues are ordered by last use.
+        flows = sorted(((f.idle, i, f) for i, (_, saved) in enumerate(restored)
+                        for f in saved.flows), key=lambda item: (-item[0], item[1]))
+        counts = [0] * len(restored)
+        for _, index, flow in flows:
+            session = restored[index][0]
+            refused = self._flow_refusal(session, flow.key.dst, flow.nat_src)
+            if refused is None:
+                try:
+                    self.flows.restore_flow(session.id, session.user, flow, now)
+                except (FlowTableFull, ValueError) as exc:
+                    refused = str(exc)
+            if refused is not None:
+                skipped[f"mapping: {refused}"] = skipped.get(f"mapping: {refused}", 0) + 1
+                continue
+            counts[index] += 1
+        for (session, saved), count in zip(restored, counts):
+            self._log("session:restored", session=session, client=session.client,
+                      allow=[str(n) for n in session.allow.networks], flows=count,
+                      reason=f"put back after the server's restart; detached "
+                             f"{now - (session.detached_since or now):.0f} s, waiting for "
+                             "its user's resume")
+        report["sessions"], report["flows"] = len(restored), sum(counts)
+        self._changes += 1
+        return report
+
+    def _unrestorable(self, session: Session, saved: SavedSession, detached_for: float,
+                      grace: float, per_user: dict[str, int]) -> tuple[str, str] | None:
+        """Why a saved session does not come back (a short kind and the record's reason),
+        or None; a session that does gets its destinations under today's policy."""
+        if saved.id in self.sessions:
+            return "duplicate", "not restored: a session of that id is up already"
+        if detached_for > grace:
+            return "expired", (f"not resumed within {grace:.0f} s (the server was away "
+                               f"{detached_for - (saved.detached or 0.0):.0f} s)")
+        policy = self.config.users.get(saved.user)
+        if policy is None or not policy.allow:
+            return "revoked", (f"revoked: the [users] policy of {saved.user!r} at {self.name} "
+                               "is gone")
+        try:
+            if not self._keys.keys_for(saved.user):
+                raise AuthError(f"user {saved.user!r} has no authorised keys")
+        except AuthError as exc:
+            return "revoked", f"revoked: no key left: {exc}"
+        if per_user.get(saved.user, 0) >= self.config.sessions_per_user:
+            return "too-many", (f"not restored: {saved.user!r} has "
+                                f"{self.config.sessions_per_user} sessions, the most one "
+                                "user may have")
+        try:
+            wanted = [parse_prefix(text) for text in saved.allow]
+        except ConfigError:
+            return "invalid", "not restored: a prefix that is not one"
+        kept = [n for n in _within(wanted, policy.allow)
+                if exclusion(n, policy.allow, self.local_addresses) is None]
+        if not kept:
+            return "revoked", f"none of its destinations is allowed any more at {self.name}"
+        session.allow = Destinations(kept, policy.allow, self.local_addresses)
+        return None
+
+    def _flow_refusal(self, session: Session, destination: bytes, nat_src: bytes) -> str | None:
+        """Why a saved mapping of ``session`` does not come back (beyond the table's own
+        checks), or None: its destination must be one the session may reach now, and its
+        NAT address the one the server sends from towards it, or one of its own."""
+        if not session.allow.contains(destination):
+            return "its destination is not allowed now"
+        try:
+            if self._source_for(destination) == nat_src:
+                return None
+        except (OSError, PvpnError):
+            return "no route to its destination"
+        if any(n.num_addresses == 1 and n.network_address.packed == nat_src
+               for n in self.local_addresses):
+            return None
+        return "its NAT address is not the server's"
 
     def describe(self, now: float) -> list[dict[str, Any]]:
         """The sessions, for `pvpn status` on this node."""

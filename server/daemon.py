@@ -3,16 +3,22 @@ session whose flow it answers (the flow table), and logs every hop event as a JS
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import errno
 import itertools
 import os
+import socket
+import sys
 import time
+from pathlib import Path
+from typing import Callable
 
 
 from pvpn import auth, firewall, tls
 from pvpn.config import ServerConfig, load_server_config
-from pvpn.errors import ConfigError
+from pvpn.errors import ConfigError, PvpnError, StateError
+from pvpn.flowtable import FlowTable
 from pvpn.fragments import Reassembler
 from pvpn.packet import destination_address
 from pvpn.io import rules
@@ -20,16 +26,18 @@ from pvpn.io.control import start_control, stop_control
 from pvpn.io.localaddrs import LocalAddressWatch
 from pvpn.io.nfqueue import BatchedQueue
 from pvpn.io.loop import (
-    LISTEN_BACKLOG, WRITE_HIGH_WATER, Guard, daemon_main, guarded, install_signals, peer_text,
-    set_nodelay,
+    EX_CONFIG, LISTEN_BACKLOG, WRITE_HIGH_WATER, Guard, guarded, install_signals, peer_text,
+    run_daemon, set_nodelay,
 )
 from pvpn.io.pcap import SessionCaptures
 from pvpn.io.rawsock import PathMtu, RawSender, SourceAddresses
+from pvpn.io.statefile import StateFile, StateKeeper
 from pvpn.io.tun import open_tun, read_copies
 from pvpn.protocol import (
     CapturePacket, CloseLink, InjectPacket, LogRecord, SendBytes, ServerNode,
 )
 from pvpn.records import Record, RecordWriter
+from pvpn.state import decode_state
 
 
 def check_nat_ports(config: ServerConfig) -> None:
@@ -214,15 +222,44 @@ class ServerLinkProtocol(asyncio.Protocol):
         server.dispatch()
 
 
+def restore_state(server: Server, keeper: StateKeeper) -> None:
+    """Put back the sessions and mappings the last server saved (pvpn.state), before the
+    first link or reply is served."""
+    node = server.node
+    try:
+        loaded = keeper.load(server.config.resume_grace)
+        if loaded is None:
+            return
+        state, downtime = loaded
+        report = node.restore(state, server.loop.time(), downtime)
+    except ValueError as exc:  # another node's state
+        keeper.refuse(str(exc))
+        return
+    except Exception as exc:  # noqa: BLE001 - a bug must not keep the server from starting
+        server.guard.failed("state restore", exc)
+        node.sessions.clear()  # nothing half put back
+        node.flows = FlowTable.for_config(server.config)
+        keeper.refuse(f"restoring it failed: {type(exc).__name__}")
+        return
+    server.dispatch()  # the session:restored and session:closed records
+    server.log.write(Record("node:state-restored", reason=f"the server was away "
+                            f"{downtime:.1f} s", extra={**report, "path": str(keeper.store.path),
+                                                         "downtime": round(downtime, 3)}))
+
+
 async def serve(config: ServerConfig) -> None:
     check_nat_ports(config)
     server = Server(config)
     loop = server.loop
-    stale = rules.instance_chains(config.instance, 4)[0]
-    if stale:
-        server.log.write(Record("node:cleanup", reason="rules left by an earlier run",
-                                extra={"chains": stale}))
-    rules.remove_instance(config.instance)
+    # [server] state_file: sessions and NAT mappings survive a restart (ConfigError now for
+    # an unsafe directory).
+    keeper = None if config.state_file is None else StateKeeper(
+        StateFile(config.state_file), server.node.snapshot, server.node.state_version,
+        server.log.write, config.state_interval)
+    kept = False  # the state was saved at the stop: the NAT ports' rules stay
+    # This run has taken the state over (put it back): until then a failure to start leaves
+    # an earlier server's state and rules to the next one.
+    took_over = keeper is None
     queue: BatchedQueue | None = None
     copies: int | None = None
     listeners: list[asyncio.AbstractServer] = []
@@ -232,7 +269,17 @@ async def serve(config: ServerConfig) -> None:
         queue = BatchedQueue(config.queue, server.take_reply, max_len=8192)
         # Replies too large for a queue message: the kernel's copies, out of this device.
         copies = open_tun(firewall.server_tun(config.instance))
+        # Replaced in place, with no moment without them: a packet of a NAT flow that
+        # reached the host's own stack while the server restarts would be answered with a
+        # reset, and end the connection a resumed session was to carry on.
         rules.apply(firewall.server_rules(config.instance, config.queue, config.nat_ports))
+        stale = rules.ensure_only_jumps(config.instance, firewall.server_jumps(config.instance))
+        if stale:
+            server.log.write(Record("node:cleanup", reason="rules left by an earlier run",
+                                    extra={"rules": stale}))
+        if keeper is not None:
+            restore_state(server, keeper)
+            took_over = True
 
         guard = server.guard
         guard.install(loop)
@@ -267,9 +314,29 @@ async def serve(config: ServerConfig) -> None:
             guard.call("timer", server.node.handle_timer, loop.time())
             guard.call("addresses", server.refresh_addresses)
             guard.call("dispatch", server.dispatch)
+            if keeper is not None:
+                guard.call("state", keeper.tick, loop.time())
     finally:
-        # Shutdown goes on whatever happens here: the rules must go.
-        server.guard.call("shutdown", server.node.close_all, "server shutting down")
+        # Shutdown goes on whatever happens here. With a state file the sessions are kept
+        # for the next server: detached (their users' processes hold and resume them), saved
+        # with their mappings; without one they end, their users told why.
+        if not took_over:
+            server.guard.call("shutdown", server.node.close_all, "server shutting down")
+        elif keeper is not None and server.node.sessions:
+            now = loop.time()
+            server.guard.call("shutdown", server.node.detach_all, "server stopping; the "
+                              "session is kept for its resume", now)
+            try:
+                kept = await keeper.final(now)
+            except Exception as exc:  # noqa: BLE001 - the guard's; the stop goes on
+                server.guard.failed("shutdown state", exc)
+            if not kept:
+                server.guard.call("shutdown", server.node.close_all, "server shutting down")
+        elif keeper is not None:  # nothing to keep: the host as it was found
+            server.guard.call("shutdown", server.node.close_all, "server shutting down")
+            server.guard.call("shutdown state", keeper.store.remove)
+        else:
+            server.guard.call("shutdown", server.node.close_all, "server shutting down")
         server.guard.call("shutdown dispatch", server.dispatch)
         if server.captures is not None:
             server.guard.call("shutdown captures", server.captures.close_all)
@@ -283,13 +350,86 @@ async def serve(config: ServerConfig) -> None:
         if copies is not None:
             loop.remove_reader(copies)
             os.close(copies)
-        errors = rules.remove_instance(config.instance)
+        errors: list[str] = []
+        if not took_over:
+            errors.append("it stopped before it took the saved state over: the state and the "
+                          "rules stay for the next server")
+        elif kept:
+            # The NAT ports' rules stay (nobody reads the queue: the kernel drops, and the
+            # remote ends retransmit to the next server), the ICMP ones go.
+            try:
+                rules.apply(firewall.server_rules(config.instance, config.queue,
+                                                  config.nat_ports, icmp=False))
+            except PvpnError as exc:
+                errors.append(str(exc))
+        else:
+            errors = rules.remove_instance(config.instance)
         server.raw.close()
-        server.log.write(Record("node:stopped", reason="; ".join(errors) or "clean"))
+        server.log.write(Record("node:stopped", reason="; ".join(errors) or "clean", extra={
+            "state": "saved: the sessions are kept for the next server" if kept else
+                     "none kept: the sessions ended"}))
+
+
+def remove_sessions(config: ServerConfig, out: Callable[[str], None]) -> int:
+    """`pvpn-server --config FILE --remove-sessions`: with pvpn-server stopped (for good, say),
+    forget the sessions it kept for the next server (naming each) and the rules it left for
+    their connections."""
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(str(config.control))
+    except OSError:
+        pass
+    else:
+        out(f"pvpn-server is running (it answers on {config.control}); stop it first")
+        return 1
+    finally:
+        probe.close()
+    errors: list[str] = []
+    if config.state_file is not None:
+        store = StateFile(config.state_file)
+        try:
+            found = store.read()
+            saved = None if found is None else decode_state(found[0])
+        except StateError as exc:
+            out(f"{config.state_file}: {exc}; removing it all the same")
+            saved = None
+        for session in saved.sessions if saved is not None else ():
+            out(f"forgetting session {session.id.hex()} of {session.user} "
+                f"({len(session.flows)} NAT mappings)")
+        try:
+            if store.remove():
+                out(f"removed {config.state_file}")
+        except OSError as exc:
+            errors.append(f"{config.state_file}: {exc.strerror or exc}")
+    errors += rules.remove_instance(config.instance)
+    for error in errors:
+        out(f"error: {error}")
+    out(f"the rules of instance {config.instance} are gone; the next pvpn-server starts "
+        "without sessions")
+    return 1 if errors else 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    return daemon_main("pvpn-server", __doc__, load_server_config, serve, argv)
+    parser = argparse.ArgumentParser(prog="pvpn-server", description=__doc__)
+    parser.add_argument("--config", required=True, type=Path, help="the node's TOML config")
+    parser.add_argument("--remove-sessions", action="store_true",
+                        help="with pvpn-server stopped: forget the sessions it kept for the "
+                        "next server ([server] state_file) and the rules it left for them")
+    args = parser.parse_args(argv)
+    if args.remove_sessions:
+        try:
+            return remove_sessions(load_server_config(args.config), print)
+        except ConfigError as exc:
+            print(f"pvpn-server: configuration error: {exc}", file=sys.stderr)
+            return EX_CONFIG
+        except PvpnError as exc:
+            print(f"pvpn-server: {exc}", file=sys.stderr)
+            return 1
+
+    async def run() -> None:
+        await serve(load_server_config(args.config))
+
+    return run_daemon("pvpn-server", run)
 
 
 if __name__ == "__main__":

@@ -126,6 +126,31 @@ def instance_chains(instance: str, version: int) -> tuple[list[str], list[list[s
     return chains, jumps
 
 
+def ensure_only_jumps(instance: str, wanted: list[list[str]]) -> list[str]:
+    """Make ``wanted`` (built-in chains' rules, as iptables-save shows them without ``-A``)
+    the only rules of built-in chains that lead into the instance's chains: each kept if
+    there, put first in its chain if missing, every other (a duplicate, an older run's)
+    removed. Returns the rules removed."""
+    removed: list[str] = []
+    for version in (4, 6):
+        _, jumps = instance_chains(instance, version)
+        found: list[list[str]] = []
+        extra = []
+        for rule in jumps:  # each ["-D", CHAIN, ...]
+            if rule[1:] in wanted and rule[1:] not in found:
+                found.append(rule[1:])
+            else:
+                extra.append(rule)
+        run_each(extra, (version,))
+        removed += [" ".join(rule[1:]) for rule in extra]
+        for jump in wanted:
+            if jump not in found:
+                errors = run_each([["-I", jump[0], "1", *jump[1:]]], (version,))
+                if errors:
+                    raise PvpnError("; ".join(errors))
+    return removed
+
+
 def remove_instance(instance: str) -> list[str]:
     """Remove every rule and chain of an instance (after a clean stop or a crash)."""
     errors: list[str] = []

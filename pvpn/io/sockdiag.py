@@ -37,7 +37,13 @@ _NO_COOKIE = 0xFFFFFFFF
 #: (12), then uid and inode.
 _OWNER = struct.Struct("=II")
 _OWNER_AT = _HEADER.size + 4 + 48 + 12
+_STATE_AT = _HEADER.size + 1  # idiag_state
 TIMEOUT = 1.0
+#: TCP states (linux/tcp_states.h) of a synchronized connection: one that answers a SYN with a
+#: challenge ACK (RFC 5961 4.2), where a connecting or listening socket would take it for a
+#: connection of its own.
+TCP_SYNCHRONIZED = frozenset({1, 4, 5, 8, 9, 11})  # ESTABLISHED, FIN_WAIT1/2, CLOSE_WAIT,
+                                                   # LAST_ACK, CLOSING
 
 
 def _padded(address: bytes) -> bytes:
@@ -66,23 +72,29 @@ def read_owner(data: bytes, seq: int) -> tuple[bool, int | None]:
     """``(answered, uid)`` from one recv: ``answered`` False if ``data`` answers another
     question (a late one); ``uid`` None if no process's socket would get the packet (none, or
     one without a file: TIME_WAIT, a request). PvpnError for any other answer."""
+    answered, uid, _ = read_socket(data, seq)
+    return answered, uid
+
+
+def read_socket(data: bytes, seq: int) -> tuple[bool, int | None, int]:
+    """:func:`read_owner`'s answer and the socket's state (``idiag_state``; 0 for none)."""
     if len(data) < _HEADER.size:
         raise PvpnError("sock_diag: short answer")
     length, kind, _, got_seq, _ = _HEADER.unpack_from(data)
     if length < _HEADER.size or length > len(data):
         raise PvpnError("sock_diag: malformed answer")
     if got_seq != seq:
-        return False, None
+        return False, None, 0
     if kind == NLMSG_ERROR:
         code = -struct.unpack_from("=i", data, _HEADER.size)[0] \
             if length >= _HEADER.size + 4 else errno.EPROTO
         if code == errno.ENOENT:
-            return True, None
+            return True, None, 0
         raise PvpnError(f"sock_diag refused: {os.strerror(code)}")
     if kind != SOCK_DIAG_BY_FAMILY or length < _OWNER_AT + _OWNER.size:
         raise PvpnError("sock_diag: unexpected answer")
     uid, inode = _OWNER.unpack_from(data, _OWNER_AT)
-    return True, (uid if inode else None)
+    return True, (uid if inode else None), data[_STATE_AT]
 
 
 class SocketOwners:
@@ -100,13 +112,18 @@ class SocketOwners:
     def owner(self, flow: FlowKey) -> int | None:
         """The uid of the process socket that would receive ``flow``'s replies, or None if no
         process's would. PvpnError if the kernel cannot tell (the caller drops: fail closed)."""
+        return self.socket(flow)[0]
+
+    def socket(self, flow: FlowKey) -> tuple[int | None, int]:
+        """:meth:`owner` and that socket's state (a TCP state of linux/tcp_states.h; 0 if
+        there is none)."""
         self._seq = (self._seq + 1) & 0xFFFFFFFF
         try:
             self._sock.send(lookup_request(flow, self._seq))
             for _ in range(16):  # answers to questions that timed out earlier come first
-                answered, uid = read_owner(self._sock.recv(8192), self._seq)
+                answered, uid, state = read_socket(self._sock.recv(8192), self._seq)
                 if answered:
-                    return uid
+                    return uid, state
         except OSError as exc:
             raise PvpnError(f"sock_diag: {exc.strerror or exc}") from None
         raise PvpnError("sock_diag gave no answer")

@@ -105,6 +105,11 @@ def server_pcap_dir(topology: Topology) -> Path:
     return topology.host_dir("server") / "pcap"
 
 
+def server_state_file(topology: Topology) -> Path:
+    """Where the lab's server keeps its sessions across a restart ([server] state_file)."""
+    return topology.host_dir("server") / "state" / "server.state"
+
+
 def client_socket(topology: Topology) -> Path:
     return topology.host_dir("client") / "pvpn-client.sock"
 
@@ -183,6 +188,9 @@ def server_toml(topology: Topology) -> str:
         # bounded per session, as /run is often a small tmpfs.
         f"pcap_dir = {_toml_string(str(server_pcap_dir(topology)))}",
         f"pcap_max_bytes = {LAB_PCAP_MAX_BYTES}",
+        # Its sessions and NAT mappings across a restart, in the lab's own directory (the
+        # default, /var/lib/pvpn, would be shared by every lab on the machine).
+        f"state_file = {_toml_string(str(server_state_file(topology)))}",
     ]
     for user in AUTHORIZED_USERS:  # carol is authorised nowhere
         lines += ["", f"[users.{user}]", f"allow = {_toml_list(allow)}"]

@@ -341,6 +341,15 @@ def test_everything_stopped_leaves_the_hosts_as_found(lab_factory: Any) -> None:
         disconnect(info, "alice")
         for host, name in program.items():
             supervisorctl(info, host, "stop", name)
+        # The server kept the session of alice's killed tunnel process for its resume (issue
+        # 10), with the rules of its NAT ports; stopped for good, it forgets them when told.
+        assert "PVPNS-IN" in ns_state(info, "server")["rules"]
+        forget = subprocess.run(
+            ["ip", "netns", "exec", info["hosts"]["server"]["namespace"],
+             str(Path(sys.executable).parent / "pvpn-server"), "--config",
+             info["configs"]["server"], "--remove-sessions"],
+            capture_output=True, text=True, timeout=60)
+        assert forget.returncode == 0 and "forgetting session" in forget.stdout, forget.stdout
         after = {host: ns_state(info, host) for host in program}
         assert after == before
         assert "PVPN" not in after["client"]["rules"] and "PVPN" not in after["server"]["rules"]

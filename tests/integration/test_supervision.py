@@ -1,5 +1,5 @@
 """Nodes under supervisord (issue 4): SIGHUP reloads keys and users without dropping
-sessions, SIGTERM makes the server close sessions with a reason and remove its rules while
+sessions, SIGTERM makes the server keep its sessions for their resume (issue 10) while
 pvpn-client keeps its sessions held (issue 9), a broken config ends FATAL (not in a restart
 loop), and `pvpn status` on a node shows its sessions and health."""
 
@@ -14,6 +14,9 @@ from typing import Any, Callable, ContextManager, Iterator
 
 import pytest
 from vpnlib import connect, connect_argv, disconnect, fetch_ok, sh, status
+
+from pvpn.config import load_server_config
+from pvpn.state import decode_state
 
 pytestmark = pytest.mark.integration
 
@@ -111,17 +114,28 @@ def rules(info: dict[str, Any], host: str) -> str:
                                   text=True).stdout for tool in ("iptables-save", "ip6tables-save"))
 
 
-def test_sigterm_server_closes_sessions_and_removes_rules_client_keeps_them_held(
+def test_sigterm_server_keeps_sessions_for_their_resume_client_keeps_them_held(
         slab: dict[str, Any]) -> None:
+    """An orderly stop is no end of the sessions (issue 10): the server detaches them, saves
+    them with their mappings, keeps the NAT ports' rules (the kernel drops what nobody reads:
+    no reset from the host's own stack ends a connection meanwhile) and takes its ICMP rules
+    away; alice's tunnel process holds and resumes the same session from the next server."""
     session = connect(slab, "alice")
+    since = len(server_log(slab))
+    state = load_server_config(Path(slab["configs"]["server"])).state_file
+    assert state is not None
     try:
         assert "PVPNS-IN" in rules(slab, "server")
         ctl(slab, "server", "stop", "pvpn-server")
         wait_state(slab, "server", "pvpn-server", "STOPPED")
-        log = server_log(slab)
-        assert f'"event":"session:closed","session":"{session}"' in log
-        assert "server shutting down" in log
-        assert "PVPNS" not in rules(slab, "server")
+        log = server_log(slab)[since:]
+        assert f'"event":"session:detached","session":"{session}"' in log
+        assert f'"event":"session:closed","session":"{session}"' not in log
+        assert session in [s.id.hex() for s in decode_state(state.read_bytes()).sessions]
+        assert (state.stat().st_mode & 0o777) == 0o600
+        left = [line for line in rules(slab, "server").splitlines() if "PVPNS" in line]
+        assert any("-p tcp" in line and "NFQUEUE" in line for line in left), left
+        assert not any("icmp" in line for line in left), left
         # pvpn-client's SIGTERM is no end of the protection (issue 9): alice's session stays
         # in the kernel, held, for the next pvpn-client.
         ctl(slab, "client", "stop", "pvpn-client")
@@ -132,10 +146,14 @@ def test_sigterm_server_closes_sessions_and_removes_rules_client_keeps_them_held
         ctl(slab, "client", "start", "pvpn-client")
         wait_state(slab, "server", "pvpn-server", "RUNNING")
         wait_state(slab, "client", "pvpn-client", "RUNNING")
-        disconnect(slab, "alice")
-    connect(slab, "alice")
     try:
+        deadline = time.monotonic() + 40
+        while time.monotonic() < deadline and f'"event":"session:resumed","session":' \
+                f'"{session}"' not in server_log(slab)[since:]:
+            time.sleep(0.5)
+        assert f'"event":"session:resumed","session":"{session}"' in server_log(slab)[since:]
         fetch_ok(slab, "alice", "1k")
+        assert session in status(slab, "alice")
     finally:
         disconnect(slab, "alice")
 

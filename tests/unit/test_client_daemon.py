@@ -824,3 +824,74 @@ def test_rules_someone_else_removed_are_put_back_by_the_next_check(
         assert "removed by someone else" in log and "slot 0 (IPv4)" in log
 
     run(scenario())
+
+
+def test_a_new_server_session_makes_its_tcp_connections_answer_for_their_reset(
+        kernel: Kernel, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 10: the server lost alice's session (restarted without its state) and her tunnel
+    process got a new one, which it says with a second ATTACH. Her download waits for data
+    that will never come; pvpn-client makes each of her connected TCP sockets answer (a SYN
+    from its remote end: a challenge ACK comes back, which the server resets), and no other
+    socket: not a connecting one, not bob's, no UDP one, none when the session was resumed."""
+    from scapy.layers.inet import IP, TCP, UDP
+
+    from pvpn.packet import parse_flow
+
+    sockets: dict[Any, tuple[int | None, int]] = {}
+
+    class Owners:
+        def owner(self, flow: Any) -> int | None:
+            return sockets.get(flow, (None, 0))[0]
+
+        def socket(self, flow: Any) -> tuple[int | None, int]:
+            return sockets.get(flow, (None, 0))
+
+    monkeypatch.setattr(dm, "SocketOwners", Owners, raising=False)
+    read_end, write_end = os.pipe()
+    os.set_blocking(read_end, False)
+    monkeypatch.setattr(dm, "open_tun", lambda name: write_end)
+
+    def probes() -> list[Any]:
+        try:
+            data = os.read(read_end, 65536)
+        except BlockingIOError:
+            return []
+        return [IP(data[i:i + 40]) for i in range(0, len(data), 40)]
+
+    async def scenario() -> None:
+        daemon = make_daemon(tmp_path)
+        alice = Process(daemon, 1001)
+        alice.register(["10.77.1.0/24"])
+        alice.send(MsgType.ATTACH, {"session": SID})
+        out = {sport: bytes(IP(src="10.77.0.1", dst="10.77.1.2")
+                            / TCP(sport=sport, dport=80, flags="A")) for sport in range(1, 6)}
+        out[6] = bytes(IP(src="10.77.0.1", dst="10.77.1.2") / UDP(sport=6, dport=53))
+        for packet in out.values():
+            assert daemon.queues[0].callback(packet)
+        flows = {sport: parse_flow(packet) for sport, packet in out.items()}
+        sockets[flows[1]] = (1001, 1)  # hers, ESTABLISHED
+        sockets[flows[2]] = (1001, 8)  # hers, CLOSE_WAIT
+        sockets[flows[3]] = (1001, 2)  # hers, SYN_SENT: a SYN would be a simultaneous open
+        sockets[flows[4]] = (1002, 1)  # bob's now
+        sockets[flows[6]] = (1001, 7)  # a UDP socket of hers
+        assert probes() == [], "the first ATTACH of a registration probes nothing"
+        alice.send(MsgType.ATTACH, {"session": SID})  # the server's session is a new one
+        got = probes()
+        assert sorted(p[TCP].dport for p in got) == [1, 2]
+        assert all(p.src == "10.77.1.2" and p.dst == "10.77.0.1" and p[TCP].sport == 80
+                   and p[TCP].flags == "S" for p in got)
+        alice.send(MsgType.ATTACH, {"session": SID})  # again at once: not repeated
+        assert probes() == []
+        record = [line for line in daemon.log.stream.getvalue().splitlines()  # type: ignore[attr-defined]
+                  if "session:connections-reset" in line]
+        assert len(record) == 1 and '"count":2' in record[0]
+
+    try:
+        run(scenario())
+    finally:
+        for daemon in DAEMONS:  # the fixture closes what the daemons hold; these are ours
+            for slot, fd in list(daemon.tun_fds.items()):
+                if fd == write_end:
+                    del daemon.tun_fds[slot]
+        os.close(read_end)
+        os.close(write_end)

@@ -699,3 +699,146 @@ def test_caps_and_evictions_leave_nothing_behind_under_churn() -> None:
     assert table.evicted > 0
     table.expire(now + 10_000.0)
     assert_empty(table)
+
+
+# -- pvpn-server's table: no mid-stream pickups; mappings across a restart (issue 10) --------
+
+
+def test_a_table_without_pickups_refuses_a_segment_of_no_mapping_and_maps_a_syn() -> None:
+    table = FlowTable((61000, 61999), tcp_pickup=False)
+    for flags in (TCP_ACK, TCP_ACK | TCP_FIN, TCP_RST, 0):
+        with pytest.raises(FlowRefused) as refused:
+            table.outbound(ALICE, tcp(sport=1), NAT, now=0.0, tcp_flags=flags)
+        assert refused.value.drop is Drop.TCP_NO_MAPPING
+    assert len(table) == 0
+    flow = table.outbound(ALICE, tcp(sport=1), NAT, now=0.0, tcp_flags=TCP_SYN)
+    # Once mapped, the connection's segments go on; UDP and ICMP are never refused so.
+    assert table.outbound(ALICE, tcp(sport=1), NAT, now=1.0, tcp_flags=TCP_ACK) is flow
+    table.outbound(ALICE, udp(sport=2), NAT, now=1.0)
+    table.outbound(ALICE, FlowKey(PROTO_ICMP, CLIENT, 3, REMOTE, 3), NAT, now=1.0)
+    assert len(table) == 3
+
+
+def _every_kind_of_mapping(table: FlowTable) -> list[Flow]:
+    """Open, answered, closing, closed by both FINs (remote first: TIME-WAIT), reset, a UDP
+    one-off and stream, echo v4 and v6, an IPv6 TCP one; some of bob's."""
+    flows = []
+    opened = table.outbound(ALICE, tcp(sport=1), NAT, now=0.0, tcp_flags=TCP_SYN, user="alice")
+    reply_to(table, opened, 0.5, TCP_SYN | TCP_ACK)
+    flows.append(opened)
+    flows.append(table.outbound(ALICE, tcp(sport=2), NAT, now=1.0, tcp_flags=TCP_SYN,
+                                user="alice"))  # unanswered SYN
+    closing = table.outbound(ALICE, tcp(sport=3), NAT, now=1.0, tcp_flags=TCP_SYN, user="alice")
+    reply_to(table, closing, 1.5, TCP_SYN | TCP_ACK)
+    table.outbound(ALICE, tcp(sport=3), NAT, now=2.0, tcp_flags=TCP_FIN | TCP_ACK)
+    flows.append(closing)
+    waiting = table.outbound(ALICE, tcp(sport=4), NAT, now=2.0, tcp_flags=TCP_SYN, user="alice")
+    reply_to(table, waiting, 2.5, TCP_FIN | TCP_ACK)
+    table.outbound(ALICE, tcp(sport=4), NAT, now=3.0, tcp_flags=TCP_FIN | TCP_ACK)
+    assert waiting.closed and waiting.time_wait
+    flows.append(waiting)
+    reset = table.outbound(ALICE, tcp(sport=5), NAT, now=3.0, tcp_flags=TCP_SYN, user="alice")
+    reply_to(table, reset, 3.5, TCP_RST)
+    flows.append(reset)
+    flows.append(table.outbound(ALICE, udp(sport=6), NAT, now=4.0, user="alice"))
+    stream = table.outbound(ALICE, udp(sport=7), NAT, now=4.0, user="alice")
+    reply_to(table, stream, 4.5)
+    table.outbound(ALICE, udp(sport=7), NAT, now=5.0)
+    assert stream.stream
+    flows.append(stream)
+    flows.append(table.outbound(ALICE, FlowKey(PROTO_ICMP, CLIENT, 8, REMOTE, 8), NAT, now=5.0,
+                                user="alice"))
+    client6, remote6 = ip("fd77::1"), ip("fd77:0:0:3::2")
+    flows.append(table.outbound(ALICE, FlowKey(PROTO_ICMPV6, client6, 9, remote6, 9), NAT6,
+                                now=5.0, user="alice"))
+    flows.append(table.outbound(ALICE, FlowKey(PROTO_TCP, client6, 10, remote6, 443), NAT6,
+                                now=5.0, tcp_flags=TCP_SYN, user="alice"))
+    flows.append(table.outbound(BOB, tcp(sport=1), NAT, now=6.0, tcp_flags=TCP_SYN, user="bob"))
+    return flows
+
+
+def _fields(flow: Flow) -> tuple[object, ...]:
+    return (flow.session_id, flow.original, flow.nat_src, flow.nat_port, flow.last_seen,
+            flow.closing, flow.fins, flow.closed, flow.closed_at, flow.remote_closed_first,
+            flow.time_wait, flow.replied, flow.stream, flow.user, flow.syn)
+
+
+def test_mappings_come_back_with_their_ports_states_and_timeouts() -> None:
+    """What a restarted server puts back is the same table: the same ports and states, and
+    every mapping expires when it would have (the ages are those of the snapshot)."""
+    before = FlowTable((61000, 61999), tcp_pickup=False)
+    flows = _every_kind_of_mapping(before)
+    saved = {s: before.saved_flows(s, 10.0) for s in (ALICE, BOB)}
+    after = FlowTable((61000, 61999), tcp_pickup=False)
+    after.restore_cursor(before.cursor)
+    everything = sorted(((f, s, u) for s, u in ((ALICE, "alice"), (BOB, "bob"))
+                         for f in saved[s]), key=lambda item: -item[0].idle)
+    for flow, session, user in everything:  # later clock: 110 s is the old 10 s
+        after.restore_flow(session, user, flow, 110.0)
+    shifted = sorted(_fields(f)[:4] + (f.last_seen + 100.0,) + _fields(f)[5:8]
+                     + ((f.closed_at + 100.0) if f.closed else 0.0,) + _fields(f)[9:]
+                     for f in flows)
+    assert sorted(_fields(f) for s in (ALICE, BOB) for f in after.session_flows(s)) == shifted
+    for flow in flows:  # replies find the same mappings
+        key = flow.original
+        assert after.find_reply(key.proto, key.dst, key.dport, flow.nat_src, flow.nat_port)
+    assert (after.user_flows("alice"), after.user_flows("bob")) == (10, 1)
+    assert after.cursor == before.cursor
+    # A new flow gets a port after the old ones, not one of theirs.
+    new = after.outbound(BOB, tcp(sport=99), NAT, now=110.0, tcp_flags=TCP_SYN, user="bob")
+    assert new.nat_port not in {f.nat_port for f in flows if f.original.dst == REMOTE}
+    for moment in (130.0, 139.9, 140.0, 170.0, 300.0, 400.0, 10_000.0):
+        expected = sorted(_fields(f)[:4] for f in before.expire(moment - 100.0))
+        assert sorted(_fields(f)[:4] for f in after.expire(moment)
+                      if f is not new) == expected, moment
+    after.expire(20_000.0)
+    assert_empty(after)
+
+
+def test_a_restored_mapping_is_checked_as_the_table_checks_its_own() -> None:
+    from pvpn.flowtable import STATE_CLOSED, STATE_STREAM, STATE_TIME_WAIT, SavedFlow
+
+    table = FlowTable((61000, 61009), max_flows=6, max_flows_per_user=4,
+                      max_flows_per_session=3, user_share=0.2)
+    good = SavedFlow(tcp(sport=1), NAT, 61000, 1.0, 0, 0.0)
+    table.restore_flow(ALICE, "alice", good, 10.0)
+    bad = [
+        good._replace(key=FlowKey(47, CLIENT, 1, REMOTE, 1)),  # GRE: no NAT
+        good._replace(nat_src=NAT6),  # mixed families
+        good._replace(key=FlowKey(PROTO_ICMPV6, CLIENT, 2, REMOTE, 2)),  # ICMPv6 over IPv4
+        good._replace(key=FlowKey(PROTO_ICMP, CLIENT, 2, REMOTE, 3)),  # two echo ids
+        good._replace(key=tcp(sport=2), state=STATE_TIME_WAIT),  # TIME-WAIT, not closed
+        good._replace(key=udp(sport=2), state=STATE_CLOSED),  # a TCP state on UDP
+        good._replace(key=tcp(sport=2), state=STATE_STREAM),  # a UDP state on TCP
+        good._replace(key=tcp(sport=2), state=1 << 12),  # unknown bits
+        good._replace(key=tcp(sport=2), idle=-1.0),
+        good._replace(key=tcp(sport=2), idle=float("nan")),
+        good,  # the same flow twice
+        good._replace(key=tcp(sport=2)),  # its port towards that endpoint, taken
+    ]
+    for saved in bad:
+        with pytest.raises(ValueError):
+            table.restore_flow(ALICE, "alice", saved, 10.0)
+    with pytest.raises(FlowRefused):  # the range may have changed since
+        table.restore_flow(ALICE, "alice", good._replace(key=tcp(sport=2), nat_port=62000), 10.0)
+    # The caps and the share hold as for mappings the table makes, and nothing is evicted.
+    table.restore_flow(ALICE, "alice", good._replace(key=tcp(sport=2), nat_port=61001), 10.0)
+    with pytest.raises(FlowRefused) as share:  # 2 of 10 ports to one destination
+        table.restore_flow(ALICE, "alice", good._replace(key=tcp(sport=3), nat_port=61002),
+                           10.0)
+    assert share.value.drop is Drop.NAT_SHARE
+    table.restore_flow(ALICE, "alice", good._replace(key=udp(sport=3), nat_port=61002), 10.0)
+    with pytest.raises(FlowRefused) as cap:
+        table.restore_flow(ALICE, "alice", good._replace(key=udp(sport=4), nat_port=61003),
+                           10.0)
+    assert cap.value.drop is Drop.FLOW_CAP_SESSION
+    table.restore_flow(b"session-alice-2", "alice", good._replace(key=udp(sport=4),
+                                                                  nat_port=61003), 10.0)
+    with pytest.raises(FlowRefused) as user_cap:
+        table.restore_flow(b"session-alice-2", "alice", good._replace(
+            key=udp(sport=5), nat_port=61004), 10.0)
+    assert user_cap.value.drop is Drop.FLOW_CAP_USER
+    assert len(table) == 4 and table.evicted == 0
+    table.drop_session(ALICE)
+    table.drop_session(b"session-alice-2")
+    assert_empty(table)

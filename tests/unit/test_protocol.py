@@ -1063,3 +1063,221 @@ def test_a_path_mtu_error_reaches_the_user_and_the_servers_kernel(pki_dir: Any) 
     h.transfer()
     (delivered,) = h.packets(1)
     assert IP(delivered)[ICMP].code == 4
+
+
+# -- a restart of the server (issue 10 section 2) ----------------------------------------------
+
+
+def restarted(h: Harness, downtime: float = 1.0, node: ServerNode | None = None
+              ) -> tuple[Harness, dict[str, Any]]:
+    """The server of ``h`` after a restart: its snapshot through the file's bytes, put back
+    into a new node (on a clock of its own) ``downtime`` seconds later."""
+    from pvpn.state import decode_state, encode_state
+
+    saved = decode_state(encode_state(h.node.snapshot(h.now)))
+    again = Harness(h.p)
+    if node is not None:
+        again.node = node
+    again.now = h.now + 5000.0
+    report = again.node.restore(saved, again.now, downtime)
+    again.transfer()  # its records
+    return again, report
+
+
+def download(h: Harness, link_id: int = 1) -> tuple[bytes, int]:
+    """alice's connection to TARGET:80 opened and answered; its SYN and its NAT port."""
+    syn = bytes(IP(src=CLIENT, dst=TARGET) / TCP(sport=40000, dport=80, flags="S", seq=1000))
+    h.links[link_id].send_packets([syn])
+    h.transfer()
+    port = int(IP(h.injected[-1])[TCP].sport)
+    assert h.node.receive_reply(bytes(IP(src=TARGET, dst="10.9.0.1") / TCP(
+        sport=80, dport=port, flags="SA", seq=5000, ack=1001)), h.now)
+    h.node.flush(h.now)
+    h.transfer()
+    assert len(h.packets(link_id)) == 1
+    return syn, port
+
+
+def ack(seq: int = 1001, ack_no: int = 5001) -> bytes:
+    return bytes(IP(src=CLIENT, dst=TARGET) / TCP(sport=40000, dport=80, flags="A", seq=seq,
+                                                   ack=ack_no))
+
+
+def test_a_restarted_server_resumes_the_session_with_its_mappings(pki_dir: Any) -> None:
+    """The same session, token and NAT port after a restart: the remote end's retransmission
+    reaches alice, and her segments leave with the port the remote end knows."""
+    h = Harness(pki_dir)
+    h.connect(1, "alice")
+    est = first(h.events[1], LinkEstablished)
+    _, port = download(h)
+    b, report = restarted(h)
+    assert report["sessions"] == 1 and report["flows"] == 1 and not report["skipped"]
+    (record,) = [r for r in b.logs if r.event == "session:restored"]
+    assert record.session == est.session.hex() and record.extra["flows"] == 1
+    (session,) = b.node.sessions.values()
+    assert session.link is None and session.token == b""  # detached, its token not kept
+    b.connect(2, "alice", resume=(est.session, est.token))
+    again = first(b.events[2], LinkEstablished)
+    assert again.resumed and again.session == est.session and again.token == est.token
+    b.links[2].send_packets([ack()])
+    b.transfer()
+    (out,) = b.injected
+    assert IP(out)[TCP].sport == port and IP(out).src == "10.9.0.1"
+    assert b.node.receive_reply(bytes(IP(src=TARGET, dst="10.9.0.1") / TCP(
+        sport=80, dport=port, flags="PA", seq=5001, ack=1001) / b"data"), b.now)
+    b.node.flush(b.now)
+    b.transfer()
+    (back,) = b.packets(2)
+    assert IP(back)[TCP].dport == 40000 and bytes(IP(back)[TCP].payload) == b"data"
+    # Someone else's token (or none) for that id still gets a new session, not alice's.
+    b.connect(3, "alice", resume=(est.session, b"x" * 16))
+    other = first(b.events[3], LinkEstablished)
+    assert not other.resumed and other.session != est.session
+
+
+def test_a_server_restarted_without_its_state_resets_the_connection(pki_dir: Any) -> None:
+    """No mapping for a segment in the middle of a connection: alice's TCP gets a reset at
+    once (at her exact receive point) instead of a new NAT port the remote end never saw."""
+    h = Harness(pki_dir)
+    h.connect(1, "alice")
+    est = first(h.events[1], LinkEstablished)
+    download(h)
+    b = Harness(pki_dir)  # the state is gone
+    b.connect(2, "alice", resume=(est.session, est.token))
+    assert not first(b.events[2], LinkEstablished).resumed
+    b.links[2].send_packets([ack(seq=1001, ack_no=777_000)])
+    b.transfer()
+    assert b.injected == [] and len(b.node.flows) == 0
+    (reset,) = b.packets(2)
+    got = IP(reset)
+    assert (got.src, got.dst, got[TCP].sport, got[TCP].dport) == (TARGET, CLIENT, 80, 40000)
+    assert got[TCP].flags == "R" and got[TCP].seq == 777_000
+    assert drops(b) == {"tcp-no-mapping": 1}
+    # A reset of hers is not answered; a new connection (a SYN) is mapped as ever.
+    b.links[2].send_packets([bytes(IP(src=CLIENT, dst=TARGET) / TCP(sport=40000, dport=80,
+                                                                    flags="R", seq=1001))])
+    b.links[2].send_packets([bytes(IP(src=CLIENT, dst=TARGET) / TCP(sport=40001, dport=80,
+                                                                    flags="S"))])
+    b.transfer()
+    assert b.packets(2) == [] and len(b.injected) == 1
+
+
+def test_an_orderly_stop_keeps_the_sessions_for_their_resume(pki_dir: Any) -> None:
+    """SIGTERM with a state file: no CLOSE (the user's process holds and resumes), the
+    sessions detached, not ended, and in the snapshot with their mappings."""
+    h = Harness(pki_dir)
+    h.connect(1, "alice")
+    download(h)
+    h.node.detach_all("server stopping", h.now)
+    h.transfer()
+    assert 1 in h.closed
+    assert not [e for e in h.events[1] if isinstance(e, LinkClosed)], "no CLOSE was sent"
+    assert not [r for r in h.logs if r.event == "session:closed"]
+    (session,) = h.node.sessions.values()
+    assert session.link is None and session.detached_since == h.now
+    (saved,) = h.node.snapshot(h.now).sessions
+    assert saved.detached == 0.0 and len(saved.flows) == 1
+
+
+def test_the_state_keeps_no_token_and_no_key(pki_dir: Any) -> None:
+    from pvpn.state import encode_state, token_hash
+
+    h = Harness(pki_dir)
+    h.connect(1, "alice")
+    est = first(h.events[1], LinkEstablished)
+    data = encode_state(h.node.snapshot(h.now))
+    assert est.token not in data and token_hash(est.token) in data
+    key = pki_dir["keys"]["alice"]
+    assert key.public_key().public_numbers().n.to_bytes(256, "big") not in data
+
+
+@pytest.mark.parametrize("change", ["key removed", "policy removed", "expired", "narrowed"])
+def test_what_a_restart_cannot_bring_back_ends(pki_dir: Any, tmp_path: Path,
+                                              change: str) -> None:
+    """A session whose user lost their key or policy, or whose grace ran out while the
+    server was away, is not put back (a session:closed record says why), and its user's
+    resume gets nothing of it: issue 9's revocation holds across a restart."""
+    import shutil
+
+    h = Harness(pki_dir)
+    h.connect(1, "alice", want=("10.9.0.0/24", "fd09::/64"))
+    est = first(h.events[1], LinkEstablished)
+    download(h)
+    users = tmp_path / "users"
+    shutil.copytree(pki_dir["users"], users)
+    node = make_node(pki_dir)
+    node._keys = auth.AuthorizedKeys(users)
+    downtime = 1.0
+    if change == "key removed":
+        (users / "alice.pub").unlink()
+    elif change == "policy removed":
+        del node.config.users["alice"]
+    elif change == "expired":
+        downtime = node.config.resume_grace + 1
+    else:
+        node.config.users["alice"] = UserPolicy([parse_prefix("fd09::/64")])
+    b, report = restarted(h, downtime, node)
+    if change == "narrowed":  # what is still allowed comes back, the rest (her IPv4) not
+        (session,) = b.node.sessions.values()
+        assert [str(n) for n in session.allow.networks] == ["fd09::/64"]
+        assert report["flows"] == 0
+        assert report["skipped"] == {"mapping: its destination is not allowed now": 1}
+        return
+    assert report["sessions"] == 0 and not b.node.sessions and len(b.node.flows) == 0
+    (closed,) = [r for r in b.logs if r.event == "session:closed"]
+    assert closed.session == est.session.hex() and closed.user == "alice"
+    assert closed.reason.startswith("not resumed within" if change == "expired" else "revoked")
+    b.connect(2, "alice", resume=(est.session, est.token))
+    if change == "expired":
+        assert not first(b.events[2], LinkEstablished).resumed
+    else:
+        assert first(b.events[2], LinkRefused).code == (
+            "auth-failed" if change == "key removed" else "no-destinations")
+        assert not b.node.sessions
+
+
+def test_a_forged_state_gives_no_more_than_a_live_user_could_have(pki_dir: Any) -> None:
+    """Mappings are checked as the table and the policy check their own: a destination
+    outside the allow list, a NAT address that is not the server's, a port outside
+    nat_ports, beyond the caps; sessions beyond sessions_per_user; another node's state."""
+    from pvpn.flowtable import FlowTable, SavedFlow
+    from pvpn.packet import FlowKey
+    from pvpn.state import SavedSession, ServerState, token_hash
+
+    def tcp_flow(sport: int, dst: str = TARGET, nat: bytes = NAT_SRC,
+                 port: int | None = None) -> SavedFlow:
+        key = FlowKey(6, ipaddress.ip_address(CLIENT).packed, sport,
+                      ipaddress.ip_address(dst).packed, 80)
+        return SavedFlow(key, nat, port or 61000 + sport, 1.0, 64, 0.0)
+
+    def session(n: int, user: str, flows: list[SavedFlow],
+                allow: tuple[str, ...] = ("0.0.0.0/0",)) -> SavedSession:
+        return SavedSession(bytes([n]) * 16, token_hash(b"t" * 16), user, 1001, "c",
+                            "10.0.0.2:1", allow, 10.0, 5.0, (0, 0, 0, 0), tuple(flows))
+
+    node = make_node(pki_dir)
+    node.config.sessions_per_user = 2
+    node.flows = FlowTable((61000, 61999), max_flows_per_session=3, tcp_pickup=False)
+    forged = [
+        session(1, "alice", [tcp_flow(1), tcp_flow(2, dst="10.8.0.1"),
+                             tcp_flow(3, nat=ipaddress.ip_address("10.9.0.99").packed),
+                             tcp_flow(4, port=70), tcp_flow(5), tcp_flow(6), tcp_flow(7)]),
+        session(2, "alice", [tcp_flow(1, port=61001)]),  # bob's? no: the port is taken
+        session(3, "alice", []),  # alice's third: one more than sessions_per_user
+        session(4, "mallory", [tcp_flow(9)]),  # nobody the server knows
+    ]
+    report = node.restore(ServerState("server", 0.0, 0, tuple(forged)), 100.0, 1.0)
+    assert report["sessions"] == 2 and report["flows"] == 3
+    assert report["skipped"] == {
+        "too-many": 1, "revoked": 1,
+        "mapping: its destination is not allowed now": 1,
+        "mapping: its NAT address is not the server's": 1,
+        "mapping: NAT port 70 outside nat_ports 61000-61999": 1,
+        "mapping: the session holds as many mappings as one session may (3)": 1,
+        "mapping: its NAT port towards that endpoint is taken": 1,
+    }
+    # What the policy allows is what the session gets, whatever the file said.
+    assert all([str(n) for n in s.allow.networks] == ["10.9.0.0/24"]
+               for s in node.sessions.values())
+    with pytest.raises(ValueError, match="written by node 'gw1'"):
+        make_node(pki_dir).restore(ServerState("gw1", 0.0, 0, ()), 100.0, 1.0)
