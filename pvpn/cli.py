@@ -44,12 +44,11 @@ def cmd_keygen(args: argparse.Namespace) -> int:
     path: Path = args.key
     if path.exists() and not args.force:
         raise ConfigError(f"{path} already exists; use --force to replace it")
+    pub = path.with_name(path.name + ".pub")  # X.pem -> X.pem.pub, as ssh-keygen names it
     if path.exists():
         path.unlink()
-        path.with_suffix(".pub").unlink(missing_ok=True)
     key = auth.generate_user_key(args.bits)
     auth.save_private_key(key, path)
-    pub = path.with_name(path.name + ".pub")
     pub.unlink(missing_ok=True)
     auth.save_public_key(key, pub, f"{getpass.getuser()}@{socket.gethostname()}")
     print(f"private key: {path} (mode 0600)")

@@ -76,3 +76,17 @@ def test_pvpn_connect_escapes_what_nodes_said(capsys: pytest.CaptureFixture[str]
     assert captured.err == ("pvpn: refused: \\x1b]0;pwned\\x07\\x1b[2J (auth-failed)\n"
                             "second line\n")
     assert captured.out == "pvpn: session up via gw\\x1b[31m1\n"
+
+
+def test_keygen_force_replaces_its_own_public_key_and_nothing_else(tmp_path: Path) -> None:
+    from pvpn.cli import cmd_keygen
+
+    key, other = tmp_path / "X.pem", tmp_path / "X.pub"
+    other.write_text("someone else's file\n")
+    args = build_parser().parse_args(["keygen", "--key", str(key), "--bits", "2048"])
+    assert cmd_keygen(args) == 0
+    first = (tmp_path / "X.pem.pub").read_text()
+    args.force = True
+    assert cmd_keygen(args) == 0
+    assert (tmp_path / "X.pem.pub").read_text() != first  # a new key, its own .pub
+    assert other.read_text() == "someone else's file\n"  # X.pub is not X.pem's to delete
