@@ -386,11 +386,13 @@ class ClientDaemon:
         return errors
 
     def end_session(self, session: SlotSession, reason: str) -> None:
-        """Remove the session's rules, then the marks its connections carry, then free the
-        slot: nothing of this session's is left for the slot's next holder."""
+        """Abort the session's TCP connections, remove its rules, then the marks its
+        connections carry, then free the slot: nothing of this session's is left for the
+        slot's next holder."""
         link = self.links.pop(session.slot, None)
         if link is not None:
             link.session = None
+        aborted = self.abort_connections(session)
         errors = self._uninstall(session)
         forgotten: int | str
         try:
@@ -403,7 +405,29 @@ class ClientDaemon:
         self.log_event("session:closed", session, reason=reason, packets_out=session.packets_out,
                        packets_in=session.packets_in, bytes_out=session.bytes_out,
                        bytes_in=session.bytes_in, drops=session.drops.as_dict(),
-                       connections_forgotten=forgotten, rule_errors=errors or None)
+                       connections_aborted=aborted, connections_forgotten=forgotten,
+                       rule_errors=errors or None)
+
+    def abort_connections(self, session: SlotSession) -> int | str:
+        """The session ends (revoked, expired, disconnected, its VPN over): its TCP
+        connections went through a tunnel that is gone, by addresses the server gave them, and
+        cannot go on. Where there is no other route they would wait in silence for data that
+        never comes; each connection of the session's user is aborted instead (SOCK_DESTROY,
+        by the cookie that names exactly that socket), so the application's next call fails
+        with ECONNABORTED. This runs while the session's rules still hold: the reset the
+        kernel sends as it aborts goes into the session's queue, never out in clear. Listeners
+        and other users' sockets on the same ports are left alone."""
+        aborted = 0
+        for flow in [f for f in session.flows if f.proto == pk.PROTO_TCP]:
+            try:
+                found = self.owners.find(flow)
+                if found.uid != session.uid or found.state not in sockdiag.TCP_CONNECTION:
+                    continue
+                self.owners.abort(flow, found.cookie)
+            except PvpnError as exc:
+                return f"failed after {aborted}: {exc}"
+            aborted += 1
+        return aborted
 
     def _slot_usable(self, slot: int) -> bool:
         """Whether no connection carries the slot's mark any more (asked before the slot goes

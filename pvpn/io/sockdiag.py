@@ -12,6 +12,10 @@ that socket is the session user's, or no process's (none at all, a TIME_WAIT one
 The messages are built and read by pure functions (:func:`lookup_request`, :func:`read_owner`);
 :class:`SocketOwners` holds one netlink socket and asks one question per packet (about 4 µs).
 The ``ss`` tool shows the same sockets: ``ss -tuanpe``.
+
+The same socket aborts a TCP connection that can no longer work (SOCK_DESTROY, as ``ss -K``
+does; the kernel's CONFIG_INET_DIAG_DESTROY): the application's next call fails with
+ECONNABORTED at once, instead of waiting for data that will never come.
 """
 
 from __future__ import annotations
@@ -20,30 +24,44 @@ import errno
 import os
 import socket
 import struct
+from typing import Callable, NamedTuple
 
 from pvpn.errors import ConfigError, PvpnError
 from pvpn.packet import PROTO_TCP, PROTO_UDP, FlowKey
 
 NETLINK_SOCK_DIAG = 4
 SOCK_DIAG_BY_FAMILY = 20
+SOCK_DESTROY = 21
 NLM_F_REQUEST = 0x1
+NLM_F_ACK = 0x4
 NLMSG_ERROR = 2
 _HEADER = struct.Struct("=IHHII")  # nlmsghdr: length, type, flags, seq, pid
 _REQUEST = struct.Struct("=BBBBI")  # inet_diag_req_v2: family, protocol, ext, pad, states
 _PORTS = struct.Struct(">HH")  # inet_diag_sockid: sport, dport (then src, dst, if, cookie)
-_TAIL = struct.Struct("=III")  # idiag_if, idiag_cookie[2]
-_NO_COOKIE = 0xFFFFFFFF
+_NO_COOKIE_BYTES = b"\xff" * 8  # INET_DIAG_NOCOOKIE: find by addresses and ports
 #: inet_diag_msg: family, state, timer, retrans (4), the sockid (48), expires, rqueue, wqueue
 #: (12), then uid and inode.
 _OWNER = struct.Struct("=II")
 _OWNER_AT = _HEADER.size + 4 + 48 + 12
 _STATE_AT = _HEADER.size + 1  # idiag_state
+_COOKIE_AT = _HEADER.size + 4 + 40  # idiag_cookie[2], after ports, addresses and interface
 TIMEOUT = 1.0
 #: TCP states (linux/tcp_states.h) of a synchronized connection: one that answers a SYN with a
 #: challenge ACK (RFC 5961 4.2), where a connecting or listening socket would take it for a
 #: connection of its own.
 TCP_SYNCHRONIZED = frozenset({1, 4, 5, 8, 9, 11})  # ESTABLISHED, FIN_WAIT1/2, CLOSE_WAIT,
                                                    # LAST_ACK, CLOSING
+TCP_SYN_SENT = 2
+#: The states of a connection an application still waits on (a listener is not one).
+TCP_CONNECTION = TCP_SYNCHRONIZED | {TCP_SYN_SENT}
+
+
+class Found(NamedTuple):
+    """The socket a flow's replies would reach: its owner (None: no process's), its state
+    (0 if there is none) and the kernel's cookie that names exactly it."""
+    uid: int | None
+    state: int
+    cookie: bytes
 
 
 def _padded(address: bytes) -> bytes:
@@ -53,6 +71,18 @@ def _padded(address: bytes) -> bytes:
 def lookup_request(flow: FlowKey, seq: int) -> bytes:
     """The question "which socket gets a packet of this flow's replies": ``flow`` as the local
     host sent it (``src``/``sport`` local, ``dst``/``dport`` the remote end)."""
+    return _request(flow, seq, SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST, _NO_COOKIE_BYTES)
+
+
+def destroy_request(flow: FlowKey, seq: int, cookie: bytes) -> bytes:
+    """"Abort the TCP socket ``cookie`` names, which holds ``flow``": with the cookie the
+    kernel aborts only that socket, never a listener or a newer socket on the same ports."""
+    if flow.proto != PROTO_TCP or len(cookie) != 8:
+        raise ValueError("only a TCP socket found with its cookie is aborted")
+    return _request(flow, seq, SOCK_DESTROY, NLM_F_REQUEST | NLM_F_ACK, cookie)
+
+
+def _request(flow: FlowKey, seq: int, kind: int, flags: int, cookie: bytes) -> bytes:
     family = socket.AF_INET if len(flow.src) == 4 else socket.AF_INET6
     if flow.proto == PROTO_UDP:
         # udp_dump_one looks up by (source, destination) of an arriving packet ("src and dst
@@ -63,38 +93,46 @@ def lookup_request(flow: FlowKey, seq: int) -> bytes:
     else:
         raise ValueError(f"no socket lookup for protocol {flow.proto}")
     body = (_REQUEST.pack(family, flow.proto, 0, 0, 0xFFFFFFFF) + _PORTS.pack(sport, dport)
-            + _padded(src) + _padded(dst) + _TAIL.pack(0, _NO_COOKIE, _NO_COOKIE))
-    return _HEADER.pack(_HEADER.size + len(body), SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST, seq,
-                        0) + body
+            + _padded(src) + _padded(dst) + struct.pack("=I", 0) + cookie)
+    return _HEADER.pack(_HEADER.size + len(body), kind, flags, seq, 0) + body
 
 
 def read_owner(data: bytes, seq: int) -> tuple[bool, int | None]:
     """``(answered, uid)`` from one recv: ``answered`` False if ``data`` answers another
     question (a late one); ``uid`` None if no process's socket would get the packet (none, or
     one without a file: TIME_WAIT, a request). PvpnError for any other answer."""
-    answered, uid, _ = read_socket(data, seq)
-    return answered, uid
+    answered, found = read_socket(data, seq)
+    return answered, found.uid
 
 
-def read_socket(data: bytes, seq: int) -> tuple[bool, int | None, int]:
-    """:func:`read_owner`'s answer and the socket's state (``idiag_state``; 0 for none)."""
+_NONE = Found(None, 0, b"")
+
+
+def read_socket(data: bytes, seq: int) -> tuple[bool, Found]:
+    """:func:`read_owner`'s answer, with the socket's state (``idiag_state``) and cookie."""
     if len(data) < _HEADER.size:
         raise PvpnError("sock_diag: short answer")
     length, kind, _, got_seq, _ = _HEADER.unpack_from(data)
     if length < _HEADER.size or length > len(data):
         raise PvpnError("sock_diag: malformed answer")
     if got_seq != seq:
-        return False, None, 0
+        return False, _NONE
     if kind == NLMSG_ERROR:
-        code = -struct.unpack_from("=i", data, _HEADER.size)[0] \
-            if length >= _HEADER.size + 4 else errno.EPROTO
-        if code == errno.ENOENT:
-            return True, None, 0
+        code = _error_code(data, length)
+        if code in (0, errno.ENOENT):  # 0: the acknowledgement of a SOCK_DESTROY
+            return True, _NONE
         raise PvpnError(f"sock_diag refused: {os.strerror(code)}")
     if kind != SOCK_DIAG_BY_FAMILY or length < _OWNER_AT + _OWNER.size:
         raise PvpnError("sock_diag: unexpected answer")
     uid, inode = _OWNER.unpack_from(data, _OWNER_AT)
-    return True, (uid if inode else None), data[_STATE_AT]
+    return True, Found(uid if inode else None, data[_STATE_AT],
+                       bytes(data[_COOKIE_AT:_COOKIE_AT + 8]))
+
+
+def _error_code(data: bytes, length: int) -> int:
+    if length < _HEADER.size + 4:
+        return errno.EPROTO
+    return int(-struct.unpack_from("=i", data, _HEADER.size)[0])
 
 
 class SocketOwners:
@@ -117,13 +155,26 @@ class SocketOwners:
     def socket(self, flow: FlowKey) -> tuple[int | None, int]:
         """:meth:`owner` and that socket's state (a TCP state of linux/tcp_states.h; 0 if
         there is none)."""
+        found = self.find(flow)
+        return found.uid, found.state
+
+    def find(self, flow: FlowKey) -> Found:
+        """The socket ``flow``'s replies would reach."""
+        return self._ask(lookup_request, flow)
+
+    def abort(self, flow: FlowKey, cookie: bytes) -> None:
+        """Abort the TCP socket :meth:`find` named by ``cookie`` (gone already: nothing to
+        do). PvpnError if the kernel refuses (no CONFIG_INET_DIAG_DESTROY, not root)."""
+        self._ask(lambda f, seq: destroy_request(f, seq, cookie), flow)
+
+    def _ask(self, build: Callable[[FlowKey, int], bytes], flow: FlowKey) -> Found:
         self._seq = (self._seq + 1) & 0xFFFFFFFF
         try:
-            self._sock.send(lookup_request(flow, self._seq))
+            self._sock.send(build(flow, self._seq))
             for _ in range(16):  # answers to questions that timed out earlier come first
-                answered, uid, state = read_socket(self._sock.recv(8192), self._seq)
+                answered, found = read_socket(self._sock.recv(8192), self._seq)
                 if answered:
-                    return uid, state
+                    return found
         except OSError as exc:
             raise PvpnError(f"sock_diag: {exc.strerror or exc}") from None
         raise PvpnError("sock_diag gave no answer")

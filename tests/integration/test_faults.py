@@ -1,8 +1,8 @@
 """Faults that must not lose data (issue 4), each measured in a real lab with the nodes under
 supervisord: a gateway killed mid-download, the server killed or restarted mid-download (the
 same connection completes; issue 10) or restarted without its state (the connection is
-reset at once), a link cut for 45 s, pvpn-client killed, and 200 quick connect/disconnect
-cycles."""
+reset at once), a user revoked mid-download (the connection is aborted at once), a link
+cut for 45 s, pvpn-client killed, and 200 quick connect/disconnect cycles."""
 
 from __future__ import annotations
 
@@ -194,6 +194,50 @@ def test_server_restarted_without_its_state_resets_the_connection_within_5_s(
         fetch_ok(lab, "alice", "100k")  # the new session carries new connections
     finally:
         disconnect(lab, "alice")
+
+
+def test_a_user_revoked_mid_download_sees_her_connection_fail_within_5_s(
+        lab: dict[str, Any]) -> None:
+    """Issue 10 section 2: alice's key is removed at the server (and the server reloaded)
+    while her download runs. The server ends her session, her tunnel process ends saying so,
+    and pvpn-client removes her protection; the client host has no other route to the
+    target, so her download would wait in silence until curl's own timeout. pvpn-client
+    aborts the session's TCP connections as it ends it: curl fails within 5 s, and nothing of
+    hers leaves in clear."""
+    server_dir = Path(lab["configs"]["server"]).parent
+    key = server_dir / "users" / "alice.pub"
+    saved = key.read_bytes()
+    since = len(Path(lab["logs"]["server"]["pvpn-server"]).read_text())
+    session = connect(lab, "alice", "--keepalive", "1")
+    try:
+        with capture(lab) as pcap, download(lab, "alice", "big", "4M") as proc:
+            time.sleep(2)  # under way
+            assert proc.poll() is None, "the download must span the revocation"
+            key.unlink()
+            supervisorctl(lab, "server", "signal", "HUP", "pvpn-server")
+            wait_until(lambda: any(r["event"] == "auth:revoked"
+                                   for r in server_records(lab, since)), 10)
+            revoked = time.monotonic()
+            try:
+                out, err = proc.communicate(timeout=30)
+            except subprocess.TimeoutExpired:
+                raise AssertionError("the download hangs 30 s after the revocation")
+            took = time.monotonic() - revoked
+        assert proc.returncode != 0 and len(out) < lab["files"]["big"]["size"]
+        assert b"abort" in err, err  # "Software caused connection abort"
+        assert took < 5, f"failed {took:.1f} s after the revocation"
+        assert clear_packets(pcap, lab) == [], "nothing of alice's in clear"
+        assert session not in status(lab, "alice"), "her session is over"
+    finally:
+        key.write_bytes(saved)
+        supervisorctl(lab, "server", "signal", "HUP", "pvpn-server")
+        disconnect(lab, "alice")
+    with_key_back = connect(lab, "alice")  # her key back: her VPN works again
+    try:
+        fetch_ok(lab, "alice", "10k")
+    finally:
+        disconnect(lab, "alice")
+    assert with_key_back
 
 
 def test_link_cut_for_45_s_then_healed(lab: dict[str, Any]) -> None:

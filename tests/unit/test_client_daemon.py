@@ -895,3 +895,102 @@ def test_a_new_server_session_makes_its_tcp_connections_answer_for_their_reset(
                     del daemon.tun_fds[slot]
         os.close(read_end)
         os.close(write_end)
+
+
+def test_an_ended_session_aborts_its_user_s_tcp_connections_before_its_rules_go(
+        kernel: Kernel, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 10: alice's key was revoked at the server, and her tunnel process ended her
+    session. Her download through it would wait for data that never comes (no route but the
+    tunnel); pvpn-client aborts each of her TCP connections the session carried (connected or
+    connecting), by the cookie of exactly that socket, while the session's rules still hold
+    (the kernel's reset goes into her queue, not out in clear), and no other socket: not her
+    listener on the same port, not bob's, not a TIME_WAIT one, no UDP one."""
+    from scapy.layers.inet import IP, TCP, UDP
+
+    from pvpn.io.sockdiag import Found
+    from pvpn.packet import parse_flow
+
+    sockets: dict[Any, Found] = {}
+    aborted: list[tuple[Any, bytes, int]] = []
+
+    class Owners:
+        def owner(self, flow: Any) -> int | None:
+            return self.find(flow).uid
+
+        def socket(self, flow: Any) -> tuple[int | None, int]:
+            return self.find(flow)[:2]
+
+        def find(self, flow: Any) -> Found:
+            return sockets.get(flow, Found(None, 0, b""))
+
+        def abort(self, flow: Any, cookie: bytes) -> None:
+            aborted.append((flow, cookie, len(kernel.removed)))
+
+    monkeypatch.setattr(dm, "SocketOwners", Owners, raising=False)
+
+    async def scenario() -> None:
+        daemon = make_daemon(tmp_path)
+        alice = Process(daemon, 1001)
+        alice.register(["10.77.1.0/24"])
+        alice.send(MsgType.ATTACH, {"session": SID})
+        out = {sport: bytes(IP(src="10.77.0.1", dst="10.77.1.2")
+                            / TCP(sport=sport, dport=80, flags="A")) for sport in range(1, 6)}
+        out[6] = bytes(IP(src="10.77.0.1", dst="10.77.1.2") / UDP(sport=6, dport=53))
+        for packet in out.values():
+            assert daemon.queues[0].callback(packet)
+        flows = {sport: parse_flow(packet) for sport, packet in out.items()}
+        sockets[flows[1]] = Found(1001, 1, b"cookie-1")  # hers, ESTABLISHED
+        sockets[flows[2]] = Found(1001, 2, b"cookie-2")  # hers, SYN_SENT
+        sockets[flows[3]] = Found(1001, 10, b"cookie-3")  # her listener now holds the port
+        sockets[flows[4]] = Found(1002, 1, b"cookie-4")  # bob's now
+        sockets[flows[5]] = Found(None, 6, b"cookie-5")  # TIME_WAIT: no process's
+        sockets[flows[6]] = Found(1001, 7, b"cookie-6")  # a UDP socket of hers
+        removed_before = len(kernel.removed)
+        alice.send(MsgType.UNREGISTER, {"reason": "revoked: no key left"})
+        assert sorted((flow.sport, cookie) for flow, cookie, _ in aborted) == [
+            (1, b"cookie-1"), (2, b"cookie-2")]
+        assert all(removed == removed_before for _, _, removed in aborted), \
+            "aborted while the session's rules still hold"
+        assert len(kernel.removed) > removed_before, "then its rules are removed"
+        closed = [line for line in daemon.log.stream.getvalue().splitlines()  # type: ignore[attr-defined]
+                  if "session:closed" in line]
+        assert len(closed) == 1 and '"connections_aborted":2' in closed[0]
+
+    run(scenario())
+
+
+def test_a_kernel_that_cannot_abort_still_ends_the_session_and_says_so(
+        kernel: Kernel, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A kernel without SOCK_DESTROY (or a sock_diag failure) must not keep the session's
+    rules or slot: the session ends as before, and the record says what failed."""
+    from scapy.layers.inet import IP, TCP
+
+    from pvpn.errors import PvpnError
+    from pvpn.io.sockdiag import Found
+
+    class Owners:
+        def owner(self, flow: Any) -> int | None:
+            return 1001
+
+        def find(self, flow: Any) -> Found:
+            return Found(1001, 1, b"c" * 8)
+
+        def abort(self, flow: Any, cookie: bytes) -> None:
+            raise PvpnError("sock_diag refused: Operation not supported")
+
+    monkeypatch.setattr(dm, "SocketOwners", Owners, raising=False)
+
+    async def scenario() -> None:
+        daemon = make_daemon(tmp_path)
+        alice = Process(daemon, 1001)
+        alice.register(["10.77.1.0/24"])
+        alice.send(MsgType.ATTACH, {"session": SID})
+        assert daemon.queues[0].callback(bytes(IP(src="10.77.0.1", dst="10.77.1.2")
+                                               / TCP(sport=1, dport=80, flags="A")))
+        alice.send(MsgType.UNREGISTER, {"reason": "done"})
+        assert daemon.registry.sessions == {} and kernel.removed
+        closed = [line for line in daemon.log.stream.getvalue().splitlines()  # type: ignore[attr-defined]
+                  if "session:closed" in line]
+        assert len(closed) == 1 and "failed after 0: sock_diag refused" in closed[0]
+
+    run(scenario())

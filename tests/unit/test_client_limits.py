@@ -367,3 +367,59 @@ def test_sock_diag_questions_and_answers() -> None:
     finally:
         mine.close()
         owners.close()
+
+
+def test_sock_diag_aborts_exactly_the_socket_it_found() -> None:
+    """The abort pvpn-client sends for an ended session's connection: SOCK_DESTROY with an
+    acknowledgement, naming the socket by its cookie; on this kernel (as root) the connection's
+    next call fails with ECONNABORTED, and the listener on the same port lives on."""
+    import errno
+    import os
+    import socket
+    import struct
+
+    from pvpn.io import sockdiag as sd
+
+    local, remote = socket.inet_aton("10.77.0.1"), socket.inet_aton("10.77.1.2")
+    flow = FlowKey(6, local, 40000, remote, 80)
+    request = sd.destroy_request(flow, 9, b"ABCDEFGH")
+    length, kind, flags, seq, _ = struct.unpack_from("=IHHII", request)
+    assert (length, kind, flags, seq) == (72, 21, 5, 9)
+    assert request[24:28] == struct.pack(">HH", 40000, 80) and request[64:72] == b"ABCDEFGH"
+    with pytest.raises(ValueError):
+        sd.destroy_request(flow._replace(proto=17), 9, b"ABCDEFGH")
+    with pytest.raises(ValueError):
+        sd.destroy_request(flow, 9, b"")
+    ack = struct.pack("=IHHII", 36, 2, 0, 9, 0) + struct.pack("=i", 0) + b"\0" * 16
+    assert sd.read_socket(ack, 9) == (True, sd.Found(None, 0, b""))
+    if os.geteuid() != 0:
+        pytest.skip("aborting a socket needs CAP_NET_ADMIN")
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(4)
+    port = listener.getsockname()[1]
+    client = socket.create_connection(("127.0.0.1", port))
+    served, _ = listener.accept()
+    owners = sd.SocketOwners()
+    try:
+        mine = FlowKey(6, socket.inet_aton("127.0.0.1"), client.getsockname()[1],
+                       socket.inet_aton("127.0.0.1"), port)
+        found = owners.find(mine)
+        assert found.uid == os.geteuid() and found.state == 1 and len(found.cookie) == 8
+        # The server's end by the listener's port: the connection, not the listener.
+        theirs = owners.find(FlowKey(6, socket.inet_aton("127.0.0.1"), port,
+                                     socket.inet_aton("127.0.0.1"), client.getsockname()[1]))
+        assert theirs.state == 1 and theirs.cookie != found.cookie
+        owners.abort(mine, b"\0" * 8)  # a cookie that names another socket: none aborted
+        assert owners.find(mine) == found
+        owners.abort(mine, found.cookie)
+        with pytest.raises(OSError) as failed:
+            client.recv(1)
+        assert failed.value.errno == errno.ECONNABORTED
+        assert owners.find(mine).uid is None
+        again = socket.create_connection(("127.0.0.1", port))  # the listener lives on
+        again.close()
+    finally:
+        owners.close()
+        for s in (client, served, listener):
+            s.close()
