@@ -23,7 +23,7 @@ from pvpn import auth, tls
 from pvpn.envelope import (
     EnvelopeDecoder, MsgType, Sequencer, decode_control, encode_control, encode_envelope,
 )
-from pvpn.errors import ConfigError, PvpnError, RemoteProtocolError
+from pvpn.errors import ConfigError, PvpnError, RemoteProtocolError, connect_failure
 from pvpn.io.loop import WRITE_HIGH_WATER, set_nodelay
 from pvpn.io.pcap import DEFAULT_MAX_BYTES, PcapWriter
 from pvpn.envelope import DEFAULT_HOPS
@@ -176,8 +176,9 @@ class Connector:
             transport.abort()
             raise ConnectError(distrust)
         self.local = proto
-        self._local_send(MsgType.REGISTER, {"prefixes": self.opt.prefixes,
-                                            "server": f"{self.opt.host}:{self.opt.port}"})
+        self._local_send(MsgType.REGISTER, {
+            "prefixes": self.opt.prefixes, "server": f"{self.opt.host}:{self.opt.port}",
+            "via": [_endpoint_text(*hop) for hop in self.hops[:-1]]})
         reply = await asyncio.wait_for(self.registered, CONNECT_TIMEOUT)
         self._attach()  # re-registering a running VPN: it is up again at once
         return reply
@@ -188,7 +189,7 @@ class Connector:
         chain = self.chain
         if (not self.attached and self.registered.done() and not self.registered.cancelled()
                 and self.registered.exception() is None and chain is not None and chain.up):
-            self._local_send(MsgType.ATTACH, {"session": self.session})
+            self._local_send(MsgType.ATTACH, {"session": self.session, "nodes": chain.nodes})
             self.attached = True
 
     def _local_send(self, mtype: MsgType, fields: dict[str, Any]) -> None:
@@ -315,19 +316,23 @@ class Connector:
                 lambda: _Stream(self._remote_data, self._remote_lost), host, port),
                 CONNECT_TIMEOUT)
         except (OSError, asyncio.TimeoutError) as exc:
-            raise ConnectionError(f"cannot reach {_endpoint_text(host, port)}: "
-                                  f"{getattr(exc, 'strerror', None) or exc or 'timed out'}"
-                                  ) from None
+            first = "the first hop " if len(self.hops) > 1 else ""
+            raise ConnectionError(f"cannot reach {first}{_endpoint_text(host, port)}: "
+                                  f"{connect_failure(exc, CONNECT_TIMEOUT)}") from None
         assert proto.transport is not None
         set_nodelay(proto.transport)
         proto.on_congestion = self._congestion  # type: ignore[method-assign]
         self.remote = proto
         self.chain.start(self.loop.time())
         self._flush_remote()
+        waited = CONNECT_TIMEOUT * (1 + len(self.hops))
         try:
-            up = await asyncio.wait_for(self.up, CONNECT_TIMEOUT * (1 + len(self.hops)))
-        except BaseException:
+            up = await asyncio.wait_for(self.up, waited)
+        except asyncio.TimeoutError:
             proto.transport.close()  # a half-built chain is not kept
+            raise ConnectionError(self.chain.silent_hop(waited)) from None
+        except BaseException:
+            proto.transport.close()
             raise
         self.session, self.token = up.accept.session, up.accept.token
         return up
@@ -404,7 +409,7 @@ class Connector:
                 self.end(1, str(exc))
                 return
             except (ConnectionError, OSError, asyncio.TimeoutError) as exc:
-                _say(f"reconnect failed: {exc or 'timed out'}; retrying")
+                _say(f"reconnect failed: {connect_failure(exc)}; retrying")
                 delay = min(delay * 2, MAX_BACKOFF)
                 continue
             state = "resumed" if event.accept.resumed else "re-established as a new session"

@@ -32,8 +32,8 @@ from pvpn import packet as pk
 from pvpn.config import ClientConfig, load_client_config, parse_prefixes
 from pvpn.drops import Drop
 from pvpn.envelope import (
-    EnvelopeDecoder, MsgType, Sequencer, decode_control, encode_control, encode_envelope,
-    status_pages,
+    DEFAULT_HOPS, EnvelopeDecoder, MsgType, Sequencer, decode_control, encode_control,
+    encode_envelope, status_pages,
 )
 from pvpn.errors import ConfigError, MalformedPacket, PolicyError, PvpnError, RemoteProtocolError
 from pvpn.io import conntrack, rules, sockdiag
@@ -70,6 +70,16 @@ PROBE_EVERY = 30.0
 #: How often the kernel's rules are compared with the sessions held (seconds): someone else's
 #: firewall reload or `iptables -t mangle -F` takes them away; they are put back within this.
 RULES_CHECK_EVERY = 5.0
+
+
+def chain_names(names: object, what: str) -> list[str]:
+    """A chain's endpoints or node names from a tunnel process, bounded for status."""
+    if (not isinstance(names, list) or len(names) > DEFAULT_HOPS
+            or not all(isinstance(n, str) and 0 < len(n) <= MAX_SERVER and n.isprintable()
+                       for n in names)):
+        raise ConfigError(f"the chain's {what} must be at most {DEFAULT_HOPS} printable "
+                          f"names of at most {MAX_SERVER} characters each")
+    return list(names)
 
 
 def user_name(uid: int) -> str:
@@ -555,7 +565,12 @@ class ClientDaemon:
         if mtype is MsgType.REGISTER:
             self._register(link, fields, now)
         elif mtype is MsgType.ATTACH and link.session is not None:
+            try:
+                nodes = chain_names(fields.get("nodes", []), "node names")
+            except ConfigError as exc:
+                raise RemoteProtocolError(f"ATTACH: {exc}") from None
             self._attach(link, link.session, fields["session"])
+            link.session.nodes = nodes
         elif mtype is MsgType.UNREGISTER and link.session is not None:
             link.unregistered = True
             session = link.session
@@ -680,6 +695,7 @@ class ClientDaemon:
             if len(server) > MAX_SERVER or not server.isprintable():
                 raise ConfigError(f"the server name must be printable and at most {MAX_SERVER} "
                                   "characters")
+            via = chain_names(fields.get("via", []), "gateway endpoints")
             if not all(isinstance(p, str) for p in fields["prefixes"]):
                 raise ConfigError("prefixes must be strings")
             networks = parse_prefixes(fields["prefixes"])
@@ -705,6 +721,7 @@ class ClientDaemon:
         session.attached = True
         session.held_since = None
         session.server = server
+        session.via = via
         link.session = session
         self.links[session.slot] = link
         link.send_control(MsgType.REGISTERED, {"slot": session.slot, "queue": session.queue,

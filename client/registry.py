@@ -51,6 +51,10 @@ class SlotSession:
     tun: str
     opened: float  # registered (or recovered after a restart)
     max_flows: int = 8192
+    # The chain as its tunnel process told it: the gateways' endpoints (REGISTER) and the
+    # names every node gave, the server's last (ATTACH); what `pvpn status` shows.
+    via: list[str] = field(default_factory=list)
+    nodes: list[str] = field(default_factory=list)
     session_id: bytes = b""
     # The id recorded in the session's rules (what the next pvpn-client reads), and when.
     recorded: bytes = b""
@@ -80,6 +84,7 @@ class SlotSession:
     def describe(self, now: float) -> dict[str, Any]:
         return {
             "slot": self.slot, "uid": self.uid, "user": self.user, "server": self.server,
+            "via": list(self.via), "nodes": list(self.nodes),
             "session": self.session_id.hex(), "prefixes": [str(n) for n in self.networks],
             "state": self.state, "age": round(now - self.opened, 1), "queue": self.queue,
             "tun": self.tun, "packets_out": self.packets_out, "packets_in": self.packets_in,

@@ -9,7 +9,7 @@ import itertools
 
 from pvpn import auth, tls
 from pvpn.config import GatewayConfig, load_gateway_config
-from pvpn.errors import ConfigError
+from pvpn.errors import ConfigError, connect_failure
 from pvpn.io.control import start_control, stop_control
 from pvpn.io.localaddrs import LocalAddressWatch
 from pvpn.io.loop import (
@@ -90,7 +90,7 @@ class Gateway:
                 transport, _ = await asyncio.wait_for(self.loop.create_connection(
                     lambda: NextHopProtocol(self, cmd.link), cmd.host, cmd.port), cmd.timeout)
             except (OSError, asyncio.TimeoutError) as exc:
-                reason = getattr(exc, "strerror", None) or str(exc) or "timed out"
+                reason = connect_failure(exc, cmd.timeout)
                 self.node.next_failed(cmd.link, reason, self.loop.time())
             else:
                 if cmd.link in self.links:

@@ -130,6 +130,28 @@ class UserChain:
             return None
         return self._fail(0, reason, False)
 
+    def silent_hop(self, waited: float) -> str:
+        """Why the chain is not up after ``waited`` seconds: the hop it waits for, and for
+        what (a node that takes TCP but never speaks, a gateway whose next hop drops it)."""
+        index = len(self.links) - 1
+        if index < 0:
+            return f"the chain did not start within {waited:g} s"
+        link = self.links[index]
+        where = f"hop {index + 1} of {self.length} ({self._where(index)})"
+        if index:
+            where += f", reached through {' > '.join(self.nodes)}"
+        if not link.tls.handshake_complete:
+            stage = ("its TLS handshake did not finish: is a pvpn node listening there, and "
+                     "do its answers get back?")
+        elif link.state is LinkState.HELLO_SENT:
+            stage = "it took our TLS handshake but never sent its challenge"
+        elif index + 1 < self.length:
+            stage = ("it took our signature but did not accept us: it may still be connecting "
+                     f"to its next hop, {self._names[index + 1]}")
+        else:
+            stage = "it never answered our signature (accept or refuse)"
+        return f"no answer from {where} within {waited:g} s: {stage}"
+
     # -- output
     def send_packets(self, packets: Iterable[bytes]) -> None:
         if self.up:

@@ -193,6 +193,17 @@ def _text(value: Any) -> str:
     return printable(str(value))
 
 
+def chain_text(session: dict[str, Any]) -> str:
+    """Every hop of a session in order, the server last: each node's name (once its tunnel
+    process said it) beside the endpoint the user named, "gw1 (10.77.1.1:4433) > server
+    (10.77.3.1:4433)"."""
+    via, nodes = session.get("via"), session.get("nodes")
+    endpoints = [*(via if isinstance(via, list) else []), session.get("server", "?")]
+    names = nodes if isinstance(nodes, list) and len(nodes) == len(endpoints) else []
+    return " > ".join(f"{_text(name)} ({_text(end)})" if names else _text(end)
+                      for name, end in zip(names or endpoints, endpoints))
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     if args.node or args.supervisord:
         return cmd_node_status(args)
@@ -215,7 +226,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"{_text(get('session') or '(connecting)'):32}  {_text(get('user', '?')):>10} "
               f"(uid {_text(get('uid', '?'))}, slot {_text(get('slot', '?'))})  "
               f"{_text(get('state', '?'))}\n"
-              f"    to {to} via {_text(get('server', '?'))}; age {_text(get('age', '?'))} s; "
+              f"    to {to} via {chain_text(s)}; age {_text(get('age', '?'))} s; "
               f"out {_text(get('packets_out', 0))} pkts/{_text(get('bytes_out', 0))} B, "
               f"in {_text(get('packets_in', 0))} pkts/{_text(get('bytes_in', 0))} B; "
               f"drops {drop_text or 'none'}")

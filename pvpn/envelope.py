@@ -238,6 +238,13 @@ CONTROL_SCHEMAS: dict[MsgType, dict[str, tuple[type, ...]]] = {
     MsgType.ERROR: {"code": _STR, "reason": _STR},
 }
 
+#: Fields a body may leave out, so that a peer older than the field still speaks: a
+#: `pvpn connect` that was running when pvpn-client was upgraded registers again without them.
+OPTIONAL_FIELDS: dict[MsgType, dict[str, tuple[type, ...]]] = {
+    MsgType.REGISTER: {"via": _LIST},  # the gateways' endpoints, in order
+    MsgType.ATTACH: {"nodes": _LIST},  # the names the chain's nodes gave, the server last
+}
+
 
 #: Sessions in one STATUS_REPLY page: under the decoder's array bound (256).
 MAX_PAGE_ITEMS = 200
@@ -283,13 +290,18 @@ def decode_control(envelope: Envelope) -> dict[str, Any]:
                              ) from None
     if not isinstance(fields, dict):
         raise MalformedFrame(f"{envelope.type.name} body must be a map")
-    if set(fields) != set(schema):
+    optional = OPTIONAL_FIELDS.get(envelope.type, {})
+    if not set(schema) <= set(fields) <= set(schema) | set(optional):
         names = sorted(clip(str(name), 32) for name in list(fields)[:8])
         more = f" and {len(fields) - 8} more" if len(fields) > 8 else ""
+        also = f" (and optionally {sorted(optional)})" if optional else ""
         raise MalformedFrame(
             f"{envelope.type.name} body has fields {names}{more}, expected {sorted(schema)}"
+            f"{also}"
         )
-    for name, types in schema.items():
+    for name, types in [*schema.items(), *optional.items()]:
+        if name not in fields:
+            continue
         value = fields[name]
         # bool is an int subclass: keep them apart.
         if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):

@@ -492,6 +492,20 @@ def down(name: str, *, say: Say = _say) -> list[str]:
 
 # --- exec and info ---------------------------------------------------------------------------
 
+# Runs first (as root, in the host's namespace), then execs the rest: a session of the
+# command's own, so no controlling terminal. A user's program in root's session could open
+# root's terminal (/dev/tty) and push keystrokes into it (TIOCSTI). setsid(1) would fork when
+# its caller already leads a process group (Popen(start_new_session=True)), and the pid a
+# caller holds would then be a parent that does not pass on its signals.
+OWN_SESSION = (
+    "import os, sys\n"
+    "try:\n    os.setsid()\n"
+    "except PermissionError:\n    pass  # already leads its process group\n"
+    "if os.getsid(0) != os.getpid():\n"
+    "    sys.exit('pvpn lab: cannot give the command a session of its own')\n"
+    "os.execvp(sys.argv[1], sys.argv[1:])\n"
+)
+
 
 def exec_argv(name: str, role: str, user: str, command: list[str]) -> tuple[list[str], Path]:
     """The argument list (and working directory) that runs ``command`` on a lab host.
@@ -500,7 +514,8 @@ def exec_argv(name: str, role: str, user: str, command: list[str]) -> tuple[list
     environment (HOME, USER, SHELL as at login), from the user's home directory. Its PATH is
     the login one behind the scripts directory of the Python environment pvpn runs from, so
     the users' ``pvpn`` is the same code as the lab's nodes (the one on /usr/local/bin may be
-    another installation's).
+    another installation's). It runs in a session of its own, without a controlling terminal
+    (:data:`OWN_SESSION`); its pid is the one the returned argv starts.
     """
     check_name(name)
     namespace = f"{name}-{role}"
@@ -513,7 +528,8 @@ def exec_argv(name: str, role: str, user: str, command: list[str]) -> tuple[list
     cwd = account.home if account.home.is_dir() else Path("/")
     login_path = ("/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
                   if account.uid == 0 else "/usr/local/bin:/usr/bin:/bin")
-    argv = netns.ns_exec(namespace, "setpriv", "--reuid", str(account.uid),
+    argv = netns.ns_exec(namespace, sys.executable, "-I", "-S", "-c", OWN_SESSION,
+                         "setpriv", "--reuid", str(account.uid),
                          "--regid", str(account.gid), "--init-groups", "--reset-env",
                          "--", "env", f"PATH={venv_bin()}:{login_path}", *command)
     return argv, cwd
@@ -546,7 +562,9 @@ def exec_in(name: str, role: str, user: str, command: list[str]) -> int:
             status = process.wait()
             break
         except KeyboardInterrupt:
-            # The command got the same Ctrl-C (same process group); wait for its own exit.
+            # The command has a session of its own, out of the terminal's reach: pass the
+            # Ctrl-C on, then wait for its own exit.
+            process.send_signal(signal.SIGINT)
             continue
     return 128 - status if status < 0 else status
 

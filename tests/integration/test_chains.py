@@ -15,7 +15,8 @@ from typing import Any, Callable, ContextManager, Iterator
 
 import pytest
 from vpnlib import (
-    capture, clear_packets, connect, connect_argv, curl, disconnect, fetch_ok, sh, udp_echo, vpn,
+    capture, clear_packets, connect, connect_argv, curl, disconnect, fetch_ok, sh, status,
+    udp_echo, vpn,
 )
 
 from pvpn.lab.lab import exec_argv
@@ -135,7 +136,49 @@ def test_marker_never_in_clear_on_any_link_and_gateways_never_see_it(
     assert marker in Path(lab2["logs"]["target"]["nginx-access"]).read_text()
 
 
+def test_status_shows_every_hop_of_the_chain(lab2: dict[str, Any]) -> None:
+    argv = connect_argv(lab2, "alice")
+    vias = [argv[i + 1] for i, word in enumerate(argv) if word == "--via"]
+    server = argv[len(argv) - argv[::-1].index(vias[-1])]  # the word after the last --via
+    with vpn(lab2, "alice"):
+        shown = status(lab2, "alice")
+    assert f"via gw1 ({vias[0]}) > gw2 ({vias[1]}) > server ({server});" in shown, shown
+
+
 # ---------------------------------------------------------------- refusals
+
+
+def test_a_failed_connect_says_why_and_names_the_hop(lab1: dict[str, Any]) -> None:
+    """The reason was empty ("cannot reach 10.77.1.99:4433: "). A port nobody listens on
+    is refused at once; a gateway whose next hop drops its SYNs says so after its
+    connect_timeout; both name the hop."""
+    argv = connect_argv(lab1, "alice")
+    first = argv.index("--via")
+    gateway, server = argv[first + 1], argv[first + 2]
+    direct = argv[:first] + [gateway.replace(":4433", ":4499")] + argv[first + 3:]
+    gw_ns = lab1["hosts"]["gw1"]["namespace"]
+    server_address = server.rsplit(":", 1)[0]
+    drop = ["OUTPUT", "-p", "tcp", "--syn", "-d", server_address, "--dport", "4433",
+            "-j", "DROP"]
+    subprocess.run(["ip", "netns", "exec", gw_ns, "iptables", "-I", *drop], check=True)
+    silent = None
+    try:
+        command, cwd = exec_argv(lab1["name"], "client", "alice", argv)
+        silent = subprocess.Popen(command, cwd=cwd, stdout=subprocess.PIPE,
+                                  stderr=subprocess.STDOUT)
+        out = refused(lab1, "alice", direct)
+        assert f"cannot reach {gateway.replace(':4433', ':4499')}: connection refused (the " \
+               "host is up but nothing listens on that port" in out, out
+        said = silent.communicate(timeout=90)[0].decode()
+    finally:
+        subprocess.run(["ip", "netns", "exec", gw_ns, "iptables", "-D", *drop], check=True)
+        if silent is not None and silent.poll() is None:
+            silent.kill()
+            silent.wait(timeout=10)
+            disconnect(lab1, "alice")
+    assert silent.returncode != 0, said
+    assert f"gw1 cannot reach the next hop {server}: no answer within" in said, said
+    assert "(timed out: the host is down, or a firewall drops the packets)" in said, said
 
 
 def test_a_user_the_gateway_does_not_allow_is_refused(lab2: dict[str, Any]) -> None:

@@ -189,6 +189,58 @@ def test_exec_runs_as_the_user_with_status_and_stdin(bare_lab: LabInfo) -> None:
     assert missing.returncode != 0 and b"no lab host" in missing.stderr
 
 
+# What the user's command finds: its session id, its pid, and whether root's terminal opens.
+SESSION_PROBE = """import os
+try:
+    open("/dev/tty", "rb").close()
+    tty = "opened root's terminal"
+except OSError as exc:
+    tty = "no terminal: " + type(exc).__name__
+print("sid", os.getsid(0), "pid", os.getpid(), tty)
+"""
+
+
+@pytest.mark.parametrize("how", ["exec_argv", "pvpn lab exec"])
+def test_a_user_s_command_cannot_reach_root_s_terminal(bare_lab: LabInfo, how: str) -> None:
+    """The lab ran users' commands in root's session (setpriv makes none): alice's program
+    could open root's terminal and push keystrokes into it. Root's shell here is a real
+    pseudo-terminal whose session runs the command the way a test or `pvpn lab exec` does."""
+    probe = ["/usr/bin/python3", "-c", SESSION_PROBE]
+    if how == "exec_argv":
+        argv, cwd = lablib.exec_argv(bare_lab["name"], "client", "alice", probe)
+    else:
+        argv, cwd = [sys.executable, "-m", "pvpn.lab.cli", "lab", "exec", "--name",
+                     bare_lab["name"], "client", "--user", "alice", "--", *probe], Path("/")
+    import pty
+
+    pid, master = pty.fork()
+    if pid == 0:  # root's shell, with the pty as its controlling terminal
+        try:
+            os._exit(subprocess.run(argv, cwd=cwd, timeout=30).returncode)
+        finally:
+            os._exit(99)
+    output = b""
+    deadline = time.monotonic() + 40
+    try:
+        while time.monotonic() < deadline:
+            try:
+                chunk = os.read(master, 4096)
+            except OSError:  # EIO: the pty's last writer is gone
+                break
+            if not chunk:
+                break
+            output += chunk
+    finally:
+        os.close(master)
+        _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0, output
+    words = output.decode().split()
+    assert words[:1] == ["sid"], output
+    sid, command_pid = int(words[1]), int(words[3])
+    assert sid != pid and sid == command_pid, output  # its own session, and it leads it
+    assert "no terminal:" in output.decode(), output
+
+
 def test_keys_and_node_configs(bare_lab: LabInfo) -> None:
     root = Path(bare_lab["dir"])
     for user in LAB_USERS:

@@ -84,6 +84,8 @@ class Net:
         # hold_next: gateways' OpenNextHop commands wait in `held` instead of being answered.
         self.hold_next = False
         self.held: list[tuple[str, OpenNextHop]] = []
+        # Next hops that take the gateway's TCP connection and never say a word.
+        self.silent: set[str] = set()
 
     def open(self, address: str, upstream: tuple[Any, ...]) -> int:
         self.ids += 1
@@ -143,6 +145,9 @@ class Net:
                             self.deliver_up(address, cmd.link, cmd.data)
                     elif isinstance(cmd, OpenNextHop) and self.hold_next:
                         self.held.append((address, cmd))
+                    elif isinstance(cmd, OpenNextHop) and cmd.host in self.silent:
+                        self.downstream[(address, cmd.link)] = (cmd.host, 0)
+                        node.next_opened(cmd.link, self.now)
                     elif isinstance(cmd, OpenNextHop):
                         if cmd.host in self.nodes:
                             down = self.open(cmd.host, ("next", address, cmd.link))
@@ -153,6 +158,8 @@ class Net:
                     elif isinstance(cmd, SendNext):
                         self.seen_by_gateways.append(cmd.data)
                         down_addr, down = self.downstream[(address, cmd.link)]
+                        if down_addr in self.silent:
+                            continue
                         self.nodes[down_addr].receive_data(down, cmd.data, self.now)
                     elif isinstance(cmd, InjectPacket):
                         self.injected.append(cmd.packet)
@@ -246,6 +253,41 @@ def test_unreachable_next_hop_is_retryable(world: Any) -> None:
     _, events = net.chain("alice", [ADDR["gw1"], "10.0.7.7", ADDR["server"]])
     fail = failure(events)
     assert not fail.fatal and "cannot reach" in fail.reason
+
+
+def test_a_chain_that_never_comes_up_names_the_silent_hop_and_what_it_waits_for(
+        world: Any) -> None:
+    # A first hop that takes TCP and says nothing (this chain is fed nothing at all).
+    ctx = tls.make_client_context(ca_file=world["ca"])
+
+    def make(index: int, before: list[str]) -> UserLink:
+        s = tls.TlsSession(ctx, server_side=False, server_name="10.0.0.99")
+        s.start()
+        return UserLink(s, user="alice", uid=1001, want=[], client_name="c",
+                        signer=lambda n, b, node: b"")
+    lonely = UserChain(make, 1, ["10.0.0.99:4433"])
+    lonely.start(0.0)
+    said = lonely.silent_hop(20)
+    assert said.startswith("no answer from hop 1 of 1 (10.0.0.99:4433) within 20 s")
+    assert "TLS handshake did not finish" in said
+
+    # gw1 takes the user's signature, then waits for its next hop's connection.
+    net = Net(world)
+    net.hold_next = True
+    chain, events = net.chain("alice", [ADDR["gw1"], ADDR["gw2"], ADDR["server"]])
+    assert not chain.up and not events
+    said = chain.silent_hop(40)
+    assert said.startswith("no answer from hop 1 of 3 (")
+    assert f"still be connecting to its next hop, {ADDR['gw2']}" in said
+
+    # gw1 reached a next hop that takes TCP and never speaks TLS.
+    net = Net(world, gw_users={"gw1": {"alice": ["10.0.0.0/8"]}, "gw2": {}, "gw3": {}})
+    net.silent.add("10.0.6.6")
+    chain, events = net.chain("alice", [ADDR["gw1"], "10.0.6.6", ADDR["server"]])
+    assert not chain.up and not events
+    said = chain.silent_hop(40)
+    assert said.startswith("no answer from hop 2 of 3 (10.0.6.6), reached through gw1 within")
+    assert "TLS handshake did not finish" in said
 
 
 def test_a_looped_chain_is_refused(world: Any) -> None:

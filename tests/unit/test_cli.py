@@ -90,3 +90,18 @@ def test_keygen_force_replaces_its_own_public_key_and_nothing_else(tmp_path: Pat
     assert cmd_keygen(args) == 0
     assert (tmp_path / "X.pem.pub").read_text() != first  # a new key, its own .pub
     assert other.read_text() == "someone else's file\n"  # X.pub is not X.pem's to delete
+
+
+def test_status_names_every_hop_of_a_chain_in_order_and_escapes_them() -> None:
+    from pvpn.cli import chain_text
+
+    chained = {"server": "10.77.3.1:4433", "via": ["10.77.1.1:4433", "10.77.2.1:4433"],
+               "nodes": ["gw1", "gw2", "server"]}
+    assert chain_text(chained) == ("gw1 (10.77.1.1:4433) > gw2 (10.77.2.1:4433) > "
+                                   "server (10.77.3.1:4433)")
+    # Before the chain is up (or from an older `pvpn connect`): the endpoints alone.
+    assert chain_text({**chained, "nodes": []}) == "10.77.1.1:4433 > 10.77.2.1:4433 > 10.77.3.1:4433"
+    assert chain_text({"server": "10.77.3.1:4433"}) == "10.77.3.1:4433"
+    # What a node named itself reaches root's terminal only escaped.
+    hostile = chain_text({"server": "s:1", "nodes": ["\x1b]0;owned\x07"]})
+    assert "\x1b" not in hostile and "\x07" not in hostile and hostile.endswith("(s:1)")

@@ -145,9 +145,9 @@ class Process:
         self.read = len(self.transport.written)
         return [(e.type, decode_control(e)) for e in self.decoder.feed(data)]
 
-    def register(self, prefixes: list[str], server: str = "vpn.example:4433") -> tuple[
-            MsgType, dict[str, Any]]:
-        self.send(MsgType.REGISTER, {"prefixes": prefixes, "server": server})
+    def register(self, prefixes: list[str], server: str = "vpn.example:4433",
+                 **chain: Any) -> tuple[MsgType, dict[str, Any]]:
+        self.send(MsgType.REGISTER, {"prefixes": prefixes, "server": server, **chain})
         (reply,) = self.replies()
         return reply
 
@@ -329,6 +329,50 @@ def test_a_registration_with_an_unreasonable_server_string_is_refused(
         mtype, reply = Process(daemon, 1002).register(["10.77.1.0/24"], server)
         assert mtype is MsgType.ERROR and "printable" in reply["reason"]
         assert daemon.registry.sessions == {}
+
+    run(scenario())
+
+
+def test_status_shows_the_chain_its_tunnel_process_named(kernel: Kernel, tmp_path: Path) -> None:
+    async def scenario() -> None:
+        daemon = make_daemon(tmp_path)
+        alice = Process(daemon, 1001)
+        via = ["10.77.1.1:4433", "[fd77:2::1]:4433"]
+        assert alice.register(["10.77.1.0/24"], "10.77.3.1:4433", via=via)[0] \
+            is MsgType.REGISTERED
+        alice.send(MsgType.ATTACH, {"session": SID, "nodes": ["gw1", "gw2", "server"]})
+        alice.send(MsgType.STATUS, {})
+        (_, reply), = alice.replies()
+        (described,) = reply["sessions"]
+        assert described["via"] == via and described["nodes"] == ["gw1", "gw2", "server"]
+        assert described["server"] == "10.77.3.1:4433"
+
+    run(scenario())
+
+
+@pytest.mark.parametrize("via", [["gw\x1b[2J:4433"], ["x" * 400], ["g:1"] * 17, [""], [7]])
+def test_a_registration_with_an_unreasonable_chain_is_refused(
+        kernel: Kernel, tmp_path: Path, via: list[Any]) -> None:
+    async def scenario() -> None:
+        daemon = make_daemon(tmp_path)
+        mtype, reply = Process(daemon, 1002).register(["10.77.1.0/24"], "s:4433", via=via)
+        assert mtype is MsgType.ERROR and "printable" in reply["reason"]
+        assert daemon.registry.sessions == {}
+
+    run(scenario())
+
+
+def test_an_attach_with_unreasonable_node_names_is_refused(kernel: Kernel,
+                                                           tmp_path: Path) -> None:
+    async def scenario() -> None:
+        daemon = make_daemon(tmp_path)
+        alice = Process(daemon, 1001)
+        assert alice.register(["10.77.1.0/24"])[0] is MsgType.REGISTERED
+        alice.send(MsgType.ATTACH, {"session": SID, "nodes": ["server\x1b]0;owned\x07"]})
+        await asyncio.sleep(0)
+        assert alice.transport.closed
+        (session,) = daemon.registry.sessions.values()
+        assert session.nodes == [] and not session.attached  # held: its packets still dropped
 
     run(scenario())
 

@@ -36,6 +36,18 @@ def test_large_reads_are_fine() -> None:
     assert len(list(EnvelopeDecoder().feed(data))) == 300
 
 
+def test_an_optional_field_may_be_left_out_but_is_checked_when_given() -> None:
+    """A `pvpn connect` older than the chain fields still registers with a newer pvpn-client."""
+    def register(fields: dict[str, object]) -> dict[str, object]:
+        return decode_control(Envelope(MsgType.REGISTER, b"", 0, 0, 16, encode_control(fields)))
+    old = {"prefixes": ["10.1.0.0/16"], "server": "s:4433"}
+    assert register(old) == old
+    assert register({**old, "via": ["gw1:4433"]})["via"] == ["gw1:4433"]
+    for bad in ({**old, "via": "gw1:4433"}, {**old, "nodes": []}, {"server": "s", "via": []}):
+        with pytest.raises(MalformedFrame):
+            register(bad)
+
+
 def test_control_body_checked_against_schema() -> None:
     body = encode_control({"nonce": b"x" * 32, "node": "server"})
     env = Envelope(MsgType.CHALLENGE, b"", 0, 0, 16, body)
