@@ -160,15 +160,16 @@ def test_a_failed_connect_says_why_and_names_the_hop(lab1: dict[str, Any]) -> No
     server_address = server.rsplit(":", 1)[0]
     drop = ["OUTPUT", "-p", "tcp", "--syn", "-d", server_address, "--dport", "4433",
             "-j", "DROP"]
+    # One after the other: alice's two attempts protect the same prefixes.
+    out = refused(lab1, "alice", direct)
+    assert f"cannot reach {gateway.replace(':4433', ':4499')}: connection refused (the " \
+           "host is up but nothing listens on that port" in out, out
     subprocess.run(["ip", "netns", "exec", gw_ns, "iptables", "-I", *drop], check=True)
     silent = None
     try:
         command, cwd = exec_argv(lab1["name"], "client", "alice", argv)
         silent = subprocess.Popen(command, cwd=cwd, stdout=subprocess.PIPE,
                                   stderr=subprocess.STDOUT)
-        out = refused(lab1, "alice", direct)
-        assert f"cannot reach {gateway.replace(':4433', ':4499')}: connection refused (the " \
-               "host is up but nothing listens on that port" in out, out
         said = silent.communicate(timeout=90)[0].decode()
     finally:
         subprocess.run(["ip", "netns", "exec", gw_ns, "iptables", "-D", *drop], check=True)
