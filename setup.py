@@ -1,5 +1,8 @@
-"""Packaging: the three programs live in top-level folders but install as pvpn.client,
-pvpn.server and pvpn.gateway, so every import is an absolute ``pvpn.…`` one."""
+"""Packaging, the part pyproject.toml (metadata, dependencies, the build backend) leaves here:
+the three programs live in top-level folders but install as pvpn.client, pvpn.server and
+pvpn.gateway, so every import is an absolute ``pvpn.…`` one; the supervisord sections install
+as data into ``<prefix>/share/pvpn``.  pip builds it through PEP 517 (pyproject.toml's
+[build-system]); never run this file yourself."""
 
 from setuptools import setup
 

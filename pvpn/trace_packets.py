@@ -510,9 +510,11 @@ def scapy_classes() -> SimpleNamespace:
         from scapy.packet import Padding
         from scapy.utils import PcapReader
     except ImportError:
+        # scapy is pvpn's `trace` extra, no dependency of a node: say what to install.
         raise ConfigError(
             "pvpn trace reads the packet captures with scapy, which is not installed here: "
-            f"install it into pvpn's environment ({sys.executable} -m pip install scapy), "
+            "install pvpn with its trace extra (pip install 'pvpn[trace]' into "
+            f"{sys.prefix}; from a checkout, bash scripts/run install), "
             "or trace without --packets and --pcap") from None
     return SimpleNamespace(
         PcapReader=PcapReader, Scapy_Exception=Scapy_Exception, IP=IP, IPv6=IPv6, TCP=TCP,

@@ -252,7 +252,8 @@ def test_without_scapy_it_says_how_to_get_it(tmp_path: Path, capsys: pytest.Capt
     try:
         assert pvpn_main(["trace", S, "--logs", str(logs), "--packets"]) == 2
         err = capsys.readouterr().err
-        assert "scapy, which is not installed" in err and "-m pip install scapy" in err
+        assert "scapy, which is not installed" in err and "pip install 'pvpn[trace]'" in err
+        assert err.count("\n") == 1 and "Traceback" not in err  # one line, no traceback
         with pytest.raises(ConfigError, match="scapy"):
             read_capture(tmp_path / "x.pcap")
         assert pvpn_main(["trace", S, "--logs", str(logs)]) == 0  # the rest needs no scapy
