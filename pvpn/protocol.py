@@ -1784,14 +1784,6 @@ def _within(networks: Iterable[Network], allowed: Iterable[Network]) -> list[Net
     return [*ipaddress.collapse_addresses(v4), *ipaddress.collapse_addresses(v6)]
 
 
-def describe_networks(networks: Iterable[Network]) -> list[str]:
-    return [str(n) for n in networks]
-
-
-def packed(address: str) -> bytes:
-    return ipaddress.ip_address(address).packed
-
-
 __all__ = [
     "CapturePacket", "Command", "CloseLink", "InjectPacket", "LinkClosed", "LinkEstablished",
     "LinkEvent",
