@@ -8,6 +8,7 @@ import asyncio
 import itertools
 
 from pvpn import auth, tls
+from pvpn.commands import CloseLink, CloseNext, LogRecord, OpenNextHop, SendBytes, SendNext
 from pvpn.config import GatewayConfig, load_gateway_config
 from pvpn.errors import ConfigError, connect_failure
 from pvpn.io.control import start_control, stop_control
@@ -16,9 +17,8 @@ from pvpn.io.loop import (
     LISTEN_BACKLOG, WRITE_HIGH_WATER, Guard, daemon_main, guarded, install_signals, peer_text,
     set_nodelay,
 )
-from pvpn.protocol import CloseLink, LogRecord, SendBytes
 from pvpn.records import Record, RecordWriter
-from pvpn.splice import CloseNext, GatewayNode, OpenNextHop, SendNext
+from pvpn.splice import GatewayNode
 
 
 class Gateway:

@@ -26,6 +26,7 @@ from typing import Any, Callable, Iterable, Protocol, Sequence, Union
 from pvpn import fragments
 from pvpn import packet as pk
 from pvpn.addresses import Destinations, Local, exclusion
+from pvpn.commands import CapturePacket, CloseLink, Command, InjectPacket, LogRecord, SendBytes
 from pvpn.config import NodeLimits, Network, ServerConfig, UserPolicy, parse_prefix
 from pvpn.drops import Drop, DropCounter
 from pvpn.envelope import (
@@ -70,43 +71,6 @@ class TlsLike(Protocol):
     def data_to_send(self) -> bytes: ...
     def binding(self) -> bytes: ...
     def close(self) -> None: ...
-
-
-# ---------------------------------------------------------------- commands (node -> dispatcher)
-
-
-@dataclass(slots=True)
-class SendBytes:
-    link: int
-    data: bytes
-
-
-@dataclass(slots=True)
-class CloseLink:
-    link: int
-
-
-@dataclass(slots=True)
-class InjectPacket:
-    """Send this IP packet into the server's network (raw socket)."""
-
-    packet: bytes
-
-
-@dataclass(slots=True)
-class LogRecord:
-    record: Record
-
-
-@dataclass(slots=True)
-class CapturePacket:
-    """Write this inner packet of ``session`` to its capture (server ``capture`` on only)."""
-
-    session: bytes
-    packet: bytes
-
-
-Command = Union[SendBytes, CloseLink, InjectPacket, LogRecord, CapturePacket]
 
 
 # ---------------------------------------------------------------- destination matching
@@ -1785,8 +1749,8 @@ def _within(networks: Iterable[Network], allowed: Iterable[Network]) -> list[Net
 
 
 __all__ = [
-    "CapturePacket", "Command", "CloseLink", "InjectPacket", "LinkClosed", "LinkEstablished",
+    "LinkClosed", "LinkEstablished",
     "LinkEvent",
-    "LinkRefused", "LogRecord", "PacketsReceived", "PrefixSet", "SendBytes", "ServerNode",
+    "LinkRefused", "PacketsReceived", "PrefixSet", "ServerNode",
     "UserLink", "LocalProtocolError",
 ]

@@ -13,14 +13,15 @@ from scapy.layers.inet import IP, UDP
 
 from pvpn import auth, pki, tls
 from pvpn.chain import ChainFailed, ChainUp, UserChain
+from pvpn.commands import (
+    CloseLink, CloseNext, InjectPacket, LogRecord, OpenNextHop, SendBytes, SendNext,
+)
 from pvpn.config import (
     GatewayConfig, GatewayPolicy, ServerConfig, UserPolicy, parse_next_hop_rule, parse_prefix,
 )
 from pvpn.envelope import MsgType
-from pvpn.protocol import (
-    CloseLink, InjectPacket, LogRecord, PacketsReceived, SendBytes, ServerNode, UserLink,
-)
-from pvpn.splice import CloseNext, GatewayNode, OpenNextHop, SendNext
+from pvpn.protocol import PacketsReceived, ServerNode, UserLink
+from pvpn.splice import GatewayNode
 
 ADDR = {"gw1": "10.0.1.1", "gw2": "10.0.2.1", "server": "10.0.3.1", "gw3": "10.0.4.1"}
 NAT = ipaddress.ip_address("10.9.0.1").packed

@@ -14,8 +14,8 @@ from typing import Any
 import pytest
 
 from pvpn import pki, tls
+from pvpn.commands import InjectPacket, LogRecord, SendBytes
 from pvpn.config import GatewayConfig, ServerConfig
-from pvpn.protocol import InjectPacket, LogRecord, SendBytes
 from pvpn.records import Record
 
 

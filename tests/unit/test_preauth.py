@@ -12,10 +12,9 @@ from typing import Any, Callable
 import pytest
 
 from pvpn import auth, pki, tls
+from pvpn.commands import CloseLink, LogRecord, SendBytes
 from pvpn.config import ServerConfig, UserPolicy, parse_prefix
-from pvpn.protocol import (
-    CloseLink, LinkEstablished, LinkRefused, LogRecord, SendBytes, ServerNode, UserLink,
-)
+from pvpn.protocol import LinkEstablished, LinkRefused, ServerNode, UserLink
 
 SERVER_IP = "10.0.0.1"
 

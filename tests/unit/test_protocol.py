@@ -13,12 +13,12 @@ from scapy.layers.inet import ICMP, IP, TCP, UDP
 from scapy.layers.inet6 import ICMPv6EchoReply, ICMPv6EchoRequest, IPv6
 
 from pvpn import auth, pki, tls
+from pvpn.commands import CloseLink, InjectPacket, LogRecord, SendBytes
 from pvpn.config import ServerConfig, UserPolicy, parse_prefix
 from pvpn.envelope import MsgType, encode_control
 from pvpn import packet as pk
 from pvpn.protocol import (
-    CloseLink, InjectPacket, LinkClosed, LinkEstablished, LinkRefused, LogRecord,
-    PacketsReceived, SendBytes, ServerNode, UserLink,
+    LinkClosed, LinkEstablished, LinkRefused, PacketsReceived, ServerNode, UserLink,
 )
 
 SERVER_IP = "10.0.0.1"
