@@ -9,38 +9,18 @@ one after the other: hop i+1 is started once hop i has accepted the user.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable, Iterable, Union
+from typing import Callable, Iterable
 
-from pvpn.protocol import (
-    DataReceived, LinkClosed, LinkEstablished, LinkRefused, LinkState, PacketsReceived, UserLink,
+from pvpn.events import (
+    ChainEvent, ChainFailed, ChainUp, DataReceived, LinkClosed, LinkEstablished, LinkRefused,
+    PacketsReceived,
 )
+from pvpn.protocol import LinkState, UserLink
 
 RETRYABLE_REFUSALS = frozenset({"next-hop-unreachable"})
 
 #: make_link(index, names of the nodes before it) -> the user's link with hop ``index``.
 LinkFactory = Callable[[int, list[str]], UserLink]
-
-
-@dataclass(slots=True)
-class ChainUp:
-    """Every hop accepted the user; ``accept`` is the server's answer."""
-
-    accept: LinkEstablished
-    nodes: list[str]
-
-
-@dataclass(slots=True)
-class ChainFailed:
-    """The chain is down. ``fatal``: trying again can't help (refused, bad certificate, loop)."""
-
-    hop: int
-    where: str
-    reason: str
-    fatal: bool
-
-
-ChainEvent = Union[ChainUp, ChainFailed, PacketsReceived]
 
 
 class UserChain:

@@ -21,7 +21,7 @@ import hmac
 import ipaddress
 import os
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Protocol, Sequence, Union
+from typing import Any, Callable, Iterable, Protocol, Sequence
 
 from pvpn import fragments
 from pvpn import packet as pk
@@ -50,6 +50,9 @@ from pvpn.errors import (
     MalformedPacket,
     PvpnError,
     RemoteProtocolError,
+)
+from pvpn.events import (
+    DataReceived, LinkClosed, LinkEstablished, LinkEvent, LinkRefused, PacketsReceived,
 )
 from pvpn.flowtable import FlowRefused, FlowTable
 from pvpn.reset import tcp_reset
@@ -105,40 +108,6 @@ class LinkState(enum.Enum):
     CLOSED = "closed"
 
 
-@dataclass(slots=True)
-class LinkEstablished:
-    session: bytes
-    token: bytes
-    allow: list[str]
-    node: str
-    resumed: bool
-
-
-@dataclass(slots=True)
-class LinkRefused:
-    code: str
-    reason: str
-
-
-@dataclass(slots=True)
-class PacketsReceived:
-    packets: list[bytes]
-
-
-@dataclass(slots=True)
-class DataReceived:
-    """Opaque bytes relayed by a gateway: the ciphertext of the next hop's link."""
-
-    data: bytes
-
-
-@dataclass(slots=True)
-class LinkClosed:
-    reason: str
-    fatal: bool = False  # retrying can't help (the node's certificate was refused)
-
-
-LinkEvent = Union[LinkEstablished, LinkRefused, PacketsReceived, DataReceived, LinkClosed]
 #: Re-authentications a user's end answers in a burst, and the seconds that earn one more
 #: (a node's shortest reauth_interval).
 REAUTH_BURST = 8
@@ -1749,8 +1718,6 @@ def _within(networks: Iterable[Network], allowed: Iterable[Network]) -> list[Net
 
 
 __all__ = [
-    "LinkClosed", "LinkEstablished",
-    "LinkEvent",
-    "LinkRefused", "PacketsReceived", "PrefixSet", "ServerNode",
+    "PrefixSet", "ServerNode",
     "UserLink", "LocalProtocolError",
 ]

@@ -12,7 +12,7 @@ import pytest
 from scapy.layers.inet import IP, UDP
 
 from pvpn import auth, pki, tls
-from pvpn.chain import ChainFailed, ChainUp, UserChain
+from pvpn.chain import UserChain
 from pvpn.commands import (
     CloseLink, CloseNext, InjectPacket, LogRecord, OpenNextHop, SendBytes, SendNext,
 )
@@ -20,7 +20,8 @@ from pvpn.config import (
     GatewayConfig, GatewayPolicy, ServerConfig, UserPolicy, parse_next_hop_rule, parse_prefix,
 )
 from pvpn.envelope import MsgType
-from pvpn.protocol import PacketsReceived, ServerNode, UserLink
+from pvpn.events import ChainFailed, ChainUp, PacketsReceived
+from pvpn.protocol import ServerNode, UserLink
 from pvpn.splice import GatewayNode
 
 ADDR = {"gw1": "10.0.1.1", "gw2": "10.0.2.1", "server": "10.0.3.1", "gw3": "10.0.4.1"}

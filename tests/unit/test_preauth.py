@@ -14,7 +14,8 @@ import pytest
 from pvpn import auth, pki, tls
 from pvpn.commands import CloseLink, LogRecord, SendBytes
 from pvpn.config import ServerConfig, UserPolicy, parse_prefix
-from pvpn.protocol import LinkEstablished, LinkRefused, ServerNode, UserLink
+from pvpn.events import LinkEstablished, LinkRefused
+from pvpn.protocol import ServerNode, UserLink
 
 SERVER_IP = "10.0.0.1"
 

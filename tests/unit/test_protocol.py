@@ -17,9 +17,8 @@ from pvpn.commands import CloseLink, InjectPacket, LogRecord, SendBytes
 from pvpn.config import ServerConfig, UserPolicy, parse_prefix
 from pvpn.envelope import MsgType, encode_control
 from pvpn import packet as pk
-from pvpn.protocol import (
-    LinkClosed, LinkEstablished, LinkRefused, PacketsReceived, ServerNode, UserLink,
-)
+from pvpn.events import LinkClosed, LinkEstablished, LinkRefused, PacketsReceived
+from pvpn.protocol import ServerNode, UserLink
 
 SERVER_IP = "10.0.0.1"
 NAT_SRC = ipaddress.ip_address("10.9.0.1").packed
