@@ -7,6 +7,7 @@ setup(
     packages=[
         "pvpn",
         "pvpn.io",
+        "pvpn.nodes",
         "pvpn.lab",
         "pvpn.bench",
         "pvpn.client",

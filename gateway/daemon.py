@@ -1,5 +1,5 @@
 """pvpn-gateway: authenticates each user over its own TLS session, then relays the user's
-next-hop TLS session as opaque bytes (pvpn.splice). No per-flow state, no decryption of
+next-hop TLS session as opaque bytes (pvpn.nodes.gateway). No per-flow state, no decryption of
 anything but its own hop's envelopes."""
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ from pvpn.io.loop import (
     LISTEN_BACKLOG, WRITE_HIGH_WATER, Guard, daemon_main, guarded, install_signals, peer_text,
     set_nodelay,
 )
+from pvpn.nodes.gateway import GatewayNode
 from pvpn.records import Record, RecordWriter
-from pvpn.splice import GatewayNode
 
 
 class Gateway:

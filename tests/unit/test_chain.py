@@ -21,8 +21,9 @@ from pvpn.config import (
 )
 from pvpn.envelope import MsgType
 from pvpn.events import ChainFailed, ChainUp, PacketsReceived
-from pvpn.protocol import ServerNode, UserLink
-from pvpn.splice import GatewayNode
+from pvpn.nodes.gateway import GatewayNode
+from pvpn.nodes.server import ServerNode
+from pvpn.protocol import UserLink
 
 ADDR = {"gw1": "10.0.1.1", "gw2": "10.0.2.1", "server": "10.0.3.1", "gw3": "10.0.4.1"}
 NAT = ipaddress.ip_address("10.9.0.1").packed

@@ -15,7 +15,8 @@ from pvpn import auth, pki, tls
 from pvpn.commands import CloseLink, LogRecord, SendBytes
 from pvpn.config import ServerConfig, UserPolicy, parse_prefix
 from pvpn.events import LinkEstablished, LinkRefused
-from pvpn.protocol import ServerNode, UserLink
+from pvpn.nodes.server import ServerNode
+from pvpn.protocol import UserLink
 
 SERVER_IP = "10.0.0.1"
 

@@ -18,7 +18,8 @@ from pvpn.config import ServerConfig, UserPolicy, parse_prefix
 from pvpn.envelope import MsgType, encode_control
 from pvpn import packet as pk
 from pvpn.events import LinkClosed, LinkEstablished, LinkRefused, PacketsReceived
-from pvpn.protocol import ServerNode, UserLink
+from pvpn.nodes.server import ServerNode
+from pvpn.protocol import UserLink
 
 SERVER_IP = "10.0.0.1"
 NAT_SRC = ipaddress.ip_address("10.9.0.1").packed

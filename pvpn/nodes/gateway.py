@@ -20,7 +20,7 @@ from pvpn.commands import CloseNext, OpenNextHop, SendNext
 from pvpn.config import GatewayConfig, GatewayPolicy, parse_endpoint
 from pvpn.envelope import MAX_PACKET, MsgType, encode_control, encode_envelope
 from pvpn.errors import ConfigError
-from pvpn.protocol import MAX_REASON, KeyLookup, NodeBase, NodeLink, NodeLinkState, Verifier
+from pvpn.nodes.base import MAX_REASON, KeyLookup, NodeBase, NodeLink, NodeLinkState, Verifier
 from pvpn.text import clip
 
 
