@@ -12,7 +12,6 @@ import pytest
 from scapy.layers.inet import IP, UDP
 
 from pvpn import auth, pki, tls
-from pvpn.chain import UserChain
 from pvpn.commands import (
     CloseLink, CloseNext, InjectPacket, LogRecord, OpenNextHop, SendBytes, SendNext,
 )
@@ -23,7 +22,7 @@ from pvpn.envelope import MsgType
 from pvpn.events import ChainFailed, ChainUp, PacketsReceived
 from pvpn.nodes.gateway import GatewayNode
 from pvpn.nodes.server import ServerNode
-from pvpn.protocol import UserLink
+from pvpn.user import UserChain, UserLink
 
 ADDR = {"gw1": "10.0.1.1", "gw2": "10.0.2.1", "server": "10.0.3.1", "gw3": "10.0.4.1"}
 NAT = ipaddress.ip_address("10.9.0.1").packed

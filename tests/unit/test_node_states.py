@@ -34,7 +34,7 @@ from pvpn.envelope import MsgType, encode_envelope
 from pvpn.errors import PvpnError
 from pvpn.nodes.gateway import GatewayNode
 from pvpn.nodes.server import ServerNode
-from pvpn.protocol import UserLink
+from pvpn.user import UserLink
 
 ADDR = {"server": "10.0.3.1", "gateway": "10.0.1.1"}
 CORRUPT_RECORD = b"\x17\x03\x03\x00\x40" + bytes(64)

@@ -16,7 +16,7 @@ from pvpn.commands import CloseLink, LogRecord, SendBytes
 from pvpn.config import ServerConfig, UserPolicy, parse_prefix
 from pvpn.events import LinkEstablished, LinkRefused
 from pvpn.nodes.server import ServerNode
-from pvpn.protocol import UserLink
+from pvpn.user import UserLink
 
 SERVER_IP = "10.0.0.1"
 

@@ -19,7 +19,6 @@ from pvpn.envelope import MsgType, encode_control
 from pvpn import packet as pk
 from pvpn.events import LinkClosed, LinkEstablished, LinkRefused, PacketsReceived
 from pvpn.nodes.server import ServerNode
-from pvpn.protocol import UserLink
 
 SERVER_IP = "10.0.0.1"
 NAT_SRC = ipaddress.ip_address("10.9.0.1").packed
@@ -985,6 +984,7 @@ def test_the_remote_end_of_a_ping_cannot_ping_the_users_host_back(pki_dir: Any) 
 # ---------------------------------------------------------------- datagrams of any size
 
 from pvpn import fragments  # noqa: E402
+from pvpn.user import UserLink
 from scapy.layers.inet import defragment  # noqa: E402
 
 CLIENT6 = "fd00::2"
