@@ -10,6 +10,7 @@ setup(
     packages=[
         "pvpn",
         "pvpn.io",
+        "pvpn.nodes",
         "pvpn.lab",
         "pvpn.bench",
         "pvpn.client",

@@ -24,13 +24,13 @@ from pvpn.envelope import (
     EnvelopeDecoder, MsgType, Sequencer, decode_control, encode_control, encode_envelope,
 )
 from pvpn.errors import ConfigError, PvpnError, RemoteProtocolError, connect_failure
+from pvpn.events import ChainEvent, ChainFailed, ChainUp, PacketsReceived
 from pvpn.io.loop import WRITE_HIGH_WATER, set_nodelay
 from pvpn.io.pcap import DEFAULT_MAX_BYTES, PcapWriter
 from pvpn.envelope import DEFAULT_HOPS
-from pvpn.chain import ChainEvent, ChainFailed, ChainUp, UserChain
 from pvpn.client.peer import untrusted_peer
-from pvpn.protocol import PacketsReceived, UserLink
 from pvpn.text import printable
+from pvpn.user import UserChain, UserLink
 
 CONNECT_TIMEOUT = 10.0
 MAX_BACKOFF = 10.0

@@ -1,5 +1,5 @@
 """pvpn-gateway: authenticates each user over its own TLS session, then relays the user's
-next-hop TLS session as opaque bytes (pvpn.splice). No per-flow state, no decryption of
+next-hop TLS session as opaque bytes (pvpn.nodes.gateway). No per-flow state, no decryption of
 anything but its own hop's envelopes."""
 
 from __future__ import annotations
@@ -8,6 +8,7 @@ import asyncio
 import itertools
 
 from pvpn import auth, tls
+from pvpn.commands import CloseLink, CloseNext, LogRecord, OpenNextHop, SendBytes, SendNext
 from pvpn.config import GatewayConfig, load_gateway_config
 from pvpn.errors import ConfigError, connect_failure
 from pvpn.io.control import start_control, stop_control
@@ -16,9 +17,8 @@ from pvpn.io.loop import (
     LISTEN_BACKLOG, WRITE_HIGH_WATER, Guard, daemon_main, guarded, install_signals, peer_text,
     set_nodelay,
 )
-from pvpn.protocol import CloseLink, LogRecord, SendBytes
+from pvpn.nodes.gateway import GatewayNode
 from pvpn.records import Record, RecordWriter
-from pvpn.splice import CloseNext, GatewayNode, OpenNextHop, SendNext
 
 
 class Gateway:

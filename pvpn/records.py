@@ -41,7 +41,7 @@ SESSION_ID = re.compile(r"[0-9a-f]{32}")
 USER_NAME = re.compile(r"[a-z_][a-z0-9_.-]{0,31}")
 #: A node's name ([server] / [gateway] / [client] name), as the chain's ``path`` lists them.
 NODE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
-#: The client host's name a user's process gives (pvpn.protocol.UserLink makes it fit).
+#: The client host's name a user's process gives (pvpn.user.UserLink makes it fit).
 CLIENT_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 #: A next hop as a HELLO names it: ADDRESS:PORT or [V6]:PORT.
 ENDPOINT = re.compile(r"[0-9A-Za-z.:\[\]_-]{1,64}")

@@ -46,7 +46,7 @@ MAX_BYTES = 16 << 20
 MAX_SESSIONS = 16384
 #: Mappings in all: the flow table's bound.
 MAX_FLOWS = _TABLE_FLOWS
-#: Prefixes of one session (a HELLO's ``want``: pvpn.protocol.MAX_WANT).
+#: Prefixes of one session (a HELLO's ``want``: pvpn.nodes.base.MAX_WANT).
 MAX_ALLOW = 64
 TOKEN_HASH_LEN = 32
 _MAX_COUNTER = (1 << 63) - 1

@@ -16,10 +16,12 @@ from typing import Callable
 
 
 from pvpn import auth, firewall, tls
+from pvpn.commands import CapturePacket, CloseLink, InjectPacket, LogRecord, SendBytes
 from pvpn.config import ServerConfig, load_server_config
 from pvpn.errors import ConfigError, PvpnError, StateError
 from pvpn.flowtable import FlowTable
 from pvpn.fragments import Reassembler
+from pvpn.nodes.server import ServerNode
 from pvpn.packet import destination_address
 from pvpn.io import rules
 from pvpn.io.control import start_control, stop_control
@@ -33,9 +35,6 @@ from pvpn.io.pcap import SessionCaptures
 from pvpn.io.rawsock import PathMtu, RawSender, SourceAddresses
 from pvpn.io.statefile import StateFile, StateKeeper
 from pvpn.io.tun import open_tun, read_copies
-from pvpn.protocol import (
-    CapturePacket, CloseLink, InjectPacket, LogRecord, SendBytes, ServerNode,
-)
 from pvpn.records import Record, RecordWriter
 from pvpn.state import decode_state
 

@@ -12,15 +12,17 @@ import pytest
 from scapy.layers.inet import IP, UDP
 
 from pvpn import auth, pki, tls
-from pvpn.chain import ChainFailed, ChainUp, UserChain
+from pvpn.commands import (
+    CloseLink, CloseNext, InjectPacket, LogRecord, OpenNextHop, SendBytes, SendNext,
+)
 from pvpn.config import (
     GatewayConfig, GatewayPolicy, ServerConfig, UserPolicy, parse_next_hop_rule, parse_prefix,
 )
 from pvpn.envelope import MsgType
-from pvpn.protocol import (
-    CloseLink, InjectPacket, LogRecord, PacketsReceived, SendBytes, ServerNode, UserLink,
-)
-from pvpn.splice import CloseNext, GatewayNode, OpenNextHop, SendNext
+from pvpn.events import ChainFailed, ChainUp, PacketsReceived
+from pvpn.nodes.gateway import GatewayNode
+from pvpn.nodes.server import ServerNode
+from pvpn.user import UserChain, UserLink
 
 ADDR = {"gw1": "10.0.1.1", "gw2": "10.0.2.1", "server": "10.0.3.1", "gw3": "10.0.4.1"}
 NAT = ipaddress.ip_address("10.9.0.1").packed

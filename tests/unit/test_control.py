@@ -92,7 +92,8 @@ def test_the_server_describes_400_sessions_through_its_control_socket(
     """Issue 9 point 2: the server's node status broke near 330 sessions; 400 arrive whole."""
     from pvpn.config import ServerConfig, parse_prefix
     from pvpn.addresses import Destinations
-    from pvpn.protocol import ServerNode, Session
+    from pvpn.nodes.base import Session
+    from pvpn.nodes.server import ServerNode
 
     config = ServerConfig(Path("s.toml"), "server", [], Path("c"), Path("k"), Path("u"), 0,
                           (61000, 61999), "t")
@@ -109,8 +110,8 @@ def test_the_server_describes_400_sessions_through_its_control_socket(
 def test_the_gateway_describes_400_splices_through_its_control_socket(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from pvpn.config import GatewayConfig
-    from pvpn.protocol import NodeLink, NodeLinkState
-    from pvpn.splice import GatewayNode, Splice
+    from pvpn.nodes.base import NodeLink, NodeLinkState
+    from pvpn.nodes.gateway import GatewayNode, Splice
 
     config = GatewayConfig(Path("g.toml"), "gw1", [], Path("c"), Path("k"), Path("u"), 5.0)
     node = GatewayNode(config, keys=None, verify=None)  # type: ignore[arg-type]

@@ -14,8 +14,8 @@ from typing import Any
 import pytest
 
 from pvpn import pki, tls
+from pvpn.commands import InjectPacket, LogRecord, SendBytes
 from pvpn.config import GatewayConfig, ServerConfig
-from pvpn.protocol import InjectPacket, LogRecord, SendBytes
 from pvpn.records import Record
 
 
@@ -207,7 +207,7 @@ def test_the_gateway_serves_on_through_a_failing_timer_and_shuts_down_through_an
     import socket
 
     from pvpn.gateway import daemon
-    from pvpn.splice import GatewayNode
+    from pvpn.nodes.gateway import GatewayNode
 
     probe = socket.socket()
     probe.bind(("127.0.0.1", 0))

@@ -23,14 +23,18 @@ from hypothesis.stateful import (
 from scapy.layers.inet import ICMP, IP, TCP, UDP
 
 from pvpn import auth, pki, tls
+from pvpn.commands import (
+    CloseLink, CloseNext, InjectPacket, LogRecord, OpenNextHop, SendBytes, SendNext,
+)
 from pvpn.config import (
     GatewayConfig, GatewayPolicy, NodeLimits, ServerConfig, UserPolicy, parse_next_hop_rule,
     parse_prefix,
 )
 from pvpn.envelope import MsgType, encode_envelope
 from pvpn.errors import PvpnError
-from pvpn.protocol import CloseLink, InjectPacket, LogRecord, SendBytes, ServerNode, UserLink
-from pvpn.splice import CloseNext, GatewayNode, OpenNextHop, SendNext
+from pvpn.nodes.gateway import GatewayNode
+from pvpn.nodes.server import ServerNode
+from pvpn.user import UserLink
 
 ADDR = {"server": "10.0.3.1", "gateway": "10.0.1.1"}
 CORRUPT_RECORD = b"\x17\x03\x03\x00\x40" + bytes(64)

@@ -15,15 +15,15 @@ from scapy.layers.inet6 import IPv6
 from scapy.utils import rdpcap
 
 from pvpn.addresses import Destinations
+from pvpn.commands import CapturePacket, InjectPacket
 from pvpn.config import ServerConfig, UserPolicy, parse_prefix
 from pvpn.errors import ConfigError
 from pvpn.io.pcap import (
     GLOBAL_HEADER_SIZE, LINKTYPE_RAW, RECORD_HEADER_SIZE, PcapWriter, SessionCaptures,
     encode_global_header,
 )
-from pvpn.protocol import (
-    CapturePacket, InjectPacket, NodeLink, NodeLinkState, ServerNode, Session,
-)
+from pvpn.nodes.base import NodeLink, NodeLinkState, Session
+from pvpn.nodes.server import ServerNode
 from pvpn.records import Record
 
 V4 = bytes(IP(src="10.77.0.1", dst="10.77.1.2") / TCP(sport=40000, dport=80, flags="S"))

@@ -12,10 +12,11 @@ from typing import Any, Callable
 import pytest
 
 from pvpn import auth, pki, tls
+from pvpn.commands import CloseLink, LogRecord, SendBytes
 from pvpn.config import ServerConfig, UserPolicy, parse_prefix
-from pvpn.protocol import (
-    CloseLink, LinkEstablished, LinkRefused, LogRecord, SendBytes, ServerNode, UserLink,
-)
+from pvpn.events import LinkEstablished, LinkRefused
+from pvpn.nodes.server import ServerNode
+from pvpn.user import UserLink
 
 SERVER_IP = "10.0.0.1"
 

@@ -13,13 +13,12 @@ from scapy.layers.inet import ICMP, IP, TCP, UDP
 from scapy.layers.inet6 import ICMPv6EchoReply, ICMPv6EchoRequest, IPv6
 
 from pvpn import auth, pki, tls
+from pvpn.commands import CloseLink, InjectPacket, LogRecord, SendBytes
 from pvpn.config import ServerConfig, UserPolicy, parse_prefix
 from pvpn.envelope import MsgType, encode_control
 from pvpn import packet as pk
-from pvpn.protocol import (
-    CloseLink, InjectPacket, LinkClosed, LinkEstablished, LinkRefused, LogRecord,
-    PacketsReceived, SendBytes, ServerNode, UserLink,
-)
+from pvpn.events import LinkClosed, LinkEstablished, LinkRefused, PacketsReceived
+from pvpn.nodes.server import ServerNode
 
 SERVER_IP = "10.0.0.1"
 NAT_SRC = ipaddress.ip_address("10.9.0.1").packed
@@ -985,6 +984,7 @@ def test_the_remote_end_of_a_ping_cannot_ping_the_users_host_back(pki_dir: Any) 
 # ---------------------------------------------------------------- datagrams of any size
 
 from pvpn import fragments  # noqa: E402
+from pvpn.user import UserLink
 from scapy.layers.inet import defragment  # noqa: E402
 
 CLIENT6 = "fd00::2"

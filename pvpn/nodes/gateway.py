@@ -13,40 +13,15 @@ from __future__ import annotations
 import ipaddress
 import os
 from dataclasses import dataclass
-from typing import Any, Callable, Union
+from typing import Any, Callable
 
 from pvpn.addresses import Local
+from pvpn.commands import CloseNext, OpenNextHop, SendNext
 from pvpn.config import GatewayConfig, GatewayPolicy, parse_endpoint
 from pvpn.envelope import MAX_PACKET, MsgType, encode_control, encode_envelope
 from pvpn.errors import ConfigError
-from pvpn.protocol import (
-    MAX_REASON, Command, KeyLookup, NodeBase, NodeLink, NodeLinkState, Verifier,
-)
+from pvpn.nodes.base import MAX_REASON, KeyLookup, NodeBase, NodeLink, NodeLinkState, Verifier
 from pvpn.text import clip
-
-
-@dataclass(slots=True)
-class OpenNextHop:
-    """Connect to the next hop for this link (the adapter answers next_opened/next_failed)."""
-
-    link: int
-    host: str
-    port: int
-    timeout: float
-
-
-@dataclass(slots=True)
-class SendNext:
-    link: int
-    data: bytes
-
-
-@dataclass(slots=True)
-class CloseNext:
-    link: int
-
-
-GatewayCommand = Union[Command, OpenNextHop, SendNext, CloseNext]
 
 
 @dataclass(slots=True)
@@ -79,7 +54,6 @@ class GatewayNode(NodeBase):
                          config.limits)
         self.config = config
         self.splices: dict[int, Splice] = {}
-        self.commands: list[GatewayCommand] = []  # type: ignore[assignment]
 
     def _authorized(self, link: NodeLink, now: float) -> None:
         policy = self.config.users.get(link.user)

@@ -1,0 +1,443 @@
+"""The user's end, sans-IO (after aioquic and h11): one link, and the chain of links.
+
+:class:`UserLink` is the user's end of one link: it speaks the HELLO / CHALLENGE / AUTH
+exchange of :mod:`pvpn.nodes.base` from the user's side and reports events
+(:mod:`pvpn.events`).
+
+:class:`UserChain` is the user's end of a chain of links: hop 0 rides on the TCP connection,
+hop i+1 rides inside hop i's DATA envelopes (TLS inside TLS, like SSH ProxyJump), and the last
+hop, the server, carries the user's packets. It is driven by :meth:`UserChain.receive_data`
+(bytes from the first hop's socket), :meth:`UserChain.send_packets` and
+:meth:`UserChain.handle_timer`; the bytes for the socket come from
+:meth:`UserChain.data_to_send`. Hops are built one after the other: hop i+1 is started once
+hop i has accepted the user.
+
+Inputs carry ``now``. Nothing here touches a socket or a clock.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Callable, Iterable, Sequence
+
+from pvpn.envelope import (
+    DEFAULT_HOPS, MAX_PACKET, Envelope, EnvelopeDecoder, MsgType, Sequencer, decode_control,
+    encode_control, encode_envelope,
+)
+from pvpn.errors import CertificateError, LocalProtocolError, MalformedFrame, RemoteProtocolError
+from pvpn.events import (
+    ChainEvent, ChainFailed, ChainUp, DataReceived, LinkClosed, LinkEstablished, LinkEvent,
+    LinkRefused, PacketsReceived,
+)
+from pvpn.nodes.base import TlsLike, client_host_name
+from pvpn.records import NODE_NAME
+
+
+# ---------------------------------------------------------------- the user's end of a link
+
+
+class LinkState(enum.Enum):
+    HELLO_SENT = "hello-sent"
+    AUTH_SENT = "auth-sent"
+    ESTABLISHED = "established"
+    CLOSED = "closed"
+
+
+#: Re-authentications a user's end answers in a burst, and the seconds that earn one more
+#: (a node's shortest reauth_interval).
+REAUTH_BURST = 8
+REAUTH_REFILL = 10.0
+Signer = Callable[[bytes, bytes, str], bytes]  # (challenge, binding, node) -> signature
+
+
+class UserLink:
+    """The user's end of one link: says hello, answers the challenge, then carries packets
+    (to a server) or the next hop's ciphertext (through a gateway, in DATA envelopes).
+
+    Driven by :meth:`receive_data` (ciphertext from the node), :meth:`send_packets` and
+    :meth:`send_data`; its ciphertext output is taken with :meth:`data_to_send`. The session
+    id is proposed by the user so every hop of a chain logs the same one.
+
+    A link carries one kind of payload: PACKET envelopes to the server (the last hop, no
+    ``next_hop``), DATA to a gateway. Anything else from the node closes the link: a gateway
+    relays the next hop's ciphertext and cannot speak inside the tunnel. A CHALLENGE on an
+    established link is the node asking the user to prove their key again; it is answered
+    with a signature bound to the same TLS session.
+    """
+
+    def __init__(
+        self,
+        tls: TlsLike,
+        *,
+        user: str,
+        uid: int,
+        signer: Signer,
+        want: Sequence[str],
+        client_name: str,
+        session: bytes = b"",
+        token: bytes | None = None,
+        next_hop: str | None = None,
+        path: Sequence[str] = (),
+        hops: int = DEFAULT_HOPS,
+        keepalive: float = 10.0,
+        dead_after: float = 30.0,
+    ) -> None:
+        self.tls = tls
+        self.user = user
+        self.uid = uid
+        self._signer = signer
+        self.state = LinkState.HELLO_SENT
+        self.session = session
+        self._decoder = EnvelopeDecoder()
+        self._seq = Sequencer()
+        self._pending: list[bytes] = []
+        self.keepalive = keepalive
+        self.dead_after = dead_after
+        self._last_received = 0.0
+        self._last_sent = 0.0
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.congested = False  # set by the adapter from the socket's high-water mark
+        self.dropped = 0
+        # What this hop carries: packets to the server, the next hop's ciphertext to a gateway.
+        self.carries = MsgType.PACKET if next_hop is None else MsgType.DATA
+        self.node = ""  # the node's name, once it has accepted us
+        self.reauthenticated = 0  # answers to a node's CHALLENGE on the established link
+        # A node challenges again at most every reauth_interval (10 s at least) and on a
+        # reload, one challenge at a time; each answer costs an RSA signature, so a node (a
+        # rogue gateway) asking faster than that could keep the user's process busy signing.
+        self._reauth_tokens = float(REAUTH_BURST)
+        self._reauth_refilled = 0.0
+        self._broken = False  # the link failed: nothing more is sent on it
+        self._unreported: str | None = None  # a failure on output, for handle_timer to tell
+        self._pending.append(encode_envelope(
+            MsgType.HELLO, session, uid, self._seq.take(), encode_control({
+                "user": user, "want": list(want), "token": token,
+                "client": client_host_name(client_name), "next": next_hop, "path": list(path),
+            }), hops))
+
+    # -- output
+    def _send_control(self, mtype: MsgType, fields: dict[str, object]) -> None:
+        self._pending.append(
+            encode_envelope(mtype, self.session, self.uid, self._seq.take(), encode_control(fields))
+        )
+
+    def send_packets(self, packets: Iterable[bytes]) -> None:
+        """Queue IP packets; they leave together on the next :meth:`data_to_send`."""
+        if self.state is not LinkState.ESTABLISHED:
+            return  # fail closed: nothing goes anywhere before the node accepted us
+        if self.congested:
+            self.dropped += 1
+            return
+        pending, session, uid, seq = self._pending, self.session, self.uid, self._seq
+        for packet in packets:
+            pending.append(encode_envelope(MsgType.PACKET, session, uid, seq.take(), packet))
+            self.bytes_out += len(packet)
+
+    def send_data(self, data: bytes) -> None:
+        """Queue opaque bytes for the gateway to pass to the next hop."""
+        if self.state is not LinkState.ESTABLISHED or not data:
+            return
+        pending, session, uid, seq = self._pending, self.session, self.uid, self._seq
+        for start in range(0, len(data), MAX_PACKET):
+            pending.append(encode_envelope(MsgType.DATA, session, uid, seq.take(),
+                                           data[start:start + MAX_PACKET]))
+
+    def close(self, reason: str) -> None:
+        if self.state is LinkState.ESTABLISHED:
+            self._send_control(MsgType.CLOSE, {"reason": reason})
+        self.state = LinkState.CLOSED
+
+    def data_to_send(self, now: float = 0.0) -> bytes:
+        if self._broken:
+            self._pending.clear()  # its TLS failed: what was queued goes nowhere
+        try:
+            if self._pending:
+                # One TLS write for everything waiting: fewer records, fewer syscalls.
+                data = b"".join(self._pending)
+                self._pending.clear()
+                self.tls.send(data)
+                self._last_sent = now
+            return self.tls.data_to_send()
+        except (RemoteProtocolError, LocalProtocolError) as exc:
+            # The session failed (on input, or now on output): the link is over, and its
+            # output with it; the owner hears of it from receive_data or, for a failure here,
+            # from the next handle_timer.
+            if not self._broken:
+                self._unreported = f"TLS failed on output: {type(exc).__name__}: {exc}"
+            self._broken = True
+            self.state = LinkState.CLOSED
+            return b""
+
+    # -- input
+    def start(self, now: float) -> None:
+        self._last_received = now
+        self._last_sent = now
+
+    def receive_data(self, data: bytes, now: float) -> list[LinkEvent]:
+        """Ciphertext in, events out. Remote errors close the link and come back as LinkClosed."""
+        events: list[LinkEvent] = []
+        self._last_received = now
+        try:
+            self.tls.receive_data(data)
+            plaintext = self.tls.read()
+            if plaintext:
+                packets: list[bytes] = []
+                relayed: list[bytes] = []
+                established = self.state is LinkState.ESTABLISHED
+                carries = self.carries
+                for envelope in self._decoder.feed(plaintext):
+                    mtype = envelope.type
+                    if mtype is MsgType.PACKET or mtype is MsgType.DATA:
+                        if mtype is not carries or not established:
+                            raise MalformedFrame(self._not_carried(mtype))
+                        if mtype is MsgType.PACKET:
+                            packets.append(envelope.body)
+                            self.bytes_in += len(envelope.body)
+                        else:
+                            relayed.append(envelope.body)
+                        continue
+                    if packets:
+                        events.append(PacketsReceived(packets))
+                        packets = []
+                    if relayed:
+                        events.append(DataReceived(b"".join(relayed)))
+                        relayed = []
+                    event = self._control(envelope, now)
+                    if event is not None:
+                        events.append(event)
+                    established = self.state is LinkState.ESTABLISHED
+                if packets:
+                    events.append(PacketsReceived(packets))
+                if relayed:
+                    events.append(DataReceived(b"".join(relayed)))
+        except CertificateError as exc:
+            self.state = LinkState.CLOSED
+            self._broken = True
+            events.append(LinkClosed(f"node certificate refused: {exc}", fatal=True))
+        except RemoteProtocolError as exc:
+            self.state = LinkState.CLOSED
+            self._broken = True
+            events.append(LinkClosed(f"{type(exc).__name__}: {exc}"))
+        return events
+
+    def _not_carried(self, mtype: MsgType) -> str:
+        node = self.node or "the node"
+        if self.state is not LinkState.ESTABLISHED:
+            return f"{node} sent {mtype.name} before it accepted us"
+        if self.carries is MsgType.DATA:
+            return (f"gateway {node} sent {mtype.name} envelopes: a gateway only relays the "
+                    "next hop's ciphertext, only the server may carry packets")
+        return f"the server {node} sent {mtype.name} envelopes: it carries packets only"
+
+    def _control(self, envelope: Envelope, now: float) -> LinkEvent | None:
+        mtype = envelope.type
+        if mtype is MsgType.KEEPALIVE:
+            if not self.congested:  # a node that does not read gets no echo to pile up
+                self._send_control(MsgType.KEEPALIVE_ACK, {})
+            return None
+        if mtype is MsgType.KEEPALIVE_ACK:
+            return None
+        fields = decode_control(envelope)
+        if mtype is MsgType.CHALLENGE and self.state is LinkState.HELLO_SENT:
+            signature = self._signer(fields["nonce"], self.tls.binding(), fields["node"])
+            self._send_control(MsgType.AUTH, {"signature": signature})
+            self.state = LinkState.AUTH_SENT
+            return None
+        if mtype is MsgType.CHALLENGE and self.state is LinkState.ESTABLISHED:
+            # Re-authentication: the same key, a fresh nonce, the same TLS session's binding.
+            if fields["node"] != self.node:
+                raise MalformedFrame("a CHALLENGE naming another node on an established link")
+            tokens = min(float(REAUTH_BURST), self._reauth_tokens
+                         + (now - self._reauth_refilled) / REAUTH_REFILL)
+            self._reauth_refilled = now
+            if tokens < 1.0:
+                raise MalformedFrame(f"{self.node} asks for re-authentication far more often "
+                                     "than a node does")
+            self._reauth_tokens = tokens - 1.0
+            signature = self._signer(fields["nonce"], self.tls.binding(), fields["node"])
+            self._send_control(MsgType.AUTH, {"signature": signature})
+            self.reauthenticated += 1
+            return None
+        if mtype is MsgType.ACCEPT and self.state is LinkState.AUTH_SENT:
+            if len(envelope.session) != 16:
+                raise MalformedFrame("ACCEPT without a session id")
+            if not NODE_NAME.fullmatch(fields["node"]):
+                raise MalformedFrame("ACCEPT with a node name that is not one")
+            self.session = envelope.session
+            self.node = fields["node"]
+            self.state = LinkState.ESTABLISHED
+            return LinkEstablished(
+                envelope.session, fields["token"], [str(a) for a in fields["allow"]],
+                fields["node"], fields["resumed"],
+            )
+        if mtype is MsgType.REFUSE:
+            self.state = LinkState.CLOSED
+            return LinkRefused(fields["code"], fields["reason"])
+        if mtype is MsgType.CLOSE:
+            self.state = LinkState.CLOSED
+            return LinkClosed(f"node closed the session: {fields['reason']}")
+        raise MalformedFrame(f"unexpected {mtype.name} in state {self.state.value}")
+
+    def handle_timer(self, now: float) -> LinkEvent | None:
+        """Keepalives out; a silent node is declared dead after ``dead_after`` seconds."""
+        if self._unreported is not None:
+            reason, self._unreported = self._unreported, None
+            return LinkClosed(reason)
+        if self.state is LinkState.CLOSED:
+            return None
+        if now - self._last_received > self.dead_after:
+            self.state = LinkState.CLOSED
+            return LinkClosed(f"no word from the node for {self.dead_after:.0f} s (keepalive)")
+        if self.state is LinkState.ESTABLISHED and now - self._last_sent >= self.keepalive:
+            self._send_control(MsgType.KEEPALIVE, {})
+        return None
+
+
+# ---------------------------------------------------------------- the chain of links
+
+
+RETRYABLE_REFUSALS = frozenset({"next-hop-unreachable"})
+
+#: make_link(index, names of the nodes before it) -> the user's link with hop ``index``.
+LinkFactory = Callable[[int, list[str]], UserLink]
+
+
+class UserChain:
+    def __init__(self, make_link: LinkFactory, length: int, names: list[str]) -> None:
+        """``names`` says how to call hop i in messages until its node name is known."""
+        self._make_link = make_link
+        self.length = length
+        self._names = names
+        self.links: list[UserLink] = []
+        self.nodes: list[str] = []
+        self.up = False
+        self.failed: ChainFailed | None = None
+
+    @property
+    def server_link(self) -> UserLink | None:
+        return self.links[-1] if self.up else None
+
+    def start(self, now: float) -> None:
+        self.links.append(self._make_link(0, []))
+        self.links[0].start(now)
+
+    def _where(self, index: int) -> str:
+        return self.nodes[index] if index < len(self.nodes) else self._names[index]
+
+    def _fail(self, index: int, reason: str, fatal: bool) -> ChainFailed:
+        for link in self.links:
+            link.state = LinkState.CLOSED
+        self.up = False
+        self.failed = ChainFailed(index, self._where(index), reason, fatal)
+        return self.failed
+
+    # -- input
+    def receive_data(self, data: bytes, now: float) -> list[ChainEvent]:
+        events: list[ChainEvent] = []
+        if self.failed is None:
+            self._feed(0, data, now, events)
+        return events
+
+    def _feed(self, index: int, data: bytes, now: float, out: list[ChainEvent]) -> None:
+        links = self.links
+        last = index == self.length - 1
+        for event in links[index].receive_data(data, now):
+            if self.failed is not None:
+                return
+            if type(event) is DataReceived and not last:
+                if index + 1 < len(links):
+                    self._feed(index + 1, event.data, now, out)
+            elif type(event) is PacketsReceived and last:
+                out.append(event)
+            elif type(event) in (DataReceived, PacketsReceived):
+                # Only the server, the last hop, carries packets; a gateway only relays. (Each
+                # UserLink refuses what its hop does not carry; this holds whatever it is given.)
+                out.append(self._fail(index, f"{self._where(index)} sent what its hop does not "
+                                             "carry (packets from a gateway, or relayed bytes "
+                                             "from the server)", False))
+                return
+            else:
+                self._link_event(index, event, now, out)
+
+    def _link_event(self, index: int, event: object, now: float, out: list[ChainEvent]) -> None:
+        if isinstance(event, LinkEstablished):
+            if event.node in self.nodes:
+                first = self.nodes.index(event.node) + 1
+                out.append(self._fail(index, f"the chain visits node {event.node!r} twice (hops "
+                                             f"{first} and {index + 1}); remove the repeated hop",
+                                      True))
+                return
+            self.nodes.append(event.node)
+            if index + 1 < self.length:
+                link = self._make_link(index + 1, list(self.nodes))
+                link.start(now)
+                self.links.append(link)
+            else:
+                self.up = True
+                out.append(ChainUp(event, list(self.nodes)))
+        elif isinstance(event, LinkRefused):
+            # A policy refusal stands; a gateway that can't reach its next hop (restarting,
+            # say) may well succeed on the next try.
+            fatal = event.code not in RETRYABLE_REFUSALS
+            out.append(self._fail(index, f"refused: {event.reason} ({event.code})", fatal))
+        elif isinstance(event, LinkClosed):
+            out.append(self._fail(index, event.reason, event.fatal))
+
+    def connection_lost(self, reason: str) -> ChainFailed | None:
+        """The TCP connection to the first hop is gone."""
+        if self.failed is not None:
+            return None
+        return self._fail(0, reason, False)
+
+    def silent_hop(self, waited: float) -> str:
+        """Why the chain is not up after ``waited`` seconds: the hop it waits for, and for
+        what (a node that takes TCP but never speaks, a gateway whose next hop drops it)."""
+        index = len(self.links) - 1
+        if index < 0:
+            return f"the chain did not start within {waited:g} s"
+        link = self.links[index]
+        where = f"hop {index + 1} of {self.length} ({self._where(index)})"
+        if index:
+            where += f", reached through {' > '.join(self.nodes)}"
+        if not link.tls.handshake_complete:
+            stage = ("its TLS handshake did not finish: is a pvpn node listening there, and "
+                     "do its answers get back?")
+        elif link.state is LinkState.HELLO_SENT:
+            stage = "it took our TLS handshake but never sent its challenge"
+        elif index + 1 < self.length:
+            stage = ("it took our signature but did not accept us: it may still be connecting "
+                     f"to its next hop, {self._names[index + 1]}")
+        else:
+            stage = "it never answered our signature (accept or refuse)"
+        return f"no answer from {where} within {waited:g} s: {stage}"
+
+    # -- output
+    def send_packets(self, packets: Iterable[bytes]) -> None:
+        if self.up:
+            self.links[-1].send_packets(packets)
+
+    def close(self, reason: str) -> None:
+        """Orderly end: CLOSE to the server, through the chain."""
+        if self.up:
+            self.links[-1].close(reason)
+
+    def data_to_send(self, now: float) -> bytes:
+        links = self.links
+        # Innermost first: each hop's ciphertext becomes the next-outer hop's DATA.
+        for index in range(len(links) - 1, 0, -1):
+            data = links[index].data_to_send(now)
+            if data:
+                links[index - 1].send_data(data)
+        return links[0].data_to_send(now) if links else b""
+
+    def handle_timer(self, now: float) -> list[ChainEvent]:
+        out: list[ChainEvent] = []
+        if self.failed is not None:
+            return out
+        for index, link in enumerate(list(self.links)):
+            event = link.handle_timer(now)
+            if event is not None:
+                self._link_event(index, event, now, out)
+                break
+        return out
