@@ -61,7 +61,7 @@ NODES_TIMEOUT = 30.0  # pvpn-server and pvpn-gateways listening, pvpn-client's s
 SHUTDOWN_TIMEOUT = 25.0  # supervisord stopping its programs (pvpn nodes get stopwaitsecs=15)
 
 # The target's supervisord runs these; a pvpn node's runs services.node_program(role), with
-# the program section from supervisord.d/.
+# the host's copy of its program section from supervisord.d/.
 TARGET_PROGRAMS = ("nginx", "iperf3", "socat", "sshd")
 REQUIRED_PROGRAMS = ("ip", "sysctl", "setpriv", "useradd", "userdel", "ssh-keygen",
                      "ssh-keyscan", "ss",
@@ -221,18 +221,18 @@ def _write_configs(topology: Topology) -> None:
     for role in ("client", *topology.chain_roles):
         program = services.node_program(role)
         assert program is not None
+        _write(topology.host_dir(role) / f"{program}.conf",
+               services.node_program_conf(topology, role, program))
         _write(topology.host_dir(role) / "supervisord.conf",
                services.node_supervisord_conf(topology, role, program))
 
 
-def _supervisord_env(host_dir: Path) -> dict[str, str]:
+def _supervisord_env() -> dict[str, str]:
+    # No PVPN_* variables: the lab's copies of the shipped files name the host's directory.
     return {
         "PATH": search_path(),
         "LANG": "C.UTF-8",
         "HOME": "/root",
-        "PVPN_ETC": str(host_dir),
-        "PVPN_LOGDIR": str(host_dir),
-        "PVPN_RUNDIR": str(host_dir),
     }
 
 
@@ -247,7 +247,7 @@ def _start_supervisord(topology: Topology, role: str) -> None:
     # supervisord daemonizes (nodaemon=false): this returns once it has forked; the daemon
     # stays in the host's namespace.
     run(netns.ns_exec(topology.host(role).namespace, *command),
-        env=_supervisord_env(host_dir), cwd=host_dir, timeout=30)
+        env=_supervisord_env(), cwd=host_dir, timeout=30)
 
 
 def host_command(topology: Topology, role: str, *cmd: str) -> list[str]:

@@ -6,6 +6,7 @@ the VPN's own integration tests stand on.
 
 from __future__ import annotations
 
+import configparser
 import hashlib
 import ipaddress
 import json
@@ -58,6 +59,16 @@ def cli(*args: str, input: bytes | None = None, timeout: float = 120
 def sums(info: LabInfo) -> dict[str, str]:
     path = Path(info["dir"]) / "target" / "www" / "SHA256SUMS"
     return services.parse_sha256sums(path.read_text())
+
+
+def included_section(host_dir: Path) -> Path:
+    """The program section a lab host's supervisord.conf includes (the host's own copy), which
+    names the host's directory and needs no PVPN_* variable."""
+    conf = configparser.RawConfigParser()
+    conf.read(host_dir / "supervisord.conf")
+    include = Path(conf["include"]["files"])
+    assert "ENV_" not in include.read_text() and str(host_dir) in include.read_text()
+    return include
 
 
 def lab_processes(name: str) -> list[str]:
@@ -267,9 +278,8 @@ def test_keys_and_node_configs(bare_lab: LabInfo) -> None:
     client = load_client_config(Path(bare_lab["configs"]["client"]))
     assert str(client.socket) == bare_lab["client_socket"]
     for role in ("client", "server"):
-        conf = (root / role / "supervisord.conf").read_text()
-        include = conf.split("files = ")[1].strip()
-        assert Path(include).is_file() and include.endswith(f"pvpn-{role}.conf")
+        include = included_section(root / role)
+        assert include == root / role / f"pvpn-{role}.conf" and include.is_file()
 
 
 def test_info_says_what_a_user_needs(bare_lab: LabInfo) -> None:
@@ -455,9 +465,8 @@ def test_gateways_configs_certificates_and_info(lab_factory: Factory) -> None:
             assert {f"IP:10.77.{link}.2", f"IP:{v6}", f"DNS:{name}-{role}"} <= set(
                 certificate["sans"])
             assert stat.S_IMODE((gw_dir / f"{role}.key").stat().st_mode) & 0o077 == 0
-            conf = (gw_dir / "supervisord.conf").read_text()
-            include = conf.split("files = ")[1].strip()
-            assert Path(include).is_file() and include.endswith("pvpn-gateway.conf")
+            include = included_section(gw_dir)
+            assert include == gw_dir / "pvpn-gateway.conf" and include.is_file()
             if load_gateway_config is not None:
                 gateway = load_gateway_config(gw_dir / "gateway.toml")
                 assert gateway.name == role

@@ -3,8 +3,12 @@ data files in place, and a fresh root shell can run the README's commands as wri
 
 from __future__ import annotations
 
+import contextlib
+import os
+import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -129,3 +133,177 @@ def test_scripts_venv_removes_nothing_but_a_venv(tmp_path: Path) -> None:
 
     proc = venv_script(Path("relative/wti-venv"))
     assert proc.returncode == 1 and "absolute path" in proc.stderr
+
+
+# ---------------------------------------------------------------- a real node, as the README says
+
+README_SECTION = "### A real node under supervisord"
+NODE_ADDRESS = "192.0.2.10"  # the README's server, on the namespace's loopback
+VENV = Path("/opt/pvpn/venv")  # where the README and the unit find pvpn
+# Private (tmpfs) in the test's mount namespace: the host keeps its own.  /usr/local/bin and
+# /usr/local/sbin get the links scripts/run makes, to the venv under test.
+NODE_DIRS = ("/etc/pvpn", "/var/log/pvpn", "/run/pvpn", "/var/lib/pvpn")
+PATH_DIRS = ("/usr/local/bin", "/usr/local/sbin")
+ROOT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"  # a root login's
+NODE_TIMEOUT = 240  # the whole run in the namespace, set-up to teardown
+START_LINE = "(umask 077; supervisord -c /etc/pvpn/supervisord.conf)"
+STATUS_LINE = "supervisorctl -c /etc/pvpn/supervisord.conf status"
+
+
+def readme_node_commands() -> tuple[str, str, list[str]]:
+    """The README's ```sh block under "A real node under supervisord": the set-up (with
+    `bash scripts/run install` made a no-op: the venv under test is built), the line that
+    starts supervisord, and the lines after it, each as written there."""
+    text = (ROOT / "README.md").read_text()
+    assert README_SECTION in text, "the README lost its section on a real node"
+    block = text.split(README_SECTION + "\n", 1)[1].split("```sh\n", 1)[1].split("\n```", 1)[0]
+    lines = block.splitlines()
+    install = [i for i, line in enumerate(lines) if line.startswith("bash scripts/run install")]
+    assert len(install) == 1, block
+    lines[install[0]] = ":  # bash scripts/run install: done (the venv under test)"
+    starts = [i for i, line in enumerate(lines) if line.split("#")[0].strip() == START_LINE]
+    assert len(starts) == 1, block
+    setup, start, after = lines[:starts[0]], lines[starts[0]], lines[starts[0] + 1:]
+    commands = [line.split("  #")[0].strip() for line in after]
+    assert commands[0] == STATUS_LINE, after
+    assert commands[1].startswith("pvpn status --node /etc/pvpn/server.toml"), after
+    assert f'listen = ["{NODE_ADDRESS}:4433"]' in block
+    return "\n".join(setup) + "\n", start.split("#")[0].strip(), commands
+
+
+def scripts_run_links() -> str:
+    """scripts/run's part that puts the programs on the PATH, to run as it is."""
+    run = (ROOT / "scripts/run").read_text()
+    part = run[run.index("# On the PATH of root and of every user"):run.index("# --- the action")]
+    return 'log() { echo "scripts/run: $*" >&2; }\nvenv=/opt/pvpn/venv\n' + part
+
+
+NAMESPACE_PRELUDE = """\
+set -euo pipefail
+for dir in {dirs}; do mount -t tmpfs -o mode=0755 wti-node "$dir"; done
+{bind}
+{links}
+ip link set lo up
+ip addr add {address}/24 dev lo
+cd {work}
+"""
+
+# Until the status line shows pvpn-server RUNNING (STARTING for startsecs, 2 s), bounded.
+WAIT_RUNNING = """\
+for _ in $(seq 100); do
+    if {status} >{work}/status.out 2>&1 && grep -q '^pvpn-server  *RUNNING' {work}/status.out
+    then break; fi
+    sleep 0.2
+done
+"""
+
+# supervisord (and its program) gone: it removes its pid file before it exits.
+WAIT_GONE = """\
+for _ in $(seq 150); do
+    ps -e -o stat=,comm= | grep -v '^Z' | grep -q -e supervisord -e pvpn -e python || break
+    sleep 0.2
+done"""
+
+# What is left once supervisord is gone: the processes of the namespace (its own pid
+# namespace: only this script's), the node's files, its rules.
+LEFT_OVER = """\
+ps -e -o pid=,comm= >{work}/ps.out
+ls -A /run/pvpn >{work}/run.out
+{{ iptables-save; ip6tables-save; }} >{work}/rules.out
+echo done >{work}/done.out
+"""
+
+
+def run_in_namespace(work: Path, script: str) -> subprocess.CompletedProcess[str]:
+    """``script`` as root in new mount, network and pid namespaces with private tmpfs over the
+    node's directories and the PATH's, from a root login's environment.  Every process in it
+    dies with it (pid namespace, --kill-child, also at the time-out), its mounts and its
+    network with it; the mount points it needed on the host are removed after it if it made
+    them."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root (namespaces, mounts)")
+    if Path(sys.prefix) != VENV and not (VENV / "bin").is_dir():
+        pytest.skip(f"no {VENV} to put the venv under test ({sys.prefix}) in place of")
+    for program in ("unshare", "ip", "iptables-save", "ps"):
+        if shutil.which(program) is None:
+            pytest.skip(f"no {program}")
+    bind = "" if Path(sys.prefix) == VENV else f"mount --bind {sys.prefix} {VENV}"
+    prelude = NAMESPACE_PRELUDE.format(dirs=" ".join(NODE_DIRS + PATH_DIRS), bind=bind,
+                                       links=scripts_run_links(), address=NODE_ADDRESS,
+                                       work=work)
+    (work / "ns.sh").write_text(prelude + script)
+    made = [Path(d) for d in NODE_DIRS if not Path(d).exists()]
+    try:
+        for directory in made:
+            directory.mkdir(mode=0o700)
+        return subprocess.run(
+            ["unshare", "--mount", "--net", "--pid", "--fork", "--kill-child", "--mount-proc",
+             "bash", str(work / "ns.sh")],
+            env={"PATH": ROOT_PATH, "HOME": "/root", "LANG": "C.UTF-8", "USER": "root",
+                 "LOGNAME": "root", "SHELL": "/bin/bash"},
+            cwd=work, capture_output=True, text=True, timeout=NODE_TIMEOUT)
+    finally:
+        for directory in reversed(made):
+            with contextlib.suppress(OSError):
+                directory.rmdir()  # empty: the node's files were on the namespace's tmpfs
+
+
+def node_work_dir(tmp_path: Path) -> Path:
+    """The working directory, with alice's public key as the README's `cp alice.pub` wants."""
+    work = tmp_path / "wti-node"
+    work.mkdir()
+    keygen = subprocess.run([str(Path(sys.prefix) / "bin/pvpn"), "keygen", "--bits", "2048",
+                             "--key", str(work / "id_rsa")],
+                            capture_output=True, text=True, timeout=60)
+    assert keygen.returncode == 0, keygen.stderr
+    shutil.copy(work / "id_rsa.pub", work / "alice.pub")
+    return work
+
+
+def assert_nothing_left(work: Path, proc: subprocess.CompletedProcess[str]) -> None:
+    out = proc.stdout + proc.stderr
+    assert (work / "done.out").exists(), out
+    processes = (work / "ps.out").read_text().split("\n")
+    assert not [p for p in processes if any(name in p for name in
+                                            ("supervisord", "pvpn", "python"))], processes
+    assert (work / "run.out").read_text() == "", "left in /run/pvpn: " + (work / "run.out"
+                                                                           ).read_text()
+    rules = (work / "rules.out").read_text()
+    assert "pvpn" not in rules.lower(), rules
+
+
+def test_the_readme_node_commands_work_as_written(tmp_path: Path) -> None:
+    """The README's commands for a server host, pasted into a root shell (no PVPN_* exported,
+    supervisord and supervisorctl found on the PATH): pvpn-server RUNNING, `pvpn status
+    --node` answers; supervisord's shutdown leaves nothing behind."""
+    setup, start, after = readme_node_commands()
+    work = node_work_dir(tmp_path)
+    (work / "readme.sh").write_text(setup + start + "\n")
+    script = f"""\
+bash -euo pipefail {work}/readme.sh >{work}/readme.out 2>&1
+{WAIT_RUNNING.format(status=after[0], work=work)}
+stat -c '%a %n' /run/pvpn /var/log/pvpn /var/log/pvpn/*.log >{work}/modes.out
+{{ iptables-save; ip6tables-save; }} >{work}/rules-running.out
+{after[1]} >{work}/node-status.out 2>&1
+{after[0].replace(" status", " shutdown")} >/dev/null
+{WAIT_GONE}
+{LEFT_OVER.format(work=work)}
+"""
+    proc = run_in_namespace(work, script)
+    out = proc.stdout + proc.stderr
+    readme_out = (work / "readme.out").read_text() if (work / "readme.out").exists() else ""
+    assert proc.returncode == 0, out + readme_out
+    status = (work / "status.out").read_text()
+    assert re.search(r"^pvpn-server +RUNNING", status, re.M), status + readme_out
+    node_status = (work / "node-status.out").read_text()
+    assert "Traceback" not in node_status and "server" in node_status, node_status
+    assert re.search(r"pvpn-server +RUNNING", node_status), node_status
+    modes = dict(reversed(line.split(" ", 1)) for line in
+                 (work / "modes.out").read_text().splitlines())
+    assert modes["/run/pvpn"] == "711" and modes["/var/log/pvpn"] == "700", modes
+    assert modes["/var/log/pvpn/supervisord.log"] == "600", modes
+    assert modes["/var/log/pvpn/pvpn-server.log"] == "600", modes
+    running = (work / "rules-running.out").read_text()
+    assert "-j PVPNS-IN" in running, running  # the server's rules, which it removes when it stops
+    assert_nothing_left(work, proc)
+

@@ -281,7 +281,8 @@ def test_the_shipped_supervisord_files_keep_logs_root_s() -> None:
     main.read(conf / "supervisord.conf")
     assert main["supervisord"]["umask"] == "077"
     # The run directory is traversable (pvpn-client's socket); every log is in the 0700 one.
-    assert main["supervisord"]["logfile"].startswith("%(ENV_PVPN_LOGDIR)s/")
+    assert main["supervisord"]["logfile"] == "/var/log/pvpn/supervisord.log"
+    assert main["supervisord"]["childlogdir"] == "/var/log/pvpn"
     for program in ("pvpn-client", "pvpn-server", "pvpn-gateway"):
         section = configparser.ConfigParser(interpolation=None)
         section.read(conf / f"{program}.conf")

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import configparser
 import ipaddress
+import os
 import sys
 from pathlib import Path
+from unittest import mock
 
 import pytest
 
@@ -164,22 +166,113 @@ def test_supervisord_sections_are_valid_ini() -> None:
     programs = sorted(s for s in target.sections() if s.startswith("program:"))
     assert programs == ["program:echo4", "program:echo6", "program:iperf3",
                         "program:nginx", "program:sshd"]
-    shipped = Path(__file__).resolve().parents[2] / "supervisord.d"
     for role in ("client", "server", "gateway"):
         section = configparser.RawConfigParser()
-        section.read(shipped / f"pvpn-{role}.conf")
+        section.read(SHIPPED / f"pvpn-{role}.conf")
         program = section[f"program:pvpn-{role}"]
-        assert program["command"] == f"pvpn-{role} --config %(ENV_PVPN_ETC)s/{role}.toml"
-        assert program["stdout_logfile"] == f"%(ENV_PVPN_LOGDIR)s/pvpn-{role}.log"
+        # A real node's fixed directories: nothing for supervisord's environment to define.
+        assert program["command"] == f"pvpn-{role} --config /etc/pvpn/{role}.toml"
+        assert program["stdout_logfile"] == f"/var/log/pvpn/pvpn-{role}.log"
         assert program["startretries"] == "3" and program["stopwaitsecs"] == "15"
-    setup_py = (shipped.parent / "setup.py").read_text()
+    setup_py = (SHIPPED.parent / "setup.py").read_text()
     assert '"supervisord.d/pvpn-gateway.conf"' in setup_py
-    gateway = configparser.RawConfigParser()
-    gateway.read_string(services.node_supervisord_conf(build_topology("t2", 2), "gw1",
-                                                       "pvpn-gateway"))
-    include = Path(gateway["include"]["files"])
-    assert include.name == "pvpn-gateway.conf" and include.is_file()
-    assert gateway["supervisord"]["identifier"] == "t2-gw1"
+
+
+SHIPPED = Path(__file__).resolve().parents[2] / "supervisord.d"
+SHIPPED_FILES = ("supervisord.conf", "pvpn-client.conf", "pvpn-server.conf", "pvpn-gateway.conf")
+
+
+def settings(text: str) -> str:
+    return "".join(line for line in text.splitlines(keepends=True)
+                   if not line.lstrip().startswith(";"))
+
+
+def test_the_shipped_files_need_no_environment() -> None:
+    """`supervisorctl -c /etc/pvpn/supervisord.conf status` failed in a root shell ("Format
+    string ... contains names ('ENV_PVPN_RUNDIR') which cannot be expanded") unless
+    PVPN_ETC, PVPN_LOGDIR and PVPN_RUNDIR were exported; the files name the paths now."""
+    for name in SHIPPED_FILES:
+        text = (SHIPPED / name).read_text()
+        assert "ENV_" not in text and "PVPN_" not in text, name
+        # %(here)s (the file's own directory) is the only expansion left.
+        assert settings(text).replace("%(here)s", "").count("%(") == 0, name
+    main = configparser.RawConfigParser()
+    main.read(SHIPPED / "supervisord.conf")
+    assert main["unix_http_server"]["file"] == "/run/pvpn/supervisor.sock"
+    assert main["supervisorctl"]["serverurl"] == "unix:///run/pvpn/supervisor.sock"
+    assert main["supervisord"]["pidfile"] == "/run/pvpn/supervisord.pid"
+    assert main["include"]["files"] == "%(here)s/pvpn-*.conf"
+    # supervisorctl's own reading of it, in an environment without PVPN_*.
+    from supervisor.options import ClientOptions
+
+    options = ClientOptions()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PVPN_")}
+    with mock.patch.dict(os.environ, env, clear=True):
+        options.realize(["-c", str(SHIPPED / "supervisord.conf")])
+    assert options.serverurl == "unix:///run/pvpn/supervisor.sock"
+
+
+def test_the_lab_writes_copies_for_its_hosts_directories(tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """The shipped files, with the host's directory for /etc/pvpn, /var/log/pvpn and /run/pvpn:
+    the lab needs no PVPN_* either, and runs what a real node runs."""
+    monkeypatch.setattr(topology_module, "LAB_ROOT", tmp_path)
+    topology = build_topology("t2", 2)
+    for role, program, kind in (("gw1", "pvpn-gateway", "gateway"),
+                                ("client", "pvpn-client", "client"),
+                                ("server", "pvpn-server", "server")):
+        host_dir = topology.host_dir(role)
+        section_text = services.node_program_conf(topology, role, program)
+        conf_text = services.node_supervisord_conf(topology, role, program)
+        for text in (section_text, conf_text):
+            assert "ENV_" not in text
+            for real in ("/etc/pvpn", "/var/log/pvpn", "/run/pvpn"):
+                assert real not in settings(text), (role, real)
+        section = configparser.RawConfigParser()
+        section.read_string(section_text)
+        shipped = configparser.RawConfigParser()
+        shipped.read(SHIPPED / f"{program}.conf")
+        copy, original = section[f"program:{program}"], shipped[f"program:{program}"]
+        assert copy["command"] == f"{program} --config {host_dir}/{kind}.toml"
+        assert copy["stdout_logfile"] == f"{host_dir}/{program}.log"
+        changed = {k for k in original if copy[k] != original[k]}
+        assert set(copy) == set(original) and changed == {"command", "stdout_logfile"}
+
+        conf = configparser.RawConfigParser()
+        conf.read_string(conf_text)
+        main = configparser.RawConfigParser()
+        main.read(SHIPPED / "supervisord.conf")
+        assert conf["include"]["files"] == str(host_dir / f"{program}.conf")
+        assert conf["supervisord"]["identifier"] == f"t2-{role}"
+        assert conf["supervisord"]["umask"] == main["supervisord"]["umask"] == "077"
+        assert conf["supervisord"]["logfile"] == f"{host_dir}/supervisord.log"
+        assert conf["supervisord"]["childlogdir"] == str(host_dir)
+        assert conf["unix_http_server"]["file"] == f"{host_dir}/supervisor.sock"
+        assert conf["unix_http_server"]["chmod"] == "0700"
+        assert conf["supervisorctl"]["serverurl"] == f"unix://{host_dir}/supervisor.sock"
+        # Written where it includes them, supervisorctl reads it with no PVPN_* set.
+        host_dir.mkdir(parents=True)
+        (host_dir / f"{program}.conf").write_text(section_text)
+        (host_dir / "supervisord.conf").write_text(conf_text)
+        from supervisor.options import ClientOptions
+
+        options = ClientOptions()
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PVPN_")}
+        with mock.patch.dict(os.environ, env, clear=True):
+            options.realize(["-c", str(host_dir / "supervisord.conf")])
+        assert options.serverurl == f"unix://{host_dir}/supervisor.sock"
+
+
+def test_for_host_replaces_whole_directories_in_settings_only() -> None:
+    text = ("; /etc/pvpn stays in a comment\n"
+            "command=x --config /etc/pvpn/a.toml --old /etc/pvpn-old/b /run/pvpnx /opt/etc/pvpn\n"
+            "logfile=/var/log/pvpn\n"
+            "serverurl=unix:///run/pvpn/supervisor.sock\n")
+    assert services.for_host(text, Path("/h")) == (
+        "; /etc/pvpn stays in a comment\n"
+        "command=x --config /h/a.toml --old /etc/pvpn-old/b /run/pvpnx /opt/etc/pvpn\n"
+        "logfile=/h\n"
+        "serverurl=unix:///h/supervisor.sock\n")
 
 
 def test_sha256sums_round_trip() -> None:

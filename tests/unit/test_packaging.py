@@ -139,3 +139,12 @@ def test_scripts_run_installs_the_extra_each_action_needs() -> None:
     run = (ROOT / "scripts/run").read_text()
     assert 'if [[ $action == test ]]; then extra=test; else extra=trace; fi' in run
     assert '"$checkout[$extra]"' in run and '"$checkout[test]"' not in run
+
+
+def test_scripts_run_puts_supervisord_on_root_s_path() -> None:
+    """The README's `supervisord -c ...` and `supervisorctl -c ...` ran into "command not
+    found" in a root shell: they lived in the venv alone."""
+    run = (ROOT / "scripts/run").read_text()
+    assert "for program in supervisord supervisorctl; do" in run
+    assert "link=/usr/local/sbin/$program" in run
+    assert 'ln -sfn "$venv/bin/$program" "$link"' in run
