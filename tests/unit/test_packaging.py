@@ -10,11 +10,12 @@ import sys
 import tomllib
 from importlib import metadata
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def pyproject() -> dict:  # type: ignore[type-arg]
+def pyproject() -> dict[str, Any]:
     with open(ROOT / "pyproject.toml", "rb") as handle:
         return tomllib.load(handle)
 
