@@ -1,8 +1,8 @@
 """Packaging, the part pyproject.toml (metadata, dependencies, the build backend) leaves here:
 the three programs live in top-level folders but install as pvpn.client, pvpn.server and
-pvpn.gateway, so every import is an absolute ``pvpn.…`` one; the supervisord sections install
-as data into ``<prefix>/share/pvpn``.  pip builds it through PEP 517 (pyproject.toml's
-[build-system]); never run this file yourself."""
+pvpn.gateway, so every import is an absolute ``pvpn.…`` one; the supervisord sections and
+the systemd unit install as data into ``<prefix>/share/pvpn``.  pip builds it through PEP 517
+(pyproject.toml's [build-system]); never run this file yourself."""
 
 from setuptools import setup
 
@@ -27,5 +27,6 @@ setup(
     data_files=[("share/pvpn/supervisord.d", ["supervisord.d/pvpn-client.conf",
                                                "supervisord.d/pvpn-server.conf",
                                                "supervisord.d/pvpn-gateway.conf",
-                                               "supervisord.d/supervisord.conf"])],
+                                               "supervisord.d/supervisord.conf"]),
+                ("share/pvpn/systemd", ["systemd/pvpn.service"])],
 )

@@ -3,9 +3,11 @@ data files in place, and a fresh root shell can run the README's commands as wri
 
 from __future__ import annotations
 
+import configparser
 import contextlib
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -20,7 +22,8 @@ DEBIAN_PYTHON = Path("/usr/bin/python3")  # what scripts/run builds the venv fro
 SHIPPED_DATA = ["share/pvpn/supervisord.d/supervisord.conf",
                 "share/pvpn/supervisord.d/pvpn-client.conf",
                 "share/pvpn/supervisord.d/pvpn-server.conf",
-                "share/pvpn/supervisord.d/pvpn-gateway.conf"]
+                "share/pvpn/supervisord.d/pvpn-gateway.conf",
+                "share/pvpn/systemd/pvpn.service"]
 
 
 def checkout_copy(into: Path) -> Path:
@@ -307,3 +310,77 @@ stat -c '%a %n' /run/pvpn /var/log/pvpn /var/log/pvpn/*.log >{work}/modes.out
     assert "-j PVPNS-IN" in running, running  # the server's rules, which it removes when it stops
     assert_nothing_left(work, proc)
 
+
+UNIT = ROOT / "systemd/pvpn.service"
+UNIT_DIRECTORIES = {"RuntimeDirectory": "/run", "LogsDirectory": "/var/log",
+                    "StateDirectory": "/var/lib"}
+
+
+def read_unit() -> dict[str, str]:
+    unit = configparser.RawConfigParser(strict=True, delimiters=("=",))
+    unit.optionxform = str  # type: ignore[assignment,method-assign]  # systemd keys are cased
+    unit.read(UNIT)
+    return dict(unit["Service"])
+
+
+def test_systemd_analyze_verifies_the_unit(tmp_path: Path) -> None:
+    analyze = shutil.which("systemd-analyze")
+    if analyze is None:
+        pytest.skip("no systemd-analyze")
+    unit = tmp_path / "pvpn.service"
+    text = UNIT.read_text()
+    if not (VENV / "bin/supervisord").exists():  # verify wants the ExecStart program
+        text = text.replace(str(VENV), sys.prefix)
+    unit.write_text(text)
+    proc = subprocess.run([analyze, "verify", str(unit)], capture_output=True, text=True,
+                          timeout=60, cwd=tmp_path)
+    # An unknown or misspelt key is only a warning (exit 0): no output at all is the pass.
+    assert proc.returncode == 0 and proc.stdout + proc.stderr == "", proc.stdout + proc.stderr
+
+
+def test_the_node_starts_as_the_unit_starts_it(tmp_path: Path) -> None:
+    """The unit's ExecStart with its environment, umask and directories, as systemd runs it
+    (after the README's set-up of a server host): pvpn-server RUNNING; a SIGTERM to supervisord
+    alone (KillMode=mixed) stops everything within TimeoutStopSec, exit status 0."""
+    service = read_unit()
+    setup, _start, after = readme_node_commands()
+    work = node_work_dir(tmp_path)
+    (work / "readme.sh").write_text(setup)
+    directories = "\n".join(
+        f"mkdir -p {base}/{service[key]} && chmod {service[key + 'Mode']} {base}/{service[key]}"
+        for key, base in UNIT_DIRECTORIES.items())
+    environment = " ".join(shlex.quote(word) for word in shlex.split(service["Environment"]))
+    assert service["Type"] == "simple" and service["KillMode"] == "mixed"
+    stop = int(service["TimeoutStopSec"])
+    script = f"""\
+bash -euo pipefail {work}/readme.sh >{work}/readme.out 2>&1
+{directories}
+(umask {service["UMask"]}; exec env -i {environment} {service["ExecStart"]}) \\
+    >{work}/unit.out 2>&1 &
+main=$!
+{WAIT_RUNNING.format(status=after[0], work=work)}
+stat -c '%a %n' /run/pvpn /var/log/pvpn /var/lib/pvpn /var/log/pvpn/*.log >{work}/modes.out
+{after[1]} >{work}/node-status.out 2>&1
+kill -TERM $main
+for _ in $(seq {stop * 5}); do kill -0 $main 2>/dev/null || break; sleep 0.2; done
+status=0; wait $main || status=$?
+echo $status >{work}/exit.out
+{WAIT_GONE}
+{LEFT_OVER.format(work=work)}
+"""
+    proc = run_in_namespace(work, script)
+    out = proc.stdout + proc.stderr
+    for name in ("readme.out", "unit.out"):
+        if (work / name).exists():
+            out += f"\n--- {name}\n" + (work / name).read_text()
+    assert proc.returncode == 0, out
+    status = (work / "status.out").read_text()
+    assert re.search(r"^pvpn-server +RUNNING", status, re.M), status + out
+    assert re.search(r"pvpn-server +RUNNING", (work / "node-status.out").read_text())
+    modes = dict(reversed(line.split(" ", 1)) for line in
+                 (work / "modes.out").read_text().splitlines())
+    assert modes == {"/run/pvpn": "711", "/var/log/pvpn": "700", "/var/lib/pvpn": "700",
+                     "/var/log/pvpn/pvpn-server.log": "600",
+                     "/var/log/pvpn/supervisord.log": "600"}, modes
+    assert (work / "exit.out").read_text().strip() == "0", out
+    assert_nothing_left(work, proc)

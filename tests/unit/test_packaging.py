@@ -10,11 +10,12 @@ import sys
 import tomllib
 from importlib import metadata
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def pyproject() -> dict:  # type: ignore[type-arg]
+def pyproject() -> dict[str, Any]:
     with open(ROOT / "pyproject.toml", "rb") as handle:
         return tomllib.load(handle)
 
@@ -148,3 +149,34 @@ def test_scripts_run_puts_supervisord_on_root_s_path() -> None:
     assert "for program in supervisord supervisorctl; do" in run
     assert "link=/usr/local/sbin/$program" in run
     assert 'ln -sfn "$venv/bin/$program" "$link"' in run
+
+
+def read_unit(path: Path) -> configparser.RawConfigParser:
+    unit = configparser.RawConfigParser(strict=True, delimiters=("=",))
+    unit.optionxform = str  # type: ignore[assignment,method-assign]  # systemd keys are cased
+    unit.read(path)
+    return unit
+
+
+def test_the_systemd_unit_runs_pvpn_s_supervisord_in_the_foreground() -> None:
+    """At boot: the node's supervisord, its directories made with their modes, restarted if
+    it fails; shipped as data into share/pvpn/systemd."""
+    unit = read_unit(ROOT / "systemd/pvpn.service")
+    service = unit["Service"]
+    assert service["ExecStart"] == "/opt/pvpn/venv/bin/supervisord -n -c /etc/pvpn/supervisord.conf"
+    assert service["Type"] == "simple"
+    assert service["UMask"] == "0077"
+    assert (service["RuntimeDirectory"], service["RuntimeDirectoryMode"]) == ("pvpn", "0711")
+    assert (service["LogsDirectory"], service["LogsDirectoryMode"]) == ("pvpn", "0700")
+    assert (service["StateDirectory"], service["StateDirectoryMode"]) == ("pvpn", "0700")
+    assert service["Restart"] == "on-failure"
+    assert service["KillMode"] == "mixed"  # SIGTERM to supervisord, which stops the nodes
+    assert int(service["TimeoutStopSec"]) > 15  # the nodes' stopwaitsecs
+    environment = dict(word.split("=", 1) for word in service["Environment"].split())
+    assert environment["PATH"].startswith("/opt/pvpn/venv/bin:")
+    assert unit["Install"]["WantedBy"] == "multi-user.target"
+    setup_py = (ROOT / "setup.py").read_text()
+    assert '("share/pvpn/systemd", ["systemd/pvpn.service"])' in setup_py
+    # The directories it makes are the ones the shipped supervisord files name.
+    conf = (ROOT / "supervisord.d/supervisord.conf").read_text()
+    assert "=/run/pvpn/" in conf and "=/var/log/pvpn/" in conf
