@@ -180,3 +180,23 @@ def test_the_systemd_unit_runs_pvpn_s_supervisord_in_the_foreground() -> None:
     # The directories it makes are the ones the shipped supervisord files name.
     conf = (ROOT / "supervisord.d/supervisord.conf").read_text()
     assert "=/run/pvpn/" in conf and "=/var/log/pvpn/" in conf
+
+
+def test_the_installed_pvpn_holds_only_modules_of_this_checkout() -> None:
+    """A module the source no longer has (pvpn/protocol.py after its split) was installed
+    again from setuptools' build/ directory, left by the previous install."""
+    import pvpn
+
+    sources = {"pvpn": ROOT / "pvpn", "pvpn/client": ROOT / "client",
+               "pvpn/server": ROOT / "server", "pvpn/gateway": ROOT / "gateway"}
+    installed = Path(pvpn.__file__).parent
+    stale = []
+    for module in installed.rglob("*.py"):
+        relative = module.relative_to(installed.parent)
+        package = str(relative.parent)
+        top = "/".join(package.split("/")[:2]) if package.startswith(
+            ("pvpn/client", "pvpn/server", "pvpn/gateway")) else "pvpn"
+        source = sources[top] / module.relative_to(installed.parent / top)
+        if not source.exists():
+            stale.append(str(relative))
+    assert not stale, f"installed but not in the checkout: {stale}"
