@@ -31,10 +31,7 @@ from pvpn import firewall
 from pvpn import packet as pk
 from pvpn.config import ClientConfig, load_client_config, parse_prefixes
 from pvpn.drops import Drop
-from pvpn.envelope import (
-    DEFAULT_HOPS, EnvelopeDecoder, MsgType, Sequencer, decode_control, encode_control,
-    encode_envelope, status_pages,
-)
+from pvpn.envelope import DEFAULT_HOPS, MsgType, decode_control
 from pvpn.errors import ConfigError, MalformedPacket, PolicyError, PvpnError, RemoteProtocolError
 from pvpn.io import conntrack, rules, sockdiag
 from pvpn.io.nfqueue import BatchedQueue
@@ -45,6 +42,7 @@ from pvpn.io.loop import (
 )
 from pvpn.io.tun import open_tun, read_copies, strict_rp_filter
 from pvpn.fragments import Reassembler
+from pvpn.local import LocalChannel
 from pvpn.records import Record, RecordWriter, session_hex
 from pvpn.reset import tcp_probe
 from pvpn.client.registry import SlotSession, Registry
@@ -99,8 +97,7 @@ class LocalLink(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.uid = -1
         self.pid = -1
-        self.decoder = EnvelopeDecoder()
-        self.seq = Sequencer()
+        self.channel = LocalChannel()
         self.pending: list[bytes] = []
         self.session: SlotSession | None = None
         self.attached_here = False  # this process sent ATTACH: it had the session up
@@ -138,7 +135,7 @@ class LocalLink(asyncio.Protocol):
             return
         self.last_active = self.daemon.loop.time()
         try:
-            for envelope in self.decoder.feed(data):
+            for envelope in self.channel.receive(data):
                 if envelope.type is MsgType.PACKET:
                     self.daemon.inject(self, envelope.body)
                 else:
@@ -158,13 +155,12 @@ class LocalLink(asyncio.Protocol):
     # -- output
     def send_control(self, mtype: MsgType, fields: dict[str, Any]) -> None:
         session = self.session.session_id if self.session else b""
-        self.pending.append(encode_envelope(mtype, session, self.uid, self.seq.take(),
-                                            encode_control(fields)))
+        self.pending.append(self.channel.control(mtype, session, self.uid, fields))
 
     def send_status(self, sessions: list[dict[str, Any]]) -> None:
         """STATUS_REPLY in as many pages as the sessions need."""
-        for page in status_pages(sessions):
-            self.send_control(MsgType.STATUS_REPLY, page)
+        session = self.session.session_id if self.session else b""
+        self.pending += self.channel.status(session, self.uid, sessions)
 
     def flush(self) -> None:
         if self.pending and self.transport is not None:
@@ -485,8 +481,7 @@ class ClientDaemon:
                     session.flows_evicted += 1
             session.packets_out += 1
             session.bytes_out += len(payload)
-            link.pending.append(encode_envelope(MsgType.PACKET, session.session_id, uid,
-                                                link.seq.take(), payload))
+            link.pending.append(link.channel.packet(session.session_id, uid, payload))
             dirty.add(link)
             return True
 
