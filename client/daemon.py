@@ -45,7 +45,7 @@ from pvpn.fragments import Reassembler
 from pvpn.local import LocalChannel
 from pvpn.records import Record, RecordWriter, session_hex
 from pvpn.reset import tcp_probe
-from pvpn.client.registry import SlotSession, Registry
+from pvpn.nodes.client import Registry, SlotSession
 from pvpn.text import clip
 
 #: A registered ``server`` (shown in `pvpn status`, logged) is a host and port: a DNS name is at

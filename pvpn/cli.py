@@ -226,7 +226,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_disconnect(args: argparse.Namespace) -> int:
-    from pvpn.client.registry import MIN_ID_PREFIX
+    from pvpn.nodes.client import MIN_ID_PREFIX
 
     text = (args.session or "").lower()
     if text and not re.fullmatch(rf"[0-9a-f]{{{MIN_ID_PREFIX},32}}", text):
