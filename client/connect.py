@@ -20,13 +20,12 @@ from pathlib import Path
 from typing import Any, Callable
 
 from pvpn import auth, tls
-from pvpn.envelope import (
-    EnvelopeDecoder, MsgType, Sequencer, decode_control, encode_control, encode_envelope,
-)
+from pvpn.envelope import MsgType, decode_control
 from pvpn.errors import ConfigError, PvpnError, RemoteProtocolError, connect_failure
 from pvpn.events import ChainEvent, ChainFailed, ChainUp, PacketsReceived
 from pvpn.io.loop import WRITE_HIGH_WATER, set_nodelay
 from pvpn.io.pcap import DEFAULT_MAX_BYTES, PcapWriter
+from pvpn.local import LocalChannel
 from pvpn.envelope import DEFAULT_HOPS
 from pvpn.client.peer import untrusted_peer
 from pvpn.text import printable
@@ -126,8 +125,7 @@ class Connector:
         self.finished: asyncio.Future[int] = self.loop.create_future()
         # local side
         self.local: _Stream | None = None
-        self.local_decoder = EnvelopeDecoder()
-        self.local_seq = Sequencer()
+        self.local_channel = LocalChannel()
         self.registered: asyncio.Future[dict[str, Any]] = self.loop.create_future()
         # Set when pvpn-client confirms the protection is removed (or the socket is gone).
         self.unregistered: asyncio.Future[None] = self.loop.create_future()
@@ -149,8 +147,7 @@ class Connector:
 
     # ------------------------------------------------------------ local socket to pvpn-client
     async def open_local(self) -> dict[str, Any]:
-        self.local_decoder = EnvelopeDecoder()
-        self.local_seq = Sequencer()
+        self.local_channel = LocalChannel()
         self.registered = self.loop.create_future()
         self.attached = False
         if self.unregistered.done():
@@ -194,13 +191,13 @@ class Connector:
 
     def _local_send(self, mtype: MsgType, fields: dict[str, Any]) -> None:
         if self.local is not None and self.local.transport is not None:
-            self.local.transport.write(encode_envelope(
-                mtype, self.session, self.uid, self.local_seq.take(), encode_control(fields)))
+            self.local.transport.write(self.local_channel.control(mtype, self.session, self.uid,
+                                                                  fields))
 
     def _local_data(self, data: bytes) -> None:
         packets: list[bytes] = []
         try:
-            for envelope in self.local_decoder.feed(data):
+            for envelope in self.local_channel.receive(data):
                 if envelope.type is MsgType.PACKET:
                     packets.append(envelope.body)
                     continue
@@ -361,10 +358,9 @@ class Connector:
                     self.pcap.write_packets(event.packets, time.time())
                 local = self.local
                 if local is not None and local.transport is not None and not local.congested:
-                    uid, session, seq = self.uid, self.session, self.local_seq
-                    local.transport.write(b"".join(
-                        encode_envelope(MsgType.PACKET, session, uid, seq.take(), p)
-                        for p in event.packets))
+                    uid, session, packet = self.uid, self.session, self.local_channel.packet
+                    local.transport.write(b"".join(packet(session, uid, p)
+                                                   for p in event.packets))
             elif type(event) is ChainUp:
                 if not self.up.done():
                     self.up.set_result(event)

@@ -31,11 +31,8 @@ from pvpn import firewall
 from pvpn import packet as pk
 from pvpn.config import ClientConfig, load_client_config, parse_prefixes
 from pvpn.drops import Drop
-from pvpn.envelope import (
-    DEFAULT_HOPS, EnvelopeDecoder, MsgType, Sequencer, decode_control, encode_control,
-    encode_envelope, status_pages,
-)
-from pvpn.errors import ConfigError, MalformedPacket, PolicyError, PvpnError, RemoteProtocolError
+from pvpn.envelope import DEFAULT_HOPS, MsgType, decode_control
+from pvpn.errors import ConfigError, PolicyError, PvpnError, RemoteProtocolError
 from pvpn.io import conntrack, rules, sockdiag
 from pvpn.io.nfqueue import BatchedQueue
 from pvpn.io.sockdiag import SocketOwners
@@ -45,9 +42,12 @@ from pvpn.io.loop import (
 )
 from pvpn.io.tun import open_tun, read_copies, strict_rp_filter
 from pvpn.fragments import Reassembler
-from pvpn.records import Record, RecordWriter, session_hex
+from pvpn.commands import LogRecord
+from pvpn.records import RecordWriter
 from pvpn.reset import tcp_probe
-from pvpn.client.registry import SlotSession, Registry
+from pvpn.nodes.client import (
+    LOCAL_LOG_EVERY as LOCAL_LOG_EVERY, ClientHost, CloseLocal, LocalPeer, SlotSession, WriteTun, session_event,
+)
 from pvpn.text import clip
 
 #: A registered ``server`` (shown in `pvpn status`, logged) is a host and port: a DNS name is at
@@ -55,8 +55,6 @@ from pvpn.text import clip
 MAX_SERVER = 300
 TICK = 5.0
 PRUNE_EVERY = 60.0
-#: At most one local:error or local:refused record per uid this often (seconds).
-LOCAL_LOG_EVERY = 10.0
 #: The questions answered with more than an acknowledgement: refused while the asker leaves
 #: earlier answers unread (WRITE_HIGH_WATER), so one local user cannot make pvpn-client buffer
 #: without bound.
@@ -89,25 +87,14 @@ def user_name(uid: int) -> str:
         return str(uid)
 
 
-class LocalLink(asyncio.Protocol):
+class LocalLink(LocalPeer, asyncio.Protocol):
     """One `pvpn connect` (or `pvpn status`/`disconnect`) process on the unix socket."""
 
     def __init__(self, daemon: "ClientDaemon") -> None:
+        super().__init__(next(daemon.link_ids))
         self.daemon = daemon
         self.guard = daemon.guard
-        self.id = next(daemon.link_ids)
         self.transport: asyncio.Transport | None = None
-        self.uid = -1
-        self.pid = -1
-        self.decoder = EnvelopeDecoder()
-        self.seq = Sequencer()
-        self.pending: list[bytes] = []
-        self.session: SlotSession | None = None
-        self.attached_here = False  # this process sent ATTACH: it had the session up
-        self.unregistered = False
-        self.congested = False
-        self.last_active = 0.0
-        self.admitted = False
 
     # -- asyncio; what escapes a callback goes to the guard, which closes this connection only
     @property
@@ -138,7 +125,7 @@ class LocalLink(asyncio.Protocol):
             return
         self.last_active = self.daemon.loop.time()
         try:
-            for envelope in self.decoder.feed(data):
+            for envelope in self.channel.receive(data):
                 if envelope.type is MsgType.PACKET:
                     self.daemon.inject(self, envelope.body)
                 else:
@@ -156,16 +143,6 @@ class LocalLink(asyncio.Protocol):
         self.daemon.local_lost(self)
 
     # -- output
-    def send_control(self, mtype: MsgType, fields: dict[str, Any]) -> None:
-        session = self.session.session_id if self.session else b""
-        self.pending.append(encode_envelope(mtype, session, self.uid, self.seq.take(),
-                                            encode_control(fields)))
-
-    def send_status(self, sessions: list[dict[str, Any]]) -> None:
-        """STATUS_REPLY in as many pages as the sessions need."""
-        for page in status_pages(sessions):
-            self.send_control(MsgType.STATUS_REPLY, page)
-
     def flush(self) -> None:
         if self.pending and self.transport is not None:
             self.transport.write(b"".join(self.pending))
@@ -181,9 +158,10 @@ class ClientDaemon:
     def __init__(self, config: ClientConfig) -> None:
         self.config = config
         self.log = RecordWriter("client", config.name)
-        self.registry = Registry(config)
         self.loop = asyncio.get_running_loop()
         self.owners = SocketOwners()  # whose socket a reply would reach
+        self.host: ClientHost[LocalLink] = ClientHost(config, self.owners, user_name)
+        self.registry = self.host.registry
         # No exception a local user or a packet can cause ends pvpn-client: the guard logs it
         # (node:error, with the traceback) and closes only the connection concerned.
         self.guard = Guard(self.log.write, self._close_failed_link)
@@ -194,14 +172,10 @@ class ClientDaemon:
         self.rules_epoch = 0
         self.queues: dict[int, BatchedQueue] = {}
         self.tun_fds: dict[int, int] = {}
-        self.links: dict[int, LocalLink] = {}  # slot -> attached link
-        self.local: set[LocalLink] = set()  # every admitted connection on the socket
-        self.local_by_uid: dict[int, int] = {}
-        # uid -> (time of its last local:* record, records suppressed since)
-        self._local_logged: dict[int, tuple[float, int]] = {}
-        # (event, slot) -> the same, for what a user does with their own session
-        self._session_logged: dict[tuple[str, int], tuple[float, int]] = {}
-        self._dirty: set[LocalLink] = set()
+        # The host's bookkeeping, named as the handlers below read it.
+        self.links = self.host.links  # slot -> attached link
+        self.local = self.host.local  # every admitted connection on the socket
+        self._session_logged = self.host.session_logged
         self._pruned = 0.0
 
     def _close_failed_link(self, link_id: int, reason: str) -> None:
@@ -210,64 +184,42 @@ class ClientDaemon:
             link.close()
 
     def log_event(self, event: str, session: SlotSession | None = None, **kw: Any) -> None:
-        rec = Record(event)
-        if session is not None:
-            rec.session, rec.user = session_hex(session.session_id), session.user
-            rec.uid = session.uid
-            rec.extra["slot"] = session.slot
-        for key, value in kw.items():
-            if key in ("reason", "flow", "peer", "user", "uid", "bytes"):
-                setattr(rec, key, value)
+        self.log.write(session_event(event, session, **kw))
+
+    def run(self) -> None:
+        """Carry out what the host asked for, in order."""
+        commands, self.host.commands = self.host.commands, []
+        for cmd in commands:
+            if type(cmd) is LogRecord:
+                self.log.write(cmd.record)
+            elif type(cmd) is WriteTun:
+                try:
+                    os.write(self.tun_fds[cmd.session.slot], cmd.packet)
+                except BlockingIOError:
+                    self.host.tun_refused(cmd, Drop.TUN_FULL, self.loop.time())
+                except OSError:
+                    self.host.tun_refused(cmd, Drop.TUN_WRITE_FAILED, self.loop.time())
+            elif type(cmd) is CloseLocal:
+                assert isinstance(cmd.peer, LocalLink)  # the host is given only these
+                cmd.peer.close()
             else:
-                rec.extra[key] = value
-        self.log.write(rec)
+                raise TypeError(f"pvpn-client cannot carry out {type(cmd).__name__}")
+        if self.host.commands:  # a refused write's drop record
+            self.run()
 
     # -- local connections: bounded per uid and in all (root is never refused)
     def admit(self, link: LocalLink) -> None:
-        config, uid = self.config, link.uid
-        users = len(self.local) - self.local_by_uid.get(0, 0)
-        mine = self.local_by_uid.get(uid, 0)
-        if uid != 0 and (mine >= config.max_local_connections_per_uid
-                         or users >= config.max_local_connections):
-            limit = (f"{config.max_local_connections_per_uid} per user "
-                     "(max_local_connections_per_uid)"
-                     if mine >= config.max_local_connections_per_uid else
-                     f"{config.max_local_connections} in all (max_local_connections)")
-            self.local_record("local:refused", link,
-                              reason=f"too many connections to pvpn-client: {limit}")
-            link.send_control(MsgType.ERROR, {"code": "refused", "reason":
-                              f"too many connections to pvpn-client: {limit}"})
-            link.close()
-            return
-        link.admitted = True
-        self.local.add(link)
-        self.local_by_uid[uid] = mine + 1
+        self.host.admit(link, self.loop.time())
+        self.run()
 
     def local_record(self, event: str, link: LocalLink, session: SlotSession | None = None,
                      **kw: Any) -> None:
-        """A record about a local connection's misstep (refused, garbage): at most one per uid
-        per LOCAL_LOG_EVERY seconds, saying how many were left out, so a local user looping
-        over bad connections cannot flood the log."""
-        now = self.loop.time()
-        last, suppressed = self._local_logged.get(link.uid, (-LOCAL_LOG_EVERY, 0))
-        if now - last < LOCAL_LOG_EVERY:
-            self._local_logged[link.uid] = (last, suppressed + 1)
-            return
-        self._local_logged[link.uid] = (now, 0)
-        self.log_event(event, session, uid=link.uid, user=user_name(link.uid), pid=link.pid,
-                       suppressed=suppressed, **kw)
+        self.host.local_record(event, link, self.loop.time(), session, **kw)
+        self.run()
 
     def session_record(self, event: str, session: SlotSession, **kw: Any) -> None:
-        """A record of what a user did with their own session (attached, reattached, held),
-        which costs pvpn-client nothing else and so could be repeated at will: at most one
-        per event and session per LOCAL_LOG_EVERY seconds, saying how many were left out."""
-        now, key = self.loop.time(), (event, session.slot)
-        last, suppressed = self._session_logged.get(key, (-LOCAL_LOG_EVERY, 0))
-        if now - last < LOCAL_LOG_EVERY:
-            self._session_logged[key] = (last, suppressed + 1)
-            return
-        self._session_logged[key] = (now, 0)
-        self.log_event(event, session, **kw, **({"suppressed": suppressed} if suppressed else {}))
+        self.host.session_record(event, session, self.loop.time(), **kw)
+        self.run()
 
     # -- sessions
     def _install(self, session: SlotSession) -> None:
@@ -459,99 +411,26 @@ class ClientDaemon:
 
     # -- the packet path: queue -> user's process
     def _queue_callback(self, session: SlotSession) -> Callable[[bytes], bool]:
-        slot, uid, flows, max_flows = session.slot, session.uid, session.flows, session.max_flows
-        parse_flow, loop_time = pk.parse_flow, self.loop.time
-        dirty = self._dirty
-        links = self.links
+        host, loop_time = self.host, self.loop.time
 
         def on_packet(payload: bytes) -> bool:
             # Always taken (dropped by the queue): it never leaves this host in clear.
-            link = links.get(slot)
-            if link is None or not session.session_id:
-                self._dropped(session, Drop.TUNNEL_DOWN)
-                return True
-            if link.congested:
-                self._dropped(session, Drop.TUNNEL_CONGESTED)
-                return True
-            try:
-                key = parse_flow(payload)
-            except MalformedPacket:
-                pass  # e.g. a locally generated ICMP error; it still belongs to this session
-            else:  # least recently used last; a full table forgets the flow idle longest
-                flows.pop(key, None)
-                flows[key] = loop_time()
-                if len(flows) > max_flows:
-                    del flows[next(iter(flows))]
-                    session.flows_evicted += 1
-            session.packets_out += 1
-            session.bytes_out += len(payload)
-            link.pending.append(encode_envelope(MsgType.PACKET, session.session_id, uid,
-                                                link.seq.take(), payload))
-            dirty.add(link)
+            host.queued(session, payload, loop_time())
+            if host.commands:
+                self.run()
             return True
 
         return on_packet
 
-    def _dropped(self, session: SlotSession, code: Drop, flow: pk.FlowKey | None = None) -> None:
-        """Count a drop by its code; log it when the session's rate limit allows."""
-        count = session.drop(code, self.loop.time())
-        if count:
-            self.log_event("packet:dropped", session, reason=code.value,
-                           flow=flow.describe() if flow is not None else "", count=count,
-                           unlogged=session.drops.take_unlogged())
-
     def flush(self) -> None:
-        for link in self._dirty:
+        for link in self.host.dirty:
             link.flush()
-        self._dirty.clear()
+        self.host.dirty.clear()
 
     # -- the packet path: user's process -> TUN
     def inject(self, link: LocalLink, packet: bytes) -> None:
-        session = link.session
-        if session is None or not session.session_id:
-            raise RemoteProtocolError("PACKET before the session is attached")
-        try:
-            flow, _, error = pk.classify(packet)  # one pass over the headers
-            sent = flow if error else flow.reversed()  # an error quotes the packet as sent
-        except MalformedPacket:
-            self._dropped(session, Drop.MALFORMED_REPLY)
-            return
-        # Only replies to flows this session sent may enter the host: a user's process must not
-        # be able to forge packets from protected addresses to other local sockets.
-        if sent not in session.flows:
-            self._dropped(session, Drop.REPLY_NO_FLOW, sent)
-            return
-        if error:
-            # An ICMP error about one of the session's flows enters only as a host may receive
-            # it: no redirect or source quench, at most 576/1280 bytes, addressed to the
-            # source of the packet it quotes (RFC 1122 3.2.2, RFC 1812 4.3.2.3, RFC 4443 2.4).
-            try:
-                refused = pk.received_icmp_error_refusal(packet) is not None
-            except MalformedPacket:
-                refused = True
-            if refused:
-                self._dropped(session, Drop.REPLY_ICMP_REFUSED, sent)
-                return
-        if sent.proto == pk.PROTO_TCP or sent.proto == pk.PROTO_UDP:
-            # The flow is the session's, but its local port may have changed hands since: only
-            # a socket of the session's user, or no process's, may get the packet.
-            try:
-                owner = self.owners.owner(sent)
-            except PvpnError:
-                owner = -1  # the kernel cannot tell: fail closed
-            if owner is not None and owner != session.uid:
-                self._dropped(session, Drop.REPLY_NOT_YOURS, sent)
-                return
-        try:
-            os.write(self.tun_fds[session.slot], packet)
-        except BlockingIOError:
-            self._dropped(session, Drop.TUN_FULL, sent)
-            return
-        except OSError:
-            self._dropped(session, Drop.TUN_WRITE_FAILED, sent)
-            return
-        session.packets_in += 1
-        session.bytes_in += len(packet)
+        self.host.reply(link, packet, self.loop.time())
+        self.run()
 
     # -- local control
     def local_control(self, link: LocalLink, envelope: Any) -> None:
@@ -739,14 +618,7 @@ class ClientDaemon:
         self.session_record("session:held", session, reason=reason)
 
     def local_lost(self, link: LocalLink) -> None:
-        self._dirty.discard(link)
-        if link.admitted and link in self.local:
-            self.local.discard(link)
-            left = self.local_by_uid.get(link.uid, 1) - 1
-            if left > 0:
-                self.local_by_uid[link.uid] = left
-            else:
-                self.local_by_uid.pop(link.uid, None)
+        self.host.forget_local(link)
         session = link.session
         if session is None or link.unregistered:
             return
@@ -768,12 +640,7 @@ class ClientDaemon:
         for link in list(self.local):
             if link.session is None and now - link.last_active > self.config.grace_time:
                 link.close()
-        for uid, (at, suppressed) in list(self._local_logged.items()):
-            if now - at >= LOCAL_LOG_EVERY and not suppressed:
-                del self._local_logged[uid]
-        for key, (at, suppressed) in list(self._session_logged.items()):
-            if now - at >= LOCAL_LOG_EVERY and not suppressed:
-                del self._session_logged[key]
+        self.host.forget_records(now)
         for session in list(self.registry.sessions.values()):
             if session.ever_up and session.recorded != session.session_id:
                 self._record_id(session, now)

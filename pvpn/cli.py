@@ -16,11 +16,10 @@ from typing import Any
 from pvpn import __version__
 from pvpn.client.peer import untrusted_peer
 from pvpn.config import DEFAULT_PORT, parse_endpoint, parse_prefixes
-from pvpn.envelope import (
-    EnvelopeDecoder, MsgType, decode_control, encode_control, encode_envelope,
-)
+from pvpn.envelope import MsgType
 from pvpn.errors import ConfigError, PvpnError
 from pvpn.io.pcap import DEFAULT_MAX_BYTES
+from pvpn.local import Answer, one_question
 from pvpn.text import printable, quoted
 
 DEFAULT_SOCKET = Path(os.environ.get("PVPN_SOCKET", "/run/pvpn/client.sock"))
@@ -97,23 +96,16 @@ def ask_daemon(socket_path: Path, mtype: MsgType, fields: dict[str, Any],
         sock.close()
         raise PvpnError(distrust)
     with sock:
-        sock.sendall(encode_envelope(mtype, b"", os.getuid(), 0, encode_control(fields)))
-        decoder = EnvelopeDecoder()
+        sock.sendall(one_question(mtype, os.getuid(), fields))
+        answer = Answer()
         deadline = time.monotonic() + timeout
-        sessions: list[Any] = []
         while time.monotonic() < deadline:
             data = sock.recv(65536)
             if not data:
                 break
-            for envelope in decoder.feed(data):
-                if envelope.type is MsgType.ERROR:
-                    return envelope.type, decode_control(envelope)
-                if envelope.type is MsgType.STATUS_REPLY:
-                    # The answer may come in pages; the last says more=False.
-                    page = decode_control(envelope)
-                    sessions += page["sessions"]
-                    if not page["more"]:
-                        return envelope.type, {"sessions": sessions}
+            got = answer.receive(data)
+            if got is not None:
+                return got
     raise PvpnError("pvpn-client gave no answer")
 
 
@@ -234,7 +226,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_disconnect(args: argparse.Namespace) -> int:
-    from pvpn.client.registry import MIN_ID_PREFIX
+    from pvpn.nodes.client import MIN_ID_PREFIX
 
     text = (args.session or "").lower()
     if text and not re.fullmatch(rf"[0-9a-f]{{{MIN_ID_PREFIX},32}}", text):

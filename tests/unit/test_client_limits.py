@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from pvpn import cli
-from pvpn.client import registry as reg
+from pvpn.nodes import client as reg
 from pvpn.config import ClientConfig, load_client_config
 from pvpn.envelope import MsgType
 from pvpn.errors import ConfigError, PolicyError, PvpnError

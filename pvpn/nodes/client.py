@@ -1,4 +1,8 @@
-"""Which user holds which session slot on the client host: pure bookkeeping, no I/O.
+"""The client host's policy, sans-IO: which user holds which session slot, what happens to a
+queued packet of a slot, which replies may reach a user's TUN device, and the local
+connections on pvpn-client's socket. No socket, no subprocess, no clock: inputs carry ``now``;
+outputs are commands collected in :attr:`ClientHost.commands` (and the bytes every local
+connection has to send, in its ``pending``) for pvpn-client (client/daemon.py) to carry out.
 
 A slot gives a session its NFQUEUE number, its connection mark and its TUN device name. The uid
 of every request comes from the kernel (SO_PEERCRED), never from the message.
@@ -12,12 +16,17 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Generic, Protocol, TypeVar
 
+from pvpn import packet as pk
+from pvpn.commands import Command, LogRecord
 from pvpn.config import ClientConfig, Network
 from pvpn.drops import Drop, DropCounter
-from pvpn.errors import PolicyError
+from pvpn.envelope import MsgType
+from pvpn.errors import MalformedPacket, PolicyError, PvpnError, RemoteProtocolError
+from pvpn.local import LocalChannel
 from pvpn.packet import FlowKey
+from pvpn.records import Record, session_hex
 from pvpn.text import quoted
 
 #: A flow idle this long is forgotten (its replies are refused from then on): the server keeps
@@ -312,3 +321,260 @@ class Registry:
                               (" (root: name one, or --all for everyone's)" if uid == 0 else ""))
         raise PolicyError(f"you have {len(own)} sessions: {_listing(own)}; name one "
                           "(pvpn disconnect ID) or give --all")
+
+
+# ---------------------------------------------------------------- the host: its commands
+
+
+@dataclass(slots=True)
+class WriteTun(Command):
+    """Write this reply into the session's TUN device; a write that fails is reported back
+    with :meth:`ClientHost.tun_refused`."""
+
+    session: SlotSession
+    packet: bytes
+    flow: FlowKey
+
+
+@dataclass(slots=True)
+class CloseLocal(Command):
+    """Close this local connection once what it has pending is written."""
+
+    peer: "LocalPeer"
+
+
+#: At most one local:error or local:refused record per uid this often (seconds).
+LOCAL_LOG_EVERY = 10.0
+
+
+class OwnerLookup(Protocol):
+    """Whose socket a packet of a flow would reach (pvpn.io.sockdiag.SocketOwners; a fake in
+    tests): a uid, None for no process's, PvpnError when the kernel cannot tell."""
+
+    def owner(self, flow: FlowKey) -> int | None: ...
+
+
+class LocalPeer:
+    """One connection on pvpn-client's socket (a `pvpn connect`, `pvpn status` or `pvpn
+    disconnect` process) as the policy sees it: who the kernel says it is, the session it
+    holds, and the envelopes it has to be sent (``pending``, written by the adapter)."""
+
+    def __init__(self, id: int) -> None:
+        self.id = id
+        self.uid = -1
+        self.pid = -1
+        self.channel = LocalChannel()
+        self.pending: list[bytes] = []
+        self.session: SlotSession | None = None
+        self.attached_here = False  # this process sent ATTACH: it had the session up
+        self.unregistered = False
+        self.congested = False
+        self.last_active = 0.0
+        self.admitted = False
+
+    def send_control(self, mtype: MsgType, fields: dict[str, Any]) -> None:
+        session = self.session.session_id if self.session else b""
+        self.pending.append(self.channel.control(mtype, session, self.uid, fields))
+
+    def send_status(self, sessions: list[dict[str, Any]]) -> None:
+        """STATUS_REPLY in as many pages as the sessions need."""
+        session = self.session.session_id if self.session else b""
+        self.pending += self.channel.status(session, self.uid, sessions)
+
+
+def session_event(event: str, session: SlotSession | None = None, **kw: Any) -> Record:
+    """A record of pvpn-client's, about ``session`` if given."""
+    rec = Record(event)
+    if session is not None:
+        rec.session, rec.user = session_hex(session.session_id), session.user
+        rec.uid = session.uid
+        rec.extra["slot"] = session.slot
+    for key, value in kw.items():
+        if key in ("reason", "flow", "peer", "user", "uid", "bytes"):
+            setattr(rec, key, value)
+        else:
+            rec.extra[key] = value
+    return rec
+
+
+P = TypeVar("P", bound=LocalPeer)
+
+
+class ClientHost(Generic[P]):
+    """The client host's policy. Driven by pvpn-client: :meth:`admit` and :meth:`local_lost`
+    for the local connections, :meth:`queued` for each packet of a session's queue,
+    :meth:`reply` for each packet a tunnel process returns; ``owners`` and ``user_name`` are
+    its two questions to the host (whose socket, which name)."""
+
+    def __init__(self, config: ClientConfig, owners: OwnerLookup,
+                 user_name: Callable[[int], str]) -> None:
+        self.config = config
+        self.registry = Registry(config)
+        self.owners = owners
+        self.user_name = user_name
+        self.commands: list[Command] = []
+        self.links: dict[int, P] = {}  # slot -> attached connection
+        self.local: set[P] = set()  # every admitted connection on the socket
+        self.local_by_uid: dict[int, int] = {}
+        # uid -> (time of its last local:* record, records suppressed since)
+        self.local_logged: dict[int, tuple[float, int]] = {}
+        # (event, slot) -> the same, for what a user does with their own session
+        self.session_logged: dict[tuple[str, int], tuple[float, int]] = {}
+        # The connections with envelopes pending from the packet path, to be written.
+        self.dirty: set[P] = set()
+
+    def log(self, event: str, session: SlotSession | None = None, **kw: Any) -> None:
+        self.commands.append(LogRecord(session_event(event, session, **kw)))
+
+    # -- local connections: bounded per uid and in all (root is never refused)
+    def admit(self, peer: P, now: float) -> None:
+        config, uid = self.config, peer.uid
+        users = len(self.local) - self.local_by_uid.get(0, 0)
+        mine = self.local_by_uid.get(uid, 0)
+        if uid != 0 and (mine >= config.max_local_connections_per_uid
+                         or users >= config.max_local_connections):
+            limit = (f"{config.max_local_connections_per_uid} per user "
+                     "(max_local_connections_per_uid)"
+                     if mine >= config.max_local_connections_per_uid else
+                     f"{config.max_local_connections} in all (max_local_connections)")
+            self.local_record("local:refused", peer, now,
+                              reason=f"too many connections to pvpn-client: {limit}")
+            peer.send_control(MsgType.ERROR, {"code": "refused", "reason":
+                              f"too many connections to pvpn-client: {limit}"})
+            self.commands.append(CloseLocal(peer))
+            return
+        peer.admitted = True
+        self.local.add(peer)
+        self.local_by_uid[uid] = mine + 1
+
+    def forget_local(self, peer: P) -> None:
+        """The connection is gone: it no longer counts against its uid's bounds."""
+        self.dirty.discard(peer)
+        if peer.admitted and peer in self.local:
+            self.local.discard(peer)
+            left = self.local_by_uid.get(peer.uid, 1) - 1
+            if left > 0:
+                self.local_by_uid[peer.uid] = left
+            else:
+                self.local_by_uid.pop(peer.uid, None)
+
+    def local_record(self, event: str, peer: LocalPeer, now: float,
+                     session: SlotSession | None = None, **kw: Any) -> None:
+        """A record about a local connection's misstep (refused, garbage): at most one per uid
+        per LOCAL_LOG_EVERY seconds, saying how many were left out, so a local user looping
+        over bad connections cannot flood the log."""
+        last, suppressed = self.local_logged.get(peer.uid, (-LOCAL_LOG_EVERY, 0))
+        if now - last < LOCAL_LOG_EVERY:
+            self.local_logged[peer.uid] = (last, suppressed + 1)
+            return
+        self.local_logged[peer.uid] = (now, 0)
+        self.log(event, session, uid=peer.uid, user=self.user_name(peer.uid), pid=peer.pid,
+                 suppressed=suppressed, **kw)
+
+    def session_record(self, event: str, session: SlotSession, now: float, **kw: Any) -> None:
+        """A record of what a user did with their own session (attached, reattached, held),
+        which costs pvpn-client nothing else and so could be repeated at will: at most one
+        per event and session per LOCAL_LOG_EVERY seconds, saying how many were left out."""
+        key = (event, session.slot)
+        last, suppressed = self.session_logged.get(key, (-LOCAL_LOG_EVERY, 0))
+        if now - last < LOCAL_LOG_EVERY:
+            self.session_logged[key] = (last, suppressed + 1)
+            return
+        self.session_logged[key] = (now, 0)
+        self.log(event, session, **kw, **({"suppressed": suppressed} if suppressed else {}))
+
+    def forget_records(self, now: float) -> None:
+        """The rate limits' memory of uids and sessions quiet for LOCAL_LOG_EVERY goes."""
+        for uid, (at, suppressed) in list(self.local_logged.items()):
+            if now - at >= LOCAL_LOG_EVERY and not suppressed:
+                del self.local_logged[uid]
+        for key, (at, suppressed) in list(self.session_logged.items()):
+            if now - at >= LOCAL_LOG_EVERY and not suppressed:
+                del self.session_logged[key]
+
+    # -- the packet path: queue -> user's process
+    def queued(self, session: SlotSession, payload: bytes, now: float) -> None:
+        """A packet of the session's queue. Always taken (dropped by the queue): it never
+        leaves this host in clear. Without a tunnel process that had the session up it is
+        dropped (fail closed), and counted."""
+        link = self.links.get(session.slot)
+        if link is None or not session.session_id:
+            self.dropped(session, Drop.TUNNEL_DOWN, now)
+            return
+        if link.congested:
+            self.dropped(session, Drop.TUNNEL_CONGESTED, now)
+            return
+        try:
+            key = pk.parse_flow(payload)
+        except MalformedPacket:
+            pass  # e.g. a locally generated ICMP error; it still belongs to this session
+        else:  # least recently used last; a full table forgets the flow idle longest
+            flows = session.flows
+            flows.pop(key, None)
+            flows[key] = now
+            if len(flows) > session.max_flows:
+                del flows[next(iter(flows))]
+                session.flows_evicted += 1
+        session.packets_out += 1
+        session.bytes_out += len(payload)
+        link.pending.append(link.channel.packet(session.session_id, session.uid, payload))
+        self.dirty.add(link)
+
+    def dropped(self, session: SlotSession, code: Drop, now: float,
+                flow: FlowKey | None = None) -> None:
+        """Count a drop by its code; log it when the session's rate limit allows."""
+        count = session.drop(code, now)
+        if count:
+            self.log("packet:dropped", session, reason=code.value,
+                     flow=flow.describe() if flow is not None else "", count=count,
+                     unlogged=session.drops.take_unlogged())
+
+    # -- the packet path: user's process -> TUN
+    def reply(self, peer: LocalPeer, packet: bytes, now: float) -> None:
+        """A packet the tunnel process returns: written to the session's TUN device
+        (WriteTun) only if it answers a flow the session sent and reaches only a socket of
+        the session's user; otherwise dropped and counted."""
+        session = peer.session
+        if session is None or not session.session_id:
+            raise RemoteProtocolError("PACKET before the session is attached")
+        try:
+            flow, _, error = pk.classify(packet)  # one pass over the headers
+            sent = flow if error else flow.reversed()  # an error quotes the packet as sent
+        except MalformedPacket:
+            self.dropped(session, Drop.MALFORMED_REPLY, now)
+            return
+        # Only replies to flows this session sent may enter the host: a user's process must not
+        # be able to forge packets from protected addresses to other local sockets.
+        if sent not in session.flows:
+            self.dropped(session, Drop.REPLY_NO_FLOW, now, sent)
+            return
+        if error:
+            # An ICMP error about one of the session's flows enters only as a host may receive
+            # it: no redirect or source quench, at most 576/1280 bytes, addressed to the
+            # source of the packet it quotes (RFC 1122 3.2.2, RFC 1812 4.3.2.3, RFC 4443 2.4).
+            try:
+                refused = pk.received_icmp_error_refusal(packet) is not None
+            except MalformedPacket:
+                refused = True
+            if refused:
+                self.dropped(session, Drop.REPLY_ICMP_REFUSED, now, sent)
+                return
+        if sent.proto == pk.PROTO_TCP or sent.proto == pk.PROTO_UDP:
+            # The flow is the session's, but its local port may have changed hands since: only
+            # a socket of the session's user, or no process's, may get the packet.
+            try:
+                owner = self.owners.owner(sent)
+            except PvpnError:
+                owner = -1  # the kernel cannot tell: fail closed
+            if owner is not None and owner != session.uid:
+                self.dropped(session, Drop.REPLY_NOT_YOURS, now, sent)
+                return
+        session.packets_in += 1
+        session.bytes_in += len(packet)
+        self.commands.append(WriteTun(session, packet, sent))
+
+    def tun_refused(self, cmd: WriteTun, code: Drop, now: float) -> None:
+        """The TUN device did not take the reply (full, or failed): not counted in, dropped."""
+        cmd.session.packets_in -= 1
+        cmd.session.bytes_in -= len(cmd.packet)
+        self.dropped(cmd.session, code, now, cmd.flow)
