@@ -21,7 +21,8 @@ from typing import Any, Callable
 
 from pvpn import auth, tls
 from pvpn.envelope import MsgType, decode_control
-from pvpn.errors import ConfigError, PvpnError, RemoteProtocolError, connect_failure
+from pvpn.errors import ConfigError, PvpnError, RemoteProtocolError
+from pvpn.io.reasons import connect_failure
 from pvpn.events import ChainEvent, ChainFailed, ChainUp, PacketsReceived
 from pvpn.io.loop import WRITE_HIGH_WATER, set_nodelay
 from pvpn.io.pcap import DEFAULT_MAX_BYTES, PcapWriter

@@ -10,7 +10,8 @@ import itertools
 from pvpn import auth, tls
 from pvpn.commands import CloseLink, CloseNext, LogRecord, OpenNextHop, SendBytes, SendNext
 from pvpn.config import GatewayConfig, load_gateway_config
-from pvpn.errors import ConfigError, connect_failure
+from pvpn.errors import ConfigError
+from pvpn.io.reasons import connect_failure
 from pvpn.io.control import start_control, stop_control
 from pvpn.io.localaddrs import LocalAddressWatch
 from pvpn.io.loop import (

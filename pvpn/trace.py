@@ -8,7 +8,7 @@ This module is the pure part of ``pvpn trace``: lines in, records out
 a :class:`SessionTrace`: one :class:`HopSummary` per node in chain order (client, gateways,
 server) and the merged timeline, with every time relative to the session's first record.
 :func:`format_trace` prints it for a terminal, :func:`trace_to_json` for machines.  Reading
-files is the caller's business (``pvpn.trace_cli``).
+files is the caller's business (``pvpn.cli.trace``).
 
 What each role logs at the end of a session, and how it reads here ("up" is towards the
 target, "down" towards the user):

@@ -3,7 +3,7 @@
 The module-scoped ``lab`` fixture gives each test module one lab with its pvpn nodes (the
 ``pvpn lab info`` JSON); ``lab_factory(nodes=..., gateways=..., name=...)`` is a context
 manager for more labs (unique names, always removed, also on failure).  Run commands on a
-lab host with ``pvpn.lab.lab.run_as(info["name"], HOST, USER, [...])``.  Lab fixtures skip,
+lab host with ``pvpn.cli.lab.lab.run_as(info["name"], HOST, USER, [...])``.  Lab fixtures skip,
 with the reason, when not root or when namespaces are unusable; ``lab_usable`` skips alone.
 (With --import-mode=importlib this file is not importable: use its fixtures.)
 """
@@ -39,8 +39,8 @@ def lab_unusable_reason() -> str | None:
     except (OSError, subprocess.SubprocessError) as exc:
         return f"`ip netns` is unusable here: {exc}"
     subprocess.run(["ip", "netns", "del", probe], capture_output=True, timeout=10)
-    from pvpn.lab.lab import REQUIRED_PROGRAMS
-    from pvpn.lab.commands import find_program
+    from pvpn.cli.lab.lab import REQUIRED_PROGRAMS
+    from pvpn.cli.lab.commands import find_program
 
     missing = [p for p in REQUIRED_PROGRAMS if find_program(p) is None]
     if missing:
@@ -67,7 +67,7 @@ def running_lab(*, nodes: bool = True, gateways: int = 0, name: str | None = Non
     reason = lab_unusable_reason()
     if reason:
         skip_or_fail(reason)
-    from pvpn.lab import lab
+    from pvpn.cli.lab import lab
 
     name = name or unique_lab_name()
     try:

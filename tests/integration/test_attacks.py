@@ -17,7 +17,7 @@ from typing import Any, Callable, ContextManager, Iterator
 import pytest
 from vpnlib import connect, disconnect, fetch_ok
 
-from pvpn.lab.lab import exec_argv
+from pvpn.cli.lab.lab import exec_argv
 
 pytestmark = pytest.mark.integration
 

@@ -19,7 +19,7 @@ from vpnlib import (
     udp_echo, vpn,
 )
 
-from pvpn.lab.lab import exec_argv
+from pvpn.cli.lab.lab import exec_argv
 
 pytestmark = pytest.mark.integration
 

@@ -25,7 +25,7 @@ from vpnlib import (
 )
 
 from pvpn import firewall
-from pvpn.lab.lab import exec_argv
+from pvpn.cli.lab.lab import exec_argv
 
 pytestmark = pytest.mark.integration
 

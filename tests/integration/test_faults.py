@@ -25,7 +25,7 @@ from vpnlib import (
 
 from pvpn.config import load_server_config
 from pvpn.errors import StateError
-from pvpn.lab.lab import exec_argv
+from pvpn.cli.lab.lab import exec_argv
 from pvpn.state import decode_state
 
 pytestmark = pytest.mark.integration

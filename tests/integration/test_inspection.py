@@ -21,9 +21,9 @@ from typing import Any, ContextManager
 import pytest
 from vpnlib import connect, connect_argv, curl, disconnect, fetch_ok, sh
 
-from pvpn.lab import lab as lab_module
-from pvpn.lab import services
-from pvpn.lab.commands import find_program
+from pvpn.cli.lab import lab as lab_module
+from pvpn.cli.lab import services
+from pvpn.cli.lab.commands import find_program
 
 pytestmark = pytest.mark.integration
 

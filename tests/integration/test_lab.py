@@ -23,11 +23,11 @@ from typing import Any, ContextManager
 import pytest
 
 from pvpn.config import load_client_config, load_server_config
-from pvpn.lab import lab as lablib
-from pvpn.lab import netns, services, users
-from pvpn.lab.commands import find_program
-from pvpn.lab.errors import LabError
-from pvpn.lab.topology import LAB_ROOT, LAB_USERS
+from pvpn.cli.lab import lab as lablib
+from pvpn.cli.lab import netns, services, users
+from pvpn.cli.lab.commands import find_program
+from pvpn.cli.lab.errors import LabError
+from pvpn.cli.lab.topology import LAB_ROOT, LAB_USERS
 from pvpn.pki import describe_certificate
 
 pytestmark = pytest.mark.integration
@@ -52,7 +52,7 @@ def on(info: LabInfo, host: str, cmd: list[str], *, user: str = "root",
 def cli(*args: str, input: bytes | None = None, timeout: float = 120
         ) -> subprocess.CompletedProcess[bytes]:
     """``pvpn lab ARGS`` through the lab's own command line, in a child process."""
-    return subprocess.run([sys.executable, "-m", "pvpn.lab.cli", "lab", *args],
+    return subprocess.run([sys.executable, "-m", "pvpn.cli.lab.cli", "lab", *args],
                           input=input, capture_output=True, timeout=timeout, check=False)
 
 
@@ -220,7 +220,7 @@ def test_a_user_s_command_cannot_reach_root_s_terminal(bare_lab: LabInfo, how: s
     if how == "exec_argv":
         argv, cwd = lablib.exec_argv(bare_lab["name"], "client", "alice", probe)
     else:
-        argv, cwd = [sys.executable, "-m", "pvpn.lab.cli", "lab", "exec", "--name",
+        argv, cwd = [sys.executable, "-m", "pvpn.cli.lab.cli", "lab", "exec", "--name",
                      bare_lab["name"], "client", "--user", "alice", "--", *probe], Path("/")
     import pty
 

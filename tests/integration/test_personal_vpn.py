@@ -22,7 +22,7 @@ from vpnlib import (
     curl, disconnect, fetch_ok, sh, status, tunnel_pids, udp_echo, vpn,
 )
 
-from pvpn.lab.lab import exec_argv
+from pvpn.cli.lab.lab import exec_argv
 
 pytestmark = pytest.mark.integration
 

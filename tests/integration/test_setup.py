@@ -53,7 +53,7 @@ def test_debian_pip_builds_pvpn_through_pep_517(tmp_path: Path) -> None:
         assert (venv / name).is_file(), name
     # pvpn.client is client/ of the checkout, installed inside the pvpn package.
     site = next((venv / "lib").glob("python3*/site-packages"))
-    for module in ("pvpn/cli.py", "pvpn/client/daemon.py", "pvpn/server/daemon.py",
+    for module in ("pvpn/cli/main.py", "pvpn/client/daemon.py", "pvpn/server/daemon.py",
                    "pvpn/gateway/daemon.py", "pvpn/io/__init__.py", "pvpn/py.typed"):
         assert (site / module).is_file(), module
     assert not (site / "client").exists()

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterator
 
-from pvpn.lab.lab import run_as
+from pvpn.cli.lab.lab import run_as
 
 SESSION_RE = re.compile(r"session ([0-9a-f]{32}) is up")
 

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from pvpn.bench import report
+from pvpn.cli.bench import report
 
 
 def test_spread_takes_median_and_range_of_numbers_only() -> None:

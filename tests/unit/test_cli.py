@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from pvpn.cli import apply_profile, build_parser, cmd_connect
+from pvpn.cli.main import apply_profile, build_parser, cmd_connect
 from pvpn.errors import ConfigError
 
 PROFILES = """
@@ -79,7 +79,7 @@ def test_pvpn_connect_escapes_what_nodes_said(capsys: pytest.CaptureFixture[str]
 
 
 def test_keygen_force_replaces_its_own_public_key_and_nothing_else(tmp_path: Path) -> None:
-    from pvpn.cli import cmd_keygen
+    from pvpn.cli.main import cmd_keygen
 
     key, other = tmp_path / "X.pem", tmp_path / "X.pub"
     other.write_text("someone else's file\n")
@@ -93,7 +93,7 @@ def test_keygen_force_replaces_its_own_public_key_and_nothing_else(tmp_path: Pat
 
 
 def test_status_names_every_hop_of_a_chain_in_order_and_escapes_them() -> None:
-    from pvpn.cli import chain_text
+    from pvpn.cli.main import chain_text
 
     chained = {"server": "10.77.3.1:4433", "via": ["10.77.1.1:4433", "10.77.2.1:4433"],
                "nodes": ["gw1", "gw2", "server"]}

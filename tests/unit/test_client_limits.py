@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from pvpn import cli
+from pvpn.cli import main as cli
 from pvpn.nodes import client as reg
 from pvpn.config import ClientConfig, load_client_config
 from pvpn.envelope import MsgType

@@ -43,7 +43,7 @@ def test_status_and_no_takeover(tmp_path: Path) -> None:
 def test_a_status_too_large_for_one_envelope_comes_in_pages(tmp_path: Path) -> None:
     """Issue 9 point 2: 1,000 sessions (far over one envelope's 65,535 bytes) used to make the
     node raise LocalProtocolError while building its answer; now every one arrives."""
-    from pvpn.cli import ask_daemon
+    from pvpn.cli.main import ask_daemon
 
     path = tmp_path / "node.ctl"
     sessions = [{"session": f"{n:032x}", "user": "u" * 32, "server": "s" * 300}
@@ -68,7 +68,7 @@ def test_a_status_too_large_for_one_envelope_comes_in_pages(tmp_path: Path) -> N
 def _status_through_the_socket(tmp_path: Path, provider: Any,
                                monkeypatch: pytest.MonkeyPatch) -> list[Any]:
     """`pvpn status --node`'s request to a control socket serving ``provider``, as root."""
-    from pvpn.cli import ask_daemon
+    from pvpn.cli.main import ask_daemon
     from pvpn.io import control
 
     monkeypatch.setattr(control, "peer_credentials", lambda transport: (1, 0, 0))

@@ -12,10 +12,10 @@ from unittest import mock
 import pytest
 
 from pvpn.config import load_client_config
-from pvpn.lab import services
-from pvpn.lab import topology as topology_module
-from pvpn.lab.errors import LabError
-from pvpn.lab.topology import build_topology, check_name, is_lab_namespace
+from pvpn.cli.lab import services
+from pvpn.cli.lab import topology as topology_module
+from pvpn.cli.lab.errors import LabError
+from pvpn.cli.lab.topology import build_topology, check_name, is_lab_namespace
 
 if sys.version_info >= (3, 11):
     import tomllib

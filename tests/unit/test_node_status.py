@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from pvpn import cli
+from pvpn.cli import main as cli
 from pvpn.envelope import MsgType
 
 EVIL = "\x1b]0;owned\x07\x1b[2J\u202e\n  forged line"

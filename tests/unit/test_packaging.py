@@ -30,7 +30,7 @@ def test_pyproject_holds_the_metadata_and_a_pep_517_build() -> None:
     assert project["dynamic"] == ["version"] and "version" not in project
     assert data["tool"]["setuptools"]["dynamic"]["version"] == {"attr": "pvpn.__version__"}
     assert project["scripts"] == {
-        "pvpn": "pvpn.cli:main",
+        "pvpn": "pvpn.cli.main:main",
         "pvpn-client": "pvpn.client.daemon:main",
         "pvpn-server": "pvpn.server.daemon:main",
         "pvpn-gateway": "pvpn.gateway.daemon:main",
@@ -89,8 +89,8 @@ names = sorted(m.name for m in pkgutil.walk_packages(pvpn.__path__, "pvpn."))
 for name in names:
     importlib.import_module(name)
 assert "pvpn.client.daemon" in names and "pvpn.server.daemon" in names, names
-assert "pvpn.gateway.daemon" in names and "pvpn.trace_packets" in names, names
-from pvpn import cli
+assert "pvpn.gateway.daemon" in names and "pvpn.cli.trace_packets" in names, names
+from pvpn.cli import main as cli
 from pvpn.client import daemon as client
 from pvpn.server import daemon as server
 from pvpn.gateway import daemon as gateway
@@ -106,7 +106,7 @@ for main, argv in ((cli.main, ["connect", "--help"]), (cli.main, ["status", "--h
     assert "usage" in out.getvalue().lower(), argv
 assert not [n for n in sys.modules if n.startswith("scapy")]
 from pvpn.errors import ConfigError
-from pvpn.trace_packets import scapy_classes
+from pvpn.cli.trace_packets import scapy_classes
 try:
     scapy_classes()
 except ConfigError as exc:
@@ -126,7 +126,7 @@ def test_pvpn_trace_without_scapy_is_one_line_and_a_failure(tmp_path: Path) -> N
     logs = tmp_path / "server.log"
     logs.write_text("")
     script = BLOCK_SCAPY + f"""
-from pvpn.cli import main
+from pvpn.cli.main import main
 sys.exit(main(["trace", "{"ab" * 16}", "--logs", {str(logs)!r}, "--packets"]))
 """
     proc = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True,

@@ -9,14 +9,14 @@ from typing import Any
 
 import pytest
 
-from pvpn import trace_cli
-from pvpn.cli import main as pvpn_main
+from pvpn.cli import trace as trace_cli
+from pvpn.cli.main import main as pvpn_main
 from pvpn.errors import ConfigError
 from pvpn.trace import (
     format_records, format_trace, group_by_session, parse_lines, select_session,
     sessions_of_user, trace_session, trace_to_json,
 )
-from pvpn.trace_cli import log_files, read_records, resolve_logs
+from pvpn.cli.trace import log_files, read_records, resolve_logs
 
 ALICE = "a1" * 16
 BOB = "b2" * 16

@@ -1,4 +1,4 @@
-"""pvpn.trace_html and `pvpn trace --html FILE` (issue 10 point 4): one self-contained page
+"""pvpn.cli.trace_html and `pvpn trace --html FILE` (issue 10 point 4): one self-contained page
 with the hops as lanes on one time axis and bytes per second per hop and direction,
 rendered in headless Chromium (Debian's package) to check what it shows, that its script
 runs, that what other users chose is shown as text, and that it makes no network request."""
@@ -18,11 +18,11 @@ from typing import Any
 import pytest
 from scapy.layers.inet import IP, TCP, UDP
 
-from pvpn.cli import main as pvpn_main
+from pvpn.cli.main import main as pvpn_main
 from pvpn.io.pcap import PcapWriter
 from pvpn.trace import trace_session
-from pvpn.trace_cli import read_records
-from pvpn.trace_html import SCRIPT, STYLE, content_security_policy, render_html
+from pvpn.cli.trace import read_records
+from pvpn.cli.trace_html import SCRIPT, STYLE, content_security_policy, render_html
 
 S = "5e55" * 8
 T0 = 1_700_000_000.0
@@ -133,7 +133,7 @@ def page(tmp_path: Path, packets: bool = True) -> str:
     trace = trace_session(records, S)
     captures = []
     if packets:
-        from pvpn.trace_packets import read_capture
+        from pvpn.cli.trace_packets import read_capture
 
         captures = [read_capture(capture(tmp_path / "pcap" / f"{S}.pcap"), "server")]
     return render_html(trace, captures)

@@ -1,4 +1,4 @@
-"""pvpn.trace_packets and `pvpn trace --packets` (issue 10 point 4): a session's capture read
+"""pvpn.cli.trace_packets and `pvpn trace --packets` (issue 10 point 4): a session's capture read
 with scapy and summed up per flow beside the hop records: bytes and packets each way,
 retransmissions and resets, the first and last packet, and how each flow ended."""
 
@@ -14,11 +14,11 @@ import pytest
 from scapy.layers.inet import ICMP, IP, TCP, UDP
 from scapy.layers.inet6 import IPv6
 
-from pvpn import trace_packets
-from pvpn.cli import main as pvpn_main
+from pvpn.cli import trace_packets
+from pvpn.cli.main import main as pvpn_main
 from pvpn.errors import ConfigError
 from pvpn.io.pcap import PcapWriter
-from pvpn.trace_packets import read_capture
+from pvpn.cli.trace_packets import read_capture
 
 S = "5e55" * 8
 T0 = 1_700_000_000.0
@@ -260,7 +260,7 @@ def test_without_scapy_it_says_how_to_get_it(tmp_path: Path, capsys: pytest.Capt
     finally:
         trace_packets.scapy_classes.cache_clear()
     # Nothing imports scapy before a capture is read (a node's programs never do).
-    probe = ("import sys, pvpn.cli, pvpn.trace_cli, pvpn.trace_packets, pvpn.trace_html; "
+    probe = ("import sys, pvpn.cli.main, pvpn.cli.trace, pvpn.cli.trace_packets, pvpn.cli.trace_html; "
              "sys.exit('scapy' in ' '.join(sys.modules))")
     # From a directory of its own: in a checkout, the current directory's pvpn/ would shadow
     # the installed package (whose pvpn.client lives in client/).

@@ -1,7 +1,7 @@
 """Command line of the lab: ``pvpn lab up|down|exec|info|demo``.
 
 The main ``pvpn`` command calls :func:`register`; each sub-command stores its handler as
-``func`` (``args.func(args)`` returns the exit status).  ``python -m pvpn.lab.cli`` runs the
+``func`` (``args.func(args)`` returns the exit status).  ``python -m pvpn.cli.lab.cli`` runs the
 lab's commands on their own.
 """
 
@@ -13,8 +13,8 @@ import sys
 from collections.abc import Callable
 
 from pvpn.errors import PvpnError
-from pvpn.lab import demo, lab
-from pvpn.lab.topology import DEFAULT_NAME, MAX_GATEWAYS
+from pvpn.cli.lab import demo, lab
+from pvpn.cli.lab.topology import DEFAULT_NAME, MAX_GATEWAYS
 
 Handler = Callable[[argparse.Namespace], int]
 

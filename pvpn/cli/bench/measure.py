@@ -19,16 +19,16 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from pvpn.bench.load import MAX_RESPONSE_SECONDS
-from pvpn.bench.paths import BENCH_USER, BenchPath
+from pvpn.cli.bench.load import MAX_RESPONSE_SECONDS
+from pvpn.cli.bench.paths import BENCH_USER, BenchPath
 from pvpn.errors import PvpnError
-from pvpn.lab import netns
-from pvpn.lab.commands import run
-from pvpn.lab.topology import HTTP_PORT, IPERF_PORT
+from pvpn.cli.lab import netns
+from pvpn.cli.lab.commands import run
+from pvpn.cli.lab.topology import HTTP_PORT, IPERF_PORT
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 PAGE = os.sysconf("SC_PAGE_SIZE")
-LOAD_MODULE = "pvpn.bench.load"
+LOAD_MODULE = "pvpn.cli.bench.load"
 ECHO_PORT = 7007
 # A request not answered in this time counts as an error (a SYN retransmitted twice: 1+2 s).
 REQUEST_TIMEOUT = 5.0

@@ -19,12 +19,12 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from pvpn.bench.paths import PathUnavailable, connect_argv, SESSION_RE
+from pvpn.cli.bench.paths import PathUnavailable, connect_argv, SESSION_RE
 from pvpn.errors import PvpnError
-from pvpn.lab import lab, services
-from pvpn.lab import users as lab_users
-from pvpn.lab.commands import find_program, run
-from pvpn.lab.topology import Topology
+from pvpn.cli.lab import lab, services
+from pvpn.cli.lab import users as lab_users
+from pvpn.cli.lab.commands import find_program, run
+from pvpn.cli.lab.topology import Topology
 
 Say = Callable[[str], None]
 

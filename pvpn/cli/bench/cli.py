@@ -9,8 +9,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from pvpn.bench import report
-from pvpn.bench.run import ALL_PATHS, BASE_PATHS, SECTIONS, Options, run
+from pvpn.cli.bench import report
+from pvpn.cli.bench.run import ALL_PATHS, BASE_PATHS, SECTIONS, Options, run
 from pvpn.errors import ConfigError, PvpnError
 
 @dataclass(frozen=True)

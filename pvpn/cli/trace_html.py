@@ -33,7 +33,7 @@ from pvpn.text import printable
 from pvpn.trace import (
     DETAIL_FIELDS, HopSummary, LogRecord, SessionTrace, Traffic, format_time, record_time,
 )
-from pvpn.trace_packets import (
+from pvpn.cli.trace_packets import (
     CaptureSummary, Direction, FlowSummary, capture_label, nice_step, rate_series, where_text,
 )
 

@@ -20,7 +20,7 @@ in a pvpn capture is always the user's side: the server forwards no packet the u
 did not ask for.  "Down" is the answering side.  Bytes are whole IP packets (headers
 included), as the nodes' ``session:closed`` counters count them; ``payload`` is the TCP or
 UDP payload.  What the capture holds came from the user or from anyone on the Internet, so
-every string here is data: the terminal view escapes it, the page (``pvpn.trace_html``)
+every string here is data: the terminal view escapes it, the page (``pvpn.cli.trace_html``)
 escapes it for HTML.
 """
 

@@ -18,11 +18,11 @@ from pathlib import Path
 from typing import Any
 
 from pvpn import trace
-from pvpn.lab import lab, services
-from pvpn.lab.commands import find_program, quote, spawn
-from pvpn.lab.errors import LabError
-from pvpn.lab.topology import Topology
-from pvpn.trace_cli import read_records, with_rotated
+from pvpn.cli.lab import lab, services
+from pvpn.cli.lab.commands import find_program, quote, spawn
+from pvpn.cli.lab.errors import LabError
+from pvpn.cli.lab.topology import Topology
+from pvpn.cli.trace import read_records, with_rotated
 
 DEMO_NAME = "pvpndemo"
 DEMO_GATEWAYS = 2

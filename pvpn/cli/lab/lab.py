@@ -26,8 +26,8 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from pvpn.lab import netns, services, users
-from pvpn.lab.commands import (
+from pvpn.cli.lab import netns, services, users
+from pvpn.cli.lab.commands import (
     find_program,
     quote,
     require_program,
@@ -38,8 +38,8 @@ from pvpn.lab.commands import (
     venv_bin,
     wait_until,
 )
-from pvpn.lab.errors import LabError
-from pvpn.lab.topology import (
+from pvpn.cli.lab.errors import LabError
+from pvpn.cli.lab.topology import (
     AUTHORIZED_USERS,
     ECHO_PORT,
     HTTP_PORT,

@@ -8,7 +8,7 @@ import socket
 
 import pytest
 
-from pvpn.errors import connect_failure
+from pvpn.io.reasons import connect_failure
 
 
 def refused_by_the_kernel() -> OSError:

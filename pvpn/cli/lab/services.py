@@ -14,7 +14,7 @@ import re
 import sys
 from pathlib import Path
 
-from pvpn.lab.topology import (
+from pvpn.cli.lab.topology import (
     AUTHORIZED_USERS,
     ECHO_PORT,
     HTTP_PORT,
@@ -56,7 +56,7 @@ def supervisord_d() -> Path:
 
 
 def _checkout_supervisord_d() -> Path:
-    return Path(__file__).resolve().parent.parent.parent / "supervisord.d"
+    return Path(__file__).resolve().parents[3] / "supervisord.d"
 
 
 def shipped_file(name: str) -> Path:

@@ -23,12 +23,12 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
-from pvpn.bench import measure, paths, report
-from pvpn.bench.paths import BenchPath, PathUnavailable
-from pvpn.bench.scale import ScaleUsers
+from pvpn.cli.bench import measure, paths, report
+from pvpn.cli.bench.paths import BenchPath, PathUnavailable
+from pvpn.cli.bench.scale import ScaleUsers
 from pvpn.errors import PvpnError
-from pvpn.lab import lab
-from pvpn.lab.errors import LabError
+from pvpn.cli.lab import lab
+from pvpn.cli.lab.errors import LabError
 
 Say = Callable[[str], None]
 
@@ -98,7 +98,7 @@ def checkout() -> str:
 
     from pvpn import __version__
 
-    root = Path(__file__).resolve().parent.parent.parent
+    root = Path(__file__).resolve().parents[3]
     try:
         head = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"],
                               capture_output=True, timeout=10, check=False)

@@ -6,8 +6,8 @@ import os
 import signal
 import time
 
-from pvpn.lab.commands import run, succeeds
-from pvpn.lab.topology import Link, Topology, is_lab_namespace
+from pvpn.cli.lab.commands import run, succeeds
+from pvpn.cli.lab.topology import Link, Topology, is_lab_namespace
 
 # How long processes in a namespace get between SIGTERM and SIGKILL, and after SIGKILL.
 TERM_GRACE = 3.0

@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
-from pvpn.lab.errors import CommandFailed, LabError
+from pvpn.cli.lab.errors import CommandFailed, LabError
 
 DEFAULT_TIMEOUT = 60.0
 

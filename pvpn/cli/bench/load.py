@@ -1,11 +1,11 @@
 """The bench's own traffic programs, run inside a lab host's namespace as a user.
 
-``python -m pvpn.bench.load http ...``  WebStone-style HTTP load: one process per concurrent
+``python -m pvpn.cli.bench.load http ...``  WebStone-style HTTP load: one process per concurrent
     client, each looping connect / GET / read everything / close for a fixed time (a new TCP
     connection per request, as WebStone does), then one JSON summary on stdout.
-``python -m pvpn.bench.load rr ...``    request/response round trips over one TCP connection
+``python -m pvpn.cli.bench.load rr ...``    request/response round trips over one TCP connection
     kept open (TCP_NODELAY, one byte each way); JSON summary of the round-trip times.
-``python -m pvpn.bench.load echo ...``  the tiny TCP echo server ``rr`` talks to (started on
+``python -m pvpn.cli.bench.load echo ...``  the tiny TCP echo server ``rr`` talks to (started on
     the target for the bench, stopped with SIGTERM).
 
 Only the standard library, raw sockets; every loop is bounded in count and in time.
@@ -285,7 +285,7 @@ def run_echo(bind: str, port: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pvpn.bench.load")
+    parser = argparse.ArgumentParser(prog="python -m pvpn.cli.bench.load")
     sub = parser.add_subparsers(dest="mode", required=True)
     http = sub.add_parser("http", help="WebStone-style HTTP load")
     http.add_argument("--host", required=True)

@@ -20,9 +20,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from pvpn.lab.commands import run
-from pvpn.lab.errors import LabError
-from pvpn.lab.topology import LAB_ROOT
+from pvpn.cli.lab.commands import run
+from pvpn.cli.lab.errors import LabError
+from pvpn.cli.lab.topology import LAB_ROOT
 
 REGISTRY = LAB_ROOT / "users.json"
 GECOS_MARK = "pvpn lab user"

@@ -14,7 +14,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from pvpn.lab.errors import LabError
+from pvpn.cli.lab.errors import LabError
 
 DEFAULT_NAME = "pvpnlab"
 # The name prefixes namespaces and veth names; IFNAMSIZ is 16 bytes with the NUL, so an

@@ -6,9 +6,9 @@ neither, the one lab that is up on this host, if there is exactly one.  The read
 the tracing itself is :mod:`pvpn.trace` (pure).
 
 With ``--packets`` (or ``--pcap PATH``) the session's packet captures are read too
-(:mod:`pvpn.trace_packets`, with scapy): the files the server's ``capture:opened`` records
+(:mod:`pvpn.cli.trace_packets`, with scapy): the files the server's ``capture:opened`` records
 name, the lab's server captures, and those given with ``--pcap`` (a file, or a directory of
-``<session>.pcap`` files).  ``--html FILE`` writes the page of :mod:`pvpn.trace_html`.
+``<session>.pcap`` files).  ``--html FILE`` writes the page of :mod:`pvpn.cli.trace_html`.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from pvpn.trace import (
     trace_session,
     trace_to_json,
 )
-from pvpn.trace_packets import CaptureSummary, capture_to_json, format_captures
+from pvpn.cli.trace_packets import CaptureSummary, capture_to_json, format_captures
 
 LOG_NAME = re.compile(r"\.(log|jsonl)(\.\d+)?$")
 SESSION_ARG = re.compile(r"[0-9a-fA-F]{1,32}")
@@ -71,8 +71,8 @@ def with_rotated(path: Path) -> list[Path]:
 
 def labs_up() -> list[str]:
     """The names of the labs that are up on this host."""
-    from pvpn.lab.lab import STATE_FILE
-    from pvpn.lab.topology import LAB_ROOT
+    from pvpn.cli.lab.lab import STATE_FILE
+    from pvpn.cli.lab.topology import LAB_ROOT
 
     try:
         return sorted(p.name for p in LAB_ROOT.iterdir() if (p / STATE_FILE).is_file())
@@ -82,7 +82,7 @@ def labs_up() -> list[str]:
 
 def lab_log_files(name: str) -> list[Path]:
     """The pvpn nodes' logs of lab ``name`` (``pvpn lab info``'s ``logs``), rotated ones too."""
-    from pvpn.lab import lab
+    from pvpn.cli.lab import lab
 
     info = lab.info(name)
     files: list[Path] = []
@@ -165,7 +165,7 @@ def _session_files(directory: Path, named: re.Pattern[str]) -> list[Path]:
 
 def lab_capture_dir(name: str) -> Path | None:
     """Where lab ``name``'s server writes its captures (None if there is no such lab)."""
-    from pvpn.lab import lab, services
+    from pvpn.cli.lab import lab, services
 
     try:
         return services.server_pcap_dir(lab.load_topology(name))
@@ -210,7 +210,7 @@ def find_captures(trace: SessionTrace, pcaps: Sequence[Path], lab_name: str | No
 def read_captures(trace: SessionTrace, pcaps: Sequence[Path], lab_name: str | None
                   ) -> list[CaptureSummary]:
     """The summaries of ``trace``'s captures (:func:`find_captures`), read with scapy."""
-    from pvpn.trace_packets import read_capture, scapy_classes
+    from pvpn.cli.trace_packets import read_capture, scapy_classes
 
     scapy_classes()  # says how to install scapy before any file is looked at
     return [read_capture(path, where) for path, where in find_captures(trace, pcaps, lab_name)]
@@ -273,7 +273,7 @@ def cmd_trace(args: argparse.Namespace) -> int:
     if args.all and not user:
         raise ConfigError("--all traces every session of a user: give --user NAME")
     if packets:
-        from pvpn.trace_packets import scapy_classes
+        from pvpn.cli.trace_packets import scapy_classes
 
         scapy_classes()  # no scapy: say so before reading any log
     files = resolve_logs(args.logs, args.lab)
@@ -312,7 +312,7 @@ def cmd_trace(args: argparse.Namespace) -> int:
     captured = [read_captures(t, pcaps, lab_name) if packets else None for t in traces]
 
     if args.html:
-        from pvpn.trace_html import render_html
+        from pvpn.cli.trace_html import render_html
 
         write_page(args.html, render_html(traces[0], captured[0] or ()))
         if not args.json:

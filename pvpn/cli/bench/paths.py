@@ -36,10 +36,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pvpn.errors import PvpnError
-from pvpn.lab import lab, netns, services
-from pvpn.lab import users as lab_users
-from pvpn.lab.commands import find_program, run, wait_until
-from pvpn.lab.topology import PVPN_PORT, Topology
+from pvpn.cli.lab import lab, netns, services
+from pvpn.cli.lab import users as lab_users
+from pvpn.cli.lab.commands import find_program, run, wait_until
+from pvpn.cli.lab.topology import PVPN_PORT, Topology
 
 Say = Callable[[str], None]
 

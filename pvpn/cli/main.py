@@ -411,12 +411,12 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--days", type=int, default=825)
     q.set_defaults(func=cmd_ca_issue)
 
-    from pvpn.trace_cli import register as register_trace
+    from pvpn.cli.trace import register as register_trace
     register_trace(sub)
-    from pvpn.lab.cli import register
+    from pvpn.cli.lab.cli import register
 
     register(sub)
-    from pvpn.bench.cli import register as register_bench
+    from pvpn.cli.bench.cli import register as register_bench
     register_bench(sub)
     return parser
 
