@@ -20,15 +20,15 @@ from pathlib import Path
 from typing import Any, Callable
 
 from pvpn import auth, tls
-from pvpn.envelope import MsgType, decode_control
+from pvpn.client.peer import untrusted_peer
+from pvpn.config import DEFAULT_MAX_BYTES
+from pvpn.envelope import DEFAULT_HOPS, MsgType, decode_control
 from pvpn.errors import ConfigError, PvpnError, RemoteProtocolError
-from pvpn.io.reasons import connect_failure
 from pvpn.events import ChainEvent, ChainFailed, ChainUp, PacketsReceived
 from pvpn.io.loop import WRITE_HIGH_WATER, set_nodelay
-from pvpn.io.pcap import DEFAULT_MAX_BYTES, PcapWriter
+from pvpn.io.pcap import PcapWriter
+from pvpn.io.reasons import connect_failure
 from pvpn.local import LocalChannel
-from pvpn.envelope import DEFAULT_HOPS
-from pvpn.client.peer import untrusted_peer
 from pvpn.text import printable
 from pvpn.user import UserChain, UserLink
 

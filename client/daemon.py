@@ -24,6 +24,7 @@ import socket
 import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -157,7 +158,7 @@ class LocalLink(LocalPeer, asyncio.Protocol):
 class ClientDaemon:
     def __init__(self, config: ClientConfig) -> None:
         self.config = config
-        self.log = RecordWriter("client", config.name)
+        self.log = RecordWriter("client", config.name, clock=time.time)
         self.loop = asyncio.get_running_loop()
         self.owners = SocketOwners()  # whose socket a reply would reach
         self.host: ClientHost[LocalLink] = ClientHost(config, self.owners, user_name)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import time
 
 from pvpn import auth, tls
 from pvpn.commands import CloseLink, CloseNext, LogRecord, OpenNextHop, SendBytes, SendNext
@@ -27,7 +28,7 @@ class Gateway:
 
     def __init__(self, config: GatewayConfig) -> None:
         self.config = config
-        self.log = RecordWriter("gateway", config.name)
+        self.log = RecordWriter("gateway", config.name, clock=time.time)
         # What escapes the core (a bug a peer may trigger) costs that peer's link only.
         self.guard = Guard(self.log.write, self.close_failed)
         self.context = tls.make_server_context(str(config.certificate), str(config.private_key))

@@ -18,10 +18,14 @@ else:  # pragma: no cover - Debian 11 / Ubuntu 22.04
 from pvpn.addresses import Local, address_exclusion
 from pvpn.errors import ConfigError
 from pvpn.flowtable import MAX_FLOWS
-from pvpn.io.pcap import DEFAULT_MAX_BYTES, DEFAULT_MAX_FILES, DEFAULT_MAX_TOTAL_BYTES
 from pvpn.text import quoted
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+# Bounds of a session's pcap capture (pvpn.io.pcap) and of a server's capture directory.
+DEFAULT_MAX_BYTES = 100 * 1000 * 1000
+DEFAULT_MAX_TOTAL_BYTES = 1000 * 1000 * 1000  # all of a server's capture directory
+DEFAULT_MAX_FILES = 1000
+
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 _USER_RE = re.compile(r"^[a-z_][a-z0-9_.-]{0,31}$")
 _INSTANCE_RE = re.compile(r"^[a-z][a-z0-9]{0,7}$")

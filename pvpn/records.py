@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import re
 import sys
-import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, TextIO
 
@@ -101,7 +100,8 @@ class RecordWriter:
         role: str,
         node: str,
         stream: TextIO | None = None,
-        clock: Callable[[], float] = time.time,
+        *,
+        clock: Callable[[], float],  # the daemon's wall clock: the core reads none itself
     ) -> None:
         self.role = role
         self.node = node

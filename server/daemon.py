@@ -58,7 +58,7 @@ class Server:
 
     def __init__(self, config: ServerConfig) -> None:
         self.config = config
-        self.log = RecordWriter("server", config.name)
+        self.log = RecordWriter("server", config.name, clock=time.time)
         # What escapes the core (a bug a peer may trigger) costs that peer's link only.
         self.guard = Guard(self.log.write, self.close_failed)
         self.context = tls.make_server_context(str(config.certificate), str(config.private_key))

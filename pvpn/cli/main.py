@@ -15,10 +15,9 @@ from typing import Any
 
 from pvpn import __version__
 from pvpn.client.peer import untrusted_peer
-from pvpn.config import DEFAULT_PORT, parse_endpoint, parse_prefixes
+from pvpn.config import DEFAULT_MAX_BYTES, DEFAULT_PORT, parse_endpoint, parse_prefixes
 from pvpn.envelope import MsgType
 from pvpn.errors import ConfigError, PvpnError
-from pvpn.io.pcap import DEFAULT_MAX_BYTES
 from pvpn.local import Answer, one_question
 from pvpn.text import printable, quoted
 

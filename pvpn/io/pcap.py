@@ -26,15 +26,13 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
+from pvpn.config import DEFAULT_MAX_BYTES, DEFAULT_MAX_FILES, DEFAULT_MAX_TOTAL_BYTES
 from pvpn.errors import ConfigError
 from pvpn.records import Record
 
 LINKTYPE_RAW = 101
 PCAP_MAGIC = 0xA1B2C3D4  # microsecond timestamps
 SNAPLEN = 262144  # what tcpdump uses; larger than any inner packet (MAX_PACKET is 65575)
-DEFAULT_MAX_BYTES = 100 * 1000 * 1000
-DEFAULT_MAX_TOTAL_BYTES = 1000 * 1000 * 1000  # all of a server's capture directory
-DEFAULT_MAX_FILES = 1000
 FLUSH_BYTES = 64 * 1024
 FLUSH_INTERVAL = 1.0  # seconds
 

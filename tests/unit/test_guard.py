@@ -228,7 +228,7 @@ def test_the_gateway_serves_on_through_a_failing_timer_and_shuts_down_through_an
     monkeypatch.setattr(daemon, "install_signals", lambda loop, stop, reload=None: None)
     real_writer = daemon.RecordWriter
     monkeypatch.setattr(daemon, "RecordWriter",
-                        lambda role, node: real_writer(role, node, stream))
+                        lambda role, node, clock: real_writer(role, node, stream, clock=clock))
 
     async def scenario() -> None:
         task = asyncio.get_running_loop().create_task(daemon.serve(config))

@@ -9,8 +9,6 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-import pytest
-
 ROOT = Path(__file__).resolve().parents[2]
 CORE = sorted([*ROOT.glob("pvpn/*.py"), *ROOT.glob("pvpn/nodes/*.py")])
 ADAPTERS = sorted(ROOT.glob("pvpn/io/*.py"))
@@ -20,13 +18,6 @@ IO_MODULES = {"socket", "subprocess", "asyncio", "select", "selectors", "threadi
               "signal", "multiprocessing", "fcntl", "ssl", "http", "urllib"}
 OUTER = ("pvpn.io", "pvpn.client", "pvpn.server", "pvpn.gateway", "pvpn.cli")
 PROGRAMS_AND_TOOLS = ("pvpn.client", "pvpn.server", "pvpn.gateway", "pvpn.cli")
-
-#: Known exceptions, each with its reason; the list may only shrink.
-ALLOWED: dict[tuple[str, str], str] = {
-    ("pvpn/records.py", "time"): "RecordLog's default clock; the writer moves to pvpn.io",
-    ("pvpn/config.py", "pvpn.io.pcap"): "the capture defaults; they move into the core",
-}
-
 
 def imports(path: Path) -> set[str]:
     names: set[str] = set()
@@ -50,9 +41,7 @@ def violations(paths: list[Path], banned: tuple[str, ...], modules: set[str]) ->
         for name in sorted(imports(path)):
             top = name.split(".")[0]
             bad = within(name, banned) or (top in modules and name == top)
-            allowed = any(where == relative and within(name, {what})
-                          for where, what in ALLOWED)
-            if bad and not allowed:
+            if bad:
                 found.append(f"{relative} imports {name}")
     return found
 
@@ -65,12 +54,6 @@ def test_the_core_imports_no_io_no_adapter_no_program_and_no_tool() -> None:
 def test_the_adapters_import_no_program_and_no_tool() -> None:
     assert len(ADAPTERS) > 5
     assert violations(ADAPTERS, PROGRAMS_AND_TOOLS, set()) == []
-
-
-@pytest.mark.parametrize("exception", sorted(ALLOWED))
-def test_every_allowed_exception_is_still_needed(exception: tuple[str, str]) -> None:
-    path, name = exception
-    assert name in imports(ROOT / path), f"{path} no longer imports {name}: drop it from ALLOWED"
 
 
 def test_the_check_sees_a_lazy_import(tmp_path: Path) -> None:

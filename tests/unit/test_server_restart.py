@@ -100,8 +100,8 @@ def serve_once(config: ServerConfig, stream: io.StringIO,
     from pvpn.server import daemon
 
     real_writer = daemon.RecordWriter
-    monkeypatch.setattr(daemon, "RecordWriter", lambda role, node: real_writer(role, node,
-                                                                               stream))
+    monkeypatch.setattr(daemon, "RecordWriter", lambda role, node, clock: real_writer(
+        role, node, stream, clock=clock))
 
     async def scenario() -> None:
         task = asyncio.get_running_loop().create_task(daemon.serve(config))
