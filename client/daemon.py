@@ -10,7 +10,11 @@ kernel drops their packets while nobody reads the queues, and the next pvpn-clie
 up (held) until their users' tunnel processes register again. Protection ends only by the
 user's `pvpn disconnect` (or their `pvpn connect` ending), root's `pvpn disconnect --all`, a
 documented timeout, or `pvpn-client --config FILE --remove-sessions` on a host whose
-pvpn-client is stopped."""
+pvpn-client is stopped.
+
+The policy (what a queued packet or a reply becomes, the local control protocol, held
+sessions) is pvpn.nodes.client.ClientHost, sans-IO; this program is its adapter: sockets,
+NFQUEUE, TUN, iptables, conntrack and sock_diag, and the commands the host asks for."""
 
 from __future__ import annotations
 
@@ -138,6 +142,12 @@ class LocalLink(LocalPeer, asyncio.Protocol):
 
 
 class ClientDaemon:
+    """The adapter of one ClientHost: drives it from the event loop (local connections,
+    queues, TUN copies, the timer), carries out its commands (:meth:`run`) and answers its
+    questions to the kernel (the HostKernel methods: install, uninstall, attach_devices,
+    has_devices, slot_usable, abort_connections, forget_marks, record_id,
+    reset_connections)."""
+
     def __init__(self, config: ClientConfig) -> None:
         self.config = config
         self.log = RecordWriter("client", config.name)
@@ -199,10 +209,6 @@ class ClientDaemon:
     def local_record(self, event: str, link: LocalLink, session: SlotSession | None = None,
                      **kw: Any) -> None:
         self.host.local_record(event, link, self.loop.time(), session, **kw)
-        self.run()
-
-    def session_record(self, event: str, session: SlotSession, **kw: Any) -> None:
-        self.host.session_record(event, session, self.loop.time(), **kw)
         self.run()
 
     # -- sessions

@@ -534,3 +534,24 @@ def test_the_timer_ends_sessions_past_their_time_and_closes_idle_askers(
     assert not host.registry.sessions and alice.closed() and idle.closed()
     ((mtype, told),) = alice.answers()
     assert mtype is MsgType.ERROR and told["code"] == "expired"
+
+
+# ---------------------------------------------------------------- the layering
+
+
+@pytest.mark.parametrize("module", ["pvpn.nodes.client", "pvpn.local"])
+def test_the_client_hosts_core_imports_no_io_and_no_program(module: str) -> None:
+    import ast
+    import importlib
+
+    source = Path(importlib.import_module(module).__file__ or "").read_text()
+    imported = {alias.name for node in ast.walk(ast.parse(source))
+                if isinstance(node, ast.Import) for alias in node.names}
+    imported |= {node.module or "" for node in ast.walk(ast.parse(source))
+                 if isinstance(node, ast.ImportFrom)}
+    forbidden = {name for name in imported
+                 if name.split(".")[0] in {"asyncio", "socket", "os", "subprocess", "time",
+                                           "pwd", "select"}
+                 or name.startswith(("pvpn.io", "pvpn.client", "pvpn.server",
+                                     "pvpn.gateway"))}
+    assert forbidden == set()
