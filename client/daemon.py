@@ -55,7 +55,6 @@ from pvpn.nodes.client import (
 from pvpn.text import clip
 
 TICK = 5.0
-PRUNE_EVERY = 60.0
 #: A session's id is written into its rules at its first ATTACH, a change of it at most this
 #: often (seconds; the timer writes what is due), so ATTACHes cannot keep iptables running.
 RECORD_EVERY = 60.0
@@ -168,7 +167,6 @@ class ClientDaemon:
         # The host's bookkeeping, as the tests and the shutdown read it.
         self.local = self.host.local  # every admitted connection on the socket
         self._session_logged = self.host.session_logged
-        self._pruned = 0.0
 
     def _close_failed_link(self, link_id: int, reason: str) -> None:
         link = self.by_id.get(link_id)
@@ -477,27 +475,13 @@ class ClientDaemon:
         now = self.loop.time()
         self.host.tick(now)
         self.run()
-        for session in list(self.registry.sessions.values()):
-            if session.ever_up and session.recorded != session.session_id:
-                self.record_id(session, now)
-        if now - self._pruned >= PRUNE_EVERY:
-            self._pruned = now
-            self.registry.forget_rates(now)
-            for session in self.registry.sessions.values():
-                session.prune_flows(now)
 
     def shutdown(self, reason: str) -> None:
         """An orderly stop: the tunnel processes are let go and every session stays, rules and
         all (held): the kernel drops its packets until the next pvpn-client picks it up and the
         user's `pvpn connect` registers again."""
-        for link in list(self.local):
-            link.close()
-        kept = list(self.registry.sessions.values())
-        if kept:
-            self.log_event("node:stopping", reason=f"{reason}; {len(kept)} session(s) stay "
-                           "protected (held) for the next pvpn-client",
-                           sessions=[{"slot": s.slot, "uid": s.uid, "user": s.user,
-                                      "session": s.session_id.hex()} for s in kept])
+        self.host.shutdown(reason)
+        self.run()
 
     # -- the kernel's rules, watched
     def held_rules(self) -> list[firewall.InstalledSession]:

@@ -347,6 +347,8 @@ class CloseLocal(Command):
 
 #: At most one local:error or local:refused record per uid this often (seconds).
 LOCAL_LOG_EVERY = 10.0
+#: How often the timer forgets flows idle past FLOW_IDLE and uids' old rates (seconds).
+PRUNE_EVERY = 60.0
 #: A registered ``server`` (shown in `pvpn status`, logged) is a host and port: a DNS name is at
 #: most 253 characters. Anything longer or with control characters is refused at REGISTER.
 MAX_SERVER = 300
@@ -472,6 +474,7 @@ class ClientHost(Generic[P]):
         self.session_logged: dict[tuple[str, int], tuple[float, int]] = {}
         # The connections with envelopes pending from the packet path, to be written.
         self.dirty: set[P] = set()
+        self.pruned = 0.0
 
     def log(self, event: str, session: SlotSession | None = None, **kw: Any) -> None:
         self.commands.append(LogRecord(session_event(event, session, **kw)))
@@ -798,7 +801,8 @@ class ClientHost(Generic[P]):
 
     # -- the timer
     def tick(self, now: float) -> None:
-        """Sessions past their time end; idle connections without a session go."""
+        """Sessions past their time end; idle connections without a session go; ids not yet
+        in their session's rules are written; old flows and rates are forgotten."""
         for session, reason in self.registry.expired(now):
             holder = self.links.get(session.slot)
             if holder is not None:
@@ -813,3 +817,24 @@ class ClientHost(Generic[P]):
             if link.session is None and now - link.last_active > self.config.grace_time:
                 self.commands.append(CloseLocal(link))
         self.forget_records(now)
+        for session in list(self.registry.sessions.values()):
+            if session.ever_up and session.recorded != session.session_id:
+                self.kernel.record_id(session, now)
+        if now - self.pruned >= PRUNE_EVERY:
+            self.pruned = now
+            self.registry.forget_rates(now)
+            for session in self.registry.sessions.values():
+                session.prune_flows(now)
+
+    def shutdown(self, reason: str) -> None:
+        """An orderly stop: the tunnel processes are let go and every session stays, rules and
+        all (held): the kernel drops its packets until the next pvpn-client picks it up and the
+        user's `pvpn connect` registers again."""
+        for link in list(self.local):
+            self.commands.append(CloseLocal(link))
+        kept = list(self.registry.sessions.values())
+        if kept:
+            self.log("node:stopping", reason=f"{reason}; {len(kept)} session(s) stay "
+                     "protected (held) for the next pvpn-client",
+                     sessions=[{"slot": s.slot, "uid": s.uid, "user": s.user,
+                                "session": s.session_id.hex()} for s in kept])

@@ -536,6 +536,33 @@ def test_the_timer_ends_sessions_past_their_time_and_closes_idle_askers(
     assert mtype is MsgType.ERROR and told["code"] == "expired"
 
 
+def test_the_timer_writes_ids_not_yet_recorded_and_forgets_idle_flows(tmp_path: Path) -> None:
+    kernel = Kernel()
+    host, _ = make_host(tmp_path, kernel)
+    session, _ = attached(host)
+    host.queued(session, sent_by_alice(), 1.0)
+    host.tick(2.0)
+    assert ("record_id", session.slot) in kernel.calls and session.flows
+    session.recorded = SID
+    kernel.calls.clear()
+    host.tick(10_000.0)  # past FLOW_IDLE and PRUNE_EVERY
+    assert kernel.calls == [] and not session.flows
+
+
+def test_an_orderly_stop_lets_every_process_go_and_keeps_every_session(tmp_path: Path) -> None:
+    kernel = Kernel()
+    host, _ = make_host(tmp_path, kernel)
+    alice, asker = Process(host, ALICE), Process(host, BOB, id=2)
+    alice.register(["10.77.1.0/24"])
+    alice.ask(MsgType.ATTACH, {"session": SID})
+    host.commands.clear()
+    host.shutdown("pvpn-client stopping")
+    assert alice.closed() and asker.closed() and alice.answers() == []
+    (stopping,) = records(host)
+    assert stopping["event"] == "node:stopping" and "1 session(s) stay" in stopping["reason"]
+    assert len(host.registry.sessions) == 1 and ("uninstall", 0) not in kernel.calls
+
+
 # ---------------------------------------------------------------- the layering
 
 
