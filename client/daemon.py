@@ -50,14 +50,11 @@ from pvpn.commands import LogRecord
 from pvpn.records import RecordWriter
 from pvpn.reset import tcp_probe
 from pvpn.nodes.client import (
-    LOCAL_LOG_EVERY as LOCAL_LOG_EVERY, ClientHost, CloseLocal, LocalPeer, SlotSession, WriteTun,
+    LOCAL_LOG_EVERY as LOCAL_LOG_EVERY, RECORD_EVERY as RECORD_EVERY, ClientHost, CloseLocal, LocalPeer, SlotSession, WriteTun,
 )
 from pvpn.text import clip
 
 TICK = 5.0
-#: A session's id is written into its rules at its first ATTACH, a change of it at most this
-#: often (seconds; the timer writes what is due), so ATTACHes cannot keep iptables running.
-RECORD_EVERY = 60.0
 #: A session's TCP connections are probed (reset_connections) at most this often (seconds):
 #: a round costs a sock_diag question per flow, up to max_flows_per_session of them.
 PROBE_EVERY = 30.0
@@ -144,7 +141,7 @@ class ClientDaemon:
     """The adapter of one ClientHost: drives it from the event loop (local connections,
     queues, TUN copies, the timer), carries out its commands (:meth:`run`) and answers its
     questions to the kernel (the HostKernel methods: install, uninstall, attach_devices,
-    has_devices, slot_usable, abort_connections, forget_marks, record_id,
+    has_devices, slot_usable, abort_connections, forget_marks, write_id,
     reset_connections)."""
 
     def __init__(self, config: ClientConfig) -> None:
@@ -449,23 +446,16 @@ class ClientDaemon:
                            reason="the server's session is a new one: its TCP connections "
                                   "are made to answer, and the server resets them")
 
-    def record_id(self, session: SlotSession, now: float) -> None:
-        """Write the session's id into its rules, so a restarted pvpn-client knows it was up:
-        at once when none is recorded, a changed one at most once a RECORD_EVERY (the timer
-        writes it when due; the record already says the session was up)."""
-        if session.recorded == session.session_id or (
-                session.recorded and now - session.recorded_at < RECORD_EVERY):
-            return
-        session.recorded_at = now
+    def write_id(self, session: SlotSession) -> str | None:
+        """Write the session's id into its rules (a restarted pvpn-client reads it); why not."""
         self.rules_epoch += 1
         try:
             rules.apply(firewall.client_session_attached(
                 self.config.instance, session.slot, session.mark, self.config.mark_mask,
                 session.session_id))
-        except PvpnError as exc:  # tried again in RECORD_EVERY
-            self.log_event("node:warning", session, reason=f"session id not recorded: {exc}")
-            return
-        session.recorded = session.session_id
+        except PvpnError as exc:
+            return str(exc)
+        return None
 
     def local_lost(self, link: LocalLink) -> None:
         self.host.lost(link, self.loop.time())

@@ -347,6 +347,9 @@ class CloseLocal(Command):
 
 #: At most one local:error or local:refused record per uid this often (seconds).
 LOCAL_LOG_EVERY = 10.0
+#: A session's id is written into its rules at its first ATTACH, a change of it at most this
+#: often (seconds; the timer writes what is due), so ATTACHes cannot keep iptables running.
+RECORD_EVERY = 60.0
 #: How often the timer forgets flows idle past FLOW_IDLE and uids' old rates (seconds).
 PRUNE_EVERY = 60.0
 #: A registered ``server`` (shown in `pvpn status`, logged) is a host and port: a DNS name is at
@@ -390,8 +393,8 @@ class HostKernel(Protocol):
 
     def forget_marks(self, session: SlotSession) -> int | str: ...
 
-    def record_id(self, session: SlotSession, now: float) -> None:
-        """Write the session's id into its rules (when due)."""
+    def write_id(self, session: SlotSession) -> str | None:
+        """Write the session's id into its rules; why it could not, or None."""
 
     def reset_connections(self, session: SlotSession) -> None:
         """Make its TCP connections answer (the server's session is a new one)."""
@@ -688,7 +691,7 @@ class ClientHost(Generic[P]):
         session.session_id = session_id
         session.ever_up = True
         link.attached_here = True
-        self.kernel.record_id(session, now)
+        self.record_id(session, now)
         self.session_record("session:attached", session, now, pid=link.pid,
                             server=session.server)
         if renewed:
@@ -799,6 +802,20 @@ class ClientHost(Generic[P]):
                  connections_aborted=aborted, connections_forgotten=forgotten,
                  rule_errors=errors or None)
 
+    def record_id(self, session: SlotSession, now: float) -> None:
+        """Write the session's id into its rules, so a restarted pvpn-client knows it was up:
+        at once when none is recorded, a changed one at most once a RECORD_EVERY (the timer
+        writes it when due; the record already says the session was up)."""
+        if session.recorded == session.session_id or (
+                session.recorded and now - session.recorded_at < RECORD_EVERY):
+            return
+        session.recorded_at = now
+        error = self.kernel.write_id(session)
+        if error is not None:  # tried again in RECORD_EVERY
+            self.log("node:warning", session, reason=f"session id not recorded: {error}")
+            return
+        session.recorded = session.session_id
+
     # -- the timer
     def tick(self, now: float) -> None:
         """Sessions past their time end; idle connections without a session go; ids not yet
@@ -819,7 +836,7 @@ class ClientHost(Generic[P]):
         self.forget_records(now)
         for session in list(self.registry.sessions.values()):
             if session.ever_up and session.recorded != session.session_id:
-                self.kernel.record_id(session, now)
+                self.record_id(session, now)
         if now - self.pruned >= PRUNE_EVERY:
             self.pruned = now
             self.registry.forget_rates(now)

@@ -76,8 +76,9 @@ class Kernel:
         self.calls.append(("forget_marks", session.slot))
         return 0
 
-    def record_id(self, session: SlotSession, now: float) -> None:
-        self.calls.append(("record_id", session.slot))
+    def write_id(self, session: SlotSession) -> str | None:
+        self.calls.append(("write_id", session.slot))
+        return None
 
     def reset_connections(self, session: SlotSession) -> None:
         self.calls.append(("reset_connections", session.slot))
@@ -339,7 +340,7 @@ def test_register_then_attach_brings_a_session_up_and_records_its_id(tmp_path: P
     assert kernel.calls == [("install", session.slot)] and host.links[session.slot] is alice.peer
     assert alice.ask(MsgType.ATTACH, {"session": SID, "nodes": ["server-1"]}) == []
     assert session.state == "up" and session.nodes == ["server-1"]
-    assert kernel.calls[-1] == ("record_id", session.slot)
+    assert kernel.calls[-1] == ("write_id", session.slot)
     assert [r["event"] for r in records(host)] == ["session:registered", "session:attached"]
     alice.ask(MsgType.ATTACH, {"session": bytes(16)})  # a new session at the server
     assert kernel.calls[-1] == ("reset_connections", session.slot)
@@ -542,7 +543,7 @@ def test_the_timer_writes_ids_not_yet_recorded_and_forgets_idle_flows(tmp_path: 
     session, _ = attached(host)
     host.queued(session, sent_by_alice(), 1.0)
     host.tick(2.0)
-    assert ("record_id", session.slot) in kernel.calls and session.flows
+    assert ("write_id", session.slot) in kernel.calls and session.flows
     session.recorded = SID
     kernel.calls.clear()
     host.tick(10_000.0)  # past FLOW_IDLE and PRUNE_EVERY
