@@ -10,7 +10,11 @@ kernel drops their packets while nobody reads the queues, and the next pvpn-clie
 up (held) until their users' tunnel processes register again. Protection ends only by the
 user's `pvpn disconnect` (or their `pvpn connect` ending), root's `pvpn disconnect --all`, a
 documented timeout, or `pvpn-client --config FILE --remove-sessions` on a host whose
-pvpn-client is stopped."""
+pvpn-client is stopped.
+
+The policy (what a queued packet or a reply becomes, the local control protocol, held
+sessions) is pvpn.nodes.client.ClientHost, sans-IO; this program is its adapter: sockets,
+NFQUEUE, TUN, iptables, conntrack and sock_diag, and the commands the host asks for."""
 
 from __future__ import annotations
 
@@ -30,10 +34,10 @@ from typing import Any, Callable
 
 from pvpn import firewall
 from pvpn import packet as pk
-from pvpn.config import ClientConfig, load_client_config, parse_prefixes
+from pvpn.config import ClientConfig, load_client_config
 from pvpn.drops import Drop
-from pvpn.envelope import DEFAULT_HOPS, MsgType, decode_control
-from pvpn.errors import ConfigError, PolicyError, PvpnError, RemoteProtocolError
+from pvpn.envelope import Envelope, MsgType
+from pvpn.errors import ConfigError, PvpnError, RemoteProtocolError
 from pvpn.io import conntrack, rules, sockdiag
 from pvpn.io.nfqueue import BatchedQueue
 from pvpn.io.sockdiag import SocketOwners
@@ -47,38 +51,17 @@ from pvpn.commands import LogRecord
 from pvpn.records import RecordWriter
 from pvpn.reset import tcp_probe
 from pvpn.nodes.client import (
-    LOCAL_LOG_EVERY as LOCAL_LOG_EVERY, ClientHost, CloseLocal, LocalPeer, SlotSession, WriteTun, session_event,
+    LOCAL_LOG_EVERY as LOCAL_LOG_EVERY, RECORD_EVERY as RECORD_EVERY, ClientHost, CloseLocal, LocalPeer, SlotSession, WriteTun,
 )
 from pvpn.text import clip
 
-#: A registered ``server`` (shown in `pvpn status`, logged) is a host and port: a DNS name is at
-#: most 253 characters. Anything longer or with control characters is refused at REGISTER.
-MAX_SERVER = 300
 TICK = 5.0
-PRUNE_EVERY = 60.0
-#: The questions answered with more than an acknowledgement: refused while the asker leaves
-#: earlier answers unread (WRITE_HIGH_WATER), so one local user cannot make pvpn-client buffer
-#: without bound.
-ANSWERED = frozenset({MsgType.REGISTER, MsgType.STATUS, MsgType.DISCONNECT})
-#: A session's id is written into its rules at its first ATTACH, a change of it at most this
-#: often (seconds; the timer writes what is due), so ATTACHes cannot keep iptables running.
-RECORD_EVERY = 60.0
 #: A session's TCP connections are probed (reset_connections) at most this often (seconds):
 #: a round costs a sock_diag question per flow, up to max_flows_per_session of them.
 PROBE_EVERY = 30.0
 #: How often the kernel's rules are compared with the sessions held (seconds): someone else's
 #: firewall reload or `iptables -t mangle -F` takes them away; they are put back within this.
 RULES_CHECK_EVERY = 5.0
-
-
-def chain_names(names: object, what: str) -> list[str]:
-    """A chain's endpoints or node names from a tunnel process, bounded for status."""
-    if (not isinstance(names, list) or len(names) > DEFAULT_HOPS
-            or not all(isinstance(n, str) and 0 < len(n) <= MAX_SERVER and n.isprintable()
-                       for n in names)):
-        raise ConfigError(f"the chain's {what} must be at most {DEFAULT_HOPS} printable "
-                          f"names of at most {MAX_SERVER} characters each")
-    return list(names)
 
 
 def user_name(uid: int) -> str:
@@ -156,12 +139,18 @@ class LocalLink(LocalPeer, asyncio.Protocol):
 
 
 class ClientDaemon:
+    """The adapter of one ClientHost: drives it from the event loop (local connections,
+    queues, TUN copies, the timer), carries out its commands (:meth:`run`) and answers its
+    questions to the kernel (the HostKernel methods: install, uninstall, attach_devices,
+    has_devices, slot_usable, abort_connections, forget_marks, write_id,
+    reset_connections)."""
+
     def __init__(self, config: ClientConfig) -> None:
         self.config = config
         self.log = RecordWriter("client", config.name, clock=time.time)
         self.loop = asyncio.get_running_loop()
         self.owners = SocketOwners()  # whose socket a reply would reach
-        self.host: ClientHost[LocalLink] = ClientHost(config, self.owners, user_name)
+        self.host: ClientHost[LocalLink] = ClientHost(config, self.owners, user_name, self)
         self.registry = self.host.registry
         # No exception a local user or a packet can cause ends pvpn-client: the guard logs it
         # (node:error, with the traceback) and closes only the connection concerned.
@@ -173,11 +162,9 @@ class ClientDaemon:
         self.rules_epoch = 0
         self.queues: dict[int, BatchedQueue] = {}
         self.tun_fds: dict[int, int] = {}
-        # The host's bookkeeping, named as the handlers below read it.
-        self.links = self.host.links  # slot -> attached link
+        # The host's bookkeeping, as the tests and the shutdown read it.
         self.local = self.host.local  # every admitted connection on the socket
         self._session_logged = self.host.session_logged
-        self._pruned = 0.0
 
     def _close_failed_link(self, link_id: int, reason: str) -> None:
         link = self.by_id.get(link_id)
@@ -185,7 +172,9 @@ class ClientDaemon:
             link.close()
 
     def log_event(self, event: str, session: SlotSession | None = None, **kw: Any) -> None:
-        self.log.write(session_event(event, session, **kw))
+        # In turn with what the host asked for so far (its records among them).
+        self.host.log(event, session, **kw)
+        self.run()
 
     def run(self) -> None:
         """Carry out what the host asked for, in order."""
@@ -218,20 +207,16 @@ class ClientDaemon:
         self.host.local_record(event, link, self.loop.time(), session, **kw)
         self.run()
 
-    def session_record(self, event: str, session: SlotSession, **kw: Any) -> None:
-        self.host.session_record(event, session, self.loop.time(), **kw)
-        self.run()
-
     # -- sessions
-    def _install(self, session: SlotSession) -> None:
+    def install(self, session: SlotSession) -> None:
         """TUN device, queue, then rules: the rules go in last, fully formed, in one step."""
-        self._attach_devices(session)
+        self.attach_devices(session)
         self.rules_epoch += 1
         rules.apply(firewall.client_session(
             self.config.instance, session.slot, session.uid, session.networks, session.queue,
             session.mark, self.config.mark_mask, session.tun))
 
-    def _attach_devices(self, session: SlotSession) -> None:
+    def attach_devices(self, session: SlotSession) -> None:
         fd = open_tun(session.tun)
         self.tun_fds[session.slot] = fd
         take = self._queue_callback(session)
@@ -300,7 +285,7 @@ class ClientDaemon:
                 found.mark, found.tun, now, session_id=found.session_id,
                 ever_up=bool(found.session_id) or found.legacy)
             try:
-                self._attach_devices(session)
+                self.attach_devices(session)
             except PvpnError as exc:
                 # Its rules stay: with nobody reading its queue the kernel drops its packets.
                 # Ending it here would let them out in clear though nobody said stop; its
@@ -328,7 +313,7 @@ class ClientDaemon:
         # a session's TUN device, which pvpn-client now reads.
         rules.ensure_rule(firewall.tun_guard(f"{p}-OUT", f"{instance}+"))
 
-    def _uninstall(self, session: SlotSession) -> list[str]:
+    def uninstall(self, session: SlotSession) -> list[str]:
         p = firewall.chain_prefix(self.config.instance)
         self.rules_epoch += 1
         errors = rules.remove(firewall.client_session_removal(
@@ -349,27 +334,18 @@ class ClientDaemon:
         return errors
 
     def end_session(self, session: SlotSession, reason: str) -> None:
-        """Abort the session's TCP connections, remove its rules, then the marks its
-        connections carry, then free the slot: nothing of this session's is left for the
-        slot's next holder."""
-        link = self.links.pop(session.slot, None)
-        if link is not None:
-            link.session = None
-        aborted = self.abort_connections(session)
-        errors = self._uninstall(session)
-        forgotten: int | str
+        self.host.end_session(session, reason)
+        self.run()
+
+    def forget_marks(self, session: SlotSession) -> int | str:
+        """The marks the session's connections carry are forgotten (conntrack)."""
         try:
-            forgotten = conntrack.forget_marked(session.mark, self.config.mark_mask)
+            return conntrack.forget_marked(session.mark, self.config.mark_mask)
         except PvpnError as exc:  # the slot is checked again before it is given out
-            forgotten = f"failed: {exc}"
-        self.registry.release(session.slot)
-        for event in ("session:attached", "session:reattached", "session:held"):
-            self._session_logged.pop((event, session.slot), None)
-        self.log_event("session:closed", session, reason=reason, packets_out=session.packets_out,
-                       packets_in=session.packets_in, bytes_out=session.bytes_out,
-                       bytes_in=session.bytes_in, drops=session.drops.as_dict(),
-                       connections_aborted=aborted, connections_forgotten=forgotten,
-                       rule_errors=errors or None)
+            return f"failed: {exc}"
+
+    def has_devices(self, session: SlotSession) -> bool:
+        return session.slot in self.queues
 
     def abort_connections(self, session: SlotSession) -> int | str:
         """The session ends (revoked, expired, disconnected, its VPN over): its TCP
@@ -392,7 +368,7 @@ class ClientDaemon:
             aborted += 1
         return aborted
 
-    def _slot_usable(self, slot: int) -> bool:
+    def slot_usable(self, slot: int) -> bool:
         """Whether no connection carries the slot's mark any more (asked before the slot goes
         to a new session). Marks left behind (a failed clean-up, a crash in between) are
         forgotten and asked again; a slot that still has some is skipped (quarantined)."""
@@ -434,64 +410,9 @@ class ClientDaemon:
         self.run()
 
     # -- local control
-    def local_control(self, link: LocalLink, envelope: Any) -> None:
-        mtype = envelope.type
-        if link.congested and mtype in ANSWERED:
-            # Its answers wait unread above WRITE_HIGH_WATER: another question would only grow
-            # what pvpn-client holds for it (ATTACH and UNREGISTER are never refused so).
-            raise RemoteProtocolError("asks faster than it reads the answers")
-        fields = decode_control(envelope)
-        now = self.loop.time()
-        if mtype is MsgType.REGISTER:
-            self._register(link, fields, now)
-        elif mtype is MsgType.ATTACH and link.session is not None:
-            try:
-                nodes = chain_names(fields.get("nodes", []), "node names")
-            except ConfigError as exc:
-                raise RemoteProtocolError(f"ATTACH: {exc}") from None
-            self._attach(link, link.session, fields["session"])
-            link.session.nodes = nodes
-        elif mtype is MsgType.UNREGISTER and link.session is not None:
-            link.unregistered = True
-            session = link.session
-            if session.ever_up and not link.attached_here:
-                # This process picked up a held session but never had it up (say, the server
-                # was out of reach): the protection an earlier process set up stays.
-                self._detach(link, session, "the tunnel process that picked it up ended "
-                             f"without bringing it up: {clip(fields['reason'])}")
-            else:
-                self.end_session(session, f"ended by the user: {clip(fields['reason'])}")
-            # Answer only once the rules are gone, so `pvpn connect` exits with nothing left.
-            link.send_status([session.describe(now)])
-            link.close()
-        elif mtype is MsgType.STATUS:
-            link.send_status([s.describe(now) for s in self.registry.visible_to(link.uid)])
-        elif mtype is MsgType.DISCONNECT:
-            self._disconnect(link, fields, now)
-        else:
-            raise RemoteProtocolError(f"unexpected {mtype.name} on the local socket")
-
-    def _attach(self, link: LocalLink, session: SlotSession, session_id: bytes) -> None:
-        if len(session_id) != 16:
-            raise RemoteProtocolError("ATTACH needs the 16-byte session id")
-        if any(other.session_id == session_id and other is not session
-               for other in self.registry.sessions.values()):
-            # The server makes ids unique; one named again here is someone else's, and its
-            # records would join that session's trace.
-            raise RemoteProtocolError("ATTACH of a session id another session holds")
-        # A new session at the server, not the one this session's connections went through:
-        # a second ATTACH on one registration (the tunnel process re-established the server
-        # session as a new one: the server lost it in a restart, or it expired), or another
-        # id than the one it was up with (a new tunnel process picked a held session up).
-        renewed = link.attached_here or (bool(session.session_id)
-                                         and session.session_id != session_id)
-        session.session_id = session_id
-        session.ever_up = True
-        link.attached_here = True
-        self._record_id(session, self.loop.time())
-        self.session_record("session:attached", session, pid=link.pid, server=session.server)
-        if renewed:
-            self.reset_connections(session)
+    def local_control(self, link: LocalLink, envelope: Envelope) -> None:
+        self.host.control(link, envelope, self.loop.time())
+        self.run()
 
     def reset_connections(self, session: SlotSession) -> None:
         """The server's session is a new one: none of its NAT mappings carried this session's
@@ -526,143 +447,32 @@ class ClientDaemon:
                            reason="the server's session is a new one: its TCP connections "
                                   "are made to answer, and the server resets them")
 
-    def _record_id(self, session: SlotSession, now: float) -> None:
-        """Write the session's id into its rules, so a restarted pvpn-client knows it was up:
-        at once when none is recorded, a changed one at most once a RECORD_EVERY (the timer
-        writes it when due; the record already says the session was up)."""
-        if session.recorded == session.session_id or (
-                session.recorded and now - session.recorded_at < RECORD_EVERY):
-            return
-        session.recorded_at = now
+    def write_id(self, session: SlotSession) -> str | None:
+        """Write the session's id into its rules (a restarted pvpn-client reads it); why not."""
         self.rules_epoch += 1
         try:
             rules.apply(firewall.client_session_attached(
                 self.config.instance, session.slot, session.mark, self.config.mark_mask,
                 session.session_id))
-        except PvpnError as exc:  # tried again in RECORD_EVERY
-            self.log_event("node:warning", session, reason=f"session id not recorded: {exc}")
-            return
-        session.recorded = session.session_id
-
-    def _disconnect(self, link: LocalLink, fields: dict[str, Any], now: float) -> None:
-        slot = fields["slot"]
-        try:
-            found = self.registry.select_for_disconnect(
-                link.uid, fields["session"], slot if isinstance(slot, int) else None,
-                fields["all"])
-        except PolicyError as exc:
-            link.send_control(MsgType.ERROR, {"code": "not-found", "reason": str(exc)})
-            return
-        described = [s.describe(now) for s in found]
-        who = user_name(link.uid)
-        for session in found:
-            holder = self.links.get(session.slot)
-            if holder is not None:
-                holder.send_control(MsgType.ERROR, {
-                    "code": "disconnected",
-                    "reason": f"disconnected by {who} (pvpn disconnect)"})
-                holder.unregistered = True
-                holder.close()
-            self.end_session(session, f"pvpn disconnect by {who} (uid {link.uid})"
-                             + (" --all" if fields["all"] else ""))
-        link.send_status(described)
-
-    def _register(self, link: LocalLink, fields: dict[str, Any], now: float) -> None:
-        if link.session is not None:
-            raise RemoteProtocolError("REGISTER twice on one connection")
-        server = fields["server"]
-        try:
-            if len(server) > MAX_SERVER or not server.isprintable():
-                raise ConfigError(f"the server name must be printable and at most {MAX_SERVER} "
-                                  "characters")
-            via = chain_names(fields.get("via", []), "gateway endpoints")
-            if not all(isinstance(p, str) for p in fields["prefixes"]):
-                raise ConfigError("prefixes must be strings")
-            networks = parse_prefixes(fields["prefixes"])
-            session = self.registry.find_held(link.uid, networks)
-            if session is None:
-                session = self.registry.allocate(link.uid, user_name(link.uid), server,
-                                                 networks, now, usable=self._slot_usable)
-                try:
-                    self._install(session)
-                except PvpnError:
-                    self._uninstall(session)
-                    self.registry.release(session.slot)
-                    raise
-                self.log_event("session:registered", session, pid=link.pid,
-                               prefixes=[str(n) for n in session.networks])
-            else:
-                if session.slot not in self.queues:  # its devices failed at recovery
-                    self._attach_devices(session)
-                self.session_record("session:reattached", session, pid=link.pid)
-        except (ConfigError, PolicyError, PvpnError) as exc:
-            link.send_control(MsgType.ERROR, {"code": "refused", "reason": str(exc)})
-            return
-        session.attached = True
-        session.held_since = None
-        session.server = server
-        session.via = via
-        link.session = session
-        self.links[session.slot] = link
-        link.send_control(MsgType.REGISTERED, {"slot": session.slot, "queue": session.queue,
-                                               "uid": link.uid, "user": session.user})
-
-    def _detach(self, link: LocalLink, session: SlotSession, reason: str) -> None:
-        """The session's tunnel process is gone; its packets keep being queued and dropped
-        until the user reconnects or runs `pvpn disconnect` (fail closed)."""
-        if self.links.get(session.slot) is link:
-            del self.links[session.slot]
-        if session.attached:
-            session.attached = False
-            session.held_since = self.loop.time()
-        link.session = None
-        self.session_record("session:held", session, reason=reason)
+        except PvpnError as exc:
+            return str(exc)
+        return None
 
     def local_lost(self, link: LocalLink) -> None:
-        self.host.forget_local(link)
-        session = link.session
-        if session is None or link.unregistered:
-            return
-        self._detach(link, session, "tunnel process gone; dropping its packets until it "
-                     "reconnects or `pvpn disconnect`")
+        self.host.lost(link, self.loop.time())
+        self.run()
 
     def tick(self) -> None:
         now = self.loop.time()
-        for session, reason in self.registry.expired(now):
-            holder = self.links.get(session.slot)
-            if holder is not None:
-                holder.send_control(MsgType.ERROR, {"code": "expired", "reason":
-                                    f"pvpn-client ended the session: {reason}"})
-                holder.unregistered = True
-                holder.close()
-            self.end_session(session, reason)
-        # A connection that holds no session answers one question and goes; one that sits
-        # idle is closed after grace_time, like an SSH login that never completes.
-        for link in list(self.local):
-            if link.session is None and now - link.last_active > self.config.grace_time:
-                link.close()
-        self.host.forget_records(now)
-        for session in list(self.registry.sessions.values()):
-            if session.ever_up and session.recorded != session.session_id:
-                self._record_id(session, now)
-        if now - self._pruned >= PRUNE_EVERY:
-            self._pruned = now
-            self.registry.forget_rates(now)
-            for session in self.registry.sessions.values():
-                session.prune_flows(now)
+        self.host.tick(now)
+        self.run()
 
     def shutdown(self, reason: str) -> None:
         """An orderly stop: the tunnel processes are let go and every session stays, rules and
         all (held): the kernel drops its packets until the next pvpn-client picks it up and the
         user's `pvpn connect` registers again."""
-        for link in list(self.local):
-            link.close()
-        kept = list(self.registry.sessions.values())
-        if kept:
-            self.log_event("node:stopping", reason=f"{reason}; {len(kept)} session(s) stay "
-                           "protected (held) for the next pvpn-client",
-                           sessions=[{"slot": s.slot, "uid": s.uid, "user": s.user,
-                                      "session": s.session_id.hex()} for s in kept])
+        self.host.shutdown(reason)
+        self.run()
 
     # -- the kernel's rules, watched
     def held_rules(self) -> list[firewall.InstalledSession]:

@@ -20,14 +20,16 @@ from typing import Any, Callable, Generic, Protocol, TypeVar
 
 from pvpn import packet as pk
 from pvpn.commands import Command, LogRecord
-from pvpn.config import ClientConfig, Network
+from pvpn.config import ClientConfig, Network, parse_prefixes
 from pvpn.drops import Drop, DropCounter
-from pvpn.envelope import MsgType
-from pvpn.errors import MalformedPacket, PolicyError, PvpnError, RemoteProtocolError
+from pvpn.envelope import DEFAULT_HOPS, Envelope, MsgType, decode_control
+from pvpn.errors import (
+    ConfigError, MalformedPacket, PolicyError, PvpnError, RemoteProtocolError,
+)
 from pvpn.local import LocalChannel
 from pvpn.packet import FlowKey
 from pvpn.records import Record, session_hex
-from pvpn.text import quoted
+from pvpn.text import clip, quoted
 
 #: A flow idle this long is forgotten (its replies are refused from then on): the server keeps
 #: an open TCP mapping as long (2 h 4 min, RFC 5382's minimum), so nothing it still routes
@@ -345,6 +347,57 @@ class CloseLocal(Command):
 
 #: At most one local:error or local:refused record per uid this often (seconds).
 LOCAL_LOG_EVERY = 10.0
+#: A session's id is written into its rules at its first ATTACH, a change of it at most this
+#: often (seconds; the timer writes what is due), so ATTACHes cannot keep iptables running.
+RECORD_EVERY = 60.0
+#: How often the timer forgets flows idle past FLOW_IDLE and uids' old rates (seconds).
+PRUNE_EVERY = 60.0
+#: A registered ``server`` (shown in `pvpn status`, logged) is a host and port: a DNS name is at
+#: most 253 characters. Anything longer or with control characters is refused at REGISTER.
+MAX_SERVER = 300
+#: The questions answered with more than an acknowledgement: refused while the asker leaves
+#: earlier answers unread (WRITE_HIGH_WATER), so one local user cannot make pvpn-client buffer
+#: without bound.
+ANSWERED = frozenset({MsgType.REGISTER, MsgType.STATUS, MsgType.DISCONNECT})
+
+
+def chain_names(names: object, what: str) -> list[str]:
+    """A chain's endpoints or node names from a tunnel process, bounded for status."""
+    if (not isinstance(names, list) or len(names) > DEFAULT_HOPS
+            or not all(isinstance(n, str) and 0 < len(n) <= MAX_SERVER and n.isprintable()
+                       for n in names)):
+        raise ConfigError(f"the chain's {what} must be at most {DEFAULT_HOPS} printable "
+                          f"names of at most {MAX_SERVER} characters each")
+    return list(names)
+
+
+class HostKernel(Protocol):
+    """What the policy asks of the host's kernel, each answer deciding what it does next
+    (pvpn-client's daemon: TUN, NFQUEUE, iptables, conntrack, sock_diag; a fake in tests)."""
+
+    def install(self, session: SlotSession) -> None:
+        """TUN device, queue, then rules (PvpnError if any cannot be had)."""
+
+    def uninstall(self, session: SlotSession) -> list[str]:
+        """Its rules, queue and TUN device go; the rule errors."""
+
+    def attach_devices(self, session: SlotSession) -> None:
+        """Its TUN device and queue again (its rules stayed; PvpnError)."""
+
+    def has_devices(self, session: SlotSession) -> bool: ...
+
+    def slot_usable(self, slot: int) -> bool:
+        """Whether no connection carries the slot's mark any more."""
+
+    def abort_connections(self, session: SlotSession) -> int | str: ...
+
+    def forget_marks(self, session: SlotSession) -> int | str: ...
+
+    def write_id(self, session: SlotSession) -> str | None:
+        """Write the session's id into its rules; why it could not, or None."""
+
+    def reset_connections(self, session: SlotSession) -> None:
+        """Make its TCP connections answer (the server's session is a new one)."""
 
 
 class OwnerLookup(Protocol):
@@ -401,16 +454,18 @@ P = TypeVar("P", bound=LocalPeer)
 
 
 class ClientHost(Generic[P]):
-    """The client host's policy. Driven by pvpn-client: :meth:`admit` and :meth:`local_lost`
-    for the local connections, :meth:`queued` for each packet of a session's queue,
-    :meth:`reply` for each packet a tunnel process returns; ``owners`` and ``user_name`` are
-    its two questions to the host (whose socket, which name)."""
+    """The client host's policy. Driven by pvpn-client: :meth:`admit`, :meth:`control` and
+    :meth:`lost` for the local connections and their questions, :meth:`queued` for each packet
+    of a session's queue, :meth:`reply` for each packet a tunnel process returns,
+    :meth:`tick` for the timer. ``owners``, ``user_name`` and ``kernel`` are its questions to
+    the host (whose socket, which name, what the kernel could do)."""
 
     def __init__(self, config: ClientConfig, owners: OwnerLookup,
-                 user_name: Callable[[int], str]) -> None:
+                 user_name: Callable[[int], str], kernel: HostKernel) -> None:
         self.config = config
         self.registry = Registry(config)
         self.owners = owners
+        self.kernel = kernel
         self.user_name = user_name
         self.commands: list[Command] = []
         self.links: dict[int, P] = {}  # slot -> attached connection
@@ -422,6 +477,7 @@ class ClientHost(Generic[P]):
         self.session_logged: dict[tuple[str, int], tuple[float, int]] = {}
         # The connections with envelopes pending from the packet path, to be written.
         self.dirty: set[P] = set()
+        self.pruned = 0.0
 
     def log(self, event: str, session: SlotSession | None = None, **kw: Any) -> None:
         self.commands.append(LogRecord(session_event(event, session, **kw)))
@@ -578,3 +634,224 @@ class ClientHost(Generic[P]):
         cmd.session.packets_in -= 1
         cmd.session.bytes_in -= len(cmd.packet)
         self.dropped(cmd.session, code, now, cmd.flow)
+
+    # -- local control
+    def control(self, link: P, envelope: Envelope, now: float) -> None:
+        """A control envelope of a local connection: REGISTER, ATTACH, UNREGISTER, STATUS or
+        DISCONNECT (RemoteProtocolError for anything else, or out of turn)."""
+        mtype = envelope.type
+        if link.congested and mtype in ANSWERED:
+            # Its answers wait unread above WRITE_HIGH_WATER: another question would only grow
+            # what pvpn-client holds for it (ATTACH and UNREGISTER are never refused so).
+            raise RemoteProtocolError("asks faster than it reads the answers")
+        fields = decode_control(envelope)
+        if mtype is MsgType.REGISTER:
+            self._register(link, fields, now)
+        elif mtype is MsgType.ATTACH and link.session is not None:
+            try:
+                nodes = chain_names(fields.get("nodes", []), "node names")
+            except ConfigError as exc:
+                raise RemoteProtocolError(f"ATTACH: {exc}") from None
+            self._attach(link, link.session, fields["session"], now)
+            link.session.nodes = nodes
+        elif mtype is MsgType.UNREGISTER and link.session is not None:
+            link.unregistered = True
+            session = link.session
+            if session.ever_up and not link.attached_here:
+                # This process picked up a held session but never had it up (say, the server
+                # was out of reach): the protection an earlier process set up stays.
+                self._detach(link, session, "the tunnel process that picked it up ended "
+                             f"without bringing it up: {clip(fields['reason'])}", now)
+            else:
+                self.end_session(session, f"ended by the user: {clip(fields['reason'])}")
+            # Answer only once the rules are gone, so `pvpn connect` exits with nothing left.
+            link.send_status([session.describe(now)])
+            self.commands.append(CloseLocal(link))
+        elif mtype is MsgType.STATUS:
+            link.send_status([s.describe(now) for s in self.registry.visible_to(link.uid)])
+        elif mtype is MsgType.DISCONNECT:
+            self._disconnect(link, fields, now)
+        else:
+            raise RemoteProtocolError(f"unexpected {mtype.name} on the local socket")
+
+    def _attach(self, link: P, session: SlotSession, session_id: bytes, now: float) -> None:
+        if len(session_id) != 16:
+            raise RemoteProtocolError("ATTACH needs the 16-byte session id")
+        if any(other.session_id == session_id and other is not session
+               for other in self.registry.sessions.values()):
+            # The server makes ids unique; one named again here is someone else's, and its
+            # records would join that session's trace.
+            raise RemoteProtocolError("ATTACH of a session id another session holds")
+        # A new session at the server, not the one this session's connections went through:
+        # a second ATTACH on one registration (the tunnel process re-established the server
+        # session as a new one: the server lost it in a restart, or it expired), or another
+        # id than the one it was up with (a new tunnel process picked a held session up).
+        renewed = link.attached_here or (bool(session.session_id)
+                                         and session.session_id != session_id)
+        session.session_id = session_id
+        session.ever_up = True
+        link.attached_here = True
+        self.record_id(session, now)
+        self.session_record("session:attached", session, now, pid=link.pid,
+                            server=session.server)
+        if renewed:
+            self.kernel.reset_connections(session)
+
+    def _disconnect(self, link: P, fields: dict[str, Any], now: float) -> None:
+        slot = fields["slot"]
+        try:
+            found = self.registry.select_for_disconnect(
+                link.uid, fields["session"], slot if isinstance(slot, int) else None,
+                fields["all"])
+        except PolicyError as exc:
+            link.send_control(MsgType.ERROR, {"code": "not-found", "reason": str(exc)})
+            return
+        described = [s.describe(now) for s in found]
+        who = self.user_name(link.uid)
+        for session in found:
+            holder = self.links.get(session.slot)
+            if holder is not None:
+                holder.send_control(MsgType.ERROR, {
+                    "code": "disconnected",
+                    "reason": f"disconnected by {who} (pvpn disconnect)"})
+                holder.unregistered = True
+                self.commands.append(CloseLocal(holder))
+            self.end_session(session, f"pvpn disconnect by {who} (uid {link.uid})"
+                             + (" --all" if fields["all"] else ""))
+        link.send_status(described)
+
+    def _register(self, link: P, fields: dict[str, Any], now: float) -> None:
+        if link.session is not None:
+            raise RemoteProtocolError("REGISTER twice on one connection")
+        server = fields["server"]
+        kernel = self.kernel
+        try:
+            if len(server) > MAX_SERVER or not server.isprintable():
+                raise ConfigError(f"the server name must be printable and at most {MAX_SERVER} "
+                                  "characters")
+            via = chain_names(fields.get("via", []), "gateway endpoints")
+            if not all(isinstance(p, str) for p in fields["prefixes"]):
+                raise ConfigError("prefixes must be strings")
+            networks = parse_prefixes(fields["prefixes"])
+            session = self.registry.find_held(link.uid, networks)
+            if session is None:
+                session = self.registry.allocate(link.uid, self.user_name(link.uid), server,
+                                                 networks, now, usable=kernel.slot_usable)
+                try:
+                    kernel.install(session)
+                except PvpnError:
+                    kernel.uninstall(session)
+                    self.registry.release(session.slot)
+                    raise
+                self.log("session:registered", session, pid=link.pid,
+                         prefixes=[str(n) for n in session.networks])
+            else:
+                if not kernel.has_devices(session):  # its devices failed at recovery
+                    kernel.attach_devices(session)
+                self.session_record("session:reattached", session, now, pid=link.pid)
+        except (ConfigError, PolicyError, PvpnError) as exc:
+            link.send_control(MsgType.ERROR, {"code": "refused", "reason": str(exc)})
+            return
+        session.attached = True
+        session.held_since = None
+        session.server = server
+        session.via = via
+        link.session = session
+        self.links[session.slot] = link
+        link.send_control(MsgType.REGISTERED, {"slot": session.slot, "queue": session.queue,
+                                               "uid": link.uid, "user": session.user})
+
+    def _detach(self, link: P, session: SlotSession, reason: str, now: float) -> None:
+        """The session's tunnel process is gone; its packets keep being queued and dropped
+        until the user reconnects or runs `pvpn disconnect` (fail closed)."""
+        if self.links.get(session.slot) is link:
+            del self.links[session.slot]
+        if session.attached:
+            session.attached = False
+            session.held_since = now
+        link.session = None
+        self.session_record("session:held", session, now, reason=reason)
+
+    def lost(self, link: P, now: float) -> None:
+        """The local connection is gone: a session it held is held (fail closed) unless it
+        was ended."""
+        self.forget_local(link)
+        session = link.session
+        if session is None or link.unregistered:
+            return
+        self._detach(link, session, "tunnel process gone; dropping its packets until it "
+                     "reconnects or `pvpn disconnect`", now)
+
+    def end_session(self, session: SlotSession, reason: str) -> None:
+        """Abort the session's TCP connections, remove its rules, then the marks its
+        connections carry, then free the slot: nothing of this session's is left for the
+        slot's next holder."""
+        link = self.links.pop(session.slot, None)
+        if link is not None:
+            link.session = None
+        kernel = self.kernel
+        aborted = kernel.abort_connections(session)
+        errors = kernel.uninstall(session)
+        forgotten = kernel.forget_marks(session)
+        self.registry.release(session.slot)
+        for event in ("session:attached", "session:reattached", "session:held"):
+            self.session_logged.pop((event, session.slot), None)
+        self.log("session:closed", session, reason=reason, packets_out=session.packets_out,
+                 packets_in=session.packets_in, bytes_out=session.bytes_out,
+                 bytes_in=session.bytes_in, drops=session.drops.as_dict(),
+                 connections_aborted=aborted, connections_forgotten=forgotten,
+                 rule_errors=errors or None)
+
+    def record_id(self, session: SlotSession, now: float) -> None:
+        """Write the session's id into its rules, so a restarted pvpn-client knows it was up:
+        at once when none is recorded, a changed one at most once a RECORD_EVERY (the timer
+        writes it when due; the record already says the session was up)."""
+        if session.recorded == session.session_id or (
+                session.recorded and now - session.recorded_at < RECORD_EVERY):
+            return
+        session.recorded_at = now
+        error = self.kernel.write_id(session)
+        if error is not None:  # tried again in RECORD_EVERY
+            self.log("node:warning", session, reason=f"session id not recorded: {error}")
+            return
+        session.recorded = session.session_id
+
+    # -- the timer
+    def tick(self, now: float) -> None:
+        """Sessions past their time end; idle connections without a session go; ids not yet
+        in their session's rules are written; old flows and rates are forgotten."""
+        for session, reason in self.registry.expired(now):
+            holder = self.links.get(session.slot)
+            if holder is not None:
+                holder.send_control(MsgType.ERROR, {"code": "expired", "reason":
+                                    f"pvpn-client ended the session: {reason}"})
+                holder.unregistered = True
+                self.commands.append(CloseLocal(holder))
+            self.end_session(session, reason)
+        # A connection that holds no session answers one question and goes; one that sits
+        # idle is closed after grace_time, like an SSH login that never completes.
+        for link in list(self.local):
+            if link.session is None and now - link.last_active > self.config.grace_time:
+                self.commands.append(CloseLocal(link))
+        self.forget_records(now)
+        for session in list(self.registry.sessions.values()):
+            if session.ever_up and session.recorded != session.session_id:
+                self.record_id(session, now)
+        if now - self.pruned >= PRUNE_EVERY:
+            self.pruned = now
+            self.registry.forget_rates(now)
+            for session in self.registry.sessions.values():
+                session.prune_flows(now)
+
+    def shutdown(self, reason: str) -> None:
+        """An orderly stop: the tunnel processes are let go and every session stays, rules and
+        all (held): the kernel drops its packets until the next pvpn-client picks it up and the
+        user's `pvpn connect` registers again."""
+        for link in list(self.local):
+            self.commands.append(CloseLocal(link))
+        kept = list(self.registry.sessions.values())
+        if kept:
+            self.log("node:stopping", reason=f"{reason}; {len(kept)} session(s) stay "
+                     "protected (held) for the next pvpn-client",
+                     sessions=[{"slot": s.slot, "uid": s.uid, "user": s.user,
+                                "session": s.session_id.hex()} for s in kept])

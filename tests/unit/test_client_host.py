@@ -38,13 +38,60 @@ class Owners:
         return self.of.get(flow)
 
 
-def make_host(tmp_path: Path, **settings: Any) -> tuple[ClientHost[LocalPeer], Owners]:
+class Kernel:
+    """The host's kernel as the policy sees it: what it was asked, in order."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, int]] = []
+        self.devices: set[int] = set()
+        self.install_fails = False
+        self.unusable: set[int] = set()
+
+    def install(self, session: SlotSession) -> None:
+        self.calls.append(("install", session.slot))
+        if self.install_fails:
+            raise PvpnError("cannot bind NFQUEUE 1: busy")
+        self.devices.add(session.slot)
+
+    def uninstall(self, session: SlotSession) -> list[str]:
+        self.calls.append(("uninstall", session.slot))
+        self.devices.discard(session.slot)
+        return []
+
+    def attach_devices(self, session: SlotSession) -> None:
+        self.calls.append(("attach_devices", session.slot))
+        self.devices.add(session.slot)
+
+    def has_devices(self, session: SlotSession) -> bool:
+        return session.slot in self.devices
+
+    def slot_usable(self, slot: int) -> bool:
+        return slot not in self.unusable
+
+    def abort_connections(self, session: SlotSession) -> int | str:
+        self.calls.append(("abort_connections", session.slot))
+        return 0
+
+    def forget_marks(self, session: SlotSession) -> int | str:
+        self.calls.append(("forget_marks", session.slot))
+        return 0
+
+    def write_id(self, session: SlotSession) -> str | None:
+        self.calls.append(("write_id", session.slot))
+        return None
+
+    def reset_connections(self, session: SlotSession) -> None:
+        self.calls.append(("reset_connections", session.slot))
+
+
+def make_host(tmp_path: Path, kernel: Kernel | None = None,
+              **settings: Any) -> tuple[ClientHost[LocalPeer], Owners]:
     lines = ["[client]", 'name = "client"']
     lines += [f"{key} = {json.dumps(value)}" for key, value in settings.items()]
     (tmp_path / "client.toml").write_text("\n".join(lines) + "\n")
     owners = Owners()
     return ClientHost(load_client_config(tmp_path / "client.toml"), owners,
-                      lambda uid: f"user{uid}"), owners
+                      lambda uid: f"user{uid}", kernel or Kernel()), owners
 
 
 def connect(host: ClientHost[LocalPeer], uid: int, now: float = 0.0,
@@ -249,3 +296,290 @@ def test_refusal_records_are_rate_limited_per_uid(tmp_path: Path) -> None:
         connect(host, ALICE, now=1.0 + i, id=2 + i)
     connect(host, ALICE, now=20.0, id=9)
     assert [r["suppressed"] for r in records(host)] == [0, 2]
+
+
+# ---------------------------------------------------------------- the local protocol
+
+
+class Process:
+    """A local process on the socket: its end of the channel, and the host's peer for it."""
+
+    def __init__(self, host: ClientHost[LocalPeer], uid: int, id: int = 1) -> None:
+        self.host, self.end = host, LocalChannel()
+        self.peer = connect(host, uid, id=id)
+
+    def ask(self, mtype: MsgType, fields: dict[str, Any], now: float = 1.0,
+            session: bytes = b"") -> list[tuple[MsgType, Any]]:
+        """One question in, as the adapter hands it over; every answer pending since out."""
+        data = self.end.control(mtype, session, self.peer.uid, fields)
+        for envelope in self.peer.channel.receive(data):
+            self.host.control(self.peer, envelope, now)
+        return self.answers()
+
+    def answers(self) -> list[tuple[MsgType, Any]]:
+        data = b"".join(self.peer.pending)
+        self.peer.pending.clear()
+        return [(e.type, decode_control(e)) for e in self.end.receive(data)]
+
+    def register(self, prefixes: list[str], **fields: Any) -> tuple[MsgType, Any]:
+        (answer,) = self.ask(MsgType.REGISTER, {"prefixes": prefixes,
+                                                "server": "vpn.example:4433", **fields})
+        return answer
+
+    def closed(self) -> bool:
+        return CloseLocal(self.peer) in self.host.commands
+
+
+def test_register_then_attach_brings_a_session_up_and_records_its_id(tmp_path: Path) -> None:
+    kernel = Kernel()
+    host, _ = make_host(tmp_path, kernel)
+    alice = Process(host, ALICE)
+    mtype, fields = alice.register(["10.77.1.0/24"])
+    assert mtype is MsgType.REGISTERED and fields["uid"] == ALICE
+    (session,) = host.registry.sessions.values()
+    assert kernel.calls == [("install", session.slot)] and host.links[session.slot] is alice.peer
+    assert alice.ask(MsgType.ATTACH, {"session": SID, "nodes": ["server-1"]}) == []
+    assert session.state == "up" and session.nodes == ["server-1"]
+    assert kernel.calls[-1] == ("write_id", session.slot)
+    assert [r["event"] for r in records(host)] == ["session:registered", "session:attached"]
+    alice.ask(MsgType.ATTACH, {"session": bytes(16)})  # a new session at the server
+    assert kernel.calls[-1] == ("reset_connections", session.slot)
+
+
+@pytest.mark.parametrize("fields, reason", [
+    ({"server": "x" * 301}, "server name must be printable"),
+    ({"server": "evil\nname"}, "server name must be printable"),
+    ({"via": ["g"] * 40}, "gateway endpoints must be at most"),
+    ({"prefixes": [1]}, "prefixes must be strings"),
+    ({"prefixes": ["not a prefix"]}, ""),
+])
+def test_register_refusals_say_why_and_install_nothing(tmp_path: Path, fields: dict[str, Any],
+                                                       reason: str) -> None:
+    kernel = Kernel()
+    host, _ = make_host(tmp_path, kernel)
+    alice = Process(host, ALICE)
+    mtype, answer = alice.register(fields.pop("prefixes", ["10.77.1.0/24"]), **fields)
+    assert mtype is MsgType.ERROR and answer["code"] == "refused" and reason in answer["reason"]
+    assert kernel.calls == [] and not host.registry.sessions and alice.peer.session is None
+
+
+def test_a_failed_install_is_undone_and_refused(tmp_path: Path) -> None:
+    kernel = Kernel()
+    kernel.install_fails = True
+    host, _ = make_host(tmp_path, kernel)
+    mtype, answer = Process(host, ALICE).register(["10.77.1.0/24"])
+    assert mtype is MsgType.ERROR and "cannot bind NFQUEUE" in answer["reason"]
+    assert kernel.calls == [("install", 0), ("uninstall", 0)] and not host.registry.sessions
+
+
+def test_protocol_violations_are_the_remote_error(tmp_path: Path) -> None:
+    host, _ = make_host(tmp_path)
+    alice = Process(host, ALICE)
+    alice.register(["10.77.1.0/24"])
+    with pytest.raises(RemoteProtocolError, match="REGISTER twice"):
+        alice.register(["10.77.2.0/24"])
+    bob = Process(host, BOB, id=2)
+    bob.register(["10.77.3.0/24"])
+    with pytest.raises(RemoteProtocolError, match="16-byte session id"):
+        bob.ask(MsgType.ATTACH, {"session": b"short"})
+    with pytest.raises(RemoteProtocolError, match="unexpected ATTACH"):
+        Process(host, BOB, id=3).ask(MsgType.ATTACH, {"session": SID})  # nothing registered
+    with pytest.raises(RemoteProtocolError, match="unexpected REGISTERED"):
+        Process(host, BOB, id=4).ask(MsgType.REGISTERED, {"slot": 0, "queue": 0, "uid": 0,
+                                                           "user": "x"})
+
+
+def test_an_attach_of_another_sessions_id_is_refused(tmp_path: Path) -> None:
+    host, _ = make_host(tmp_path)
+    alice, bob = Process(host, ALICE), Process(host, BOB, id=2)
+    alice.register(["10.77.1.0/24"])
+    bob.register(["10.77.2.0/24"])
+    alice.ask(MsgType.ATTACH, {"session": SID})
+    with pytest.raises(RemoteProtocolError, match="another session holds"):
+        bob.ask(MsgType.ATTACH, {"session": SID})
+
+
+def test_a_congested_asker_is_refused_questions_but_not_attach(tmp_path: Path) -> None:
+    host, _ = make_host(tmp_path)
+    alice = Process(host, ALICE)
+    alice.register(["10.77.1.0/24"])
+    alice.peer.congested = True
+    alice.ask(MsgType.ATTACH, {"session": SID})
+    with pytest.raises(RemoteProtocolError, match="faster than it reads"):
+        alice.ask(MsgType.STATUS, {})
+
+
+def test_status_shows_only_the_askers_own_sessions_unless_root(tmp_path: Path) -> None:
+    host, _ = make_host(tmp_path)
+    Process(host, ALICE).register(["10.77.1.0/24"])
+    Process(host, BOB, id=2).register(["10.77.2.0/24"])
+
+    def users(uid: int, id: int) -> list[str]:
+        ((mtype, page),) = Process(host, uid, id=id).ask(MsgType.STATUS, {})
+        assert mtype is MsgType.STATUS_REPLY and page["more"] is False
+        return sorted(s["user"] for s in page["sessions"])
+
+    assert users(ALICE, 3) == ["user1001"]
+    assert users(BOB, 4) == ["user1002"]
+    assert users(0, 5) == ["user1001", "user1002"]
+    assert users(1003, 6) == []
+
+
+def disconnect(p: Process, session: str = "", slot: int | None = None,
+               everything: bool = False) -> list[tuple[MsgType, Any]]:
+    return p.ask(MsgType.DISCONNECT, {"session": session, "slot": slot, "all": everything})
+
+
+def test_disconnect_by_prefix_ends_the_session_and_tells_its_tunnel_process(
+        tmp_path: Path) -> None:
+    kernel = Kernel()
+    host, _ = make_host(tmp_path, kernel)
+    alice = Process(host, ALICE)
+    alice.register(["10.77.1.0/24"])
+    alice.ask(MsgType.ATTACH, {"session": SID})
+    ((mtype, answer),) = disconnect(Process(host, ALICE, id=2), SID.hex()[:8])
+    assert mtype is MsgType.STATUS_REPLY and answer["sessions"][0]["session"] == SID.hex()
+    assert alice.closed() and alice.peer.unregistered and alice.peer.session is None
+    ((mtype, told),) = alice.answers()
+    assert mtype is MsgType.ERROR and told["code"] == "disconnected"
+    assert kernel.calls[-3:] == [("abort_connections", 0), ("uninstall", 0),
+                                 ("forget_marks", 0)]
+    assert not host.registry.sessions and records(host)[-1]["event"] == "session:closed"
+
+
+def test_disconnect_by_slot_names_only_the_askers_own(tmp_path: Path) -> None:
+    host, _ = make_host(tmp_path)
+    Process(host, ALICE).register(["10.77.1.0/24"])
+    Process(host, BOB, id=2).register(["10.77.2.0/24"])
+    ((mtype, answer),) = disconnect(Process(host, BOB, id=3), slot=0)  # alice's slot
+    assert mtype is MsgType.ERROR and answer["code"] == "not-found"
+    ((mtype, answer),) = disconnect(Process(host, BOB, id=4), slot=1)
+    assert mtype is MsgType.STATUS_REPLY and [s["slot"] for s in answer["sessions"]] == [1]
+    assert sorted(host.registry.sessions) == [0]
+
+
+def test_disconnect_all_as_root_ends_every_session(tmp_path: Path) -> None:
+    host, _ = make_host(tmp_path)
+    Process(host, ALICE).register(["10.77.1.0/24"])
+    Process(host, BOB, id=2).register(["10.77.2.0/24"])
+    ((mtype, answer),) = disconnect(Process(host, ALICE, id=3), everything=True)
+    assert len(answer["sessions"]) == 1  # a user's --all is all of their own
+    ((mtype, answer),) = disconnect(Process(host, 0, id=4), everything=True)
+    assert mtype is MsgType.STATUS_REPLY and len(answer["sessions"]) == 1
+    assert not host.registry.sessions
+    assert [r["reason"] for r in records(host) if r["event"] == "session:closed"][-1] == \
+        "pvpn disconnect by user0 (uid 0) --all"
+
+
+# ---------------------------------------------------------------- held sessions
+
+
+def test_a_lost_tunnel_process_leaves_its_session_held_and_dropping(tmp_path: Path) -> None:
+    kernel = Kernel()
+    host, _ = make_host(tmp_path, kernel)
+    alice = Process(host, ALICE)
+    alice.register(["10.77.1.0/24"])
+    alice.ask(MsgType.ATTACH, {"session": SID})
+    (session,) = host.registry.sessions.values()
+    host.lost(alice.peer, 5.0)
+    assert session.state.startswith("held") and session.held_since == 5.0
+    assert ("uninstall", 0) not in kernel.calls, "its rules stay: the kernel drops"
+    host.queued(session, sent_by_alice(), 6.0)
+    assert session.drops.as_dict() == {Drop.TUNNEL_DOWN.value: 1}
+    # The user's next `pvpn connect` for the same prefixes picks it up.
+    again = Process(host, ALICE, id=2)
+    assert again.register(["10.77.1.0/24"])[0] is MsgType.REGISTERED
+    assert host.links[session.slot] is again.peer and session.held_since is None
+    assert [c for c in kernel.calls if c[0] == "install"] == [("install", 0)]
+    assert "session:reattached" in [r["event"] for r in records(host)]
+
+
+def test_a_held_session_whose_devices_failed_gets_them_at_its_next_register(
+        tmp_path: Path) -> None:
+    kernel = Kernel()
+    host, _ = make_host(tmp_path, kernel)
+    session = host.registry.adopt(0, ALICE, "user1001", [NET], 1, 0x10000, "pvpnc0", 0.0,
+                                  session_id=SID, ever_up=True)
+    assert Process(host, ALICE).register(["10.77.1.0/24"])[0] is MsgType.REGISTERED
+    assert kernel.calls == [("attach_devices", session.slot)]
+
+
+def test_unregister_of_a_picked_up_session_never_brought_up_keeps_it_held(
+        tmp_path: Path) -> None:
+    kernel = Kernel()
+    host, _ = make_host(tmp_path, kernel)
+    first = Process(host, ALICE)
+    first.register(["10.77.1.0/24"])
+    first.ask(MsgType.ATTACH, {"session": SID})
+    host.lost(first.peer, 2.0)
+    second = Process(host, ALICE, id=2)
+    second.register(["10.77.1.0/24"])
+    ((mtype, answer),) = second.ask(MsgType.UNREGISTER, {"reason": "server unreachable"})
+    assert mtype is MsgType.STATUS_REPLY and answer["sessions"][0]["state"].startswith("held")
+    assert second.closed() and host.registry.sessions, "the earlier protection stays"
+    third = Process(host, ALICE, id=3)
+    third.register(["10.77.1.0/24"])
+    third.ask(MsgType.ATTACH, {"session": SID})
+    third.ask(MsgType.UNREGISTER, {"reason": "done"})
+    assert not host.registry.sessions and ("uninstall", 0) in kernel.calls
+
+
+def test_the_timer_ends_sessions_past_their_time_and_closes_idle_askers(
+        tmp_path: Path) -> None:
+    host, _ = make_host(tmp_path)
+    alice = Process(host, ALICE)
+    alice.register(["10.77.1.0/24"])  # never attached: it expires after grace_time
+    idle = Process(host, BOB, id=2)
+    late = host.config.grace_time + 100
+    host.tick(late)
+    assert not host.registry.sessions and alice.closed() and idle.closed()
+    ((mtype, told),) = alice.answers()
+    assert mtype is MsgType.ERROR and told["code"] == "expired"
+
+
+def test_the_timer_writes_ids_not_yet_recorded_and_forgets_idle_flows(tmp_path: Path) -> None:
+    kernel = Kernel()
+    host, _ = make_host(tmp_path, kernel)
+    session, _ = attached(host)
+    host.queued(session, sent_by_alice(), 1.0)
+    host.tick(2.0)
+    assert ("write_id", session.slot) in kernel.calls and session.flows
+    session.recorded = SID
+    kernel.calls.clear()
+    host.tick(10_000.0)  # past FLOW_IDLE and PRUNE_EVERY
+    assert kernel.calls == [] and not session.flows
+
+
+def test_an_orderly_stop_lets_every_process_go_and_keeps_every_session(tmp_path: Path) -> None:
+    kernel = Kernel()
+    host, _ = make_host(tmp_path, kernel)
+    alice, asker = Process(host, ALICE), Process(host, BOB, id=2)
+    alice.register(["10.77.1.0/24"])
+    alice.ask(MsgType.ATTACH, {"session": SID})
+    host.commands.clear()
+    host.shutdown("pvpn-client stopping")
+    assert alice.closed() and asker.closed() and alice.answers() == []
+    (stopping,) = records(host)
+    assert stopping["event"] == "node:stopping" and "1 session(s) stay" in stopping["reason"]
+    assert len(host.registry.sessions) == 1 and ("uninstall", 0) not in kernel.calls
+
+
+# ---------------------------------------------------------------- the layering
+
+
+@pytest.mark.parametrize("module", ["pvpn.nodes.client", "pvpn.local"])
+def test_the_client_hosts_core_imports_no_io_and_no_program(module: str) -> None:
+    import ast
+    import importlib
+
+    source = Path(importlib.import_module(module).__file__ or "").read_text()
+    imported = {alias.name for node in ast.walk(ast.parse(source))
+                if isinstance(node, ast.Import) for alias in node.names}
+    imported |= {node.module or "" for node in ast.walk(ast.parse(source))
+                 if isinstance(node, ast.ImportFrom)}
+    forbidden = {name for name in imported
+                 if name.split(".")[0] in {"asyncio", "socket", "os", "subprocess", "time",
+                                           "pwd", "select"}
+                 or name.startswith(("pvpn.io", "pvpn.client", "pvpn.server",
+                                     "pvpn.gateway"))}
+    assert forbidden == set()
