@@ -19,6 +19,9 @@ from pvpn.io.loop import (
     LISTEN_BACKLOG, WRITE_HIGH_WATER, Guard, daemon_main, guarded, install_signals, peer_text,
     set_nodelay,
 )
+from pvpn.names import (
+    AUTH_KEY_SKIPPED, NODE_RELOADED, NODE_RELOAD_FAILED, NODE_STARTED, NODE_STOPPED, NODE_WARNING,
+)
 from pvpn.nodes.gateway import GatewayNode
 from pvpn.records import Record, RecordWriter
 
@@ -49,7 +52,7 @@ class Gateway:
             self.node.set_local_addresses(addresses)
         error = self.addresses.take_error()
         if error is not None:
-            self.log.write(Record("node:warning", reason=error))
+            self.log.write(Record(NODE_WARNING, reason=error))
 
     def dispatch(self) -> None:
         node = self.node
@@ -119,18 +122,18 @@ class Gateway:
                     transport.close()
 
     def key_warning(self, user: str, message: str) -> None:
-        self.log.write(Record("auth:key-skipped", user=user, reason=message))
+        self.log.write(Record(AUTH_KEY_SKIPPED, user=user, reason=message))
 
     def reload(self) -> None:
         try:
             config = load_gateway_config(self.config.path)
         except ConfigError as exc:
-            self.log.write(Record("node:reload-failed", reason=str(exc)))
+            self.log.write(Record(NODE_RELOAD_FAILED, reason=str(exc)))
             return
         self.refresh_addresses(force=True)
         now = self.loop.time()
         self.node.apply_policy(config.users, now)  # live sessions too, not only new ones
-        self.log.write(Record("node:reloaded", extra={"users": sorted(config.users)}))
+        self.log.write(Record(NODE_RELOADED, extra={"users": sorted(config.users)}))
         self.reauthenticate()
 
     def reauthenticate(self) -> None:
@@ -265,7 +268,7 @@ async def serve(config: GatewayConfig) -> None:
         control = await start_control(config.control,
                                       lambda: gateway.node.describe(loop.time()))
         install_signals(loop, stop, lambda: guard.call("reload", gateway.reload))
-        gateway.log.write(Record("node:started", extra={
+        gateway.log.write(Record(NODE_STARTED, extra={
             "listen": [f"{h}:{p}" for h, p in config.listen]}))
         while not stop.is_set():
             try:
@@ -283,7 +286,7 @@ async def serve(config: GatewayConfig) -> None:
             listener.close()
         stop_control(control, config.control)
         await asyncio.sleep(0.05)  # let CLOSE envelopes and close_notify leave
-        gateway.log.write(Record("node:stopped", reason="clean"))
+        gateway.log.write(Record(NODE_STOPPED, reason="clean"))
 
 
 def main(argv: list[str] | None = None) -> int:

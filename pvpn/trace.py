@@ -42,6 +42,10 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from pvpn.names import (
+    LINK_DEAD, PACKET_DROPPED, SESSION_ATTACHED, SESSION_CLOSED, SESSION_DETACHED, SESSION_HELD,
+    SESSION_OPENED, SESSION_REATTACHED, SESSION_RESUMED,
+)
 from pvpn.records import NODE_NAME
 from pvpn.text import printable
 
@@ -49,10 +53,10 @@ LogRecord = dict[str, Any]
 
 # Events that tell of a tunnel going down and coming back, at any hop.
 RECONNECT_EVENTS = frozenset({
-    "session:resumed", "session:held", "session:reattached", "session:detached", "link:dead",
+    SESSION_RESUMED, SESSION_HELD, SESSION_REATTACHED, SESSION_DETACHED, LINK_DEAD,
 })
-RESUME_EVENTS = frozenset({"session:opened", "session:resumed", "session:attached",
-                           "session:reattached"})
+RESUME_EVENTS = frozenset({SESSION_OPENED, SESSION_RESUMED, SESSION_ATTACHED,
+                           SESSION_REATTACHED})
 ROLE_RANK = {"client": 0, "gateway": 1, "server": 2}
 
 # The fields shown after the event in the timeline, in this order, when a record has them
@@ -290,21 +294,21 @@ def _summarise(role: str, node: str, records: Sequence[LogRecord]) -> HopSummary
         if _text(record, "next_hop") and not hop.next_hop:
             hop.next_hop = _text(record, "next_hop")
         if (event in RECONNECT_EVENTS and not ended) or (
-                event == "session:opened" and hop.opened):
+                event == SESSION_OPENED and hop.opened):
             hop.reconnects.append(HopEvent(when, event, _text(record, "reason")))
         # A link that goes after its session ended (a server logs session:detached then)
         # is the end, not a reconnect.
-        ended = event == "session:closed" or (ended and event not in RESUME_EVENTS)
-        if event == "session:opened":
+        ended = event == SESSION_CLOSED or (ended and event not in RESUME_EVENTS)
+        if event == SESSION_OPENED:
             hop.opened += 1
             path = record.get("path")
             if hop.path_length is None and isinstance(path, list):
                 hop.path_length = len(path)
-        if event == "packet:dropped":
+        if event == PACKET_DROPPED:
             reason = _text(record, "reason") or "(no reason given)"
             count = _int(record.get("count")) or 1
             logged_drops[reason] = max(logged_drops.get(reason, 0), count)
-        if event == "session:closed":
+        if event == SESSION_CLOSED:
             hop.closed = True
             hop.close_reason = _text(record, "reason")
             for name, value in record.items():
@@ -343,7 +347,7 @@ def _owner(records: Sequence[LogRecord]) -> str:
     user is the session's; a gateway takes the id an authenticated user proposes."""
     for record in records:
         if (_text(record, "role") == "server" and _text(record, "user")
-                and _text(record, "event") in ("session:opened", "session:resumed")):
+                and _text(record, "event") in (SESSION_OPENED, SESSION_RESUMED)):
             return _text(record, "user")
     return ""
 
@@ -558,7 +562,7 @@ def format_hop(index: int, hop: HopSummary, start: float) -> list[str]:
         lines.append("    drops: none")
     for event in hop.reconnects:
         reason = f": {_p(event.reason)}" if event.reason else ""
-        again = " (again)" if event.event == "session:opened" else ""
+        again = " (again)" if event.event == SESSION_OPENED else ""
         lines.append(f"    +{event.time - start:.3f}s {_p(event.event)}{again}{reason}")
     return lines
 

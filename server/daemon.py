@@ -21,6 +21,10 @@ from pvpn.config import ServerConfig, load_server_config
 from pvpn.errors import ConfigError, PvpnError, StateError
 from pvpn.flowtable import FlowTable
 from pvpn.fragments import Reassembler
+from pvpn.names import (
+    AUTH_KEY_SKIPPED, NODE_CLEANUP, NODE_RELOADED, NODE_RELOAD_FAILED, NODE_STARTED,
+    NODE_STATE_RESTORED, NODE_STOPPED, NODE_WARNING,
+)
 from pvpn.nodes.server import ServerNode
 from pvpn.packet import destination_address
 from pvpn.io import rules
@@ -88,7 +92,7 @@ class Server:
             self.node.set_local_addresses(addresses)
         error = self.addresses.take_error()
         if error is not None:
-            self.log.write(Record("node:warning", reason=error))
+            self.log.write(Record(NODE_WARNING, reason=error))
 
     def dispatch(self) -> None:
         node = self.node
@@ -131,7 +135,7 @@ class Server:
                 transport.close()
 
     def key_warning(self, user: str, message: str) -> None:
-        self.log.write(Record("auth:key-skipped", user=user, reason=message))
+        self.log.write(Record(AUTH_KEY_SKIPPED, user=user, reason=message))
 
     def take_reply(self, packet: bytes) -> bool:
         """A queued packet: True if it was a session's reply (the queue drops the original)."""
@@ -152,12 +156,12 @@ class Server:
         try:
             config = load_server_config(self.config.path)
         except ConfigError as exc:
-            self.log.write(Record("node:reload-failed", reason=str(exc)))
+            self.log.write(Record(NODE_RELOAD_FAILED, reason=str(exc)))
             return
         self.refresh_addresses(force=True)
         now = self.loop.time()
         self.node.apply_policy(config.users, now)  # live sessions too, not only new ones
-        self.log.write(Record("node:reloaded", extra={"users": sorted(config.users)}))
+        self.log.write(Record(NODE_RELOADED, extra={"users": sorted(config.users)}))
         self.reauthenticate()
 
     def reauthenticate(self) -> None:
@@ -241,7 +245,7 @@ def restore_state(server: Server, keeper: StateKeeper) -> None:
         keeper.refuse(f"restoring it failed: {type(exc).__name__}")
         return
     server.dispatch()  # the session:restored and session:closed records
-    server.log.write(Record("node:state-restored", reason=f"the server was away "
+    server.log.write(Record(NODE_STATE_RESTORED, reason=f"the server was away "
                             f"{downtime:.1f} s", extra={**report, "path": str(keeper.store.path),
                                                          "downtime": round(downtime, 3)}))
 
@@ -274,7 +278,7 @@ async def serve(config: ServerConfig) -> None:
         rules.apply(firewall.server_rules(config.instance, config.queue, config.nat_ports))
         stale = rules.ensure_only_jumps(config.instance, firewall.server_jumps(config.instance))
         if stale:
-            server.log.write(Record("node:cleanup", reason="rules left by an earlier run",
+            server.log.write(Record(NODE_CLEANUP, reason="rules left by an earlier run",
                                     extra={"rules": stale}))
         if keeper is not None:
             restore_state(server, keeper)
@@ -303,7 +307,7 @@ async def serve(config: ServerConfig) -> None:
         control = await start_control(config.control,
                                       lambda: server.node.describe(loop.time()))
         install_signals(loop, stop, lambda: guard.call("reload", server.reload))
-        server.log.write(Record("node:started", extra={
+        server.log.write(Record(NODE_STARTED, extra={
             "listen": [f"{h}:{p}" for h, p in config.listen], "queue": config.queue}))
         while not stop.is_set():
             try:
@@ -364,7 +368,7 @@ async def serve(config: ServerConfig) -> None:
         else:
             errors = rules.remove_instance(config.instance)
         server.raw.close()
-        server.log.write(Record("node:stopped", reason="; ".join(errors) or "clean", extra={
+        server.log.write(Record(NODE_STOPPED, reason="; ".join(errors) or "clean", extra={
             "state": "saved: the sessions are kept for the next server" if kept else
                      "none kept: the sessions ended"}))
 

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from pvpn.errors import ConfigError, PvpnError
+from pvpn.names import CAPTURE_OPENED
 from pvpn.text import printable
 from pvpn.trace import (
     LogRecord,
@@ -197,7 +198,7 @@ def find_captures(trace: SessionTrace, pcaps: Sequence[Path], lab_name: str | No
     server = next((hop.name for hop in trace.hops if hop.role == "server"), "server")
     for record in trace.timeline:
         written = record.get("path")
-        if (record.get("role") == "server" and record.get("event") == "capture:opened"
+        if (record.get("role") == "server" and record.get("event") == CAPTURE_OPENED
                 and isinstance(written, str) and named.fullmatch(Path(written).name)):
             add(Path(written), str(record.get("node") or server))
     directory = lab_capture_dir(lab_name) if lab_name else None

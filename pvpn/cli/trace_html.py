@@ -29,6 +29,11 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from pvpn.names import (
+    LINK_DEAD, LINK_ERROR, LINK_REFUSED, PACKET_DROPPED, SESSION_ATTACHED, SESSION_CLOSED,
+    SESSION_DETACHED, SESSION_HELD, SESSION_OPENED, SESSION_REATTACHED, SESSION_RECOVERED,
+    SESSION_REGISTERED, SESSION_RESUMED,
+)
 from pvpn.text import printable
 from pvpn.trace import (
     DETAIL_FIELDS, HopSummary, LogRecord, SessionTrace, Traffic, format_time, record_time,
@@ -51,11 +56,11 @@ PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#17becf", "#8
 
 # Event -> the marker's class (its colour in the style sheet).
 EVENT_CLASSES: Mapping[str, str] = {
-    "session:opened": "open", "session:registered": "open", "session:attached": "open",
-    "session:resumed": "resume", "session:reattached": "resume", "session:recovered": "resume",
-    "session:held": "held", "session:detached": "held",
-    "session:closed": "close", "link:dead": "dead", "link:error": "dead",
-    "link:refused": "dead", "packet:dropped": "drop",
+    SESSION_OPENED: "open", SESSION_REGISTERED: "open", SESSION_ATTACHED: "open",
+    SESSION_RESUMED: "resume", SESSION_REATTACHED: "resume", SESSION_RECOVERED: "resume",
+    SESSION_HELD: "held", SESSION_DETACHED: "held",
+    SESSION_CLOSED: "close", LINK_DEAD: "dead", LINK_ERROR: "dead",
+    LINK_REFUSED: "dead", PACKET_DROPPED: "drop",
 }
 
 STYLE = """

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Callable, Concatenate, Coroutine, ParamSpec, Protocol, TypeVar
 
 from pvpn.errors import ConfigError, PvpnError
+from pvpn.names import NODE_ERROR
 from pvpn.records import Record
 from pvpn.text import clip
 
@@ -148,7 +149,7 @@ class Guard:
                                      "traceback": tb[-self.MAX_TRACEBACK:]}
             if link is not None:
                 extra["link"] = link
-            self._record(Record("node:error", reason=clip(f"{type(exc).__name__}: {exc}"),
+            self._record(Record(NODE_ERROR, reason=clip(f"{type(exc).__name__}: {exc}"),
                                 extra=extra))
         if link is not None and self.close_link is not None:
             try:
@@ -177,7 +178,7 @@ class Guard:
         if isinstance(exc, BaseException):
             self.failed(f"asyncio: {clip(message, 80)}", exc)
         else:
-            self._record(Record("node:error", reason=clip(message), extra={"where": "asyncio"}))
+            self._record(Record(NODE_ERROR, reason=clip(message), extra={"where": "asyncio"}))
 
     def _record(self, record: Record) -> None:
         try:

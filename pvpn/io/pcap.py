@@ -28,6 +28,10 @@ from pathlib import Path
 
 from pvpn.config import DEFAULT_MAX_BYTES, DEFAULT_MAX_FILES, DEFAULT_MAX_TOTAL_BYTES
 from pvpn.errors import ConfigError
+from pvpn.names import (
+    CAPTURE_CLOSED, CAPTURE_DELETED, CAPTURE_FAILED, CAPTURE_OPENED, CAPTURE_SKIPPED,
+    CAPTURE_STOPPED, SESSION_CLOSED,
+)
 from pvpn.records import Record
 
 LINKTYPE_RAW = 101
@@ -236,7 +240,7 @@ class SessionCaptures:
             pass
         except OSError as exc:
             reason = f"{reason}; but it could not be deleted: {exc.strerror or exc}"
-        self._log(Record("capture:deleted", reason=reason, bytes=size,
+        self._log(Record(CAPTURE_DELETED, reason=reason, bytes=size,
                          extra={"path": str(path)}))
         return True
 
@@ -274,23 +278,23 @@ class SessionCaptures:
         sid = session.hex()
         if len(self.writers) >= self.MAX_OPEN:
             self._skipped.add(session)
-            self._log(Record("capture:skipped", session=sid,
+            self._log(Record(CAPTURE_SKIPPED, session=sid,
                              reason=f"{self.MAX_OPEN} captures are open already"))
             return None
         while len(self._closed) + len(self.writers) >= self.max_files:
             if not self._delete_oldest(f"the capture directory keeps at most "
                                        f"{self.max_files} files (pcap_max_files)"):
                 self._skipped.add(session)
-                self._log(Record("capture:skipped", session=sid,
+                self._log(Record(CAPTURE_SKIPPED, session=sid,
                                  reason=f"{self.max_files} captures are open (pcap_max_files)"))
                 return None
         if self._over_total() or self.total + GLOBAL_HEADER_SIZE > self.max_total_bytes:
             self._skipped.add(session)
-            self._log(Record("capture:skipped", session=sid, reason="the open captures fill "
+            self._log(Record(CAPTURE_SKIPPED, session=sid, reason="the open captures fill "
                              f"the capture directory's {self.max_total_bytes} bytes"))
             return None
         def stopped(reason: str) -> None:
-            self._log(Record("capture:stopped", session=sid, reason=reason))
+            self._log(Record(CAPTURE_STOPPED, session=sid, reason=reason))
 
         # A session id seen before (a server restarted under a resumed chain, an id proposed
         # again) gets a file of its own: an earlier capture is never overwritten.
@@ -304,17 +308,17 @@ class SessionCaptures:
                 continue
             except ConfigError as exc:
                 self._skipped.add(session)
-                self._log(Record("capture:failed", session=sid, reason=str(exc)))
+                self._log(Record(CAPTURE_FAILED, session=sid, reason=str(exc)))
                 return None
         if writer is None:
             self._skipped.add(session)
-            self._log(Record("capture:failed", session=sid,
+            self._log(Record(CAPTURE_FAILED, session=sid,
                              reason=f"{self.MAX_NAMES} capture files of this session exist"))
             return None
         self.writers[session] = writer
         self.total += writer.size
         self._closed.pop(writer.path, None)  # an old file of that name was replaced
-        self._log(Record("capture:opened", session=sid, extra={"path": str(writer.path)}))
+        self._log(Record(CAPTURE_OPENED, session=sid, extra={"path": str(writer.path)}))
         return writer
 
     def flush(self) -> None:
@@ -335,12 +339,12 @@ class SessionCaptures:
             self.total += size - writer.size
             if size:
                 self._closed[writer.path] = size
-            self._log(Record("capture:closed", session=session.hex(), bytes=writer.size,
+            self._log(Record(CAPTURE_CLOSED, session=session.hex(), bytes=writer.size,
                              extra={"path": str(writer.path), "packets": writer.packets}))
 
     def session_ended(self, record: Record) -> None:
         """Close the capture of the session a ``session:closed`` record ends."""
-        if record.event == "session:closed" and record.session:
+        if record.event == SESSION_CLOSED and record.session:
             try:
                 self.close(bytes.fromhex(record.session))
             except ValueError:

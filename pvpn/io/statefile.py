@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from pvpn.errors import ConfigError, StateError
+from pvpn.names import NODE_STATE, NODE_STATE_REFUSED, NODE_WARNING
 from pvpn.records import Record
 from pvpn.state import MAX_BYTES, ServerState, decode_state, encode_state
 
@@ -207,7 +208,7 @@ class StateKeeper:
         try:
             found = self.store.read()
             if found is None:
-                self._log(Record("node:state", reason=f"no saved state at {path}: starting "
+                self._log(Record(NODE_STATE, reason=f"no saved state at {path}: starting "
                                  "without sessions"))
                 return None
             data, mtime = found
@@ -219,7 +220,7 @@ class StateKeeper:
         alive_at = min(wall, max(state.saved_at, mtime))
         downtime = max(0.0, wall - alive_at)
         if downtime > grace:
-            self._log(Record("node:state-refused", reason=(
+            self._log(Record(NODE_STATE_REFUSED, reason=(
                 f"stale: saved {downtime:.0f} s ago, longer than resume_grace ({grace:g} s): "
                 f"its {len(state.sessions)} sessions have all expired"),
                 extra={"path": str(path), "sessions": len(state.sessions)}))
@@ -229,7 +230,7 @@ class StateKeeper:
     def refuse(self, reason: str) -> None:
         """A state that cannot be used: say why, move it aside."""
         where = self.store.set_aside()
-        self._log(Record("node:state-refused", reason=f"{reason}; {where}; starting without "
+        self._log(Record(NODE_STATE_REFUSED, reason=f"{reason}; {where}; starting without "
                          "its sessions", extra={"path": str(self.store.path)}))
 
     # -- running
@@ -279,7 +280,7 @@ class StateKeeper:
         said, when = self._said
         if reason != said or now - when >= 60:  # each failure once a minute, not each try
             self._said = (reason, now)
-            self._log(Record("node:warning", reason=f"state not saved: {reason}",
+            self._log(Record(NODE_WARNING, reason=f"state not saved: {reason}",
                              extra={"path": str(self.store.path)}))
 
     async def final(self, now: float) -> bool:

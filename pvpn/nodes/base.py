@@ -33,6 +33,10 @@ from pvpn.envelope import (
 from pvpn.errors import (
     AuthError, ConfigError, LocalProtocolError, MalformedFrame, RemoteProtocolError,
 )
+from pvpn.names import (
+    AUTH_REFUSED, AUTH_RENEWED, AUTH_REVOKED, LINK_CLOSED, LINK_DEAD, LINK_ERROR, LINK_EVICTED,
+    LINK_OPENED, LINK_REFUSED,
+)
 from pvpn.records import CLIENT_NAME, ENDPOINT, NODE_NAME, USER_NAME, Record, session_hex
 from pvpn.text import clip, quoted
 
@@ -337,7 +341,7 @@ class NodeBase:
     def _refuse(self, link: NodeLink, code: str, reason: str, log_reason: str) -> None:
         self._send(link, MsgType.REFUSE, b"", encode_control(
             {"code": code, "reason": clip(reason, MAX_REASON)}))
-        self._log("auth:refused", link, reason=log_reason, code=code)
+        self._log(AUTH_REFUSED, link, reason=log_reason, code=code)
         self._close_link(link)
 
     def _close_link(self, link: NodeLink) -> None:
@@ -355,7 +359,7 @@ class NodeBase:
         self.commands.append(CloseLink(link.id))
 
     def _fail_link(self, link: NodeLink, reason: str) -> None:
-        self._log("link:error", link, link.session, reason=reason)
+        self._log(LINK_ERROR, link, link.session, reason=reason)
         self._close_link(link)
 
     # -- what a stranger may cost
@@ -383,7 +387,7 @@ class NodeBase:
             self._evictions.clear()
         self._evictions[link.source] = count
         if count <= 3 or count & (count - 1) == 0:  # the first few, then at powers of two
-            self._log("link:evicted", link, reason=why, count=count, source=link.source)
+            self._log(LINK_EVICTED, link, reason=why, count=count, source=link.source)
         self._close_link(link)
 
     def _make_room(self, source: str) -> bool:
@@ -412,7 +416,7 @@ class NodeBase:
         self._now = now
         source = source_of(peer)
         if not self._make_room(source):
-            self._log("link:refused", peer=peer, reason="too many links")
+            self._log(LINK_REFUSED, peer=peer, reason="too many links")
             return False
         if callable(tls):
             link = NodeLink(link_id, None, peer, now, make_tls=tls, source=source,
@@ -424,7 +428,7 @@ class NodeBase:
         self._preauth.setdefault(source, {})[link_id] = None
         self._preauth_count += 1
         link.preauth = True
-        self._log("link:opened", link)
+        self._log(LINK_OPENED, link)
         return True
 
     def receive_data(self, link_id: int, data: bytes, now: float) -> None:
@@ -493,7 +497,7 @@ class NodeBase:
         link.state = NodeLinkState.CLOSED
         link.reauth_deadline = None
         self._on_link_lost(link, now, reason)
-        self._log("link:closed", link, reason=reason)
+        self._log(LINK_CLOSED, link, reason=reason)
 
     # -- control messages
     def _control(self, link: NodeLink, envelope: Envelope, now: float) -> None:
@@ -609,11 +613,11 @@ class NodeBase:
             self._revoke(link, f"re-authentication failed: {exc}", now)
             return
         link.authenticated_at = now
-        self._log("auth:renewed", link, link.session)
+        self._log(AUTH_RENEWED, link, link.session)
 
     def _revoke(self, link: NodeLink, reason: str, now: float) -> None:
         """The user's key no longer opens this link: end what it carries and close it."""
-        self._log("auth:revoked", link, link.session, reason=reason)
+        self._log(AUTH_REVOKED, link, link.session, reason=reason)
         said = clip(f"{self.name}: {reason}", MAX_REASON)
         if link.state is NodeLinkState.ESTABLISHED:
             self._send(link, MsgType.CLOSE, link.session_id, encode_control({"reason": said}))
@@ -714,19 +718,19 @@ class NodeBase:
                 continue
             state = link.state
             if now - link.last_received > self.dead_after:
-                self._log("link:dead", link, link.session,
+                self._log(LINK_DEAD, link, link.session,
                           reason=f"no word for {self.dead_after:.0f} s (keepalive)")
                 self._close_link(link)
             elif state is NodeLinkState.AWAIT_HELLO and now - link.opened > limits.hello_timeout:
-                self._log("link:error", link, reason=f"no HELLO within {limits.hello_timeout:g} s")
+                self._log(LINK_ERROR, link, reason=f"no HELLO within {limits.hello_timeout:g} s")
                 self._close_link(link)
             elif (state is NodeLinkState.AWAIT_AUTH
                   and now - link.opened > limits.auth_timeout):
-                self._log("link:error", link, reason="authentication took too long")
+                self._log(LINK_ERROR, link, reason="authentication took too long")
                 self._close_link(link)
             elif state is NodeLinkState.ESTABLISHED:
                 if link.reauth_deadline is not None and now > link.reauth_deadline:
-                    self._log("link:error", link, link.session, reason="no answer to "
+                    self._log(LINK_ERROR, link, link.session, reason="no answer to "
                               f"re-authentication within {limits.auth_timeout:g} s")
                     self._close_link(link)
                     continue

@@ -20,6 +20,7 @@ from pvpn.commands import CloseNext, OpenNextHop, SendNext
 from pvpn.config import GatewayConfig, GatewayPolicy, parse_endpoint
 from pvpn.envelope import MAX_PACKET, MsgType, encode_control, encode_envelope
 from pvpn.errors import ConfigError
+from pvpn.names import SESSION_CLOSED, SESSION_OPENED, SPLICE_CONNECTING
 from pvpn.nodes.base import MAX_REASON, KeyLookup, NodeBase, NodeLink, NodeLinkState, Verifier
 from pvpn.text import clip
 
@@ -105,7 +106,7 @@ class GatewayNode(NodeBase):
             link.session_id = self._random(16)
         self.splices[link.id] = Splice(link.next_hop, now)
         self.commands.append(OpenNextHop(link.id, host, port, self.config.connect_timeout))
-        self._log("splice:connecting", link, next_hop=link.next_hop)
+        self._log(SPLICE_CONNECTING, link, next_hop=link.next_hop)
 
     def _splices_of(self, user: str) -> int:
         """The splices of ``user`` whose link is open, connecting ones included."""
@@ -159,7 +160,7 @@ class GatewayNode(NodeBase):
             return
         splice.connected = True
         self._accept(link, link.session_id, b"", [], False)
-        self._log("session:opened", link, client=link.client, prev_hop=link.peer,
+        self._log(SESSION_OPENED, link, client=link.client, prev_hop=link.peer,
                   next_hop=splice.next_hop, path=link.path, tls=getattr(link.tls, "version", ""))
         self.flush_link(link, now)
 
@@ -219,7 +220,7 @@ class GatewayNode(NodeBase):
             return
         self.commands.append(CloseNext(link.id))
         if splice.connected:
-            self._log("session:closed", link, reason=reason, prev_hop=link.peer,
+            self._log(SESSION_CLOSED, link, reason=reason, prev_hop=link.peer,
                       next_hop=splice.next_hop, bytes_to_next=splice.bytes_to_next,
                       bytes_from_next=splice.bytes_from_next,
                       envelopes_from_user=link.envelopes_in, envelopes_to_user=link.envelopes_out,

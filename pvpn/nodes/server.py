@@ -19,6 +19,10 @@ from pvpn.drops import Drop
 from pvpn.envelope import MsgType, encode_control, encode_envelope
 from pvpn.errors import AuthError, ConfigError, FlowTableFull, MalformedPacket, PvpnError
 from pvpn.flowtable import FlowRefused, FlowTable
+from pvpn.names import (
+    PACKET_DROPPED, SESSION_CLOSED, SESSION_DETACHED, SESSION_NARROWED, SESSION_OPENED,
+    SESSION_RESTORED, SESSION_RESUMED,
+)
 from pvpn.nodes.base import KeyLookup, NodeBase, NodeLink, NodeLinkState, Session, Verifier
 from pvpn.reset import tcp_reset
 from pvpn.state import MAX_SESSIONS, SavedSession, ServerState, token_hash
@@ -128,7 +132,7 @@ class ServerNode(NodeBase):
         session.link, session.detached_since, session.peer = link.id, None, link.peer
         link.session = session
         self._accept(link, session.id, session.token, [str(n) for n in link.want], resumed)
-        self._log("session:resumed" if resumed else "session:opened", session=session,
+        self._log(SESSION_RESUMED if resumed else SESSION_OPENED, session=session,
                   client=link.client, allow=[str(n) for n in link.want], path=link.path,
                   tls=getattr(link.tls, "version", ""))
 
@@ -165,7 +169,7 @@ class ServerNode(NodeBase):
             session.link = None
             session.detached_since = now
             self._changes += 1
-            self._log("session:detached", session=session, reason=reason)
+            self._log(SESSION_DETACHED, session=session, reason=reason)
 
     def _end_link(self, link: NodeLink, reason: str) -> None:
         if link.session is not None:
@@ -192,7 +196,7 @@ class ServerNode(NodeBase):
         self.sessions.pop(session.id, None)
         session.link = None  # ended, not detached: its link closing later changes nothing
         flows = self.flows.drop_session(session.id)
-        self._log("session:closed", session=session, reason=reason,
+        self._log(SESSION_CLOSED, session=session, reason=reason,
                   packets_in=session.packets_in, packets_out=session.packets_out,
                   bytes_in=session.bytes_in, bytes_out=session.bytes_out,
                   drops=session.drops.as_dict(), flows=len(flows))
@@ -211,7 +215,7 @@ class ServerNode(NodeBase):
             extra["unlogged"] = unlogged
         if detail:
             extra["detail"] = detail
-        self._log("packet:dropped", session=session, reason=drop.value,
+        self._log(PACKET_DROPPED, session=session, reason=drop.value,
                   flow=flow.describe() if flow is not None else "", **extra)
 
     # -- the packet path
@@ -453,7 +457,7 @@ class ServerNode(NodeBase):
             self._narrow(session, policy, kept)
             dropped = flows - self.flows.sessions_flows(session.id)
             if kept != _within(before, before) or dropped:
-                self._log("session:narrowed", session=session, allow=[str(n) for n in kept],
+                self._log(SESSION_NARROWED, session=session, allow=[str(n) for n in kept],
                           was=[str(n) for n in before], flows=dropped,
                           reason="the [users] policy changed")
 
@@ -523,7 +527,7 @@ class ServerNode(NodeBase):
                 session.link = None
                 session.detached_since = now
                 self._changes += 1
-                self._log("session:detached", session=session, reason=reason)
+                self._log(SESSION_DETACHED, session=session, reason=reason)
             self._close_politely(link, reason, tell=False)
 
     # -- across a restart (pvpn.state; the daemon reads and writes the file)
@@ -579,7 +583,7 @@ class ServerNode(NodeBase):
             why = self._unrestorable(session, saved, detached_for, grace, per_user)
             if why is not None:
                 skipped[why[0]] = skipped.get(why[0], 0) + 1
-                self._log("session:closed", session=session, reason=why[1],
+                self._log(SESSION_CLOSED, session=session, reason=why[1],
                           packets_in=session.packets_in, packets_out=session.packets_out,
                           bytes_in=session.bytes_in, bytes_out=session.bytes_out,
                           flows=len(saved.flows))
@@ -604,7 +608,7 @@ class ServerNode(NodeBase):
                 continue
             counts[index] += 1
         for (session, saved), count in zip(restored, counts):
-            self._log("session:restored", session=session, client=session.client,
+            self._log(SESSION_RESTORED, session=session, client=session.client,
                       allow=[str(n) for n in session.allow.networks], flows=count,
                       reason=f"put back after the server's restart; detached "
                              f"{now - (session.detached_since or now):.0f} s, waiting for "

@@ -53,3 +53,16 @@ def test_ordinary_records_are_written_as_before() -> None:
     assert obj == {"time": 1.0, "role": "server", "node": "server", "event": "session:opened",
                    "session": "ab" * 16, "user": "alice", "peer": "10.0.0.2:4000", "uid": 1001,
                    "allow": ["10.9.0.0/24"], "resumed": False}
+
+
+def test_every_event_name_is_one_category_and_name_spelled_once() -> None:
+    from pvpn import names
+
+    constants = {key: value for key, value in vars(names).items() if key.isupper() and key != "ALL"}
+    assert set(constants.values()) == names.ALL and len(constants) == len(names.ALL)
+    for key, value in constants.items():
+        category, _, name = value.partition(":")
+        assert category and name and type(value) is str
+        assert key == value.replace(":", "_").replace("-", "_").upper()
+    _, obj = written(Record(names.SESSION_OPENED))
+    assert obj["event"] == "session:opened"
