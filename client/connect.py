@@ -21,7 +21,7 @@ from typing import Any, Callable
 
 from pvpn import auth, tls
 from pvpn.client.peer import untrusted_peer
-from pvpn.config import DEFAULT_MAX_BYTES
+from pvpn.config import DEFAULT_DEAD_AFTER, DEFAULT_KEEPALIVE, DEFAULT_MAX_BYTES
 from pvpn.envelope import DEFAULT_HOPS, MsgType, decode_control
 from pvpn.errors import ConfigError, PvpnError, RemoteProtocolError
 from pvpn.events import ChainEvent, ChainFailed, ChainUp, PacketsReceived
@@ -50,8 +50,8 @@ class ConnectOptions:
     ca_file: str | None = None
     pinned_cert: str | None = None
     server_name: str | None = None
-    keepalive: float = 10.0
-    dead_after: float = 30.0
+    keepalive: float = DEFAULT_KEEPALIVE
+    dead_after: float = DEFAULT_DEAD_AFTER
     client_name: str = field(default_factory=socket.gethostname)
     via: list[tuple[str, int]] = field(default_factory=list)  # gateways, in order
     pcap: Path | None = None  # write the session's inner packets here (both directions)

@@ -25,6 +25,20 @@ Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 DEFAULT_MAX_BYTES = 100 * 1000 * 1000
 DEFAULT_MAX_TOTAL_BYTES = 1000 * 1000 * 1000  # all of a server's capture directory
 DEFAULT_MAX_FILES = 1000
+#: A node or a user's process sends a keepalive after this many quiet seconds ([server] /
+#: [gateway] keepalive, pvpn connect --keepalive) ...
+DEFAULT_KEEPALIVE = 10.0
+#: ... and takes a link for dead after this many keepalive intervals with nothing from the
+#: peer ([server] / [gateway] dead_after; pvpn connect: its --keepalive times this).
+DEAD_AFTER_KEEPALIVES = 3
+DEFAULT_DEAD_AFTER = DEAD_AFTER_KEEPALIVES * DEFAULT_KEEPALIVE
+#: The daemons' local sockets ([server] / [gateway] control, [client] socket).
+RUN_DIR = Path("/run/pvpn")
+DEFAULT_SERVER_CONTROL = RUN_DIR / "server.ctl"
+DEFAULT_GATEWAY_CONTROL = RUN_DIR / "gateway.ctl"
+DEFAULT_CLIENT_SOCKET = RUN_DIR / "client.sock"
+#: Sessions (server) or splices (gateway) one user may have at once: OpenSSH's MaxSessions.
+DEFAULT_SESSIONS_PER_USER = 10
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 _USER_RE = re.compile(r"^[a-z_][a-z0-9_.-]{0,31}$")
@@ -129,12 +143,23 @@ def _existing_file(table: _Table, key: str) -> Path:
     return path
 
 
-def _check_timers(table: _Table, keepalive: float, dead_after: float) -> None:
+def _timers(table: _Table) -> tuple[float, float]:
+    """[server] / [gateway] keepalive and dead_after (at least two keepalive intervals)."""
+    keepalive = float(table.get("keepalive", (int, float), DEFAULT_KEEPALIVE))
+    dead_after = float(table.get("dead_after", (int, float), DEFAULT_DEAD_AFTER))
     if not 0.5 <= keepalive <= 3600:
         raise ConfigError(f"{table.where('keepalive')} must be 0.5 to 3600 seconds")
     if dead_after < 2 * keepalive:
         raise ConfigError(f"{table.where('dead_after')} ({dead_after:g}) must be at least two "
                           f"keepalive intervals ({2 * keepalive:g} s)")
+    return keepalive, dead_after
+
+
+def _sessions_per_user(table: _Table) -> int:
+    sessions = table.get("sessions_per_user", int, DEFAULT_SESSIONS_PER_USER)
+    if not 1 <= sessions <= 1024:
+        raise ConfigError(f"{table.where('sessions_per_user')} must be 1 to 1024")
+    return int(sessions)
 
 
 def _pcap_settings(table: _Table) -> tuple[Path | None, int]:
@@ -179,11 +204,12 @@ class NodeLimits:
 
 
 def _limits(t: _Table) -> NodeLimits:
-    hello = float(t.get("hello_timeout", (int, float), 10.0))
-    auth = float(t.get("auth_timeout", (int, float), 15.0))
-    reauth = float(t.get("reauth_interval", (int, float), 3600.0))
-    per_source = t.get("preauth_per_source", int, 32)
-    total = t.get("preauth_max", int, 256)
+    default = NodeLimits()
+    hello = float(t.get("hello_timeout", (int, float), default.hello_timeout))
+    auth = float(t.get("auth_timeout", (int, float), default.auth_timeout))
+    reauth = float(t.get("reauth_interval", (int, float), default.reauth_interval))
+    per_source = t.get("preauth_per_source", int, default.preauth_per_source)
+    total = t.get("preauth_max", int, default.preauth_max)
     if not 1 <= hello <= 120:
         raise ConfigError(f"{t.where('hello_timeout')} must be 1 to 120 seconds")
     if not hello <= auth <= 600:
@@ -212,21 +238,34 @@ class UserPolicy:
 
 
 @dataclass(slots=True)
-class ServerConfig:
+class NodeConfig:
+    """What every node users connect to ([server], [gateway]) has in its section."""
+
     path: Path
     name: str
     listen: list[tuple[str, int]]
     certificate: Path
     private_key: Path
     authorized_keys: Path
+    # Keyword-only, so that each role's own settings follow the six above in its positional
+    # order.
+    keepalive: float = field(default=DEFAULT_KEEPALIVE, kw_only=True)
+    dead_after: float = field(default=DEFAULT_DEAD_AFTER, kw_only=True)
+    limits: NodeLimits = field(default_factory=NodeLimits, kw_only=True)
+    # Sessions one user may have at once (the server's, at the cap a new session ends the
+    # user's oldest detached one, or is refused), or splices, connecting ones included (the
+    # gateway's, beyond it a new one is refused).
+    sessions_per_user: int = field(default=DEFAULT_SESSIONS_PER_USER, kw_only=True)
+
+
+@dataclass(slots=True)
+class ServerConfig(NodeConfig):
     queue: int
     nat_ports: tuple[int, int]
     instance: str
     users: dict[str, UserPolicy] = field(default_factory=dict)
-    keepalive: float = 10.0
-    dead_after: float = 30.0
     resume_grace: float = 120.0
-    control: Path = Path("/run/pvpn/server.ctl")
+    control: Path = DEFAULT_SERVER_CONTROL
     # Inner packets of every session to <pcap_dir>/<session>.pcap (off when None).
     pcap_dir: Path | None = None
     pcap_max_bytes: int = DEFAULT_MAX_BYTES
@@ -240,13 +279,9 @@ class ServerConfig:
     # (conntrack's SYN_SENT, 120 s), or picked up mid-stream (conntrack's 300 s).
     nat_syn_timeout: float = 120.0
     nat_unreplied_timeout: float = 300.0
-    # Sessions one user may have at once (OpenSSH's MaxSessions default); at the cap a new
-    # session ends the user's oldest detached one, or is refused.
-    sessions_per_user: int = 10
     # The capture directory as a whole: the oldest closed captures are deleted first.
     pcap_max_total_bytes: int = DEFAULT_MAX_TOTAL_BYTES
     pcap_max_files: int = DEFAULT_MAX_FILES
-    limits: NodeLimits = field(default_factory=NodeLimits)
     # Sessions and NAT mappings kept across a restart (pvpn.state; off when None): saved at
     # most every state_interval seconds while they change, and on an orderly stop.
     state_file: Path | None = None
@@ -309,13 +344,9 @@ def load_server_config(path: Path) -> ServerConfig:
                        ("nat_unreplied_timeout", unreplied_timeout)):
         if not 1 <= value <= 7440:
             raise ConfigError(f"{t.where(key)} must be 1 to 7440 seconds")
-    sessions_per_user = t.get("sessions_per_user", int, 10)
-    if not 1 <= sessions_per_user <= 1024:
-        raise ConfigError(f"{t.where('sessions_per_user')} must be 1 to 1024")
-    keepalive = float(t.get("keepalive", (int, float), 10.0))
-    dead_after = float(t.get("dead_after", (int, float), 30.0))
+    sessions_per_user = _sessions_per_user(t)
+    keepalive, dead_after = _timers(t)
     grace = float(t.get("resume_grace", (int, float), 120.0))
-    _check_timers(t, keepalive, dead_after)
     instance = _instance(t, "pvpns")
     pcap_dir, pcap_max_bytes = _pcap_settings(t)
     pcap_total = t.get("pcap_max_total_bytes", int, max(DEFAULT_MAX_TOTAL_BYTES, pcap_max_bytes))
@@ -325,7 +356,7 @@ def load_server_config(path: Path) -> ServerConfig:
     pcap_files = t.get("pcap_max_files", int, DEFAULT_MAX_FILES)
     if not 1 <= pcap_files <= 1_000_000:
         raise ConfigError(f"{t.where('pcap_max_files')} must be 1 to 1000000")
-    control = Path(t.get("control", str, "/run/pvpn/server.ctl"))
+    control = Path(t.get("control", str, DEFAULT_SERVER_CONTROL))
     state_text = t.get("state_file", str, DEFAULT_STATE_FILE)
     state_file = Path(state_text) if state_text else None
     if state_file is not None and not state_file.is_absolute():
@@ -351,13 +382,14 @@ def load_server_config(path: Path) -> ServerConfig:
         users[user] = UserPolicy(allow)
     return ServerConfig(
         path, name, listen, certificate, private_key, authorized_keys, queue,
-        (int(match[1]), int(match[2])), instance, users, keepalive, dead_after, grace,
-        control, pcap_dir=pcap_dir, pcap_max_bytes=pcap_max_bytes, nat_share=nat_share,
+        (int(match[1]), int(match[2])), instance, users, grace, control,
+        keepalive=keepalive, dead_after=dead_after, limits=limits,
+        sessions_per_user=sessions_per_user,
+        pcap_dir=pcap_dir, pcap_max_bytes=pcap_max_bytes, nat_share=nat_share,
         nat_flows_per_user=int(per_user), nat_flows_per_session=int(per_session),
         nat_syn_timeout=syn_timeout, nat_unreplied_timeout=unreplied_timeout,
-        sessions_per_user=int(sessions_per_user), pcap_max_total_bytes=int(pcap_total),
-        pcap_max_files=int(pcap_files),
-        limits=limits, state_file=state_file, state_interval=state_interval,
+        pcap_max_total_bytes=int(pcap_total), pcap_max_files=int(pcap_files),
+        state_file=state_file, state_interval=state_interval,
     )
 
 
@@ -403,7 +435,7 @@ def load_client_config(path: Path) -> ClientConfig:
         raise ConfigError(f"{path}: expected exactly one [client] section")
     t = _Table(path, "client", data["client"])
     name = _name(t)
-    socket_path = Path(t.get("socket", str, "/run/pvpn/client.sock"))
+    socket_path = Path(t.get("socket", str, DEFAULT_CLIENT_SOCKET))
     queue_base = t.get("queue_base", int, 3000)
     max_sessions = t.get("max_sessions", int, 64)
     mask_text = t.get("mark_mask", str, "0x00ff0000")
@@ -525,36 +557,20 @@ class GatewayPolicy:
 
 
 @dataclass(slots=True)
-class GatewayConfig:
-    path: Path
-    name: str
-    listen: list[tuple[str, int]]
-    certificate: Path
-    private_key: Path
-    authorized_keys: Path
+class GatewayConfig(NodeConfig):
     connect_timeout: float
     users: dict[str, GatewayPolicy] = field(default_factory=dict)
-    keepalive: float = 10.0
-    dead_after: float = 30.0
-    control: Path = Path("/run/pvpn/gateway.ctl")
-    limits: NodeLimits = field(default_factory=NodeLimits)
-    # Splices one user may have at once, connecting ones included (the server's
-    # sessions_per_user, OpenSSH's MaxSessions default); beyond it a new one is refused.
-    sessions_per_user: int = 10
+    control: Path = DEFAULT_GATEWAY_CONTROL
 
 
 def load_gateway_config(path: Path) -> GatewayConfig:
     data, t = _node_tables(path, "gateway")
     name, listen, certificate, private_key, authorized_keys = _node_basics(t)
     connect_timeout = float(t.get("connect_timeout", (int, float), 10.0))
-    keepalive = float(t.get("keepalive", (int, float), 10.0))
-    dead_after = float(t.get("dead_after", (int, float), 30.0))
-    _check_timers(t, keepalive, dead_after)
-    control = Path(t.get("control", str, "/run/pvpn/gateway.ctl"))
+    keepalive, dead_after = _timers(t)
+    control = Path(t.get("control", str, DEFAULT_GATEWAY_CONTROL))
     limits = _limits(t)
-    sessions_per_user = t.get("sessions_per_user", int, 10)
-    if not 1 <= sessions_per_user <= 1024:
-        raise ConfigError(f"{t.where('sessions_per_user')} must be 1 to 1024")
+    sessions_per_user = _sessions_per_user(t)
     t.finish()
     users: dict[str, GatewayPolicy] = {}
     users_data = data.get("users", {})
@@ -568,5 +584,6 @@ def load_gateway_config(path: Path) -> GatewayConfig:
         u.finish()
         users[user] = GatewayPolicy(rules)
     return GatewayConfig(path, name, listen, certificate, private_key, authorized_keys,
-                         connect_timeout, users, keepalive, dead_after, control, limits,
-                         int(sessions_per_user))
+                         connect_timeout, users, control, keepalive=keepalive,
+                         dead_after=dead_after, limits=limits,
+                         sessions_per_user=sessions_per_user)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import enum
 from typing import Callable, Iterable, Sequence
 
+from pvpn.config import DEFAULT_DEAD_AFTER, DEFAULT_KEEPALIVE
 from pvpn.envelope import (
     DEFAULT_HOPS, MAX_PACKET, Envelope, EnvelopeDecoder, MsgType, Sequencer, decode_control,
     encode_control, encode_envelope,
@@ -79,8 +80,8 @@ class UserLink:
         next_hop: str | None = None,
         path: Sequence[str] = (),
         hops: int = DEFAULT_HOPS,
-        keepalive: float = 10.0,
-        dead_after: float = 30.0,
+        keepalive: float = DEFAULT_KEEPALIVE,
+        dead_after: float = DEFAULT_DEAD_AFTER,
     ) -> None:
         self.tls = tls
         self.user = user

@@ -15,13 +15,16 @@ from typing import Any
 
 from pvpn import __version__
 from pvpn.client.peer import untrusted_peer
-from pvpn.config import DEFAULT_MAX_BYTES, DEFAULT_PORT, parse_endpoint, parse_prefixes
+from pvpn.config import (
+    DEAD_AFTER_KEEPALIVES, DEFAULT_CLIENT_SOCKET, DEFAULT_KEEPALIVE, DEFAULT_MAX_BYTES,
+    DEFAULT_PORT, parse_endpoint, parse_prefixes,
+)
 from pvpn.envelope import MsgType
 from pvpn.errors import ConfigError, PvpnError
 from pvpn.local import Answer, one_question
 from pvpn.text import printable, quoted
 
-DEFAULT_SOCKET = Path(os.environ.get("PVPN_SOCKET", "/run/pvpn/client.sock"))
+DEFAULT_SOCKET = Path(os.environ.get("PVPN_SOCKET", DEFAULT_CLIENT_SOCKET))
 
 
 def config_dir() -> Path:
@@ -300,7 +303,7 @@ def cmd_connect(args: argparse.Namespace) -> int:
     args.key_given, args.socket_given, args.keepalive_given = args.key, args.socket, args.keepalive
     args.key = args.key or default_key()
     args.socket = args.socket or DEFAULT_SOCKET
-    args.keepalive = args.keepalive or 10.0
+    args.keepalive = args.keepalive or DEFAULT_KEEPALIVE
     if args.profile:
         apply_profile(args, args.profiles or config_dir() / "profiles.toml")
     if not args.server:
@@ -325,7 +328,7 @@ def cmd_connect(args: argparse.Namespace) -> int:
         host=host, port=port, prefixes=list(args.to), key_path=args.key,
         remote_user=args.user or getpass.getuser(), socket_path=args.socket,
         ca_file=args.ca, pinned_cert=args.pin, server_name=args.server_name,
-        keepalive=args.keepalive, dead_after=args.keepalive * 3, via=via,
+        keepalive=args.keepalive, dead_after=args.keepalive * DEAD_AFTER_KEEPALIVES, via=via,
         pcap=args.pcap.expanduser().absolute() if args.pcap else None,
         pcap_max_bytes=args.pcap_max_bytes,
     )
@@ -366,7 +369,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--socket", type=Path, help=f"pvpn-client's socket (default {DEFAULT_SOCKET})")
     p.add_argument("--background", action="store_true", help="return once the VPN is up")
     p.add_argument("--log", type=Path, help="log file in --background mode")
-    p.add_argument("--keepalive", type=float, help="seconds between keepalives (default 10)")
+    p.add_argument("--keepalive", type=float, help=f"seconds between keepalives (default {DEFAULT_KEEPALIVE:g})")
     p.add_argument("--pcap", type=Path, metavar="FILE",
                    help="write the session's inner packets, both ways, to FILE (pcap, 0600)")
     p.add_argument("--pcap-max-bytes", type=int, default=DEFAULT_MAX_BYTES, metavar="N",
