@@ -32,11 +32,11 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
 from pvpn.errors import AuthError, ConfigError
+from pvpn.records import USER_NAME
 
 __all__ = [
     "CHALLENGE_SIZE",
     "MESSAGE_PREFIX",
-    "USER_NAME_PATTERN",
     "AuthorizedKeys",
     "fingerprint",
     "generate_user_key",
@@ -53,9 +53,6 @@ __all__ = [
 
 CHALLENGE_SIZE = 32
 MESSAGE_PREFIX = b"pvpn-user-auth-v1\0"
-# The same rule as useradd's default NAME_REGEX, shortened: no "/", no "..", no upper case,
-# so a name taken off the wire can never leave the authorized-keys directory.
-USER_NAME_PATTERN = re.compile(r"^[a-z_][a-z0-9_.-]{0,31}$")
 
 _MIN_BITS = 2048
 # A 16384-bit RSA signature is 2048 bytes; anything longer is garbage, refused before any
@@ -374,8 +371,8 @@ class AuthorizedKeys:
     """A directory with one ``<user>.pub`` file per authorised user.
 
     Driven by the server's authentication step, which calls :meth:`keys_for` with the user
-    name the client claims. Names must match :data:`USER_NAME_PATTERN`, so a name off the wire
-    can't escape the directory. Files are re-read when their mtime, size or inode change, so an
+    name the client claims. Names must match :data:`pvpn.records.USER_NAME` (no "/", no "..",
+    no upper case), so a name off the wire can't escape the directory. Files are re-read when their mtime, size or inode change, so an
     administrator's edits (or an atomic replace) take effect on the next login without a
     restart, while a stable file costs one ``stat`` per login.
     """
@@ -390,7 +387,7 @@ class AuthorizedKeys:
 
     def path_for(self, user: str) -> Path:
         """The key file of *user* (AuthError if the name is not allowed)."""
-        if not USER_NAME_PATTERN.fullmatch(user):
+        if not USER_NAME.fullmatch(user):
             raise AuthError(f"invalid user name {user!r}")
         return self.directory / f"{user}.pub"
 

@@ -18,6 +18,7 @@ else:  # pragma: no cover - Debian 11 / Ubuntu 22.04
 from pvpn.addresses import Local, address_exclusion
 from pvpn.errors import ConfigError
 from pvpn.flowtable import MAX_FLOWS
+from pvpn.records import USER_NAME
 from pvpn.text import quoted
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -41,7 +42,6 @@ DEFAULT_CLIENT_SOCKET = RUN_DIR / "client.sock"
 DEFAULT_SESSIONS_PER_USER = 10
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
-_USER_RE = re.compile(r"^[a-z_][a-z0-9_.-]{0,31}$")
 _INSTANCE_RE = re.compile(r"^[a-z][a-z0-9]{0,7}$")
 
 
@@ -372,7 +372,7 @@ def load_server_config(path: Path) -> ServerConfig:
     if not isinstance(users_data, dict):
         raise ConfigError(f"{path}: [users] must be a table of [users.NAME] sections")
     for user, section in users_data.items():
-        if not _USER_RE.match(user):
+        if not USER_NAME.fullmatch(user):
             raise ConfigError(f"{path}: [users.{user}]: not a valid user name")
         if not isinstance(section, dict):
             raise ConfigError(f"{path}: [users.{user}] must be a table")
@@ -487,10 +487,6 @@ def parse_prefixes(texts: Sequence[str], where: str = "--to") -> list[Network]:
     return [parse_prefix(t, where) for t in texts]
 
 
-def valid_user_name(name: str) -> bool:
-    return bool(_USER_RE.match(name))
-
-
 @dataclass(frozen=True, slots=True)
 class NextHopRule:
     """One allowed next hop: an address or prefix, and a port (None = any port)."""
@@ -577,7 +573,7 @@ def load_gateway_config(path: Path) -> GatewayConfig:
     if not isinstance(users_data, dict):
         raise ConfigError(f"{path}: [users] must be a table of [users.NAME] sections")
     for user, section in users_data.items():
-        if not _USER_RE.match(user) or not isinstance(section, dict):
+        if not USER_NAME.fullmatch(user) or not isinstance(section, dict):
             raise ConfigError(f"{path}: [users.{user}]: not a valid user section")
         u = _Table(path, f"users.{user}", section)
         rules = [parse_next_hop_rule(x, u.where("next")) for x in u.strings("next")]

@@ -36,7 +36,8 @@ _CORE_FIELDS = ("time", "role", "node", "event", "session", "user", "uid", "peer
 # Identifiers as nodes take them from a HELLO and write them into records; `pvpn trace` skips a
 # record whose identifiers don't fit (a forged line, or a name that would mislead root).
 SESSION_ID = re.compile(r"[0-9a-f]{32}")
-#: A user name at a node: useradd's NAME_REGEX, shortened (the same as auth.USER_NAME_PATTERN).
+#: A user name at a node, taken with ``fullmatch``: useradd's NAME_REGEX, shortened (no "/",
+#: no "..", no upper case, so a name off the wire never leaves the authorized-keys directory).
 USER_NAME = re.compile(r"[a-z_][a-z0-9_.-]{0,31}")
 #: A node's name ([server] / [gateway] / [client] name), as the chain's ``path`` lists them.
 NODE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")

@@ -51,3 +51,18 @@ def test_a_gateways_sessions_per_user(tmp_path: Path) -> None:
     path.write_text(base(tmp_path, "gateway") + "sessions_per_user = 0\n")
     with pytest.raises(ConfigError, match=r"\[gateway\] sessions_per_user"):
         load_gateway_config(path)
+
+
+@pytest.mark.parametrize("role, load, section", [
+    ("server", load_server_config, 'allow = ["10.0.0.0/8"]'),
+    ("gateway", load_gateway_config, 'next = ["10.0.0.2:4433"]'),
+])
+def test_a_user_name_with_a_trailing_newline_is_refused(
+        tmp_path: Path, role: str, load: object, section: str) -> None:
+    # `^...$` with .match() took "alice\n" ($ matches before a final newline); fullmatch does not.
+    path = tmp_path / f"{role}.toml"
+    path.write_text(base(tmp_path, role) + f'[users.alice]\n{section}\n')
+    assert list(load(path).users) == ["alice"]  # type: ignore[operator]
+    path.write_text(base(tmp_path, role) + f'[users."alice\\n"]\n{section}\n')
+    with pytest.raises(ConfigError, match=r"\[users\.alice"):
+        load(path)  # type: ignore[operator]
