@@ -42,7 +42,6 @@ __all__ = [
     "generate_user_key",
     "load_private_key",
     "load_public_keys",
-    "new_challenge",
     "save_private_key",
     "save_public_key",
     "sign_challenge",
@@ -300,11 +299,6 @@ def fingerprint(key: rsa.RSAPublicKey | rsa.RSAPrivateKey) -> str:
 
 
 # --- challenge and signature ---------------------------------------------------------------
-
-
-def new_challenge() -> bytes:
-    """32 random bytes from the OS CSPRNG; a fresh one for every authentication."""
-    return os.urandom(CHALLENGE_SIZE)
 
 
 def _field(value: bytes, what: str) -> bytes:

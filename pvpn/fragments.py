@@ -25,10 +25,8 @@ from typing import Final
 
 from pvpn.errors import LocalProtocolError, MalformedPacket
 
-#: The largest IPv4 datagram (its 16-bit total length) and IPv6 datagram (40-byte header and
-#: the largest payload its 16-bit payload length gives).
+#: The largest IPv4 datagram (its 16-bit total length).
 MAX_IPV4: Final = 65535
-MAX_IPV6: Final = 40 + 65535
 #: Every IPv6 link carries 1280 bytes (RFC 8200 5); IPv4 hosts may assume 68 (RFC 791).
 IPV6_MIN_MTU: Final = 1280
 IPV4_MIN_MTU: Final = 68

@@ -87,7 +87,6 @@ ICMP6_ERROR_MAX: Final = 1280
 _IPV4: Final = struct.Struct("!BxH2xHxB")
 # version/class byte, (class/flow label), payload length, next header
 _IPV6: Final = struct.Struct("!B3xHB")
-_U16: Final = struct.Struct("!H")
 _PORTS: Final = struct.Struct("!HH")
 
 
@@ -144,17 +143,6 @@ def _address_text(packed: bytes) -> str:
         return str(ipaddress.ip_address(packed))
     except ValueError:
         return packed.hex()
-
-
-def ip_version(packet: bytes) -> int:
-    """4 or 6, from the first nibble; MalformedPacket if neither or shorter than the header."""
-    if packet:
-        version = packet[0] >> 4
-        if version == 4 and len(packet) >= 20:
-            return 4
-        if version == 6 and len(packet) >= 40:
-            return 6
-    raise MalformedPacket("not an ip packet")
 
 
 def destination_address(packet: bytes) -> bytes:
@@ -341,16 +329,6 @@ ECHO_REPLIES: Final = frozenset((0, 129))
 def icmp_type(packet: bytes) -> int:
     """The ICMP/ICMPv6 type of a packet :func:`classify` took as ICMP."""
     return packet[(packet[0] & 0x0F) * 4] if packet[0] >> 4 == 4 else packet[40]
-
-
-def is_icmp_error(packet: bytes) -> bool:
-    """Whether this is a supported ICMP/ICMPv6 error; MalformedPacket if not a valid packet."""
-    version, proto, l4, _ = _locate(packet)
-    if proto == PROTO_ICMP:
-        return packet[l4] in _ICMP4_ERRORS
-    if proto == PROTO_ICMPV6:
-        return packet[l4] in _ICMP6_ERRORS
-    return False
 
 
 def icmp_error_inner_flow(packet: bytes) -> FlowKey:
