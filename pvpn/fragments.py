@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Final
 
 from pvpn.errors import LocalProtocolError, MalformedPacket
+from pvpn.packet import PROTO_ICMP, PROTO_ICMPV6
 
 #: The largest IPv4 datagram (its 16-bit total length).
 MAX_IPV4: Final = 65535
@@ -37,8 +38,6 @@ CLIENT_LINK_MTU: Final = 1500
 #: length: NFQNL_MAX_COPY_RANGE, 0xffff minus the 4-byte attribute header).
 NFQUEUE_MAX_COPY: Final = 0xFFFF - 4
 
-_PROTO_ICMP: Final = 1
-_PROTO_ICMPV6: Final = 58
 _FRAGMENT_HEADER: Final = 44
 _IP_DF: Final = 0x4000
 _IP_MF: Final = 0x2000
@@ -346,15 +345,15 @@ def too_big(packet: bytes, mtu: int, source: bytes) -> bytes:
         body = bytearray(b"\x03\x04\x00\x00\x00\x00" + _U16.pack(min(mtu, 0xFFFF)) + quote)
         body[2:4] = _U16.pack(checksum(bytes(body)))
         header = bytearray(_IPV4_HEADER.pack(0x45, 0xC0, 20 + len(body), 0, 0, 64,
-                                             _PROTO_ICMP, 0, source, packet[12:16]))
+                                             PROTO_ICMP, 0, source, packet[12:16]))
         header[10:12] = _U16.pack(checksum(bytes(header)))
         return bytes(header) + bytes(body)
     quote = packet[:1280 - 48]
     destination = packet[8:24]
     body = bytearray(b"\x02\x00\x00\x00" + struct.pack("!I", mtu) + quote)
-    pseudo = source + destination + struct.pack("!I3xB", len(body), _PROTO_ICMPV6)
+    pseudo = source + destination + struct.pack("!I3xB", len(body), PROTO_ICMPV6)
     body[2:4] = _U16.pack(checksum(pseudo + bytes(body)))
-    return _IPV6_HEADER.pack(0x60000000, len(body), _PROTO_ICMPV6, 64, source,
+    return _IPV6_HEADER.pack(0x60000000, len(body), PROTO_ICMPV6, 64, source,
                              destination) + bytes(body)
 
 

@@ -481,14 +481,13 @@ def _fix(buf: bytearray, at: int, old: int, new: int) -> int:
 
 
 def _fix_udp(buf: bytearray, at: int, old: int, new: int) -> int:
-    checksum = buf[at] << 8 | buf[at + 1]
-    if checksum == 0:  # RFC 768: no checksum was computed; keep it that way
+    """:func:`_fix` for a UDP checksum, which RFC 768 gives two special values."""
+    if buf[at] == 0 and buf[at + 1] == 0:  # no checksum was computed; keep it that way
         return 0
-    checksum = (checksum + old - new) % 0xFFFF
-    if checksum == 0:  # RFC 768: a computed 0 is transmitted as all ones
-        checksum = 0xFFFF
-    buf[at] = checksum >> 8
-    buf[at + 1] = checksum & 0xFF
+    checksum = _fix(buf, at, old, new)
+    if checksum == 0:  # a computed 0 is transmitted as all ones
+        buf[at] = buf[at + 1] = 0xFF
+        return 0xFFFF
     return checksum
 
 
