@@ -10,19 +10,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pvpn.cli.bench import report
-from pvpn.cli.bench.run import ALL_PATHS, BASE_PATHS, SECTIONS, Options, run
+from pvpn.cli.bench.run import ALL_PATHS, BASE_PATHS, SECTIONS, Options, Timing, run
 from pvpn.errors import ConfigError, PvpnError
 
+
 @dataclass(frozen=True)
-class Defaults:
+class Defaults(Timing):
     """The knobs' values when not given: a full run, or ``--quick``."""
 
-    duration: float
-    bulk_duration: float
-    scale_duration: float
-    repeats: int
-    round_trips: int
-    pings: int
     files: tuple[str, ...]
     bulk_tests: tuple[str, ...]
     scale_users: tuple[int, ...]

@@ -41,9 +41,21 @@ LAB_GATEWAYS = {"pvpn-2gw": 2}
 SCALE_FILE = "100k"  # small enough that every user completes several in a run
 
 
-@dataclass
-class Options:
-    """What to measure and how long (``--quick`` fills in shorter defaults)."""
+@dataclass(frozen=True)
+class Timing:
+    """How long each measurement runs and how often (``--quick`` has shorter defaults)."""
+
+    duration: float
+    bulk_duration: float
+    scale_duration: float
+    repeats: int
+    round_trips: int
+    pings: int
+
+
+@dataclass(frozen=True)
+class Options(Timing):
+    """What to measure, and how long."""
 
     paths: list[str]
     sections: list[str]
@@ -51,12 +63,6 @@ class Options:
     clients: list[int]
     bulk_tests: list[str]
     scale_users: list[int]
-    duration: float
-    bulk_duration: float
-    scale_duration: float
-    repeats: int
-    round_trips: int
-    pings: int
     udp_rate: str
     quick: bool
     nat_ports: str | None = None
