@@ -123,20 +123,11 @@ class Topology:
         """The host's interface addresses, keyed by interface name."""
         out: dict[str, dict[str, str]] = {}
         left, right = self.left_link(role), self.right_link(role)
+        # The host is the right end of the link on its left, the left end of the one on its right.
         if left is not None:
-            out[left.right_ifname] = {
-                "link": str(left.index),
-                "ipv4": f"{left.right4}/{left.subnet4.prefixlen}",
-                "ipv6": f"{left.right6}/{left.subnet6.prefixlen}",
-                "peer": left.left.role,
-            }
+            out[left.right_ifname] = _interface(left, left.right4, left.right6, left.left)
         if right is not None:
-            out[right.left_ifname] = {
-                "link": str(right.index),
-                "ipv4": f"{right.left4}/{right.subnet4.prefixlen}",
-                "ipv6": f"{right.left6}/{right.subnet6.prefixlen}",
-                "peer": right.right.role,
-            }
+            out[right.left_ifname] = _interface(right, right.left4, right.left6, right.right)
         return out
 
     # The chain a user's session takes.
@@ -182,6 +173,12 @@ class Topology:
     def target_link(self) -> Link:
         """The link between the server and the target (the protected subnet)."""
         return self.links[-1]
+
+
+def _interface(link: Link, ipv4: ipaddress.IPv4Address, ipv6: ipaddress.IPv6Address,
+               peer: Host) -> dict[str, str]:
+    return {"link": str(link.index), "ipv4": f"{ipv4}/{link.subnet4.prefixlen}",
+            "ipv6": f"{ipv6}/{link.subnet6.prefixlen}", "peer": peer.role}
 
 
 def build_topology(name: str, gateways: int = 0) -> Topology:
