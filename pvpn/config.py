@@ -8,7 +8,7 @@ import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -318,6 +318,19 @@ def _node_basics(t: _Table) -> tuple[str, list[tuple[str, int]], Path, Path, Pat
     return name, listen, certificate, private_key, authorized_keys
 
 
+def _user_tables(path: Path, data: dict[str, Any]) -> Iterator[tuple[str, _Table]]:
+    """The [users.NAME] sections of a node config, one at a time (so errors come in order)."""
+    users = data.get("users", {})
+    if not isinstance(users, dict):
+        raise ConfigError(f"{path}: [users] must be a table of [users.NAME] sections")
+    for user, section in users.items():
+        if not USER_NAME.fullmatch(user):
+            raise ConfigError(f"{path}: [users.{user}]: not a valid user name")
+        if not isinstance(section, dict):
+            raise ConfigError(f"{path}: [users.{user}] must be a table")
+        yield user, _Table(path, f"users.{user}", section)
+
+
 def load_server_config(path: Path) -> ServerConfig:
     data, t = _node_tables(path, "server")
     name, listen, certificate, private_key, authorized_keys = _node_basics(t)
@@ -368,15 +381,7 @@ def load_server_config(path: Path) -> ServerConfig:
     limits = _limits(t)
     t.finish()
     users: dict[str, UserPolicy] = {}
-    users_data = data.get("users", {})
-    if not isinstance(users_data, dict):
-        raise ConfigError(f"{path}: [users] must be a table of [users.NAME] sections")
-    for user, section in users_data.items():
-        if not USER_NAME.fullmatch(user):
-            raise ConfigError(f"{path}: [users.{user}]: not a valid user name")
-        if not isinstance(section, dict):
-            raise ConfigError(f"{path}: [users.{user}] must be a table")
-        u = _Table(path, f"users.{user}", section)
+    for user, u in _user_tables(path, data):
         allow = [parse_prefix(p, u.where("allow")) for p in u.strings("allow")]
         u.finish()
         users[user] = UserPolicy(allow)
@@ -569,13 +574,7 @@ def load_gateway_config(path: Path) -> GatewayConfig:
     sessions_per_user = _sessions_per_user(t)
     t.finish()
     users: dict[str, GatewayPolicy] = {}
-    users_data = data.get("users", {})
-    if not isinstance(users_data, dict):
-        raise ConfigError(f"{path}: [users] must be a table of [users.NAME] sections")
-    for user, section in users_data.items():
-        if not USER_NAME.fullmatch(user) or not isinstance(section, dict):
-            raise ConfigError(f"{path}: [users.{user}]: not a valid user section")
-        u = _Table(path, f"users.{user}", section)
+    for user, u in _user_tables(path, data):
         rules = [parse_next_hop_rule(x, u.where("next")) for x in u.strings("next")]
         u.finish()
         users[user] = GatewayPolicy(rules)
