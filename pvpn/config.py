@@ -3,11 +3,13 @@ the file, the setting and what to do. The layouts are documented in docs/design.
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Iterator, Sequence
 
 if sys.version_info >= (3, 11):
@@ -134,6 +136,12 @@ def load_toml(path: Path) -> dict[str, Any]:
         raise ConfigError(f"config file {path} is not readable (run as root?)") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+
+
+def _defaults(config: type[Any]) -> SimpleNamespace:
+    """The defaults a config class gives its settings: each is written once, in the class."""
+    return SimpleNamespace(**{f.name: f.default for f in dataclasses.fields(config)
+                              if f.default is not dataclasses.MISSING})
 
 
 def _existing_file(table: _Table, key: str) -> Path:
@@ -341,25 +349,27 @@ def load_server_config(path: Path) -> ServerConfig:
     match = re.fullmatch(r"(\d+)-(\d+)", ports_text)
     if not match or not 1024 <= int(match[1]) < int(match[2]) <= 65535:
         raise ConfigError(f"{t.where('nat_ports')} must look like 61000-64999 (within 1024-65535)")
-    nat_share = float(t.get("nat_share", (int, float), 0.5))
+    default = _defaults(ServerConfig)
+    nat_share = float(t.get("nat_share", (int, float), default.nat_share))
     if not 0 < nat_share <= 1:
         raise ConfigError(f"{t.where('nat_share')} must be more than 0 and at most 1")
-    per_user = t.get("nat_flows_per_user", int, 16384)
+    per_user = t.get("nat_flows_per_user", int, default.nat_flows_per_user)
     if not 1 <= per_user <= MAX_FLOWS:
         raise ConfigError(f"{t.where('nat_flows_per_user')} must be 1 to {MAX_FLOWS}")
-    per_session = t.get("nat_flows_per_session", int, min(8192, per_user))
+    per_session = t.get("nat_flows_per_session", int, min(default.nat_flows_per_session, per_user))
     if not 1 <= per_session <= per_user:
         raise ConfigError(f"{t.where('nat_flows_per_session')} must be 1 to "
                           f"nat_flows_per_user ({per_user})")
-    syn_timeout = float(t.get("nat_syn_timeout", (int, float), 120.0))
-    unreplied_timeout = float(t.get("nat_unreplied_timeout", (int, float), 300.0))
+    syn_timeout = float(t.get("nat_syn_timeout", (int, float), default.nat_syn_timeout))
+    unreplied_timeout = float(t.get("nat_unreplied_timeout", (int, float),
+                                    default.nat_unreplied_timeout))
     for key, value in (("nat_syn_timeout", syn_timeout),
                        ("nat_unreplied_timeout", unreplied_timeout)):
         if not 1 <= value <= 7440:
             raise ConfigError(f"{t.where(key)} must be 1 to 7440 seconds")
     sessions_per_user = _sessions_per_user(t)
     keepalive, dead_after = _timers(t)
-    grace = float(t.get("resume_grace", (int, float), 120.0))
+    grace = float(t.get("resume_grace", (int, float), default.resume_grace))
     instance = _instance(t, "pvpns")
     pcap_dir, pcap_max_bytes = _pcap_settings(t)
     pcap_total = t.get("pcap_max_total_bytes", int, max(DEFAULT_MAX_TOTAL_BYTES, pcap_max_bytes))
@@ -375,7 +385,7 @@ def load_server_config(path: Path) -> ServerConfig:
     if state_file is not None and not state_file.is_absolute():
         raise ConfigError(f"{t.where('state_file')} must be an absolute file path (or \"\" "
                           "to keep no state: a restart then ends every session)")
-    state_interval = float(t.get("state_interval", (int, float), 2.0))
+    state_interval = float(t.get("state_interval", (int, float), default.state_interval))
     if not 0.5 <= state_interval <= 60:
         raise ConfigError(f"{t.where('state_interval')} must be 0.5 to 60 seconds")
     limits = _limits(t)
@@ -463,17 +473,23 @@ def load_client_config(path: Path) -> ClientConfig:
     if not 0 <= queue_base <= 65535 - max_sessions:
         raise ConfigError(f"{t.where('queue_base')} must leave room for max_sessions queues")
     instance = _instance(t, "pvpnc")
-    per_uid = _count(t, "max_sessions_per_uid", min(8, max_sessions), 1, max_sessions)
-    prefixes = _count(t, "max_prefixes_per_session", 64, 1, 256)
-    prefixes_uid = _count(t, "max_prefixes_per_uid", max(256, prefixes), prefixes, 65536)
-    flows = _count(t, "max_flows_per_session", 8192, 64, 1 << 20)
-    conns_uid = _count(t, "max_local_connections_per_uid", 16, 2, 4096)
-    conns = _count(t, "max_local_connections", max(512, conns_uid), conns_uid, 65536)
-    grace = float(t.get("grace_time", (int, float), 120.0))
+    default = _defaults(ClientConfig)
+    per_uid = _count(t, "max_sessions_per_uid", min(default.max_sessions_per_uid, max_sessions),
+                     1, max_sessions)
+    prefixes = _count(t, "max_prefixes_per_session", default.max_prefixes_per_session, 1, 256)
+    prefixes_uid = _count(t, "max_prefixes_per_uid", max(default.max_prefixes_per_uid, prefixes),
+                          prefixes, 65536)
+    flows = _count(t, "max_flows_per_session", default.max_flows_per_session, 64, 1 << 20)
+    conns_uid = _count(t, "max_local_connections_per_uid",
+                       default.max_local_connections_per_uid, 2, 4096)
+    conns = _count(t, "max_local_connections", max(default.max_local_connections, conns_uid),
+                   conns_uid, 65536)
+    grace = float(t.get("grace_time", (int, float), default.grace_time))
     if not 10 <= grace <= 3600:
         raise ConfigError(f"{t.where('grace_time')} must be 10 to 3600 seconds")
-    new_sessions = _count(t, "max_new_sessions_per_minute", 120, 1, 6000)
-    held = float(t.get("held_timeout", (int, float), 86400.0))
+    new_sessions = _count(t, "max_new_sessions_per_minute", default.max_new_sessions_per_minute, 1,
+                          6000)
+    held = float(t.get("held_timeout", (int, float), default.held_timeout))
     if held != 0 and not grace <= held <= 366 * 86400:
         raise ConfigError(f"{t.where('held_timeout')} must be 0 (held until `pvpn "
                           f"disconnect`) or {grace:g} (grace_time) to {366 * 86400} seconds")
