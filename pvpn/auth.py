@@ -36,6 +36,7 @@ from pvpn.records import USER_NAME
 
 __all__ = [
     "CHALLENGE_SIZE",
+    "DEFAULT_KEY_BITS",
     "MESSAGE_PREFIX",
     "AuthorizedKeys",
     "fingerprint",
@@ -51,6 +52,8 @@ __all__ = [
 ]
 
 CHALLENGE_SIZE = 32
+#: The size of a new user key (pvpn keygen --bits): NIST SP 800-57's 128-bit security level.
+DEFAULT_KEY_BITS = 3072
 MESSAGE_PREFIX = b"pvpn-user-auth-v1\0"
 
 _MIN_BITS = 2048
@@ -124,7 +127,7 @@ def _make_private_dirs(directory: Path) -> None:
 # --- keys ------------------------------------------------------------------------------------
 
 
-def generate_user_key(bits: int = 3072) -> rsa.RSAPrivateKey:
+def generate_user_key(bits: int = DEFAULT_KEY_BITS) -> rsa.RSAPrivateKey:
     """A new RSA user key (public exponent 65537)."""
     if bits < _MIN_BITS:
         raise ConfigError(f"an RSA key of {bits} bits is too weak: use at least {_MIN_BITS}")

@@ -48,7 +48,7 @@ def cmd_keygen(args: argparse.Namespace) -> int:
     pub = path.with_name(path.name + ".pub")  # X.pem -> X.pem.pub, as ssh-keygen names it
     if path.exists():
         path.unlink()
-    key = auth.generate_user_key(args.bits)
+    key = auth.generate_user_key(auth.DEFAULT_KEY_BITS if args.bits is None else args.bits)
     auth.save_private_key(key, path)
     pub.unlink(missing_ok=True)
     auth.save_public_key(key, pub, f"{getpass.getuser()}@{socket.gethostname()}")
@@ -347,7 +347,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("keygen", help="make your RSA key pair")
     p.add_argument("--key", type=Path, default=default_key(), help="private key file")
-    p.add_argument("--bits", type=int, default=3072)
+    # No default here: pvpn.auth's, read when the key is made (auth loads cryptography).
+    p.add_argument("--bits", type=int)
     p.add_argument("--force", action="store_true", help="replace an existing key")
     p.set_defaults(func=cmd_keygen)
 
@@ -369,11 +370,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--socket", type=Path, help=f"pvpn-client's socket (default {DEFAULT_SOCKET})")
     p.add_argument("--background", action="store_true", help="return once the VPN is up")
     p.add_argument("--log", type=Path, help="log file in --background mode")
-    p.add_argument("--keepalive", type=float, help=f"seconds between keepalives (default {DEFAULT_KEEPALIVE:g})")
+    p.add_argument("--keepalive", type=float,
+                   help=f"seconds between keepalives (default {DEFAULT_KEEPALIVE:g})")
     p.add_argument("--pcap", type=Path, metavar="FILE",
                    help="write the session's inner packets, both ways, to FILE (pcap, 0600)")
     p.add_argument("--pcap-max-bytes", type=int, default=DEFAULT_MAX_BYTES, metavar="N",
-                   help="stop writing --pcap at N bytes (default 100 MB)")
+                   help=f"stop writing --pcap at N bytes (default {DEFAULT_MAX_BYTES // 10**6} MB)")
     p.set_defaults(func=cmd_connect)
 
     p = sub.add_parser("disconnect", help="close your VPN: SESSION, or your only one without "
