@@ -366,15 +366,24 @@ def _icmp_error_view(packet: bytes) -> tuple[int, int, int, bytes, bytes, bytes,
     return version, kind, packet[l4 + 1], src, dst, quoted_src, quoted_dst
 
 
-def _error_type_refusal(version: int, kind: int, code: int, length: int,
-                        allowed: dict[int, frozenset[int]], who: str) -> str | None:
-    codes = allowed.get(kind)
+def _host_error_refusal(packet: bytes, allowed4: dict[int, frozenset[int]],
+                        allowed6: dict[int, frozenset[int]], who: str,
+                        from_quoted_destination: bool) -> str | None:
+    """Why ``packet`` is not an ICMP error of an ``allowed`` type and code, within the length
+    limit and addressed to the source of the packet it quotes (with
+    ``from_quoted_destination``: and sent from that packet's destination); None if it is."""
+    version, kind, code, src, dst, quoted_src, quoted_dst = _icmp_error_view(packet)
+    codes = (allowed4 if version == 4 else allowed6).get(kind)
     name = "icmp" if version == 4 else "icmpv6"
     if codes is None or code not in codes:
         return f"{name} type {kind} code {code} is not an error {who}"
     limit = ICMP4_ERROR_MAX if version == 4 else ICMP6_ERROR_MAX
-    if length > limit:
-        return f"{name} error of {length} bytes, more than {limit}"
+    if len(packet) > limit:
+        return f"{name} error of {len(packet)} bytes, more than {limit}"
+    if dst != quoted_src:
+        return "not addressed to the source of the packet it quotes"
+    if from_quoted_destination and src != quoted_dst:
+        return "not sent from the destination of the packet it quotes"
     return None
 
 
@@ -388,17 +397,7 @@ def sent_icmp_error_refusal(packet: bytes) -> str | None:
     the source of the packet it quotes (the remote end that sent the reply) and sent from
     that packet's destination (the host itself). MalformedPacket if it is no valid ICMP error.
     """
-    version, kind, code, src, dst, quoted_src, quoted_dst = _icmp_error_view(packet)
-    refusal = _error_type_refusal(version, kind, code, len(packet),
-                                  _HOST_SENDS4 if version == 4 else _HOST_SENDS6,
-                                  "a host sends")
-    if refusal is not None:
-        return refusal
-    if dst != quoted_src:
-        return "not addressed to the source of the packet it quotes"
-    if src != quoted_dst:
-        return "not sent from the destination of the packet it quotes"
-    return None
+    return _host_error_refusal(packet, _HOST_SENDS4, _HOST_SENDS6, "a host sends", True)
 
 
 def received_icmp_error_refusal(packet: bytes) -> str | None:
@@ -413,15 +412,8 @@ def received_icmp_error_refusal(packet: bytes) -> str | None:
     address at the client). Its source may be any router on the way. MalformedPacket if it is
     no valid ICMP error.
     """
-    version, kind, code, _, dst, quoted_src, _ = _icmp_error_view(packet)
-    refusal = _error_type_refusal(version, kind, code, len(packet),
-                                  _HOST_RECEIVES4 if version == 4 else _HOST_RECEIVES6,
-                                  "a host receives")
-    if refusal is not None:
-        return refusal
-    if dst != quoted_src:
-        return "not addressed to the source of the packet it quotes"
-    return None
+    return _host_error_refusal(packet, _HOST_RECEIVES4, _HOST_RECEIVES6, "a host receives",
+                               False)
 
 
 def tcp_flags(packet: bytes) -> int:
