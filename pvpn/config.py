@@ -10,7 +10,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Sequence, TypeVar
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -24,6 +24,7 @@ from pvpn.records import USER_NAME
 from pvpn.text import quoted
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+_Policy = TypeVar("_Policy")
 # Bounds of a session's pcap capture (pvpn.io.pcap) and of a server's capture directory.
 DEFAULT_MAX_BYTES = 100 * 1000 * 1000
 DEFAULT_MAX_TOTAL_BYTES = 1000 * 1000 * 1000  # all of a server's capture directory
@@ -326,17 +327,26 @@ def _node_basics(t: _Table) -> tuple[str, list[tuple[str, int]], Path, Path, Pat
     return name, listen, certificate, private_key, authorized_keys
 
 
-def _user_tables(path: Path, data: dict[str, Any]) -> Iterator[tuple[str, _Table]]:
-    """The [users.NAME] sections of a node config, one at a time (so errors come in order)."""
-    users = data.get("users", {})
-    if not isinstance(users, dict):
+def _users(path: Path, data: dict[str, Any], policy: Callable[[_Table], _Policy]
+           ) -> dict[str, _Policy]:
+    """The [users.NAME] sections of a node config, each read by ``policy``."""
+    sections = data.get("users", {})
+    if not isinstance(sections, dict):
         raise ConfigError(f"{path}: [users] must be a table of [users.NAME] sections")
-    for user, section in users.items():
+    users: dict[str, _Policy] = {}
+    for user, section in sections.items():
         if not USER_NAME.fullmatch(user):
             raise ConfigError(f"{path}: [users.{user}]: not a valid user name")
         if not isinstance(section, dict):
             raise ConfigError(f"{path}: [users.{user}] must be a table")
-        yield user, _Table(path, f"users.{user}", section)
+        table = _Table(path, f"users.{user}", section)
+        users[user] = policy(table)
+        table.finish()
+    return users
+
+
+def _user_policy(u: _Table) -> UserPolicy:
+    return UserPolicy([parse_prefix(p, u.where("allow")) for p in u.strings("allow")])
 
 
 def load_server_config(path: Path) -> ServerConfig:
@@ -390,11 +400,7 @@ def load_server_config(path: Path) -> ServerConfig:
         raise ConfigError(f"{t.where('state_interval')} must be 0.5 to 60 seconds")
     limits = _limits(t)
     t.finish()
-    users: dict[str, UserPolicy] = {}
-    for user, u in _user_tables(path, data):
-        allow = [parse_prefix(p, u.where("allow")) for p in u.strings("allow")]
-        u.finish()
-        users[user] = UserPolicy(allow)
+    users = _users(path, data, _user_policy)
     return ServerConfig(
         path, name, listen, certificate, private_key, authorized_keys, queue,
         (int(match[1]), int(match[2])), instance, users, grace, control,
@@ -580,6 +586,10 @@ class GatewayConfig(NodeConfig):
     control: Path = DEFAULT_GATEWAY_CONTROL
 
 
+def _gateway_policy(u: _Table) -> GatewayPolicy:
+    return GatewayPolicy([parse_next_hop_rule(x, u.where("next")) for x in u.strings("next")])
+
+
 def load_gateway_config(path: Path) -> GatewayConfig:
     data, t = _node_tables(path, "gateway")
     name, listen, certificate, private_key, authorized_keys = _node_basics(t)
@@ -589,11 +599,7 @@ def load_gateway_config(path: Path) -> GatewayConfig:
     limits = _limits(t)
     sessions_per_user = _sessions_per_user(t)
     t.finish()
-    users: dict[str, GatewayPolicy] = {}
-    for user, u in _user_tables(path, data):
-        rules = [parse_next_hop_rule(x, u.where("next")) for x in u.strings("next")]
-        u.finish()
-        users[user] = GatewayPolicy(rules)
+    users = _users(path, data, _gateway_policy)
     return GatewayConfig(path, name, listen, certificate, private_key, authorized_keys,
                          connect_timeout, users, control, keepalive=keepalive,
                          dead_after=dead_after, limits=limits,
