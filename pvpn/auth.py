@@ -369,9 +369,10 @@ class AuthorizedKeys:
 
     Driven by the server's authentication step, which calls :meth:`keys_for` with the user
     name the client claims. Names must match :data:`pvpn.records.USER_NAME` (no "/", no "..",
-    no upper case), so a name off the wire can't escape the directory. Files are re-read when their mtime, size or inode change, so an
-    administrator's edits (or an atomic replace) take effect on the next login without a
-    restart, while a stable file costs one ``stat`` per login.
+    no upper case), so a name off the wire can't escape the directory. Files are re-read when
+    their mtime, size or inode change, so an administrator's edits (or an atomic replace) take
+    effect on the next login without a restart, while a stable file costs one ``stat`` per
+    login.
     """
 
     def __init__(self, directory: Path,

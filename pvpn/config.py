@@ -261,9 +261,9 @@ class NodeConfig:
     keepalive: float = field(default=DEFAULT_KEEPALIVE, kw_only=True)
     dead_after: float = field(default=DEFAULT_DEAD_AFTER, kw_only=True)
     limits: NodeLimits = field(default_factory=NodeLimits, kw_only=True)
-    # Sessions one user may have at once (the server's, at the cap a new session ends the
-    # user's oldest detached one, or is refused), or splices, connecting ones included (the
-    # gateway's, beyond it a new one is refused).
+    # Sessions (server) or splices, connecting ones included (gateway), one user may have at
+    # once: at the cap a server ends the user's oldest detached session or refuses the new
+    # one, a gateway refuses it.
     sessions_per_user: int = field(default=DEFAULT_SESSIONS_PER_USER, kw_only=True)
 
 
