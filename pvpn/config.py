@@ -20,7 +20,7 @@ else:  # pragma: no cover - Debian 11 / Ubuntu 22.04
 from pvpn.addresses import Local, address_exclusion
 from pvpn.errors import ConfigError
 from pvpn.flowtable import MAX_FLOWS
-from pvpn.records import USER_NAME
+from pvpn.records import NODE_NAME, USER_NAME
 from pvpn.text import quoted
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -44,8 +44,8 @@ DEFAULT_CLIENT_SOCKET = RUN_DIR / "client.sock"
 #: Sessions (server) or splices (gateway) one user may have at once: OpenSSH's MaxSessions.
 DEFAULT_SESSIONS_PER_USER = 10
 
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
-_INSTANCE_RE = re.compile(r"^[a-z][a-z0-9]{0,7}$")
+# fullmatch, never match: `$` also matches before a final newline, so "s\n" passed `^...$`.
+_INSTANCE_RE = re.compile(r"[a-z][a-z0-9]{0,7}")
 
 
 def parse_prefix(text: str, where: str = "prefix") -> Network:
@@ -185,14 +185,14 @@ def _pcap_settings(table: _Table) -> tuple[Path | None, int]:
 
 def _name(table: _Table) -> str:
     name = table.get("name", str)
-    if not _NAME_RE.match(name):
+    if not NODE_NAME.fullmatch(name):
         raise ConfigError(f"{table.where('name')}: {name!r} must be letters, digits, '.-_'")
     return str(name)
 
 
 def _instance(table: _Table, default: str) -> str:
     instance = table.get("instance", str, default)
-    if not _INSTANCE_RE.match(instance):
+    if not _INSTANCE_RE.fullmatch(instance):
         raise ConfigError(
             f"{table.where('instance')}: {instance!r} must be 1-8 lower-case letters/digits"
         )

@@ -51,7 +51,7 @@ def test_addressing_with_gateways() -> None:
         build_topology("x", 9)
 
 
-@pytest.mark.parametrize("name", ["", "A", "1lab", "lab-1", "abcdefghijk", "lab/x"])
+@pytest.mark.parametrize("name", ["", "A", "1lab", "lab-1", "abcdefghijk", "lab/x", "lab\n"])
 def test_bad_names_are_refused(name: str) -> None:
     with pytest.raises(LabError, match="invalid lab name"):
         check_name(name)

@@ -66,3 +66,22 @@ def test_a_user_name_with_a_trailing_newline_is_refused(
     path.write_text(base(tmp_path, role) + f'[users."alice\\n"]\n{section}\n')
     with pytest.raises(ConfigError, match=r"\[users\.alice"):
         load(path)  # type: ignore[operator]
+
+
+
+@pytest.mark.parametrize("role, load, setting, value", [
+    ("server", load_server_config, "name", "node"),
+    ("gateway", load_gateway_config, "name", "node"),
+    ("server", load_server_config, "instance", "a"),  # a gateway has no rules, no instance
+])
+def test_a_node_name_or_instance_with_a_trailing_newline_is_refused(
+        tmp_path: Path, role: str, load: object, setting: str, value: str) -> None:
+    # The same `^...$`-with-.match() hole as the user names': "node\n" would name a node in
+    # every record, and an instance every rule and chain of the node.
+    path = tmp_path / f"{role}.toml"
+    text = base(tmp_path, role).replace(f'name = "{role}"\n', 'name = "node"\n')
+    path.write_text(text.replace(f'{setting} = "node"\n', "") + f'{setting} = "{value}"\n')
+    assert getattr(load(path), setting) == value  # type: ignore[operator]
+    path.write_text(text.replace(f'{setting} = "node"\n', "") + f'{setting} = "{value}\\n"\n')
+    with pytest.raises(ConfigError, match=rf"\[{role}\] {setting}"):
+        load(path)  # type: ignore[operator]

@@ -19,7 +19,7 @@ from pvpn.cli.lab.errors import LabError
 DEFAULT_NAME = "pvpnlab"
 # The name prefixes namespaces and veth names; IFNAMSIZ is 16 bytes with the NUL, so an
 # interface name has at most 15 characters: 10 (name) + "-" + 2 (link) + 1 (side) = 14.
-NAME_PATTERN = re.compile(r"^[a-z][a-z0-9]{0,9}$")
+NAME_PATTERN = re.compile(r"[a-z][a-z0-9]{0,9}")  # fullmatch: "t\n" is no name
 # Links are numbered 0..N+1 and written as decimal digits in the IPv6 group
 # (fd77:0:0:k::/64), which stays unambiguous only below 10.
 MAX_GATEWAYS = 8
@@ -39,7 +39,7 @@ AUTHORIZED_USERS: tuple[str, ...] = ("alice", "bob")
 
 def check_name(name: str) -> str:
     """Return ``name`` if it is a valid lab name, else raise :class:`LabError`."""
-    if not NAME_PATTERN.match(name):
+    if not NAME_PATTERN.fullmatch(name):
         raise LabError(
             f"invalid lab name {name!r}: use 1 to 10 characters, a lower-case letter "
             "followed by lower-case letters or digits (it prefixes namespace and "
