@@ -12,7 +12,7 @@ from pvpn.commands import CloseNext, OpenNextHop, SendNext
 from pvpn.config import GatewayConfig, load_gateway_config
 from pvpn.io.reasons import connect_failure
 from pvpn.io.loop import WRITE_HIGH_WATER, daemon_main, guarded, install_signals, set_nodelay
-from pvpn.io.node import LinkProtocol, NodeDaemon, close
+from pvpn.io.node import LinkProtocol, NodeDaemon, close_transport
 from pvpn.names import NODE_STOPPED
 from pvpn.nodes.gateway import GatewayNode
 from pvpn.records import Record, RecordWriter
@@ -26,7 +26,7 @@ class Gateway(NodeDaemon[GatewayConfig, GatewayNode]):
         self.node = GatewayNode(config, self.keys, auth.verify_signature)
         self.nexts: dict[int, asyncio.Transport] = {}
         self.dispatcher.on(SendNext, self._send_next)
-        self.dispatcher.on(CloseNext, lambda cmd: close(self.nexts.pop(cmd.link, None)))
+        self.dispatcher.on(CloseNext, lambda cmd: close_transport(self.nexts.pop(cmd.link, None)))
         self.dispatcher.on(OpenNextHop, lambda cmd: self.loop.create_task(self._open_next(cmd)))
         self.refresh_addresses(force=True)
 
@@ -61,7 +61,7 @@ class Gateway(NodeDaemon[GatewayConfig, GatewayNode]):
 
     def drop_sockets(self, link_id: int) -> None:
         super().drop_sockets(link_id)  # and the next hop's
-        close(self.nexts.pop(link_id, None))
+        close_transport(self.nexts.pop(link_id, None))
 
 
 class PrevHopProtocol(LinkProtocol):

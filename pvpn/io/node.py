@@ -20,7 +20,9 @@ from pvpn.io.localaddrs import LocalAddressWatch
 from pvpn.io.loop import (
     LISTEN_BACKLOG, WRITE_HIGH_WATER, Dispatcher, Guard, guarded, peer_text, set_nodelay,
 )
-from pvpn.names import AUTH_KEY_SKIPPED, NODE_RELOADED, NODE_RELOAD_FAILED, NODE_STARTED, NODE_WARNING
+from pvpn.names import (
+    AUTH_KEY_SKIPPED, NODE_RELOADED, NODE_RELOAD_FAILED, NODE_STARTED, NODE_WARNING,
+)
 from pvpn.nodes.base import TlsFactory, TlsLike
 from pvpn.records import Record, RecordWriter
 
@@ -72,7 +74,7 @@ class NodeDaemon(Generic[ConfigT, NodeT]):
         self.dispatcher = Dispatcher(self.guard)
         self.dispatcher.on(SendBytes, self._send)
         self.dispatcher.on(LogRecord, lambda cmd: self.log.write(cmd.record))
-        self.dispatcher.on(CloseLink, lambda cmd: close(self.links.pop(cmd.link, None)))
+        self.dispatcher.on(CloseLink, lambda cmd: close_transport(self.links.pop(cmd.link, None)))
         self.listeners: list[asyncio.AbstractServer] = []
         self.control: asyncio.AbstractServer | None = None
         self.stop = asyncio.Event()
@@ -110,7 +112,7 @@ class NodeDaemon(Generic[ConfigT, NodeT]):
             self.drop_sockets(link_id)
 
     def drop_sockets(self, link_id: int) -> None:
-        close(self.links.pop(link_id, None))
+        close_transport(self.links.pop(link_id, None))
 
     def key_warning(self, user: str, message: str) -> None:
         self.log.write(Record(AUTH_KEY_SKIPPED, user=user, reason=message))
@@ -173,7 +175,7 @@ class NodeDaemon(Generic[ConfigT, NodeT]):
         await asyncio.sleep(0.05)  # let close_notify and CLOSE envelopes leave
 
 
-def close(transport: asyncio.BaseTransport | None) -> None:
+def close_transport(transport: asyncio.BaseTransport | None) -> None:
     if transport is not None:
         transport.close()
 
