@@ -141,7 +141,8 @@ class NodeDaemon(Generic[ConfigT, NodeT]):
     async def start_serving(self, link: Callable[[], asyncio.Protocol],
                             install_signals: SignalInstaller, **started: Any) -> None:
         """Listen (each connection a ``link()``), answer on the control socket, take SIGTERM
-        and SIGINT (stop) and SIGHUP (reload), and say so in ``node:started``."""
+        and SIGINT (stop) and SIGHUP (reload) through the program's ``install_signals`` (its
+        tests hook none), and say so in ``node:started``."""
         loop, config, guard = self.loop, self.config, self.guard
         guard.install(loop)
         for host, port in config.listen:
