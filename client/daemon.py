@@ -21,13 +21,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import concurrent.futures
+import functools
 import itertools
 import os
 import pwd
 import socket
 import stat
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -42,8 +42,8 @@ from pvpn.io import conntrack, rules, sockdiag
 from pvpn.io.nfqueue import BatchedQueue
 from pvpn.io.sockdiag import SocketOwners
 from pvpn.io.loop import (
-    EX_CONFIG, WRITE_HIGH_WATER, Guard, guarded, install_signals, peer_credentials,
-    prepare_unix_socket, run_daemon,
+    WRITE_HIGH_WATER, Dispatcher, Guard, daemon_main, guarded, install_signals,
+    peer_credentials, prepare_unix_socket,
 )
 from pvpn.io.tun import open_tun, read_copies, strict_rp_filter
 from pvpn.fragments import Reassembler
@@ -178,24 +178,28 @@ class ClientDaemon:
 
     def run(self) -> None:
         """Carry out what the host asked for, in order."""
-        commands, self.host.commands = self.host.commands, []
-        for cmd in commands:
-            if type(cmd) is LogRecord:
-                self.log.write(cmd.record)
-            elif type(cmd) is WriteTun:
-                try:
-                    os.write(self.tun_fds[cmd.session.slot], cmd.packet)
-                except BlockingIOError:
-                    self.host.tun_refused(cmd, Drop.TUN_FULL, self.loop.time())
-                except OSError:
-                    self.host.tun_refused(cmd, Drop.TUN_WRITE_FAILED, self.loop.time())
-            elif type(cmd) is CloseLocal:
-                assert isinstance(cmd.peer, LocalLink)  # the host is given only these
-                cmd.peer.close()
-            else:
-                raise TypeError(f"pvpn-client cannot carry out {type(cmd).__name__}")
-        if self.host.commands:  # a refused write's drop record
-            self.run()
+        self.dispatcher.run(self.host)
+
+    @functools.cached_property
+    def dispatcher(self) -> Dispatcher:
+        dispatcher = Dispatcher(self.guard)
+        dispatcher.on(LogRecord, lambda cmd: self.log.write(cmd.record))
+        dispatcher.on(WriteTun, self._write_tun)
+        dispatcher.on(CloseLocal, self._close_local)
+        return dispatcher
+
+    def _write_tun(self, cmd: WriteTun) -> None:
+        try:
+            os.write(self.tun_fds[cmd.session.slot], cmd.packet)
+        except BlockingIOError:
+            self.host.tun_refused(cmd, Drop.TUN_FULL, self.loop.time())
+        except OSError:
+            self.host.tun_refused(cmd, Drop.TUN_WRITE_FAILED, self.loop.time())
+
+    @staticmethod
+    def _close_local(cmd: CloseLocal) -> None:
+        assert isinstance(cmd.peer, LocalLink)  # the host is given only these
+        cmd.peer.close()
 
     # -- local connections: bounded per uid and in all (root is never refused)
     def admit(self, link: LocalLink) -> None:
@@ -691,27 +695,10 @@ def remove_sessions(config: ClientConfig, out: Callable[[str], None]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="pvpn-client", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True, type=Path, help="the node's TOML config")
-    parser.add_argument("--remove-sessions", action="store_true",
-                        help="with pvpn-client stopped: remove every session it left in the "
-                        "kernel (each is named), ending their protection")
-    args = parser.parse_args(argv)
-    if args.remove_sessions:
-        try:
-            return remove_sessions(load_client_config(args.config), print)
-        except ConfigError as exc:
-            print(f"pvpn-client: configuration error: {exc}", file=sys.stderr)
-            return EX_CONFIG
-        except PvpnError as exc:
-            print(f"pvpn-client: {exc}", file=sys.stderr)
-            return 1
-
-    async def run() -> None:
-        await serve(load_client_config(args.config))
-
-    return run_daemon("pvpn-client", run)
+    return daemon_main(
+        "pvpn-client", __doc__, load_client_config, serve, argv, remove_sessions,
+        "with pvpn-client stopped: remove every session it left in the kernel (each is "
+        "named), ending their protection", argparse.RawDescriptionHelpFormatter)
 
 
 if __name__ == "__main__":

@@ -5,89 +5,38 @@ anything but its own hop's envelopes."""
 from __future__ import annotations
 
 import asyncio
-import itertools
 import time
 
-from pvpn import auth, tls
-from pvpn.commands import CloseLink, CloseNext, LogRecord, OpenNextHop, SendBytes, SendNext
+from pvpn import auth
+from pvpn.commands import CloseNext, OpenNextHop, SendNext
 from pvpn.config import GatewayConfig, load_gateway_config
-from pvpn.errors import ConfigError
 from pvpn.io.reasons import connect_failure
-from pvpn.io.control import start_control, stop_control
-from pvpn.io.localaddrs import LocalAddressWatch
-from pvpn.io.loop import (
-    LISTEN_BACKLOG, WRITE_HIGH_WATER, Guard, daemon_main, guarded, install_signals, peer_text,
-    set_nodelay,
-)
-from pvpn.names import (
-    AUTH_KEY_SKIPPED, NODE_RELOADED, NODE_RELOAD_FAILED, NODE_STARTED, NODE_STOPPED, NODE_WARNING,
-)
+from pvpn.io.loop import WRITE_HIGH_WATER, daemon_main, guarded, install_signals, set_nodelay
+from pvpn.io.node import LinkProtocol, NodeDaemon, close_transport
+from pvpn.names import NODE_STOPPED
 from pvpn.nodes.gateway import GatewayNode
 from pvpn.records import Record, RecordWriter
 
 
-class Gateway:
+class Gateway(NodeDaemon[GatewayConfig, GatewayNode]):
     """Wires the sans-IO GatewayNode to the previous-hop and next-hop sockets."""
 
     def __init__(self, config: GatewayConfig) -> None:
-        self.config = config
-        self.log = RecordWriter("gateway", config.name, clock=time.time)
-        # What escapes the core (a bug a peer may trigger) costs that peer's link only.
-        self.guard = Guard(self.log.write, self.close_failed)
-        self.context = tls.make_server_context(str(config.certificate), str(config.private_key))
-        keys = auth.AuthorizedKeys(config.authorized_keys, warn=self.key_warning)
-        self.node = GatewayNode(config, keys, auth.verify_signature)
-        self.links: dict[int, asyncio.Transport] = {}
+        super().__init__(config, RecordWriter("gateway", config.name, clock=time.time))
+        self.node = GatewayNode(config, self.keys, auth.verify_signature)
         self.nexts: dict[int, asyncio.Transport] = {}
-        self._ids = itertools.count(1)
-        self.loop = asyncio.get_running_loop()
-        # The gateway's own addresses, refused as next hops unless a rule names them.
-        self.addresses = LocalAddressWatch()
+        self.dispatcher.on(SendNext, self._send_next)
+        self.dispatcher.on(CloseNext, lambda cmd: close_transport(self.nexts.pop(cmd.link, None)))
+        self.dispatcher.on(OpenNextHop, lambda cmd: self.loop.create_task(self._open_next(cmd)))
         self.refresh_addresses(force=True)
 
-    def refresh_addresses(self, force: bool = False) -> None:
-        """Hand the node the gateway's own addresses: at start, on reload, every 10 s."""
-        addresses = self.addresses.poll(self.loop.time(), force)
-        if addresses is not None:
-            self.node.set_local_addresses(addresses)
-        error = self.addresses.take_error()
-        if error is not None:
-            self.log.write(Record(NODE_WARNING, reason=error))
+    def load_config(self) -> GatewayConfig:
+        return load_gateway_config(self.config.path)
 
-    def dispatch(self) -> None:
-        node = self.node
-        for _ in range(64):  # commands beget commands (a failed write closes a link); bounded
-            if not node.commands:
-                return
-            commands, node.commands = node.commands, []
-            for cmd in commands:
-                try:
-                    self._carry_out(cmd)
-                except Exception as exc:  # noqa: BLE001 - one command's failure, the guard's
-                    self.guard.failed(f"dispatch {type(cmd).__name__}", exc,
-                                      getattr(cmd, "link", None))
-
-    def _carry_out(self, cmd: object) -> None:
-        if type(cmd) is SendNext:
-            transport = self.nexts.get(cmd.link)
-            if transport is not None:
-                transport.write(cmd.data)
-        elif type(cmd) is SendBytes:
-            transport = self.links.get(cmd.link)
-            if transport is not None:
-                transport.write(cmd.data)
-        elif type(cmd) is LogRecord:
-            self.log.write(cmd.record)
-        elif type(cmd) is CloseLink:
-            transport = self.links.pop(cmd.link, None)
-            if transport is not None:
-                transport.close()
-        elif type(cmd) is CloseNext:
-            transport = self.nexts.pop(cmd.link, None)
-            if transport is not None:
-                transport.close()
-        elif type(cmd) is OpenNextHop:
-            self.loop.create_task(self._open_next(cmd))
+    def _send_next(self, cmd: SendNext) -> None:
+        transport = self.nexts.get(cmd.link)
+        if transport is not None:
+            transport.write(cmd.data)
 
     async def _open_next(self, cmd: OpenNextHop) -> None:
         try:
@@ -110,100 +59,29 @@ class Gateway:
         except Exception as exc:  # noqa: BLE001 - a task's failure, the guard's
             self.guard.failed("next hop", exc, cmd.link)
 
-    def close_failed(self, link_id: int, reason: str) -> None:
-        """The guard's way to close one link: the core forgets it, and both its sockets close
-        even if the core can't say so."""
-        try:
-            self.node.link_failed(link_id, reason, self.loop.time())
-        finally:
-            for transports in (self.links, self.nexts):
-                transport = transports.pop(link_id, None)
-                if transport is not None:
-                    transport.close()
-
-    def key_warning(self, user: str, message: str) -> None:
-        self.log.write(Record(AUTH_KEY_SKIPPED, user=user, reason=message))
-
-    def reload(self) -> None:
-        try:
-            config = load_gateway_config(self.config.path)
-        except ConfigError as exc:
-            self.log.write(Record(NODE_RELOAD_FAILED, reason=str(exc)))
-            return
-        self.refresh_addresses(force=True)
-        now = self.loop.time()
-        self.node.apply_policy(config.users, now)  # live sessions too, not only new ones
-        self.log.write(Record(NODE_RELOADED, extra={"users": sorted(config.users)}))
-        self.reauthenticate()
-
-    def reauthenticate(self) -> None:
-        """After a reload the keys may have changed: a live session whose user has no key left
-        ends now, every other one proves its key again now."""
-        now = self.loop.time()
-        self.node.reauthenticate(now)
-        self.node.flush(now)
-        self.dispatch()
+    def drop_sockets(self, link_id: int) -> None:
+        super().drop_sockets(link_id)  # and the next hop's
+        close_transport(self.nexts.pop(link_id, None))
 
 
-class PrevHopProtocol(asyncio.Protocol):
+class PrevHopProtocol(LinkProtocol):
     """The link from the previous hop (the user's side)."""
 
     def __init__(self, gateway: Gateway) -> None:
+        super().__init__(gateway)
         self.gateway = gateway
-        self.guard = gateway.guard
-        self.id = 0
-
-    @property
-    def guard_link(self) -> int | None:
-        return self.id or None
-
-    @guarded("connection_made")
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        set_nodelay(transport)
-        transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
-        gw = self.gateway
-        self.id = next(gw._ids)
-        gw.links[self.id] = transport
-        context = gw.context
-        now = gw.loop.time()
-        # The TLS session is made when the peer's first bytes come (a silent stranger costs
-        # no TLS state).
-        if not gw.node.link_opened(self.id, lambda: tls.TlsSession(context, server_side=True),
-                                   peer_text(transport), now):
-            gw.links.pop(self.id, None)
-            transport.close()
-        gw.dispatch()
-
-    @guarded("data_received")
-    def data_received(self, data: bytes) -> None:
-        gw = self.gateway
-        gw.node.receive_data(self.id, data, gw.loop.time())
-        gw.dispatch()
 
     # Relayed bytes can't be dropped (they are a TLS stream): back-pressure instead. The node
     # hears of it too, so it answers no KEEPALIVE of a peer that does not read.
-    @guarded("pause_writing")
-    def pause_writing(self) -> None:
-        self.gateway.node.link_congested(self.id, True)
+    def congested(self, congested: bool) -> None:
+        super().congested(congested)
         nxt = self.gateway.nexts.get(self.id)
-        if nxt is not None:
+        if nxt is None:
+            return
+        if congested:
             nxt.pause_reading()
-
-    @guarded("resume_writing")
-    def resume_writing(self) -> None:
-        self.gateway.node.link_congested(self.id, False)
-        nxt = self.gateway.nexts.get(self.id)
-        if nxt is not None:
+        else:
             nxt.resume_reading()
-
-    @guarded("connection_lost")
-    def connection_lost(self, exc: Exception | None) -> None:
-        gw = self.gateway
-        gw.links.pop(self.id, None)
-        gw.node.link_lost(self.id, gw.loop.time(),
-                          f"connection lost: {exc}" if exc else "connection closed")
-        gw.dispatch()
 
 
 class NextHopProtocol(asyncio.Protocol):
@@ -254,38 +132,14 @@ class NextHopProtocol(asyncio.Protocol):
 
 async def serve(config: GatewayConfig) -> None:
     gateway = Gateway(config)
-    loop = gateway.loop
-    listeners: list[asyncio.AbstractServer] = []
-    control: asyncio.AbstractServer | None = None
-    stop = asyncio.Event()
     try:
-        guard = gateway.guard
-        guard.install(loop)
-        for host, port in config.listen:
-            listeners.append(await loop.create_server(
-                lambda: PrevHopProtocol(gateway), host, port, reuse_address=True,
-                backlog=LISTEN_BACKLOG))
-        control = await start_control(config.control,
-                                      lambda: gateway.node.describe(loop.time()))
-        install_signals(loop, stop, lambda: guard.call("reload", gateway.reload))
-        gateway.log.write(Record(NODE_STARTED, extra={
-            "listen": [f"{h}:{p}" for h, p in config.listen]}))
-        while not stop.is_set():
-            try:
-                await asyncio.wait_for(stop.wait(), timeout=1.0)
-            except asyncio.TimeoutError:
-                pass
-            guard.call("timer", gateway.node.handle_timer, loop.time())
-            guard.call("addresses", gateway.refresh_addresses)
-            guard.call("dispatch", gateway.dispatch)
+        await gateway.start_serving(lambda: PrevHopProtocol(gateway), install_signals)
+        await gateway.run_until_stopped()
     finally:
         # Shutdown goes on whatever happens here.
         gateway.guard.call("shutdown", gateway.node.close_all, "gateway shutting down")
         gateway.guard.call("shutdown dispatch", gateway.dispatch)
-        for listener in listeners:
-            listener.close()
-        stop_control(control, config.control)
-        await asyncio.sleep(0.05)  # let CLOSE envelopes and close_notify leave
+        await gateway.stop_serving()
         gateway.log.write(Record(NODE_STOPPED, reason="clean"))
 
 

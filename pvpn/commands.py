@@ -56,6 +56,14 @@ class CapturePacket(Command):
     packet: bytes
 
 
+@dataclass(slots=True)
+class SessionClosed(Command):
+    """``session`` has ended (its ``session:closed`` record is written): its capture closes
+    (server ``capture`` on only)."""
+
+    session: bytes
+
+
 # ---------------------------------------------------------------- the gateway: its next hop
 
 

@@ -1,5 +1,6 @@
 """The local channel: envelopes on the unix socket between pvpn-client and its users' processes
-(`pvpn connect`, `pvpn status`, `pvpn disconnect`), one framer for every peer of it.
+(`pvpn connect`, `pvpn status`, `pvpn disconnect`) and on a node's control socket (`pvpn status
+--node`, pvpn.io.control), one framer for every peer of them.
 
 Sans-IO, as h11: bytes in (:meth:`LocalChannel.receive`, envelopes out, bounded by the
 envelope decoder: frame size, sequence numbers, types), envelopes out as bytes

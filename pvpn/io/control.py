@@ -8,11 +8,10 @@ import os
 from pathlib import Path
 from typing import Any, Callable
 
-from pvpn.envelope import (
-    EnvelopeDecoder, MsgType, decode_control, encode_control, encode_envelope, status_pages,
-)
+from pvpn.envelope import MsgType, decode_control
 from pvpn.errors import RemoteProtocolError
 from pvpn.io.loop import peer_credentials, prepare_unix_socket
+from pvpn.local import LocalChannel
 
 StatusProvider = Callable[[], list[dict[str, Any]]]
 
@@ -20,7 +19,7 @@ StatusProvider = Callable[[], list[dict[str, Any]]]
 class _ControlLink(asyncio.Protocol):
     def __init__(self, provider: StatusProvider) -> None:
         self.provider = provider
-        self.decoder = EnvelopeDecoder()
+        self.channel = LocalChannel()
         self.transport: asyncio.Transport | None = None
         self.uid = -1
 
@@ -34,18 +33,16 @@ class _ControlLink(asyncio.Protocol):
         if transport is None:
             return
         try:
-            for envelope in self.decoder.feed(data):
+            for envelope in self.channel.receive(data):
                 decode_control(envelope)
                 if envelope.type is not MsgType.STATUS:
                     raise RemoteProtocolError(f"unexpected {envelope.type.name}")
                 if self.uid != 0:
-                    transport.write(encode_envelope(MsgType.ERROR, b"", 0, 0, encode_control(
-                        {"code": "denied", "reason": "root only"})))
+                    transport.write(self.channel.control(
+                        MsgType.ERROR, b"", 0, {"code": "denied", "reason": "root only"}))
                 else:
                     # In pages: a node with many sessions does not fit one envelope.
-                    transport.write(b"".join(
-                        encode_envelope(MsgType.STATUS_REPLY, b"", 0, seq, encode_control(page))
-                        for seq, page in enumerate(status_pages(self.provider()))))
+                    transport.write(b"".join(self.channel.status(b"", 0, self.provider())))
                 transport.close()
                 return
         except RemoteProtocolError:

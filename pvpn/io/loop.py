@@ -1,5 +1,6 @@
-"""Small asyncio helpers shared by the daemons: signals, TCP options, peer credentials, and
-the guard that keeps a daemon serving whatever an exception says."""
+"""Small asyncio helpers shared by the daemons: signals, TCP options, peer credentials, the
+command line, the guard that keeps a daemon serving whatever an exception says, and the one
+dispatcher that carries out what a core asks for."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import traceback
 from pathlib import Path
 from typing import Any, Callable, Concatenate, Coroutine, ParamSpec, Protocol, TypeVar
 
+from pvpn.commands import Command
 from pvpn.errors import ConfigError, PvpnError
 from pvpn.names import NODE_ERROR
 from pvpn.records import Record
@@ -62,33 +64,49 @@ def install_signals(loop: asyncio.AbstractEventLoop, stop: asyncio.Event,
         loop.add_signal_handler(signal.SIGHUP, reload)
 
 
+RemoveSessions = Callable[[Any, Callable[[str], None]], int]
+
+
 def daemon_main(program: str, doc: str | None, load: Callable[[Path], Any],
                 serve: Callable[[Any], Coroutine[Any, Any, None]],
-                argv: list[str] | None) -> int:
-    """The command line of a node daemon: ``PROGRAM --config FILE``."""
-    parser = argparse.ArgumentParser(prog=program, description=doc)
+                argv: list[str] | None, remove_sessions: RemoveSessions | None = None,
+                remove_help: str = "",
+                formatter_class: type[argparse.HelpFormatter] = argparse.HelpFormatter) -> int:
+    """The command line of a daemon: ``PROGRAM --config FILE``, and with ``remove_sessions``
+    ``PROGRAM --config FILE --remove-sessions`` too (offline, its lines printed)."""
+    parser = argparse.ArgumentParser(prog=program, description=doc,
+                                     formatter_class=formatter_class)
     parser.add_argument("--config", required=True, type=Path, help="the node's TOML config")
+    if remove_sessions is not None:
+        parser.add_argument("--remove-sessions", action="store_true", help=remove_help)
     args = parser.parse_args(argv)
+    if remove_sessions is not None and args.remove_sessions:
+        return exit_status(program, lambda: remove_sessions(load(args.config), print))
 
-    async def run() -> None:
+    async def serve_config() -> None:
         await serve(load(args.config))
 
-    return run_daemon(program, run)
+    def run() -> int:
+        asyncio.run(serve_config())
+        return 0
 
-
-def run_daemon(program: str, main: Callable[[], "asyncio.Future[None] | object"]) -> int:
-    """One top-level error handler for a daemon: config errors exit with EX_CONFIG."""
     try:
-        asyncio.run(main())  # type: ignore[arg-type]
+        return exit_status(program, run)
+    except KeyboardInterrupt:
+        return 0
+
+
+def exit_status(program: str, run: Callable[[], int]) -> int:
+    """``run()``'s exit status; one top-level error handler: a config error exits with
+    EX_CONFIG, any other PvpnError with 1, each said on stderr."""
+    try:
+        return run()
     except ConfigError as exc:
         print(f"{program}: configuration error: {exc}", file=sys.stderr)
         return EX_CONFIG
     except PvpnError as exc:
         print(f"{program}: {exc}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        return 0
-    return 0
 
 
 def prepare_unix_socket(path: Path, not_a_socket: str, in_use: str) -> None:
@@ -102,15 +120,21 @@ def prepare_unix_socket(path: Path, not_a_socket: str, in_use: str) -> None:
         return
     if not stat.S_ISSOCK(mode):
         raise ConfigError(not_a_socket)
+    if answers(path):
+        raise ConfigError(in_use)
+    path.unlink()  # left by a node that died
+
+
+def answers(path: Path) -> bool:
+    """Whether a live process answers on the unix socket at ``path``."""
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         probe.connect(str(path))
     except OSError:
-        path.unlink()  # left by a node that died
-    else:
-        raise ConfigError(in_use)
+        return False
     finally:
         probe.close()
+    return True
 
 
 # ---------------------------------------------------------------- no exception ends a daemon
@@ -189,6 +213,47 @@ class Guard:
                       f"{record.event}: {record.reason}", file=sys.stderr)
             except OSError:
                 pass  # stderr is gone too: nothing is left to tell
+
+
+class CommandSource(Protocol):
+    """A sans-IO core whose inputs leave commands for its program (a node, the client host)."""
+
+    commands: list[Command]
+
+
+_C = TypeVar("_C", bound=Command)
+
+
+class Dispatcher:
+    """A program's one dispatcher: it carries out what its core asks for, each command by the
+    handler of its type (:meth:`on`), in order. Carrying one out may beget more (a failed
+    write closes a link): they are carried out too, in bounded rounds. What a handler raises
+    goes to the guard as a ``node:error`` record with its traceback, costing that command's
+    link (if it has one), and the rest of the batch goes on."""
+
+    ROUNDS = 64
+
+    def __init__(self, guard: Guard) -> None:
+        self.guard = guard
+        self._handlers: dict[type[Command], Callable[[Any], object]] = {}
+
+    def on(self, kind: type[_C], handler: Callable[[_C], object]) -> None:
+        self._handlers[kind] = handler
+
+    def run(self, source: CommandSource) -> None:
+        for _ in range(self.ROUNDS):
+            if not source.commands:
+                return
+            commands, source.commands = source.commands, []
+            for cmd in commands:
+                try:
+                    handler = self._handlers.get(type(cmd))
+                    if handler is None:
+                        raise TypeError(f"nothing carries out {type(cmd).__name__}")
+                    handler(cmd)
+                except Exception as exc:  # noqa: BLE001 - one command's failure, the guard's
+                    self.guard.failed(f"dispatch {type(cmd).__name__}", exc,
+                                      getattr(cmd, "link", None))
 
 
 class GuardedCallbacks(Protocol):

@@ -30,7 +30,7 @@ from pvpn.config import DEFAULT_MAX_BYTES, DEFAULT_MAX_FILES, DEFAULT_MAX_TOTAL_
 from pvpn.errors import ConfigError
 from pvpn.names import (
     CAPTURE_CLOSED, CAPTURE_DELETED, CAPTURE_FAILED, CAPTURE_OPENED, CAPTURE_SKIPPED,
-    CAPTURE_STOPPED, SESSION_CLOSED,
+    CAPTURE_STOPPED,
 )
 from pvpn.records import Record
 
@@ -173,7 +173,7 @@ class SessionCaptures:
     """The server's captures: one pcap file per session, ``<directory>/<session hex>.pcap``.
 
     Driven by :meth:`write` (a CapturePacket command), :meth:`flush` (after each batch of
-    commands), :meth:`close` (the session ended) and :meth:`close_all`.  At most
+    commands), :meth:`close` (a SessionClosed command) and :meth:`close_all`.  At most
     :attr:`MAX_OPEN` files are open at once; a session beyond that, or whose file can't be
     created, is not captured, and ``log`` says so once per session.
 
@@ -341,14 +341,6 @@ class SessionCaptures:
                 self._closed[writer.path] = size
             self._log(Record(CAPTURE_CLOSED, session=session.hex(), bytes=writer.size,
                              extra={"path": str(writer.path), "packets": writer.packets}))
-
-    def session_ended(self, record: Record) -> None:
-        """Close the capture of the session a ``session:closed`` record ends."""
-        if record.event == SESSION_CLOSED and record.session:
-            try:
-                self.close(bytes.fromhex(record.session))
-            except ValueError:
-                pass  # not a session id of ours: nothing was captured under it
 
     def close_all(self) -> None:
         for session in list(self.writers):

@@ -13,7 +13,7 @@ from typing import Any, Callable, Iterable
 from pvpn import fragments
 from pvpn import packet as pk
 from pvpn.addresses import Destinations, Local, exclusion
-from pvpn.commands import CapturePacket, InjectPacket
+from pvpn.commands import CapturePacket, InjectPacket, SessionClosed
 from pvpn.config import Network, ServerConfig, UserPolicy, parse_prefix
 from pvpn.drops import Drop
 from pvpn.envelope import MsgType, encode_control, encode_envelope
@@ -200,6 +200,12 @@ class ServerNode(NodeBase):
                   packets_in=session.packets_in, packets_out=session.packets_out,
                   bytes_in=session.bytes_in, bytes_out=session.bytes_out,
                   drops=session.drops.as_dict(), flows=len(flows))
+        self._capture_ends(session)
+
+    def _capture_ends(self, session: Session) -> None:
+        """After a session's ``session:closed`` record: its capture ends with it."""
+        if self.capture:
+            self.commands.append(SessionClosed(session.id))
 
     def _drop(self, session: Session, drop: Drop, now: float, flow: pk.FlowKey | None = None,
               detail: str = "") -> None:
@@ -587,6 +593,7 @@ class ServerNode(NodeBase):
                           packets_in=session.packets_in, packets_out=session.packets_out,
                           bytes_in=session.bytes_in, bytes_out=session.bytes_out,
                           flows=len(saved.flows))
+                self._capture_ends(session)
                 continue
             per_user[session.user] = per_user.get(session.user, 0) + 1
             self.sessions[session.id] = session

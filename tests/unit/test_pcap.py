@@ -15,7 +15,7 @@ from scapy.layers.inet6 import IPv6
 from scapy.utils import rdpcap
 
 from pvpn.addresses import Destinations
-from pvpn.commands import CapturePacket, InjectPacket
+from pvpn.commands import CapturePacket, InjectPacket, LogRecord, SessionClosed
 from pvpn.config import ServerConfig, UserPolicy, parse_prefix
 from pvpn.errors import ConfigError
 from pvpn.io.pcap import (
@@ -124,9 +124,7 @@ def test_session_captures_one_file_per_session_closed_with_the_session(tmp_path:
     captures.write(alice, PING, 1.1)
     captures.flush()
     assert [bytes(p) for p in read(captures.path_for(alice))] == [V4, PING]
-    captures.session_ended(Record("session:closed", session=alice.hex()))
-    captures.session_ended(Record("session:opened", session=bob.hex()))  # not an end
-    captures.session_ended(Record("session:closed", session="not hex"))
+    captures.close(alice)
     assert list(captures.writers) == [bob]
     captures.close_all()
     assert [bytes(p) for p in read(captures.path_for(bob))] == [V6]
@@ -166,6 +164,9 @@ class _NoTls:
         return b""
 
     def send(self, data: bytes) -> None:
+        pass
+
+    def close(self) -> None:
         pass
 
 
@@ -209,6 +210,62 @@ def test_server_captures_before_nat_and_after_un_nat_only_when_asked(capture: bo
     assert captured[1].packet == denied  # what the user sent, even if it went no further
     back = IP(captured[2].packet)
     assert (back.dst, back[TCP].dport) == ("10.77.0.1", 40000)  # as the user gets it
+
+
+@pytest.mark.parametrize("capture", [False, True])
+def test_the_server_node_says_when_a_captured_session_closes(capture: bool) -> None:
+    """The node's SessionClosed, after its session:closed record, closes the capture (no
+    dispatcher reads the record to know)."""
+    node, session = server_with_session(capture)
+    node.close_all("server shutting down")
+    said = [("closed" if isinstance(c, SessionClosed) else c.record.event, c)
+            for c in node.commands if isinstance(c, (SessionClosed, LogRecord))]
+    events = [event for event, _ in said]
+    assert "session:closed" in events
+    if not capture:
+        assert "closed" not in events
+        return
+    assert events.index("closed") == events.index("session:closed") + 1
+    assert [c for _, c in said if isinstance(c, SessionClosed)] == [SessionClosed(session.id)]
+
+
+def test_the_servers_dispatcher_closes_the_capture_on_session_closed(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import asyncio
+    import io
+    import json
+
+    from pvpn import pki
+    from pvpn.server import daemon
+
+    class Raw:
+        def close(self) -> None:
+            pass
+
+    monkeypatch.setattr(daemon, "RawSender", Raw)
+    pki.create_ca(tmp_path / "ca")
+    crt, key = pki.issue_certificate(tmp_path / "ca", "server", tmp_path / "node",
+                                     ips=["10.0.0.1"])
+    (tmp_path / "users").mkdir()
+    config = ServerConfig(Path("s.toml"), "server", [], crt, key, tmp_path / "users", 0,
+                          (61000, 61999), "t", pcap_dir=tmp_path / "pcap")
+    alice, bob = b"\xa1" * 16, b"\xb2" * 16
+
+    async def scenario() -> list[dict[str, Any]]:
+        server = daemon.Server(config)
+        stream = io.StringIO()
+        server.log.stream = stream
+        server.node.commands += [CapturePacket(alice, V4), CapturePacket(bob, V6),
+                                 SessionClosed(alice)]
+        server.dispatch()
+        assert server.captures is not None and list(server.captures.writers) == [bob]
+        return [json.loads(line) for line in stream.getvalue().splitlines()]
+
+    logged = asyncio.run(scenario())
+    assert [(r["event"], r["session"]) for r in logged] == [
+        ("capture:opened", alice.hex()), ("capture:opened", bob.hex()),
+        ("capture:closed", alice.hex())]
+    assert [bytes(p) for p in read(tmp_path / "pcap" / f"{alice.hex()}.pcap")] == [V4]
 
 
 def _server_config_base(tmp_path: Path) -> str:
@@ -271,7 +328,7 @@ def test_a_user_reconnecting_endlessly_fills_neither_the_disk_nor_the_directory(
         for _ in range(10):
             captures.write(session, PING, float(n))  # 10 x ~1 KB per session
         captures.flush()
-        captures.session_ended(Record("session:closed", session=session.hex()))
+        captures.close(session)
         files = [p for p in tmp_path.iterdir() if p.suffix == ".pcap"]
         assert len(files) <= 5
         assert sum(p.stat().st_size for p in files) <= 20_000
