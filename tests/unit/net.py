@@ -68,7 +68,7 @@ class Network:
         self.nodes: dict[str, Node] = {}
         self.contexts: dict[str, Any] = {}  # each node's TLS server context
         self.ends: dict[str, Ends] = {}
-        self.ids = 0  # the last link id given out, over all nodes
+        self.ids = 0  # the highest link id in use, over all nodes
         self.injected: list[bytes] = []
         self.captured: list[CapturePacket] = []
         self.logs: list[tuple[str, Record]] = []  # every node's records, with its name
@@ -87,9 +87,8 @@ class Network:
              link: int | None = None, lazily: bool = False) -> int:
         """A TCP connection to ``name`` from ``source``; its TLS session made now, or by the
         node on the first bytes (``lazily``). The link's id (the next one, unless given)."""
-        if link is None:
-            self.ids += 1
-            link = self.ids
+        link = self.ids + 1 if link is None else link
+        self.ids = max(self.ids, link)
         context = self.contexts[name]
 
         def make() -> tls.TlsSession:
