@@ -4,16 +4,18 @@ Real nodes (ServerNode, GatewayNode, with real TLS on memory BIOs and real RSA) 
 is at the far end of each of their links: a user's UserLink or UserChain, a stranger's bare
 TlsSession, or a gateway's onward connection to another node. ``Network.settle()`` moves
 the peers' bytes to the nodes and carries out the nodes' commands, as the daemons'
-dispatchers do, until nothing moves. Beside it: the PKI a test world needs.
+dispatchers do, until nothing moves. Beside it: the PKI a test world needs, and fakes of
+what the daemons open in the kernel (an NFQUEUE binding, a TUN device, the raw socket).
 
 Test files import it as ``net`` (tests/unit/conftest.py puts this folder on sys.path).
 """
 
 from __future__ import annotations
 
+import socket
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Callable, Union
 
 from cryptography.hazmat.primitives.asymmetric import rsa
 
@@ -274,3 +276,73 @@ def authorized(users: Path, keys: dict[str, rsa.RSAPrivateKey]) -> Path:
         auth.save_public_key(key, users / f"{name}.pub", name)
     return users
 
+
+
+# ---------------------------------------------------------------- the kernel, faked
+
+
+class FakeQueue:
+    """An NFQUEUE binding as a daemon holds one: pollable (one end of a socket pair nobody
+    writes to), its callback kept for the test to call as the kernel's packets would."""
+
+    def __init__(self, number: int, callback: Callable[[bytes], bool]) -> None:
+        self.number, self.callback = number, callback
+        self.ends = socket.socketpair()
+        self.closed = False
+
+    def fileno(self) -> int:
+        return self.ends[0].fileno()
+
+    def drain(self) -> None:
+        pass
+
+    def close(self) -> None:
+        self.closed = True  # its sockets stay open until the test ends: no fd is reused
+
+
+class FakeQueues:
+    """What stands in for BatchedQueue (``BatchedQueue(number, callback, max_len)``): it
+    binds FakeQueues, or refuses while ``busy`` as a queue bound by another process does;
+    ``close_all()`` at the end of the test."""
+
+    def __init__(self) -> None:
+        self.opened: list[FakeQueue] = []
+        self.busy = False
+
+    def __call__(self, number: int, callback: Callable[[bytes], bool],
+                 max_len: int) -> FakeQueue:
+        if self.busy:
+            raise PvpnError("the queue is bound by another process")
+        self.opened.append(FakeQueue(number, callback))
+        return self.opened[-1]
+
+    def close_all(self) -> None:
+        for queue in self.opened:
+            for end in queue.ends:
+                end.close()
+
+
+def fake_tun(others: list[int]) -> int:
+    """A TUN device's fd as open_tun gives one: pollable and writable (what is written goes
+    to the other end, kept in ``others`` for the test to close), with nothing to read."""
+    ours, other = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    ours.setblocking(False)
+    others.append(other.detach())
+    return ours.detach()
+
+
+class FakeRaw:
+    """The server's raw socket (what stands in for RawSender): what it was given to send."""
+
+    BROKEN = b"boom"  # a packet it fails to send, as a broken raw socket does
+
+    def __init__(self) -> None:
+        self.sent: list[bytes] = []
+
+    def send(self, packet: bytes) -> None:
+        if packet == self.BROKEN:
+            raise OSError("raw socket broke")
+        self.sent.append(packet)
+
+    def close(self) -> None:
+        pass

@@ -8,7 +8,6 @@ import asyncio
 import io
 import ipaddress
 import os
-import socket
 import struct
 from pathlib import Path
 from typing import Any, Iterator
@@ -21,14 +20,7 @@ from pvpn.config import load_client_config
 from pvpn.envelope import EnvelopeDecoder, MsgType, decode_control, encode_control, encode_envelope
 from pvpn.io import conntrack
 
-
-def fake_tun(fds: list[int]) -> int:
-    """A TUN device's fd: pollable and writable (what is written goes to the other end,
-    which the list keeps to be closed), with nothing to read."""
-    ours, other = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
-    ours.setblocking(False)
-    fds.append(other.detach())
-    return ours.detach()
+from net import FakeQueues, fake_tun
 
 
 class Kernel:
@@ -47,23 +39,8 @@ class Kernel:
 def kernel(monkeypatch: pytest.MonkeyPatch) -> Iterator[Kernel]:
     k = Kernel()
     pipes: list[int] = []
+    queues = FakeQueues()
     DAEMONS.clear()
-
-    class Queue:
-        def __init__(self, number: int, callback: Any, max_len: int) -> None:
-            self.r, self.w = os.pipe()
-            pipes.extend((self.r, self.w))
-            self.callback = callback
-
-        def fileno(self) -> int:
-            return self.r
-
-        def drain(self) -> None:
-            pass
-
-        def close(self) -> None:
-            pass
-
     monkeypatch.setattr(dm.rules, "apply", k.applied.append)
     monkeypatch.setattr(dm.rules, "remove", lambda cmds: k.removed.append(cmds) or [])
     monkeypatch.setattr(dm.rules, "saved", lambda version: k.saved[version // 6])
@@ -83,11 +60,12 @@ def kernel(monkeypatch: pytest.MonkeyPatch) -> Iterator[Kernel]:
 
     monkeypatch.setattr(conntrack, "forget_marked", forget)
     monkeypatch.setattr(dm, "open_tun", lambda name: fake_tun(pipes))
-    monkeypatch.setattr(dm, "BatchedQueue", Queue)
+    monkeypatch.setattr(dm, "BatchedQueue", queues)
     monkeypatch.setattr(dm.rules, "ensure_rule", lambda *a: None)
     try:
         yield k
     finally:
+        queues.close_all()
         for fd in pipes:
             os.close(fd)
         for daemon in DAEMONS:  # the TUN devices of the sessions still open
