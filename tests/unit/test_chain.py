@@ -27,6 +27,7 @@ from net import Network, authorized, client_tls, make_pki, signer, user_keys
 ADDR = {"gw1": "10.0.1.1", "gw2": "10.0.2.1", "server": "10.0.3.1", "gw3": "10.0.4.1"}
 NAT = ipaddress.ip_address("10.9.0.1").packed
 MARKER = b"PVPN-SECRET-MARKER-0123456789"
+HOPS = [ADDR["gw1"], ADDR["gw2"], ADDR["server"]]
 
 
 @pytest.fixture(scope="module")
@@ -101,6 +102,15 @@ def up_event(events: list[Any]) -> ChainUp:
     return ups[0]
 
 
+def alice_and_bob(net: Net) -> tuple[UserChain, list[Any], UserChain, list[Any]]:
+    """alice's and bob's chains up through gw1 and gw2 (sessions A... and B...), and what
+    each heard."""
+    alice, a_events = net.chain("alice", HOPS, session=b"A" * 16)
+    bob, b_events = net.chain("bob", HOPS, session=b"B" * 16)
+    up_event(a_events), up_event(b_events)
+    return alice, a_events, bob, b_events
+
+
 def failure(events: list[Any]) -> ChainFailed:
     fails = [e for e in events if isinstance(e, ChainFailed)]
     assert fails, events
@@ -134,10 +144,7 @@ def test_two_gateway_chain_carries_packets_end_to_end(world: Any) -> None:
 
 def test_alice_and_bob_chains_through_the_same_gateways_never_cross(world: Any) -> None:
     net = Net(world)
-    hops = [ADDR["gw1"], ADDR["gw2"], ADDR["server"]]
-    alice, a_events = net.chain("alice", hops, session=b"A" * 16)
-    bob, b_events = net.chain("bob", hops, session=b"B" * 16)
-    up_event(a_events), up_event(b_events)
+    alice, a_events, bob, b_events = alice_and_bob(net)
     same = bytes(IP(src="10.0.0.2", dst="10.9.0.5") / UDP(sport=5000, dport=7) / b"q")
     alice.send_packets([same])
     bob.send_packets([same])
@@ -353,10 +360,7 @@ def closed_chain(events: list[Any]) -> ChainFailed:
 
 def test_a_reload_ends_the_splices_of_a_user_whose_gateway_policy_is_gone(world: Any) -> None:
     net = Net(world)
-    hops = [ADDR["gw1"], ADDR["gw2"], ADDR["server"]]
-    _, a_events = net.chain("alice", hops, session=b"A" * 16)
-    _, b_events = net.chain("bob", hops, session=b"B" * 16)
-    up_event(a_events), up_event(b_events)
+    _, a_events, _, b_events = alice_and_bob(net)
     gw1 = net.nodes[ADDR["gw1"]]
     assert len(gw1.splices) == 2
     gw1.apply_policy({"bob": gw_policy(f"{ADDR['gw2']}:4433")}, net.now)
@@ -404,7 +408,6 @@ def test_a_splice_still_connecting_when_the_policy_goes_is_refused(world: Any) -
 
 
 CORRUPT_RECORD = b"\x17\x03\x03\x00\x40" + bytes(64)  # TLS application data that won't decrypt
-HOPS = [ADDR["gw1"], ADDR["gw2"], ADDR["server"]]
 
 
 def test_a_failed_next_hop_refused_on_a_link_whose_tls_failed_raises_nothing(world: Any) -> None:
@@ -533,9 +536,7 @@ def test_a_reload_ends_sessions_whose_key_is_gone_and_reauthenticates_the_rest(
     every other live session gets at once, and the others go on."""
     w = keyed_world(world, tmp_path)
     net = Net(w)
-    alice, a_events = net.chain("alice", HOPS, session=b"A" * 16)
-    bob, b_events = net.chain("bob", HOPS, session=b"B" * 16)
-    up_event(a_events), up_event(b_events)
+    alice, a_events, bob, b_events = alice_and_bob(net)
     (w["users"] / "alice.pub").unlink()
     if change == "replaced":  # her process still holds the old key
         auth.save_public_key(w["keys"]["carol"], w["users"] / "alice.pub", "not alice's key")
