@@ -94,6 +94,13 @@ def make_host(tmp_path: Path, kernel: Kernel | None = None,
                       lambda uid: f"user{uid}", kernel or Kernel()), owners
 
 
+def host_and_kernel(tmp_path: Path) -> tuple[ClientHost[LocalPeer], Kernel]:
+    """A host and the kernel it asks, for the tests that read what it asked."""
+    kernel = Kernel()
+    host, _ = make_host(tmp_path, kernel)
+    return host, kernel
+
+
 def connect(host: ClientHost[LocalPeer], uid: int, now: float = 0.0,
             id: int = 1) -> LocalPeer:
     peer = LocalPeer(id)
@@ -335,8 +342,7 @@ class Process:
 
 
 def test_register_then_attach_brings_a_session_up_and_records_its_id(tmp_path: Path) -> None:
-    kernel = Kernel()
-    host, _ = make_host(tmp_path, kernel)
+    host, kernel = host_and_kernel(tmp_path)
     alice = Process(host, ALICE)
     mtype, fields = alice.register(["10.77.1.0/24"])
     assert mtype is MsgType.REGISTERED and fields["uid"] == ALICE
@@ -359,8 +365,7 @@ def test_register_then_attach_brings_a_session_up_and_records_its_id(tmp_path: P
 ])
 def test_register_refusals_say_why_and_install_nothing(tmp_path: Path, fields: dict[str, Any],
                                                        reason: str) -> None:
-    kernel = Kernel()
-    host, _ = make_host(tmp_path, kernel)
+    host, kernel = host_and_kernel(tmp_path)
     alice = Process(host, ALICE)
     mtype, answer = alice.register(fields.pop("prefixes", ["10.77.1.0/24"]), **fields)
     assert mtype is MsgType.ERROR and answer["code"] == "refused" and reason in answer["reason"]
@@ -436,8 +441,7 @@ def disconnect(p: Process, session: str = "", slot: int | None = None,
 
 def test_disconnect_by_prefix_ends_the_session_and_tells_its_tunnel_process(
         tmp_path: Path) -> None:
-    kernel = Kernel()
-    host, _ = make_host(tmp_path, kernel)
+    host, kernel = host_and_kernel(tmp_path)
     alice = Process(host, ALICE)
     alice.bring_up()
     ((mtype, answer),) = disconnect(Process(host, ALICE, id=2), SID.hex()[:8])
@@ -478,8 +482,7 @@ def test_disconnect_all_as_root_ends_every_session(tmp_path: Path) -> None:
 
 
 def test_a_lost_tunnel_process_leaves_its_session_held_and_dropping(tmp_path: Path) -> None:
-    kernel = Kernel()
-    host, _ = make_host(tmp_path, kernel)
+    host, kernel = host_and_kernel(tmp_path)
     alice = Process(host, ALICE)
     alice.bring_up()
     (session,) = host.registry.sessions.values()
@@ -498,8 +501,7 @@ def test_a_lost_tunnel_process_leaves_its_session_held_and_dropping(tmp_path: Pa
 
 def test_a_held_session_whose_devices_failed_gets_them_at_its_next_register(
         tmp_path: Path) -> None:
-    kernel = Kernel()
-    host, _ = make_host(tmp_path, kernel)
+    host, kernel = host_and_kernel(tmp_path)
     session = host.registry.adopt(0, ALICE, "user1001", [NET], 1, 0x10000, "pvpnc0", 0.0,
                                   session_id=SID, ever_up=True)
     assert Process(host, ALICE).register(["10.77.1.0/24"])[0] is MsgType.REGISTERED
@@ -508,8 +510,7 @@ def test_a_held_session_whose_devices_failed_gets_them_at_its_next_register(
 
 def test_unregister_of_a_picked_up_session_never_brought_up_keeps_it_held(
         tmp_path: Path) -> None:
-    kernel = Kernel()
-    host, _ = make_host(tmp_path, kernel)
+    host, kernel = host_and_kernel(tmp_path)
     first = Process(host, ALICE)
     first.bring_up()
     host.lost(first.peer, 2.0)
@@ -538,8 +539,7 @@ def test_the_timer_ends_sessions_past_their_time_and_closes_idle_askers(
 
 
 def test_the_timer_writes_ids_not_yet_recorded_and_forgets_idle_flows(tmp_path: Path) -> None:
-    kernel = Kernel()
-    host, _ = make_host(tmp_path, kernel)
+    host, kernel = host_and_kernel(tmp_path)
     session, _ = attached(host)
     host.queued(session, sent_by_alice(), 1.0)
     host.tick(2.0)
@@ -551,8 +551,7 @@ def test_the_timer_writes_ids_not_yet_recorded_and_forgets_idle_flows(tmp_path: 
 
 
 def test_an_orderly_stop_lets_every_process_go_and_keeps_every_session(tmp_path: Path) -> None:
-    kernel = Kernel()
-    host, _ = make_host(tmp_path, kernel)
+    host, kernel = host_and_kernel(tmp_path)
     alice, asker = Process(host, ALICE), Process(host, BOB, id=2)
     alice.bring_up()
     host.commands.clear()
