@@ -4,8 +4,9 @@ Real nodes (ServerNode, GatewayNode, with real TLS on memory BIOs and real RSA) 
 is at the far end of each of their links: a user's UserLink or UserChain, a stranger's bare
 TlsSession, or a gateway's onward connection to another node. ``Network.settle()`` moves
 the peers' bytes to the nodes and carries out the nodes' commands, as the daemons'
-dispatchers do, until nothing moves. Beside it: the PKI a test world needs, and fakes of
-what the daemons open in the kernel (an NFQUEUE binding, a TUN device, the raw socket).
+dispatchers do, until nothing moves; ``transfer()`` does the same for two bare TLS sessions
+back to back. Beside it: the PKI a test world needs, and fakes of what the daemons open in
+the kernel (an NFQUEUE binding, a TUN device, the raw socket).
 
 Test files import it as ``net`` (tests/unit/conftest.py puts this folder on sys.path).
 """
@@ -252,6 +253,20 @@ def client_tls(context: Any, server_name: str) -> tls.TlsSession:
     session = tls.TlsSession(context, server_side=False, server_name=server_name)
     session.start()
     return session
+
+
+def transfer(a: tls.TlsSession, b: tls.TlsSession, *, rounds: int = 20) -> None:
+    """Move ciphertext between two TLS sessions back to back until neither has anything to
+    send."""
+    for _ in range(rounds):
+        to_b, to_a = a.data_to_send(), b.data_to_send()
+        if not to_b and not to_a:
+            return
+        if to_b:
+            b.receive_data(to_b)
+        if to_a:
+            a.receive_data(to_a)
+    raise AssertionError(f"no quiescence after {rounds} rounds")
 
 
 # ---------------------------------------------------------------- the PKI of a test world
