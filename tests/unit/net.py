@@ -16,7 +16,7 @@ from __future__ import annotations
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Union
+from typing import Any, Callable, TypeVar, Union
 
 from cryptography.hazmat.primitives.asymmetric import rsa
 
@@ -163,8 +163,9 @@ class Network:
             down = self.downstream.get((name, command.link))
             if down is not None:  # else held, silent or gone: nobody reads it
                 self.nodes[down[0]].receive_data(down[1], command.data, self.now)
-        elif not isinstance(command, CloseNext):  # the next node is told by its own tests
+        elif not isinstance(command, CloseNext):
             raise AssertionError(f"{name} asked for {command!r}")
+        # A CloseNext is left undone: the next node's link goes when a test says it is lost.
 
     def deliver(self, name: str, link: int, peer: Peer, data: bytes) -> None:
         if isinstance(peer, NextHop):
@@ -248,6 +249,16 @@ def signer(key: rsa.RSAPrivateKey, user: str) -> Signer:
     return lambda nonce, binding, node: auth.sign_challenge(key, nonce, binding, user, node)
 
 
+E = TypeVar("E")
+
+
+def first(events: list[Any], kind: type[E]) -> E:
+    """The first event of ``kind`` a user's end heard (there must be one)."""
+    found = [e for e in events if isinstance(e, kind)]
+    assert found, f"no {kind.__name__} in {events}"
+    return found[0]
+
+
 def client_tls(context: Any, server_name: str) -> tls.TlsSession:
     """A client's TLS session to ``server_name``, its ClientHello ready to send."""
     session = tls.TlsSession(context, server_side=False, server_name=server_name)
@@ -290,7 +301,6 @@ def authorized(users: Path, keys: dict[str, rsa.RSAPrivateKey]) -> Path:
     for name, key in keys.items():
         auth.save_public_key(key, users / f"{name}.pub", name)
     return users
-
 
 
 # ---------------------------------------------------------------- the kernel, faked

@@ -22,7 +22,7 @@ from pvpn.nodes.gateway import GatewayNode
 from pvpn.nodes.server import ServerNode
 from pvpn.user import UserChain, UserLink
 
-from net import Network, authorized, client_tls, make_pki, signer, user_keys
+from net import Network, authorized, client_tls, first, make_pki, signer, user_keys
 
 ADDR = {"gw1": "10.0.1.1", "gw2": "10.0.2.1", "server": "10.0.3.1", "gw3": "10.0.4.1"}
 NAT = ipaddress.ip_address("10.9.0.1").packed
@@ -97,9 +97,7 @@ class Net(Network):
 
 
 def up_event(events: list[Any]) -> ChainUp:
-    ups = [e for e in events if isinstance(e, ChainUp)]
-    assert ups, events
-    return ups[0]
+    return first(events, ChainUp)
 
 
 def alice_and_bob(net: Net) -> tuple[UserChain, list[Any], UserChain, list[Any]]:
@@ -112,9 +110,7 @@ def alice_and_bob(net: Net) -> tuple[UserChain, list[Any], UserChain, list[Any]]
 
 
 def failure(events: list[Any]) -> ChainFailed:
-    fails = [e for e in events if isinstance(e, ChainFailed)]
-    assert fails, events
-    return fails[0]
+    return first(events, ChainFailed)
 
 
 def test_two_gateway_chain_carries_packets_end_to_end(world: Any) -> None:

@@ -21,7 +21,7 @@ from pvpn.events import LinkClosed, LinkEstablished, LinkRefused, PacketsReceive
 from pvpn.nodes.server import ServerNode
 from pvpn.user import UserLink
 
-from net import OneNode, authorized, client_tls, make_pki, signer, user_keys
+from net import OneNode, authorized, client_tls, first, make_pki, signer, user_keys
 
 SERVER_IP = "10.0.0.1"
 NAT_SRC = ipaddress.ip_address("10.9.0.1").packed
@@ -73,20 +73,18 @@ class Harness(OneNode):
                         session=resume[0] if resume else b"",
                         token=resume[1] if resume else None)
         link.start(self.now)
-        self.net.open("server", link, f"10.0.0.2:{40000 + link_id}", link_id)
-        self.transfer()
+        self.join(link_id, link, f"10.0.0.2:{40000 + link_id}")
         return link
+
+    def join(self, link_id: int, link: UserLink, source: str = "peer") -> None:
+        """``link`` connects from ``source`` as link ``link_id``, and the network settles."""
+        self.net.open(self.name, link, source, link_id)
+        self.transfer()
 
     def packets(self, link_id: int) -> list[bytes]:
         out = [p for e in self.events[link_id] if isinstance(e, PacketsReceived) for p in e.packets]
         self.events[link_id] = [e for e in self.events[link_id] if not isinstance(e, PacketsReceived)]
         return out
-
-
-def first(events: list[Any], kind: type) -> Any:
-    found = [e for e in events if isinstance(e, kind)]
-    assert found, f"no {kind.__name__} in {events}"
-    return found[0]
 
 
 def test_alice_gets_a_session_and_her_packets_are_natted_and_answered(pki_dir: Any) -> None:
@@ -183,9 +181,7 @@ def test_wrong_server_certificate_is_fatal_before_the_key_is_used(pki_dir: Any) 
     link = UserLink(client, user="alice", uid=1, signer=lambda *a: signed.append(a[0]) or b"",
                     want=["10.9.0.0/24"], client_name="c")
     client.start()
-    h.links[1], h.events[1] = link, []
-    h.node.link_opened(1, tls.TlsSession(h.server_ctx, server_side=True), "peer", h.now)
-    h.transfer()
+    h.join(1, link)
     closed = first(h.events[1], LinkClosed)
     assert closed.fatal and "unknown authority" in closed.reason and not signed
 
@@ -783,9 +779,7 @@ def test_a_refusal_quoting_a_long_path_is_bounded(pki_dir: Any) -> None:
                     signer=lambda n, b, node: auth.sign_challenge(key, n, b, "alice", node))
     crafted_hello(link, path=["p" * 1050] * 63 + ["server"])
     client.start()
-    h.links[1], h.events[1] = link, []
-    h.node.link_opened(1, tls.TlsSession(h.server_ctx, server_side=True), "peer", h.now)
-    h.transfer()
+    h.join(1, link)
     refused = first(h.events[1], LinkRefused)
     assert len(refused.reason) <= 1024 and 1 in h.closed
 
@@ -809,9 +803,7 @@ def test_hello_identifiers_are_checked_before_use(pki_dir: Any, fields: dict[str
                     signer=lambda n, b, node: b"")
     crafted_hello(link, **fields)
     client.start()
-    h.links[1], h.events[1] = link, []
-    h.node.link_opened(1, tls.TlsSession(h.server_ctx, server_side=True), "peer", h.now)
-    h.transfer()
+    h.join(1, link)
     refused = first(h.events[1], LinkRefused)
     assert refused.code == "bad-hello" and words in refused.reason
     assert refused.reason.isprintable() and len(refused.reason) < 300
