@@ -25,6 +25,7 @@ from pvpn.commands import (
     CapturePacket, CloseLink, CloseNext, Command, InjectPacket, LogRecord, OpenNextHop,
     SendBytes, SendNext,
 )
+from pvpn.config import NodeLimits
 from pvpn.errors import PvpnError
 from pvpn.nodes.gateway import GatewayNode
 from pvpn.nodes.server import ServerNode
@@ -239,6 +240,11 @@ class OneNode:
 
     def settle(self) -> None:
         self.net.settle()
+
+
+def limits(**settings: float) -> NodeLimits:
+    """A node's limits with ``settings`` changed, the others at their defaults."""
+    return NodeLimits(**settings)  # type: ignore[arg-type]
 
 
 # ---------------------------------------------------------------- the users' ends

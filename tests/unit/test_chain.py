@@ -22,7 +22,7 @@ from pvpn.nodes.gateway import GatewayNode
 from pvpn.nodes.server import ServerNode
 from pvpn.user import UserChain, UserLink
 
-from net import Network, authorized, client_tls, first, make_pki, signer, user_keys
+from net import Network, authorized, client_tls, first, limits, make_pki, signer, user_keys
 
 ADDR = {"gw1": "10.0.1.1", "gw2": "10.0.2.1", "server": "10.0.3.1", "gw3": "10.0.4.1"}
 NAT = ipaddress.ip_address("10.9.0.1").packed
@@ -475,12 +475,6 @@ def test_the_server_hop_carries_packets_only(world: Any) -> None:
     net.pump()
     fail = failure(events)
     assert fail.where == "server" and "packets only" in fail.reason
-
-
-def limits(**settings: float) -> Any:
-    from pvpn.config import NodeLimits  # here, so the module loads on code without it
-
-    return NodeLimits(**settings)  # type: ignore[arg-type]
 
 
 def send_and_count(net: Net, chain: UserChain, events: list[Any]) -> int:

@@ -17,7 +17,7 @@ from pvpn.events import LinkEstablished, LinkRefused
 from pvpn.nodes.server import ServerNode
 from pvpn.user import UserLink
 
-from net import OneNode, authorized, client_tls, make_pki, signer, user_keys
+from net import OneNode, authorized, client_tls, limits, make_pki, signer, user_keys
 
 SERVER_IP = "10.0.0.1"
 
@@ -31,12 +31,6 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
             "users": authorized(d / "users", keys), "keys": keys,
             "server_ctx": tls.make_server_context(str(crt), str(key)),
             "client_ctx": tls.make_client_context(ca_file=str(d / "ca" / "ca.crt"))}
-
-
-def limits(**settings: float) -> Any:
-    from pvpn.config import NodeLimits  # here, so the module loads on code without it
-
-    return NodeLimits(**settings)  # type: ignore[arg-type]
 
 
 class Node(OneNode):
