@@ -17,6 +17,8 @@ from pvpn import auth, pki
 from pvpn.errors import AuthError, ConfigError
 from pvpn.tls import TlsSession, make_client_context, make_server_context
 
+from net import transfer
+
 BINDING = bytes(range(32))
 
 
@@ -315,14 +317,7 @@ def test_signature_is_bound_to_its_tls_session(alice_key: rsa.RSAPrivateKey, tmp
             server_side=False, server_name="server",
         )
         client.start()
-        while True:
-            to_server, to_client = client.data_to_send(), server.data_to_send()
-            if not to_server and not to_client:
-                break
-            if to_server:
-                server.receive_data(to_server)
-            if to_client:
-                client.receive_data(to_client)
+        transfer(client, server)
         assert client.binding() == server.binding()
         bindings.append(server.binding())
     challenge = os.urandom(auth.CHALLENGE_SIZE)

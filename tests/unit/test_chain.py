@@ -11,10 +11,8 @@ from typing import Any
 import pytest
 from scapy.layers.inet import IP, UDP
 
-from pvpn import auth, pki, tls
-from pvpn.commands import (
-    CloseLink, CloseNext, InjectPacket, LogRecord, OpenNextHop, SendBytes, SendNext,
-)
+from pvpn import auth, tls
+from pvpn.commands import CloseLink, LogRecord, SendBytes
 from pvpn.config import (
     GatewayConfig, GatewayPolicy, ServerConfig, UserPolicy, parse_next_hop_rule, parse_prefix,
 )
@@ -24,35 +22,30 @@ from pvpn.nodes.gateway import GatewayNode
 from pvpn.nodes.server import ServerNode
 from pvpn.user import UserChain, UserLink
 
+from net import Network, authorized, client_tls, first, limits, make_pki, signer, user_keys
+
 ADDR = {"gw1": "10.0.1.1", "gw2": "10.0.2.1", "server": "10.0.3.1", "gw3": "10.0.4.1"}
 NAT = ipaddress.ip_address("10.9.0.1").packed
 MARKER = b"PVPN-SECRET-MARKER-0123456789"
+HOPS = [ADDR["gw1"], ADDR["gw2"], ADDR["server"]]
 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     d = tmp_path_factory.mktemp("chain")
-    pki.create_ca(d / "ca")
-    certs = {name: pki.issue_certificate(d / "ca", name, d / name, ips=[ip])
-             for name, ip in ADDR.items()}
-    users = d / "users"
-    users.mkdir()
-    keys = {}
-    for name in ("alice", "bob", "carol"):
-        keys[name] = auth.generate_user_key(2048)
-        auth.save_public_key(keys[name], users / f"{name}.pub", name)
-    return {"ca": str(d / "ca" / "ca.crt"), "certs": certs, "users": users, "keys": keys}
+    certs = make_pki(d, ADDR)
+    keys = user_keys("alice", "bob", "carol")
+    return {"ca": str(d / "ca" / "ca.crt"), "certs": certs, "users": authorized(d / "users", keys),
+            "keys": keys}
 
 
-class Net:
-    """Nodes by address; links between them carried in memory."""
+class Net(Network):
+    """gw1, gw2, gw3 and the server by address, on an in-memory network."""
 
     def __init__(self, w: dict[str, Any], gw_users: dict[str, dict[str, list[str]]] | None = None,
                  gw_names: dict[str, str] | None = None) -> None:
+        super().__init__(now=10.0, rounds=200)
         self.w = w
-        self.now = 10.0
-        self.nodes: dict[str, Any] = {}
-        self.ctx: dict[str, Any] = {}
         gw_users = gw_users or {
             "gw1": {"alice": [f"{ADDR['gw2']}:4433"], "bob": [f"{ADDR['gw2']}:4433"]},
             "gw2": {"alice": [f"{ADDR['server']}:4433"], "bob": ["10.0.3.0/24"]},
@@ -64,128 +57,60 @@ class Net:
                                 w["users"], 5.0, {
                                     user: GatewayPolicy([parse_next_hop_rule(r, "t") for r in rules])
                                     for user, rules in gw_users[gw].items()})
-            self.nodes[ADDR[gw]] = GatewayNode(cfg, auth.AuthorizedKeys(w["users"]),
-                                               auth.verify_signature)
-            self.ctx[ADDR[gw]] = tls.make_server_context(str(crt), str(key))
+            self.add(ADDR[gw], GatewayNode(cfg, auth.AuthorizedKeys(w["users"]),
+                                           auth.verify_signature),
+                     tls.make_server_context(str(crt), str(key)))
         crt, key = w["certs"]["server"]
         allow = [parse_prefix("10.9.0.0/24")]
         scfg = ServerConfig(Path("s.toml"), "server", [], crt, key, w["users"], 0, (61000, 61999),
                             "t", {"alice": UserPolicy(list(allow)), "bob": UserPolicy(list(allow))})
         self.server = ServerNode(scfg, auth.AuthorizedKeys(w["users"]), auth.verify_signature,
                                  lambda dst: NAT)
-        self.nodes[ADDR["server"]] = self.server
-        self.ctx[ADDR["server"]] = tls.make_server_context(str(crt), str(key))
-        self.ids = 0
-        # (address, link id) -> the upstream end: ("user", chain) or ("next", address, link id)
-        self.upstream: dict[tuple[str, int], tuple[Any, ...]] = {}
-        self.downstream: dict[tuple[str, int], tuple[str, int]] = {}
-        self.injected: list[bytes] = []
-        self.logs: list[Any] = []
-        self.seen_by_gateways: list[bytes] = []
-        self.closed: set[tuple[str, int]] = set()
-        # hold_next: gateways' OpenNextHop commands wait in `held` instead of being answered.
-        self.hold_next = False
-        self.held: list[tuple[str, OpenNextHop]] = []
-        # Next hops that take the gateway's TCP connection and never say a word.
-        self.silent: set[str] = set()
+        self.add(ADDR["server"], self.server, tls.make_server_context(str(crt), str(key)))
 
-    def open(self, address: str, upstream: tuple[Any, ...]) -> int:
-        self.ids += 1
-        node = self.nodes[address]
-        node.link_opened(self.ids, tls.TlsSession(self.ctx[address], server_side=True), "peer",
-                         self.now)
-        self.upstream[(address, self.ids)] = upstream
-        return self.ids
+    pump = Network.settle
 
     def chain(self, user: str, hops: list[str], key_user: str | None = None,
               session: bytes = b"S" * 16, token: bytes | None = None) -> tuple[UserChain, list[Any]]:
-        key = self.w["keys"][key_user or user]
+        sign = signer(self.w["keys"][key_user or user], user)
         ctx = tls.make_client_context(ca_file=self.w["ca"])
 
         def make(index: int, before: list[str]) -> UserLink:
             last = index == len(hops) - 1
-            s = tls.TlsSession(ctx, server_side=False, server_name=hops[index])
-            s.start()
-            return UserLink(s, user=user, uid=1001, want=["10.9.0.0/24"] if last else [],
-                            signer=lambda n, b, node: auth.sign_challenge(key, n, b, user, node),
+            return UserLink(client_tls(ctx, hops[index]), user=user, uid=1001,
+                            want=["10.9.0.0/24"] if last else [], signer=sign,
                             client_name="c", session=session, token=token if last else None,
                             next_hop=None if last else f"{hops[index + 1]}:4433", path=before,
                             hops=16 - index)
 
         chain = UserChain(make, len(hops), hops)
-        events: list[Any] = []
+        return chain, self.join(chain, hops[0])
+
+    def join(self, chain: UserChain, first_hop: str) -> list[Any]:
+        """``chain`` started, its first link opened to ``first_hop``, and the network settled:
+        the list of what the chain will hear."""
         chain.start(self.now)
-        link = self.open(hops[0], ("user", chain, events))
-        chain.first = (hops[0], link)  # type: ignore[attr-defined]
+        link = self.open(first_hop, chain)
+        chain.first = (first_hop, link)  # type: ignore[attr-defined]
         self.pump()
-        return chain, events
-
-    def deliver_up(self, address: str, link: int, data: bytes) -> None:
-        up = self.upstream[(address, link)]
-        if up[0] == "user":
-            up[2].extend(up[1].receive_data(data, self.now))
-        else:
-            self.seen_by_gateways.append(data)
-            self.nodes[up[1]].next_data(up[2], data, self.now)
-
-    def pump(self) -> None:
-        for _ in range(200):
-            moved = False
-            for (address, link), up in list(self.upstream.items()):
-                if up[0] == "user" and (address, link) not in self.closed:
-                    data = up[1].data_to_send(self.now)
-                    if data:
-                        moved = True
-                        self.nodes[address].receive_data(link, data, self.now)
-            for address, node in self.nodes.items():
-                node.flush(self.now)
-                commands, node.commands = node.commands, []
-                for cmd in commands:
-                    moved = True
-                    if isinstance(cmd, SendBytes):
-                        if (address, cmd.link) not in self.closed:
-                            self.deliver_up(address, cmd.link, cmd.data)
-                    elif isinstance(cmd, OpenNextHop) and self.hold_next:
-                        self.held.append((address, cmd))
-                    elif isinstance(cmd, OpenNextHop) and cmd.host in self.silent:
-                        self.downstream[(address, cmd.link)] = (cmd.host, 0)
-                        node.next_opened(cmd.link, self.now)
-                    elif isinstance(cmd, OpenNextHop):
-                        if cmd.host in self.nodes:
-                            down = self.open(cmd.host, ("next", address, cmd.link))
-                            self.downstream[(address, cmd.link)] = (cmd.host, down)
-                            node.next_opened(cmd.link, self.now)
-                        else:
-                            node.next_failed(cmd.link, "no route", self.now)
-                    elif isinstance(cmd, SendNext):
-                        self.seen_by_gateways.append(cmd.data)
-                        down_addr, down = self.downstream[(address, cmd.link)]
-                        if down_addr in self.silent:
-                            continue
-                        self.nodes[down_addr].receive_data(down, cmd.data, self.now)
-                    elif isinstance(cmd, InjectPacket):
-                        self.injected.append(cmd.packet)
-                    elif isinstance(cmd, LogRecord):
-                        self.logs.append((address, cmd.record))
-                    elif isinstance(cmd, CloseLink):
-                        self.closed.add((address, cmd.link))
-                    elif isinstance(cmd, CloseNext):
-                        pass
-            if not moved:
-                return
-        raise AssertionError("the chain did not settle")
+        return self.ends[first_hop].events[link]
 
 
 def up_event(events: list[Any]) -> ChainUp:
-    ups = [e for e in events if isinstance(e, ChainUp)]
-    assert ups, events
-    return ups[0]
+    return first(events, ChainUp)
+
+
+def alice_and_bob(net: Net) -> tuple[UserChain, list[Any], UserChain, list[Any]]:
+    """alice's and bob's chains up through gw1 and gw2 (sessions A... and B...), and what
+    each heard."""
+    alice, a_events = net.chain("alice", HOPS, session=b"A" * 16)
+    bob, b_events = net.chain("bob", HOPS, session=b"B" * 16)
+    up_event(a_events), up_event(b_events)
+    return alice, a_events, bob, b_events
 
 
 def failure(events: list[Any]) -> ChainFailed:
-    fails = [e for e in events if isinstance(e, ChainFailed)]
-    assert fails, events
-    return fails[0]
+    return first(events, ChainFailed)
 
 
 def test_two_gateway_chain_carries_packets_end_to_end(world: Any) -> None:
@@ -215,10 +140,7 @@ def test_two_gateway_chain_carries_packets_end_to_end(world: Any) -> None:
 
 def test_alice_and_bob_chains_through_the_same_gateways_never_cross(world: Any) -> None:
     net = Net(world)
-    hops = [ADDR["gw1"], ADDR["gw2"], ADDR["server"]]
-    alice, a_events = net.chain("alice", hops, session=b"A" * 16)
-    bob, b_events = net.chain("bob", hops, session=b"B" * 16)
-    up_event(a_events), up_event(b_events)
+    alice, a_events, bob, b_events = alice_and_bob(net)
     same = bytes(IP(src="10.0.0.2", dst="10.9.0.5") / UDP(sport=5000, dport=7) / b"q")
     alice.send_packets([same])
     bob.send_packets([same])
@@ -318,7 +240,7 @@ def test_server_refuses_to_act_as_a_gateway(world: Any) -> None:
 def test_wrong_certificate_at_a_gateway_is_fatal(world: Any) -> None:
     net = Net(world)
     # The node at gw3's address presents gw2's certificate: not the name the user asked for.
-    net.ctx[ADDR["gw3"]] = net.ctx[ADDR["gw2"]]
+    net.contexts[ADDR["gw3"]] = net.contexts[ADDR["gw2"]]
     users = {"alice": [parse_next_hop_rule("10.0.0.0/8", "t")]}
     net.nodes[ADDR["gw1"]].config.users["alice"] = GatewayPolicy(users["alice"])
     _, events = net.chain("alice", [ADDR["gw1"], ADDR["gw3"], ADDR["server"]])
@@ -381,11 +303,7 @@ def test_hop_limit_is_enforced_by_gateways(world: Any) -> None:
                         session=b"H" * 16, next_hop=f"{hops[index + 1]}:4433", path=before,
                         hops=0)  # no hop left to spend
 
-    chain = UserChain(make, len(hops), hops)
-    events: list[Any] = []
-    chain.start(net.now)
-    net.open(hops[0], ("user", chain, events))
-    net.pump()
+    events = net.join(UserChain(make, len(hops), hops), hops[0])
     fail = failure(events)
     assert fail.fatal and "hop limit" in fail.reason
 
@@ -438,10 +356,7 @@ def closed_chain(events: list[Any]) -> ChainFailed:
 
 def test_a_reload_ends_the_splices_of_a_user_whose_gateway_policy_is_gone(world: Any) -> None:
     net = Net(world)
-    hops = [ADDR["gw1"], ADDR["gw2"], ADDR["server"]]
-    _, a_events = net.chain("alice", hops, session=b"A" * 16)
-    _, b_events = net.chain("bob", hops, session=b"B" * 16)
-    up_event(a_events), up_event(b_events)
+    _, a_events, _, b_events = alice_and_bob(net)
     gw1 = net.nodes[ADDR["gw1"]]
     assert len(gw1.splices) == 2
     gw1.apply_policy({"bob": gw_policy(f"{ADDR['gw2']}:4433")}, net.now)
@@ -489,16 +404,6 @@ def test_a_splice_still_connecting_when_the_policy_goes_is_refused(world: Any) -
 
 
 CORRUPT_RECORD = b"\x17\x03\x03\x00\x40" + bytes(64)  # TLS application data that won't decrypt
-HOPS = [ADDR["gw1"], ADDR["gw2"], ADDR["server"]]
-
-
-def link_at(net: Net, address: str, user_chain: UserChain) -> int:
-    """The id of the link at ``address`` that carries ``user_chain`` (first hop) or its
-    next-hop connection (further hops)."""
-    for (addr, link), up in net.upstream.items():
-        if addr == address and (up[0] == "user" and up[1] is user_chain or up[0] == "next"):
-            return link
-    raise AssertionError(f"no link at {address}")
 
 
 def test_a_failed_next_hop_refused_on_a_link_whose_tls_failed_raises_nothing(world: Any) -> None:
@@ -538,7 +443,7 @@ def test_one_auth_per_link_a_second_closes_it(world: Any) -> None:
         user_link._send_control(MsgType.AUTH, {"signature": signature})
     net.pump()
     assert len(net.held) == 1, "one next-hop connection, whatever the copies"
-    assert (address, opening.link) in net.closed
+    assert opening.link in net.ends[address].closed
     assert any(r.event == "link:error" and "unexpected AUTH" in r.reason
                for a, r in net.logs if a == address)
 
@@ -572,12 +477,6 @@ def test_the_server_hop_carries_packets_only(world: Any) -> None:
     assert fail.where == "server" and "packets only" in fail.reason
 
 
-def limits(**settings: float) -> Any:
-    from pvpn.config import NodeLimits  # here, so the module loads on code without it
-
-    return NodeLimits(**settings)  # type: ignore[arg-type]
-
-
 def send_and_count(net: Net, chain: UserChain, events: list[Any]) -> int:
     """One UDP packet through ``chain`` and its reply back: how many replies arrived."""
     before = len(net.injected)
@@ -594,18 +493,6 @@ def send_and_count(net: Net, chain: UserChain, events: list[Any]) -> int:
     return len(got)
 
 
-def tick(net: Net, seconds: float, *chains: UserChain) -> None:
-    """Time passes in 5 s steps, keepalives and all."""
-    end = net.now + seconds
-    while net.now < end:
-        net.now = min(net.now + 5, end)
-        for chain in chains:
-            chain.handle_timer(net.now)
-        for node in net.nodes.values():
-            node.handle_timer(net.now)
-        net.pump()
-
-
 def test_live_sessions_reauthenticate_at_the_interval_over_the_same_link(world: Any) -> None:
     """Issue 9 point 8: every hop challenges a live session again every reauth_interval; the
     user's process signs the fresh nonce bound to the same TLS session, and traffic goes on."""
@@ -614,9 +501,9 @@ def test_live_sessions_reauthenticate_at_the_interval_over_the_same_link(world: 
         node.limits = limits(reauth_interval=60)
     chain, events = net.chain("alice", HOPS)
     up_event(events)
-    tick(net, 30, chain)
+    net.pass_time(30, step=5)
     assert not any(r.event == "auth:renewed" for _, r in net.logs)
-    tick(net, 31, chain)
+    net.pass_time(31, step=5)
     renewed = sorted(r.extra.get("node", a) for a, r in net.logs if r.event == "auth:renewed")
     assert renewed == sorted([ADDR["gw1"], ADDR["gw2"], ADDR["server"]])
     assert [link.reauthenticated for link in chain.links] == [1, 1, 1]
@@ -639,9 +526,7 @@ def test_a_reload_ends_sessions_whose_key_is_gone_and_reauthenticates_the_rest(
     every other live session gets at once, and the others go on."""
     w = keyed_world(world, tmp_path)
     net = Net(w)
-    alice, a_events = net.chain("alice", HOPS, session=b"A" * 16)
-    bob, b_events = net.chain("bob", HOPS, session=b"B" * 16)
-    up_event(a_events), up_event(b_events)
+    alice, a_events, bob, b_events = alice_and_bob(net)
     (w["users"] / "alice.pub").unlink()
     if change == "replaced":  # her process still holds the old key
         auth.save_public_key(w["keys"]["carol"], w["users"] / "alice.pub", "not alice's key")
@@ -671,7 +556,7 @@ def test_a_revoked_key_ends_the_session_at_the_next_interval(world: Any, tmp_pat
     chain, events = net.chain("alice", HOPS)
     up_event(events)
     (w["users"] / "alice.pub").unlink()
-    tick(net, 61, chain)
+    net.pass_time(61, step=5)
     assert not net.server.sessions
     assert any(r.event == "auth:revoked" for a, r in net.logs if a == ADDR["server"])
     assert chain.failed is not None
@@ -684,8 +569,8 @@ def test_an_unanswered_challenge_closes_the_link(world: Any) -> None:
     up_event(events)
     chain.links[-1]._signer = lambda *args: None  # type: ignore[assignment,return-value]
     chain.links[-1]._control = lambda envelope, now: None  # type: ignore[method-assign]  # mute
-    tick(net, 61, chain)
-    tick(net, 16, chain)
+    net.pass_time(61, step=5)
+    net.pass_time(16, step=5)
     assert any(r.event == "link:error" and "re-authentication" in r.reason
                for a, r in net.logs if a == ADDR["server"])
 

@@ -8,7 +8,6 @@ import asyncio
 import io
 import ipaddress
 import os
-import socket
 import struct
 from pathlib import Path
 from typing import Any, Iterator
@@ -21,14 +20,9 @@ from pvpn.config import load_client_config
 from pvpn.envelope import EnvelopeDecoder, MsgType, decode_control, encode_control, encode_envelope
 from pvpn.io import conntrack
 
+from net import FakeQueues, fake_tun
 
-def fake_tun(fds: list[int]) -> int:
-    """A TUN device's fd: pollable and writable (what is written goes to the other end,
-    which the list keeps to be closed), with nothing to read."""
-    ours, other = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
-    ours.setblocking(False)
-    fds.append(other.detach())
-    return ours.detach()
+SID = bytes(range(16))
 
 
 class Kernel:
@@ -47,23 +41,8 @@ class Kernel:
 def kernel(monkeypatch: pytest.MonkeyPatch) -> Iterator[Kernel]:
     k = Kernel()
     pipes: list[int] = []
+    queues = FakeQueues()
     DAEMONS.clear()
-
-    class Queue:
-        def __init__(self, number: int, callback: Any, max_len: int) -> None:
-            self.r, self.w = os.pipe()
-            pipes.extend((self.r, self.w))
-            self.callback = callback
-
-        def fileno(self) -> int:
-            return self.r
-
-        def drain(self) -> None:
-            pass
-
-        def close(self) -> None:
-            pass
-
     monkeypatch.setattr(dm.rules, "apply", k.applied.append)
     monkeypatch.setattr(dm.rules, "remove", lambda cmds: k.removed.append(cmds) or [])
     monkeypatch.setattr(dm.rules, "saved", lambda version: k.saved[version // 6])
@@ -83,11 +62,12 @@ def kernel(monkeypatch: pytest.MonkeyPatch) -> Iterator[Kernel]:
 
     monkeypatch.setattr(conntrack, "forget_marked", forget)
     monkeypatch.setattr(dm, "open_tun", lambda name: fake_tun(pipes))
-    monkeypatch.setattr(dm, "BatchedQueue", Queue)
+    monkeypatch.setattr(dm, "BatchedQueue", queues)
     monkeypatch.setattr(dm.rules, "ensure_rule", lambda *a: None)
     try:
         yield k
     finally:
+        queues.close_all()
         for fd in pipes:
             os.close(fd)
         for daemon in DAEMONS:  # the TUN devices of the sessions still open
@@ -136,9 +116,16 @@ class Process:
         self.read = 0
 
     def send(self, mtype: MsgType, fields: dict[str, Any], session: bytes = b"") -> None:
+        self.send_envelope(mtype, encode_control(fields), session)
+
+    def send_envelope(self, mtype: MsgType, body: bytes, session: bytes = b"") -> None:
         self.link.data_received(encode_envelope(mtype, session, self.transport.uid, self.seq,
-                                                encode_control(fields)))
+                                                body))
         self.seq += 1
+
+    def hand_back(self, packet: Any) -> None:
+        """A packet (bytes or scapy's) as the tunnel process hands it back from the tunnel."""
+        self.send_envelope(MsgType.PACKET, bytes(packet), SID)
 
     def replies(self) -> list[tuple[MsgType, dict[str, Any]]]:
         data = bytes(self.transport.written[self.read:])
@@ -150,6 +137,11 @@ class Process:
         self.send(MsgType.REGISTER, {"prefixes": prefixes, "server": server, **chain})
         (reply,) = self.replies()
         return reply
+
+    def bring_up(self, prefixes: tuple[str, ...] = ("10.77.1.0/24",)) -> None:
+        """Its session up: registered for ``prefixes`` and attached with SID."""
+        self.register(list(prefixes))
+        self.send(MsgType.ATTACH, {"session": SID})
 
 
 DAEMONS: list[dm.ClientDaemon] = []
@@ -169,7 +161,22 @@ def run(coro: Any) -> Any:
     return asyncio.run(coro)
 
 
-SID = bytes(range(16))
+def alice_with_flows(daemon: dm.ClientDaemon) -> tuple[Process, dict[int, Any]]:
+    """alice's session up, and a packet of hers out through its queue to 10.77.1.2 from each
+    of TCP ports 1 to 5 and UDP port 6: her process, and those flows by port."""
+    from scapy.layers.inet import IP, TCP, UDP
+
+    from pvpn.packet import parse_flow
+
+    alice = Process(daemon, 1001)
+    alice.bring_up()
+    out = {sport: bytes(IP(src="10.77.0.1", dst="10.77.1.2")
+                        / TCP(sport=sport, dport=80, flags="A")) for sport in range(1, 6)}
+    out[6] = bytes(IP(src="10.77.0.1", dst="10.77.1.2") / UDP(sport=6, dport=53))
+    for packet in out.values():
+        assert daemon.queues[0].callback(packet)
+    return alice, {sport: parse_flow(packet) for sport, packet in out.items()}
+
 
 
 def test_an_orderly_stop_keeps_every_session_and_its_rules(kernel: Kernel,
@@ -207,8 +214,7 @@ def test_attach_is_recorded_in_the_rules_for_the_next_pvpn_client(kernel: Kernel
     async def scenario() -> None:
         daemon = make_daemon(tmp_path)
         alice = Process(daemon, 1001)
-        alice.register(["10.77.1.0/24"])
-        alice.send(MsgType.ATTACH, {"session": SID})
+        alice.bring_up()
         recorded = kernel.applied[-1]
         assert f"pvpn-session={SID.hex()}" in recorded.v4 + recorded.v6
         alice.send(MsgType.ATTACH, {"session": SID})
@@ -224,8 +230,7 @@ def test_a_process_that_never_had_a_held_session_up_cannot_end_it(kernel: Kernel
     async def scenario() -> None:
         daemon = make_daemon(tmp_path)
         first = Process(daemon, 1001, pid=1)
-        first.register(["10.77.1.0/24"])
-        first.send(MsgType.ATTACH, {"session": SID})
+        first.bring_up()
         first.transport.close()  # killed
         await asyncio.sleep(0)
         second = Process(daemon, 1001, pid=2)
@@ -236,8 +241,7 @@ def test_a_process_that_never_had_a_held_session_up_cannot_end_it(kernel: Kernel
         assert kernel.removed == [] and len(daemon.registry.sessions) == 1
         # The process that has it up ends it.
         third = Process(daemon, 1001, pid=3)
-        third.register(["10.77.1.0/24"])
-        third.send(MsgType.ATTACH, {"session": SID})
+        third.bring_up()
         third.send(MsgType.UNREGISTER, {"reason": "ended by the user"})
         assert daemon.registry.sessions == {} and len(kernel.removed) == 1
 
@@ -249,8 +253,7 @@ def test_an_ended_session_leaves_no_mark_and_a_carried_mark_is_quarantined(
     async def scenario() -> None:
         daemon = make_daemon(tmp_path)
         alice = Process(daemon, 1001)
-        alice.register(["10.77.1.0/24"])
-        alice.send(MsgType.ATTACH, {"session": SID})
+        alice.bring_up()
         mark = daemon.registry.sessions[0].mark
         kernel.marked[mark] = 3  # her connections, marked by her TUN device
         alice.send(MsgType.UNREGISTER, {"reason": "ended by the user"})
@@ -469,16 +472,12 @@ def test_icmp_errors_handed_back_enter_the_host_only_as_a_host_may_receive_them(
     async def scenario() -> None:
         daemon = make_daemon(tmp_path)
         alice = Process(daemon, 1001)
-        alice.register(["10.77.1.0/24"])
-        alice.send(MsgType.ATTACH, {"session": SID})
+        alice.bring_up()
         session = daemon.registry.sessions[0]
         out = bytes(IP(src="10.77.0.1", dst="10.77.1.2") / UDP(sport=5000, dport=53) / b"q")
         assert daemon.queues[0].callback(out)  # hers, on its way out: now a flow of hers
 
-        def hand_back(packet: Any) -> None:
-            alice.link.data_received(encode_envelope(MsgType.PACKET, SID, 1001, alice.seq,
-                                                     bytes(packet)))
-            alice.seq += 1
+        hand_back = alice.hand_back
 
         hand_back(IP(src="10.77.1.2", dst="10.77.0.1") / ICMP(type=5, code=1, gw="10.77.1.66")
                   / out)  # a redirect: would move the host's route
@@ -502,8 +501,7 @@ def test_an_exception_in_one_connections_handling_closes_that_connection_only(
     async def scenario() -> None:
         daemon = make_daemon(tmp_path)
         alice, bob = Process(daemon, 1001), Process(daemon, 1002)
-        alice.register(["10.77.1.0/24"])
-        alice.send(MsgType.ATTACH, {"session": SID})
+        alice.bring_up()
 
         def broken(link: Any, packet: bytes) -> None:
             raise KeyError("a bug")
@@ -646,8 +644,7 @@ def test_a_user_cycling_their_own_session_cannot_flood_root_s_log(kernel: Kernel
     async def scenario() -> None:
         daemon = make_daemon(tmp_path)
         bob = Process(daemon, 1002)
-        bob.register(["10.77.1.0/24"])
-        bob.send(MsgType.ATTACH, {"session": SID})
+        bob.bring_up()
         bob.transport.close()
         await asyncio.sleep(0)
         for i in range(200):
@@ -781,17 +778,14 @@ def test_a_reply_for_a_port_that_changed_hands_never_reaches_the_new_owner(
     async def scenario() -> None:
         daemon = make_daemon(tmp_path)
         bob = Process(daemon, 1002)
-        bob.register(["10.77.1.0/24"])
-        bob.send(MsgType.ATTACH, {"session": SID})
+        bob.bring_up()
         session = daemon.registry.sessions[0]
         out = bytes(IP(src="10.77.0.1", dst="10.77.1.2") / UDP(sport=40000, dport=53) / b"q")
         assert daemon.queues[0].callback(out)
         reply = bytes(IP(src="10.77.1.2", dst="10.77.0.1") / UDP(sport=53, dport=40000)
                       / b"forged")
 
-        def hand_back(packet: bytes) -> None:
-            bob.link.data_received(encode_envelope(MsgType.PACKET, SID, 1002, bob.seq, packet))
-            bob.seq += 1
+        hand_back = bob.hand_back
 
         hand_back(reply)  # nobody's socket there: the kernel answers it itself
         assert session.packets_in == 1
@@ -825,10 +819,8 @@ def test_a_session_id_another_session_holds_cannot_be_attached(kernel: Kernel,
     async def scenario() -> None:
         daemon = make_daemon(tmp_path)
         alice, bob = Process(daemon, 1001), Process(daemon, 1002)
-        alice.register(["10.77.1.0/24"])
-        alice.send(MsgType.ATTACH, {"session": SID})
-        bob.register(["10.77.1.0/24"])
-        bob.send(MsgType.ATTACH, {"session": SID})
+        alice.bring_up()
+        bob.bring_up()
         assert bob.transport.closed
         owners = {s.uid: s.session_id for s in daemon.registry.sessions.values()}
         assert owners == {1001: SID, 1002: b""}
@@ -849,8 +841,7 @@ def test_rules_someone_else_removed_are_put_back_by_the_next_check(
     async def scenario() -> None:
         daemon = make_daemon(tmp_path)
         alice = Process(daemon, 1001)
-        alice.register(["10.77.1.0/24", "fd77:0:0:1::/64"])
-        alice.send(MsgType.ATTACH, {"session": SID})
+        alice.bring_up(("10.77.1.0/24", "fd77:0:0:1::/64"))
         flushed = ["*mangle\n:OUTPUT ACCEPT [0:0]\nCOMMIT\n"] * 2
         epoch = daemon.rules_epoch
         daemon.registry.sessions[0].recorded = SID
@@ -877,9 +868,7 @@ def test_a_new_server_session_makes_its_tcp_connections_answer_for_their_reset(
     that will never come; pvpn-client makes each of her connected TCP sockets answer (a SYN
     from its remote end: a challenge ACK comes back, which the server resets), and no other
     socket: not a connecting one, not bob's, no UDP one, none when the session was resumed."""
-    from scapy.layers.inet import IP, TCP, UDP
-
-    from pvpn.packet import parse_flow
+    from scapy.layers.inet import IP, TCP
 
     sockets: dict[Any, tuple[int | None, int]] = {}
 
@@ -904,15 +893,7 @@ def test_a_new_server_session_makes_its_tcp_connections_answer_for_their_reset(
 
     async def scenario() -> None:
         daemon = make_daemon(tmp_path)
-        alice = Process(daemon, 1001)
-        alice.register(["10.77.1.0/24"])
-        alice.send(MsgType.ATTACH, {"session": SID})
-        out = {sport: bytes(IP(src="10.77.0.1", dst="10.77.1.2")
-                            / TCP(sport=sport, dport=80, flags="A")) for sport in range(1, 6)}
-        out[6] = bytes(IP(src="10.77.0.1", dst="10.77.1.2") / UDP(sport=6, dport=53))
-        for packet in out.values():
-            assert daemon.queues[0].callback(packet)
-        flows = {sport: parse_flow(packet) for sport, packet in out.items()}
+        alice, flows = alice_with_flows(daemon)
         sockets[flows[1]] = (1001, 1)  # hers, ESTABLISHED
         sockets[flows[2]] = (1001, 8)  # hers, CLOSE_WAIT
         sockets[flows[3]] = (1001, 2)  # hers, SYN_SENT: a SYN would be a simultaneous open
@@ -949,10 +930,7 @@ def test_an_ended_session_aborts_its_user_s_tcp_connections_before_its_rules_go(
     connecting), by the cookie of exactly that socket, while the session's rules still hold
     (the kernel's reset goes into her queue, not out in clear), and no other socket: not her
     listener on the same port, not bob's, not a TIME_WAIT one, no UDP one."""
-    from scapy.layers.inet import IP, TCP, UDP
-
     from pvpn.io.sockdiag import Found
-    from pvpn.packet import parse_flow
 
     sockets: dict[Any, Found] = {}
     aborted: list[tuple[Any, bytes, int]] = []
@@ -974,15 +952,7 @@ def test_an_ended_session_aborts_its_user_s_tcp_connections_before_its_rules_go(
 
     async def scenario() -> None:
         daemon = make_daemon(tmp_path)
-        alice = Process(daemon, 1001)
-        alice.register(["10.77.1.0/24"])
-        alice.send(MsgType.ATTACH, {"session": SID})
-        out = {sport: bytes(IP(src="10.77.0.1", dst="10.77.1.2")
-                            / TCP(sport=sport, dport=80, flags="A")) for sport in range(1, 6)}
-        out[6] = bytes(IP(src="10.77.0.1", dst="10.77.1.2") / UDP(sport=6, dport=53))
-        for packet in out.values():
-            assert daemon.queues[0].callback(packet)
-        flows = {sport: parse_flow(packet) for sport, packet in out.items()}
+        alice, flows = alice_with_flows(daemon)
         sockets[flows[1]] = Found(1001, 1, b"cookie-1")  # hers, ESTABLISHED
         sockets[flows[2]] = Found(1001, 2, b"cookie-2")  # hers, SYN_SENT
         sockets[flows[3]] = Found(1001, 10, b"cookie-3")  # her listener now holds the port
@@ -1027,8 +997,7 @@ def test_a_kernel_that_cannot_abort_still_ends_the_session_and_says_so(
     async def scenario() -> None:
         daemon = make_daemon(tmp_path)
         alice = Process(daemon, 1001)
-        alice.register(["10.77.1.0/24"])
-        alice.send(MsgType.ATTACH, {"session": SID})
+        alice.bring_up()
         assert daemon.queues[0].callback(bytes(IP(src="10.77.0.1", dst="10.77.1.2")
                                                / TCP(sport=1, dport=80, flags="A")))
         alice.send(MsgType.UNREGISTER, {"reason": "done"})

@@ -94,6 +94,13 @@ def make_host(tmp_path: Path, kernel: Kernel | None = None,
                       lambda uid: f"user{uid}", kernel or Kernel()), owners
 
 
+def host_and_kernel(tmp_path: Path) -> tuple[ClientHost[LocalPeer], Kernel]:
+    """A host and the kernel it asks, for the tests that read what it asked."""
+    kernel = Kernel()
+    host, _ = make_host(tmp_path, kernel)
+    return host, kernel
+
+
 def connect(host: ClientHost[LocalPeer], uid: int, now: float = 0.0,
             id: int = 1) -> LocalPeer:
     peer = LocalPeer(id)
@@ -110,6 +117,15 @@ def attached(host: ClientHost[LocalPeer], uid: int = ALICE) -> tuple[SlotSession
     peer.session = session
     host.links[session.slot] = peer
     return session, peer
+
+
+def after_a_packet(tmp_path: Path) -> tuple[ClientHost[LocalPeer], Owners, SlotSession,
+                                             LocalPeer]:
+    """alice's session up, and one packet of hers (``sent_by_alice``) out through it."""
+    host, owners = make_host(tmp_path)
+    session, peer = attached(host)
+    host.queued(session, sent_by_alice(), 0.0)
+    return host, owners, session, peer
 
 
 def records(host: ClientHost[LocalPeer]) -> list[dict[str, Any]]:
@@ -196,9 +212,7 @@ def test_a_congested_tunnel_process_gets_nothing_more(tmp_path: Path) -> None:
 
 
 def test_a_reply_to_a_flow_the_session_sent_is_written_to_its_tun(tmp_path: Path) -> None:
-    host, owners = make_host(tmp_path)
-    session, peer = attached(host)
-    host.queued(session, sent_by_alice(), 0.0)
+    host, owners, session, peer = after_a_packet(tmp_path)
     (flow,) = session.flows
     owners.of[flow] = ALICE
     host.reply(peer, reply(), 1.0)
@@ -213,9 +227,7 @@ def test_a_reply_to_a_flow_the_session_sent_is_written_to_its_tun(tmp_path: Path
 ])
 def test_a_reply_to_no_flow_of_the_session_never_reaches_the_tun(tmp_path: Path,
                                                                  forged: bytes) -> None:
-    host, _ = make_host(tmp_path)
-    session, peer = attached(host)
-    host.queued(session, sent_by_alice(), 0.0)
+    host, _, session, peer = after_a_packet(tmp_path)
     host.reply(peer, forged, 1.0)
     assert not any(type(c) is WriteTun for c in host.commands)
     assert session.drops.as_dict() == {Drop.REPLY_NO_FLOW.value: 1}
@@ -224,9 +236,7 @@ def test_a_reply_to_no_flow_of_the_session_never_reaches_the_tun(tmp_path: Path,
 
 def test_a_reply_whose_port_changed_hands_or_whose_owner_is_unknown_is_dropped(
         tmp_path: Path) -> None:
-    host, owners = make_host(tmp_path)
-    session, peer = attached(host)
-    host.queued(session, sent_by_alice(), 0.0)
+    host, owners, session, peer = after_a_packet(tmp_path)
     (flow,) = session.flows
     owners.of[flow] = BOB
     host.reply(peer, reply(), 1.0)
@@ -237,9 +247,7 @@ def test_a_reply_whose_port_changed_hands_or_whose_owner_is_unknown_is_dropped(
 
 
 def test_malformed_replies_and_redirects_are_dropped(tmp_path: Path) -> None:
-    host, _ = make_host(tmp_path)
-    session, peer = attached(host)
-    host.queued(session, sent_by_alice(), 0.0)
+    host, _, session, peer = after_a_packet(tmp_path)
     host.reply(peer, b"\x45\x00garbage", 1.0)
     redirect = bytes(IP(src="10.77.1.9", dst="192.168.1.5") / ICMP(type=5, code=1)
                      / bytes(IP(sent_by_alice()))[:28])
@@ -257,9 +265,7 @@ def test_a_packet_before_the_session_is_attached_is_the_remote_error(tmp_path: P
 
 
 def test_a_full_tun_uncounts_the_reply_and_counts_the_drop(tmp_path: Path) -> None:
-    host, owners = make_host(tmp_path)
-    session, peer = attached(host)
-    host.queued(session, sent_by_alice(), 0.0)
+    host, owners, session, peer = after_a_packet(tmp_path)
     host.reply(peer, reply(), 1.0)
     (write,) = host.commands
     assert type(write) is WriteTun
@@ -326,13 +332,17 @@ class Process:
                                                 "server": "vpn.example:4433", **fields})
         return answer
 
+    def bring_up(self) -> None:
+        """Its session up: registered for 10.77.1.0/24 and attached with SID."""
+        self.register(["10.77.1.0/24"])
+        self.ask(MsgType.ATTACH, {"session": SID})
+
     def closed(self) -> bool:
         return CloseLocal(self.peer) in self.host.commands
 
 
 def test_register_then_attach_brings_a_session_up_and_records_its_id(tmp_path: Path) -> None:
-    kernel = Kernel()
-    host, _ = make_host(tmp_path, kernel)
+    host, kernel = host_and_kernel(tmp_path)
     alice = Process(host, ALICE)
     mtype, fields = alice.register(["10.77.1.0/24"])
     assert mtype is MsgType.REGISTERED and fields["uid"] == ALICE
@@ -355,8 +365,7 @@ def test_register_then_attach_brings_a_session_up_and_records_its_id(tmp_path: P
 ])
 def test_register_refusals_say_why_and_install_nothing(tmp_path: Path, fields: dict[str, Any],
                                                        reason: str) -> None:
-    kernel = Kernel()
-    host, _ = make_host(tmp_path, kernel)
+    host, kernel = host_and_kernel(tmp_path)
     alice = Process(host, ALICE)
     mtype, answer = alice.register(fields.pop("prefixes", ["10.77.1.0/24"]), **fields)
     assert mtype is MsgType.ERROR and answer["code"] == "refused" and reason in answer["reason"]
@@ -432,11 +441,9 @@ def disconnect(p: Process, session: str = "", slot: int | None = None,
 
 def test_disconnect_by_prefix_ends_the_session_and_tells_its_tunnel_process(
         tmp_path: Path) -> None:
-    kernel = Kernel()
-    host, _ = make_host(tmp_path, kernel)
+    host, kernel = host_and_kernel(tmp_path)
     alice = Process(host, ALICE)
-    alice.register(["10.77.1.0/24"])
-    alice.ask(MsgType.ATTACH, {"session": SID})
+    alice.bring_up()
     ((mtype, answer),) = disconnect(Process(host, ALICE, id=2), SID.hex()[:8])
     assert mtype is MsgType.STATUS_REPLY and answer["sessions"][0]["session"] == SID.hex()
     assert alice.closed() and alice.peer.unregistered and alice.peer.session is None
@@ -475,11 +482,9 @@ def test_disconnect_all_as_root_ends_every_session(tmp_path: Path) -> None:
 
 
 def test_a_lost_tunnel_process_leaves_its_session_held_and_dropping(tmp_path: Path) -> None:
-    kernel = Kernel()
-    host, _ = make_host(tmp_path, kernel)
+    host, kernel = host_and_kernel(tmp_path)
     alice = Process(host, ALICE)
-    alice.register(["10.77.1.0/24"])
-    alice.ask(MsgType.ATTACH, {"session": SID})
+    alice.bring_up()
     (session,) = host.registry.sessions.values()
     host.lost(alice.peer, 5.0)
     assert session.state.startswith("held") and session.held_since == 5.0
@@ -496,8 +501,7 @@ def test_a_lost_tunnel_process_leaves_its_session_held_and_dropping(tmp_path: Pa
 
 def test_a_held_session_whose_devices_failed_gets_them_at_its_next_register(
         tmp_path: Path) -> None:
-    kernel = Kernel()
-    host, _ = make_host(tmp_path, kernel)
+    host, kernel = host_and_kernel(tmp_path)
     session = host.registry.adopt(0, ALICE, "user1001", [NET], 1, 0x10000, "pvpnc0", 0.0,
                                   session_id=SID, ever_up=True)
     assert Process(host, ALICE).register(["10.77.1.0/24"])[0] is MsgType.REGISTERED
@@ -506,11 +510,9 @@ def test_a_held_session_whose_devices_failed_gets_them_at_its_next_register(
 
 def test_unregister_of_a_picked_up_session_never_brought_up_keeps_it_held(
         tmp_path: Path) -> None:
-    kernel = Kernel()
-    host, _ = make_host(tmp_path, kernel)
+    host, kernel = host_and_kernel(tmp_path)
     first = Process(host, ALICE)
-    first.register(["10.77.1.0/24"])
-    first.ask(MsgType.ATTACH, {"session": SID})
+    first.bring_up()
     host.lost(first.peer, 2.0)
     second = Process(host, ALICE, id=2)
     second.register(["10.77.1.0/24"])
@@ -518,8 +520,7 @@ def test_unregister_of_a_picked_up_session_never_brought_up_keeps_it_held(
     assert mtype is MsgType.STATUS_REPLY and answer["sessions"][0]["state"].startswith("held")
     assert second.closed() and host.registry.sessions, "the earlier protection stays"
     third = Process(host, ALICE, id=3)
-    third.register(["10.77.1.0/24"])
-    third.ask(MsgType.ATTACH, {"session": SID})
+    third.bring_up()
     third.ask(MsgType.UNREGISTER, {"reason": "done"})
     assert not host.registry.sessions and ("uninstall", 0) in kernel.calls
 
@@ -538,8 +539,7 @@ def test_the_timer_ends_sessions_past_their_time_and_closes_idle_askers(
 
 
 def test_the_timer_writes_ids_not_yet_recorded_and_forgets_idle_flows(tmp_path: Path) -> None:
-    kernel = Kernel()
-    host, _ = make_host(tmp_path, kernel)
+    host, kernel = host_and_kernel(tmp_path)
     session, _ = attached(host)
     host.queued(session, sent_by_alice(), 1.0)
     host.tick(2.0)
@@ -551,11 +551,9 @@ def test_the_timer_writes_ids_not_yet_recorded_and_forgets_idle_flows(tmp_path: 
 
 
 def test_an_orderly_stop_lets_every_process_go_and_keeps_every_session(tmp_path: Path) -> None:
-    kernel = Kernel()
-    host, _ = make_host(tmp_path, kernel)
+    host, kernel = host_and_kernel(tmp_path)
     alice, asker = Process(host, ALICE), Process(host, BOB, id=2)
-    alice.register(["10.77.1.0/24"])
-    alice.ask(MsgType.ATTACH, {"session": SID})
+    alice.bring_up()
     host.commands.clear()
     host.shutdown("pvpn-client stopping")
     assert alice.closed() and asker.closed() and alice.answers() == []

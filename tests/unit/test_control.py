@@ -14,6 +14,21 @@ from pvpn.errors import ConfigError
 from pvpn.io.control import start_control, stop_control
 
 
+def ask_status(path: Path, provider: Any) -> tuple[MsgType, dict[str, Any]]:
+    """`pvpn status --node`'s request to a control socket at ``path`` serving ``provider``."""
+    from pvpn.cli.main import ask_daemon
+
+    async def scenario() -> tuple[MsgType, dict[str, Any]]:
+        server = await start_control(path, provider)
+        try:
+            return await asyncio.get_running_loop().run_in_executor(
+                None, ask_daemon, path, MsgType.STATUS, {})
+        finally:
+            stop_control(server, path)
+
+    return asyncio.run(scenario())
+
+
 def test_status_and_no_takeover(tmp_path: Path) -> None:
     path = tmp_path / "node.ctl"
 
@@ -43,21 +58,9 @@ def test_status_and_no_takeover(tmp_path: Path) -> None:
 def test_a_status_too_large_for_one_envelope_comes_in_pages(tmp_path: Path) -> None:
     """Issue 9 point 2: 1,000 sessions (far over one envelope's 65,535 bytes) used to make the
     node raise LocalProtocolError while building its answer; now every one arrives."""
-    from pvpn.cli.main import ask_daemon
-
-    path = tmp_path / "node.ctl"
     sessions = [{"session": f"{n:032x}", "user": "u" * 32, "server": "s" * 300}
                 for n in range(1000)]
-
-    async def scenario() -> tuple[MsgType, dict[str, object]]:
-        server = await start_control(path, lambda: sessions)
-        try:
-            return await asyncio.get_running_loop().run_in_executor(
-                None, ask_daemon, path, MsgType.STATUS, {})
-        finally:
-            stop_control(server, path)
-
-    mtype, reply = asyncio.run(scenario())
+    mtype, reply = ask_status(tmp_path / "node.ctl", lambda: sessions)
     if os.geteuid() != 0:
         assert mtype is MsgType.ERROR
         return
@@ -68,21 +71,10 @@ def test_a_status_too_large_for_one_envelope_comes_in_pages(tmp_path: Path) -> N
 def _status_through_the_socket(tmp_path: Path, provider: Any,
                                monkeypatch: pytest.MonkeyPatch) -> list[Any]:
     """`pvpn status --node`'s request to a control socket serving ``provider``, as root."""
-    from pvpn.cli.main import ask_daemon
     from pvpn.io import control
 
     monkeypatch.setattr(control, "peer_credentials", lambda transport: (1, 0, 0))
-    path = tmp_path / "node.ctl"
-
-    async def scenario() -> tuple[MsgType, dict[str, Any]]:
-        server = await start_control(path, provider)
-        try:
-            return await asyncio.get_running_loop().run_in_executor(
-                None, ask_daemon, path, MsgType.STATUS, {})
-        finally:
-            stop_control(server, path)
-
-    mtype, reply = asyncio.run(scenario())
+    mtype, reply = ask_status(tmp_path / "node.ctl", provider)
     assert mtype is MsgType.STATUS_REPLY
     return list(reply["sessions"])
 

@@ -9,15 +9,7 @@ import pytest
 from pvpn.errors import ConfigError, FlowTableFull, LocalProtocolError
 from pvpn.flowtable import Flow, FlowTable
 from pvpn.packet import (
-    PROTO_ICMP,
-    PROTO_ICMPV6,
-    PROTO_TCP,
-    PROTO_UDP,
-    TCP_ACK,
-    TCP_FIN,
-    TCP_RST,
-    TCP_SYN,
-    FlowKey,
+    PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, FlowKey,
 )
 
 

@@ -25,6 +25,16 @@ def udp6(size: int) -> bytes:
     return bytes(IPv6(src="fd00::2", dst="fd09::5") / UDP(sport=5000, dport=7) / os.urandom(size))
 
 
+def fragments_of(datagram: bytes, mtu: int, ident: int) -> list[bytes]:
+    """``datagram`` cut for ``mtu``: whole if it fits, else in pieces that each fit."""
+    pieces = fr.fragment(datagram, mtu, ident)
+    if len(datagram) <= mtu:
+        assert pieces == [datagram]
+    else:
+        assert len(pieces) > 1 and all(len(p) <= mtu for p in pieces)
+    return pieces
+
+
 def test_the_checksum_is_rfc_1071s() -> None:
     header = bytes(IP(src="10.0.0.2", dst="10.9.0.5", ttl=7))
     assert fr.checksum(header[:10] + b"\0\0" + header[12:]) == int.from_bytes(header[10:12], "big")
@@ -36,11 +46,9 @@ def test_the_checksum_is_rfc_1071s() -> None:
 @pytest.mark.parametrize("mtu", [576, 1280, 1500, 9000])
 def test_ipv4_fragments_fit_the_mtu_and_rebuild_the_datagram(size: int, mtu: int) -> None:
     datagram = udp4(size)
-    pieces = fr.fragment(datagram, mtu, 77)
-    if len(datagram) <= mtu:
-        assert pieces == [datagram]
+    pieces = fragments_of(datagram, mtu, 77)
+    if len(pieces) == 1:
         return
-    assert len(pieces) > 1 and all(len(p) <= mtu for p in pieces)
     parsed = [IP(p) for p in pieces]
     assert all(p.id == 77 and p.chksum == IP(bytes(p)).chksum for p in parsed)
     assert all(p.flags == "MF" for p in parsed[:-1]) and parsed[-1].flags == 0
@@ -62,11 +70,9 @@ def test_ipv4_fragments_fit_the_mtu_and_rebuild_the_datagram(size: int, mtu: int
 def test_ipv6_fragments_carry_a_fragment_header_and_rebuild_the_datagram(size: int,
                                                                         mtu: int) -> None:
     datagram = udp6(size)
-    pieces = fr.fragment(datagram, mtu, 0xDEADBEEF)
-    if len(datagram) <= mtu:
-        assert pieces == [datagram]
+    pieces = fragments_of(datagram, mtu, 0xDEADBEEF)
+    if len(pieces) == 1:
         return
-    assert len(pieces) > 1 and all(len(p) <= mtu for p in pieces)
     headers = [IPv6(p)[IPv6ExtHdrFragment] for p in pieces]
     assert all(h.id == 0xDEADBEEF and h.nh == 17 for h in headers)
     assert [h.m for h in headers] == [1] * (len(pieces) - 1) + [0]

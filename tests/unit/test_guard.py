@@ -13,10 +13,12 @@ from typing import Any
 
 import pytest
 
-from pvpn import pki, tls
+from pvpn import tls
 from pvpn.commands import InjectPacket, LogRecord, SendBytes
 from pvpn.config import GatewayConfig, ServerConfig
 from pvpn.records import Record
+
+from net import FakeRaw, authorized, make_pki
 
 
 class FakeTransport(asyncio.Transport):
@@ -51,11 +53,9 @@ class FakeTransport(asyncio.Transport):
 @pytest.fixture(scope="module")
 def certs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     d = tmp_path_factory.mktemp("guard")
-    pki.create_ca(d / "ca")
-    crt, key = pki.issue_certificate(d / "ca", "node", d / "node", ips=["10.0.0.1"])
-    users = d / "users"
-    users.mkdir()
-    return {"crt": crt, "key": key, "users": users, "ca": d / "ca" / "ca.crt"}
+    ((crt, key),) = make_pki(d, {"node": "10.0.0.1"}).values()
+    return {"crt": crt, "key": key, "users": authorized(d / "users", {}),
+            "ca": d / "ca" / "ca.crt"}
 
 
 def records(stream: io.StringIO) -> list[dict[str, Any]]:
@@ -129,19 +129,6 @@ def test_the_gateway_survives_a_bug_in_a_links_callback(certs: dict[str, Path]) 
         assert bob.closed
 
     asyncio.run(scenario())
-
-
-class FakeRaw:
-    def __init__(self) -> None:
-        self.sent: list[bytes] = []
-
-    def send(self, packet: bytes) -> None:
-        if packet == b"boom":
-            raise OSError("raw socket broke")
-        self.sent.append(packet)
-
-    def close(self) -> None:
-        pass
 
 
 def test_the_server_survives_a_bug_in_a_reply_or_a_command(

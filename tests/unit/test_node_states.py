@@ -22,19 +22,17 @@ from hypothesis.stateful import (
 )
 from scapy.layers.inet import ICMP, IP, TCP, UDP
 
-from pvpn import auth, pki, tls
-from pvpn.commands import (
-    CloseLink, CloseNext, InjectPacket, LogRecord, OpenNextHop, SendBytes, SendNext,
-)
+from pvpn import auth, tls
 from pvpn.config import (
     GatewayConfig, GatewayPolicy, NodeLimits, ServerConfig, UserPolicy, parse_next_hop_rule,
     parse_prefix,
 )
 from pvpn.envelope import MsgType, encode_envelope
-from pvpn.errors import PvpnError
 from pvpn.nodes.gateway import GatewayNode
 from pvpn.nodes.server import ServerNode
 from pvpn.user import UserLink
+
+from net import Network, authorized, client_tls, make_pki, signer, user_keys
 
 ADDR = {"server": "10.0.3.1", "gateway": "10.0.1.1"}
 CORRUPT_RECORD = b"\x17\x03\x03\x00\x40" + bytes(64)
@@ -45,11 +43,8 @@ LIMITS = NodeLimits(hello_timeout=10, auth_timeout=15, reauth_interval=60,
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     d = tmp_path_factory.mktemp("states")
-    pki.create_ca(d / "ca")
-    certs = {role: pki.issue_certificate(d / "ca", role, d / role, ips=[ip])
-             for role, ip in ADDR.items()}
-    keys = {name: auth.generate_user_key(2048) for name in ("alice", "bob", "carol")}
-    return {"dir": d, "certs": certs, "keys": keys,
+    certs = make_pki(d, ADDR)
+    return {"dir": d, "certs": certs, "keys": user_keys("alice", "bob", "carol"),
             "client_ctx": tls.make_client_context(ca_file=str(d / "ca" / "ca.crt")),
             "server_ctx": {role: tls.make_server_context(str(c), str(k))
                            for role, (c, k) in certs.items()}}
@@ -64,9 +59,7 @@ class NodeMachine(RuleBasedStateMachine):
         super().__init__()
         w = self.world
         self.users_dir = w["dir"] / f"users{next(self.examples)}"
-        self.users_dir.mkdir()
-        for name in ("alice", "bob"):
-            auth.save_public_key(w["keys"][name], self.users_dir / f"{name}.pub", name)
+        authorized(self.users_dir, {name: w["keys"][name] for name in ("alice", "bob")})
         allow = [parse_prefix("10.9.0.0/24")]
         crt, key = w["certs"]["server"]
         self.server_policy = {"alice": UserPolicy(list(allow)), "bob": UserPolicy(list(allow))}
@@ -83,76 +76,35 @@ class NodeMachine(RuleBasedStateMachine):
             GatewayConfig(Path("g.toml"), "gw1", [], crt, key, self.users_dir, 5.0,
                           dict(self.gateway_policy), limits=LIMITS),
             auth.AuthorizedKeys(self.users_dir), auth.verify_signature)
-        for node in (server, gateway):
+        # The gateway's next hops are the rules' to open, fail, lose and feed (the_next_hop).
+        self.net = Network(now=1000.0, rounds=40)
+        self.net.hold_next = True
+        for kind, node in (("server", server), ("gateway", gateway)):
             node.MAX_LINKS = 12
-        self.nodes: dict[str, Any] = {"server": server, "gateway": gateway}
-        self.now = 1000.0
-        self.ids = itertools.count(1)
-        self.ends: dict[tuple[str, int], Any] = {}  # the peer's end: UserLink or TlsSession
-        self.unread: set[tuple[str, int]] = set()  # slow readers: their output is not read
-        self.closed: dict[str, set[int]] = {"server": set(), "gateway": set()}
-        self.opening: list[int] = []  # gateway links whose next hop is being connected
-        self.injected: list[bytes] = []
+            self.net.add(kind, node, w["server_ctx"][kind])
+        self.nodes = self.net.nodes
 
     def teardown(self) -> None:
         shutil.rmtree(self.users_dir, ignore_errors=True)
 
-    # ------------------------------------------------------------ moving bytes
-    def pump(self) -> None:
-        for _ in range(40):
-            moved = False
-            for (kind, link), end in list(self.ends.items()):
-                if link in self.closed[kind]:
-                    continue
-                data = end.data_to_send(self.now) if isinstance(end, UserLink) else \
-                    end.data_to_send()
-                if data:
-                    moved = True
-                    self.nodes[kind].receive_data(link, data, self.now)
-            for kind, node in self.nodes.items():
-                node.flush(self.now)
-                commands, node.commands = node.commands, []
-                for cmd in commands:
-                    moved = self.carry_out(kind, cmd) or moved
-            if not moved:
-                return
+    @property
+    def now(self) -> float:
+        return self.net.now
 
-    def carry_out(self, kind: str, cmd: Any) -> bool:
-        if isinstance(cmd, SendBytes):
-            assert cmd.link not in self.closed[kind], f"{kind} sent on closed link {cmd.link}"
-            end = self.ends.get((kind, cmd.link))
-            if end is None or (kind, cmd.link) in self.unread:
-                return False
-            if isinstance(end, UserLink):
-                end.receive_data(cmd.data, self.now)
-            else:
-                try:
-                    end.receive_data(cmd.data)
-                except PvpnError:
-                    pass  # a stranger's TLS end giving up is the stranger's business
-            return True
-        if isinstance(cmd, CloseLink):
-            self.closed[kind].add(cmd.link)
-        elif isinstance(cmd, OpenNextHop):
-            self.opening.append(cmd.link)
-        elif isinstance(cmd, InjectPacket):
-            self.injected = (self.injected + [cmd.packet])[-20:]
-        else:
-            assert isinstance(cmd, (LogRecord, SendNext, CloseNext)), cmd
-        return False
+    def end(self, link: tuple[str, int]) -> Any:
+        """The peer's end of ``link``: a UserLink, a stranger's TlsSession, or None."""
+        return self.net.ends[link[0]].peers.get(link[1])
+
+    def pump(self) -> None:
+        self.net.settle()
 
     def client_tls(self, kind: str) -> tls.TlsSession:
-        session = tls.TlsSession(self.world["client_ctx"], server_side=False,
-                                 server_name=ADDR[kind])
-        session.start()
-        return session
+        return client_tls(self.world["client_ctx"], ADDR[kind])
 
     def open(self, kind: str, source: int) -> int:
-        link = next(self.ids)
-        ctx = self.world["server_ctx"][kind]
-        self.nodes[kind].link_opened(link, lambda: tls.TlsSession(ctx, server_side=True),
-                                     f"192.0.2.{source}:{40000 + link}", self.now)
-        return link
+        link = self.net.ids + 1
+        return self.net.open(kind, source=f"192.0.2.{source}:{40000 + link}", link=link,
+                             lazily=True)
 
     # ------------------------------------------------------------ peers
     @rule(target=links, kind=st.sampled_from(["server", "gateway"]),
@@ -165,11 +117,11 @@ class NodeMachine(RuleBasedStateMachine):
         key = self.world["keys"]["carol" if wrong_key and odds == 0 else user]
         end = UserLink(self.client_tls(kind), user=user, uid=1001,
                        want=["10.9.0.0/24"] if kind == "server" else [],
-                       signer=lambda n, b, node: auth.sign_challenge(key, n, b, user, node),
+                       signer=signer(key, user),
                        client_name="client", session=bytes([link]) * 16,
                        next_hop=None if kind == "server" else "10.0.3.1:4433")
         end.start(self.now)
-        self.ends[(kind, link)] = end
+        self.net.attach(kind, link, end)
         self.pump()
         return kind, link
 
@@ -183,13 +135,13 @@ class NodeMachine(RuleBasedStateMachine):
             self.nodes[kind].receive_data(link, hello[:30] if stage == "partial" else hello,
                                           self.now)
             if stage == "tls":
-                self.ends[(kind, link)] = end
+                self.net.attach(kind, link, end)
         self.pump()
         return kind, link
 
     @rule(link=links, count=st.integers(1, 4), seed=st.integers(0, 255))
     def valid_traffic(self, link: tuple[str, int], count: int, seed: int) -> None:
-        end = self.ends.get(link)
+        end = self.end(link)
         if not isinstance(end, UserLink):
             return
         if link[0] == "gateway":
@@ -210,7 +162,7 @@ class NodeMachine(RuleBasedStateMachine):
 
     @rule(link=links, mtype=st.sampled_from(list(MsgType)), body=st.binary(max_size=80))
     def forged_envelope(self, link: tuple[str, int], mtype: MsgType, body: bytes) -> None:
-        end = self.ends.get(link)
+        end = self.end(link)
         if isinstance(end, UserLink):
             end._pending.append(encode_envelope(mtype, end.session, end.uid, end._seq.take(),
                                                 body))
@@ -219,19 +171,21 @@ class NodeMachine(RuleBasedStateMachine):
     @rule(link=links, slow=st.booleans())
     def slow_reader(self, link: tuple[str, int], slow: bool) -> None:
         self.nodes[link[0]].link_congested(link[1], slow)
-        (self.unread.add if slow else self.unread.discard)(link)
+        unread = self.net.ends[link[0]].unread
+        (unread.add if slow else unread.discard)(link[1])
         self.pump()
 
     @rule(link=links)
     def connection_lost(self, link: tuple[str, int]) -> None:
         self.nodes[link[0]].link_lost(link[1], self.now, "connection reset")
-        self.ends.pop(link, None)
+        self.net.ends[link[0]].peers.pop(link[1], None)
         self.pump()
 
     def reply(self, data: st.DataObject) -> None:
         server = self.nodes["server"]
-        if self.injected and data.draw(st.booleans()):
-            sent = IP(data.draw(st.sampled_from(self.injected)))
+        injected = self.net.injected[-20:]  # the latest ones: replies that may still be due
+        if injected and data.draw(st.booleans()):
+            sent = IP(data.draw(st.sampled_from(injected)))
             layer = sent.payload
             reply = IP(src=sent.dst, dst=sent.src) / type(layer)(
                 sport=layer.dport, dport=layer.sport) if hasattr(layer, "dport") else sent
@@ -246,7 +200,8 @@ class NodeMachine(RuleBasedStateMachine):
 
     def next_hop(self, data: st.DataObject, event: str) -> None:
         gateway = self.nodes["gateway"]
-        link = data.draw(st.sampled_from(self.opening)) if self.opening and \
+        opening = [command.link for _, command in self.net.held]
+        link = data.draw(st.sampled_from(opening)) if opening and \
             data.draw(st.booleans()) else data.draw(st.integers(0, 40))
         if event == "opened":
             gateway.next_opened(link, self.now)
@@ -304,13 +259,7 @@ class NodeMachine(RuleBasedStateMachine):
 
     @rule(seconds=st.sampled_from([0.5, 5, 11, 16, 40, 61]))
     def time_passes(self, seconds: float) -> None:
-        self.now += seconds
-        for end in self.ends.values():
-            if isinstance(end, UserLink):
-                end.handle_timer(self.now)
-        for node in self.nodes.values():
-            node.handle_timer(self.now)
-        self.pump()
+        self.net.pass_time(seconds)
 
     @rule(kind=st.sampled_from(["server", "gateway"]))
     def shutdown(self, kind: str) -> None:
@@ -323,7 +272,7 @@ class NodeMachine(RuleBasedStateMachine):
         for node in self.nodes.values():
             node.flush(self.now)
             for cmd in node.commands:
-                self.carry_out("server" if node is self.nodes["server"] else "gateway", cmd)
+                self.net.carry_out("server" if node is self.nodes["server"] else "gateway", cmd)
             node.commands.clear()
             assert not node._dirty
             links = node.links.values()

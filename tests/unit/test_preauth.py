@@ -7,16 +7,17 @@ what a stranger claimed that join no session's trace."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 
-from pvpn import auth, pki, tls
-from pvpn.commands import CloseLink, LogRecord, SendBytes
+from pvpn import auth, tls
 from pvpn.config import ServerConfig, UserPolicy, parse_prefix
 from pvpn.events import LinkEstablished, LinkRefused
 from pvpn.nodes.server import ServerNode
 from pvpn.user import UserLink
+
+from net import OneNode, authorized, client_tls, limits, make_pki, signer, user_keys
 
 SERVER_IP = "10.0.0.1"
 
@@ -24,25 +25,15 @@ SERVER_IP = "10.0.0.1"
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     d = tmp_path_factory.mktemp("preauth")
-    pki.create_ca(d / "ca")
-    crt, key = pki.issue_certificate(d / "ca", "server", d / "server", ips=[SERVER_IP])
-    users = d / "users"
-    users.mkdir()
-    keys = {name: auth.generate_user_key(2048) for name in ("alice", "bob")}
-    for name, k in keys.items():
-        auth.save_public_key(k, users / f"{name}.pub", name)
-    return {"ca": str(d / "ca" / "ca.crt"), "crt": str(crt), "key": str(key), "users": users,
-            "keys": keys, "server_ctx": tls.make_server_context(str(crt), str(key)),
+    ((crt, key),) = make_pki(d, {"server": SERVER_IP}).values()
+    keys = user_keys("alice", "bob")
+    return {"ca": str(d / "ca" / "ca.crt"), "crt": str(crt), "key": str(key),
+            "users": authorized(d / "users", keys), "keys": keys,
+            "server_ctx": tls.make_server_context(str(crt), str(key)),
             "client_ctx": tls.make_client_context(ca_file=str(d / "ca" / "ca.crt"))}
 
 
-def limits(**settings: float) -> Any:
-    from pvpn.config import NodeLimits  # here, so the module loads on code without it
-
-    return NodeLimits(**settings)  # type: ignore[arg-type]
-
-
-class Node:
+class Node(OneNode):
     """A server node, its links' user ends, and what it said to whom."""
 
     def __init__(self, w: dict[str, Any], **settings: float) -> None:
@@ -51,34 +42,26 @@ class Node:
         config = ServerConfig(Path("s.toml"), "server", [], Path(w["crt"]), Path(w["key"]),
                               w["users"], 0, (61000, 61999), "t",
                               {"alice": UserPolicy(list(allow)), "bob": UserPolicy(list(allow))})
-        self.node = ServerNode(config, auth.AuthorizedKeys(w["users"]), auth.verify_signature,
-                               lambda dst: bytes(4))
+        super().__init__(ServerNode(config, auth.AuthorizedKeys(w["users"]),
+                                    auth.verify_signature, lambda dst: bytes(4)),
+                         w["server_ctx"])
         if settings:
             self.node.limits = limits(**settings)
-        self.now = 100.0
-        self.ends: dict[int, Any] = {}  # link id -> the client's TlsSession or UserLink
-        self.events: dict[int, list[Any]] = {}
-        self.closed: set[int] = set()
-        self.logs: list[Any] = []
-        self.ids = 0
 
-    def tls_factory(self) -> Callable[[], tls.TlsSession]:
-        ctx = self.w["server_ctx"]
-        return lambda: tls.TlsSession(ctx, server_side=True)
+    @property
+    def ids(self) -> int:
+        return self.net.ids
 
     def open(self, peer: str = "10.0.0.7:40000", lazily: bool = False) -> int:
         """A connection from ``peer``; its TLS session made at once (or by the node, on the
         first bytes: ``lazily``)."""
-        self.ids += 1
-        made = self.tls_factory()
-        assert self.node.link_opened(self.ids, made if lazily else made(), peer, self.now)
+        link = self.net.open(self.name, source=peer, lazily=lazily)
+        assert link in self.node.links, "the node took it"
         self.settle()
-        return self.ids
+        return link
 
     def client_tls(self) -> tls.TlsSession:
-        session = tls.TlsSession(self.w["client_ctx"], server_side=False, server_name=SERVER_IP)
-        session.start()
-        return session
+        return client_tls(self.w["client_ctx"], SERVER_IP)
 
     def stranger(self, kind: str, peer: str = "10.0.0.7:40000") -> int:
         """A connection that stops: "idle" (no byte), "partial" (half a ClientHello) or
@@ -87,52 +70,20 @@ class Node:
         if kind != "idle":
             client = self.client_tls()
             hello = client.data_to_send()
-            self.ends[link] = client
+            self.links[link] = client
             self.node.receive_data(link, hello[:40] if kind == "partial" else hello, self.now)
             self.settle()
         return link
 
     def user(self, name: str, peer: str = "10.0.0.7:40000", session: bytes = b"") -> int:
         link = self.open(peer)
-        key = self.w["keys"][name]
         user_link = UserLink(self.client_tls(), user=name, uid=1001, want=["10.9.0.0/24"],
                              client_name="clienthost", session=session,
-                             signer=lambda n, b, node: auth.sign_challenge(key, n, b, name, node))
+                             signer=signer(self.w["keys"][name], name))
         user_link.start(self.now)
-        self.ends[link] = user_link
+        self.links[link] = user_link
         self.settle()
         return link
-
-    def settle(self) -> None:
-        node = self.node
-        for _ in range(50):
-            moved = False
-            for link, end in self.ends.items():
-                if link in self.closed:
-                    continue
-                data = end.data_to_send(self.now) if isinstance(end, UserLink) else \
-                    end.data_to_send()
-                if data:
-                    moved = True
-                    node.receive_data(link, data, self.now)
-            node.flush(self.now)
-            commands, node.commands = node.commands, []
-            for cmd in commands:
-                if isinstance(cmd, SendBytes) and cmd.link not in self.closed:
-                    end = self.ends.get(cmd.link)
-                    if isinstance(end, UserLink):
-                        moved = True
-                        self.events.setdefault(cmd.link, []).extend(
-                            end.receive_data(cmd.data, self.now))
-                    elif end is not None:
-                        end.receive_data(cmd.data)
-                elif isinstance(cmd, CloseLink):
-                    self.closed.add(cmd.link)
-                elif isinstance(cmd, LogRecord):
-                    self.logs.append(cmd.record)
-            if not moved:
-                return
-        raise AssertionError("did not settle")
 
     def established(self, link: int) -> bool:
         return any(isinstance(e, LinkEstablished) for e in self.events.get(link, []))
@@ -227,7 +178,7 @@ def test_a_strangers_records_join_no_session(world: Any) -> None:
                     client_name="x", session=session,
                     signer=lambda nonce, b, node: auth.sign_challenge(key, nonce, b, "alice", node))
     link.start(n.now)
-    n.ends[forger] = link
+    n.links[forger] = link
     n.settle()
     n.node.link_lost(forger, n.now)
     n.settle()
@@ -249,13 +200,13 @@ def test_a_stranger_cannot_park_a_large_frame_before_authenticating(world: Any) 
 
     n = Node(world)
     link = n.stranger("tls")
-    client = n.ends[link]
+    client = n.links[link]
     client.send(msgpack.packb([1, int(MsgType.HELLO), b"", 0, 0, 16, b"x" * 60000])[:-1])
     n.node.receive_data(link, client.data_to_send(), n.now)
     assert n.node.links[link].closed
     big = n.open("10.0.0.8:40000")
     key = world["keys"]["alice"]
-    n.ends[big] = UserLink(
+    n.links[big] = UserLink(
         n.client_tls(), user="alice", uid=1001, client_name="clienthost",
         want=[f"10.9.0.{i}/32" for i in range(64)],
         path=[f"gw{i:02d}" + "x" * 58 for i in range(64)],

@@ -12,13 +12,16 @@ import pytest
 from scapy.layers.inet import ICMP, IP, TCP, UDP
 from scapy.layers.inet6 import ICMPv6EchoReply, ICMPv6EchoRequest, IPv6
 
-from pvpn import auth, pki, tls
-from pvpn.commands import CloseLink, InjectPacket, LogRecord, SendBytes
+from pvpn import auth, tls
+from pvpn.commands import CloseLink, LogRecord, SendBytes
 from pvpn.config import ServerConfig, UserPolicy, parse_prefix
 from pvpn.envelope import MsgType, encode_control
 from pvpn import packet as pk
 from pvpn.events import LinkClosed, LinkEstablished, LinkRefused, PacketsReceived
 from pvpn.nodes.server import ServerNode
+from pvpn.user import UserLink
+
+from net import OneNode, authorized, client_tls, first, make_pki, signer, user_keys
 
 SERVER_IP = "10.0.0.1"
 NAT_SRC = ipaddress.ip_address("10.9.0.1").packed
@@ -29,18 +32,11 @@ TARGET = "10.9.0.5"
 @pytest.fixture(scope="module")
 def pki_dir(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     d = tmp_path_factory.mktemp("pki")
-    pki.create_ca(d / "ca")
-    crt, key = pki.issue_certificate(d / "ca", "server", d / "server", ips=[SERVER_IP])
+    ((crt, key),) = make_pki(d, {"server": SERVER_IP}).values()
     other = tmp_path_factory.mktemp("other")
-    pki.create_ca(other / "ca")
-    users = d / "users"
-    users.mkdir()
-    keys = {}
-    for name in ("alice", "bob", "carol"):
-        k = auth.generate_user_key(2048)
-        keys[name] = k
-        if name != "carol":
-            auth.save_public_key(k, users / f"{name}.pub", name)
+    make_pki(other, {})
+    keys = user_keys("alice", "bob", "carol")
+    users = authorized(d / "users", {name: keys[name] for name in ("alice", "bob")})
     return {"ca": str(d / "ca" / "ca.crt"), "other_ca": str(other / "ca" / "ca.crt"),
             "crt": str(crt), "key": str(key), "users": users, "keys": keys}
 
@@ -57,75 +53,38 @@ def make_node(p: dict[str, Any], mtu_for: Any = None) -> ServerNode:
                       lambda dst: NAT_SRC if len(dst) == 4 else NAT_SRC6, mtu_for=mtu_for)
 
 
-class Harness:
-    """One server node and any number of user links, wired by an in-memory transfer()."""
+class Harness(OneNode):
+    """One server node and any number of user links on an in-memory network."""
 
-    def __init__(self, p: dict[str, Any], mtu_for: Any = None) -> None:
+    def __init__(self, p: dict[str, Any], mtu_for: Any = None,
+                 node: ServerNode | None = None) -> None:
         self.p = p
-        self.node = make_node(p, mtu_for)
         self.server_ctx = tls.make_server_context(p["crt"], p["key"])
-        self.links: dict[int, UserLink] = {}
-        self.events: dict[int, list[Any]] = {}
-        self.injected: list[bytes] = []
-        self.logs: list[Any] = []
-        self.closed: set[int] = set()
-        self.now = 100.0
+        super().__init__(node or make_node(p, mtu_for), self.server_ctx)
+
+    transfer = OneNode.settle
 
     def connect(self, link_id: int, user: str, key_user: str | None = None, ca: str | None = None,
                 want: tuple[str, ...] = ("10.9.0.0/24",), resume: Any = None) -> UserLink:
-        client = tls.TlsSession(tls.make_client_context(ca_file=ca or self.p["ca"]),
-                                server_side=False, server_name=SERVER_IP)
-        key = self.p["keys"][key_user or user]
+        client = client_tls(tls.make_client_context(ca_file=ca or self.p["ca"]), SERVER_IP)
         link = UserLink(client, user=user, uid=1000 + link_id,
-                        signer=lambda n, b, node: auth.sign_challenge(key, n, b, user, node),
+                        signer=signer(self.p["keys"][key_user or user], user),
                         want=list(want), client_name="clienthost",
                         session=resume[0] if resume else b"",
                         token=resume[1] if resume else None)
-        client.start()
         link.start(self.now)
-        self.links[link_id] = link
-        self.events[link_id] = []
-        self.node.link_opened(link_id, tls.TlsSession(self.server_ctx, server_side=True),
-                              f"10.0.0.2:{40000 + link_id}", self.now)
-        self.transfer()
+        self.join(link_id, link, f"10.0.0.2:{40000 + link_id}")
         return link
 
-    def transfer(self) -> None:
-        for _ in range(50):
-            moved = False
-            for link_id, link in self.links.items():
-                if link_id in self.closed:
-                    continue
-                data = link.data_to_send(self.now)
-                if data:
-                    moved = True
-                    self.node.receive_data(link_id, data, self.now)
-            self.node.flush(self.now)
-            commands, self.node.commands = self.node.commands, []
-            for cmd in commands:
-                if isinstance(cmd, SendBytes) and cmd.link not in self.closed:
-                    moved = True
-                    self.events[cmd.link] += self.links[cmd.link].receive_data(cmd.data, self.now)
-                elif isinstance(cmd, InjectPacket):
-                    self.injected.append(cmd.packet)
-                elif isinstance(cmd, LogRecord):
-                    self.logs.append(cmd.record)
-                elif isinstance(cmd, CloseLink):
-                    self.closed.add(cmd.link)
-            if not moved:
-                return
-        raise AssertionError("transfer did not settle")
+    def join(self, link_id: int, link: UserLink, source: str = "peer") -> None:
+        """``link`` connects from ``source`` as link ``link_id``, and the network settles."""
+        self.net.open(self.name, link, source, link_id)
+        self.transfer()
 
     def packets(self, link_id: int) -> list[bytes]:
         out = [p for e in self.events[link_id] if isinstance(e, PacketsReceived) for p in e.packets]
         self.events[link_id] = [e for e in self.events[link_id] if not isinstance(e, PacketsReceived)]
         return out
-
-
-def first(events: list[Any], kind: type) -> Any:
-    found = [e for e in events if isinstance(e, kind)]
-    assert found, f"no {kind.__name__} in {events}"
-    return found[0]
 
 
 def test_alice_gets_a_session_and_her_packets_are_natted_and_answered(pki_dir: Any) -> None:
@@ -222,9 +181,7 @@ def test_wrong_server_certificate_is_fatal_before_the_key_is_used(pki_dir: Any) 
     link = UserLink(client, user="alice", uid=1, signer=lambda *a: signed.append(a[0]) or b"",
                     want=["10.9.0.0/24"], client_name="c")
     client.start()
-    h.links[1], h.events[1] = link, []
-    h.node.link_opened(1, tls.TlsSession(h.server_ctx, server_side=True), "peer", h.now)
-    h.transfer()
+    h.join(1, link)
     closed = first(h.events[1], LinkClosed)
     assert closed.fatal and "unknown authority" in closed.reason and not signed
 
@@ -822,9 +779,7 @@ def test_a_refusal_quoting_a_long_path_is_bounded(pki_dir: Any) -> None:
                     signer=lambda n, b, node: auth.sign_challenge(key, n, b, "alice", node))
     crafted_hello(link, path=["p" * 1050] * 63 + ["server"])
     client.start()
-    h.links[1], h.events[1] = link, []
-    h.node.link_opened(1, tls.TlsSession(h.server_ctx, server_side=True), "peer", h.now)
-    h.transfer()
+    h.join(1, link)
     refused = first(h.events[1], LinkRefused)
     assert len(refused.reason) <= 1024 and 1 in h.closed
 
@@ -848,9 +803,7 @@ def test_hello_identifiers_are_checked_before_use(pki_dir: Any, fields: dict[str
                     signer=lambda n, b, node: b"")
     crafted_hello(link, **fields)
     client.start()
-    h.links[1], h.events[1] = link, []
-    h.node.link_opened(1, tls.TlsSession(h.server_ctx, server_side=True), "peer", h.now)
-    h.transfer()
+    h.join(1, link)
     refused = first(h.events[1], LinkRefused)
     assert refused.code == "bad-hello" and words in refused.reason
     assert refused.reason.isprintable() and len(refused.reason) < 300
@@ -984,7 +937,6 @@ def test_the_remote_end_of_a_ping_cannot_ping_the_users_host_back(pki_dir: Any) 
 # ---------------------------------------------------------------- datagrams of any size
 
 from pvpn import fragments  # noqa: E402
-from pvpn.user import UserLink
 from scapy.layers.inet import defragment  # noqa: E402
 
 CLIENT6 = "fd00::2"
@@ -1075,9 +1027,7 @@ def restarted(h: Harness, downtime: float = 1.0, node: ServerNode | None = None
     from pvpn.state import decode_state, encode_state
 
     saved = decode_state(encode_state(h.node.snapshot(h.now)))
-    again = Harness(h.p)
-    if node is not None:
-        again.node = node
+    again = Harness(h.p, node=node)
     again.now = h.now + 5000.0
     report = again.node.restore(saved, again.now, downtime)
     again.transfer()  # its records

@@ -11,11 +11,11 @@ import io
 import json
 import socket
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import pytest
 
-from pvpn import auth, firewall, pki
+from pvpn import firewall
 from pvpn.config import ServerConfig, UserPolicy, parse_prefix
 from pvpn.errors import PvpnError
 from pvpn.flowtable import STATE_REPLIED, SavedFlow
@@ -23,66 +23,42 @@ from pvpn.io.statefile import StateFile
 from pvpn.packet import PROTO_TCP, FlowKey
 from pvpn.state import SavedSession, ServerState, decode_state, encode_state, token_hash
 
+from net import FakeQueues, FakeRaw, authorized, make_pki, user_keys
+
 
 @pytest.fixture(scope="module")
 def certs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     d = tmp_path_factory.mktemp("restart")
-    pki.create_ca(d / "ca")
-    crt, key = pki.issue_certificate(d / "ca", "server", d / "node", ips=["127.0.0.1"])
-    users = d / "users"
-    users.mkdir()
-    auth.save_public_key(auth.generate_user_key(2048), users / "alice.pub", "alice")
-    return {"crt": crt, "key": key, "users": users}
+    ((crt, key),) = make_pki(d, {"server": "127.0.0.1"}).values()
+    return {"crt": crt, "key": key, "users": authorized(d / "users", user_keys("alice"))}
 
 
 class Kernel:
     def __init__(self) -> None:
         self.applied: list[firewall.RuleSet] = []
         self.removed = 0
-        self.queue_fails = False
+        self.queues = FakeQueues()
 
 
 @pytest.fixture
-def kernel(monkeypatch: pytest.MonkeyPatch) -> Kernel:
+def kernel(monkeypatch: pytest.MonkeyPatch) -> Iterator[Kernel]:
     from pvpn.server import daemon
 
     k = Kernel()
-
-    class Queue:
-        def __init__(self, number: int, take: Any, max_len: int) -> None:
-            if k.queue_fails:
-                raise PvpnError("the queue is bound by another process")
-            self.a, self.b = socket.socketpair()
-
-        def fileno(self) -> int:
-            return self.a.fileno()
-
-        def drain(self) -> None:
-            pass
-
-        def close(self) -> None:
-            self.a.close()
-            self.b.close()
-
-    class Raw:
-        def send(self, packet: bytes) -> None:
-            pass
-
-        def close(self) -> None:
-            pass
 
     def remove_instance(instance: str) -> list[str]:
         k.removed += 1
         return []
 
-    monkeypatch.setattr(daemon, "BatchedQueue", Queue)
-    monkeypatch.setattr(daemon, "RawSender", Raw)
+    monkeypatch.setattr(daemon, "BatchedQueue", k.queues)
+    monkeypatch.setattr(daemon, "RawSender", FakeRaw)
     monkeypatch.setattr(daemon.rules, "apply", k.applied.append)
     monkeypatch.setattr(daemon.rules, "ensure_only_jumps", lambda instance, jumps: [])
     monkeypatch.setattr(daemon.rules, "remove_instance", remove_instance)
     monkeypatch.setattr(daemon, "check_nat_ports", lambda config: None)
     monkeypatch.setattr(daemon, "install_signals", lambda loop, stop, reload=None: None)
-    return k
+    yield k
+    k.queues.close_all()
 
 
 def saved_alice() -> ServerState:
@@ -166,7 +142,7 @@ def test_a_start_that_fails_before_taking_the_state_over_leaves_it(
     assert config.state_file is not None
     data = encode_state(saved_alice())
     StateFile(config.state_file).write(data)
-    kernel.queue_fails = True
+    kernel.queues.busy = True
     serve_once(config, io.StringIO(), monkeypatch)
     assert config.state_file.read_bytes() == data and kernel.removed == 0
 

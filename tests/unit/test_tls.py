@@ -25,6 +25,8 @@ from pvpn.tls import (
     make_server_context,
 )
 
+from net import transfer
+
 # --- certificates made once per module --------------------------------------------------------
 
 
@@ -103,19 +105,6 @@ def client_for(
         server_name=server_name,
         pinned_certificate=str(session_pin) if session_pin else None,
     )
-
-
-def transfer(a: TlsSession, b: TlsSession, *, rounds: int = 20) -> None:
-    """Move ciphertext between a and b until neither has anything to send."""
-    for _ in range(rounds):
-        to_b, to_a = a.data_to_send(), b.data_to_send()
-        if not to_b and not to_a:
-            return
-        if to_b:
-            b.receive_data(to_b)
-        if to_a:
-            a.receive_data(to_a)
-    raise AssertionError(f"no quiescence after {rounds} rounds")
 
 
 def handshake(client: TlsSession, server: TlsSession) -> None:
