@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import enum
 
+from pvpn.records import RecordBudget
+
 
 class Drop(enum.Enum):
     """A drop reason. The value is the code records and ``pvpn status`` show."""
@@ -90,39 +92,27 @@ class DropCounter:
 
     The first drop of each code is always logged (the codes are few); after that at most
     ``burst`` records, refilled at ``rate`` per second, for the whole session (a token
-    bucket). Drops not logged are counted in :attr:`unlogged` until a record takes them.
-    Time is passed in.
+    bucket). Drops not logged are counted until a record takes them
+    (:meth:`take_unlogged`). Time is passed in.
     """
 
-    __slots__ = ("counts", "unlogged", "_burst", "_rate", "_tokens", "_refilled")
+    __slots__ = ("counts", "_budget")
 
     def __init__(self, burst: float = 10.0, rate: float = 1.0) -> None:
         self.counts: dict[Drop, int] = {}
-        self.unlogged = 0
-        self._burst = burst
-        self._rate = rate
-        self._tokens = burst
-        self._refilled = 0.0
+        self._budget = RecordBudget(burst, rate)
 
     def count(self, drop: Drop, now: float) -> int:
         """Count one drop. Returns the code's count so far if this drop should be logged, 0 if
-        not (it is then added to :attr:`unlogged`)."""
+        not (it is then counted as unlogged)."""
         counts = self.counts
         seen = counts.get(drop, 0) + 1
         counts[drop] = seen
-        tokens = min(self._burst, self._tokens + (now - self._refilled) * self._rate)
-        self._refilled = now
-        if seen == 1 or tokens >= 1.0:
-            self._tokens = max(0.0, tokens - 1.0)
-            return seen
-        self._tokens = tokens
-        self.unlogged += 1
-        return 0
+        return seen if self._budget.take(now, always=seen == 1) else 0
 
     def take_unlogged(self) -> int:
         """How many drops went unlogged since the last call (for the next record)."""
-        unlogged, self.unlogged = self.unlogged, 0
-        return unlogged
+        return self._budget.take_unlogged()
 
     def total(self) -> int:
         return sum(self.counts.values())

@@ -37,7 +37,10 @@ from pvpn.names import (
     AUTH_REFUSED, AUTH_RENEWED, AUTH_REVOKED, LINK_CLOSED, LINK_DEAD, LINK_ERROR, LINK_EVICTED,
     LINK_OPENED, LINK_REFUSED,
 )
-from pvpn.records import CLIENT_NAME, ENDPOINT, NODE_NAME, USER_NAME, Record, session_hex
+from pvpn.records import (
+    CLIENT_NAME, ENDPOINT, NODE_NAME, USER_NAME, Record, RecordBudget, session_hex,
+    with_fields,
+)
 from pvpn.text import clip, quoted
 
 
@@ -224,28 +227,6 @@ def client_host_name(name: str) -> str:
     return kept[:64] or "client"
 
 
-class RecordBudget:
-    """A token bucket deciding which of a kind of record are written: a burst, then ``rate``
-    a second; what it holds back is counted in :attr:`unlogged`. Time is passed in."""
-
-    __slots__ = ("unlogged", "_burst", "_rate", "_tokens", "_refilled")
-
-    def __init__(self, burst: float, rate: float) -> None:
-        self.unlogged = 0
-        self._burst, self._rate = burst, rate
-        self._tokens, self._refilled = burst, 0.0
-
-    def take(self, now: float) -> bool:
-        tokens = min(self._burst, self._tokens + max(0.0, now - self._refilled) * self._rate)
-        self._refilled = now
-        if tokens >= 1.0:
-            self._tokens = tokens - 1.0
-            return True
-        self._tokens = tokens
-        self.unlogged += 1
-        return False
-
-
 #: Records about connections that have not authenticated, of each kind (link:opened,
 #: auth:refused, ...): per source (an address, an IPv6 /64) a burst of 20, then one a second,
 #: and from all sources together 100, then 10 a second. A stranger's connection writes two or
@@ -312,8 +293,9 @@ class NodeBase:
             if not everyone.take(self._now):
                 budget.unlogged += 1
                 return
-            if budget.unlogged:
-                rec.extra["unlogged"], budget.unlogged = budget.unlogged, 0
+            unlogged = budget.take_unlogged()
+            if unlogged:
+                rec.extra["unlogged"] = unlogged
         if session is not None:
             rec.session, rec.user, rec.uid, rec.peer = (
                 session_hex(session.id), session.user, session.uid, session.peer)
@@ -324,12 +306,7 @@ class NodeBase:
             if link.authenticated_at is not None:
                 rec.session = session_hex(link.session_id)
             rec.uid = link.uid if link.uid >= 0 else None
-        for key, value in kw.items():
-            if hasattr(rec, key) and key != "extra":
-                setattr(rec, key, value)
-            else:
-                rec.extra[key] = value
-        self.commands.append(LogRecord(rec))
+        self.commands.append(LogRecord(with_fields(rec, kw)))
 
     def _send(self, link: NodeLink, mtype: MsgType, session: bytes, body: bytes) -> None:
         if link.closed:

@@ -28,7 +28,7 @@ from pvpn.errors import (
 )
 from pvpn.local import LocalChannel
 from pvpn.packet import FlowKey
-from pvpn.records import Record, session_hex
+from pvpn.records import Record, session_hex, with_fields
 from pvpn.text import clip, quoted
 
 #: A flow idle this long is forgotten (its replies are refused from then on): the server keeps
@@ -442,12 +442,7 @@ def session_event(event: str, session: SlotSession | None = None, **kw: Any) -> 
         rec.session, rec.user = session_hex(session.session_id), session.user
         rec.uid = session.uid
         rec.extra["slot"] = session.slot
-    for key, value in kw.items():
-        if key in ("reason", "flow", "peer", "user", "uid", "bytes"):
-            setattr(rec, key, value)
-        else:
-            rec.extra[key] = value
-    return rec
+    return with_fields(rec, kw)
 
 
 P = TypeVar("P", bound=LocalPeer)
