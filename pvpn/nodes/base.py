@@ -9,6 +9,7 @@ A *link* is one TLS session between the user's process and a node. Over it:
                                        <-  ACCEPT {token, allow, resumed} | REFUSE {code, reason}
     PACKET / KEEPALIVE / CLOSE         <->
 
+What each message does in each state of a node's end is one table, :data:`TRANSITIONS`.
 :class:`NodeBase` is a node's end of that exchange, shared by the server
 (:mod:`pvpn.nodes.server`) and the gateway (:mod:`pvpn.nodes.gateway`); the user's end is
 :class:`pvpn.user.UserLink`. Inputs carry ``now``; outputs are commands (:mod:`pvpn.commands`)
@@ -430,14 +431,8 @@ class NodeBase:
                     if link.closed:
                         break
                     link.envelopes_in += 1
-                    mtype = envelope.type
-                    if mtype is MsgType.PACKET and link.state is NodeLinkState.ESTABLISHED:
-                        self._on_packet(link, envelope.body, now)
-                    elif mtype is MsgType.DATA and link.state is NodeLinkState.ESTABLISHED:
-                        link.bytes_in += len(envelope.body)
-                        self._on_data(link, envelope.body, now)
-                    else:
-                        self._control(link, envelope, now)
+                    handler = TRANSITIONS.get((link.state, envelope.type), NodeBase._unexpected)
+                    handler(self, link, envelope, now)
                 if (link.authenticated_at is None and not link.closed
                         and decoder.buffered > MAX_PREAUTH_FRAME):
                     # A stranger's half-sent 64 KB frame held four times the memory of its
@@ -476,32 +471,45 @@ class NodeBase:
         self._on_link_lost(link, now, reason)
         self._log(LINK_CLOSED, link, reason=reason)
 
-    # -- control messages
-    def _control(self, link: NodeLink, envelope: Envelope, now: float) -> None:
-        mtype, state = envelope.type, link.state
-        if mtype is MsgType.KEEPALIVE and state is NodeLinkState.ESTABLISHED:
-            # Not on a congested link: a peer that sends KEEPALIVEs and never reads would have
-            # the node buffer one answer per KEEPALIVE, without bound. Its socket is full of
-            # what it has not read yet, so it knows the node is alive anyway.
-            if not link.congested:
-                self._send(link, MsgType.KEEPALIVE_ACK, link.session_id, encode_control({}))
-            return
-        if mtype is MsgType.KEEPALIVE_ACK and state is NodeLinkState.ESTABLISHED:
-            return
+    # -- what an envelope does in each state of its link (TRANSITIONS, below the class)
+    def _packet_received(self, link: NodeLink, envelope: Envelope, now: float) -> None:
+        self._on_packet(link, envelope.body, now)
+
+    def _data_received(self, link: NodeLink, envelope: Envelope, now: float) -> None:
+        link.bytes_in += len(envelope.body)
+        self._on_data(link, envelope.body, now)
+
+    def _keepalive_received(self, link: NodeLink, envelope: Envelope, now: float) -> None:
+        # Not on a congested link: a peer that sends KEEPALIVEs and never reads would have
+        # the node buffer one answer per KEEPALIVE, without bound. Its socket is full of
+        # what it has not read yet, so it knows the node is alive anyway.
+        if not link.congested:
+            self._send(link, MsgType.KEEPALIVE_ACK, link.session_id, encode_control({}))
+
+    def _keepalive_ack_received(self, link: NodeLink, envelope: Envelope, now: float) -> None:
+        pass  # the link is alive: receive_data noted it
+
+    def _hello_received(self, link: NodeLink, envelope: Envelope, now: float) -> None:
+        self._hello(link, envelope, decode_control(envelope))
+
+    def _auth_received(self, link: NodeLink, envelope: Envelope, now: float) -> None:
+        self._auth(link, decode_control(envelope)["signature"], now)
+
+    def _reauth_received(self, link: NodeLink, envelope: Envelope, now: float) -> None:
         fields = decode_control(envelope)
-        if mtype is MsgType.HELLO and state is NodeLinkState.AWAIT_HELLO:
-            self._hello(link, envelope, fields)
-        elif mtype is MsgType.AUTH and state is NodeLinkState.AWAIT_AUTH:
-            self._auth(link, fields["signature"], now)
-        elif (mtype is MsgType.AUTH and state is NodeLinkState.ESTABLISHED
-              and link.reauth_deadline is not None):
-            self._reauth(link, fields["signature"], now)
-        elif mtype is MsgType.CLOSE and state is NodeLinkState.ESTABLISHED:
-            self._on_close(link, clip(fields["reason"]), now)
-            self._close_link(link)
-        else:
-            # A second AUTH (one per link, one per challenge), anything before its time.
-            raise MalformedFrame(f"unexpected {mtype.name} in state {state.value}")
+        if link.reauth_deadline is None:  # one AUTH per challenge, and none unasked
+            raise MalformedFrame(f"unexpected {envelope.type.name} in state {link.state.value}")
+        self._reauth(link, fields["signature"], now)
+
+    def _close_received(self, link: NodeLink, envelope: Envelope, now: float) -> None:
+        self._on_close(link, clip(decode_control(envelope)["reason"]), now)
+        self._close_link(link)
+
+    def _unexpected(self, link: NodeLink, envelope: Envelope, now: float) -> None:
+        # A second HELLO or AUTH, anything before its time: the link is closed. A body that
+        # is not even the control message its type names says that instead.
+        decode_control(envelope)
+        raise MalformedFrame(f"unexpected {envelope.type.name} in state {link.state.value}")
 
     def _hello(self, link: NodeLink, envelope: Envelope, fields: dict[str, Any]) -> None:
         # Every identifier is checked before it is used or logged (records.py's patterns), so
@@ -740,3 +748,22 @@ class NodeBase:
         link.session_id = session_id
         self._send(link, MsgType.ACCEPT, session_id, encode_control({
             "token": token, "allow": allow, "node": self.name, "resumed": resumed}))
+
+
+Handler = Callable[[NodeBase, NodeLink, Envelope, float], None]
+
+#: The node's end of the handshake: what an envelope of each type does in each state of its
+#: link (the exchange in the module docstring). Any pair not listed closes the link
+#: (``NodeBase._unexpected``): a PACKET, DATA, KEEPALIVE or CLOSE before ESTABLISHED among
+#: them, where the user's end (pvpn.user.UserLink) answers a KEEPALIVE in any state. A link
+#: in AUTHENTICATED (its key verified, the node deciding or connecting onward) takes nothing.
+TRANSITIONS: dict[tuple[NodeLinkState, MsgType], Handler] = {
+    (NodeLinkState.AWAIT_HELLO, MsgType.HELLO): NodeBase._hello_received,  # -> AWAIT_AUTH
+    (NodeLinkState.AWAIT_AUTH, MsgType.AUTH): NodeBase._auth_received,  # -> AUTHENTICATED
+    (NodeLinkState.ESTABLISHED, MsgType.PACKET): NodeBase._packet_received,
+    (NodeLinkState.ESTABLISHED, MsgType.DATA): NodeBase._data_received,
+    (NodeLinkState.ESTABLISHED, MsgType.KEEPALIVE): NodeBase._keepalive_received,
+    (NodeLinkState.ESTABLISHED, MsgType.KEEPALIVE_ACK): NodeBase._keepalive_ack_received,
+    (NodeLinkState.ESTABLISHED, MsgType.AUTH): NodeBase._reauth_received,  # a re-challenge
+    (NodeLinkState.ESTABLISHED, MsgType.CLOSE): NodeBase._close_received,  # -> CLOSED
+}
