@@ -1,5 +1,5 @@
-"""Why a packet was dropped: one fixed set of codes for every node, and the per-session counter
-that decides which drops are logged.
+"""Why a packet was dropped: one fixed set of codes for every node, the per-session counter
+that decides which drops are logged, and a session's counters (:class:`Counters`).
 
 The code is all a drop record and a session's counters carry as its reason; the packet's flow,
 which a user chooses, goes in the record's own ``flow`` field. So a user sending packets to
@@ -10,6 +10,8 @@ bounded number of lines (:class:`DropCounter`). docs/design.md lists the codes.
 from __future__ import annotations
 
 import enum
+from dataclasses import dataclass, field
+from typing import Any
 
 from pvpn.records import RecordBudget
 
@@ -120,3 +122,29 @@ class DropCounter:
     def as_dict(self) -> dict[str, int]:
         """The counters by code, for records and ``pvpn status``."""
         return {drop.value: count for drop, count in self.counts.items()}
+
+
+@dataclass(slots=True, kw_only=True)
+class Counters:
+    """What one session carried and dropped, at the server (Session) and at the client host
+    (SlotSession): *out* is what its user sends, *in* what reaches its user."""
+
+    packets_out: int = 0
+    packets_in: int = 0
+    bytes_out: int = 0
+    bytes_in: int = 0
+    drops: DropCounter = field(default_factory=DropCounter)
+
+    def count_out(self, size: int) -> None:
+        self.packets_out += 1
+        self.bytes_out += size
+
+    def count_in(self, size: int) -> None:
+        self.packets_in += 1
+        self.bytes_in += size
+
+    def traffic(self) -> dict[str, Any]:
+        """The counters as ``pvpn status`` and the records show them, out before in."""
+        return {"packets_out": self.packets_out, "packets_in": self.packets_in,
+                "bytes_out": self.bytes_out, "bytes_in": self.bytes_in,
+                "drops": self.drops.as_dict()}

@@ -27,7 +27,7 @@ from typing import Any, Callable, Iterable, Protocol
 from pvpn.addresses import Destinations
 from pvpn.commands import CloseLink, Command, LogRecord, SendBytes
 from pvpn.config import Network, NodeLimits, parse_prefix
-from pvpn.drops import DropCounter
+from pvpn.drops import Counters
 from pvpn.envelope import (
     Envelope, EnvelopeDecoder, MsgType, Sequencer, decode_control, encode_control, encode_envelope,
 )
@@ -92,12 +92,13 @@ class NodeLinkState(enum.Enum):
 
 
 @dataclass(slots=True)
-class Session:
+class Session(Counters):
     """One user's personal VPN at the server; outlives its link for ``resume_grace``.
 
     ``allow`` is where its packets may go (what the user asked for and the policy allows, less
     the special and own addresses the policy does not name), precomputed for the packet path.
-    ``drops`` counts dropped packets by fixed code and rate-limits their records.
+    Its counters (:class:`pvpn.drops.Counters`): ``drops`` counts dropped packets by fixed
+    code and rate-limits their records.
     ``token_hash`` is what a resume's token is checked against (pvpn.state.token_hash), the
     one thing of the token a saved state keeps; ``token`` is empty in a session a restarted
     server put back, until its user resumes it.
@@ -113,11 +114,6 @@ class Session:
     opened: float
     link: int | None = None
     detached_since: float | None = None
-    packets_in: int = 0
-    packets_out: int = 0
-    bytes_in: int = 0
-    bytes_out: int = 0
-    drops: DropCounter = field(default_factory=DropCounter)
     token_hash: bytes = b""
 
 
