@@ -159,11 +159,9 @@ class NodeLink:
     # The socket's send buffer is above its high-water mark: drop packets before encryption,
     # like a router's full queue, instead of buffering without bound (TCP inside backs off).
     congested: bool = False
-    # Counters for the hop records.
+    # Envelopes each way, for the gateway's hop records (it counts the bytes per splice).
     envelopes_in: int = 0
     envelopes_out: int = 0
-    bytes_in: int = 0
-    bytes_out: int = 0
 
     @property
     def closed(self) -> bool:
@@ -472,7 +470,6 @@ class NodeBase:
         self._on_packet(link, envelope.body, now)
 
     def _data_received(self, link: NodeLink, envelope: Envelope, now: float) -> None:
-        link.bytes_in += len(envelope.body)
         self._on_data(link, envelope.body, now)
 
     def _keepalive_received(self, link: NodeLink, envelope: Envelope, now: float) -> None:
