@@ -50,6 +50,8 @@ class TlsLike(Protocol):
 
     @property
     def handshake_complete(self) -> bool: ...
+    @property
+    def peer_closed(self) -> bool: ...
     def receive_data(self, data: bytes) -> None: ...
     def read(self) -> bytes: ...
     def send(self, data: bytes) -> None: ...
@@ -190,6 +192,8 @@ MAX_REASON = 1024
 #: Entries of a HELLO's ``want`` (destination prefixes) and ``path`` (nodes before this one).
 MAX_WANT = 64
 MAX_PATH = 64
+#: Why a link closes when its peer sends TLS's close_notify.
+PEER_CLOSED_TLS = "the peer closed its TLS session (close_notify)"
 #: What a frame may hold before its link has authenticated: the largest HELLO (64 prefixes
 #: and 64 node names) is under 9 KB, an AUTH under 3 KB.
 MAX_PREAUTH_FRAME = 16384
@@ -436,6 +440,13 @@ class NodeBase:
         except RemoteProtocolError as exc:
             # Garbage from one peer closes that link only; everyone else is served on.
             self._fail_link(link, f"{type(exc).__name__}: {exc}")
+        if link.tls is not None and link.tls.peer_closed and not link.closed:
+            # The peer ended its TLS session (close_notify, RFC 8446 6.1): nothing more can
+            # come over it, so the link ends now, not when its TCP connection goes or
+            # dead_after passes. Ended as a lost link is: a server's session waits for a resume.
+            self._log(LINK_CLOSED, link, link.session, reason=PEER_CLOSED_TLS)
+            self._close_politely(link, PEER_CLOSED_TLS, tell=False)
+            return
         self.flush_link(link)
 
     def link_congested(self, link_id: int, congested: bool) -> None:
