@@ -1,5 +1,5 @@
-"""Why a packet was dropped: one fixed set of codes for every node, and the per-session counter
-that decides which drops are logged.
+"""Why a packet was dropped: one fixed set of codes for every node, the per-session counter
+that decides which drops are logged, and a session's counters (:class:`Counters`).
 
 The code is all a drop record and a session's counters carry as its reason; the packet's flow,
 which a user chooses, goes in the record's own ``flow`` field. So a user sending packets to
@@ -10,6 +10,10 @@ bounded number of lines (:class:`DropCounter`). docs/design.md lists the codes.
 from __future__ import annotations
 
 import enum
+from dataclasses import dataclass, field
+from typing import Any
+
+from pvpn.records import RecordBudget
 
 
 class Drop(enum.Enum):
@@ -90,39 +94,27 @@ class DropCounter:
 
     The first drop of each code is always logged (the codes are few); after that at most
     ``burst`` records, refilled at ``rate`` per second, for the whole session (a token
-    bucket). Drops not logged are counted in :attr:`unlogged` until a record takes them.
-    Time is passed in.
+    bucket). Drops not logged are counted until a record takes them
+    (:meth:`take_unlogged`). Time is passed in.
     """
 
-    __slots__ = ("counts", "unlogged", "_burst", "_rate", "_tokens", "_refilled")
+    __slots__ = ("counts", "_budget")
 
     def __init__(self, burst: float = 10.0, rate: float = 1.0) -> None:
         self.counts: dict[Drop, int] = {}
-        self.unlogged = 0
-        self._burst = burst
-        self._rate = rate
-        self._tokens = burst
-        self._refilled = 0.0
+        self._budget = RecordBudget(burst, rate)
 
     def count(self, drop: Drop, now: float) -> int:
         """Count one drop. Returns the code's count so far if this drop should be logged, 0 if
-        not (it is then added to :attr:`unlogged`)."""
+        not (it is then counted as unlogged)."""
         counts = self.counts
         seen = counts.get(drop, 0) + 1
         counts[drop] = seen
-        tokens = min(self._burst, self._tokens + (now - self._refilled) * self._rate)
-        self._refilled = now
-        if seen == 1 or tokens >= 1.0:
-            self._tokens = max(0.0, tokens - 1.0)
-            return seen
-        self._tokens = tokens
-        self.unlogged += 1
-        return 0
+        return seen if self._budget.take(now, always=seen == 1) else 0
 
     def take_unlogged(self) -> int:
         """How many drops went unlogged since the last call (for the next record)."""
-        unlogged, self.unlogged = self.unlogged, 0
-        return unlogged
+        return self._budget.take_unlogged()
 
     def total(self) -> int:
         return sum(self.counts.values())
@@ -130,3 +122,29 @@ class DropCounter:
     def as_dict(self) -> dict[str, int]:
         """The counters by code, for records and ``pvpn status``."""
         return {drop.value: count for drop, count in self.counts.items()}
+
+
+@dataclass(slots=True, kw_only=True)
+class Counters:
+    """What one session carried and dropped, at the server (Session) and at the client host
+    (SlotSession): *out* is what its user sends, *in* what reaches its user."""
+
+    packets_out: int = 0
+    packets_in: int = 0
+    bytes_out: int = 0
+    bytes_in: int = 0
+    drops: DropCounter = field(default_factory=DropCounter)
+
+    def count_out(self, size: int) -> None:
+        self.packets_out += 1
+        self.bytes_out += size
+
+    def count_in(self, size: int) -> None:
+        self.packets_in += 1
+        self.bytes_in += size
+
+    def traffic(self) -> dict[str, Any]:
+        """The counters as ``pvpn status`` and the records show them, out before in."""
+        return {"packets_out": self.packets_out, "packets_in": self.packets_in,
+                "bytes_out": self.bytes_out, "bytes_in": self.bytes_in,
+                "drops": self.drops.as_dict()}

@@ -67,7 +67,7 @@ The mappings survive a restart of the server (:meth:`FlowTable.saved_flows`,
 user's share and the port range checked again as it is put back.
 
 Lookups in both directions are dict lookups; idle flows sit in one insertion-ordered queue
-per timeout class, oldest first, so :meth:`FlowTable.expire` only touches the flows it
+per state (:class:`FlowState`, which names each state's lifetime), oldest first, so :meth:`FlowTable.expire` only touches the flows it
 removes; the eviction candidates sit in creation-ordered queues per scope.
 """
 
@@ -75,6 +75,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass
+import enum
 import math
 from typing import TYPE_CHECKING, NamedTuple, TypeVar, Union
 
@@ -117,6 +118,27 @@ class FlowRefused(FlowTableFull):
         self.drop = drop
 
 
+class FlowState(enum.IntEnum):
+    """Where a mapping is in its life, which gives it its lifetime: how long it may sit idle
+    (the ``FlowTable`` keyword named beside each, see the module docstring)."""
+
+    TCP_OPEN = 0  # tcp_timeout: answered, no FIN or RST seen
+    TCP_SYN_SENT = 1  # tcp_syn_timeout: opened by a SYN, not answered yet
+    TCP_UNREPLIED = 2  # tcp_unreplied_timeout: picked up mid-stream, not answered yet
+    TCP_CLOSING = 3  # tcp_closing_timeout: one FIN seen
+    TCP_CLOSED = 4  # tcp_closed_timeout: both FINs or an RST seen, its port reusable
+    TCP_TIME_WAIT = 5  # tcp_time_wait: closed, and the remote end holds the port in TIME-WAIT
+    UDP_STREAM = 6  # udp_timeout: the client sent again after an answer
+    UDP_SINGLE = 7  # udp_single_timeout: a one-off exchange so far (a DNS query)
+    ICMP = 8  # icmp_timeout: an echo mapping
+
+
+# The states as plain names: looking an Enum member up costs more than the rest of a packet's
+# queue move (the per-packet path asks for a flow's state).
+(_TCP_OPEN, _TCP_SYN_SENT, _TCP_UNREPLIED, _TCP_CLOSING, _TCP_CLOSED, _TCP_TIME_WAIT,
+ _UDP_STREAM, _UDP_SINGLE, _ICMP) = FlowState
+
+
 @dataclass(slots=True)
 class Flow:
     """One NAT mapping: a session's flow and the server address and port it goes out with."""
@@ -136,6 +158,22 @@ class Flow:
     stream: bool = False  # UDP: the client sent again after an answer (not a one-off query)
     user: Owner = b""  # whose mappings it counts among (the session's user)
     syn: bool = False  # TCP: opened by a SYN (unreplied: SYN_SENT), not picked up mid-stream
+
+    @property
+    def state(self) -> FlowState:
+        """The one place the flags above are read back to name the state."""
+        proto = self.original.proto
+        if proto == PROTO_TCP:
+            if self.closed:
+                return _TCP_TIME_WAIT if self.time_wait else _TCP_CLOSED
+            if self.closing:
+                return _TCP_CLOSING
+            if not self.replied:
+                return _TCP_SYN_SENT if self.syn else _TCP_UNREPLIED
+            return _TCP_OPEN
+        if proto == PROTO_UDP:
+            return _UDP_STREAM if self.stream else _UDP_SINGLE
+        return _ICMP
 
 
 _FIN_OUT = 1  # the client's side sent a FIN
@@ -282,29 +320,23 @@ class FlowTable:
         # Counts every change worth saving (a mapping made, removed or changing state), so
         # the server snapshots only a table that changed; never touched per packet.
         self.changes = 0
-        # Idle queues, keyed by id(flow) (Flow is mutable, so not hashable), least recently
-        # seen first, one per timeout class. The default TCP timeout is RFC 5382 REQ-5's
-        # 2 h 4 min; the UDP one stays above RFC 4787 REQ-5's 2 min minimum.
-        self._tcp: OrderedDict[int, Flow] = OrderedDict()
-        self._tcp_syn: OrderedDict[int, Flow] = OrderedDict()
-        self._tcp_unreplied: OrderedDict[int, Flow] = OrderedDict()
-        self._tcp_closing: OrderedDict[int, Flow] = OrderedDict()
-        self._tcp_closed: OrderedDict[int, Flow] = OrderedDict()
-        self._tcp_time_wait: OrderedDict[int, Flow] = OrderedDict()
-        self._udp: OrderedDict[int, Flow] = OrderedDict()
-        self._udp_single: OrderedDict[int, Flow] = OrderedDict()
-        self._icmp: OrderedDict[int, Flow] = OrderedDict()
-        self._queues = (
-            (self._tcp, tcp_timeout),
-            (self._tcp_syn, min(tcp_syn_timeout, tcp_timeout)),
-            (self._tcp_unreplied, min(tcp_unreplied_timeout, tcp_timeout)),
-            (self._tcp_closing, tcp_closing_timeout),
-            (self._tcp_closed, tcp_closed_timeout),
-            (self._tcp_time_wait, tcp_time_wait),
-            (self._udp, udp_timeout),
-            (self._udp_single, min(udp_single_timeout, udp_timeout)),
-            (self._icmp, icmp_timeout),
-        )
+        # One idle queue per state, keyed by id(flow) (Flow is mutable, so not hashable), least
+        # recently seen first, and the state's lifetime. The default TCP timeout is RFC 5382
+        # REQ-5's 2 h 4 min; the UDP one stays above RFC 4787 REQ-5's 2 min minimum. An
+        # unanswered mapping never outlives an answered one of its protocol.
+        lifetimes = {
+            FlowState.TCP_OPEN: tcp_timeout,
+            FlowState.TCP_SYN_SENT: min(tcp_syn_timeout, tcp_timeout),
+            FlowState.TCP_UNREPLIED: min(tcp_unreplied_timeout, tcp_timeout),
+            FlowState.TCP_CLOSING: tcp_closing_timeout,
+            FlowState.TCP_CLOSED: tcp_closed_timeout,
+            FlowState.TCP_TIME_WAIT: tcp_time_wait,
+            FlowState.UDP_STREAM: udp_timeout,
+            FlowState.UDP_SINGLE: min(udp_single_timeout, udp_timeout),
+            FlowState.ICMP: icmp_timeout,
+        }
+        self._idle: list[_Queue] = [OrderedDict() for _ in FlowState]  # indexed by state
+        self._queues = tuple((self._idle[state], lifetimes[state]) for state in FlowState)
 
     @classmethod
     def for_config(cls, config: ServerConfig) -> FlowTable:
@@ -516,19 +548,8 @@ class FlowTable:
 
     # -- internals ---------------------------------------------------------------------------
 
-    def _queue(self, flow: Flow) -> OrderedDict[int, Flow]:
-        proto = flow.original.proto
-        if proto == PROTO_TCP:
-            if flow.closed:
-                return self._tcp_time_wait if flow.time_wait else self._tcp_closed
-            if flow.closing:
-                return self._tcp_closing
-            if not flow.replied:
-                return self._tcp_syn if flow.syn else self._tcp_unreplied
-            return self._tcp
-        if proto == PROTO_UDP:
-            return self._udp if flow.stream else self._udp_single
-        return self._icmp
+    def _queue(self, flow: Flow) -> _Queue:
+        return self._idle[flow.state]
 
     def _touch(self, flow: Flow, now: float, tcp_flags: int, outbound: bool) -> None:
         flow.last_seen = now
@@ -548,9 +569,9 @@ class FlowTable:
                 return
         elif flow.original.proto == PROTO_UDP and not flow.stream:
             if outbound and flow.replied:
-                del self._udp_single[id(flow)]
+                del self._queue(flow)[id(flow)]
                 flow.stream = True
-                self._udp[id(flow)] = flow
+                self._queue(flow)[id(flow)] = flow
                 return
         self._queue(flow).move_to_end(id(flow))
 

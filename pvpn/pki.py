@@ -296,17 +296,8 @@ def issue_certificate(
     """
     _check_file_name(name)
     ca_cert, ca_key = _load_ca(ca_dir)
-    cert_path, key_path = out_dir / f"{name}.crt", out_dir / f"{name}.key"
-    sans = _subject_alt_names(name, ips, dns_names)
-    start, end = _validity(days, not_before, not_after)
-    _prepare_dir(out_dir, 0o755)
-    _refuse_existing(cert_path, key_path)
-    key = _new_key()
-    cert = _leaf_builder(
-        name, ca_cert.subject, key.public_key(), ca_key, sans, start, end
-    ).sign(ca_key, hashes.SHA256())
-    _write_pair(cert, key, cert_path, key_path)
-    return cert_path, key_path
+    return _issue_leaf(name, out_dir, ips, dns_names, days, not_before, not_after,
+                       (ca_cert.subject, ca_key))
 
 
 def self_signed(
@@ -324,15 +315,31 @@ def self_signed(
     Use it with a pinned certificate, or to test that a CA-checking client refuses it.
     """
     _check_file_name(name)
+    return _issue_leaf(name, out_dir, ips, dns_names, days, not_before, not_after, None)
+
+
+def _issue_leaf(
+    name: str,
+    out_dir: Path,
+    ips: Sequence[str],
+    dns_names: Sequence[str],
+    days: int,
+    not_before: datetime | None,
+    not_after: datetime | None,
+    issuer: tuple[x509.Name, _SigningKey] | None,
+) -> tuple[Path, Path]:
+    """Write a new key and its certificate for *name*, signed by ``issuer`` (its name and
+    key), or by the new key itself when None."""
     cert_path, key_path = out_dir / f"{name}.crt", out_dir / f"{name}.key"
     sans = _subject_alt_names(name, ips, dns_names)
     start, end = _validity(days, not_before, not_after)
     _prepare_dir(out_dir, 0o755)
     _refuse_existing(cert_path, key_path)
     key = _new_key()
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-    cert = _leaf_builder(name, subject, key.public_key(), key, sans, start, end).sign(
-        key, hashes.SHA256()
+    issuer_name, issuer_key = issuer or (
+        x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]), key)
+    cert = _leaf_builder(name, issuer_name, key.public_key(), issuer_key, sans, start, end).sign(
+        issuer_key, hashes.SHA256()
     )
     _write_pair(cert, key, cert_path, key_path)
     return cert_path, key_path

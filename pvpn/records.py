@@ -62,6 +62,50 @@ class Record:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+# The fields a record has by name; every other one a builder is given goes into ``extra``.
+_NAMED_FIELDS = frozenset(("event", "session", "user", "uid", "peer", "flow", "bytes", "reason"))
+
+
+def with_fields(record: Record, fields: dict[str, Any]) -> Record:
+    """``record`` with each of ``fields`` set: a field the record names as itself, any other
+    into ``extra`` (after what it holds already, in the order given)."""
+    for key, value in fields.items():
+        if key in _NAMED_FIELDS:
+            setattr(record, key, value)
+        else:
+            record.extra[key] = value
+    return record
+
+
+class RecordBudget:
+    """A token bucket deciding which of a kind of record are written: a burst, then ``rate``
+    a second; what it holds back is counted in :attr:`unlogged`. Time is passed in."""
+
+    __slots__ = ("unlogged", "_burst", "_rate", "_tokens", "_refilled")
+
+    def __init__(self, burst: float, rate: float) -> None:
+        self.unlogged = 0
+        self._burst, self._rate = burst, rate
+        self._tokens, self._refilled = burst, 0.0
+
+    def take(self, now: float, always: bool = False) -> bool:
+        """Whether this record is written: while tokens last, or ``always`` (it then takes a
+        token if there is one). One held back is counted in :attr:`unlogged`."""
+        tokens = min(self._burst, self._tokens + max(0.0, now - self._refilled) * self._rate)
+        self._refilled = now
+        if tokens >= 1.0 or always:
+            self._tokens = max(0.0, tokens - 1.0)
+            return True
+        self._tokens = tokens
+        self.unlogged += 1
+        return False
+
+    def take_unlogged(self) -> int:
+        """How many records were held back since the last call (for the next record)."""
+        unlogged, self.unlogged = self.unlogged, 0
+        return unlogged
+
+
 def session_hex(session: bytes) -> str:
     return session.hex() if session else ""
 

@@ -103,14 +103,19 @@ class _ClientPolicy:
     pin: _Pin | None
 
 
-def _read_pem_certificates(path: str, role: str) -> list[x509.Certificate]:
-    """Read *path* as PEM certificates, or ConfigError saying which file and what to do."""
+def _read_file(path: str, role: str) -> bytes:
+    """The bytes of *path*, or ConfigError saying which file and what to do."""
     try:
-        data = Path(path).read_bytes()
+        return Path(path).read_bytes()
     except FileNotFoundError:
         raise ConfigError(f"the {role} file {path} does not exist: check the path") from None
     except OSError as exc:
         raise ConfigError(f"cannot read the {role} file {path}: {exc.strerror}") from exc
+
+
+def _read_pem_certificates(path: str, role: str) -> list[x509.Certificate]:
+    """Read *path* as PEM certificates, or ConfigError saying which file and what to do."""
+    data = _read_file(path, role)
     try:
         certificates = x509.load_pem_x509_certificates(data)
     except ValueError:
@@ -122,12 +127,7 @@ def _read_pem_certificates(path: str, role: str) -> list[x509.Certificate]:
 
 
 def _read_private_key(path: str) -> _ServerKey:
-    try:
-        data = Path(path).read_bytes()
-    except FileNotFoundError:
-        raise ConfigError(f"the private key file {path} does not exist: check the path") from None
-    except OSError as exc:
-        raise ConfigError(f"cannot read the private key file {path}: {exc.strerror}") from exc
+    data = _read_file(path, "private key")
     try:
         key = serialization.load_pem_private_key(data, password=None)
     except TypeError:

@@ -9,6 +9,7 @@ A *link* is one TLS session between the user's process and a node. Over it:
                                        <-  ACCEPT {token, allow, resumed} | REFUSE {code, reason}
     PACKET / KEEPALIVE / CLOSE         <->
 
+What each message does in each state of a node's end is one table, :data:`TRANSITIONS`.
 :class:`NodeBase` is a node's end of that exchange, shared by the server
 (:mod:`pvpn.nodes.server`) and the gateway (:mod:`pvpn.nodes.gateway`); the user's end is
 :class:`pvpn.user.UserLink`. Inputs carry ``now``; outputs are commands (:mod:`pvpn.commands`)
@@ -26,7 +27,7 @@ from typing import Any, Callable, Iterable, Protocol
 from pvpn.addresses import Destinations
 from pvpn.commands import CloseLink, Command, LogRecord, SendBytes
 from pvpn.config import Network, NodeLimits, parse_prefix
-from pvpn.drops import DropCounter
+from pvpn.drops import Counters
 from pvpn.envelope import (
     Envelope, EnvelopeDecoder, MsgType, Sequencer, decode_control, encode_control, encode_envelope,
 )
@@ -37,7 +38,10 @@ from pvpn.names import (
     AUTH_REFUSED, AUTH_RENEWED, AUTH_REVOKED, LINK_CLOSED, LINK_DEAD, LINK_ERROR, LINK_EVICTED,
     LINK_OPENED, LINK_REFUSED,
 )
-from pvpn.records import CLIENT_NAME, ENDPOINT, NODE_NAME, USER_NAME, Record, session_hex
+from pvpn.records import (
+    CLIENT_NAME, ENDPOINT, NODE_NAME, USER_NAME, Record, RecordBudget, session_hex,
+    with_fields,
+)
 from pvpn.text import clip, quoted
 
 
@@ -46,6 +50,8 @@ class TlsLike(Protocol):
 
     @property
     def handshake_complete(self) -> bool: ...
+    @property
+    def peer_closed(self) -> bool: ...
     def receive_data(self, data: bytes) -> None: ...
     def read(self) -> bytes: ...
     def send(self, data: bytes) -> None: ...
@@ -88,12 +94,13 @@ class NodeLinkState(enum.Enum):
 
 
 @dataclass(slots=True)
-class Session:
+class Session(Counters):
     """One user's personal VPN at the server; outlives its link for ``resume_grace``.
 
     ``allow`` is where its packets may go (what the user asked for and the policy allows, less
     the special and own addresses the policy does not name), precomputed for the packet path.
-    ``drops`` counts dropped packets by fixed code and rate-limits their records.
+    Its counters (:class:`pvpn.drops.Counters`): ``drops`` counts dropped packets by fixed
+    code and rate-limits their records.
     ``token_hash`` is what a resume's token is checked against (pvpn.state.token_hash), the
     one thing of the token a saved state keeps; ``token`` is empty in a session a restarted
     server put back, until its user resumes it.
@@ -109,11 +116,6 @@ class Session:
     opened: float
     link: int | None = None
     detached_since: float | None = None
-    packets_in: int = 0
-    packets_out: int = 0
-    bytes_in: int = 0
-    bytes_out: int = 0
-    drops: DropCounter = field(default_factory=DropCounter)
     token_hash: bytes = b""
 
 
@@ -159,11 +161,9 @@ class NodeLink:
     # The socket's send buffer is above its high-water mark: drop packets before encryption,
     # like a router's full queue, instead of buffering without bound (TCP inside backs off).
     congested: bool = False
-    # Counters for the hop records.
+    # Envelopes each way, for the gateway's hop records (it counts the bytes per splice).
     envelopes_in: int = 0
     envelopes_out: int = 0
-    bytes_in: int = 0
-    bytes_out: int = 0
 
     @property
     def closed(self) -> bool:
@@ -192,6 +192,8 @@ MAX_REASON = 1024
 #: Entries of a HELLO's ``want`` (destination prefixes) and ``path`` (nodes before this one).
 MAX_WANT = 64
 MAX_PATH = 64
+#: Why a link closes when its peer sends TLS's close_notify.
+PEER_CLOSED_TLS = "the peer closed its TLS session (close_notify)"
 #: What a frame may hold before its link has authenticated: the largest HELLO (64 prefixes
 #: and 64 node names) is under 9 KB, an AUTH under 3 KB.
 MAX_PREAUTH_FRAME = 16384
@@ -222,28 +224,6 @@ def client_host_name(name: str) -> str:
     refuse is replaced here, so an odd host name never locks its users out."""
     kept = "".join(c if c.isascii() and (c.isalnum() or c in "_.-") else "_" for c in name)
     return kept[:64] or "client"
-
-
-class RecordBudget:
-    """A token bucket deciding which of a kind of record are written: a burst, then ``rate``
-    a second; what it holds back is counted in :attr:`unlogged`. Time is passed in."""
-
-    __slots__ = ("unlogged", "_burst", "_rate", "_tokens", "_refilled")
-
-    def __init__(self, burst: float, rate: float) -> None:
-        self.unlogged = 0
-        self._burst, self._rate = burst, rate
-        self._tokens, self._refilled = burst, 0.0
-
-    def take(self, now: float) -> bool:
-        tokens = min(self._burst, self._tokens + max(0.0, now - self._refilled) * self._rate)
-        self._refilled = now
-        if tokens >= 1.0:
-            self._tokens = tokens - 1.0
-            return True
-        self._tokens = tokens
-        self.unlogged += 1
-        return False
 
 
 #: Records about connections that have not authenticated, of each kind (link:opened,
@@ -312,8 +292,9 @@ class NodeBase:
             if not everyone.take(self._now):
                 budget.unlogged += 1
                 return
-            if budget.unlogged:
-                rec.extra["unlogged"], budget.unlogged = budget.unlogged, 0
+            unlogged = budget.take_unlogged()
+            if unlogged:
+                rec.extra["unlogged"] = unlogged
         if session is not None:
             rec.session, rec.user, rec.uid, rec.peer = (
                 session_hex(session.id), session.user, session.uid, session.peer)
@@ -324,12 +305,7 @@ class NodeBase:
             if link.authenticated_at is not None:
                 rec.session = session_hex(link.session_id)
             rec.uid = link.uid if link.uid >= 0 else None
-        for key, value in kw.items():
-            if hasattr(rec, key) and key != "extra":
-                setattr(rec, key, value)
-            else:
-                rec.extra[key] = value
-        self.commands.append(LogRecord(rec))
+        self.commands.append(LogRecord(with_fields(rec, kw)))
 
     def _send(self, link: NodeLink, mtype: MsgType, session: bytes, body: bytes) -> None:
         if link.closed:
@@ -453,14 +429,8 @@ class NodeBase:
                     if link.closed:
                         break
                     link.envelopes_in += 1
-                    mtype = envelope.type
-                    if mtype is MsgType.PACKET and link.state is NodeLinkState.ESTABLISHED:
-                        self._on_packet(link, envelope.body, now)
-                    elif mtype is MsgType.DATA and link.state is NodeLinkState.ESTABLISHED:
-                        link.bytes_in += len(envelope.body)
-                        self._on_data(link, envelope.body, now)
-                    else:
-                        self._control(link, envelope, now)
+                    handler = TRANSITIONS.get((link.state, envelope.type), NodeBase._unexpected)
+                    handler(self, link, envelope, now)
                 if (link.authenticated_at is None and not link.closed
                         and decoder.buffered > MAX_PREAUTH_FRAME):
                     # A stranger's half-sent 64 KB frame held four times the memory of its
@@ -470,6 +440,13 @@ class NodeBase:
         except RemoteProtocolError as exc:
             # Garbage from one peer closes that link only; everyone else is served on.
             self._fail_link(link, f"{type(exc).__name__}: {exc}")
+        if link.tls is not None and link.tls.peer_closed and not link.closed:
+            # The peer ended its TLS session (close_notify, RFC 8446 6.1): nothing more can
+            # come over it, so the link ends now, not when its TCP connection goes or
+            # dead_after passes. Ended as a lost link is: a server's session waits for a resume.
+            self._log(LINK_CLOSED, link, link.session, reason=PEER_CLOSED_TLS)
+            self._close_politely(link, PEER_CLOSED_TLS, tell=False)
+            return
         self.flush_link(link)
 
     def link_congested(self, link_id: int, congested: bool) -> None:
@@ -499,32 +476,44 @@ class NodeBase:
         self._on_link_lost(link, now, reason)
         self._log(LINK_CLOSED, link, reason=reason)
 
-    # -- control messages
-    def _control(self, link: NodeLink, envelope: Envelope, now: float) -> None:
-        mtype, state = envelope.type, link.state
-        if mtype is MsgType.KEEPALIVE and state is NodeLinkState.ESTABLISHED:
-            # Not on a congested link: a peer that sends KEEPALIVEs and never reads would have
-            # the node buffer one answer per KEEPALIVE, without bound. Its socket is full of
-            # what it has not read yet, so it knows the node is alive anyway.
-            if not link.congested:
-                self._send(link, MsgType.KEEPALIVE_ACK, link.session_id, encode_control({}))
-            return
-        if mtype is MsgType.KEEPALIVE_ACK and state is NodeLinkState.ESTABLISHED:
-            return
+    # -- what an envelope does in each state of its link (TRANSITIONS, below the class)
+    def _packet_received(self, link: NodeLink, envelope: Envelope, now: float) -> None:
+        self._on_packet(link, envelope.body, now)
+
+    def _data_received(self, link: NodeLink, envelope: Envelope, now: float) -> None:
+        self._on_data(link, envelope.body, now)
+
+    def _keepalive_received(self, link: NodeLink, envelope: Envelope, now: float) -> None:
+        # Not on a congested link: a peer that sends KEEPALIVEs and never reads would have
+        # the node buffer one answer per KEEPALIVE, without bound. Its socket is full of
+        # what it has not read yet, so it knows the node is alive anyway.
+        if not link.congested:
+            self._send(link, MsgType.KEEPALIVE_ACK, link.session_id, encode_control({}))
+
+    def _keepalive_ack_received(self, link: NodeLink, envelope: Envelope, now: float) -> None:
+        pass  # the link is alive: receive_data noted it
+
+    def _hello_received(self, link: NodeLink, envelope: Envelope, now: float) -> None:
+        self._hello(link, envelope, decode_control(envelope))
+
+    def _auth_received(self, link: NodeLink, envelope: Envelope, now: float) -> None:
+        self._auth(link, decode_control(envelope)["signature"], now)
+
+    def _reauth_received(self, link: NodeLink, envelope: Envelope, now: float) -> None:
         fields = decode_control(envelope)
-        if mtype is MsgType.HELLO and state is NodeLinkState.AWAIT_HELLO:
-            self._hello(link, envelope, fields)
-        elif mtype is MsgType.AUTH and state is NodeLinkState.AWAIT_AUTH:
-            self._auth(link, fields["signature"], now)
-        elif (mtype is MsgType.AUTH and state is NodeLinkState.ESTABLISHED
-              and link.reauth_deadline is not None):
-            self._reauth(link, fields["signature"], now)
-        elif mtype is MsgType.CLOSE and state is NodeLinkState.ESTABLISHED:
-            self._on_close(link, clip(fields["reason"]), now)
-            self._close_link(link)
-        else:
-            # A second AUTH (one per link, one per challenge), anything before its time.
-            raise MalformedFrame(f"unexpected {mtype.name} in state {state.value}")
+        if link.reauth_deadline is None:  # one AUTH per challenge, and none unasked
+            raise MalformedFrame(f"unexpected {envelope.type.name} in state {link.state.value}")
+        self._reauth(link, fields["signature"], now)
+
+    def _close_received(self, link: NodeLink, envelope: Envelope, now: float) -> None:
+        self._on_close(link, clip(decode_control(envelope)["reason"]), now)
+        self._close_link(link)
+
+    def _unexpected(self, link: NodeLink, envelope: Envelope, now: float) -> None:
+        # A second HELLO or AUTH, anything before its time: the link is closed. A body that
+        # is not even the control message its type names says that instead.
+        decode_control(envelope)
+        raise MalformedFrame(f"unexpected {envelope.type.name} in state {link.state.value}")
 
     def _hello(self, link: NodeLink, envelope: Envelope, fields: dict[str, Any]) -> None:
         # Every identifier is checked before it is used or logged (records.py's patterns), so
@@ -763,3 +752,22 @@ class NodeBase:
         link.session_id = session_id
         self._send(link, MsgType.ACCEPT, session_id, encode_control({
             "token": token, "allow": allow, "node": self.name, "resumed": resumed}))
+
+
+Handler = Callable[[NodeBase, NodeLink, Envelope, float], None]
+
+#: The node's end of the handshake: what an envelope of each type does in each state of its
+#: link (the exchange in the module docstring). Any pair not listed closes the link
+#: (``NodeBase._unexpected``): a PACKET, DATA, KEEPALIVE or CLOSE before ESTABLISHED among
+#: them, where the user's end (pvpn.user.UserLink) answers a KEEPALIVE in any state. A link
+#: in AUTHENTICATED (its key verified, the node deciding or connecting onward) takes nothing.
+TRANSITIONS: dict[tuple[NodeLinkState, MsgType], Handler] = {
+    (NodeLinkState.AWAIT_HELLO, MsgType.HELLO): NodeBase._hello_received,  # -> AWAIT_AUTH
+    (NodeLinkState.AWAIT_AUTH, MsgType.AUTH): NodeBase._auth_received,  # -> AUTHENTICATED
+    (NodeLinkState.ESTABLISHED, MsgType.PACKET): NodeBase._packet_received,
+    (NodeLinkState.ESTABLISHED, MsgType.DATA): NodeBase._data_received,
+    (NodeLinkState.ESTABLISHED, MsgType.KEEPALIVE): NodeBase._keepalive_received,
+    (NodeLinkState.ESTABLISHED, MsgType.KEEPALIVE_ACK): NodeBase._keepalive_ack_received,
+    (NodeLinkState.ESTABLISHED, MsgType.AUTH): NodeBase._reauth_received,  # a re-challenge
+    (NodeLinkState.ESTABLISHED, MsgType.CLOSE): NodeBase._close_received,  # -> CLOSED
+}

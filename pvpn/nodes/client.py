@@ -21,14 +21,14 @@ from typing import Any, Callable, Generic, Protocol, TypeVar
 from pvpn import packet as pk
 from pvpn.commands import Command, LogRecord
 from pvpn.config import ClientConfig, Network, parse_prefixes
-from pvpn.drops import Drop, DropCounter
+from pvpn.drops import Counters, Drop
 from pvpn.envelope import DEFAULT_HOPS, Envelope, MsgType, decode_control
 from pvpn.errors import (
     ConfigError, MalformedPacket, PolicyError, PvpnError, RemoteProtocolError,
 )
 from pvpn.local import LocalChannel
 from pvpn.packet import FlowKey
-from pvpn.records import Record, session_hex
+from pvpn.records import Record, session_hex, with_fields
 from pvpn.text import clip, quoted
 
 #: A flow idle this long is forgotten (its replies are refused from then on): the server keeps
@@ -49,7 +49,7 @@ _LISTED = 16
 
 
 @dataclass(slots=True)
-class SlotSession:
+class SlotSession(Counters):
     """One user's protected prefixes on this host, with or without a live tunnel process."""
 
     slot: int
@@ -80,11 +80,6 @@ class SlotSession:
     # When its TCP connections were last made to speak after the server's session turned out
     # to be a new one (ClientDaemon.reset_connections), so ATTACHes cannot repeat it at will.
     probed_at: float = float("-inf")
-    packets_out: int = 0
-    packets_in: int = 0
-    bytes_out: int = 0
-    bytes_in: int = 0
-    drops: DropCounter = field(default_factory=DropCounter)
 
     @property
     def state(self) -> str:
@@ -98,9 +93,7 @@ class SlotSession:
             "via": list(self.via), "nodes": list(self.nodes),
             "session": self.session_id.hex(), "prefixes": [str(n) for n in self.networks],
             "state": self.state, "age": round(now - self.opened, 1), "queue": self.queue,
-            "tun": self.tun, "packets_out": self.packets_out, "packets_in": self.packets_in,
-            "bytes_out": self.bytes_out, "bytes_in": self.bytes_in,
-            "drops": self.drops.as_dict(), "flows": len(self.flows),
+            "tun": self.tun, **self.traffic(), "flows": len(self.flows),
             "flows_evicted": self.flows_evicted,
         }
 
@@ -442,12 +435,7 @@ def session_event(event: str, session: SlotSession | None = None, **kw: Any) -> 
         rec.session, rec.user = session_hex(session.session_id), session.user
         rec.uid = session.uid
         rec.extra["slot"] = session.slot
-    for key, value in kw.items():
-        if key in ("reason", "flow", "peer", "user", "uid", "bytes"):
-            setattr(rec, key, value)
-        else:
-            rec.extra[key] = value
-    return rec
+    return with_fields(rec, kw)
 
 
 P = TypeVar("P", bound=LocalPeer)

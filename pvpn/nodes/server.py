@@ -164,6 +164,10 @@ class ServerNode(NodeBase):
             self._end_session(link.session, f"closed by the user: {reason}")
 
     def _on_link_lost(self, link: NodeLink, now: float, reason: str) -> None:
+        self._detach(link, now, reason)
+
+    def _detach(self, link: NodeLink, now: float, reason: str) -> None:
+        """The session ``link`` carries waits for its user's resume (``resume_grace``)."""
         session = link.session
         if session is not None and session.link == link.id:
             session.link = None
@@ -274,8 +278,7 @@ class ServerNode(NodeBase):
             except OSError as exc:
                 self._drop(session, Drop.NO_ROUTE, now, flow, str(exc.strerror or exc))
                 return
-        session.packets_out += 1
-        session.bytes_out += len(packet)
+        session.count_out(len(packet))
         sent = pk.rewrite_source(packet, entry.nat_src, entry.nat_port)
         if not error and mtu and len(sent) > mtu:
             self._inject_fragments(sent, mtu)
@@ -340,10 +343,14 @@ class ServerNode(NodeBase):
         if link.congested:
             self._drop(session, Drop.LINK_CONGESTED, now)
             return
+        self._send_to_user(session, link, packet)
+
+    def _send_to_user(self, session: Session, link: NodeLink, packet: bytes) -> None:
+        """A packet on its way to the session's user, over ``link`` (open, not congested):
+        captured as the user gets it, counted in, queued for the next flush."""
         if self.capture:
             self.commands.append(CapturePacket(session.id, packet))
-        session.packets_in += 1
-        session.bytes_in += len(packet)
+        session.count_in(len(packet))
         link.pending.append(
             encode_envelope(MsgType.PACKET, session.id, session.uid, link.seq.take(), packet))
         self._dirty.add(link.id)
@@ -358,13 +365,7 @@ class ServerNode(NodeBase):
             self._drop(session, Drop.TCP_NO_MAPPING, now, flow)
             return
         self._drop(session, Drop.TCP_NO_MAPPING, now, flow, "answered with a reset")
-        if self.capture:
-            self.commands.append(CapturePacket(session.id, reset))
-        session.packets_in += 1
-        session.bytes_in += len(reset)
-        link.pending.append(
-            encode_envelope(MsgType.PACKET, session.id, session.uid, link.seq.take(), reset))
-        self._dirty.add(link.id)
+        self._send_to_user(session, link, reset)
 
     def receive_reply(self, packet: bytes, now: float) -> bool:
         """A packet captured on its way in. True if it was ours (the adapter drops it from the
@@ -410,14 +411,9 @@ class ServerNode(NodeBase):
         if link.congested:
             self._drop(session, Drop.LINK_CONGESTED, now, entry.original)
             return True
-        reply = pk.rewrite_destination(packet, entry.original.src, entry.original.sport)
-        if self.capture:  # as returned to the user: after the un-NAT
-            self.commands.append(CapturePacket(session.id, reply))
-        session.packets_in += 1
-        session.bytes_in += len(reply)
-        link.pending.append(
-            encode_envelope(MsgType.PACKET, session.id, session.uid, link.seq.take(), reply))
-        self._dirty.add(link.id)
+        # Captured as returned to the user: after the un-NAT.
+        self._send_to_user(session, link, pk.rewrite_destination(
+            packet, entry.original.src, entry.original.sport))
         # A path MTU error goes to the user and to the server's own kernel as well: the MTU
         # it learns is what the server fragments its users' datagrams to (rawsock.PathMtu).
         return not (error and fragments.is_path_mtu_error(packet))
@@ -528,12 +524,7 @@ class ServerNode(NodeBase):
         ended, and the snapshot taken after this keeps them with their mappings."""
         self._now = now
         for link in list(self.links.values()):
-            session = link.session
-            if session is not None and session.link == link.id:
-                session.link = None
-                session.detached_since = now
-                self._changes += 1
-                self._log(SESSION_DETACHED, session=session, reason=reason)
+            self._detach(link, now, reason)
             self._close_politely(link, reason, tell=False)
 
     # -- across a restart (pvpn.state; the daemon reads and writes the file)
@@ -679,9 +670,7 @@ class ServerNode(NodeBase):
             "session": s.id.hex(), "user": s.user, "uid": s.uid, "client": s.client,
             "peer": s.peer, "age": round(now - s.opened, 1),
             "state": "up" if s.link is not None else "detached (waiting for a resume)",
-            "packets_out": s.packets_out, "packets_in": s.packets_in,
-            "bytes_out": s.bytes_out, "bytes_in": s.bytes_in, "drops": s.drops.as_dict(),
-            "flows": self.flows.sessions_flows(s.id),
+            **s.traffic(), "flows": self.flows.sessions_flows(s.id),
             "allow": [str(n) for n in s.allow.networks], "excluded": s.allow.excluded(),
         } for s in self.sessions.values()]
 

@@ -1231,3 +1231,21 @@ def test_a_forged_state_gives_no_more_than_a_live_user_could_have(pki_dir: Any) 
                for s in node.sessions.values())
     with pytest.raises(ValueError, match="written by node 'gw1'"):
         make_node(pki_dir).restore(ServerState("gw1", 0.0, 0, ()), 100.0, 1.0)
+
+
+def test_a_peer_s_close_notify_closes_its_link_at_once(pki_dir: Any) -> None:
+    """close_notify without CLOSE (a user's process stopping to resume later): the node closes
+    the link at once, saying why, instead of waiting for TCP or dead_after; the session is
+    detached for its resume, as when the connection goes."""
+    h = Harness(pki_dir)
+    h.connect(1, "alice")
+    session_id = first(h.events[1], LinkEstablished).session
+    h.links[1].tls.close()
+    h.transfer()
+    assert 1 in h.closed, "the link waits for its TCP connection or dead_after"
+    (said,) = [r for r in h.logs if r.event == "link:closed"]
+    assert "close_notify" in said.reason and said.session == session_id.hex()
+    h.node.link_lost(1, h.now)  # the adapter closed the connection
+    h.transfer()
+    assert h.node.sessions[session_id].link is None
+    assert [r.event for r in h.logs if r.event.startswith("session:")][-1] == "session:detached"
