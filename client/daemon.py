@@ -48,6 +48,10 @@ from pvpn.io.loop import (
 from pvpn.io.tun import open_tun, read_copies, strict_rp_filter
 from pvpn.fragments import Reassembler
 from pvpn.commands import LogRecord
+from pvpn.names import (
+    LOCAL_ERROR, NODE_CLEANUP, NODE_RECOVER_FAILED, NODE_RELOADED, NODE_STARTED, NODE_STOPPED,
+    NODE_WARNING, SESSION_CONNECTIONS_RESET, SESSION_RECOVERED, SLOT_QUARANTINED,
+)
 from pvpn.records import RecordWriter
 from pvpn.reset import tcp_probe
 from pvpn.nodes.client import (
@@ -116,7 +120,7 @@ class LocalLink(LocalPeer, asyncio.Protocol):
                     self.daemon.local_control(self, envelope)
                     self.flush()  # so the next question sees whether this answer is read
         except RemoteProtocolError as exc:
-            self.daemon.local_record("local:error", self, self.session,
+            self.daemon.local_record(LOCAL_ERROR, self, self.session,
                                      reason=clip(f"{type(exc).__name__}: {exc}"))
             self.close()
         self.flush()
@@ -273,7 +277,7 @@ class ClientDaemon:
             base = firewall.client_base(instance)
             rules.apply(firewall.RuleSet(base.v4 if missing[0] else "",
                                          base.v6 if missing[1] else ""))
-            self.log_event("node:warning", reason="the instance's hook chains were missing in "
+            self.log_event(NODE_WARNING, reason="the instance's hook chains were missing in "
                            + " and ".join(f for f, m in zip(("IPv4", "IPv6"), missing) if m)
                            + "; put back")
         now = self.loop.time()
@@ -290,20 +294,20 @@ class ClientDaemon:
                 # Its rules stay: with nobody reading its queue the kernel drops its packets.
                 # Ending it here would let them out in clear though nobody said stop; its
                 # devices are tried again when its user's tunnel process registers.
-                self.log_event("node:recover-failed", session, reason=f"{exc}; held, its rules "
+                self.log_event(NODE_RECOVER_FAILED, session, reason=f"{exc}; held, its rules "
                                "kept; tried again when its tunnel process registers")
             repair = firewall.client_jumps_repair(instance, found, self.config.mark_mask)
             if repair is not None:
                 try:
                     rules.apply(repair)
                 except PvpnError as exc:  # the jumps found still feed the queue
-                    self.log_event("node:warning", session, reason=f"jumps not converted: {exc}")
-            self.log_event("session:recovered", session, reason="rules kept across a restart; "
+                    self.log_event(NODE_WARNING, session, reason=f"jumps not converted: {exc}")
+            self.log_event(SESSION_RECOVERED, session, reason="rules kept across a restart; "
                            "held until the user's tunnel process registers again",
                            prefixes=[str(n) for n in found.networks],
                            converted="legacy" if found.legacy else bool(repair))
         if broken:
-            self.log_event("node:cleanup", reason="incomplete session rules removed",
+            self.log_event(NODE_CLEANUP, reason="incomplete session rules removed",
                            chains=broken)
             rules.remove_chains(broken, f"{p}-OUT")
             rules.remove_chains(broken, f"{p}-IN")
@@ -379,10 +383,10 @@ class ClientDaemon:
             conntrack.forget_marked(mark, mask)
             left = conntrack.count_marked(mark, mask)
         except PvpnError as exc:
-            self.log_event("slot:quarantined", slot=slot, reason=f"cannot ask conntrack: {exc}")
+            self.log_event(SLOT_QUARANTINED, slot=slot, reason=f"cannot ask conntrack: {exc}")
             return False
         if left:
-            self.log_event("slot:quarantined", slot=slot, connections=left,
+            self.log_event(SLOT_QUARANTINED, slot=slot, connections=left,
                            reason="connections of its last holder still carry its mark")
         return left == 0
 
@@ -443,7 +447,7 @@ class ClientDaemon:
                 break
             probed += 1
         if probed:
-            self.log_event("session:connections-reset", session, count=probed,
+            self.log_event(SESSION_CONNECTIONS_RESET, session, count=probed,
                            reason="the server's session is a new one: its TCP connections "
                                   "are made to answer, and the server resets them")
 
@@ -515,7 +519,7 @@ class ClientDaemon:
                 rules.apply(firewall.RuleSet(whole.v4 if version == 4 else "",
                                              whole.v6 if version == 6 else ""))
                 repaired.append(f"slot {slot} (IPv{version})")
-        self.log_event("node:warning", reason="rules of pvpn-client were removed by someone "
+        self.log_event(NODE_WARNING, reason="rules of pvpn-client were removed by someone "
                        "else (a firewall reload?) and are put back; until now the protected "
                        "traffic of these sessions took the normal route",
                        families_without_chains=found.unbased or None,
@@ -542,7 +546,7 @@ class ClientDaemon:
                 try:
                     saved = await self.loop.run_in_executor(reader, _saved_rules)
                 except (PvpnError, OSError, subprocess.SubprocessError) as exc:
-                    self.log_event("node:warning", reason=f"cannot read the rules: {exc}")
+                    self.log_event(NODE_WARNING, reason=f"cannot read the rules: {exc}")
                     continue
                 self.guard.call("rules check", self.check_rules, saved, epoch)
         finally:
@@ -608,11 +612,11 @@ async def serve(config: ClientConfig) -> None:
     daemon = ClientDaemon(config)
     loop = daemon.loop
     if strict_rp_filter():
-        daemon.log_event("node:warning", reason="net.ipv4.conf.all.rp_filter=1 drops replies "
+        daemon.log_event(NODE_WARNING, reason="net.ipv4.conf.all.rp_filter=1 drops replies "
                          "arriving on TUN devices; set it to 0 or 2")
     warning = ensure_socket_dir(config.socket)
     if warning:
-        daemon.log_event("node:warning", reason=warning)
+        daemon.log_event(NODE_WARNING, reason=warning)
     prepare_unix_socket(
         config.socket,
         f"{config.socket} exists and is not a socket; remove it or change [client] socket",
@@ -627,8 +631,8 @@ async def serve(config: ClientConfig) -> None:
         # pvpn-client holds no keys or user lists (the users' processes do): a SIGHUP only
         # says so in the log, instead of ending the daemon (the signal's default action).
         install_signals(loop, stop, lambda: daemon.log_event(
-            "node:reloaded", reason="nothing to reload: keys live in the users' processes"))
-        daemon.log_event("node:started", socket=str(config.socket))
+            NODE_RELOADED, reason="nothing to reload: keys live in the users' processes"))
+        daemon.log_event(NODE_STARTED, socket=str(config.socket))
         watcher = loop.create_task(daemon.watch_rules(stop))
         while not stop.is_set():
             try:
@@ -647,7 +651,7 @@ async def serve(config: ClientConfig) -> None:
             config.socket.unlink()
         except FileNotFoundError:
             pass
-        daemon.log_event("node:stopped", reason="; ".join(errors) or "clean",
+        daemon.log_event(NODE_STOPPED, reason="; ".join(errors) or "clean",
                          held=len(daemon.registry.sessions))
 
 

@@ -27,6 +27,10 @@ from pvpn.errors import (
     ConfigError, MalformedPacket, PolicyError, PvpnError, RemoteProtocolError,
 )
 from pvpn.local import LocalChannel
+from pvpn.names import (
+    LOCAL_REFUSED, NODE_STOPPING, NODE_WARNING, PACKET_DROPPED, SESSION_ATTACHED, SESSION_CLOSED,
+    SESSION_HELD, SESSION_REATTACHED, SESSION_REGISTERED,
+)
 from pvpn.packet import FlowKey
 from pvpn.records import Record, session_hex
 from pvpn.text import clip, quoted
@@ -493,7 +497,7 @@ class ClientHost(Generic[P]):
                      "(max_local_connections_per_uid)"
                      if mine >= config.max_local_connections_per_uid else
                      f"{config.max_local_connections} in all (max_local_connections)")
-            self.local_record("local:refused", peer, now,
+            self.local_record(LOCAL_REFUSED, peer, now,
                               reason=f"too many connections to pvpn-client: {limit}")
             peer.send_control(MsgType.ERROR, {"code": "refused", "reason":
                               f"too many connections to pvpn-client: {limit}"})
@@ -581,7 +585,7 @@ class ClientHost(Generic[P]):
         """Count a drop by its code; log it when the session's rate limit allows."""
         count = session.drop(code, now)
         if count:
-            self.log("packet:dropped", session, reason=code.value,
+            self.log(PACKET_DROPPED, session, reason=code.value,
                      flow=flow.describe() if flow is not None else "", count=count,
                      unlogged=session.drops.take_unlogged())
 
@@ -692,7 +696,7 @@ class ClientHost(Generic[P]):
         session.ever_up = True
         link.attached_here = True
         self.record_id(session, now)
-        self.session_record("session:attached", session, now, pid=link.pid,
+        self.session_record(SESSION_ATTACHED, session, now, pid=link.pid,
                             server=session.server)
         if renewed:
             self.kernel.reset_connections(session)
@@ -743,12 +747,12 @@ class ClientHost(Generic[P]):
                     kernel.uninstall(session)
                     self.registry.release(session.slot)
                     raise
-                self.log("session:registered", session, pid=link.pid,
+                self.log(SESSION_REGISTERED, session, pid=link.pid,
                          prefixes=[str(n) for n in session.networks])
             else:
                 if not kernel.has_devices(session):  # its devices failed at recovery
                     kernel.attach_devices(session)
-                self.session_record("session:reattached", session, now, pid=link.pid)
+                self.session_record(SESSION_REATTACHED, session, now, pid=link.pid)
         except (ConfigError, PolicyError, PvpnError) as exc:
             link.send_control(MsgType.ERROR, {"code": "refused", "reason": str(exc)})
             return
@@ -770,7 +774,7 @@ class ClientHost(Generic[P]):
             session.attached = False
             session.held_since = now
         link.session = None
-        self.session_record("session:held", session, now, reason=reason)
+        self.session_record(SESSION_HELD, session, now, reason=reason)
 
     def lost(self, link: P, now: float) -> None:
         """The local connection is gone: a session it held is held (fail closed) unless it
@@ -794,9 +798,9 @@ class ClientHost(Generic[P]):
         errors = kernel.uninstall(session)
         forgotten = kernel.forget_marks(session)
         self.registry.release(session.slot)
-        for event in ("session:attached", "session:reattached", "session:held"):
+        for event in (SESSION_ATTACHED, SESSION_REATTACHED, SESSION_HELD):
             self.session_logged.pop((event, session.slot), None)
-        self.log("session:closed", session, reason=reason, packets_out=session.packets_out,
+        self.log(SESSION_CLOSED, session, reason=reason, packets_out=session.packets_out,
                  packets_in=session.packets_in, bytes_out=session.bytes_out,
                  bytes_in=session.bytes_in, drops=session.drops.as_dict(),
                  connections_aborted=aborted, connections_forgotten=forgotten,
@@ -812,7 +816,7 @@ class ClientHost(Generic[P]):
         session.recorded_at = now
         error = self.kernel.write_id(session)
         if error is not None:  # tried again in RECORD_EVERY
-            self.log("node:warning", session, reason=f"session id not recorded: {error}")
+            self.log(NODE_WARNING, session, reason=f"session id not recorded: {error}")
             return
         session.recorded = session.session_id
 
@@ -851,7 +855,7 @@ class ClientHost(Generic[P]):
             self.commands.append(CloseLocal(link))
         kept = list(self.registry.sessions.values())
         if kept:
-            self.log("node:stopping", reason=f"{reason}; {len(kept)} session(s) stay "
+            self.log(NODE_STOPPING, reason=f"{reason}; {len(kept)} session(s) stay "
                      "protected (held) for the next pvpn-client",
                      sessions=[{"slot": s.slot, "uid": s.uid, "user": s.user,
                                 "session": s.session_id.hex()} for s in kept])
