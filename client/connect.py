@@ -5,6 +5,9 @@ pvpn-client (over the local unix socket, where the kernel vouches for our uid, a
 daemon's: it must be root) and the server. While it reconnects to either, pvpn-client keeps
 dropping the protected packets: nothing leaks in clear. A pvpn-client that stops or restarts
 is a lost one: we hold, register again and re-attach, and never exit as if the VPN had ended.
+
+What the process decides is pvpn.user.UserTunnel, sans-IO; this is its asyncio adapter: the
+unix socket and the TCP connection, the retries' timing, the capture file and the terminal.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from pvpn.io.pcap import PcapWriter
 from pvpn.io.reasons import connect_failure
 from pvpn.text import printable
 from pvpn.user import (
-    Capture, CloseChain, CloseLocal, Finish, Reconnect, Reregister, Say, UserChain, UserLink,
+    Capture, CloseChain, CloseLocalLink, Finish, Reconnect, Reregister, Say, UserChain, UserLink,
     UserTunnel,
 )
 
@@ -160,7 +163,7 @@ class Connector:
                 self._flush_remote()  # the CLOSE of an orderly end goes first
                 if self.remote is not None and self.remote.transport is not None:
                     self.remote.transport.close()
-            elif type(cmd) is CloseLocal:
+            elif type(cmd) is CloseLocalLink:
                 self._flush_local()  # an UNREGISTER goes first
                 if self.local is not None and self.local.transport is not None:
                     self.local.transport.close()

@@ -153,7 +153,7 @@ class ClientDaemon:
         self.guard: Guard = Guard(self.log.write, self._close_failed_link)
         self.link_ids: Iterator[int] = itertools.count(1)
         self.by_id: dict[int, LocalLink] = {}
-        self.rules = InstanceRules(config.instance)
+        self.rules = InstanceRules(config.instance, config.mark_mask)
         self.queues: dict[int, BatchedQueue] = {}
         self.tun_fds: dict[int, int] = {}
         # The host's bookkeeping, as the tests and the shutdown read it.
@@ -205,9 +205,7 @@ class ClientDaemon:
     def install(self, session: SlotSession) -> None:
         """TUN device, queue, then rules: the rules go in last, fully formed, in one step."""
         self.attach_devices(session)
-        self.rules.apply(firewall.client_session(
-            self.config.instance, session.slot, session.uid, session.networks, session.queue,
-            session.mark, self.config.mark_mask, session.tun))
+        self.rules.install_session(session)
 
     def attach_devices(self, session: SlotSession) -> None:
         fd = open_tun(session.tun)
@@ -253,14 +251,7 @@ class ClientDaemon:
             self.run()
 
     def uninstall(self, session: SlotSession) -> list[str]:
-        p = firewall.chain_prefix(self.config.instance)
-        errors = self.rules.remove(firewall.client_session_removal(
-            self.config.instance, session.slot, session.uid, session.mark,
-            self.config.mark_mask, session.tun))
-        if errors:  # a jump of another shape (say, one an older version left): find them all
-            chains = list(firewall.session_chains(self.config.instance, session.slot))
-            errors = self.rules.remove_chains(chains, f"{p}-OUT") + self.rules.remove_chains(
-                chains, f"{p}-IN")
+        errors = self.rules.remove_session(session)
         queue = self.queues.pop(session.slot, None)
         if queue is not None:
             self.loop.remove_reader(queue.fileno())
@@ -327,14 +318,7 @@ class ClientDaemon:
         return 0 if fd is None else hostkernel.probe_connections(self.owners, session, fd)
 
     def write_id(self, session: SlotSession) -> str | None:
-        """Write the session's id into its rules (a restarted pvpn-client reads it); why not."""
-        try:
-            self.rules.apply(firewall.client_session_attached(
-                self.config.instance, session.slot, session.mark, self.config.mark_mask,
-                session.session_id))
-        except PvpnError as exc:
-            return str(exc)
-        return None
+        return self.rules.write_id(session)
 
     def local_lost(self, link: LocalLink) -> None:
         self.host.lost(link, self.loop.time())

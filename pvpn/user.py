@@ -1,4 +1,5 @@
-"""The user's end, sans-IO (after aioquic and h11): one link, and the chain of links.
+"""The user's end, sans-IO (after aioquic and h11): one link, the chain of links, and the
+tunnel process that joins the chain to pvpn-client.
 
 :class:`UserLink` is the user's end of one link: it speaks the HELLO / CHALLENGE / AUTH
 exchange of :mod:`pvpn.nodes.base` from the user's side and reports events
@@ -11,6 +12,11 @@ hop, the server, carries the user's packets. It is driven by :meth:`UserChain.re
 :meth:`UserChain.handle_timer`; the bytes for the socket come from
 :meth:`UserChain.data_to_send`. Hops are built one after the other: hop i+1 is started once
 hop i has accepted the user.
+
+:class:`UserTunnel` is what `pvpn connect` decides: its registration with pvpn-client over
+the local channel, when to ATTACH, what pvpn-client's answers and errors mean, what the
+chain's events mean (up, down and rebuilt, failed for good), and how the VPN ends. Its
+commands (:class:`Say`, :class:`CloseChain`, ...) are carried out by client/connect.py.
 
 Inputs carry ``now``. Nothing here touches a socket or a clock.
 """
@@ -458,7 +464,7 @@ class Say(Command):
 
 
 @dataclass(slots=True)
-class CloseLocal(Command):
+class CloseLocalLink(Command):
     """Close the connection to pvpn-client."""
 
 
@@ -589,7 +595,7 @@ class UserTunnel:
                 elif envelope.type is MsgType.ERROR:
                     self._local_error(fields["code"], fields["reason"])
         except RemoteProtocolError as exc:
-            self.commands += [Say(f"garbage from pvpn-client: {exc}"), CloseLocal()]
+            self.commands += [Say(f"garbage from pvpn-client: {exc}"), CloseLocalLink()]
         chain = self.chain
         if not packets or chain is None or not chain.up:
             return False
@@ -616,7 +622,7 @@ class UserTunnel:
             # Stopping is not ending: the session stays held in the kernel; register again
             # with the next pvpn-client (the lost connection does that).
             self.commands += [Say(f"{reason}; holding your protected traffic until pvpn-client "
-                                  "is back"), CloseLocal()]
+                                  "is back"), CloseLocalLink()]
             return
         self.commands.append(Say(f"{reason}"))
         self.end(0 if code == "disconnected" else 1, reason, unregister=False)
@@ -714,7 +720,7 @@ class UserTunnel:
         if unregister and self.local_open:
             self._local_control(MsgType.UNREGISTER, {"reason": reason})
         elif self.local_open:
-            self.commands.append(CloseLocal())
+            self.commands.append(CloseLocalLink())
         else:
             if unregister and not self.registering:
                 self.commands.append(Say(

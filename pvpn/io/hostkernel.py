@@ -19,13 +19,41 @@ from pvpn.reset import tcp_probe
 
 
 class InstanceRules:
-    """The rules of one pvpn-client instance (pvpn.nodes.client.RuleRunner). Every change
-    pvpn-client makes to them bumps ``epoch``: a check of the kernel's rules read before a
-    change is not acted on (it would "repair" that change)."""
+    """The rules of one pvpn-client instance (pvpn.nodes.client.RuleRunner), its sessions'
+    among them. Every change pvpn-client makes to them bumps ``epoch``: a check of the
+    kernel's rules read before a change is not acted on (it would "repair" that change)."""
 
-    def __init__(self, instance: str) -> None:
+    def __init__(self, instance: str, mark_mask: int) -> None:
         self.instance = instance
+        self.mark_mask = mark_mask
         self.epoch = 0
+
+    def install_session(self, session: SlotSession) -> None:
+        """The session's rules, fully formed, in one step (PvpnError)."""
+        self.apply(firewall.client_session(
+            self.instance, session.slot, session.uid, session.networks, session.queue,
+            session.mark, self.mark_mask, session.tun))
+
+    def remove_session(self, session: SlotSession) -> list[str]:
+        """The session's rules go; the errors."""
+        p = firewall.chain_prefix(self.instance)
+        errors = self.remove(firewall.client_session_removal(
+            self.instance, session.slot, session.uid, session.mark, self.mark_mask,
+            session.tun))
+        if errors:  # a jump of another shape (say, one an older version left): find them all
+            chains = list(firewall.session_chains(self.instance, session.slot))
+            errors = self.remove_chains(chains, f"{p}-OUT") + self.remove_chains(
+                chains, f"{p}-IN")
+        return errors
+
+    def write_id(self, session: SlotSession) -> str | None:
+        """Write the session's id into its rules (a restarted pvpn-client reads it); why not."""
+        try:
+            self.apply(firewall.client_session_attached(
+                self.instance, session.slot, session.mark, self.mark_mask, session.session_id))
+        except PvpnError as exc:
+            return str(exc)
+        return None
 
     def saved(self) -> list[str]:
         """iptables-save of each family, IPv4 then IPv6."""

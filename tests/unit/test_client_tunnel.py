@@ -10,7 +10,7 @@ from pvpn.envelope import MsgType, decode_control
 from pvpn.events import ChainFailed, ChainUp, LinkEstablished, PacketsReceived
 from pvpn.local import LocalChannel
 from pvpn.user import (
-    Capture, CloseChain, CloseLocal, Finish, Reconnect, Reregister, Say, UserTunnel,
+    Capture, CloseChain, CloseLocalLink, Finish, Reconnect, Reregister, Say, UserTunnel,
 )
 
 UID = 1001
@@ -145,7 +145,7 @@ def test_a_lost_or_stopping_pvpn_client_is_held_for_and_registered_with_again() 
     chained(tunnel)
     daemon.say(tunnel, MsgType.ERROR, {"code": "daemon-stopping", "reason": "stopping"})
     assert tunnel.commands == [Say("stopping; holding your protected traffic until "
-                                   "pvpn-client is back"), CloseLocal()]
+                                   "pvpn-client is back"), CloseLocalLink()]
     tunnel.commands.clear()
     tunnel.local_lost()
     assert type(tunnel.commands[0]) is Say and tunnel.commands[1] == Reregister()
@@ -166,7 +166,7 @@ def test_a_disconnect_ends_the_vpn_with_0_and_another_error_with_1() -> None:
         chain = chained(tunnel)
         daemon.say(tunnel, MsgType.ERROR, {"code": code, "reason": "by root"})
         assert chain.closed == "by root", "CLOSE to the server through the chain"
-        assert tunnel.commands == [Say("by root"), CloseChain(), CloseLocal(), Finish(status)]
+        assert tunnel.commands == [Say("by root"), CloseChain(), CloseLocalLink(), Finish(status)]
         assert daemon.heard(tunnel) == [], "no UNREGISTER: pvpn-client ended it"
 
 
