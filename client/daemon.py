@@ -13,8 +13,10 @@ documented timeout, or `pvpn-client --config FILE --remove-sessions` on a host w
 pvpn-client is stopped.
 
 The policy (what a queued packet or a reply becomes, the local control protocol, held
-sessions) is pvpn.nodes.client.ClientHost, sans-IO; this program is its adapter: sockets,
-NFQUEUE, TUN, iptables, conntrack and sock_diag, and the commands the host asks for."""
+sessions, what a restart recovers, rules put back) is pvpn.nodes.client.ClientHost, sans-IO;
+this program is its adapter: the sockets, NFQUEUE and TUN devices on the event loop, the
+kernel's answers (iptables, sock_diag: pvpn.io.hostkernel; conntrack), and the commands the
+host asks for."""
 
 from __future__ import annotations
 
