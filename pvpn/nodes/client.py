@@ -1,6 +1,7 @@
 """The client host's policy, sans-IO: which user holds which session slot, what happens to a
-queued packet of a slot, which replies may reach a user's TUN device, and the local
-connections on pvpn-client's socket. No socket, no subprocess, no clock: inputs carry ``now``;
+queued packet of a slot, which replies may reach a user's TUN device, the local connections
+on pvpn-client's socket, and what the kernel's rules say (sessions a restart finds, rules
+someone else removed, marks a slot still carries). No socket, no subprocess, no clock: inputs carry ``now``;
 outputs are commands collected in :attr:`ClientHost.commands` (and the bytes every local
 connection has to send, in its ``pending``) for pvpn-client (client/daemon.py) to carry out.
 
@@ -492,8 +493,10 @@ class ClientHost(Generic[P]):
     """The client host's policy. Driven by pvpn-client: :meth:`admit`, :meth:`control` and
     :meth:`lost` for the local connections and their questions, :meth:`queued` for each packet
     of a session's queue, :meth:`reply` for each packet a tunnel process returns,
-    :meth:`tick` for the timer. ``owners``, ``user_name`` and ``kernel`` are its questions to
-    the host (whose socket, which name, what the kernel could do)."""
+    :meth:`tick` for the timer, :meth:`recover` at the start and :meth:`check_rules` from
+    the rules' watch (each with what iptables-save shows). ``owners``, ``user_name`` and
+    ``kernel`` are its questions to the host (whose socket, which name, what the kernel could
+    do)."""
 
     def __init__(self, config: ClientConfig, owners: OwnerLookup,
                  user_name: Callable[[int], str], kernel: HostKernel) -> None:
