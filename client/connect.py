@@ -5,6 +5,9 @@ pvpn-client (over the local unix socket, where the kernel vouches for our uid, a
 daemon's: it must be root) and the server. While it reconnects to either, pvpn-client keeps
 dropping the protected packets: nothing leaks in clear. A pvpn-client that stops or restarts
 is a lost one: we hold, register again and re-attach, and never exit as if the VPN had ended.
+
+What the process decides is pvpn.user.UserTunnel, sans-IO; this is its asyncio adapter: the
+unix socket and the TCP connection, the retries' timing, the capture file and the terminal.
 """
 
 from __future__ import annotations
@@ -22,15 +25,17 @@ from typing import Any, Callable
 from pvpn import auth, tls
 from pvpn.client.peer import untrusted_peer
 from pvpn.config import DEFAULT_DEAD_AFTER, DEFAULT_KEEPALIVE, DEFAULT_MAX_BYTES
-from pvpn.envelope import DEFAULT_HOPS, MsgType, decode_control
-from pvpn.errors import ConfigError, PvpnError, RemoteProtocolError
-from pvpn.events import ChainEvent, ChainFailed, ChainUp, PacketsReceived
+from pvpn.envelope import DEFAULT_HOPS
+from pvpn.errors import ConfigError, PvpnError
+from pvpn.events import ChainUp
 from pvpn.io.loop import WRITE_HIGH_WATER, set_nodelay
 from pvpn.io.pcap import PcapWriter
 from pvpn.io.reasons import connect_failure
-from pvpn.local import LocalChannel
 from pvpn.text import printable
-from pvpn.user import UserChain, UserLink
+from pvpn.user import (
+    Capture, CloseChain, CloseLocalLink, Finish, Reconnect, Reregister, Say, UserChain, UserLink,
+    UserTunnel,
+)
 
 CONNECT_TIMEOUT = 10.0
 MAX_BACKOFF = 10.0
@@ -114,7 +119,9 @@ class _Stream(asyncio.Protocol):
 
 
 class Connector:
-    """Brings one personal VPN up and keeps it up until the user ends it."""
+    """Brings one personal VPN up and keeps it up until the user ends it: the asyncio adapter
+    of one UserTunnel (pvpn.user), which decides; this owns the two sockets, the retries'
+    timing, the capture file and the user's terminal."""
 
     def __init__(self, options: ConnectOptions, on_up: Callable[[str], None]) -> None:
         self.opt = options
@@ -123,39 +130,71 @@ class Connector:
         self.context = tls.make_client_context(ca_file=options.ca_file,
                                                pinned_certificate=options.pinned_cert)
         self.loop = asyncio.get_running_loop()
-        self.finished: asyncio.Future[int] = self.loop.create_future()
-        # local side
-        self.local: _Stream | None = None
-        self.local_channel = LocalChannel()
-        self.registered: asyncio.Future[dict[str, Any]] = self.loop.create_future()
-        # Set when pvpn-client confirms the protection is removed (or the socket is gone).
-        self.unregistered: asyncio.Future[None] = self.loop.create_future()
         self.uid = os.getuid()
         # the chain: gateways (--via) then the server
         self.hops = [*options.via, (options.host, options.port)]
-        self.chain: UserChain | None = None
+        self.tunnel = UserTunnel(self.uid, os.urandom(16), {
+            "prefixes": options.prefixes, "server": f"{options.host}:{options.port}",
+            "via": [_endpoint_text(*hop) for hop in self.hops[:-1]]},
+            capturing=options.pcap is not None)
+        # Set whenever the tunnel has taken an input: what a wait below waits for may be so.
+        self.moved = asyncio.Event()
+        self.status = 1
+        self.local: _Stream | None = None
         self.remote: _Stream | None = None  # TCP to the first hop
-        self.up: asyncio.Future[ChainUp] = self.loop.create_future()
-        # Proposed by us, so every hop logs the same session id.
-        self.session = os.urandom(16)
-        self.token = b""
-        self.ending = False
-        self.attached = False  # ATTACH sent on the current local connection
         # Created here, by the user, mode 0600; every batch is flushed (a crash leaves a
         # readable file).
         self.pcap = None if options.pcap is None else PcapWriter(
             options.pcap, options.pcap_max_bytes, on_stop=_say)
 
+    # ------------------------------------------------------------ what the tunnel asks for
+    def _carry(self) -> None:
+        """Write what the tunnel has for each socket and carry out its commands, in order."""
+        tunnel = self.tunnel
+        self._flush_local()
+        commands, tunnel.commands = tunnel.commands, []
+        for cmd in commands:
+            if type(cmd) is Capture:
+                if self.pcap is not None:
+                    self.pcap.write_packets(cmd.packets, time.time())
+            elif type(cmd) is Say:
+                _say(cmd.text)
+            elif type(cmd) is CloseChain:
+                self._flush_remote()  # the CLOSE of an orderly end goes first
+                if self.remote is not None and self.remote.transport is not None:
+                    self.remote.transport.close()
+            elif type(cmd) is CloseLocalLink:
+                self._flush_local()  # an UNREGISTER goes first
+                if self.local is not None and self.local.transport is not None:
+                    self.local.transport.close()
+            elif type(cmd) is Reconnect:
+                self.loop.create_task(self._reconnect())
+            elif type(cmd) is Reregister:
+                self.loop.create_task(self._relocal())
+            elif type(cmd) is Finish:
+                self.status = cmd.status
+            else:
+                raise TypeError(f"pvpn connect cannot carry out {type(cmd).__name__}")
+        self._flush_local()
+        self.moved.set()
+
+    async def _until(self, done: Callable[[], bool], timeout: float | None) -> None:
+        """Return once ``done()`` (asyncio.TimeoutError after ``timeout`` seconds)."""
+        async def moved() -> None:
+            while not done():
+                self.moved.clear()
+                await self.moved.wait()
+        await asyncio.wait_for(moved(), timeout)
+
     # ------------------------------------------------------------ local socket to pvpn-client
     async def open_local(self) -> dict[str, Any]:
-        self.local_channel = LocalChannel()
-        self.registered = self.loop.create_future()
-        self.attached = False
-        if self.unregistered.done():
-            self.unregistered = self.loop.create_future()
+        tunnel = self.tunnel
+        tunnel.local_opening()
 
         def stream() -> _Stream:
-            made = _Stream(self._local_data, lambda exc: self._local_lost(exc, made))
+            made = _Stream(self._local_data, lambda exc: self._local_lost(made))
+            made.on_congestion = (  # type: ignore[method-assign]
+                lambda congested: self._local_congestion(made, congested))
             return made
 
         try:
@@ -170,100 +209,47 @@ class Connector:
             raise ConnectError(f"no permission to use {self.opt.socket_path}") from None
         distrust = untrusted_peer(transport.get_extra_info("socket"), self.opt.socket_path)
         if distrust is not None:
-            self.registered.cancel()
+            tunnel.refused = distrust
             transport.abort()
             raise ConnectError(distrust)
         self.local = proto
-        self._local_send(MsgType.REGISTER, {
-            "prefixes": self.opt.prefixes, "server": f"{self.opt.host}:{self.opt.port}",
-            "via": [_endpoint_text(*hop) for hop in self.hops[:-1]]})
-        reply = await asyncio.wait_for(self.registered, CONNECT_TIMEOUT)
-        self._attach()  # re-registering a running VPN: it is up again at once
-        return reply
+        tunnel.local_opened()
+        self._carry()
+        await self._until(lambda: not tunnel.registering, CONNECT_TIMEOUT)
+        if tunnel.registered is None:
+            raise ConnectError(tunnel.refused)
+        tunnel.attach()  # re-registering a running VPN: it is up again at once
+        self._carry()
+        return tunnel.registered
 
-    def _attach(self) -> None:
-        """ATTACH (the session id) once both ends are up: registered with pvpn-client and the
-        chain accepted, on every new registration and every rebuilt chain."""
-        chain = self.chain
-        if (not self.attached and self.registered.done() and not self.registered.cancelled()
-                and self.registered.exception() is None and chain is not None and chain.up):
-            self._local_send(MsgType.ATTACH, {"session": self.session, "nodes": chain.nodes})
-            self.attached = True
-
-    def _local_send(self, mtype: MsgType, fields: dict[str, Any]) -> None:
-        if self.local is not None and self.local.transport is not None:
-            self.local.transport.write(self.local_channel.control(mtype, self.session, self.uid,
-                                                                  fields))
+    def _flush_local(self) -> None:
+        data = self.tunnel.local_to_send()
+        if data and self.local is not None and self.local.transport is not None:
+            self.local.transport.write(data)
 
     def _local_data(self, data: bytes) -> None:
-        packets: list[bytes] = []
-        try:
-            for envelope in self.local_channel.receive(data):
-                if envelope.type is MsgType.PACKET:
-                    packets.append(envelope.body)
-                    continue
-                fields = decode_control(envelope)
-                if envelope.type is MsgType.REGISTERED and not self.registered.done():
-                    self.registered.set_result(fields)
-                elif envelope.type is MsgType.STATUS_REPLY and not self.unregistered.done():
-                    self._unregister_answer(fields)
-                    self.unregistered.set_result(None)
-                elif envelope.type is MsgType.ERROR:
-                    self._local_error(fields["code"], fields["reason"])
-        except RemoteProtocolError as exc:
-            _say(f"garbage from pvpn-client: {exc}")
-            if self.local and self.local.transport:
-                self.local.transport.close()
-        chain = self.chain
-        if packets and chain is not None and chain.up:
-            if self.pcap is not None:
-                self.pcap.write_packets(packets, time.time())
-            chain.send_packets(packets)
+        forwarded = self.tunnel.receive_local(data)
+        self._carry()
+        if forwarded:
             self._flush_remote()
 
-    def _unregister_answer(self, fields: dict[str, Any]) -> None:
-        """pvpn-client's answer to UNREGISTER describes the session as it leaves it: held if
-        this process never had it up (an earlier one did, and its protection stays)."""
-        sessions = fields.get("sessions") or []
-        if sessions and isinstance(sessions[0], dict) and str(
-                sessions[0].get("state", "")).startswith("held"):
-            _say("your session stays held: its protected traffic is dropped until `pvpn "
-                 "connect` brings it up again, or `pvpn disconnect` ends it")
+    def _local_congestion(self, stream: _Stream, congested: bool) -> None:
+        if stream is self.local:
+            self.tunnel.local_congested = congested
 
-    def _local_error(self, code: str, reason: str) -> None:
-        if not self.registered.done():
-            self.registered.set_exception(ConnectError(f"pvpn-client refused: {reason}"))
-            return
-        if code == "daemon-stopping":
-            # Stopping is not ending: the session stays held in the kernel; register again
-            # with the next pvpn-client (the lost connection does that).
-            _say(f"{reason}; holding your protected traffic until pvpn-client is back")
-            if self.local is not None and self.local.transport is not None:
-                self.local.transport.close()
-            return
-        _say(f"{reason}")
-        self.end(0 if code == "disconnected" else 1, reason, unregister=False)
-
-    def _local_lost(self, exc: Exception | None, stream: _Stream) -> None:
+    def _local_lost(self, stream: _Stream) -> None:
         if stream is not self.local:
             return  # a connection we dropped before using it (an untrusted peer)
         self.local = None
-        if not self.unregistered.done():
-            self.unregistered.set_result(None)
-        if self.ending or self.finished.done():
-            return
-        if not self.registered.done():
-            self.registered.set_exception(ConnectError("pvpn-client closed the connection"))
-            return
-        _say("lost pvpn-client; your protected traffic is held (dropped) until it is back")
-        self.loop.create_task(self._relocal())
+        self.tunnel.local_lost()
+        self._carry()
 
     async def _relocal(self) -> None:
         delay = 0.5
         start = self.loop.time()
         said = ""
         for _ in range(int(RELOCAL_FOR / 0.5)):  # bounded by time below, long before this
-            if self.ending:
+            if self.tunnel.ending:
                 return
             if self.loop.time() - start > RELOCAL_FOR:
                 break
@@ -286,7 +272,7 @@ class Connector:
     def _new_link(self, index: int, nodes_before: list[str]) -> UserLink:
         """The user's link with hop ``index``: its TLS session checks that hop's certificate
         and name; it rides on TCP (hop 0) or inside the previous hop's DATA envelopes."""
-        opt = self.opt
+        opt, tunnel = self.opt, self.tunnel
         host, _ = self.hops[index]
         last = index == len(self.hops) - 1
         server_name = (opt.server_name or host) if last else host
@@ -297,7 +283,7 @@ class Connector:
             signer=lambda nonce, binding, node: auth.sign_challenge(
                 self.key, nonce, binding, opt.remote_user, node),
             want=opt.prefixes if last else [], client_name=opt.client_name,
-            session=self.session, token=self.token if last and self.token else None,
+            session=tunnel.session, token=tunnel.token if last and tunnel.token else None,
             next_hop=None if last else _endpoint_text(*self.hops[index + 1]),
             path=nodes_before, hops=DEFAULT_HOPS - index,
             keepalive=opt.keepalive, dead_after=opt.dead_after,
@@ -306,9 +292,10 @@ class Connector:
     async def open_remote(self) -> ChainUp:
         """Build the chain hop by hop; returns once the server has accepted us."""
         host, port = self.hops[0]
-        self.up = self.loop.create_future()
-        self.chain = UserChain(self._new_link, len(self.hops),
-                               [_endpoint_text(*hop) for hop in self.hops])
+        tunnel = self.tunnel
+        chain = UserChain(self._new_link, len(self.hops),
+                          [_endpoint_text(*hop) for hop in self.hops])
+        tunnel.new_chain(chain)
         try:
             _, proto = await asyncio.wait_for(self.loop.create_connection(
                 lambda: _Stream(self._remote_data, self._remote_lost), host, port),
@@ -321,84 +308,53 @@ class Connector:
         set_nodelay(proto.transport)
         proto.on_congestion = self._congestion  # type: ignore[method-assign]
         self.remote = proto
-        self.chain.start(self.loop.time())
+        chain.start(self.loop.time())
         self._flush_remote()
         waited = CONNECT_TIMEOUT * (1 + len(self.hops))
         try:
-            up = await asyncio.wait_for(self.up, waited)
+            await self._until(lambda: not tunnel.chain_pending, waited)
         except asyncio.TimeoutError:
             proto.transport.close()  # a half-built chain is not kept
-            raise ConnectionError(self.chain.silent_hop(waited)) from None
+            raise ConnectionError(chain.silent_hop(waited)) from None
         except BaseException:
             proto.transport.close()
             raise
-        self.session, self.token = up.accept.session, up.accept.token
+        up, failure = tunnel.chain_up, tunnel.chain_failure
+        if up is None:
+            assert failure is not None
+            proto.transport.close()
+            reason = f"{failure.where}: {failure.reason}"
+            raise ConnectError(reason) if failure.fatal else ConnectionError(reason)
+        tunnel.accepted(up)
         return up
 
     def _congestion(self, congested: bool) -> None:
-        if self.chain is not None and self.chain.links:
-            self.chain.links[-1].congested = congested
+        chain = self.tunnel.chain
+        if chain is not None and chain.links:
+            chain.links[-1].congested = congested
 
     def _flush_remote(self) -> None:
-        remote, chain = self.remote, self.chain
-        if chain is None or remote is None or remote.transport is None:
+        remote = self.remote
+        if remote is None or remote.transport is None:
             return
-        data = chain.data_to_send(self.loop.time())
+        data = self.tunnel.remote_to_send(self.loop.time())
         if data:
             remote.transport.write(data)
 
     def _remote_data(self, data: bytes) -> None:
-        if self.chain is not None:
-            self._chain_events(self.chain.receive_data(data, self.loop.time()))
-            self._flush_remote()
-
-    def _chain_events(self, events: list[ChainEvent]) -> None:
-        for event in events:
-            if type(event) is PacketsReceived:
-                if self.pcap is not None:
-                    self.pcap.write_packets(event.packets, time.time())
-                local = self.local
-                if local is not None and local.transport is not None and not local.congested:
-                    uid, session, packet = self.uid, self.session, self.local_channel.packet
-                    local.transport.write(b"".join(packet(session, uid, p)
-                                                   for p in event.packets))
-            elif type(event) is ChainUp:
-                if not self.up.done():
-                    self.up.set_result(event)
-            elif type(event) is ChainFailed:
-                self._chain_failed(event)
-
-    def _chain_failed(self, failure: ChainFailed) -> None:
-        if self.remote is not None and self.remote.transport is not None:
-            self.remote.transport.close()
-        reason = f"{failure.where}: {failure.reason}"
-        if not self.up.done():
-            self.up.set_exception(ConnectError(reason) if failure.fatal else
-                                  ConnectionError(reason))
-        elif failure.fatal:
-            self.end(1, reason)
-        else:
-            self._link_down(reason)
+        self.tunnel.receive_remote(data, self.loop.time())
+        self._carry()
+        self._flush_remote()
 
     def _remote_lost(self, exc: Exception | None) -> None:
         self.remote = None
-        chain = self.chain
-        if chain is None:
-            return
-        failure = chain.connection_lost(
+        self.tunnel.remote_lost(
             f"connection lost: {exc}" if exc else "the first hop closed the connection")
-        if failure is not None:
-            self._chain_failed(failure)
-
-    def _link_down(self, reason: str) -> None:
-        if self.ending or self.finished.done():
-            return
-        _say(f"tunnel down ({reason}); holding your protected traffic and reconnecting")
-        self.loop.create_task(self._reconnect())
+        self._carry()
 
     async def _reconnect(self) -> None:
         delay = 0.5
-        while not self.ending:
+        while not self.tunnel.ending:
             await asyncio.sleep(delay)
             try:
                 event = await self.open_remote()
@@ -410,51 +366,28 @@ class Connector:
                 delay = min(delay * 2, MAX_BACKOFF)
                 continue
             state = "resumed" if event.accept.resumed else "re-established as a new session"
-            _say(f"session {self.session.hex()} {state}")
-            if not event.accept.resumed:
-                # ATTACH again: a new server session (the server lost ours in a restart, or it
-                # expired), so pvpn-client makes the connections the old one carried fail at
-                # once instead of waiting for data that will never come.
-                self.attached = False
-            self._attach()
+            _say(f"session {self.tunnel.session.hex()} {state}")
+            self.tunnel.renewed(event)
+            self._carry()
             return
 
     # ------------------------------------------------------------ lifecycle
     async def tick(self) -> None:
-        while not self.finished.done():
+        while not self.tunnel.finished:
             await asyncio.sleep(1.0)
-            chain = self.chain
-            if chain is None or chain.failed is not None:
-                continue  # down or being rebuilt
-            self._chain_events(chain.handle_timer(self.loop.time()))
+            self.tunnel.handle_timer(self.loop.time())
+            self._carry()
             self._flush_remote()
 
     def end(self, status: int, reason: str, unregister: bool = True) -> None:
         """End the VPN: CLOSE to the server, UNREGISTER to pvpn-client (protection removed)."""
-        if self.finished.done():
-            return
-        self.ending = True
-        if self.chain is not None and self.chain.up:
-            self.chain.close(reason)  # CLOSE to the server, through the chain
-            self._flush_remote()
-        if self.remote is not None and self.remote.transport is not None:
-            self.remote.transport.close()
-        if unregister and self.local is not None:
-            self._local_send(MsgType.UNREGISTER, {"reason": reason})
-        elif self.local is not None and self.local.transport is not None:
-            self.local.transport.close()
-        else:
-            if unregister and self.registered.done():
-                _say("pvpn-client is not reachable now: your session stays held (its protected "
-                     "traffic blocked) until `pvpn disconnect`")
-            if not self.unregistered.done():
-                self.unregistered.set_result(None)
-        self.finished.set_result(status)
+        self.tunnel.end(status, reason, unregister)
+        self._carry()
 
     async def wait_unregistered(self) -> None:
         """Return once pvpn-client has removed the rules (bounded: it may be gone)."""
         try:
-            await asyncio.wait_for(asyncio.shield(self.unregistered), CONNECT_TIMEOUT)
+            await self._until(lambda: self.tunnel.unregistered, CONNECT_TIMEOUT)
         except asyncio.TimeoutError:
             _say("pvpn-client did not confirm the end of the session; check `pvpn status`")
 
@@ -469,18 +402,19 @@ class Connector:
             raise ConnectError(str(exc) or "timed out waiting for the server") from None
         for sig in (signal.SIGINT, signal.SIGTERM):
             self.loop.add_signal_handler(sig, self.end, 0, "ended by the user")
-        self._attach()
+        self.tunnel.attach()
+        self._carry()
         self.on_up(
-            f"session {self.session.hex()} is up for {opt.remote_user} (uid {reply['uid']}): "
-            f"{', '.join(event.accept.allow)} via {' > '.join(event.nodes)} "
+            f"session {self.tunnel.session.hex()} is up for {opt.remote_user} (uid "
+            f"{reply['uid']}): {', '.join(event.accept.allow)} via {' > '.join(event.nodes)} "
             f"({_endpoint_text(opt.host, opt.port)})")
         ticker = self.loop.create_task(self.tick())
-        status = await self.finished
+        await self._until(lambda: self.tunnel.finished, None)
         ticker.cancel()
         if self.pcap is not None:
             self.pcap.close()
         await self.wait_unregistered()
-        return status
+        return self.status
 
 
 def run_connect(options: ConnectOptions, background: bool, log_path: Path | None) -> int:

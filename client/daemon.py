@@ -13,8 +13,10 @@ documented timeout, or `pvpn-client --config FILE --remove-sessions` on a host w
 pvpn-client is stopped.
 
 The policy (what a queued packet or a reply becomes, the local control protocol, held
-sessions) is pvpn.nodes.client.ClientHost, sans-IO; this program is its adapter: sockets,
-NFQUEUE, TUN, iptables, conntrack and sock_diag, and the commands the host asks for."""
+sessions, what a restart recovers, rules put back) is pvpn.nodes.client.ClientHost, sans-IO;
+this program is its adapter: the sockets, NFQUEUE and TUN devices on the event loop, the
+kernel's answers (iptables, sock_diag: pvpn.io.hostkernel; conntrack), and the commands the
+host asks for."""
 
 from __future__ import annotations
 
@@ -30,15 +32,15 @@ import stat
 import subprocess
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from pvpn import firewall
-from pvpn import packet as pk
 from pvpn.config import ClientConfig, load_client_config
 from pvpn.drops import Drop
 from pvpn.envelope import Envelope, MsgType
 from pvpn.errors import ConfigError, PvpnError, RemoteProtocolError
-from pvpn.io import conntrack, rules, sockdiag
+from pvpn.io import conntrack, hostkernel, rules, sockdiag
+from pvpn.io.hostkernel import InstanceRules
 from pvpn.io.nfqueue import BatchedQueue
 from pvpn.io.sockdiag import SocketOwners
 from pvpn.io.loop import (
@@ -48,17 +50,14 @@ from pvpn.io.loop import (
 from pvpn.io.tun import open_tun, read_copies, strict_rp_filter
 from pvpn.fragments import Reassembler
 from pvpn.commands import LogRecord
+from pvpn.names import LOCAL_ERROR, NODE_RELOADED, NODE_STARTED, NODE_STOPPED, NODE_WARNING
 from pvpn.records import RecordWriter
-from pvpn.reset import tcp_probe
 from pvpn.nodes.client import (
     LOCAL_LOG_EVERY as LOCAL_LOG_EVERY, RECORD_EVERY as RECORD_EVERY, ClientHost, CloseLocal, LocalPeer, SlotSession, WriteTun,
 )
 from pvpn.text import clip
 
 TICK = 5.0
-#: A session's TCP connections are probed (reset_connections) at most this often (seconds):
-#: a round costs a sock_diag question per flow, up to max_flows_per_session of them.
-PROBE_EVERY = 30.0
 #: How often the kernel's rules are compared with the sessions held (seconds): someone else's
 #: firewall reload or `iptables -t mangle -F` takes them away; they are put back within this.
 RULES_CHECK_EVERY = 5.0
@@ -116,7 +115,7 @@ class LocalLink(LocalPeer, asyncio.Protocol):
                     self.daemon.local_control(self, envelope)
                     self.flush()  # so the next question sees whether this answer is read
         except RemoteProtocolError as exc:
-            self.daemon.local_record("local:error", self, self.session,
+            self.daemon.local_record(LOCAL_ERROR, self, self.session,
                                      reason=clip(f"{type(exc).__name__}: {exc}"))
             self.close()
         self.flush()
@@ -141,9 +140,8 @@ class LocalLink(LocalPeer, asyncio.Protocol):
 class ClientDaemon:
     """The adapter of one ClientHost: drives it from the event loop (local connections,
     queues, TUN copies, the timer), carries out its commands (:meth:`run`) and answers its
-    questions to the kernel (the HostKernel methods: install, uninstall, attach_devices,
-    has_devices, slot_usable, abort_connections, forget_marks, write_id,
-    reset_connections)."""
+    questions to the kernel (the HostKernel methods, through pvpn.io.hostkernel for the
+    rules and sock_diag)."""
 
     def __init__(self, config: ClientConfig) -> None:
         self.config = config
@@ -154,12 +152,10 @@ class ClientDaemon:
         self.registry = self.host.registry
         # No exception a local user or a packet can cause ends pvpn-client: the guard logs it
         # (node:error, with the traceback) and closes only the connection concerned.
-        self.guard = Guard(self.log.write, self._close_failed_link)
-        self.link_ids = itertools.count(1)
+        self.guard: Guard = Guard(self.log.write, self._close_failed_link)
+        self.link_ids: Iterator[int] = itertools.count(1)
         self.by_id: dict[int, LocalLink] = {}
-        # Bumped by every change pvpn-client makes to its rules: a check of the kernel's
-        # rules that began before a change is not acted on (it would "repair" that change).
-        self.rules_epoch = 0
+        self.rules = InstanceRules(config.instance, config.mark_mask)
         self.queues: dict[int, BatchedQueue] = {}
         self.tun_fds: dict[int, int] = {}
         # The host's bookkeeping, as the tests and the shutdown read it.
@@ -215,10 +211,7 @@ class ClientDaemon:
     def install(self, session: SlotSession) -> None:
         """TUN device, queue, then rules: the rules go in last, fully formed, in one step."""
         self.attach_devices(session)
-        self.rules_epoch += 1
-        rules.apply(firewall.client_session(
-            self.config.instance, session.slot, session.uid, session.networks, session.queue,
-            session.mark, self.config.mark_mask, session.tun))
+        self.rules.install_session(session)
 
     def attach_devices(self, session: SlotSession) -> None:
         fd = open_tun(session.tun)
@@ -256,77 +249,15 @@ class ClientDaemon:
             take(datagram)
 
     def recover(self) -> None:
-        """Pick up what an earlier pvpn-client left (stopped, killed or an older version): its
-        sessions' rules stayed in the kernel (protection never lapsed, the kernel dropped their
-        packets); bind their queues and TUN devices again and hold them until their users'
-        tunnel processes come back. Jumps of the older format are converted in place."""
-        instance = self.config.instance
-        p = firewall.chain_prefix(instance)
-        self.rules_epoch += 1
-        texts = [rules.saved(4), rules.saved(6)]
-        installed, broken = firewall.parse_installed_sessions(instance, texts)
-        missing = [f":{p}-OUT " not in text or f":{p}-IN " not in text for text in texts]
-        if any(missing) and not installed:  # a first start, or a half-made one
-            rules.remove_instance(instance)
-            rules.apply(firewall.client_base(instance))
-            return
-        if any(missing):
-            # Someone removed one family's chains (a firewall reload, say): they are put back
-            # there first (the sessions' jumps are repaired into them below), and nothing of
-            # what the other family still holds goes.
-            base = firewall.client_base(instance)
-            rules.apply(firewall.RuleSet(base.v4 if missing[0] else "",
-                                         base.v6 if missing[1] else ""))
-            self.log_event("node:warning", reason="the instance's hook chains were missing in "
-                           + " and ".join(f for f, m in zip(("IPv4", "IPv6"), missing) if m)
-                           + "; put back")
-        now = self.loop.time()
-        for found in installed:
-            # A session whose rules predate the record of its id (legacy) may have been up:
-            # it is held as long as one that was.
-            session = self.registry.adopt(
-                found.slot, found.uid, user_name(found.uid), found.networks, found.queue,
-                found.mark, found.tun, now, session_id=found.session_id,
-                ever_up=bool(found.session_id) or found.legacy)
-            try:
-                self.attach_devices(session)
-            except PvpnError as exc:
-                # Its rules stay: with nobody reading its queue the kernel drops its packets.
-                # Ending it here would let them out in clear though nobody said stop; its
-                # devices are tried again when its user's tunnel process registers.
-                self.log_event("node:recover-failed", session, reason=f"{exc}; held, its rules "
-                               "kept; tried again when its tunnel process registers")
-            repair = firewall.client_jumps_repair(instance, found, self.config.mark_mask)
-            if repair is not None:
-                try:
-                    rules.apply(repair)
-                except PvpnError as exc:  # the jumps found still feed the queue
-                    self.log_event("node:warning", session, reason=f"jumps not converted: {exc}")
-            self.log_event("session:recovered", session, reason="rules kept across a restart; "
-                           "held until the user's tunnel process registers again",
-                           prefixes=[str(n) for n in found.networks],
-                           converted="legacy" if found.legacy else bool(repair))
-        if broken:
-            self.log_event("node:cleanup", reason="incomplete session rules removed",
-                           chains=broken)
-            rules.remove_chains(broken, f"{p}-OUT")
-            rules.remove_chains(broken, f"{p}-IN")
-        rules.ensure_jump("OUTPUT", f"{p}-OUT")
-        rules.ensure_jump("PREROUTING", f"{p}-IN")
-        # Rules made before datagrams of any size lack it: no user's socket may send out of
-        # a session's TUN device, which pvpn-client now reads.
-        rules.ensure_rule(firewall.tun_guard(f"{p}-OUT", f"{instance}+"))
+        """Pick up the sessions an earlier pvpn-client left in the kernel (ClientHost.recover)."""
+        saved = self.rules.saved()
+        try:
+            self.host.recover(saved, self.loop.time())
+        finally:
+            self.run()
 
     def uninstall(self, session: SlotSession) -> list[str]:
-        p = firewall.chain_prefix(self.config.instance)
-        self.rules_epoch += 1
-        errors = rules.remove(firewall.client_session_removal(
-            self.config.instance, session.slot, session.uid, session.mark,
-            self.config.mark_mask, session.tun))
-        if errors:  # a jump of another shape (say, one an older version left): find them all
-            chains = list(firewall.session_chains(self.config.instance, session.slot))
-            errors = rules.remove_chains(chains, f"{p}-OUT") + rules.remove_chains(
-                chains, f"{p}-IN")
+        errors = self.rules.remove_session(session)
         queue = self.queues.pop(session.slot, None)
         if queue is not None:
             self.loop.remove_reader(queue.fileno())
@@ -351,44 +282,14 @@ class ClientDaemon:
     def has_devices(self, session: SlotSession) -> bool:
         return session.slot in self.queues
 
-    def abort_connections(self, session: SlotSession) -> int | str:
-        """The session ends (revoked, expired, disconnected, its VPN over): its TCP
-        connections went through a tunnel that is gone, by addresses the server gave them, and
-        cannot go on. Where there is no other route they would wait in silence for data that
-        never comes; each connection of the session's user is aborted instead (SOCK_DESTROY,
-        by the cookie that names exactly that socket), so the application's next call fails
-        with ECONNABORTED. This runs while the session's rules still hold: the reset the
-        kernel sends as it aborts goes into the session's queue, never out in clear. Listeners
-        and other users' sockets on the same ports are left alone."""
-        aborted = 0
-        for flow in [f for f in session.flows if f.proto == pk.PROTO_TCP]:
-            try:
-                found = self.owners.find(flow)
-                if found.uid != session.uid or found.state not in sockdiag.TCP_CONNECTION:
-                    continue
-                self.owners.abort(flow, found.cookie)
-            except PvpnError as exc:
-                return f"failed after {aborted}: {exc}"
-            aborted += 1
-        return aborted
+    def marked(self, mark: int) -> int:
+        return conntrack.count_marked(mark, self.config.mark_mask)
 
-    def slot_usable(self, slot: int) -> bool:
-        """Whether no connection carries the slot's mark any more (asked before the slot goes
-        to a new session). Marks left behind (a failed clean-up, a crash in between) are
-        forgotten and asked again; a slot that still has some is skipped (quarantined)."""
-        mark, mask = self.registry.mark_for(slot), self.config.mark_mask
-        try:
-            if conntrack.count_marked(mark, mask) == 0:
-                return True
-            conntrack.forget_marked(mark, mask)
-            left = conntrack.count_marked(mark, mask)
-        except PvpnError as exc:
-            self.log_event("slot:quarantined", slot=slot, reason=f"cannot ask conntrack: {exc}")
-            return False
-        if left:
-            self.log_event("slot:quarantined", slot=slot, connections=left,
-                           reason="connections of its last holder still carry its mark")
-        return left == 0
+    def forget_marked(self, mark: int) -> int:
+        return conntrack.forget_marked(mark, self.config.mark_mask)
+
+    def abort_connections(self, session: SlotSession) -> int | str:
+        return hostkernel.abort_connections(self.owners, session)
 
     # -- the packet path: queue -> user's process
     def _queue_callback(self, session: SlotSession) -> Callable[[bytes], bool]:
@@ -418,49 +319,12 @@ class ClientDaemon:
         self.host.control(link, envelope, self.loop.time())
         self.run()
 
-    def reset_connections(self, session: SlotSession) -> None:
-        """The server's session is a new one: none of its NAT mappings carried this session's
-        TCP connections, and those wait for data that will never come (a download sends
-        nothing by itself), until the application gives up. Each connected socket of the
-        session's user gets a probe written to the TUN device as if from its remote end
-        (pvpn.reset.tcp_probe); it answers with a challenge ACK, which goes through the new
-        session to the server, which has no mapping for it and answers with a reset: the
-        application's connection fails within a round trip, explicitly. Only sockets of the
-        session's user in a synchronized state are probed (a connecting one would take the
-        SYN for a simultaneous open), at most once per PROBE_EVERY."""
-        now = self.loop.time()
+    def reset_connections(self, session: SlotSession) -> int:
         fd = self.tun_fds.get(session.slot)
-        if fd is None or now - session.probed_at < PROBE_EVERY:
-            return
-        session.probed_at = now
-        probed = 0
-        for flow in [f for f in session.flows if f.proto == pk.PROTO_TCP]:
-            try:
-                uid, state = self.owners.socket(flow)
-            except PvpnError:
-                continue
-            if uid != session.uid or state not in sockdiag.TCP_SYNCHRONIZED:
-                continue
-            try:
-                os.write(fd, tcp_probe(flow, int.from_bytes(os.urandom(4), "big")))
-            except OSError:
-                break
-            probed += 1
-        if probed:
-            self.log_event("session:connections-reset", session, count=probed,
-                           reason="the server's session is a new one: its TCP connections "
-                                  "are made to answer, and the server resets them")
+        return 0 if fd is None else hostkernel.probe_connections(self.owners, session, fd)
 
     def write_id(self, session: SlotSession) -> str | None:
-        """Write the session's id into its rules (a restarted pvpn-client reads it); why not."""
-        self.rules_epoch += 1
-        try:
-            rules.apply(firewall.client_session_attached(
-                self.config.instance, session.slot, session.mark, self.config.mark_mask,
-                session.session_id))
-        except PvpnError as exc:
-            return str(exc)
-        return None
+        return self.rules.write_id(session)
 
     def local_lost(self, link: LocalLink) -> None:
         self.host.lost(link, self.loop.time())
@@ -479,52 +343,13 @@ class ClientDaemon:
         self.run()
 
     # -- the kernel's rules, watched
-    def held_rules(self) -> list[firewall.InstalledSession]:
-        """Every session's rules as pvpn-client installs them (what the kernel must hold)."""
-        return [firewall.InstalledSession(s.slot, s.uid, list(s.networks), s.queue, s.mark,
-                                          s.tun, s.recorded)
-                for s in self.registry.sessions.values()]
+    @property
+    def rules_epoch(self) -> int:
+        return self.rules.epoch
 
     def check_rules(self, saved: list[str], epoch: int) -> None:
-        """Put back what someone else took from the sessions' rules (a firewall reload, a
-        flush of the mangle table): ``saved`` is iptables-save of each family, taken while
-        the rules were at ``epoch``. Until then the session's packets went the normal route,
-        so this is logged as a warning naming what was missing."""
-        if epoch != self.rules_epoch:
-            return  # pvpn-client changed them since: the next check looks again
-        instance, mask = self.config.instance, self.config.mark_mask
-        found = firewall.check_rules(instance, saved, self.held_rules(), mask)
-        if not found:
-            return
-        self.rules_epoch += 1
-        p = firewall.chain_prefix(instance)
-        base = firewall.client_base(instance)
-        for version in found.unbased:
-            # Chains and hooks of this family anew (nothing of it is left to flush).
-            rules.apply(firewall.RuleSet(base.v4 if version == 4 else "",
-                                         base.v6 if version == 6 else ""))
-        if found.unhooked:
-            rules.ensure_jump("OUTPUT", f"{p}-OUT")
-            rules.ensure_jump("PREROUTING", f"{p}-IN")
-        repaired = []
-        for version, slots in found.broken.items():
-            for slot in slots:
-                session = self.registry.sessions[slot]
-                # What is left of the session in this family goes, then it is whole again.
-                rules.run_each(firewall.client_session_removal(
-                    instance, slot, session.uid, session.mark, mask, session.tun), (version,))
-                whole = firewall.client_session(instance, slot, session.uid, session.networks,
-                                                session.queue, session.mark, mask, session.tun,
-                                                session.recorded)
-                rules.apply(firewall.RuleSet(whole.v4 if version == 4 else "",
-                                             whole.v6 if version == 6 else ""))
-                repaired.append(f"slot {slot} (IPv{version})")
-        self.log_event("node:warning", reason="rules of pvpn-client were removed by someone "
-                       "else (a firewall reload?) and are put back; until now the protected "
-                       "traffic of these sessions took the normal route",
-                       families_without_chains=found.unbased or None,
-                       families_unhooked=found.unhooked or None,
-                       sessions=repaired or None)
+        self.host.check_rules(saved, epoch)
+        self.run()
 
     async def watch_rules(self, stop: asyncio.Event) -> None:
         """Every RULES_CHECK_EVERY seconds: the kernel's rules against the sessions held.
@@ -542,26 +367,18 @@ class ClientDaemon:
                     pass
                 if not self.registry.sessions:
                     continue
-                epoch = self.rules_epoch
+                epoch = self.rules.epoch
                 try:
-                    saved = await self.loop.run_in_executor(reader, _saved_rules)
+                    saved = await self.loop.run_in_executor(reader, self.rules.saved)
                 except (PvpnError, OSError, subprocess.SubprocessError) as exc:
-                    self.log_event("node:warning", reason=f"cannot read the rules: {exc}")
+                    self.log_event(NODE_WARNING, reason=f"cannot read the rules: {exc}")
                     continue
                 self.guard.call("rules check", self.check_rules, saved, epoch)
         finally:
             reader.shutdown(wait=False)
 
     def release_host(self) -> list[str]:
-        """After the stop: with no session left the instance's rules go (the host is left as
-        found); with sessions, everything stays for the next pvpn-client."""
-        if self.registry.sessions:
-            return []
-        return rules.remove_instance(self.config.instance)
-
-
-def _saved_rules() -> list[str]:
-    return [rules.saved(4), rules.saved(6)]
+        return self.host.release_host()
 
 
 def unsafe_directory(directory: Path) -> str | None:
@@ -612,11 +429,11 @@ async def serve(config: ClientConfig) -> None:
     daemon = ClientDaemon(config)
     loop = daemon.loop
     if strict_rp_filter():
-        daemon.log_event("node:warning", reason="net.ipv4.conf.all.rp_filter=1 drops replies "
+        daemon.log_event(NODE_WARNING, reason="net.ipv4.conf.all.rp_filter=1 drops replies "
                          "arriving on TUN devices; set it to 0 or 2")
     warning = ensure_socket_dir(config.socket)
     if warning:
-        daemon.log_event("node:warning", reason=warning)
+        daemon.log_event(NODE_WARNING, reason=warning)
     prepare_unix_socket(
         config.socket,
         f"{config.socket} exists and is not a socket; remove it or change [client] socket",
@@ -631,8 +448,8 @@ async def serve(config: ClientConfig) -> None:
         # pvpn-client holds no keys or user lists (the users' processes do): a SIGHUP only
         # says so in the log, instead of ending the daemon (the signal's default action).
         install_signals(loop, stop, lambda: daemon.log_event(
-            "node:reloaded", reason="nothing to reload: keys live in the users' processes"))
-        daemon.log_event("node:started", socket=str(config.socket))
+            NODE_RELOADED, reason="nothing to reload: keys live in the users' processes"))
+        daemon.log_event(NODE_STARTED, socket=str(config.socket))
         watcher = loop.create_task(daemon.watch_rules(stop))
         while not stop.is_set():
             try:
@@ -651,7 +468,7 @@ async def serve(config: ClientConfig) -> None:
             config.socket.unlink()
         except FileNotFoundError:
             pass
-        daemon.log_event("node:stopped", reason="; ".join(errors) or "clean",
+        daemon.log_event(NODE_STOPPED, reason="; ".join(errors) or "clean",
                          held=len(daemon.registry.sessions))
 
 

@@ -1,4 +1,5 @@
-"""The user's end, sans-IO (after aioquic and h11): one link, and the chain of links.
+"""The user's end, sans-IO (after aioquic and h11): one link, the chain of links, and the
+tunnel process that joins the chain to pvpn-client.
 
 :class:`UserLink` is the user's end of one link: it speaks the HELLO / CHALLENGE / AUTH
 exchange of :mod:`pvpn.nodes.base` from the user's side and reports events
@@ -12,13 +13,21 @@ hop, the server, carries the user's packets. It is driven by :meth:`UserChain.re
 :meth:`UserChain.data_to_send`. Hops are built one after the other: hop i+1 is started once
 hop i has accepted the user.
 
+:class:`UserTunnel` is what `pvpn connect` decides: its registration with pvpn-client over
+the local channel, when to ATTACH, what pvpn-client's answers and errors mean, what the
+chain's events mean (up, down and rebuilt, failed for good), and how the VPN ends. Its
+commands (:class:`Say`, :class:`CloseChain`, ...) are carried out by client/connect.py.
+
 Inputs carry ``now``. Nothing here touches a socket or a clock.
 """
 
 from __future__ import annotations
 
 import enum
-from typing import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+from pvpn.commands import Command
 
 from pvpn.config import DEFAULT_DEAD_AFTER, DEFAULT_KEEPALIVE
 from pvpn.envelope import (
@@ -30,6 +39,7 @@ from pvpn.events import (
     ChainEvent, ChainFailed, ChainUp, DataReceived, LinkClosed, LinkEstablished, LinkEvent,
     LinkRefused, PacketsReceived,
 )
+from pvpn.local import LocalChannel
 from pvpn.nodes.base import TlsLike, client_host_name
 from pvpn.records import NODE_NAME
 
@@ -442,3 +452,281 @@ class UserChain:
                 self._link_event(index, event, now, out)
                 break
         return out
+
+
+# ---------------------------------------------------------------- the user's tunnel process
+
+
+@dataclass(slots=True)
+class Say(Command):
+    """Tell the user (their terminal, or the tunnel process's log)."""
+
+    text: str
+
+
+@dataclass(slots=True)
+class CloseLocalLink(Command):
+    """Close the connection to pvpn-client."""
+
+
+@dataclass(slots=True)
+class CloseChain(Command):
+    """Close the TCP connection to the chain's first hop (what the chain has to send first)."""
+
+
+@dataclass(slots=True)
+class Capture(Command):
+    """Write these inner packets to the capture file (``pvpn connect --pcap``)."""
+
+    packets: list[bytes]
+
+
+@dataclass(slots=True)
+class Reconnect(Command):
+    """The chain went down, and may come back: build it again (and hold meanwhile)."""
+
+
+@dataclass(slots=True)
+class Reregister(Command):
+    """pvpn-client went away (stopped, restarting, killed): register again once it is back."""
+
+
+@dataclass(slots=True)
+class Finish(Command):
+    """The VPN is over: the tunnel process exits with ``status``."""
+
+    status: int
+
+
+class UserTunnel:
+    """The user's tunnel process (`pvpn connect`), sans-IO: its local channel with pvpn-client
+    (REGISTER, ATTACH, UNREGISTER, packets both ways, one LocalChannel per connection) and its
+    chain to the server (:class:`UserChain`), and what passes between them.
+
+    Driven by :meth:`local_opened`, :meth:`receive_local` and :meth:`local_lost` for the unix
+    socket; :meth:`new_chain`, :meth:`receive_remote`, :meth:`handle_timer` and
+    :meth:`remote_lost` for the chain; :meth:`end`. The bytes for each socket come from
+    :meth:`local_to_send` and :meth:`remote_to_send`; what the adapter must do besides
+    (tell the user, close a socket, reconnect, exit) is appended to :attr:`commands`.
+
+    While either side is down, pvpn-client keeps dropping the protected packets: nothing
+    leaks in clear. Losing pvpn-client is not the end of the VPN: the session is held, we
+    register again and re-attach."""
+
+    def __init__(self, uid: int, session: bytes, register: Mapping[str, Any],
+                 capturing: bool = False) -> None:
+        self.uid = uid
+        # Proposed by us, so every hop logs the same session id; the server's once accepted.
+        self.session = session
+        self.token = b""
+        self._register = dict(register)
+        self.capturing = capturing
+        self.commands: list[Command] = []
+        # the local side: one connection to pvpn-client at a time
+        self.channel = LocalChannel()
+        self._local_out: list[bytes] = []
+        self.local_open = False
+        self.local_congested = False  # set by the adapter from the socket's high-water mark
+        self.registered: dict[str, Any] | None = None  # REGISTERED's fields, this connection
+        self.refused: str | None = None  # why this connection's registration failed
+        self.attached = False  # ATTACH sent on the current local connection
+        # pvpn-client confirmed the protection is removed (or the socket is gone).
+        self.unregistered = False
+        # the chain: gateways (--via) then the server
+        self.chain: UserChain | None = None
+        self.chain_up: ChainUp | None = None  # this chain is up
+        self.chain_failure: ChainFailed | None = None  # this chain failed before it was up
+        self.ending = False
+        self.finished = False
+
+    # -- the local side
+    def local_opening(self) -> None:
+        """A new connection to pvpn-client is being made: nothing of the last one carries
+        over (its channel's numbering, its registration, its ATTACH)."""
+        self.channel = LocalChannel()
+        self._local_out.clear()
+        self.registered = self.refused = None
+        self.attached = False
+        self.unregistered = False
+
+    def local_opened(self) -> None:
+        """The connection is made and pvpn-client trusted (root's socket): REGISTER."""
+        self.local_open = True
+        self.local_congested = False
+        self._local_control(MsgType.REGISTER, self._register)
+
+    @property
+    def registering(self) -> bool:
+        """REGISTER is unanswered on this connection."""
+        return self.registered is None and self.refused is None
+
+    def attach(self) -> None:
+        """ATTACH (the session id) once both ends are up: registered with pvpn-client and the
+        chain accepted, on every new registration and every rebuilt chain."""
+        chain = self.chain
+        if not self.attached and self.registered is not None and chain is not None \
+                and chain.up:
+            self._local_control(MsgType.ATTACH, {"session": self.session, "nodes": chain.nodes})
+            self.attached = True
+
+    def _local_control(self, mtype: MsgType, fields: Mapping[str, Any]) -> None:
+        if self.local_open:
+            self._local_out.append(self.channel.control(mtype, self.session, self.uid, fields))
+
+    def local_to_send(self) -> bytes:
+        data = b"".join(self._local_out)
+        self._local_out.clear()
+        return data
+
+    def receive_local(self, data: bytes) -> bool:
+        """Bytes from pvpn-client: its answers, and the protected packets for the chain;
+        whether packets went to the chain (its bytes are then to be sent)."""
+        packets: list[bytes] = []
+        try:
+            for envelope in self.channel.receive(data):
+                if envelope.type is MsgType.PACKET:
+                    packets.append(envelope.body)
+                    continue
+                fields = decode_control(envelope)
+                if envelope.type is MsgType.REGISTERED and self.registering:
+                    self.registered = fields
+                elif envelope.type is MsgType.STATUS_REPLY and not self.unregistered:
+                    self._unregister_answer(fields)
+                    self.unregistered = True
+                elif envelope.type is MsgType.ERROR:
+                    self._local_error(fields["code"], fields["reason"])
+        except RemoteProtocolError as exc:
+            self.commands += [Say(f"garbage from pvpn-client: {exc}"), CloseLocalLink()]
+        chain = self.chain
+        if not packets or chain is None or not chain.up:
+            return False
+        if self.capturing:
+            self.commands.append(Capture(packets))
+        chain.send_packets(packets)
+        return True
+
+    def _unregister_answer(self, fields: dict[str, Any]) -> None:
+        """pvpn-client's answer to UNREGISTER describes the session as it leaves it: held if
+        this process never had it up (an earlier one did, and its protection stays)."""
+        sessions = fields.get("sessions") or []
+        if sessions and isinstance(sessions[0], dict) and str(
+                sessions[0].get("state", "")).startswith("held"):
+            self.commands.append(Say("your session stays held: its protected traffic is "
+                                     "dropped until `pvpn connect` brings it up again, or "
+                                     "`pvpn disconnect` ends it"))
+
+    def _local_error(self, code: str, reason: str) -> None:
+        if self.registering:
+            self.refused = f"pvpn-client refused: {reason}"
+            return
+        if code == "daemon-stopping":
+            # Stopping is not ending: the session stays held in the kernel; register again
+            # with the next pvpn-client (the lost connection does that).
+            self.commands += [Say(f"{reason}; holding your protected traffic until pvpn-client "
+                                  "is back"), CloseLocalLink()]
+            return
+        self.commands.append(Say(f"{reason}"))
+        self.end(0 if code == "disconnected" else 1, reason, unregister=False)
+
+    def local_lost(self) -> None:
+        """The connection to pvpn-client is gone."""
+        self.local_open = False
+        self.unregistered = True
+        if self.ending or self.finished:
+            return
+        if self.registering:
+            self.refused = "pvpn-client closed the connection"
+            return
+        self.commands += [Say("lost pvpn-client; your protected traffic is held (dropped) "
+                              "until it is back"), Reregister()]
+
+    # -- the chain
+    def new_chain(self, chain: UserChain) -> None:
+        self.chain = chain
+        self.chain_up = self.chain_failure = None
+
+    @property
+    def chain_pending(self) -> bool:
+        """The current chain is neither up nor failed yet."""
+        return self.chain_up is None and self.chain_failure is None
+
+    def accepted(self, up: ChainUp) -> None:
+        """The chain is up: the session (and the token that resumes it) are the server's."""
+        self.session, self.token = up.accept.session, up.accept.token
+
+    def renewed(self, up: ChainUp) -> None:
+        """The chain is up again after it went down."""
+        if not up.accept.resumed:
+            # ATTACH again: a new server session (the server lost ours in a restart, or it
+            # expired), so pvpn-client makes the connections the old one carried fail at
+            # once instead of waiting for data that will never come.
+            self.attached = False
+        self.attach()
+
+    def remote_to_send(self, now: float) -> bytes:
+        return self.chain.data_to_send(now) if self.chain is not None else b""
+
+    def receive_remote(self, data: bytes, now: float) -> None:
+        """Bytes from the first hop's TCP connection."""
+        if self.chain is not None:
+            self._chain_events(self.chain.receive_data(data, now))
+
+    def handle_timer(self, now: float) -> None:
+        chain = self.chain
+        if chain is None or chain.failed is not None:
+            return  # down or being rebuilt
+        self._chain_events(chain.handle_timer(now))
+
+    def remote_lost(self, reason: str) -> None:
+        """The TCP connection to the first hop is gone."""
+        if self.chain is not None:
+            failure = self.chain.connection_lost(reason)
+            if failure is not None:
+                self._chain_failed(failure)
+
+    def _chain_events(self, events: list[ChainEvent]) -> None:
+        for event in events:
+            if type(event) is PacketsReceived:
+                if self.capturing:
+                    self.commands.append(Capture(event.packets))
+                if self.local_open and not self.local_congested:
+                    uid, session, packet = self.uid, self.session, self.channel.packet
+                    self._local_out += [packet(session, uid, p) for p in event.packets]
+            elif type(event) is ChainUp:
+                if self.chain_pending:
+                    self.chain_up = event
+            elif type(event) is ChainFailed:
+                self._chain_failed(event)
+
+    def _chain_failed(self, failure: ChainFailed) -> None:
+        self.commands.append(CloseChain())
+        reason = f"{failure.where}: {failure.reason}"
+        if self.chain_pending:
+            self.chain_failure = failure
+        elif failure.fatal:
+            self.end(1, reason)
+        elif not (self.ending or self.finished):
+            self.commands += [Say(f"tunnel down ({reason}); holding your protected traffic "
+                                  "and reconnecting"), Reconnect()]
+
+    # -- the end
+    def end(self, status: int, reason: str, unregister: bool = True) -> None:
+        """End the VPN: CLOSE to the server, UNREGISTER to pvpn-client (protection removed)."""
+        if self.finished:
+            return
+        self.ending = True
+        if self.chain is not None and self.chain.up:
+            self.chain.close(reason)  # CLOSE to the server, through the chain
+        self.commands.append(CloseChain())
+        if unregister and self.local_open:
+            self._local_control(MsgType.UNREGISTER, {"reason": reason})
+        elif self.local_open:
+            self.commands.append(CloseLocalLink())
+        else:
+            if unregister and not self.registering:
+                self.commands.append(Say(
+                    "pvpn-client is not reachable now: your session stays held (its "
+                    "protected traffic blocked) until `pvpn disconnect`"))
+            self.unregistered = True
+        self.finished = True
+        self.commands.append(Finish(status))

@@ -1,6 +1,7 @@
 """The client host's policy, sans-IO: which user holds which session slot, what happens to a
-queued packet of a slot, which replies may reach a user's TUN device, and the local
-connections on pvpn-client's socket. No socket, no subprocess, no clock: inputs carry ``now``;
+queued packet of a slot, which replies may reach a user's TUN device, the local connections
+on pvpn-client's socket, and what the kernel's rules say (sessions a restart finds, rules
+someone else removed, marks a slot still carries). No socket, no subprocess, no clock: inputs carry ``now``;
 outputs are commands collected in :attr:`ClientHost.commands` (and the bytes every local
 connection has to send, in its ``pending``) for pvpn-client (client/daemon.py) to carry out.
 
@@ -18,6 +19,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Generic, Protocol, TypeVar
 
+from pvpn import firewall
 from pvpn import packet as pk
 from pvpn.commands import Command, LogRecord
 from pvpn.config import ClientConfig, Network, parse_prefixes
@@ -27,6 +29,11 @@ from pvpn.errors import (
     ConfigError, MalformedPacket, PolicyError, PvpnError, RemoteProtocolError,
 )
 from pvpn.local import LocalChannel
+from pvpn.names import (
+    LOCAL_REFUSED, NODE_CLEANUP, NODE_RECOVER_FAILED, NODE_STOPPING, NODE_WARNING, PACKET_DROPPED,
+    SESSION_ATTACHED, SESSION_CLOSED, SESSION_CONNECTIONS_RESET, SESSION_HELD, SESSION_REATTACHED,
+    SESSION_RECOVERED, SESSION_REGISTERED, SLOT_QUARANTINED,
+)
 from pvpn.packet import FlowKey
 from pvpn.records import Record, session_hex, with_fields
 from pvpn.text import clip, quoted
@@ -78,7 +85,7 @@ class SlotSession(Counters):
     flows: dict[FlowKey, float] = field(default_factory=dict)
     flows_evicted: int = 0
     # When its TCP connections were last made to speak after the server's session turned out
-    # to be a new one (ClientDaemon.reset_connections), so ATTACHes cannot repeat it at will.
+    # to be a new one (ClientHost.reset_connections), so ATTACHes cannot repeat it at will.
     probed_at: float = float("-inf")
 
     @property
@@ -343,6 +350,9 @@ LOCAL_LOG_EVERY = 10.0
 #: A session's id is written into its rules at its first ATTACH, a change of it at most this
 #: often (seconds; the timer writes what is due), so ATTACHes cannot keep iptables running.
 RECORD_EVERY = 60.0
+#: A session's TCP connections are probed (reset_connections) at most this often (seconds):
+#: a round costs a sock_diag question per flow, up to max_flows_per_session of them.
+PROBE_EVERY = 30.0
 #: How often the timer forgets flows idle past FLOW_IDLE and uids' old rates (seconds).
 PRUNE_EVERY = 60.0
 #: A registered ``server`` (shown in `pvpn status`, logged) is a host and port: a DNS name is at
@@ -364,9 +374,32 @@ def chain_names(names: object, what: str) -> list[str]:
     return list(names)
 
 
+class RuleRunner(Protocol):
+    """The instance's iptables rules (pvpn.io.hostkernel.InstanceRules; a fake in tests).
+    Every change counts in ``epoch``, so a check of rules read before it is not acted on."""
+
+    epoch: int
+
+    def apply(self, ruleset: firewall.RuleSet) -> None:
+        """Each family's rules in one transaction (PvpnError)."""
+
+    def run_each(self, commands: list[list[str]], versions: tuple[int, ...]) -> list[str]:
+        """Commands one by one, in these families; the errors (what is gone already is none)."""
+
+    def remove_chains(self, chains: list[str], referring: str) -> list[str]: ...
+
+    def ensure_jump(self, builtin: str, chain: str) -> None: ...
+
+    def ensure_rule(self, rule: str) -> None: ...
+
+    def remove_instance(self) -> list[str]: ...
+
+
 class HostKernel(Protocol):
     """What the policy asks of the host's kernel, each answer deciding what it does next
     (pvpn-client's daemon: TUN, NFQUEUE, iptables, conntrack, sock_diag; a fake in tests)."""
+
+    rules: RuleRunner
 
     def install(self, session: SlotSession) -> None:
         """TUN device, queue, then rules (PvpnError if any cannot be had)."""
@@ -379,8 +412,11 @@ class HostKernel(Protocol):
 
     def has_devices(self, session: SlotSession) -> bool: ...
 
-    def slot_usable(self, slot: int) -> bool:
-        """Whether no connection carries the slot's mark any more."""
+    def marked(self, mark: int) -> int:
+        """How many connections carry the mark (conntrack; PvpnError)."""
+
+    def forget_marked(self, mark: int) -> int:
+        """Forget the connections that carry the mark; how many (PvpnError)."""
 
     def abort_connections(self, session: SlotSession) -> int | str: ...
 
@@ -389,8 +425,8 @@ class HostKernel(Protocol):
     def write_id(self, session: SlotSession) -> str | None:
         """Write the session's id into its rules; why it could not, or None."""
 
-    def reset_connections(self, session: SlotSession) -> None:
-        """Make its TCP connections answer (the server's session is a new one)."""
+    def reset_connections(self, session: SlotSession) -> int:
+        """Make its TCP connections answer (the server's session is a new one); how many."""
 
 
 class OwnerLookup(Protocol):
@@ -445,8 +481,10 @@ class ClientHost(Generic[P]):
     """The client host's policy. Driven by pvpn-client: :meth:`admit`, :meth:`control` and
     :meth:`lost` for the local connections and their questions, :meth:`queued` for each packet
     of a session's queue, :meth:`reply` for each packet a tunnel process returns,
-    :meth:`tick` for the timer. ``owners``, ``user_name`` and ``kernel`` are its questions to
-    the host (whose socket, which name, what the kernel could do)."""
+    :meth:`tick` for the timer, :meth:`recover` at the start and :meth:`check_rules` from
+    the rules' watch (each with what iptables-save shows). ``owners``, ``user_name`` and
+    ``kernel`` are its questions to the host (whose socket, which name, what the kernel could
+    do)."""
 
     def __init__(self, config: ClientConfig, owners: OwnerLookup,
                  user_name: Callable[[int], str], kernel: HostKernel) -> None:
@@ -481,7 +519,7 @@ class ClientHost(Generic[P]):
                      "(max_local_connections_per_uid)"
                      if mine >= config.max_local_connections_per_uid else
                      f"{config.max_local_connections} in all (max_local_connections)")
-            self.local_record("local:refused", peer, now,
+            self.local_record(LOCAL_REFUSED, peer, now,
                               reason=f"too many connections to pvpn-client: {limit}")
             peer.send_control(MsgType.ERROR, {"code": "refused", "reason":
                               f"too many connections to pvpn-client: {limit}"})
@@ -569,7 +607,7 @@ class ClientHost(Generic[P]):
         """Count a drop by its code; log it when the session's rate limit allows."""
         count = session.drop(code, now)
         if count:
-            self.log("packet:dropped", session, reason=code.value,
+            self.log(PACKET_DROPPED, session, reason=code.value,
                      flow=flow.describe() if flow is not None else "", count=count,
                      unlogged=session.drops.take_unlogged())
 
@@ -680,10 +718,45 @@ class ClientHost(Generic[P]):
         session.ever_up = True
         link.attached_here = True
         self.record_id(session, now)
-        self.session_record("session:attached", session, now, pid=link.pid,
+        self.session_record(SESSION_ATTACHED, session, now, pid=link.pid,
                             server=session.server)
         if renewed:
-            self.kernel.reset_connections(session)
+            self.reset_connections(session, now)
+
+    def reset_connections(self, session: SlotSession, now: float) -> None:
+        """The server's session is a new one: none of its NAT mappings carried this session's
+        TCP connections, and those wait for data that will never come (a download sends
+        nothing by itself), until the application gives up. The kernel makes each connected
+        socket of the session's user answer through its TUN device (HostKernel.
+        reset_connections); the answer goes through the new session to the server, which has
+        no mapping for it and answers with a reset: the application's connection fails within
+        a round trip, explicitly. At most once per PROBE_EVERY, and only with its devices."""
+        if not self.kernel.has_devices(session) or now - session.probed_at < PROBE_EVERY:
+            return
+        session.probed_at = now
+        probed = self.kernel.reset_connections(session)
+        if probed:
+            self.log(SESSION_CONNECTIONS_RESET, session, count=probed,
+                     reason="the server's session is a new one: its TCP connections "
+                            "are made to answer, and the server resets them")
+
+    def slot_usable(self, slot: int) -> bool:
+        """Whether no connection carries the slot's mark any more (asked before the slot goes
+        to a new session). Marks left behind (a failed clean-up, a crash in between) are
+        forgotten and asked again; a slot that still has some is skipped (quarantined)."""
+        mark, kernel = self.registry.mark_for(slot), self.kernel
+        try:
+            if kernel.marked(mark) == 0:
+                return True
+            kernel.forget_marked(mark)
+            left = kernel.marked(mark)
+        except PvpnError as exc:
+            self.log(SLOT_QUARANTINED, slot=slot, reason=f"cannot ask conntrack: {exc}")
+            return False
+        if left:
+            self.log(SLOT_QUARANTINED, slot=slot, connections=left,
+                     reason="connections of its last holder still carry its mark")
+        return left == 0
 
     def _disconnect(self, link: P, fields: dict[str, Any], now: float) -> None:
         slot = fields["slot"]
@@ -724,19 +797,19 @@ class ClientHost(Generic[P]):
             session = self.registry.find_held(link.uid, networks)
             if session is None:
                 session = self.registry.allocate(link.uid, self.user_name(link.uid), server,
-                                                 networks, now, usable=kernel.slot_usable)
+                                                 networks, now, usable=self.slot_usable)
                 try:
                     kernel.install(session)
                 except PvpnError:
                     kernel.uninstall(session)
                     self.registry.release(session.slot)
                     raise
-                self.log("session:registered", session, pid=link.pid,
+                self.log(SESSION_REGISTERED, session, pid=link.pid,
                          prefixes=[str(n) for n in session.networks])
             else:
                 if not kernel.has_devices(session):  # its devices failed at recovery
                     kernel.attach_devices(session)
-                self.session_record("session:reattached", session, now, pid=link.pid)
+                self.session_record(SESSION_REATTACHED, session, now, pid=link.pid)
         except (ConfigError, PolicyError, PvpnError) as exc:
             link.send_control(MsgType.ERROR, {"code": "refused", "reason": str(exc)})
             return
@@ -758,7 +831,7 @@ class ClientHost(Generic[P]):
             session.attached = False
             session.held_since = now
         link.session = None
-        self.session_record("session:held", session, now, reason=reason)
+        self.session_record(SESSION_HELD, session, now, reason=reason)
 
     def lost(self, link: P, now: float) -> None:
         """The local connection is gone: a session it held is held (fail closed) unless it
@@ -773,7 +846,9 @@ class ClientHost(Generic[P]):
     def end_session(self, session: SlotSession, reason: str) -> None:
         """Abort the session's TCP connections, remove its rules, then the marks its
         connections carry, then free the slot: nothing of this session's is left for the
-        slot's next holder."""
+        slot's next holder. Its connections went through a tunnel that is gone and would wait
+        for data that never comes; they are aborted first, while its rules still hold, so the
+        resets the kernel sends go into its queue, never out in clear."""
         link = self.links.pop(session.slot, None)
         if link is not None:
             link.session = None
@@ -782,9 +857,9 @@ class ClientHost(Generic[P]):
         errors = kernel.uninstall(session)
         forgotten = kernel.forget_marks(session)
         self.registry.release(session.slot)
-        for event in ("session:attached", "session:reattached", "session:held"):
+        for event in (SESSION_ATTACHED, SESSION_REATTACHED, SESSION_HELD):
             self.session_logged.pop((event, session.slot), None)
-        self.log("session:closed", session, reason=reason, packets_out=session.packets_out,
+        self.log(SESSION_CLOSED, session, reason=reason, packets_out=session.packets_out,
                  packets_in=session.packets_in, bytes_out=session.bytes_out,
                  bytes_in=session.bytes_in, drops=session.drops.as_dict(),
                  connections_aborted=aborted, connections_forgotten=forgotten,
@@ -800,7 +875,7 @@ class ClientHost(Generic[P]):
         session.recorded_at = now
         error = self.kernel.write_id(session)
         if error is not None:  # tried again in RECORD_EVERY
-            self.log("node:warning", session, reason=f"session id not recorded: {error}")
+            self.log(NODE_WARNING, session, reason=f"session id not recorded: {error}")
             return
         session.recorded = session.session_id
 
@@ -839,7 +914,121 @@ class ClientHost(Generic[P]):
             self.commands.append(CloseLocal(link))
         kept = list(self.registry.sessions.values())
         if kept:
-            self.log("node:stopping", reason=f"{reason}; {len(kept)} session(s) stay "
+            self.log(NODE_STOPPING, reason=f"{reason}; {len(kept)} session(s) stay "
                      "protected (held) for the next pvpn-client",
                      sessions=[{"slot": s.slot, "uid": s.uid, "user": s.user,
                                 "session": s.session_id.hex()} for s in kept])
+
+    def release_host(self) -> list[str]:
+        """After the stop: with no session left the instance's rules go (the host is left as
+        found); with sessions, everything stays for the next pvpn-client."""
+        if self.registry.sessions:
+            return []
+        return self.kernel.rules.remove_instance()
+
+    # -- the kernel's rules: what a restart finds, what someone else removed
+    def recover(self, saved: list[str], now: float) -> None:
+        """Pick up what an earlier pvpn-client left (stopped, killed or an older version), as
+        ``saved`` (iptables-save of each family) shows it: its sessions' rules stayed in the
+        kernel (protection never lapsed, the kernel dropped their packets); their queues and
+        TUN devices are bound again and they are held until their users' tunnel processes
+        come back. Jumps of the older format are converted in place."""
+        instance, rules = self.config.instance, self.kernel.rules
+        p = firewall.chain_prefix(instance)
+        installed, broken = firewall.parse_installed_sessions(instance, saved)
+        missing = [f":{p}-OUT " not in text or f":{p}-IN " not in text for text in saved]
+        if any(missing) and not installed:  # a first start, or a half-made one
+            rules.remove_instance()
+            rules.apply(firewall.client_base(instance))
+            return
+        if any(missing):
+            # Someone removed one family's chains (a firewall reload, say): they are put back
+            # there first (the sessions' jumps are repaired into them below), and nothing of
+            # what the other family still holds goes.
+            base = firewall.client_base(instance)
+            rules.apply(firewall.RuleSet(base.v4 if missing[0] else "",
+                                         base.v6 if missing[1] else ""))
+            self.log(NODE_WARNING, reason="the instance's hook chains were missing in "
+                     + " and ".join(f for f, m in zip(("IPv4", "IPv6"), missing) if m)
+                     + "; put back")
+        for found in installed:
+            # A session whose rules predate the record of its id (legacy) may have been up:
+            # it is held as long as one that was.
+            session = self.registry.adopt(
+                found.slot, found.uid, self.user_name(found.uid), found.networks, found.queue,
+                found.mark, found.tun, now, session_id=found.session_id,
+                ever_up=bool(found.session_id) or found.legacy)
+            try:
+                self.kernel.attach_devices(session)
+            except PvpnError as exc:
+                # Its rules stay: with nobody reading its queue the kernel drops its packets.
+                # Ending it here would let them out in clear though nobody said stop; its
+                # devices are tried again when its user's tunnel process registers.
+                self.log(NODE_RECOVER_FAILED, session, reason=f"{exc}; held, its rules "
+                         "kept; tried again when its tunnel process registers")
+            repair = firewall.client_jumps_repair(instance, found, self.config.mark_mask)
+            if repair is not None:
+                try:
+                    rules.apply(repair)
+                except PvpnError as exc:  # the jumps found still feed the queue
+                    self.log(NODE_WARNING, session, reason=f"jumps not converted: {exc}")
+            self.log(SESSION_RECOVERED, session, reason="rules kept across a restart; "
+                     "held until the user's tunnel process registers again",
+                     prefixes=[str(n) for n in found.networks],
+                     converted="legacy" if found.legacy else bool(repair))
+        if broken:
+            self.log(NODE_CLEANUP, reason="incomplete session rules removed", chains=broken)
+            rules.remove_chains(broken, f"{p}-OUT")
+            rules.remove_chains(broken, f"{p}-IN")
+        rules.ensure_jump("OUTPUT", f"{p}-OUT")
+        rules.ensure_jump("PREROUTING", f"{p}-IN")
+        # Rules made before datagrams of any size lack it: no user's socket may send out of
+        # a session's TUN device, which pvpn-client now reads.
+        rules.ensure_rule(firewall.tun_guard(f"{p}-OUT", f"{instance}+"))
+
+    def held_rules(self) -> list[firewall.InstalledSession]:
+        """Every session's rules as pvpn-client installs them (what the kernel must hold)."""
+        return [firewall.InstalledSession(s.slot, s.uid, list(s.networks), s.queue, s.mark,
+                                          s.tun, s.recorded)
+                for s in self.registry.sessions.values()]
+
+    def check_rules(self, saved: list[str], epoch: int) -> None:
+        """Put back what someone else took from the sessions' rules (a firewall reload, a
+        flush of the mangle table): ``saved`` is iptables-save of each family, read while
+        the rules were at ``epoch``. Until then the session's packets went the normal route,
+        so this is logged as a warning naming what was missing."""
+        rules = self.kernel.rules
+        if epoch != rules.epoch:
+            return  # pvpn-client changed them since: the next check looks again
+        instance, mask = self.config.instance, self.config.mark_mask
+        found = firewall.check_rules(instance, saved, self.held_rules(), mask)
+        if not found:
+            return
+        p = firewall.chain_prefix(instance)
+        base = firewall.client_base(instance)
+        for version in found.unbased:
+            # Chains and hooks of this family anew (nothing of it is left to flush).
+            rules.apply(firewall.RuleSet(base.v4 if version == 4 else "",
+                                         base.v6 if version == 6 else ""))
+        if found.unhooked:
+            rules.ensure_jump("OUTPUT", f"{p}-OUT")
+            rules.ensure_jump("PREROUTING", f"{p}-IN")
+        repaired = []
+        for version, slots in found.broken.items():
+            for slot in slots:
+                session = self.registry.sessions[slot]
+                # What is left of the session in this family goes, then it is whole again.
+                rules.run_each(firewall.client_session_removal(
+                    instance, slot, session.uid, session.mark, mask, session.tun), (version,))
+                whole = firewall.client_session(instance, slot, session.uid, session.networks,
+                                                session.queue, session.mark, mask, session.tun,
+                                                session.recorded)
+                rules.apply(firewall.RuleSet(whole.v4 if version == 4 else "",
+                                             whole.v6 if version == 6 else ""))
+                repaired.append(f"slot {slot} (IPv{version})")
+        self.log(NODE_WARNING, reason="rules of pvpn-client were removed by someone "
+                 "else (a firewall reload?) and are put back; until now the protected "
+                 "traffic of these sessions took the normal route",
+                 families_without_chains=found.unbased or None,
+                 families_unhooked=found.unhooked or None,
+                 sessions=repaired or None)

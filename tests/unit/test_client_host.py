@@ -11,13 +11,16 @@ from typing import Any
 import pytest
 from scapy.layers.inet import ICMP, IP, TCP, UDP
 
+from pvpn import firewall
 from pvpn.commands import LogRecord
 from pvpn.config import load_client_config
 from pvpn.drops import Drop
 from pvpn.envelope import MsgType, decode_control
 from pvpn.errors import PvpnError, RemoteProtocolError
 from pvpn.local import LocalChannel
-from pvpn.nodes.client import ClientHost, CloseLocal, LocalPeer, SlotSession, WriteTun
+from pvpn.nodes.client import (
+    PROBE_EVERY, ClientHost, CloseLocal, LocalPeer, SlotSession, WriteTun,
+)
 from pvpn.packet import FlowKey
 
 SID = bytes(range(16))
@@ -38,6 +41,39 @@ class Owners:
         return self.of.get(flow)
 
 
+class Rules:
+    """The instance's iptables rules: what the policy ran, in order; every change counted."""
+
+    def __init__(self) -> None:
+        self.epoch = 0
+        self.ran: list[tuple[str, Any]] = []
+
+    def _ran(self, what: str, detail: Any) -> None:
+        self.epoch += 1
+        self.ran.append((what, detail))
+
+    def apply(self, ruleset: Any) -> None:
+        self._ran("apply", ruleset)
+
+    def run_each(self, commands: list[list[str]], versions: tuple[int, ...]) -> list[str]:
+        self._ran("run_each", versions)
+        return []
+
+    def remove_chains(self, chains: list[str], referring: str) -> list[str]:
+        self._ran("remove_chains", (chains, referring))
+        return []
+
+    def ensure_jump(self, builtin: str, chain: str) -> None:
+        self._ran("ensure_jump", (builtin, chain))
+
+    def ensure_rule(self, rule: str) -> None:
+        self._ran("ensure_rule", rule)
+
+    def remove_instance(self) -> list[str]:
+        self._ran("remove_instance", None)
+        return []
+
+
 class Kernel:
     """The host's kernel as the policy sees it: what it was asked, in order."""
 
@@ -45,7 +81,9 @@ class Kernel:
         self.calls: list[tuple[str, int]] = []
         self.devices: set[int] = set()
         self.install_fails = False
-        self.unusable: set[int] = set()
+        self.connections: dict[int, int] = {}  # mark -> connections carrying it (conntrack)
+        self.stuck: set[int] = set()  # marks conntrack will not forget
+        self.rules = Rules()
 
     def install(self, session: SlotSession) -> None:
         self.calls.append(("install", session.slot))
@@ -65,8 +103,12 @@ class Kernel:
     def has_devices(self, session: SlotSession) -> bool:
         return session.slot in self.devices
 
-    def slot_usable(self, slot: int) -> bool:
-        return slot not in self.unusable
+    def marked(self, mark: int) -> int:
+        return self.connections.get(mark, 0)
+
+    def forget_marked(self, mark: int) -> int:
+        self.calls.append(("forget_marked", mark))
+        return self.connections.pop(mark, 0) if mark not in self.stuck else 0
 
     def abort_connections(self, session: SlotSession) -> int | str:
         self.calls.append(("abort_connections", session.slot))
@@ -560,6 +602,176 @@ def test_an_orderly_stop_lets_every_process_go_and_keeps_every_session(tmp_path:
     (stopping,) = records(host)
     assert stopping["event"] == "node:stopping" and "1 session(s) stay" in stopping["reason"]
     assert len(host.registry.sessions) == 1 and ("uninstall", 0) not in kernel.calls
+
+
+# ---------------------------------------------------------------- the kernel: restarts, rules, marks
+
+
+def saved_with(*sessions: firewall.RuleSet, families: tuple[int, ...] = (4, 6)) -> list[str]:
+    """iptables-save of each family holding the instance's chains and these sessions' rules
+    (a family left out of ``families`` was flushed: nothing of the instance in it)."""
+    base = firewall.client_base("pvpnc")
+    texts = [(base.v4 + "".join(s.v4 for s in sessions)) if 4 in families else "",
+             (base.v6 + "".join(s.v6 for s in sessions)) if 6 in families else ""]
+    # As iptables-save shows the hooks that iptables-restore inserted.
+    return [text.replace("-I OUTPUT 1 ", "-A OUTPUT ").replace("-I PREROUTING 1 ",
+                                                               "-A PREROUTING ")
+            for text in texts]
+
+
+def alices_rules(slot: int = 0, session_id: bytes = SID,
+                 networks: tuple[Any, ...] = (NET,)) -> firewall.RuleSet:
+    return firewall.client_session("pvpnc", slot, ALICE, list(networks), 3000 + slot,
+                                   (slot + 1) << 16, 0xFF0000, f"pvpnc{slot}",
+                                   session_id=session_id)
+
+
+def test_a_first_start_makes_the_instance_anew_and_recovers_nothing(tmp_path: Path) -> None:
+    kernel = Kernel()
+    host, _ = make_host(tmp_path, kernel)
+    host.recover(["", ""], 0.0)
+    assert [what for what, _ in kernel.rules.ran] == ["remove_instance", "apply"]
+    assert kernel.rules.ran[1][1] == firewall.client_base("pvpnc")
+    assert not host.registry.sessions and records(host) == []
+
+
+def test_a_restart_holds_the_sessions_the_kernel_kept_and_binds_their_devices(
+        tmp_path: Path) -> None:
+    kernel = Kernel()
+    host, _ = make_host(tmp_path, kernel)
+    host.recover(saved_with(alices_rules(), alices_rules(1, b"")), 5.0)
+    up_before, never_up = host.registry.sessions[0], host.registry.sessions[1]
+    assert up_before.session_id == SID and up_before.ever_up and up_before.held_since == 5.0
+    assert not never_up.ever_up, "without a recorded id it is kept grace_time only"
+    assert up_before.state.startswith("held") and up_before.user == f"user{ALICE}"
+    assert kernel.calls == [("attach_devices", 0), ("attach_devices", 1)]
+    assert [r["event"] for r in records(host)] == ["session:recovered"] * 2
+    assert [what for what, _ in kernel.rules.ran] == ["ensure_jump", "ensure_jump",
+                                                      "ensure_rule"]
+
+
+def test_a_recovered_session_whose_devices_fail_stays_held_with_its_rules(
+        tmp_path: Path) -> None:
+    class Busy(Kernel):
+        def attach_devices(self, session: SlotSession) -> None:
+            raise PvpnError("cannot set up TUN device pvpnc0: busy")
+
+    kernel = Busy()
+    host, _ = make_host(tmp_path, kernel)
+    host.recover(saved_with(alices_rules()), 0.0)
+    (session,) = host.registry.sessions.values()
+    assert session.state.startswith("held") and ("uninstall", 0) not in kernel.calls
+    failed, recovered = records(host)
+    assert failed["event"] == "node:recover-failed" and "busy" in failed["reason"]
+    assert recovered["event"] == "session:recovered"
+
+
+def test_a_restart_after_one_family_was_flushed_puts_back_only_that_family(
+        tmp_path: Path) -> None:
+    kernel = Kernel()
+    host, _ = make_host(tmp_path, kernel)
+    v6 = ipaddress.ip_network("fd77:1::/64")
+    host.recover(saved_with(alices_rules(networks=(NET, v6)), families=(6,)), 0.0)
+    assert len(host.registry.sessions) == 1
+    whats = [what for what, _ in kernel.rules.ran]
+    assert "remove_instance" not in whats
+    assert kernel.rules.ran[0] == ("apply", firewall.RuleSet(firewall.client_base("pvpnc").v4,
+                                                             ""))
+    warning = records(host)[0]
+    assert warning["event"] == "node:warning" and "missing in IPv4" in warning["reason"]
+
+
+def test_incomplete_session_rules_found_at_a_restart_are_removed(tmp_path: Path) -> None:
+    kernel = Kernel()
+    host, _ = make_host(tmp_path, kernel)
+    saved = saved_with()
+    saved = [text + ":PVPNC-S5 - [0:0]\n" for text in saved]  # a chain and nothing else
+    host.recover(saved, 0.0)
+    assert not host.registry.sessions
+    (cleanup,) = records(host)
+    assert cleanup["event"] == "node:cleanup" and cleanup["chains"] == ["PVPNC-S5"]
+    removed = [detail for what, detail in kernel.rules.ran if what == "remove_chains"]
+    assert removed == [(["PVPNC-S5"], "PVPNC-OUT"), (["PVPNC-S5"], "PVPNC-IN")]
+
+
+def test_rules_someone_else_removed_are_put_back_unless_read_before_a_change(
+        tmp_path: Path) -> None:
+    kernel = Kernel()
+    host, _ = make_host(tmp_path, kernel)
+    session, _ = attached(host)
+    session.recorded = SID
+    flushed = ["*mangle\n:OUTPUT ACCEPT [0:0]\nCOMMIT\n"] * 2
+    host.check_rules(flushed, kernel.rules.epoch - 1)  # read before pvpn-client's own change
+    assert kernel.rules.ran == [] and records(host) == []
+    host.check_rules(saved_with(alices_rules()), kernel.rules.epoch)  # all there
+    assert kernel.rules.ran == [] and records(host) == []
+    host.check_rules(flushed, kernel.rules.epoch)
+    applied = [detail for what, detail in kernel.rules.ran if what == "apply"]
+    base = firewall.client_base("pvpnc")
+    assert applied[:2] == [firewall.RuleSet(base.v4, ""), firewall.RuleSet("", base.v6)]
+    assert f"pvpn-session={SID.hex()}" in applied[2].v4 and not applied[2].v6
+    assert [d for what, d in kernel.rules.ran if what == "run_each"] == [(4,)], \
+        "its IPv4 prefix needs nothing of IPv6"
+    (warning,) = records(host)
+    assert warning["event"] == "node:warning" and "removed by someone else" in warning["reason"]
+    assert warning["sessions"] == ["slot 0 (IPv4)"]
+
+
+def test_a_slot_whose_marks_outlive_its_last_holder_is_quarantined(tmp_path: Path) -> None:
+    kernel = Kernel()
+    host, _ = make_host(tmp_path, kernel)
+    mark = host.registry.mark_for(0)
+    kernel.connections[mark] = 2
+    assert host.slot_usable(0), "marks forgotten, then none left"
+    assert kernel.calls == [("forget_marked", mark)] and records(host) == []
+    kernel.connections[mark] = 1
+    kernel.stuck.add(mark)
+    alice = Process(host, ALICE)
+    assert alice.register(["10.77.1.0/24"])[0] is MsgType.REGISTERED
+    assert 0 not in host.registry.sessions and 1 in host.registry.sessions
+    (quarantined, _) = records(host)
+    assert quarantined["event"] == "slot:quarantined" and quarantined["connections"] == 1
+
+    class Deaf(Kernel):
+        def marked(self, mark: int) -> int:
+            raise PvpnError("conntrack: no answer")
+
+    deaf, _ = make_host(tmp_path, Deaf())
+    assert not deaf.slot_usable(0)
+    (refused,) = records(deaf)
+    assert refused["event"] == "slot:quarantined" and "cannot ask conntrack" in refused["reason"]
+
+
+def test_a_new_server_session_resets_connections_at_most_once_a_probe_interval(
+        tmp_path: Path) -> None:
+    class Probing(Kernel):
+        def reset_connections(self, session: SlotSession) -> int:
+            super().reset_connections(session)
+            return 2
+
+    kernel = Probing()
+    host, _ = make_host(tmp_path, kernel)
+    session, _ = attached(host)
+    host.reset_connections(session, 100.0)
+    assert ("reset_connections", 0) not in kernel.calls, "no devices: nothing to probe"
+    kernel.devices.add(0)
+    host.reset_connections(session, 100.0)
+    host.reset_connections(session, 100.0 + PROBE_EVERY - 1)
+    assert kernel.calls.count(("reset_connections", 0)) == 1
+    host.reset_connections(session, 100.0 + PROBE_EVERY)
+    assert kernel.calls.count(("reset_connections", 0)) == 2
+    reset = [r for r in records(host) if r["event"] == "session:connections-reset"]
+    assert len(reset) == 2 and reset[0]["count"] == 2
+
+
+def test_the_instance_s_rules_leave_the_host_only_with_no_session_left(tmp_path: Path) -> None:
+    kernel = Kernel()
+    host, _ = make_host(tmp_path, kernel)
+    session, _ = attached(host)
+    assert host.release_host() == [] and kernel.rules.ran == []
+    host.registry.release(session.slot)
+    host.release_host()
+    assert kernel.rules.ran == [("remove_instance", None)]
 
 
 # ---------------------------------------------------------------- the layering

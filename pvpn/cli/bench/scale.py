@@ -21,6 +21,7 @@ from pathlib import Path
 
 from pvpn.cli.bench.paths import PathUnavailable, connect_argv, SESSION_RE
 from pvpn.errors import PvpnError
+from pvpn.names import NODE_RELOAD_FAILED, NODE_RELOADED
 from pvpn.cli.lab import lab, services
 from pvpn.cli.lab import users as lab_users
 from pvpn.cli.lab.commands import find_program, run
@@ -100,9 +101,9 @@ class ScaleUsers:
             with open(log, "rb") as handle:
                 handle.seek(before)
                 tail = handle.read().decode(errors="replace")
-            if "node:reloaded" in tail and self.names[-1] in tail:
+            if NODE_RELOADED in tail and self.names[-1] in tail:
                 return
-            if "node:reload-failed" in tail:
+            if NODE_RELOAD_FAILED in tail:
                 raise PathUnavailable(f"pvpn-server could not reload its users: {tail[-300:]}")
             if time.monotonic() > deadline:
                 break

@@ -23,6 +23,7 @@ from pvpn.cli.lab.commands import find_program, quote, spawn
 from pvpn.cli.lab.errors import LabError
 from pvpn.cli.lab.topology import Topology
 from pvpn.cli.trace import read_records, with_rotated
+from pvpn.names import SESSION_CLOSED
 
 DEMO_NAME = "pvpndemo"
 DEMO_GATEWAYS = 2
@@ -123,7 +124,7 @@ class Story:
             files = [f for _role, path in logs for f in with_rotated(path)]
             records = trace.select_session(read_records(files), session)
             # Every hop has logged the end of her session (its counters come with it).
-            closed = {r.get("node") for r in records if r.get("event") == "session:closed"}
+            closed = {r.get("node") for r in records if r.get("event") == SESSION_CLOSED}
             if closed >= {role for role, _path in logs} or time.monotonic() >= deadline:
                 return records
             time.sleep(0.2)

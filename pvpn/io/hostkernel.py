@@ -1,0 +1,127 @@
+"""The client host's kernel, thin: one instance's iptables rules (counted), and the sessions'
+TCP sockets through sock_diag (aborted, or made to answer).
+
+What to do with what the kernel says (recover sessions after a restart, put back rules someone
+removed, quarantine a slot, when to abort or reset) is pvpn.nodes.client.ClientHost's; these
+only ask and act."""
+
+from __future__ import annotations
+
+import os
+
+from pvpn import firewall
+from pvpn import packet as pk
+from pvpn.errors import PvpnError
+from pvpn.io import rules, sockdiag
+from pvpn.io.sockdiag import SocketOwners
+from pvpn.nodes.client import SlotSession
+from pvpn.reset import tcp_probe
+
+
+class InstanceRules:
+    """The rules of one pvpn-client instance (pvpn.nodes.client.RuleRunner), its sessions'
+    among them. Every change pvpn-client makes to them bumps ``epoch``: a check of the
+    kernel's rules read before a change is not acted on (it would "repair" that change)."""
+
+    def __init__(self, instance: str, mark_mask: int) -> None:
+        self.instance = instance
+        self.mark_mask = mark_mask
+        self.epoch = 0
+
+    def install_session(self, session: SlotSession) -> None:
+        """The session's rules, fully formed, in one step (PvpnError)."""
+        self.apply(firewall.client_session(
+            self.instance, session.slot, session.uid, session.networks, session.queue,
+            session.mark, self.mark_mask, session.tun))
+
+    def remove_session(self, session: SlotSession) -> list[str]:
+        """The session's rules go; the errors."""
+        p = firewall.chain_prefix(self.instance)
+        errors = self.remove(firewall.client_session_removal(
+            self.instance, session.slot, session.uid, session.mark, self.mark_mask,
+            session.tun))
+        if errors:  # a jump of another shape (say, one an older version left): find them all
+            chains = list(firewall.session_chains(self.instance, session.slot))
+            errors = self.remove_chains(chains, f"{p}-OUT") + self.remove_chains(
+                chains, f"{p}-IN")
+        return errors
+
+    def write_id(self, session: SlotSession) -> str | None:
+        """Write the session's id into its rules (a restarted pvpn-client reads it); why not."""
+        try:
+            self.apply(firewall.client_session_attached(
+                self.instance, session.slot, session.mark, self.mark_mask, session.session_id))
+        except PvpnError as exc:
+            return str(exc)
+        return None
+
+    def saved(self) -> list[str]:
+        """iptables-save of each family, IPv4 then IPv6."""
+        return [rules.saved(4), rules.saved(6)]
+
+    def apply(self, ruleset: firewall.RuleSet) -> None:
+        self.epoch += 1
+        rules.apply(ruleset)
+
+    def remove(self, commands: list[list[str]]) -> list[str]:
+        self.epoch += 1
+        return rules.remove(commands)
+
+    def run_each(self, commands: list[list[str]], versions: tuple[int, ...]) -> list[str]:
+        self.epoch += 1
+        return rules.run_each(commands, versions)
+
+    def remove_chains(self, chains: list[str], referring: str) -> list[str]:
+        self.epoch += 1
+        return rules.remove_chains(chains, referring)
+
+    def ensure_jump(self, builtin: str, chain: str) -> None:
+        self.epoch += 1
+        rules.ensure_jump(builtin, chain)
+
+    def ensure_rule(self, rule: str) -> None:
+        self.epoch += 1
+        rules.ensure_rule(rule)
+
+    def remove_instance(self) -> list[str]:
+        self.epoch += 1
+        return rules.remove_instance(self.instance)
+
+
+def abort_connections(owners: SocketOwners, session: SlotSession) -> int | str:
+    """Abort each TCP connection of the session's user that the session carried (connected
+    or connecting), by the cookie that names exactly that socket (SOCK_DESTROY): the
+    application's next call fails with ECONNABORTED. Listeners and other users' sockets on
+    the same ports are left alone. How many, or what failed."""
+    aborted = 0
+    for flow in [f for f in session.flows if f.proto == pk.PROTO_TCP]:
+        try:
+            found = owners.find(flow)
+            if found.uid != session.uid or found.state not in sockdiag.TCP_CONNECTION:
+                continue
+            owners.abort(flow, found.cookie)
+        except PvpnError as exc:
+            return f"failed after {aborted}: {exc}"
+        aborted += 1
+    return aborted
+
+
+def probe_connections(owners: SocketOwners, session: SlotSession, tun: int) -> int:
+    """Write a probe (pvpn.reset.tcp_probe) into the session's TUN device for each
+    synchronized TCP socket of the session's user, as if from its remote end: it answers
+    with a challenge ACK, which the server resets. A connecting socket is not probed (it
+    would take the SYN for a simultaneous open). How many were probed."""
+    probed = 0
+    for flow in [f for f in session.flows if f.proto == pk.PROTO_TCP]:
+        try:
+            uid, state = owners.socket(flow)
+        except PvpnError:
+            continue
+        if uid != session.uid or state not in sockdiag.TCP_SYNCHRONIZED:
+            continue
+        try:
+            os.write(tun, tcp_probe(flow, int.from_bytes(os.urandom(4), "big")))
+        except OSError:
+            break
+        probed += 1
+    return probed
