@@ -155,6 +155,17 @@ def client_session(
       device (:func:`tee`), where pvpn-client reads it; :func:`client_base` keeps every
       user's own packets from leaving by a TUN device.
     """
+    v4, v6 = _client_session_lines(instance, slot, uid, networks, queue, mark, mask, tun,
+                                   session_id)
+    return RuleSet(_restore(v4), _restore(v6))
+
+
+def _client_session_lines(
+    instance: str, slot: int, uid: int, networks: Sequence[Network], queue: int,
+    mark: int, mask: int, tun: str, session_id: bytes,
+) -> tuple[list[str], list[str]]:
+    """:func:`client_session`'s lines of each family (none for a family it has no prefix
+    of), the two chain declarations first."""
     p = chain_prefix(instance)
     out_chain, in_chain = session_chains(instance, slot)
     result: list[list[str]] = [[], []]
@@ -174,7 +185,34 @@ def client_session(
         lines += _marking(in_chain, mark, mask, session_id)
         lines += [f"-A {jump}" for jump in session_jumps(instance, slot, uid, mark, mask)]
         lines.append(f"-A {p}-IN -i {tun} -j {in_chain}")
-    return RuleSet(_restore(result[0]), _restore(result[1]))
+    return result[0], result[1]
+
+
+def client_session_repair(instance: str, session: "InstalledSession", mask: int,
+                          version: int, saved: str) -> str:
+    """One transaction that makes a session's rules of one family (4 or 6) whole again,
+    whatever is left of them in ``saved`` (that family's iptables-save): its chains declared
+    (made, or emptied), every jump into them that ``saved`` shows deleted, then all of them
+    added as :func:`client_session` makes them. In one iptables-restore, so no moment has
+    the session's packets leave in clear, and a pvpn-client killed while it repairs leaves
+    the rules as they were or whole, never half of them (the next pvpn-client would recover
+    the session with the prefixes it finds). Should a rule of ``saved`` be gone by then, the
+    whole transaction fails and nothing changes."""
+    p = chain_prefix(instance)
+    chains = session_chains(instance, session.slot)
+    stale = []
+    for line in saved.splitlines():
+        if line.startswith((f"-A {p}-OUT ", f"-A {p}-IN ")):
+            try:
+                target = _after(shlex.split(line), "-j")
+            except ValueError:
+                continue  # not a rule of ours (an unbalanced quote in someone's comment)
+            if target in chains:
+                stale.append(f"-D {line[3:]}")
+    lines = _client_session_lines(instance, session.slot, session.uid, session.networks,
+                                  session.queue, session.mark, mask, session.tun,
+                                  session.session_id)[0 if version == 4 else 1]
+    return _restore([*lines[:2], *stale, *lines[2:]])
 
 
 def client_session_attached(instance: str, slot: int, mark: int, mask: int,

@@ -1001,7 +1001,8 @@ class ClientHost(Generic[P]):
         if epoch != rules.epoch:
             return  # pvpn-client changed them since: the next check looks again
         instance, mask = self.config.instance, self.config.mark_mask
-        found = firewall.check_rules(instance, saved, self.held_rules(), mask)
+        held = {s.slot: s for s in self.held_rules()}
+        found = firewall.check_rules(instance, saved, held.values(), mask)
         if not found:
             return
         p = firewall.chain_prefix(instance)
@@ -1016,15 +1017,19 @@ class ClientHost(Generic[P]):
         repaired = []
         for version, slots in found.broken.items():
             for slot in slots:
-                session = self.registry.sessions[slot]
-                # What is left of the session in this family goes, then it is whole again.
-                rules.run_each(firewall.client_session_removal(
-                    instance, slot, session.uid, session.mark, mask, session.tun), (version,))
-                whole = firewall.client_session(instance, slot, session.uid, session.networks,
-                                                session.queue, session.mark, mask, session.tun,
-                                                session.recorded)
-                rules.apply(firewall.RuleSet(whole.v4 if version == 4 else "",
-                                             whole.v6 if version == 6 else ""))
+                # What is left of the session in this family and all of it anew, in one
+                # transaction: removed first and then added, a pvpn-client killed between
+                # the two left the next one half a session to recover (issue 11).
+                text = firewall.client_session_repair(instance, held[slot], mask, version,
+                                                      saved[0 if version == 4 else 1])
+                try:
+                    rules.apply(firewall.RuleSet(text if version == 4 else "",
+                                                 text if version == 6 else ""))
+                except PvpnError as exc:  # changed since `saved`: the next check looks again
+                    self.log(NODE_WARNING, self.registry.sessions[slot],
+                             reason=f"rules of slot {slot} (IPv{version}) not put back yet: "
+                             f"{exc}")
+                    continue
                 repaired.append(f"slot {slot} (IPv{version})")
         self.log(NODE_WARNING, reason="rules of pvpn-client were removed by someone "
                  "else (a firewall reload?) and are put back; until now the protected "

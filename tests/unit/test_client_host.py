@@ -709,12 +709,53 @@ def test_rules_someone_else_removed_are_put_back_unless_read_before_a_change(
     applied = [detail for what, detail in kernel.rules.ran if what == "apply"]
     base = firewall.client_base("pvpnc")
     assert applied[:2] == [firewall.RuleSet(base.v4, ""), firewall.RuleSet("", base.v6)]
-    assert f"pvpn-session={SID.hex()}" in applied[2].v4 and not applied[2].v6
-    assert [d for what, d in kernel.rules.ran if what == "run_each"] == [(4,)], \
+    assert f"pvpn-session={SID.hex()}" in applied[2].v4 and not applied[2].v6, \
         "its IPv4 prefix needs nothing of IPv6"
+    # Made whole in that one transaction: nothing removed on its own before it (a
+    # pvpn-client killed in between left the next one half a session to recover).
+    assert applied[2].v4.count("COMMIT") == 1 and ":PVPNC-S0 - [0:0]" in applied[2].v4
+    assert [what for what, _ in kernel.rules.ran] == ["apply"] * 3
     (warning,) = records(host)
     assert warning["event"] == "node:warning" and "removed by someone else" in warning["reason"]
     assert warning["sessions"] == ["slot 0 (IPv4)"]
+
+
+def test_half_a_session_is_made_whole_in_one_transaction_and_a_failed_one_waits(
+        tmp_path: Path) -> None:
+    kernel = Kernel()
+    host, _ = make_host(tmp_path, kernel)
+    session, _ = attached(host)
+    session.recorded = SID
+    whole = alices_rules()
+    # Its IPv4 chain emptied and its jumps of the format before 34c7490: what a repair made of
+    # remove-then-add leaves when pvpn-client is killed between the two.
+    legacy_jump = "-A PVPNC-OUT -j PVPNC-S0\n"
+    saved = saved_with(firewall.RuleSet(":PVPNC-S0 - [0:0]\n:PVPNC-S0I - [0:0]\n"
+                                        + legacy_jump + "-A PVPNC-IN -i pvpnc0 -j PVPNC-S0I\n",
+                                        ""))
+    host.check_rules(saved, kernel.rules.epoch)
+    ((what, repair),) = kernel.rules.ran
+    assert what == "apply" and not repair.v6 and repair.v4.count("COMMIT") == 1
+    lines = repair.v4.splitlines()
+    assert lines.index(":PVPNC-S0 - [0:0]") < lines.index("-D PVPNC-OUT -j PVPNC-S0")
+    assert "-D PVPNC-IN -i pvpnc0 -j PVPNC-S0I" in lines
+    assert [l for l in lines if l.startswith("-A")] == [
+        l for l in whole.v4.splitlines() if l.startswith("-A")]
+    (warning,) = records(host)
+    assert warning["sessions"] == ["slot 0 (IPv4)"]
+
+    # The kernel refuses the transaction (a rule of `saved` went meanwhile): nothing changed,
+    # said so, and the next check tries again.
+    def refused(ruleset: Any) -> None:
+        kernel.rules._ran("apply", ruleset)
+        raise PvpnError("iptables-restore: line 5 failed")
+
+    kernel.rules.apply = refused  # type: ignore[method-assign]
+    host.commands.clear()
+    host.check_rules(saved, kernel.rules.epoch)
+    refusal, summary = records(host)
+    assert "not put back yet" in refusal["reason"] and "line 5 failed" in refusal["reason"]
+    assert summary["sessions"] is None
 
 
 def test_a_slot_whose_marks_outlive_its_last_holder_is_quarantined(tmp_path: Path) -> None:

@@ -127,6 +127,30 @@ def test_rules_of_this_version_need_no_conversion_and_carry_the_session_id() -> 
     assert bare.session_id == b"" and not bare.legacy
 
 
+def test_a_sessions_rules_of_one_family_are_repaired_in_one_transaction() -> None:
+    (found,), _ = firewall.parse_installed_sessions("pvpnc", [LEGACY_V4, LEGACY_V6])
+    held = firewall.InstalledSession(found.slot, found.uid, found.networks, found.queue,
+                                     found.mark, found.tun, b"\x01" * 16)
+    for version, saved in ((4, LEGACY_V4), (6, LEGACY_V6)):
+        text = firewall.client_session_repair("pvpnc", held, 0xFF0000, version, saved)
+        lines = text.splitlines()
+        assert lines[0] == "*mangle" and lines[-1] == "COMMIT" and text.count("COMMIT") == 1
+        assert lines[1:3] == [":PVPNC-S2 - [0:0]", ":PVPNC-S2I - [0:0]"], "made or emptied"
+        assert "-D PVPNC-OUT -j PVPNC-S2" in lines, "the old jump goes as the new ones come"
+        assert "-D PVPNC-IN -i pvpnc2 -j PVPNC-S2I" in lines
+        whole = firewall.client_session("pvpnc", 2, 1001, found.networks, 3002, 0x30000,
+                                        0xFF0000, "pvpnc2", b"\x01" * 16)
+        wanted = whole.v4 if version == 4 else whole.v6
+        assert [l for l in lines if l.startswith("-A")] == [
+            l for l in wanted.splitlines() if l.startswith("-A")]
+    # Nothing of another session, or of a chain whose name only starts like its own, goes.
+    other = LEGACY_V4.replace("COMMIT", "-A PVPNC-OUT -j PVPNC-S21\n-A PVPNC-IN -i x -j "
+                              "PVPNC-S2X\nCOMMIT")
+    text = firewall.client_session_repair("pvpnc", held, 0xFF0000, 4, other)
+    assert "PVPNC-S21" not in text and "PVPNC-S2X" not in text
+    assert firewall.client_session_repair("pvpnc", held, 0xFF0000, 4, "").count("-D") == 0
+
+
 def test_a_lost_or_doubled_jump_is_put_right() -> None:
     rules = firewall.client_session("pvpnc", 1, 1001, NETS, 3001, 0x20000, 0xFF0000, "pvpnc1")
     v4 = "\n".join(line for line in rules.v4.splitlines()
