@@ -137,8 +137,11 @@ def test_restarts_of_every_node_keep_the_vpn_held_and_it_comes_back(
 
             # An upgrade from 34c7490: its rules, then the new pvpn-client (it died, as that
             # version's SIGTERM would have removed everything).
-            as_previous_version(lab1)
+            # Stopped first: the running pvpn-client's rules check (every 5 s) would put the
+            # old rules right before the kill, and nothing would be left to convert.
             old = program_pid(lab1, "client", "pvpn-client")
+            os.kill(old, signal.SIGSTOP)
+            as_previous_version(lab1)
             os.kill(old, signal.SIGKILL)
             wait_until(lambda: program_pid(lab1, "client", "pvpn-client") not in (0, old), 30,
                        "pvpn-client restarted by supervisord")
