@@ -242,53 +242,69 @@ class UserLink:
         return f"the server {node} sent {mtype.name} envelopes: it carries packets only"
 
     def _control(self, envelope: Envelope, now: float) -> LinkEvent | None:
-        mtype = envelope.type
-        if mtype is MsgType.KEEPALIVE:
-            if not self.congested:  # a node that does not read gets no echo to pile up
-                self._send_control(MsgType.KEEPALIVE_ACK, {})
-            return None
-        if mtype is MsgType.KEEPALIVE_ACK:
-            return None
+        handler = USER_TRANSITIONS.get((self.state, envelope.type), UserLink._unexpected)
+        return handler(self, envelope, now)
+
+    # -- what an envelope does in each state of the link (USER_TRANSITIONS, below the class)
+    def _keepalive(self, envelope: Envelope, now: float) -> LinkEvent | None:
+        if not self.congested:  # a node that does not read gets no echo to pile up
+            self._send_control(MsgType.KEEPALIVE_ACK, {})
+        return None
+
+    def _keepalive_ack(self, envelope: Envelope, now: float) -> LinkEvent | None:
+        return None
+
+    def _challenge(self, envelope: Envelope, now: float) -> LinkEvent | None:
         fields = decode_control(envelope)
-        if mtype is MsgType.CHALLENGE and self.state is LinkState.HELLO_SENT:
-            signature = self._signer(fields["nonce"], self.tls.binding(), fields["node"])
-            self._send_control(MsgType.AUTH, {"signature": signature})
-            self.state = LinkState.AUTH_SENT
-            return None
-        if mtype is MsgType.CHALLENGE and self.state is LinkState.ESTABLISHED:
-            # Re-authentication: the same key, a fresh nonce, the same TLS session's binding.
-            if fields["node"] != self.node:
-                raise MalformedFrame("a CHALLENGE naming another node on an established link")
-            tokens = min(float(REAUTH_BURST), self._reauth_tokens
-                         + (now - self._reauth_refilled) / REAUTH_REFILL)
-            self._reauth_refilled = now
-            if tokens < 1.0:
-                raise MalformedFrame(f"{self.node} asks for re-authentication far more often "
-                                     "than a node does")
-            self._reauth_tokens = tokens - 1.0
-            signature = self._signer(fields["nonce"], self.tls.binding(), fields["node"])
-            self._send_control(MsgType.AUTH, {"signature": signature})
-            self.reauthenticated += 1
-            return None
-        if mtype is MsgType.ACCEPT and self.state is LinkState.AUTH_SENT:
-            if len(envelope.session) != 16:
-                raise MalformedFrame("ACCEPT without a session id")
-            if not NODE_NAME.fullmatch(fields["node"]):
-                raise MalformedFrame("ACCEPT with a node name that is not one")
-            self.session = envelope.session
-            self.node = fields["node"]
-            self.state = LinkState.ESTABLISHED
-            return LinkEstablished(
-                envelope.session, fields["token"], [str(a) for a in fields["allow"]],
-                fields["node"], fields["resumed"],
-            )
-        if mtype is MsgType.REFUSE:
-            self.state = LinkState.CLOSED
-            return LinkRefused(fields["code"], fields["reason"])
-        if mtype is MsgType.CLOSE:
-            self.state = LinkState.CLOSED
-            return LinkClosed(f"node closed the session: {fields['reason']}")
-        raise MalformedFrame(f"unexpected {mtype.name} in state {self.state.value}")
+        signature = self._signer(fields["nonce"], self.tls.binding(), fields["node"])
+        self._send_control(MsgType.AUTH, {"signature": signature})
+        self.state = LinkState.AUTH_SENT
+        return None
+
+    def _rechallenge(self, envelope: Envelope, now: float) -> LinkEvent | None:
+        # Re-authentication: the same key, a fresh nonce, the same TLS session's binding.
+        fields = decode_control(envelope)
+        if fields["node"] != self.node:
+            raise MalformedFrame("a CHALLENGE naming another node on an established link")
+        tokens = min(float(REAUTH_BURST), self._reauth_tokens
+                     + (now - self._reauth_refilled) / REAUTH_REFILL)
+        self._reauth_refilled = now
+        if tokens < 1.0:
+            raise MalformedFrame(f"{self.node} asks for re-authentication far more often "
+                                 "than a node does")
+        self._reauth_tokens = tokens - 1.0
+        signature = self._signer(fields["nonce"], self.tls.binding(), fields["node"])
+        self._send_control(MsgType.AUTH, {"signature": signature})
+        self.reauthenticated += 1
+        return None
+
+    def _accept(self, envelope: Envelope, now: float) -> LinkEvent | None:
+        fields = decode_control(envelope)
+        if len(envelope.session) != 16:
+            raise MalformedFrame("ACCEPT without a session id")
+        if not NODE_NAME.fullmatch(fields["node"]):
+            raise MalformedFrame("ACCEPT with a node name that is not one")
+        self.session = envelope.session
+        self.node = fields["node"]
+        self.state = LinkState.ESTABLISHED
+        return LinkEstablished(
+            envelope.session, fields["token"], [str(a) for a in fields["allow"]],
+            fields["node"], fields["resumed"],
+        )
+
+    def _refuse(self, envelope: Envelope, now: float) -> LinkEvent | None:
+        fields = decode_control(envelope)
+        self.state = LinkState.CLOSED
+        return LinkRefused(fields["code"], fields["reason"])
+
+    def _close(self, envelope: Envelope, now: float) -> LinkEvent | None:
+        fields = decode_control(envelope)
+        self.state = LinkState.CLOSED
+        return LinkClosed(f"node closed the session: {fields['reason']}")
+
+    def _unexpected(self, envelope: Envelope, now: float) -> LinkEvent | None:
+        decode_control(envelope)  # a body that is not one says so first, as it always did
+        raise MalformedFrame(f"unexpected {envelope.type.name} in state {self.state.value}")
 
     def handle_timer(self, now: float) -> LinkEvent | None:
         """Keepalives out; a silent node is declared dead after ``dead_after`` seconds."""
@@ -303,6 +319,24 @@ class UserLink:
         if self.state is LinkState.ESTABLISHED and now - self._last_sent >= self.keepalive:
             self._send_control(MsgType.KEEPALIVE, {})
         return None
+
+
+UserHandler = Callable[[UserLink, Envelope, float], LinkEvent | None]
+
+#: The user's end of the handshake: what a control envelope of each type does in each state
+#: of the link (PACKET and DATA are taken in receive_data, once ESTABLISHED and only the kind
+#: the hop carries). Any pair not listed closes the link (``UserLink._unexpected``). Unlike
+#: the node's end (pvpn.nodes.base.TRANSITIONS), a KEEPALIVE is answered in any state, and a
+#: REFUSE or CLOSE ends the link in any state.
+USER_TRANSITIONS: dict[tuple[LinkState, MsgType], UserHandler] = {
+    (LinkState.HELLO_SENT, MsgType.CHALLENGE): UserLink._challenge,  # -> AUTH_SENT
+    (LinkState.AUTH_SENT, MsgType.ACCEPT): UserLink._accept,  # -> ESTABLISHED
+    (LinkState.ESTABLISHED, MsgType.CHALLENGE): UserLink._rechallenge,  # a re-authentication
+    **{(state, MsgType.KEEPALIVE): UserLink._keepalive for state in LinkState},
+    **{(state, MsgType.KEEPALIVE_ACK): UserLink._keepalive_ack for state in LinkState},
+    **{(state, MsgType.REFUSE): UserLink._refuse for state in LinkState},  # -> CLOSED
+    **{(state, MsgType.CLOSE): UserLink._close for state in LinkState},  # -> CLOSED
+}
 
 
 # ---------------------------------------------------------------- the chain of links
