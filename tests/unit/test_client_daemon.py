@@ -16,13 +16,10 @@ import pytest
 
 from pvpn import firewall
 from pvpn.client import daemon as dm
-from pvpn.config import load_client_config
 from pvpn.envelope import EnvelopeDecoder, MsgType, decode_control, encode_control, encode_envelope
 from pvpn.io import conntrack
 
-from net import FakeQueues, fake_tun
-
-SID = bytes(range(16))
+from net import SID, FakeQueues, client_config, fake_tun
 
 
 class Kernel:
@@ -148,10 +145,8 @@ DAEMONS: list[dm.ClientDaemon] = []
 
 
 def make_daemon(tmp_path: Path, **settings: Any) -> dm.ClientDaemon:
-    lines = ["[client]", 'name = "client"', f'socket = "{tmp_path / "c.sock"}"']
-    lines += [f"{k} = {v}" for k, v in settings.items()]
-    (tmp_path / "client.toml").write_text("\n".join(lines) + "\n")
-    daemon = dm.ClientDaemon(load_client_config(tmp_path / "client.toml"))
+    daemon = dm.ClientDaemon(client_config(tmp_path, socket=str(tmp_path / "c.sock"),
+                                           **settings))
     daemon.log.stream = io.StringIO()
     DAEMONS.append(daemon)
     return daemon
