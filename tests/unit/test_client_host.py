@@ -38,6 +38,15 @@ def attached(host: ClientHost[LocalPeer], uid: int = ALICE) -> tuple[SlotSession
     return session, peer
 
 
+def with_its_id_recorded(tmp_path: Path) -> tuple[ClientHost[LocalPeer], FakeHostKernel,
+                                                   SlotSession]:
+    """alice's session up, its id in its rules (what a check of the kernel's rules expects)."""
+    host, kernel = host_and_kernel(tmp_path)
+    session, _ = attached(host)
+    session.recorded = SID
+    return host, kernel, session
+
+
 def after_a_packet(tmp_path: Path) -> tuple[ClientHost[LocalPeer], FakeOwners, SlotSession,
                                              LocalPeer]:
     """alice's session up, and one packet of hers (``sent_by_alice``) out through it."""
@@ -470,8 +479,7 @@ def alices_rules(slot: int = 0, session_id: bytes = SID,
 
 
 def test_a_first_start_makes_the_instance_anew_and_recovers_nothing(tmp_path: Path) -> None:
-    kernel = FakeHostKernel()
-    host, _ = make_host(tmp_path, kernel)
+    host, kernel = host_and_kernel(tmp_path)
     host.recover(["", ""], 0.0)
     assert [what for what, _ in kernel.rules.ran] == ["remove_instance", "apply"]
     assert kernel.rules.ran[1][1] == firewall.client_base("pvpnc")
@@ -480,8 +488,7 @@ def test_a_first_start_makes_the_instance_anew_and_recovers_nothing(tmp_path: Pa
 
 def test_a_restart_holds_the_sessions_the_kernel_kept_and_binds_their_devices(
         tmp_path: Path) -> None:
-    kernel = FakeHostKernel()
-    host, _ = make_host(tmp_path, kernel)
+    host, kernel = host_and_kernel(tmp_path)
     host.recover(saved_with(alices_rules(), alices_rules(1, b"")), 5.0)
     up_before, never_up = host.registry.sessions[0], host.registry.sessions[1]
     assert up_before.session_id == SID and up_before.ever_up and up_before.held_since == 5.0
@@ -511,8 +518,7 @@ def test_a_recovered_session_whose_devices_fail_stays_held_with_its_rules(
 
 def test_a_restart_after_one_family_was_flushed_puts_back_only_that_family(
         tmp_path: Path) -> None:
-    kernel = FakeHostKernel()
-    host, _ = make_host(tmp_path, kernel)
+    host, kernel = host_and_kernel(tmp_path)
     v6 = ipaddress.ip_network("fd77:1::/64")
     host.recover(saved_with(alices_rules(networks=(NET, v6)), families=(6,)), 0.0)
     assert len(host.registry.sessions) == 1
@@ -525,8 +531,7 @@ def test_a_restart_after_one_family_was_flushed_puts_back_only_that_family(
 
 
 def test_incomplete_session_rules_found_at_a_restart_are_removed(tmp_path: Path) -> None:
-    kernel = FakeHostKernel()
-    host, _ = make_host(tmp_path, kernel)
+    host, kernel = host_and_kernel(tmp_path)
     saved = saved_with()
     saved = [text + ":PVPNC-S5 - [0:0]\n" for text in saved]  # a chain and nothing else
     host.recover(saved, 0.0)
@@ -539,10 +544,7 @@ def test_incomplete_session_rules_found_at_a_restart_are_removed(tmp_path: Path)
 
 def test_rules_someone_else_removed_are_put_back_unless_read_before_a_change(
         tmp_path: Path) -> None:
-    kernel = FakeHostKernel()
-    host, _ = make_host(tmp_path, kernel)
-    session, _ = attached(host)
-    session.recorded = SID
+    host, kernel, session = with_its_id_recorded(tmp_path)
     flushed = ["*mangle\n:OUTPUT ACCEPT [0:0]\nCOMMIT\n"] * 2
     host.check_rules(flushed, kernel.rules.epoch - 1)  # read before pvpn-client's own change
     assert kernel.rules.ran == [] and records(host) == []
@@ -565,10 +567,7 @@ def test_rules_someone_else_removed_are_put_back_unless_read_before_a_change(
 
 def test_half_a_session_is_made_whole_in_one_transaction_and_a_failed_one_waits(
         tmp_path: Path) -> None:
-    kernel = FakeHostKernel()
-    host, _ = make_host(tmp_path, kernel)
-    session, _ = attached(host)
-    session.recorded = SID
+    host, kernel, session = with_its_id_recorded(tmp_path)
     whole = alices_rules()
     # Its IPv4 chain emptied and its jumps of the format before 34c7490: what a repair made of
     # remove-then-add leaves when pvpn-client is killed between the two.
@@ -602,8 +601,7 @@ def test_half_a_session_is_made_whole_in_one_transaction_and_a_failed_one_waits(
 
 
 def test_a_slot_whose_marks_outlive_its_last_holder_is_quarantined(tmp_path: Path) -> None:
-    kernel = FakeHostKernel()
-    host, _ = make_host(tmp_path, kernel)
+    host, kernel = host_and_kernel(tmp_path)
     mark = host.registry.mark_for(0)
     kernel.connections[mark] = 2
     assert host.slot_usable(0), "marks forgotten, then none left"
@@ -649,8 +647,7 @@ def test_a_new_server_session_resets_connections_at_most_once_a_probe_interval(
 
 
 def test_the_instance_s_rules_leave_the_host_only_with_no_session_left(tmp_path: Path) -> None:
-    kernel = FakeHostKernel()
-    host, _ = make_host(tmp_path, kernel)
+    host, kernel = host_and_kernel(tmp_path)
     session, _ = attached(host)
     assert host.release_host() == [] and kernel.rules.ran == []
     host.registry.release(session.slot)
