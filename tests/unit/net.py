@@ -5,14 +5,17 @@ is at the far end of each of their links: a user's UserLink or UserChain, a stra
 TlsSession, or a gateway's onward connection to another node. ``Network.settle()`` moves
 the peers' bytes to the nodes and carries out the nodes' commands, as the daemons'
 dispatchers do, until nothing moves; ``transfer()`` does the same for two bare TLS sessions
-back to back. Beside it: the PKI a test world needs, and fakes of what the daemons open in
-the kernel (an NFQUEUE binding, a TUN device, the raw socket).
+back to back. Beside it: the PKI a test world needs, fakes of what the daemons open in the
+kernel (an NFQUEUE binding, a TUN device, the raw socket), and the client host's side: its
+policy (ClientHost) on a faked kernel, the local processes on its socket, and the scripted
+chain a user's tunnel process (UserTunnel) drives.
 
 Test files import it as ``net`` (tests/unit/conftest.py puts this folder on sys.path).
 """
 
 from __future__ import annotations
 
+import json
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,17 +23,22 @@ from typing import Any, Callable, TypeVar, Union
 
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from pvpn import auth, pki, tls
+from pvpn import auth, firewall, pki, tls
 from pvpn.commands import (
     CapturePacket, CloseLink, CloseNext, Command, InjectPacket, LogRecord, OpenNextHop,
     SendBytes, SendNext,
 )
-from pvpn.config import NodeLimits
+from pvpn.config import ClientConfig, NodeLimits, load_client_config
+from pvpn.envelope import MsgType, decode_control
 from pvpn.errors import PvpnError
+from pvpn.events import ChainFailed
+from pvpn.local import LocalChannel
+from pvpn.nodes.client import ClientHost, CloseLocal, LocalPeer, RuleRunner, SlotSession
 from pvpn.nodes.gateway import GatewayNode
 from pvpn.nodes.server import ServerNode
+from pvpn.packet import FlowKey
 from pvpn.records import Record
-from pvpn.user import Signer, UserChain, UserLink
+from pvpn.user import Signer, UserChain, UserLink, UserTunnel
 
 Node = Union[ServerNode, GatewayNode]
 
@@ -377,3 +385,253 @@ class FakeRaw:
 
     def close(self) -> None:
         pass
+
+
+# ---------------------------------------------------------------- the client host, its kernel faked
+
+#: The server's id of the session a test brings up.
+SID = bytes(range(16))
+
+
+def client_config(directory: Path, **settings: Any) -> ClientConfig:
+    """pvpn-client's config as it reads ``directory/client.toml``: ``settings``, the rest at
+    their defaults."""
+    lines = ["[client]", 'name = "client"']
+    lines += [f"{key} = {json.dumps(value)}" for key, value in settings.items()]
+    path = directory / "client.toml"
+    path.write_text("\n".join(lines) + "\n")
+    return load_client_config(path)
+
+
+class FakeOwners:
+    """Whose socket each flow reaches, as sock_diag would say (None: no process's); what
+    stands in for OwnerLookup."""
+
+    def __init__(self) -> None:
+        self.of: dict[FlowKey, int | None] = {}
+        self.broken = False
+
+    def owner(self, flow: FlowKey) -> int | None:
+        if self.broken:
+            raise PvpnError("sock_diag: no answer")
+        return self.of.get(flow)
+
+
+class FakeRules:
+    """The instance's iptables rules (what stands in for RuleRunner): what the policy ran, in
+    order; every change counted."""
+
+    def __init__(self) -> None:
+        self.epoch = 0
+        self.ran: list[tuple[str, Any]] = []
+
+    def change(self, what: str, detail: Any) -> None:
+        self.epoch += 1
+        self.ran.append((what, detail))
+
+    def apply(self, ruleset: firewall.RuleSet) -> None:
+        self.change("apply", ruleset)
+
+    def run_each(self, commands: list[list[str]], versions: tuple[int, ...]) -> list[str]:
+        self.change("run_each", versions)
+        return []
+
+    def remove_chains(self, chains: list[str], referring: str) -> list[str]:
+        self.change("remove_chains", (chains, referring))
+        return []
+
+    def ensure_jump(self, builtin: str, chain: str) -> None:
+        self.change("ensure_jump", (builtin, chain))
+
+    def ensure_rule(self, rule: str) -> None:
+        self.change("ensure_rule", rule)
+
+    def remove_instance(self) -> list[str]:
+        self.change("remove_instance", None)
+        return []
+
+
+class FakeHostKernel:
+    """The host's kernel as the policy sees it (what stands in for HostKernel): what it was
+    asked, in order."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, int]] = []
+        self.devices: set[int] = set()
+        self.install_fails = False
+        self.connections: dict[int, int] = {}  # mark -> connections carrying it (conntrack)
+        self.stuck: set[int] = set()  # marks conntrack will not forget
+        # Typed as the port (its attribute is settable, so it is invariant); a FakeRules all
+        # the same, for the tests to read.
+        self.rules: RuleRunner = FakeRules()
+
+    def install(self, session: SlotSession) -> None:
+        self.calls.append(("install", session.slot))
+        if self.install_fails:
+            raise PvpnError("cannot bind NFQUEUE 1: busy")
+        self.devices.add(session.slot)
+
+    def uninstall(self, session: SlotSession) -> list[str]:
+        self.calls.append(("uninstall", session.slot))
+        self.devices.discard(session.slot)
+        return []
+
+    def attach_devices(self, session: SlotSession) -> None:
+        self.calls.append(("attach_devices", session.slot))
+        self.devices.add(session.slot)
+
+    def has_devices(self, session: SlotSession) -> bool:
+        return session.slot in self.devices
+
+    def marked(self, mark: int) -> int:
+        return self.connections.get(mark, 0)
+
+    def forget_marked(self, mark: int) -> int:
+        self.calls.append(("forget_marked", mark))
+        return self.connections.pop(mark, 0) if mark not in self.stuck else 0
+
+    def abort_connections(self, session: SlotSession) -> int | str:
+        self.calls.append(("abort_connections", session.slot))
+        return 0
+
+    def forget_marks(self, session: SlotSession) -> int | str:
+        self.calls.append(("forget_marks", session.slot))
+        return 0
+
+    def write_id(self, session: SlotSession) -> str | None:
+        self.calls.append(("write_id", session.slot))
+        return None
+
+    def reset_connections(self, session: SlotSession) -> int:
+        self.calls.append(("reset_connections", session.slot))
+        return 0  # none made to answer: the host records nothing
+
+
+def make_host(directory: Path, kernel: FakeHostKernel | None = None,
+              **settings: Any) -> tuple[ClientHost[LocalPeer], FakeOwners]:
+    """A client host with ``settings`` (see client_config) on ``kernel`` (a fresh one unless
+    given), and the owner lookup it asks; uid N is user "userN"."""
+    owners = FakeOwners()
+    return ClientHost(client_config(directory, **settings), owners, lambda uid: f"user{uid}",
+                      kernel or FakeHostKernel()), owners
+
+
+def host_and_kernel(directory: Path) -> tuple[ClientHost[LocalPeer], FakeHostKernel]:
+    """A host and the kernel it asks, for the tests that read what it asked."""
+    kernel = FakeHostKernel()
+    host, _ = make_host(directory, kernel)
+    return host, kernel
+
+
+def connect(host: ClientHost[LocalPeer], uid: int, now: float = 0.0,
+            id: int = 1) -> LocalPeer:
+    """A process of ``uid`` (pid 4000 + ``id``) connects to the host's socket: the host's
+    peer for it, admitted or refused."""
+    peer = LocalPeer(id)
+    peer.uid, peer.pid = uid, 4000 + id
+    host.admit(peer, now)
+    return peer
+
+
+class LocalEnd:
+    """The far end of a connection on pvpn-client's socket, as a test holds it: its channel,
+    which numbers what it says, and what it makes of what it was sent (each envelope's type,
+    with a PACKET's bytes or a control message's fields)."""
+
+    def __init__(self, uid: int) -> None:
+        self.channel, self.uid = LocalChannel(), uid
+
+    def control(self, mtype: MsgType, fields: dict[str, Any], session: bytes = b"") -> bytes:
+        return self.channel.control(mtype, session, self.uid, fields)
+
+    def read(self, data: bytes) -> list[tuple[MsgType, Any]]:
+        return [(e.type, e.body if e.type is MsgType.PACKET else decode_control(e))
+                for e in self.channel.receive(data)]
+
+
+class LocalProcess:
+    """A local process on the host's socket (`pvpn connect`, `pvpn status`, ...): its end of
+    the channel, and the host's peer for it."""
+
+    def __init__(self, host: ClientHost[LocalPeer], uid: int, id: int = 1) -> None:
+        self.host, self.end = host, LocalEnd(uid)
+        self.peer = connect(host, uid, id=id)
+
+    def ask(self, mtype: MsgType, fields: dict[str, Any], now: float = 1.0,
+            session: bytes = b"") -> list[tuple[MsgType, Any]]:
+        """One question in, as the adapter hands it over; every answer pending since out."""
+        for envelope in self.peer.channel.receive(self.end.control(mtype, fields, session)):
+            self.host.control(self.peer, envelope, now)
+        return self.answers()
+
+    def answers(self) -> list[tuple[MsgType, Any]]:
+        data = b"".join(self.peer.pending)
+        self.peer.pending.clear()
+        return self.end.read(data)
+
+    def register(self, prefixes: list[str], **fields: Any) -> tuple[MsgType, Any]:
+        (answer,) = self.ask(MsgType.REGISTER, {"prefixes": prefixes,
+                                                "server": "vpn.example:4433", **fields})
+        return answer
+
+    def bring_up(self) -> None:
+        """Its session up: registered for 10.77.1.0/24 and attached with SID."""
+        self.register(["10.77.1.0/24"])
+        self.ask(MsgType.ATTACH, {"session": SID})
+
+    def closed(self) -> bool:
+        return CloseLocal(self.peer) in self.host.commands
+
+
+# ---------------------------------------------------------------- a user's tunnel process
+
+
+class DaemonEnd:
+    """pvpn-client's end of a tunnel process's unix connection (pvpn.user.UserTunnel's local
+    side)."""
+
+    def __init__(self, uid: int) -> None:
+        self.end = LocalEnd(uid)
+        self.channel = self.end.channel
+
+    def heard(self, tunnel: UserTunnel) -> list[tuple[MsgType, Any]]:
+        return self.end.read(tunnel.local_to_send())
+
+    def say(self, tunnel: UserTunnel, mtype: MsgType, fields: dict[str, Any]) -> None:
+        tunnel.receive_local(self.end.control(mtype, fields))
+
+
+class ScriptedChain:
+    """The chain as a tunnel process sees it (what stands in for UserChain): the events it
+    gives are the test's ``events``, what it was asked is kept."""
+
+    def __init__(self) -> None:
+        self.up = False
+        self.failed: ChainFailed | None = None
+        self.nodes: list[str] = []
+        self.sent: list[bytes] = []
+        self.closed: str | None = None
+        self.events: list[Any] = []
+
+    def send_packets(self, packets: list[bytes]) -> None:
+        self.sent += packets
+
+    def close(self, reason: str) -> None:
+        self.closed = reason
+
+    def data_to_send(self, now: float) -> bytes:
+        return b""
+
+    def receive_data(self, data: bytes, now: float) -> list[Any]:
+        events, self.events = self.events, []
+        return events
+
+    def handle_timer(self, now: float) -> list[Any]:
+        return self.receive_data(b"", now)
+
+    def connection_lost(self, reason: str) -> ChainFailed | None:
+        if self.failed is not None:
+            return None
+        self.up = False
+        self.failed = ChainFailed(0, "server", reason, False)
+        return self.failed

@@ -16,13 +16,10 @@ import pytest
 
 from pvpn import firewall
 from pvpn.client import daemon as dm
-from pvpn.config import load_client_config
 from pvpn.envelope import EnvelopeDecoder, MsgType, decode_control, encode_control, encode_envelope
 from pvpn.io import conntrack
 
-from net import FakeQueues, fake_tun
-
-SID = bytes(range(16))
+from net import SID, FakeQueues, client_config, fake_tun
 
 
 class Kernel:
@@ -148,10 +145,8 @@ DAEMONS: list[dm.ClientDaemon] = []
 
 
 def make_daemon(tmp_path: Path, **settings: Any) -> dm.ClientDaemon:
-    lines = ["[client]", 'name = "client"', f'socket = "{tmp_path / "c.sock"}"']
-    lines += [f"{k} = {v}" for k, v in settings.items()]
-    (tmp_path / "client.toml").write_text("\n".join(lines) + "\n")
-    daemon = dm.ClientDaemon(load_client_config(tmp_path / "client.toml"))
+    daemon = dm.ClientDaemon(client_config(tmp_path, socket=str(tmp_path / "c.sock"),
+                                           **settings))
     daemon.log.stream = io.StringIO()
     DAEMONS.append(daemon)
     return daemon
@@ -161,6 +156,25 @@ def run(coro: Any) -> Any:
     return asyncio.run(coro)
 
 
+def alice_up(daemon: dm.ClientDaemon) -> Process:
+    """alice's session up on ``daemon``: registered for 10.77.1.0/24, attached with SID."""
+    alice = Process(daemon, 1001)
+    alice.bring_up()
+    return alice
+
+
+def refused_as_unprintable(tmp_path: Path, server: str, **chain: Any) -> None:
+    """A registration for ``server`` (through ``chain``) is refused as not printable, and no
+    session is kept."""
+    async def scenario() -> None:
+        daemon = make_daemon(tmp_path)
+        mtype, reply = Process(daemon, 1002).register(["10.77.1.0/24"], server, **chain)
+        assert mtype is MsgType.ERROR and "printable" in reply["reason"]
+        assert daemon.registry.sessions == {}
+
+    run(scenario())
+
+
 def alice_with_flows(daemon: dm.ClientDaemon) -> tuple[Process, dict[int, Any]]:
     """alice's session up, and a packet of hers out through its queue to 10.77.1.2 from each
     of TCP ports 1 to 5 and UDP port 6: her process, and those flows by port."""
@@ -168,8 +182,7 @@ def alice_with_flows(daemon: dm.ClientDaemon) -> tuple[Process, dict[int, Any]]:
 
     from pvpn.packet import parse_flow
 
-    alice = Process(daemon, 1001)
-    alice.bring_up()
+    alice = alice_up(daemon)
     out = {sport: bytes(IP(src="10.77.0.1", dst="10.77.1.2")
                         / TCP(sport=sport, dport=80, flags="A")) for sport in range(1, 6)}
     out[6] = bytes(IP(src="10.77.0.1", dst="10.77.1.2") / UDP(sport=6, dport=53))
@@ -213,8 +226,7 @@ def test_attach_is_recorded_in_the_rules_for_the_next_pvpn_client(kernel: Kernel
                                                                  tmp_path: Path) -> None:
     async def scenario() -> None:
         daemon = make_daemon(tmp_path)
-        alice = Process(daemon, 1001)
-        alice.bring_up()
+        alice = alice_up(daemon)
         recorded = kernel.applied[-1]
         assert f"pvpn-session={SID.hex()}" in recorded.v4 + recorded.v6
         alice.send(MsgType.ATTACH, {"session": SID})
@@ -252,8 +264,7 @@ def test_an_ended_session_leaves_no_mark_and_a_carried_mark_is_quarantined(
         kernel: Kernel, tmp_path: Path) -> None:
     async def scenario() -> None:
         daemon = make_daemon(tmp_path)
-        alice = Process(daemon, 1001)
-        alice.bring_up()
+        alice = alice_up(daemon)
         mark = daemon.registry.sessions[0].mark
         kernel.marked[mark] = 3  # her connections, marked by her TUN device
         alice.send(MsgType.UNREGISTER, {"reason": "ended by the user"})
@@ -327,13 +338,7 @@ def test_a_registration_with_an_unreasonable_server_string_is_refused(
         kernel: Kernel, tmp_path: Path, server: str) -> None:
     """About 16 registrations with 4 KB server strings blinded root's `pvpn status`; control
     characters reached root's terminal."""
-    async def scenario() -> None:
-        daemon = make_daemon(tmp_path)
-        mtype, reply = Process(daemon, 1002).register(["10.77.1.0/24"], server)
-        assert mtype is MsgType.ERROR and "printable" in reply["reason"]
-        assert daemon.registry.sessions == {}
-
-    run(scenario())
+    refused_as_unprintable(tmp_path, server)
 
 
 def test_status_shows_the_chain_its_tunnel_process_named(kernel: Kernel, tmp_path: Path) -> None:
@@ -356,13 +361,7 @@ def test_status_shows_the_chain_its_tunnel_process_named(kernel: Kernel, tmp_pat
 @pytest.mark.parametrize("via", [["gw\x1b[2J:4433"], ["x" * 400], ["g:1"] * 17, [""], [7]])
 def test_a_registration_with_an_unreasonable_chain_is_refused(
         kernel: Kernel, tmp_path: Path, via: list[Any]) -> None:
-    async def scenario() -> None:
-        daemon = make_daemon(tmp_path)
-        mtype, reply = Process(daemon, 1002).register(["10.77.1.0/24"], "s:4433", via=via)
-        assert mtype is MsgType.ERROR and "printable" in reply["reason"]
-        assert daemon.registry.sessions == {}
-
-    run(scenario())
+    refused_as_unprintable(tmp_path, "s:4433", via=via)
 
 
 def test_an_attach_with_unreasonable_node_names_is_refused(kernel: Kernel,
@@ -471,8 +470,7 @@ def test_icmp_errors_handed_back_enter_the_host_only_as_a_host_may_receive_them(
 
     async def scenario() -> None:
         daemon = make_daemon(tmp_path)
-        alice = Process(daemon, 1001)
-        alice.bring_up()
+        alice = alice_up(daemon)
         session = daemon.registry.sessions[0]
         out = bytes(IP(src="10.77.0.1", dst="10.77.1.2") / UDP(sport=5000, dport=53) / b"q")
         assert daemon.queues[0].callback(out)  # hers, on its way out: now a flow of hers
@@ -1000,8 +998,7 @@ def test_a_kernel_that_cannot_abort_still_ends_the_session_and_says_so(
 
     async def scenario() -> None:
         daemon = make_daemon(tmp_path)
-        alice = Process(daemon, 1001)
-        alice.bring_up()
+        alice = alice_up(daemon)
         assert daemon.queues[0].callback(bytes(IP(src="10.77.0.1", dst="10.77.1.2")
                                                / TCP(sport=1, dport=80, flags="A")))
         alice.send(MsgType.UNREGISTER, {"reason": "done"})

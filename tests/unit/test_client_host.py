@@ -4,7 +4,6 @@ Scripted as conversations: a queued packet or a tunnel process's reply in, comma
 from __future__ import annotations
 
 import ipaddress
-import json
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +12,6 @@ from scapy.layers.inet import ICMP, IP, TCP, UDP
 
 from pvpn import firewall
 from pvpn.commands import LogRecord
-from pvpn.config import load_client_config
 from pvpn.drops import Drop
 from pvpn.envelope import MsgType, decode_control
 from pvpn.errors import PvpnError, RemoteProtocolError
@@ -21,134 +19,13 @@ from pvpn.local import LocalChannel
 from pvpn.nodes.client import (
     PROBE_EVERY, ClientHost, CloseLocal, LocalPeer, SlotSession, WriteTun,
 )
-from pvpn.packet import FlowKey
 
-SID = bytes(range(16))
+from net import (
+    SID, FakeHostKernel, FakeOwners, LocalProcess, connect, host_and_kernel, make_host,
+)
+
 ALICE, BOB = 1001, 1002
 NET = ipaddress.ip_network("10.77.1.0/24")
-
-
-class Owners:
-    """Whose socket each flow reaches, as sock_diag would say (None: no process's)."""
-
-    def __init__(self) -> None:
-        self.of: dict[FlowKey, int | None] = {}
-        self.broken = False
-
-    def owner(self, flow: FlowKey) -> int | None:
-        if self.broken:
-            raise PvpnError("sock_diag: no answer")
-        return self.of.get(flow)
-
-
-class Rules:
-    """The instance's iptables rules: what the policy ran, in order; every change counted."""
-
-    def __init__(self) -> None:
-        self.epoch = 0
-        self.ran: list[tuple[str, Any]] = []
-
-    def _ran(self, what: str, detail: Any) -> None:
-        self.epoch += 1
-        self.ran.append((what, detail))
-
-    def apply(self, ruleset: Any) -> None:
-        self._ran("apply", ruleset)
-
-    def run_each(self, commands: list[list[str]], versions: tuple[int, ...]) -> list[str]:
-        self._ran("run_each", versions)
-        return []
-
-    def remove_chains(self, chains: list[str], referring: str) -> list[str]:
-        self._ran("remove_chains", (chains, referring))
-        return []
-
-    def ensure_jump(self, builtin: str, chain: str) -> None:
-        self._ran("ensure_jump", (builtin, chain))
-
-    def ensure_rule(self, rule: str) -> None:
-        self._ran("ensure_rule", rule)
-
-    def remove_instance(self) -> list[str]:
-        self._ran("remove_instance", None)
-        return []
-
-
-class Kernel:
-    """The host's kernel as the policy sees it: what it was asked, in order."""
-
-    def __init__(self) -> None:
-        self.calls: list[tuple[str, int]] = []
-        self.devices: set[int] = set()
-        self.install_fails = False
-        self.connections: dict[int, int] = {}  # mark -> connections carrying it (conntrack)
-        self.stuck: set[int] = set()  # marks conntrack will not forget
-        self.rules = Rules()
-
-    def install(self, session: SlotSession) -> None:
-        self.calls.append(("install", session.slot))
-        if self.install_fails:
-            raise PvpnError("cannot bind NFQUEUE 1: busy")
-        self.devices.add(session.slot)
-
-    def uninstall(self, session: SlotSession) -> list[str]:
-        self.calls.append(("uninstall", session.slot))
-        self.devices.discard(session.slot)
-        return []
-
-    def attach_devices(self, session: SlotSession) -> None:
-        self.calls.append(("attach_devices", session.slot))
-        self.devices.add(session.slot)
-
-    def has_devices(self, session: SlotSession) -> bool:
-        return session.slot in self.devices
-
-    def marked(self, mark: int) -> int:
-        return self.connections.get(mark, 0)
-
-    def forget_marked(self, mark: int) -> int:
-        self.calls.append(("forget_marked", mark))
-        return self.connections.pop(mark, 0) if mark not in self.stuck else 0
-
-    def abort_connections(self, session: SlotSession) -> int | str:
-        self.calls.append(("abort_connections", session.slot))
-        return 0
-
-    def forget_marks(self, session: SlotSession) -> int | str:
-        self.calls.append(("forget_marks", session.slot))
-        return 0
-
-    def write_id(self, session: SlotSession) -> str | None:
-        self.calls.append(("write_id", session.slot))
-        return None
-
-    def reset_connections(self, session: SlotSession) -> None:
-        self.calls.append(("reset_connections", session.slot))
-
-
-def make_host(tmp_path: Path, kernel: Kernel | None = None,
-              **settings: Any) -> tuple[ClientHost[LocalPeer], Owners]:
-    lines = ["[client]", 'name = "client"']
-    lines += [f"{key} = {json.dumps(value)}" for key, value in settings.items()]
-    (tmp_path / "client.toml").write_text("\n".join(lines) + "\n")
-    owners = Owners()
-    return ClientHost(load_client_config(tmp_path / "client.toml"), owners,
-                      lambda uid: f"user{uid}", kernel or Kernel()), owners
-
-
-def host_and_kernel(tmp_path: Path) -> tuple[ClientHost[LocalPeer], Kernel]:
-    """A host and the kernel it asks, for the tests that read what it asked."""
-    kernel = Kernel()
-    host, _ = make_host(tmp_path, kernel)
-    return host, kernel
-
-
-def connect(host: ClientHost[LocalPeer], uid: int, now: float = 0.0,
-            id: int = 1) -> LocalPeer:
-    peer = LocalPeer(id)
-    peer.uid, peer.pid = uid, 4000 + id
-    host.admit(peer, now)
-    return peer
 
 
 def attached(host: ClientHost[LocalPeer], uid: int = ALICE) -> tuple[SlotSession, LocalPeer]:
@@ -161,7 +38,16 @@ def attached(host: ClientHost[LocalPeer], uid: int = ALICE) -> tuple[SlotSession
     return session, peer
 
 
-def after_a_packet(tmp_path: Path) -> tuple[ClientHost[LocalPeer], Owners, SlotSession,
+def with_its_id_recorded(tmp_path: Path) -> tuple[ClientHost[LocalPeer], FakeHostKernel,
+                                                   SlotSession]:
+    """alice's session up, its id in its rules (what a check of the kernel's rules expects)."""
+    host, kernel = host_and_kernel(tmp_path)
+    session, _ = attached(host)
+    session.recorded = SID
+    return host, kernel, session
+
+
+def after_a_packet(tmp_path: Path) -> tuple[ClientHost[LocalPeer], FakeOwners, SlotSession,
                                              LocalPeer]:
     """alice's session up, and one packet of hers (``sent_by_alice``) out through it."""
     host, owners = make_host(tmp_path)
@@ -349,43 +235,9 @@ def test_refusal_records_are_rate_limited_per_uid(tmp_path: Path) -> None:
 # ---------------------------------------------------------------- the local protocol
 
 
-class Process:
-    """A local process on the socket: its end of the channel, and the host's peer for it."""
-
-    def __init__(self, host: ClientHost[LocalPeer], uid: int, id: int = 1) -> None:
-        self.host, self.end = host, LocalChannel()
-        self.peer = connect(host, uid, id=id)
-
-    def ask(self, mtype: MsgType, fields: dict[str, Any], now: float = 1.0,
-            session: bytes = b"") -> list[tuple[MsgType, Any]]:
-        """One question in, as the adapter hands it over; every answer pending since out."""
-        data = self.end.control(mtype, session, self.peer.uid, fields)
-        for envelope in self.peer.channel.receive(data):
-            self.host.control(self.peer, envelope, now)
-        return self.answers()
-
-    def answers(self) -> list[tuple[MsgType, Any]]:
-        data = b"".join(self.peer.pending)
-        self.peer.pending.clear()
-        return [(e.type, decode_control(e)) for e in self.end.receive(data)]
-
-    def register(self, prefixes: list[str], **fields: Any) -> tuple[MsgType, Any]:
-        (answer,) = self.ask(MsgType.REGISTER, {"prefixes": prefixes,
-                                                "server": "vpn.example:4433", **fields})
-        return answer
-
-    def bring_up(self) -> None:
-        """Its session up: registered for 10.77.1.0/24 and attached with SID."""
-        self.register(["10.77.1.0/24"])
-        self.ask(MsgType.ATTACH, {"session": SID})
-
-    def closed(self) -> bool:
-        return CloseLocal(self.peer) in self.host.commands
-
-
 def test_register_then_attach_brings_a_session_up_and_records_its_id(tmp_path: Path) -> None:
     host, kernel = host_and_kernel(tmp_path)
-    alice = Process(host, ALICE)
+    alice = LocalProcess(host, ALICE)
     mtype, fields = alice.register(["10.77.1.0/24"])
     assert mtype is MsgType.REGISTERED and fields["uid"] == ALICE
     (session,) = host.registry.sessions.values()
@@ -408,41 +260,41 @@ def test_register_then_attach_brings_a_session_up_and_records_its_id(tmp_path: P
 def test_register_refusals_say_why_and_install_nothing(tmp_path: Path, fields: dict[str, Any],
                                                        reason: str) -> None:
     host, kernel = host_and_kernel(tmp_path)
-    alice = Process(host, ALICE)
+    alice = LocalProcess(host, ALICE)
     mtype, answer = alice.register(fields.pop("prefixes", ["10.77.1.0/24"]), **fields)
     assert mtype is MsgType.ERROR and answer["code"] == "refused" and reason in answer["reason"]
     assert kernel.calls == [] and not host.registry.sessions and alice.peer.session is None
 
 
 def test_a_failed_install_is_undone_and_refused(tmp_path: Path) -> None:
-    kernel = Kernel()
+    kernel = FakeHostKernel()
     kernel.install_fails = True
     host, _ = make_host(tmp_path, kernel)
-    mtype, answer = Process(host, ALICE).register(["10.77.1.0/24"])
+    mtype, answer = LocalProcess(host, ALICE).register(["10.77.1.0/24"])
     assert mtype is MsgType.ERROR and "cannot bind NFQUEUE" in answer["reason"]
     assert kernel.calls == [("install", 0), ("uninstall", 0)] and not host.registry.sessions
 
 
 def test_protocol_violations_are_the_remote_error(tmp_path: Path) -> None:
     host, _ = make_host(tmp_path)
-    alice = Process(host, ALICE)
+    alice = LocalProcess(host, ALICE)
     alice.register(["10.77.1.0/24"])
     with pytest.raises(RemoteProtocolError, match="REGISTER twice"):
         alice.register(["10.77.2.0/24"])
-    bob = Process(host, BOB, id=2)
+    bob = LocalProcess(host, BOB, id=2)
     bob.register(["10.77.3.0/24"])
     with pytest.raises(RemoteProtocolError, match="16-byte session id"):
         bob.ask(MsgType.ATTACH, {"session": b"short"})
     with pytest.raises(RemoteProtocolError, match="unexpected ATTACH"):
-        Process(host, BOB, id=3).ask(MsgType.ATTACH, {"session": SID})  # nothing registered
+        LocalProcess(host, BOB, id=3).ask(MsgType.ATTACH, {"session": SID})  # nothing registered
     with pytest.raises(RemoteProtocolError, match="unexpected REGISTERED"):
-        Process(host, BOB, id=4).ask(MsgType.REGISTERED, {"slot": 0, "queue": 0, "uid": 0,
-                                                           "user": "x"})
+        LocalProcess(host, BOB, id=4).ask(MsgType.REGISTERED, {"slot": 0, "queue": 0,
+                                                                "uid": 0, "user": "x"})
 
 
 def test_an_attach_of_another_sessions_id_is_refused(tmp_path: Path) -> None:
     host, _ = make_host(tmp_path)
-    alice, bob = Process(host, ALICE), Process(host, BOB, id=2)
+    alice, bob = LocalProcess(host, ALICE), LocalProcess(host, BOB, id=2)
     alice.register(["10.77.1.0/24"])
     bob.register(["10.77.2.0/24"])
     alice.ask(MsgType.ATTACH, {"session": SID})
@@ -452,7 +304,7 @@ def test_an_attach_of_another_sessions_id_is_refused(tmp_path: Path) -> None:
 
 def test_a_congested_asker_is_refused_questions_but_not_attach(tmp_path: Path) -> None:
     host, _ = make_host(tmp_path)
-    alice = Process(host, ALICE)
+    alice = LocalProcess(host, ALICE)
     alice.register(["10.77.1.0/24"])
     alice.peer.congested = True
     alice.ask(MsgType.ATTACH, {"session": SID})
@@ -462,11 +314,11 @@ def test_a_congested_asker_is_refused_questions_but_not_attach(tmp_path: Path) -
 
 def test_status_shows_only_the_askers_own_sessions_unless_root(tmp_path: Path) -> None:
     host, _ = make_host(tmp_path)
-    Process(host, ALICE).register(["10.77.1.0/24"])
-    Process(host, BOB, id=2).register(["10.77.2.0/24"])
+    LocalProcess(host, ALICE).register(["10.77.1.0/24"])
+    LocalProcess(host, BOB, id=2).register(["10.77.2.0/24"])
 
     def users(uid: int, id: int) -> list[str]:
-        ((mtype, page),) = Process(host, uid, id=id).ask(MsgType.STATUS, {})
+        ((mtype, page),) = LocalProcess(host, uid, id=id).ask(MsgType.STATUS, {})
         assert mtype is MsgType.STATUS_REPLY and page["more"] is False
         return sorted(s["user"] for s in page["sessions"])
 
@@ -476,7 +328,7 @@ def test_status_shows_only_the_askers_own_sessions_unless_root(tmp_path: Path) -
     assert users(1003, 6) == []
 
 
-def disconnect(p: Process, session: str = "", slot: int | None = None,
+def disconnect(p: LocalProcess, session: str = "", slot: int | None = None,
                everything: bool = False) -> list[tuple[MsgType, Any]]:
     return p.ask(MsgType.DISCONNECT, {"session": session, "slot": slot, "all": everything})
 
@@ -484,9 +336,9 @@ def disconnect(p: Process, session: str = "", slot: int | None = None,
 def test_disconnect_by_prefix_ends_the_session_and_tells_its_tunnel_process(
         tmp_path: Path) -> None:
     host, kernel = host_and_kernel(tmp_path)
-    alice = Process(host, ALICE)
+    alice = LocalProcess(host, ALICE)
     alice.bring_up()
-    ((mtype, answer),) = disconnect(Process(host, ALICE, id=2), SID.hex()[:8])
+    ((mtype, answer),) = disconnect(LocalProcess(host, ALICE, id=2), SID.hex()[:8])
     assert mtype is MsgType.STATUS_REPLY and answer["sessions"][0]["session"] == SID.hex()
     assert alice.closed() and alice.peer.unregistered and alice.peer.session is None
     ((mtype, told),) = alice.answers()
@@ -498,22 +350,22 @@ def test_disconnect_by_prefix_ends_the_session_and_tells_its_tunnel_process(
 
 def test_disconnect_by_slot_names_only_the_askers_own(tmp_path: Path) -> None:
     host, _ = make_host(tmp_path)
-    Process(host, ALICE).register(["10.77.1.0/24"])
-    Process(host, BOB, id=2).register(["10.77.2.0/24"])
-    ((mtype, answer),) = disconnect(Process(host, BOB, id=3), slot=0)  # alice's slot
+    LocalProcess(host, ALICE).register(["10.77.1.0/24"])
+    LocalProcess(host, BOB, id=2).register(["10.77.2.0/24"])
+    ((mtype, answer),) = disconnect(LocalProcess(host, BOB, id=3), slot=0)  # alice's slot
     assert mtype is MsgType.ERROR and answer["code"] == "not-found"
-    ((mtype, answer),) = disconnect(Process(host, BOB, id=4), slot=1)
+    ((mtype, answer),) = disconnect(LocalProcess(host, BOB, id=4), slot=1)
     assert mtype is MsgType.STATUS_REPLY and [s["slot"] for s in answer["sessions"]] == [1]
     assert sorted(host.registry.sessions) == [0]
 
 
 def test_disconnect_all_as_root_ends_every_session(tmp_path: Path) -> None:
     host, _ = make_host(tmp_path)
-    Process(host, ALICE).register(["10.77.1.0/24"])
-    Process(host, BOB, id=2).register(["10.77.2.0/24"])
-    ((mtype, answer),) = disconnect(Process(host, ALICE, id=3), everything=True)
+    LocalProcess(host, ALICE).register(["10.77.1.0/24"])
+    LocalProcess(host, BOB, id=2).register(["10.77.2.0/24"])
+    ((mtype, answer),) = disconnect(LocalProcess(host, ALICE, id=3), everything=True)
     assert len(answer["sessions"]) == 1  # a user's --all is all of their own
-    ((mtype, answer),) = disconnect(Process(host, 0, id=4), everything=True)
+    ((mtype, answer),) = disconnect(LocalProcess(host, 0, id=4), everything=True)
     assert mtype is MsgType.STATUS_REPLY and len(answer["sessions"]) == 1
     assert not host.registry.sessions
     assert [r["reason"] for r in records(host) if r["event"] == "session:closed"][-1] == \
@@ -525,7 +377,7 @@ def test_disconnect_all_as_root_ends_every_session(tmp_path: Path) -> None:
 
 def test_a_lost_tunnel_process_leaves_its_session_held_and_dropping(tmp_path: Path) -> None:
     host, kernel = host_and_kernel(tmp_path)
-    alice = Process(host, ALICE)
+    alice = LocalProcess(host, ALICE)
     alice.bring_up()
     (session,) = host.registry.sessions.values()
     host.lost(alice.peer, 5.0)
@@ -534,7 +386,7 @@ def test_a_lost_tunnel_process_leaves_its_session_held_and_dropping(tmp_path: Pa
     host.queued(session, sent_by_alice(), 6.0)
     assert session.drops.as_dict() == {Drop.TUNNEL_DOWN.value: 1}
     # The user's next `pvpn connect` for the same prefixes picks it up.
-    again = Process(host, ALICE, id=2)
+    again = LocalProcess(host, ALICE, id=2)
     assert again.register(["10.77.1.0/24"])[0] is MsgType.REGISTERED
     assert host.links[session.slot] is again.peer and session.held_since is None
     assert [c for c in kernel.calls if c[0] == "install"] == [("install", 0)]
@@ -546,22 +398,22 @@ def test_a_held_session_whose_devices_failed_gets_them_at_its_next_register(
     host, kernel = host_and_kernel(tmp_path)
     session = host.registry.adopt(0, ALICE, "user1001", [NET], 1, 0x10000, "pvpnc0", 0.0,
                                   session_id=SID, ever_up=True)
-    assert Process(host, ALICE).register(["10.77.1.0/24"])[0] is MsgType.REGISTERED
+    assert LocalProcess(host, ALICE).register(["10.77.1.0/24"])[0] is MsgType.REGISTERED
     assert kernel.calls == [("attach_devices", session.slot)]
 
 
 def test_unregister_of_a_picked_up_session_never_brought_up_keeps_it_held(
         tmp_path: Path) -> None:
     host, kernel = host_and_kernel(tmp_path)
-    first = Process(host, ALICE)
+    first = LocalProcess(host, ALICE)
     first.bring_up()
     host.lost(first.peer, 2.0)
-    second = Process(host, ALICE, id=2)
+    second = LocalProcess(host, ALICE, id=2)
     second.register(["10.77.1.0/24"])
     ((mtype, answer),) = second.ask(MsgType.UNREGISTER, {"reason": "server unreachable"})
     assert mtype is MsgType.STATUS_REPLY and answer["sessions"][0]["state"].startswith("held")
     assert second.closed() and host.registry.sessions, "the earlier protection stays"
-    third = Process(host, ALICE, id=3)
+    third = LocalProcess(host, ALICE, id=3)
     third.bring_up()
     third.ask(MsgType.UNREGISTER, {"reason": "done"})
     assert not host.registry.sessions and ("uninstall", 0) in kernel.calls
@@ -570,9 +422,9 @@ def test_unregister_of_a_picked_up_session_never_brought_up_keeps_it_held(
 def test_the_timer_ends_sessions_past_their_time_and_closes_idle_askers(
         tmp_path: Path) -> None:
     host, _ = make_host(tmp_path)
-    alice = Process(host, ALICE)
+    alice = LocalProcess(host, ALICE)
     alice.register(["10.77.1.0/24"])  # never attached: it expires after grace_time
-    idle = Process(host, BOB, id=2)
+    idle = LocalProcess(host, BOB, id=2)
     late = host.config.grace_time + 100
     host.tick(late)
     assert not host.registry.sessions and alice.closed() and idle.closed()
@@ -594,7 +446,7 @@ def test_the_timer_writes_ids_not_yet_recorded_and_forgets_idle_flows(tmp_path: 
 
 def test_an_orderly_stop_lets_every_process_go_and_keeps_every_session(tmp_path: Path) -> None:
     host, kernel = host_and_kernel(tmp_path)
-    alice, asker = Process(host, ALICE), Process(host, BOB, id=2)
+    alice, asker = LocalProcess(host, ALICE), LocalProcess(host, BOB, id=2)
     alice.bring_up()
     host.commands.clear()
     host.shutdown("pvpn-client stopping")
@@ -627,8 +479,7 @@ def alices_rules(slot: int = 0, session_id: bytes = SID,
 
 
 def test_a_first_start_makes_the_instance_anew_and_recovers_nothing(tmp_path: Path) -> None:
-    kernel = Kernel()
-    host, _ = make_host(tmp_path, kernel)
+    host, kernel = host_and_kernel(tmp_path)
     host.recover(["", ""], 0.0)
     assert [what for what, _ in kernel.rules.ran] == ["remove_instance", "apply"]
     assert kernel.rules.ran[1][1] == firewall.client_base("pvpnc")
@@ -637,8 +488,7 @@ def test_a_first_start_makes_the_instance_anew_and_recovers_nothing(tmp_path: Pa
 
 def test_a_restart_holds_the_sessions_the_kernel_kept_and_binds_their_devices(
         tmp_path: Path) -> None:
-    kernel = Kernel()
-    host, _ = make_host(tmp_path, kernel)
+    host, kernel = host_and_kernel(tmp_path)
     host.recover(saved_with(alices_rules(), alices_rules(1, b"")), 5.0)
     up_before, never_up = host.registry.sessions[0], host.registry.sessions[1]
     assert up_before.session_id == SID and up_before.ever_up and up_before.held_since == 5.0
@@ -652,7 +502,7 @@ def test_a_restart_holds_the_sessions_the_kernel_kept_and_binds_their_devices(
 
 def test_a_recovered_session_whose_devices_fail_stays_held_with_its_rules(
         tmp_path: Path) -> None:
-    class Busy(Kernel):
+    class Busy(FakeHostKernel):
         def attach_devices(self, session: SlotSession) -> None:
             raise PvpnError("cannot set up TUN device pvpnc0: busy")
 
@@ -668,8 +518,7 @@ def test_a_recovered_session_whose_devices_fail_stays_held_with_its_rules(
 
 def test_a_restart_after_one_family_was_flushed_puts_back_only_that_family(
         tmp_path: Path) -> None:
-    kernel = Kernel()
-    host, _ = make_host(tmp_path, kernel)
+    host, kernel = host_and_kernel(tmp_path)
     v6 = ipaddress.ip_network("fd77:1::/64")
     host.recover(saved_with(alices_rules(networks=(NET, v6)), families=(6,)), 0.0)
     assert len(host.registry.sessions) == 1
@@ -682,8 +531,7 @@ def test_a_restart_after_one_family_was_flushed_puts_back_only_that_family(
 
 
 def test_incomplete_session_rules_found_at_a_restart_are_removed(tmp_path: Path) -> None:
-    kernel = Kernel()
-    host, _ = make_host(tmp_path, kernel)
+    host, kernel = host_and_kernel(tmp_path)
     saved = saved_with()
     saved = [text + ":PVPNC-S5 - [0:0]\n" for text in saved]  # a chain and nothing else
     host.recover(saved, 0.0)
@@ -696,10 +544,7 @@ def test_incomplete_session_rules_found_at_a_restart_are_removed(tmp_path: Path)
 
 def test_rules_someone_else_removed_are_put_back_unless_read_before_a_change(
         tmp_path: Path) -> None:
-    kernel = Kernel()
-    host, _ = make_host(tmp_path, kernel)
-    session, _ = attached(host)
-    session.recorded = SID
+    host, kernel, session = with_its_id_recorded(tmp_path)
     flushed = ["*mangle\n:OUTPUT ACCEPT [0:0]\nCOMMIT\n"] * 2
     host.check_rules(flushed, kernel.rules.epoch - 1)  # read before pvpn-client's own change
     assert kernel.rules.ran == [] and records(host) == []
@@ -722,10 +567,7 @@ def test_rules_someone_else_removed_are_put_back_unless_read_before_a_change(
 
 def test_half_a_session_is_made_whole_in_one_transaction_and_a_failed_one_waits(
         tmp_path: Path) -> None:
-    kernel = Kernel()
-    host, _ = make_host(tmp_path, kernel)
-    session, _ = attached(host)
-    session.recorded = SID
+    host, kernel, session = with_its_id_recorded(tmp_path)
     whole = alices_rules()
     # Its IPv4 chain emptied and its jumps of the format before 34c7490: what a repair made of
     # remove-then-add leaves when pvpn-client is killed between the two.
@@ -747,7 +589,7 @@ def test_half_a_session_is_made_whole_in_one_transaction_and_a_failed_one_waits(
     # The kernel refuses the transaction (a rule of `saved` went meanwhile): nothing changed,
     # said so, and the next check tries again.
     def refused(ruleset: Any) -> None:
-        kernel.rules._ran("apply", ruleset)
+        kernel.rules.change("apply", ruleset)
         raise PvpnError("iptables-restore: line 5 failed")
 
     kernel.rules.apply = refused  # type: ignore[method-assign]
@@ -759,21 +601,20 @@ def test_half_a_session_is_made_whole_in_one_transaction_and_a_failed_one_waits(
 
 
 def test_a_slot_whose_marks_outlive_its_last_holder_is_quarantined(tmp_path: Path) -> None:
-    kernel = Kernel()
-    host, _ = make_host(tmp_path, kernel)
+    host, kernel = host_and_kernel(tmp_path)
     mark = host.registry.mark_for(0)
     kernel.connections[mark] = 2
     assert host.slot_usable(0), "marks forgotten, then none left"
     assert kernel.calls == [("forget_marked", mark)] and records(host) == []
     kernel.connections[mark] = 1
     kernel.stuck.add(mark)
-    alice = Process(host, ALICE)
+    alice = LocalProcess(host, ALICE)
     assert alice.register(["10.77.1.0/24"])[0] is MsgType.REGISTERED
     assert 0 not in host.registry.sessions and 1 in host.registry.sessions
     (quarantined, _) = records(host)
     assert quarantined["event"] == "slot:quarantined" and quarantined["connections"] == 1
 
-    class Deaf(Kernel):
+    class Deaf(FakeHostKernel):
         def marked(self, mark: int) -> int:
             raise PvpnError("conntrack: no answer")
 
@@ -785,7 +626,7 @@ def test_a_slot_whose_marks_outlive_its_last_holder_is_quarantined(tmp_path: Pat
 
 def test_a_new_server_session_resets_connections_at_most_once_a_probe_interval(
         tmp_path: Path) -> None:
-    class Probing(Kernel):
+    class Probing(FakeHostKernel):
         def reset_connections(self, session: SlotSession) -> int:
             super().reset_connections(session)
             return 2
@@ -806,8 +647,7 @@ def test_a_new_server_session_resets_connections_at_most_once_a_probe_interval(
 
 
 def test_the_instance_s_rules_leave_the_host_only_with_no_session_left(tmp_path: Path) -> None:
-    kernel = Kernel()
-    host, _ = make_host(tmp_path, kernel)
+    host, kernel = host_and_kernel(tmp_path)
     session, _ = attached(host)
     assert host.release_host() == [] and kernel.rules.ran == []
     host.registry.release(session.slot)

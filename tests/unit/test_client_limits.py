@@ -6,7 +6,6 @@ pure and the CLI talks to a stand-in for the daemon."""
 from __future__ import annotations
 
 import ipaddress
-import json
 from pathlib import Path
 from typing import Any
 
@@ -14,21 +13,14 @@ import pytest
 
 from pvpn.cli import main as cli
 from pvpn.nodes import client as reg
-from pvpn.config import ClientConfig, load_client_config
 from pvpn.envelope import MsgType
 from pvpn.errors import ConfigError, PolicyError, PvpnError
 from pvpn.packet import FlowKey
 
+from net import client_config
+
 NET4 = ipaddress.ip_network("10.77.1.0/24")
 NET6 = ipaddress.ip_network("fd77:0:0:1::/64")
-
-
-def client_config(tmp_path: Path, **settings: Any) -> ClientConfig:
-    lines = ["[client]", 'name = "client"']
-    lines += [f"{key} = {json.dumps(value)}" for key, value in settings.items()]
-    path = tmp_path / "client.toml"
-    path.write_text("\n".join(lines) + "\n")
-    return load_client_config(path)
 
 
 def net(i: int) -> Any:

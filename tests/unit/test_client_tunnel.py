@@ -4,67 +4,17 @@ in, envelopes and commands out."""
 
 from __future__ import annotations
 
-from typing import Any
-
-from pvpn.envelope import MsgType, decode_control
+from pvpn.envelope import MsgType
 from pvpn.events import ChainFailed, ChainUp, LinkEstablished, PacketsReceived
-from pvpn.local import LocalChannel
 from pvpn.user import (
     Capture, CloseChain, CloseLocalLink, Finish, Reconnect, Reregister, Say, UserTunnel,
 )
 
+from net import DaemonEnd, ScriptedChain
+
 UID = 1001
 PROPOSED, ACCEPTED = bytes(16), bytes(range(16))
 REGISTER = {"prefixes": ["10.77.1.0/24"], "server": "vpn.example:4433", "via": []}
-
-
-class Chain:
-    """The chain as the tunnel sees it (pvpn.user.UserChain): its events are scripted."""
-
-    def __init__(self) -> None:
-        self.up = False
-        self.failed: ChainFailed | None = None
-        self.nodes: list[str] = []
-        self.sent: list[bytes] = []
-        self.closed: str | None = None
-        self.events: list[Any] = []
-
-    def send_packets(self, packets: list[bytes]) -> None:
-        self.sent += packets
-
-    def close(self, reason: str) -> None:
-        self.closed = reason
-
-    def data_to_send(self, now: float) -> bytes:
-        return b""
-
-    def receive_data(self, data: bytes, now: float) -> list[Any]:
-        events, self.events = self.events, []
-        return events
-
-    def handle_timer(self, now: float) -> list[Any]:
-        return self.receive_data(b"", now)
-
-    def connection_lost(self, reason: str) -> ChainFailed | None:
-        if self.failed is not None:
-            return None
-        self.up = False
-        self.failed = ChainFailed(0, "server", reason, False)
-        return self.failed
-
-
-class Daemon:
-    """pvpn-client's end of the unix connection."""
-
-    def __init__(self) -> None:
-        self.channel = LocalChannel()
-
-    def heard(self, tunnel: UserTunnel) -> list[tuple[MsgType, Any]]:
-        return [(e.type, e.body if e.type is MsgType.PACKET else decode_control(e))
-                for e in self.channel.receive(tunnel.local_to_send())]
-
-    def say(self, tunnel: UserTunnel, mtype: MsgType, fields: dict[str, Any]) -> None:
-        tunnel.receive_local(self.channel.control(mtype, b"", UID, fields))
 
 
 def up(resumed: bool = False) -> ChainUp:
@@ -72,8 +22,8 @@ def up(resumed: bool = False) -> ChainUp:
                    ["server"])
 
 
-def registered(capturing: bool = False) -> tuple[UserTunnel, Daemon]:
-    tunnel, daemon = UserTunnel(UID, PROPOSED, REGISTER, capturing), Daemon()
+def registered(capturing: bool = False) -> tuple[UserTunnel, DaemonEnd]:
+    tunnel, daemon = UserTunnel(UID, PROPOSED, REGISTER, capturing), DaemonEnd(UID)
     tunnel.local_opening()
     tunnel.local_opened()
     ((mtype, fields),) = daemon.heard(tunnel)
@@ -83,8 +33,8 @@ def registered(capturing: bool = False) -> tuple[UserTunnel, Daemon]:
     return tunnel, daemon
 
 
-def chained(tunnel: UserTunnel, resumed: bool = False) -> Chain:
-    chain = Chain()
+def chained(tunnel: UserTunnel, resumed: bool = False) -> ScriptedChain:
+    chain = ScriptedChain()
     tunnel.new_chain(chain)  # type: ignore[arg-type]
     chain.up, chain.nodes = True, ["server"]
     chain.events = [up(resumed)]
@@ -127,7 +77,7 @@ def test_nothing_goes_to_a_chain_not_up_nor_to_a_congested_daemon() -> None:
 
 
 def test_a_refused_registration_says_why() -> None:
-    tunnel, daemon = UserTunnel(UID, PROPOSED, REGISTER), Daemon()
+    tunnel, daemon = UserTunnel(UID, PROPOSED, REGISTER), DaemonEnd(UID)
     tunnel.local_opening()
     tunnel.local_opened()
     daemon.heard(tunnel)
@@ -152,7 +102,7 @@ def test_a_lost_or_stopping_pvpn_client_is_held_for_and_registered_with_again() 
     assert not tunnel.finished
     # The next connection starts afresh: numbered from 0, registered and attached again.
     tunnel.commands.clear()
-    daemon = Daemon()
+    daemon = DaemonEnd(UID)
     tunnel.local_opening()
     tunnel.local_opened()
     daemon.say(tunnel, MsgType.REGISTERED, {"slot": 0, "queue": 3000, "uid": UID, "user": "a"})
@@ -199,7 +149,7 @@ def test_ending_without_pvpn_client_says_the_session_stays_held() -> None:
 
 def test_a_chain_that_fails_before_it_is_up_is_the_opener_s_to_report() -> None:
     tunnel, _ = registered()
-    chain = Chain()
+    chain = ScriptedChain()
     tunnel.new_chain(chain)  # type: ignore[arg-type]
     tunnel.remote_lost("connection refused")
     assert tunnel.chain_failure is not None and not tunnel.chain_pending
@@ -223,7 +173,7 @@ def test_a_chain_that_goes_down_is_rebuilt_unless_fatal_and_a_new_session_attach
     tunnel.renewed(up(resumed=False))
     assert [mtype for mtype, _ in daemon.heard(tunnel)] == [MsgType.ATTACH]
     tunnel.commands.clear()
-    fatal = Chain()
+    fatal = ScriptedChain()
     tunnel.new_chain(fatal)  # type: ignore[arg-type]
     fatal.up = True
     fatal.events = [up()]

@@ -194,19 +194,27 @@ def test_tcp_flags() -> None:
 # -- NAT rewrites ------------------------------------------------------------------------------
 
 
+def assert_rewrite(rewrite: Callable[[bytes, bytes, int], bytes], raw: bytes,
+                   to: tuple[str, int], back: tuple[str, int], src: str, dst: str,
+                   ports: tuple[int, int]) -> None:
+    """``raw`` rewritten ``to`` an address and port: checksums right, the packet from ``src``
+    to ``dst`` with these (source, destination) ports; rewritten ``back``, ``raw`` again."""
+    out = rewrite(raw, packed(to[0]), to[1])
+    assert_checksums(out)
+    pkt = dissect(out)
+    assert pkt.src == src and pkt.dst == dst
+    flow = parse_flow(out)
+    assert (flow.sport, flow.dport) == ports
+    assert rewrite(out, packed(back[0]), back[1]) == raw
+
+
 @pytest.mark.parametrize(("version", "options"), [(4, False), (4, True), (6, False)])
 @pytest.mark.parametrize("kind", KINDS)
 def test_rewrite_source_and_back(version: int, kind: str, options: bool) -> None:
     a = ADDR[version]
     raw = build(version, kind, a["client"], a["remote"], 40000, 443, options=options)
-    nat = rewrite_source(raw, packed(a["nat"]), 61001)
-    assert_checksums(nat)
-    pkt = dissect(nat)
-    assert pkt.src == a["nat"] and pkt.dst == a["remote"]
-    flow = parse_flow(nat)
-    assert flow.sport == 61001
-    assert flow.dport == (61001 if kind == "echo" else 443)
-    assert rewrite_source(nat, packed(a["client"]), 40000) == raw
+    assert_rewrite(rewrite_source, raw, (a["nat"], 61001), (a["client"], 40000),
+                   a["nat"], a["remote"], (61001, 61001 if kind == "echo" else 443))
 
 
 @pytest.mark.parametrize("version", [4, 6])
@@ -217,14 +225,8 @@ def test_rewrite_destination_of_reply(version: int, kind: str) -> None:
         reply = bytes(ip_layer(version, a["remote"], a["nat"]) / echo(version, 61001, 9, reply=True) / b"ping")
     else:
         reply = build(version, kind, a["remote"], a["nat"], 443, 61001)
-    back = rewrite_destination(reply, packed(a["client"]), 40000)
-    assert_checksums(back)
-    pkt = dissect(back)
-    assert pkt.src == a["remote"] and pkt.dst == a["client"]
-    flow = parse_flow(back)
-    assert flow.dport == 40000
-    assert flow.sport == (40000 if kind == "echo" else 443)
-    assert rewrite_destination(back, packed(a["nat"]), 61001) == reply
+    assert_rewrite(rewrite_destination, reply, (a["client"], 40000), (a["nat"], 61001),
+                   a["remote"], a["client"], (40000 if kind == "echo" else 443, 40000))
 
 
 def test_udp_zero_checksum_stays_zero() -> None:
