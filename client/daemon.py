@@ -28,7 +28,6 @@ import itertools
 import os
 import pwd
 import socket
-import stat
 import subprocess
 import time
 from pathlib import Path
@@ -42,6 +41,7 @@ from pvpn.errors import ConfigError, PvpnError, RemoteProtocolError
 from pvpn.io import conntrack, hostkernel, rules, sockdiag
 from pvpn.io.hostkernel import InstanceRules
 from pvpn.io.nfqueue import BatchedQueue
+from pvpn.io.safedir import nearest_existing, unsafe_directory
 from pvpn.io.sockdiag import SocketOwners
 from pvpn.io.loop import (
     WRITE_HIGH_WATER, Dispatcher, Guard, daemon_main, guarded, install_signals,
@@ -381,20 +381,6 @@ class ClientDaemon:
         return self.host.release_host()
 
 
-def unsafe_directory(directory: Path) -> str | None:
-    """Why ``directory`` (an existing one), or one above it, may be changed by someone other
-    than root, or None. A sticky directory (/tmp) is safe: nobody renames what root made in it.
-    As OpenSSH's StrictModes (``safe_path``), on the real path."""
-    real = directory.resolve()
-    for d in (real, *real.parents):
-        st = d.stat()
-        if st.st_uid != 0:
-            return f"{d} is owned by uid {st.st_uid}, not root"
-        if st.st_mode & 0o022 and not st.st_mode & stat.S_ISVTX:
-            return f"{d} is writable by other users"
-    return None
-
-
 def ensure_socket_dir(path: Path) -> str | None:
     """The socket's directory, made if missing (0711: every user reaches the socket by name,
     nobody lists the directory). A warning if an existing one is not traversable by users.
@@ -403,10 +389,8 @@ def ensure_socket_dir(path: Path) -> str | None:
     socket 0666 with chmod, which follows symlinks, so whoever may change the directory could
     swap the new socket for a link to /etc/shadow between bind and chmod."""
     parent = path.parent
-    existing = parent
-    while not existing.exists():
-        existing = existing.parent
-    unsafe = unsafe_directory(existing)
+    existing = nearest_existing(parent)
+    unsafe = unsafe_directory(existing, (0,))  # root's alone
     if unsafe is not None:
         raise ConfigError(f"{unsafe}; whoever may change it could swap {path.name} for a "
                           "symlink that pvpn-client would make 0666: give [client] socket a "
