@@ -3,11 +3,15 @@ TCP sockets through sock_diag (aborted, or made to answer).
 
 What to do with what the kernel says (recover sessions after a restart, put back rules someone
 removed, quarantine a slot, when to abort or reset) is pvpn.nodes.client.ClientHost's; these
-only ask and act."""
+only ask and act (and :func:`watch_rules` asks again and again)."""
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import os
+import subprocess
+from typing import Callable
 
 from pvpn import firewall
 from pvpn import packet as pk
@@ -16,6 +20,10 @@ from pvpn.io import rules, sockdiag
 from pvpn.io.sockdiag import SocketOwners
 from pvpn.nodes.client import SlotSession
 from pvpn.reset import tcp_probe
+
+#: How often the kernel's rules are compared with the sessions held (seconds): someone else's
+#: firewall reload or `iptables -t mangle -F` takes them away; they are put back within this.
+RULES_CHECK_EVERY = 5.0
 
 
 class InstanceRules:
@@ -125,3 +133,33 @@ def probe_connections(owners: SocketOwners, session: SlotSession, tun: int) -> i
             break
         probed += 1
     return probed
+
+
+async def watch_rules(rules: InstanceRules, stop: asyncio.Event, any_held: Callable[[], bool],
+                      check: Callable[[list[str], int], object],
+                      warn: Callable[[str], object]) -> None:
+    """Every RULES_CHECK_EVERY seconds while sessions are held, until ``stop``: the kernel's
+    rules to ``check`` (ClientHost.check_rules), with the epoch they were read at.
+    iptables-save runs in a thread of its own, so the packet path does not wait for it; the
+    thread is made at once and lives as long as the watch (one, whatever happens)."""
+    loop = asyncio.get_running_loop()
+    reader = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="rules")
+    reader.submit(lambda: None).result()
+    try:
+        while not stop.is_set():
+            try:
+                await asyncio.wait_for(stop.wait(), timeout=RULES_CHECK_EVERY)
+                return
+            except asyncio.TimeoutError:
+                pass
+            if not any_held():
+                continue
+            epoch = rules.epoch
+            try:
+                saved = await loop.run_in_executor(reader, rules.saved)
+            except (PvpnError, OSError, subprocess.SubprocessError) as exc:
+                warn(f"cannot read the rules: {exc}")
+                continue
+            check(saved, epoch)
+    finally:
+        reader.shutdown(wait=False)
