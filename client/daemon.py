@@ -36,7 +36,7 @@ from pvpn.drops import Drop
 from pvpn.envelope import Envelope
 from pvpn.errors import PvpnError
 from pvpn.io import conntrack, hostkernel, rules, sockdiag
-from pvpn.io.hostkernel import InstanceRules
+from pvpn.io.hostkernel import ClientKernel, InstanceRules
 from pvpn.io.localserver import LocalLink, ensure_socket_dir
 from pvpn.io.loop import (
     WRITE_HIGH_WATER as WRITE_HIGH_WATER, Dispatcher, Guard, answers, daemon_main,
@@ -64,26 +64,25 @@ def user_name(uid: int) -> str:
 
 class ClientDaemon:
     """The adapter of one ClientHost: drives it from the event loop (local connections,
-    queues, TUN copies, the timer), carries out its commands (:meth:`run`) and answers its
-    questions to the kernel (the HostKernel methods, through pvpn.io.hostkernel for the
-    rules and sock_diag)."""
+    queues, TUN copies, the timer) and carries out its commands (:meth:`run`); its questions
+    to the kernel go to pvpn.io.hostkernel.ClientKernel."""
 
     def __init__(self, config: ClientConfig) -> None:
         self.config = config
         self.log = RecordWriter("client", config.name, clock=time.time)
         self.loop = asyncio.get_running_loop()
-        self.owners = SocketOwners()  # whose socket a reply would reach
-        self.host: ClientHost[LocalLink] = ClientHost(config, self.owners, user_name, self)
-        self.registry = self.host.registry
         # No exception a local user or a packet can cause ends pvpn-client: the guard logs it
         # (node:error, with the traceback) and closes only the connection concerned.
         self.guard: Guard = Guard(self.log.write, self._close_failed_link)
+        self.rules = InstanceRules(config.instance, config.mark_mask)
+        devices = SessionDevices(self.loop, self.guard, self.flush)
+        self.queues, self.tun_fds = devices.queues, devices.tun_fds  # by slot
+        owners = SocketOwners()  # whose socket a reply would reach
+        kernel = ClientKernel(self.rules, devices, owners, self._queue_callback)
+        self.host: ClientHost[LocalLink] = ClientHost(config, owners, user_name, kernel)
+        self.registry = self.host.registry
         self.link_ids: Iterator[int] = itertools.count(1)
         self.by_id: dict[int, LocalLink] = {}
-        self.rules = InstanceRules(config.instance, config.mark_mask)
-        self.devices = SessionDevices(self.loop, self.guard, self.flush)
-        self.queues = self.devices.queues  # by slot, as the tests and has_devices read them
-        self.tun_fds = self.devices.tun_fds
         # The host's bookkeeping, as the tests and the shutdown read it.
         self.local = self.host.local  # every admitted connection on the socket
         self._session_logged = self.host.session_logged
@@ -134,14 +133,6 @@ class ClientDaemon:
         self.run()
 
     # -- sessions
-    def install(self, session: SlotSession) -> None:
-        """TUN device, queue, then rules: the rules go in last, fully formed, in one step."""
-        self.attach_devices(session)
-        self.rules.install_session(session)
-
-    def attach_devices(self, session: SlotSession) -> None:
-        self.devices.attach(session, self._queue_callback(session))
-
     def recover(self) -> None:
         """Pick up the sessions an earlier pvpn-client left in the kernel (ClientHost.recover)."""
         saved = self.rules.saved()
@@ -149,34 +140,6 @@ class ClientDaemon:
             self.host.recover(saved, self.loop.time())
         finally:
             self.run()
-
-    def uninstall(self, session: SlotSession) -> list[str]:
-        errors = self.rules.remove_session(session)
-        self.devices.detach(session)
-        return errors
-
-    def end_session(self, session: SlotSession, reason: str) -> None:
-        self.host.end_session(session, reason)
-        self.run()
-
-    def forget_marks(self, session: SlotSession) -> int | str:
-        """The marks the session's connections carry are forgotten (conntrack)."""
-        try:
-            return conntrack.forget_marked(session.mark, self.config.mark_mask)
-        except PvpnError as exc:  # the slot is checked again before it is given out
-            return f"failed: {exc}"
-
-    def has_devices(self, session: SlotSession) -> bool:
-        return self.devices.attached(session)
-
-    def marked(self, mark: int) -> int:
-        return conntrack.count_marked(mark, self.config.mark_mask)
-
-    def forget_marked(self, mark: int) -> int:
-        return conntrack.forget_marked(mark, self.config.mark_mask)
-
-    def abort_connections(self, session: SlotSession) -> int | str:
-        return hostkernel.abort_connections(self.owners, session)
 
     # -- the packet path: queue -> user's process
     def _queue_callback(self, session: SlotSession) -> Callable[[bytes], bool]:
@@ -205,13 +168,6 @@ class ClientDaemon:
     def local_control(self, link: LocalLink, envelope: Envelope) -> None:
         self.host.control(link, envelope, self.loop.time())
         self.run()
-
-    def reset_connections(self, session: SlotSession) -> int:
-        fd = self.tun_fds.get(session.slot)
-        return 0 if fd is None else hostkernel.probe_connections(self.owners, session, fd)
-
-    def write_id(self, session: SlotSession) -> str | None:
-        return self.rules.write_id(session)
 
     def local_lost(self, link: LocalLink) -> None:
         self.host.lost(link, self.loop.time())

@@ -1,5 +1,6 @@
-"""The client host's kernel, thin: one instance's iptables rules (counted), and the sessions'
-TCP sockets through sock_diag (aborted, or made to answer).
+"""The client host's kernel, thin: one instance's iptables rules (counted), the sessions'
+TCP sockets through sock_diag (aborted, or made to answer), and all that ClientHost asks of
+the kernel in one object (:class:`ClientKernel`).
 
 What to do with what the kernel says (recover sessions after a restart, put back rules someone
 removed, quarantine a slot, when to abort or reset) is pvpn.nodes.client.ClientHost's; these
@@ -16,9 +17,10 @@ from typing import Callable
 from pvpn import firewall
 from pvpn import packet as pk
 from pvpn.errors import PvpnError
-from pvpn.io import rules, sockdiag
+from pvpn.io import conntrack, rules, sockdiag
+from pvpn.io.sessiondevices import SessionDevices, Take
 from pvpn.io.sockdiag import SocketOwners
-from pvpn.nodes.client import SlotSession
+from pvpn.nodes.client import RuleRunner, SlotSession
 from pvpn.reset import tcp_probe
 
 #: How often the kernel's rules are compared with the sessions held (seconds): someone else's
@@ -94,6 +96,59 @@ class InstanceRules:
     def remove_instance(self) -> list[str]:
         self.epoch += 1
         return rules.remove_instance(self.instance)
+
+
+class ClientKernel:
+    """What pvpn.nodes.client.ClientHost asks of the kernel (its HostKernel): each session's
+    TUN device and queue (``devices``, the queue's packets to ``take(session)``), its rules,
+    the marks of its connections (conntrack) and its user's TCP sockets (sock_diag)."""
+
+    def __init__(self, rules: InstanceRules, devices: SessionDevices, owners: SocketOwners,
+                 take: Callable[[SlotSession], Take]) -> None:
+        self.instance_rules = rules
+        self.rules: RuleRunner = rules  # as ClientHost runs them
+        self.devices = devices
+        self.owners = owners
+        self.take = take
+
+    def install(self, session: SlotSession) -> None:
+        """TUN device, queue, then rules: the rules go in last, fully formed, in one step."""
+        self.attach_devices(session)
+        self.instance_rules.install_session(session)
+
+    def attach_devices(self, session: SlotSession) -> None:
+        self.devices.attach(session, self.take(session))
+
+    def has_devices(self, session: SlotSession) -> bool:
+        return self.devices.attached(session)
+
+    def uninstall(self, session: SlotSession) -> list[str]:
+        errors = self.instance_rules.remove_session(session)
+        self.devices.detach(session)
+        return errors
+
+    def write_id(self, session: SlotSession) -> str | None:
+        return self.instance_rules.write_id(session)
+
+    def marked(self, mark: int) -> int:
+        return conntrack.count_marked(mark, self.instance_rules.mark_mask)
+
+    def forget_marked(self, mark: int) -> int:
+        return conntrack.forget_marked(mark, self.instance_rules.mark_mask)
+
+    def forget_marks(self, session: SlotSession) -> int | str:
+        """The marks the session's connections carry are forgotten (conntrack)."""
+        try:
+            return conntrack.forget_marked(session.mark, self.instance_rules.mark_mask)
+        except PvpnError as exc:  # the slot is checked again before it is given out
+            return f"failed: {exc}"
+
+    def abort_connections(self, session: SlotSession) -> int | str:
+        return abort_connections(self.owners, session)
+
+    def reset_connections(self, session: SlotSession) -> int:
+        fd = self.devices.tun_fds.get(session.slot)
+        return 0 if fd is None else probe_connections(self.owners, session, fd)
 
 
 def abort_connections(owners: SocketOwners, session: SlotSession) -> int | str:
