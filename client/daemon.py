@@ -35,12 +35,12 @@ from pvpn.config import ClientConfig, load_client_config
 from pvpn.drops import Drop
 from pvpn.envelope import Envelope
 from pvpn.errors import PvpnError
-from pvpn.io import conntrack, hostkernel, rules, sockdiag
+from pvpn.io import conntrack, hostkernel, localserver, rules, sockdiag
 from pvpn.io.hostkernel import ClientKernel, InstanceRules
 from pvpn.io.localserver import LocalLink, ensure_socket_dir
 from pvpn.io.loop import (
     WRITE_HIGH_WATER as WRITE_HIGH_WATER, Dispatcher, Guard, answers, daemon_main,
-    install_signals, prepare_unix_socket,
+    install_signals, tick_until,
 )
 from pvpn.io.sessiondevices import SessionDevices
 from pvpn.io.sockdiag import SocketOwners
@@ -215,29 +215,20 @@ async def serve(config: ClientConfig) -> None:
     warning = ensure_socket_dir(config.socket)
     if warning:
         daemon.log_event(NODE_WARNING, reason=warning)
-    prepare_unix_socket(
-        config.socket,
-        f"{config.socket} exists and is not a socket; remove it or change [client] socket",
-        f"another pvpn-client already listens on {config.socket}")
+    localserver.prepare_socket(config.socket)
     stop = asyncio.Event()
     listener: asyncio.AbstractServer | None = None
     daemon.guard.install(loop)
     try:
         daemon.recover()
-        listener = await loop.create_unix_server(lambda: LocalLink(daemon), str(config.socket))
-        os.chmod(config.socket, 0o666)  # anyone may ask; the kernel tells us who asked
+        listener = await localserver.listen(config.socket, lambda: LocalLink(daemon))
         # pvpn-client holds no keys or user lists (the users' processes do): a SIGHUP only
         # says so in the log, instead of ending the daemon (the signal's default action).
         install_signals(loop, stop, lambda: daemon.log_event(
             NODE_RELOADED, reason="nothing to reload: keys live in the users' processes"))
         daemon.log_event(NODE_STARTED, socket=str(config.socket))
         watcher = loop.create_task(daemon.watch_rules(stop))
-        while not stop.is_set():
-            try:
-                await asyncio.wait_for(stop.wait(), timeout=TICK)
-            except asyncio.TimeoutError:
-                pass
-            daemon.guard.call("timer", daemon.tick)
+        await tick_until(stop, TICK, lambda: daemon.guard.call("timer", daemon.tick))
         await watcher
     finally:
         if listener is not None:
@@ -245,10 +236,7 @@ async def serve(config: ClientConfig) -> None:
         daemon.guard.call("shutdown", daemon.shutdown, "pvpn-client stopping")
         await asyncio.sleep(0.05)  # the links' ends are logged (session:held)
         errors = daemon.release_host()
-        try:
-            config.socket.unlink()
-        except FileNotFoundError:
-            pass
+        localserver.remove_socket(config.socket)
         daemon.log_event(NODE_STOPPED, reason="; ".join(errors) or "clean",
                          held=len(daemon.registry.sessions))
 

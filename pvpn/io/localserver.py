@@ -1,6 +1,6 @@
 """The server side of pvpn-client's unix socket: each connection's asyncio callbacks to the
-client host's adapter (:class:`LocalLink`), and the socket's directory, which only root may
-change. The envelopes' framing and what they mean are pvpn.local's and
+client host's adapter (:class:`LocalLink`), and the socket itself (:func:`listen`), in a
+directory only root may change. The envelopes' framing and what they mean are pvpn.local's and
 pvpn.nodes.client.ClientHost's; this only carries bytes and the kernel's word on who sent
 them (SO_PEERCRED)."""
 
@@ -9,11 +9,13 @@ from __future__ import annotations
 import asyncio
 import os
 from pathlib import Path
-from typing import Any, Iterator, Protocol
+from typing import Any, Callable, Iterator, Protocol
 
 from pvpn.envelope import Envelope, MsgType
 from pvpn.errors import ConfigError, RemoteProtocolError
-from pvpn.io.loop import WRITE_HIGH_WATER, Guard, guarded, peer_credentials
+from pvpn.io.loop import (
+    WRITE_HIGH_WATER, Guard, guarded, peer_credentials, prepare_unix_socket,
+)
 from pvpn.io.safedir import nearest_existing, unsafe_directory
 from pvpn.names import LOCAL_ERROR
 from pvpn.nodes.client import LocalPeer, SlotSession
@@ -127,3 +129,24 @@ def ensure_socket_dir(path: Path) -> str | None:
         return (f"{parent} is not traversable by other users, so they cannot reach "
                 f"{path.name}; chmod o+x {parent} (0711)")
     return None
+
+
+def prepare_socket(path: Path) -> None:
+    """Make way for the socket (pvpn.io.loop.prepare_unix_socket; ConfigError)."""
+    prepare_unix_socket(
+        path, f"{path} exists and is not a socket; remove it or change [client] socket",
+        f"another pvpn-client already listens on {path}")
+
+
+async def listen(path: Path, link: Callable[[], LocalLink]) -> asyncio.AbstractServer:
+    """Serve the socket, each connection a ``link()``."""
+    listener = await asyncio.get_running_loop().create_unix_server(link, str(path))
+    os.chmod(path, 0o666)  # anyone may ask; the kernel tells us who asked
+    return listener
+
+
+def remove_socket(path: Path) -> None:
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        pass
