@@ -22,45 +22,37 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import concurrent.futures
 import functools
 import itertools
 import os
 import pwd
-import socket
-import stat
-import subprocess
 import time
-from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from pvpn import firewall
+from pvpn.commands import LogRecord
 from pvpn.config import ClientConfig, load_client_config
 from pvpn.drops import Drop
-from pvpn.envelope import Envelope, MsgType
-from pvpn.errors import ConfigError, PvpnError, RemoteProtocolError
-from pvpn.io import conntrack, hostkernel, rules, sockdiag
-from pvpn.io.hostkernel import InstanceRules
-from pvpn.io.nfqueue import BatchedQueue
-from pvpn.io.sockdiag import SocketOwners
+from pvpn.envelope import Envelope
+from pvpn.errors import PvpnError
+from pvpn.io import conntrack, hostkernel, localserver, rules, sockdiag
+from pvpn.io.hostkernel import ClientKernel, InstanceRules
+from pvpn.io.localserver import LocalLink, ensure_socket_dir
 from pvpn.io.loop import (
-    WRITE_HIGH_WATER, Dispatcher, Guard, daemon_main, guarded, install_signals,
-    peer_credentials, prepare_unix_socket,
+    WRITE_HIGH_WATER as WRITE_HIGH_WATER, Dispatcher, Guard, answers, daemon_main,
+    install_signals, tick_until,
 )
-from pvpn.io.tun import open_tun, read_copies, strict_rp_filter
-from pvpn.fragments import Reassembler
-from pvpn.commands import LogRecord
-from pvpn.names import LOCAL_ERROR, NODE_RELOADED, NODE_STARTED, NODE_STOPPED, NODE_WARNING
-from pvpn.records import RecordWriter
+from pvpn.io.sessiondevices import SessionDevices
+from pvpn.io.sockdiag import SocketOwners
+from pvpn.io.tun import strict_rp_filter
+from pvpn.names import NODE_RELOADED, NODE_STARTED, NODE_STOPPED, NODE_WARNING
 from pvpn.nodes.client import (
-    LOCAL_LOG_EVERY as LOCAL_LOG_EVERY, RECORD_EVERY as RECORD_EVERY, ClientHost, CloseLocal, LocalPeer, SlotSession, WriteTun,
+    LOCAL_LOG_EVERY as LOCAL_LOG_EVERY, RECORD_EVERY as RECORD_EVERY, ClientHost, CloseLocal,
+    SlotSession, WriteTun,
 )
-from pvpn.text import clip
+from pvpn.records import RecordWriter
 
 TICK = 5.0
-#: How often the kernel's rules are compared with the sessions held (seconds): someone else's
-#: firewall reload or `iptables -t mangle -F` takes them away; they are put back within this.
-RULES_CHECK_EVERY = 5.0
 
 
 def user_name(uid: int) -> str:
@@ -70,94 +62,27 @@ def user_name(uid: int) -> str:
         return str(uid)
 
 
-class LocalLink(LocalPeer, asyncio.Protocol):
-    """One `pvpn connect` (or `pvpn status`/`disconnect`) process on the unix socket."""
-
-    def __init__(self, daemon: "ClientDaemon") -> None:
-        super().__init__(next(daemon.link_ids))
-        self.daemon = daemon
-        self.guard = daemon.guard
-        self.transport: asyncio.Transport | None = None
-
-    # -- asyncio; what escapes a callback goes to the guard, which closes this connection only
-    @property
-    def guard_link(self) -> int:
-        return self.id
-
-    @guarded("local connection_made")
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
-        self.daemon.by_id[self.id] = self
-        transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
-        self.pid, self.uid, _ = peer_credentials(transport)
-        self.last_active = self.daemon.loop.time()
-        self.daemon.admit(self)
-
-    @guarded("local pause_writing")
-    def pause_writing(self) -> None:
-        self.congested = True
-
-    @guarded("local resume_writing")
-    def resume_writing(self) -> None:
-        self.congested = False
-
-    @guarded("local data_received")
-    def data_received(self, data: bytes) -> None:
-        if not self.admitted:
-            return
-        self.last_active = self.daemon.loop.time()
-        try:
-            for envelope in self.channel.receive(data):
-                if envelope.type is MsgType.PACKET:
-                    self.daemon.inject(self, envelope.body)
-                else:
-                    self.daemon.local_control(self, envelope)
-                    self.flush()  # so the next question sees whether this answer is read
-        except RemoteProtocolError as exc:
-            self.daemon.local_record(LOCAL_ERROR, self, self.session,
-                                     reason=clip(f"{type(exc).__name__}: {exc}"))
-            self.close()
-        self.flush()
-
-    @guarded("local connection_lost")
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.daemon.by_id.pop(self.id, None)
-        self.daemon.local_lost(self)
-
-    # -- output
-    def flush(self) -> None:
-        if self.pending and self.transport is not None:
-            self.transport.write(b"".join(self.pending))
-            self.pending.clear()
-
-    def close(self) -> None:
-        self.flush()
-        if self.transport is not None:
-            self.transport.close()
-
-
 class ClientDaemon:
     """The adapter of one ClientHost: drives it from the event loop (local connections,
-    queues, TUN copies, the timer), carries out its commands (:meth:`run`) and answers its
-    questions to the kernel (the HostKernel methods, through pvpn.io.hostkernel for the
-    rules and sock_diag)."""
+    queues, TUN copies, the timer) and carries out its commands (:meth:`run`); its questions
+    to the kernel go to pvpn.io.hostkernel.ClientKernel."""
 
     def __init__(self, config: ClientConfig) -> None:
         self.config = config
         self.log = RecordWriter("client", config.name, clock=time.time)
         self.loop = asyncio.get_running_loop()
-        self.owners = SocketOwners()  # whose socket a reply would reach
-        self.host: ClientHost[LocalLink] = ClientHost(config, self.owners, user_name, self)
-        self.registry = self.host.registry
         # No exception a local user or a packet can cause ends pvpn-client: the guard logs it
         # (node:error, with the traceback) and closes only the connection concerned.
         self.guard: Guard = Guard(self.log.write, self._close_failed_link)
+        self.rules = InstanceRules(config.instance, config.mark_mask)
+        devices = SessionDevices(self.loop, self.guard, self.flush)
+        self.queues, self.tun_fds = devices.queues, devices.tun_fds  # by slot
+        owners = SocketOwners()  # whose socket a reply would reach
+        kernel = ClientKernel(self.rules, devices, owners, self._queue_callback)
+        self.host: ClientHost[LocalLink] = ClientHost(config, owners, user_name, kernel)
+        self.registry = self.host.registry
         self.link_ids: Iterator[int] = itertools.count(1)
         self.by_id: dict[int, LocalLink] = {}
-        self.rules = InstanceRules(config.instance, config.mark_mask)
-        self.queues: dict[int, BatchedQueue] = {}
-        self.tun_fds: dict[int, int] = {}
         # The host's bookkeeping, as the tests and the shutdown read it.
         self.local = self.host.local  # every admitted connection on the socket
         self._session_logged = self.host.session_logged
@@ -208,46 +133,6 @@ class ClientDaemon:
         self.run()
 
     # -- sessions
-    def install(self, session: SlotSession) -> None:
-        """TUN device, queue, then rules: the rules go in last, fully formed, in one step."""
-        self.attach_devices(session)
-        self.rules.install_session(session)
-
-    def attach_devices(self, session: SlotSession) -> None:
-        fd = open_tun(session.tun)
-        self.tun_fds[session.slot] = fd
-        take = self._queue_callback(session)
-        try:
-            queue = BatchedQueue(session.queue, take, max_len=4096)
-        except OSError as exc:  # the queue is bound by someone else, say
-            os.close(self.tun_fds.pop(session.slot))
-            raise PvpnError(f"cannot bind NFQUEUE {session.queue}: {exc}") from None
-        except BaseException:
-            os.close(self.tun_fds.pop(session.slot))
-            raise
-        self.queues[session.slot] = queue
-
-        def drain() -> None:
-            # A packet whose handling failed is dropped (fail closed), the rest go on.
-            self.guard.call("queue drain", queue.drain)
-            self.guard.call("flush", self.flush)
-
-        self.loop.add_reader(queue.fileno(), drain)
-        copies = Reassembler()
-
-        def read_big() -> None:
-            # The session's datagrams too large for a queue message: the kernel's copies,
-            # out of its TUN device (firewall.tee), handled as the queue's packets are.
-            self.guard.call("tun copies", self._take_copies, fd, copies, take)
-            self.guard.call("flush", self.flush)
-
-        self.loop.add_reader(fd, read_big)
-
-    def _take_copies(self, fd: int, copies: Reassembler, take: Callable[[bytes], bool]) -> None:
-        # The kernel's copy carries DF (nf_dup_ipv4 sets it); its sender set none.
-        for datagram in read_copies(fd, copies, self.loop.time(), 0, True):
-            take(datagram)
-
     def recover(self) -> None:
         """Pick up the sessions an earlier pvpn-client left in the kernel (ClientHost.recover)."""
         saved = self.rules.saved()
@@ -255,41 +140,6 @@ class ClientDaemon:
             self.host.recover(saved, self.loop.time())
         finally:
             self.run()
-
-    def uninstall(self, session: SlotSession) -> list[str]:
-        errors = self.rules.remove_session(session)
-        queue = self.queues.pop(session.slot, None)
-        if queue is not None:
-            self.loop.remove_reader(queue.fileno())
-            queue.close()
-        fd = self.tun_fds.pop(session.slot, None)
-        if fd is not None:
-            self.loop.remove_reader(fd)
-            os.close(fd)
-        return errors
-
-    def end_session(self, session: SlotSession, reason: str) -> None:
-        self.host.end_session(session, reason)
-        self.run()
-
-    def forget_marks(self, session: SlotSession) -> int | str:
-        """The marks the session's connections carry are forgotten (conntrack)."""
-        try:
-            return conntrack.forget_marked(session.mark, self.config.mark_mask)
-        except PvpnError as exc:  # the slot is checked again before it is given out
-            return f"failed: {exc}"
-
-    def has_devices(self, session: SlotSession) -> bool:
-        return session.slot in self.queues
-
-    def marked(self, mark: int) -> int:
-        return conntrack.count_marked(mark, self.config.mark_mask)
-
-    def forget_marked(self, mark: int) -> int:
-        return conntrack.forget_marked(mark, self.config.mark_mask)
-
-    def abort_connections(self, session: SlotSession) -> int | str:
-        return hostkernel.abort_connections(self.owners, session)
 
     # -- the packet path: queue -> user's process
     def _queue_callback(self, session: SlotSession) -> Callable[[bytes], bool]:
@@ -319,13 +169,6 @@ class ClientDaemon:
         self.host.control(link, envelope, self.loop.time())
         self.run()
 
-    def reset_connections(self, session: SlotSession) -> int:
-        fd = self.tun_fds.get(session.slot)
-        return 0 if fd is None else hostkernel.probe_connections(self.owners, session, fd)
-
-    def write_id(self, session: SlotSession) -> str | None:
-        return self.rules.write_id(session)
-
     def local_lost(self, link: LocalLink) -> None:
         self.host.lost(link, self.loop.time())
         self.run()
@@ -352,75 +195,13 @@ class ClientDaemon:
         self.run()
 
     async def watch_rules(self, stop: asyncio.Event) -> None:
-        """Every RULES_CHECK_EVERY seconds: the kernel's rules against the sessions held.
-        iptables-save runs in a thread of its own, so the packet path does not wait for it;
-        the thread is made at once and lives as long as the daemon (one, whatever happens)."""
-        reader = concurrent.futures.ThreadPoolExecutor(max_workers=1,
-                                                       thread_name_prefix="rules")
-        reader.submit(lambda: None).result()
-        try:
-            while not stop.is_set():
-                try:
-                    await asyncio.wait_for(stop.wait(), timeout=RULES_CHECK_EVERY)
-                    return
-                except asyncio.TimeoutError:
-                    pass
-                if not self.registry.sessions:
-                    continue
-                epoch = self.rules.epoch
-                try:
-                    saved = await self.loop.run_in_executor(reader, self.rules.saved)
-                except (PvpnError, OSError, subprocess.SubprocessError) as exc:
-                    self.log_event(NODE_WARNING, reason=f"cannot read the rules: {exc}")
-                    continue
-                self.guard.call("rules check", self.check_rules, saved, epoch)
-        finally:
-            reader.shutdown(wait=False)
+        await hostkernel.watch_rules(
+            self.rules, stop, lambda: bool(self.registry.sessions),
+            lambda saved, epoch: self.guard.call("rules check", self.check_rules, saved, epoch),
+            lambda reason: self.log_event(NODE_WARNING, reason=reason))
 
     def release_host(self) -> list[str]:
         return self.host.release_host()
-
-
-def unsafe_directory(directory: Path) -> str | None:
-    """Why ``directory`` (an existing one), or one above it, may be changed by someone other
-    than root, or None. A sticky directory (/tmp) is safe: nobody renames what root made in it.
-    As OpenSSH's StrictModes (``safe_path``), on the real path."""
-    real = directory.resolve()
-    for d in (real, *real.parents):
-        st = d.stat()
-        if st.st_uid != 0:
-            return f"{d} is owned by uid {st.st_uid}, not root"
-        if st.st_mode & 0o022 and not st.st_mode & stat.S_ISVTX:
-            return f"{d} is writable by other users"
-    return None
-
-
-def ensure_socket_dir(path: Path) -> str | None:
-    """The socket's directory, made if missing (0711: every user reaches the socket by name,
-    nobody lists the directory). A warning if an existing one is not traversable by users.
-
-    ConfigError if the directory, or one above it, is not root's alone: pvpn-client makes the
-    socket 0666 with chmod, which follows symlinks, so whoever may change the directory could
-    swap the new socket for a link to /etc/shadow between bind and chmod."""
-    parent = path.parent
-    existing = parent
-    while not existing.exists():
-        existing = existing.parent
-    unsafe = unsafe_directory(existing)
-    if unsafe is not None:
-        raise ConfigError(f"{unsafe}; whoever may change it could swap {path.name} for a "
-                          "symlink that pvpn-client would make 0666: give [client] socket a "
-                          "directory that only root may change (/run/pvpn, 0711)")
-    if existing != parent:
-        made = [d for d in (parent, *parent.parents) if not d.exists()]
-        parent.mkdir(parents=True, exist_ok=True)
-        for d in made:
-            os.chmod(d, 0o711)  # explicit: supervisord's umask 077 would make them 0700
-        return None
-    if not parent.stat().st_mode & 0o001:
-        return (f"{parent} is not traversable by other users, so they cannot reach "
-                f"{path.name}; chmod o+x {parent} (0711)")
-    return None
 
 
 async def serve(config: ClientConfig) -> None:
@@ -434,29 +215,20 @@ async def serve(config: ClientConfig) -> None:
     warning = ensure_socket_dir(config.socket)
     if warning:
         daemon.log_event(NODE_WARNING, reason=warning)
-    prepare_unix_socket(
-        config.socket,
-        f"{config.socket} exists and is not a socket; remove it or change [client] socket",
-        f"another pvpn-client already listens on {config.socket}")
+    localserver.prepare_socket(config.socket)
     stop = asyncio.Event()
     listener: asyncio.AbstractServer | None = None
     daemon.guard.install(loop)
     try:
         daemon.recover()
-        listener = await loop.create_unix_server(lambda: LocalLink(daemon), str(config.socket))
-        os.chmod(config.socket, 0o666)  # anyone may ask; the kernel tells us who asked
+        listener = await localserver.listen(config.socket, lambda: LocalLink(daemon))
         # pvpn-client holds no keys or user lists (the users' processes do): a SIGHUP only
         # says so in the log, instead of ending the daemon (the signal's default action).
         install_signals(loop, stop, lambda: daemon.log_event(
             NODE_RELOADED, reason="nothing to reload: keys live in the users' processes"))
         daemon.log_event(NODE_STARTED, socket=str(config.socket))
         watcher = loop.create_task(daemon.watch_rules(stop))
-        while not stop.is_set():
-            try:
-                await asyncio.wait_for(stop.wait(), timeout=TICK)
-            except asyncio.TimeoutError:
-                pass
-            daemon.guard.call("timer", daemon.tick)
+        await tick_until(stop, TICK, lambda: daemon.guard.call("timer", daemon.tick))
         await watcher
     finally:
         if listener is not None:
@@ -464,10 +236,7 @@ async def serve(config: ClientConfig) -> None:
         daemon.guard.call("shutdown", daemon.shutdown, "pvpn-client stopping")
         await asyncio.sleep(0.05)  # the links' ends are logged (session:held)
         errors = daemon.release_host()
-        try:
-            config.socket.unlink()
-        except FileNotFoundError:
-            pass
+        localserver.remove_socket(config.socket)
         daemon.log_event(NODE_STOPPED, reason="; ".join(errors) or "clean",
                          held=len(daemon.registry.sessions))
 
@@ -478,17 +247,10 @@ async def serve(config: ClientConfig) -> None:
 def remove_sessions(config: ClientConfig, out: Callable[[str], None]) -> int:
     """`pvpn-client --config FILE --remove-sessions`: with pvpn-client stopped (a host being
     decommissioned, say), remove every session it left, naming each, and its marks."""
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        probe.connect(str(config.socket))
-    except OSError:
-        pass
-    else:
+    if answers(config.socket):
         out(f"pvpn-client is running (it answers on {config.socket}); end sessions through it "
             "with `pvpn disconnect --all` as root, or stop it first")
         return 1
-    finally:
-        probe.close()
     installed, broken = firewall.parse_installed_sessions(
         config.instance, [rules.saved(4), rules.saved(6)])
     for s in installed:

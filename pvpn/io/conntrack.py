@@ -24,6 +24,10 @@ import time
 from dataclasses import dataclass
 
 from pvpn.errors import ConfigError, PvpnError
+from pvpn.io.netlink import (
+    HEADER, NLM_F_ACK, NLM_F_DUMP, NLM_F_REQUEST, NLMSG_DONE, NLMSG_ERROR,
+    error_code, request,
+)
 
 NETLINK_NETFILTER = 12
 NFNL_SUBSYS_CTNETLINK = 1
@@ -32,12 +36,6 @@ IPCTNL_MSG_CT_GET = 1
 IPCTNL_MSG_CT_DELETE = 2
 CTA_MARK = 8
 CTA_MARK_MASK = 21
-NLM_F_REQUEST = 0x1
-NLM_F_ACK = 0x4
-NLM_F_DUMP = 0x300
-NLMSG_ERROR = 2
-NLMSG_DONE = 3
-_HEADER = struct.Struct("=IHHII")  # nlmsghdr: length, type, flags, seq, pid
 _NFGEN = struct.Struct("=BBH")  # nfgenmsg: family, version, res_id
 #: Bounds on one exchange: a dump of a full table ends long before either.
 TIMEOUT = 5.0
@@ -56,7 +54,7 @@ def mark_request(message: int, flags: int, seq: int, mark: int, mask: int) -> by
     body += _attribute(CTA_MARK, struct.pack(">I", mark))
     body += _attribute(CTA_MARK_MASK, struct.pack(">I", mask))
     kind = NFNL_SUBSYS_CTNETLINK << 8 | message
-    return _HEADER.pack(_HEADER.size + len(body), kind, NLM_F_REQUEST | flags, seq, 0) + body
+    return request(kind, NLM_F_REQUEST | flags, seq, body)
 
 
 @dataclass(slots=True)
@@ -72,17 +70,16 @@ def read_replies(data: bytes, seq: int, into: Replies) -> None:
     """Account for the netlink messages in ``data`` (whole messages, as one recv gives them)
     that answer request ``seq``. A malformed message is an error (EPROTO), never a crash."""
     offset = 0
-    while offset + _HEADER.size <= len(data):
-        length, kind, _, got_seq, _ = _HEADER.unpack_from(data, offset)
-        if length < _HEADER.size or offset + length > len(data):
+    while offset + HEADER.size <= len(data):
+        length, kind, _, got_seq, _ = HEADER.unpack_from(data, offset)
+        if length < HEADER.size or offset + length > len(data):
             into.error, into.done = errno.EPROTO, True
             return
         if got_seq == seq:
             if kind == NLMSG_DONE:
                 into.done = True
             elif kind == NLMSG_ERROR:
-                code = -struct.unpack_from("=i", data, offset + _HEADER.size)[0] \
-                    if length >= _HEADER.size + 4 else errno.EPROTO
+                code = error_code(data, offset, length)
                 into.error, into.done = code, True  # code 0: the ACK of a request
             elif kind == NFNL_SUBSYS_CTNETLINK << 8 | IPCTNL_MSG_CT_NEW:
                 into.entries += 1

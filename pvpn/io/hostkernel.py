@@ -1,21 +1,31 @@
-"""The client host's kernel, thin: one instance's iptables rules (counted), and the sessions'
-TCP sockets through sock_diag (aborted, or made to answer).
+"""The client host's kernel, thin: one instance's iptables rules (counted), the sessions'
+TCP sockets through sock_diag (aborted, or made to answer), and all that ClientHost asks of
+the kernel in one object (:class:`ClientKernel`).
 
 What to do with what the kernel says (recover sessions after a restart, put back rules someone
 removed, quarantine a slot, when to abort or reset) is pvpn.nodes.client.ClientHost's; these
-only ask and act."""
+only ask and act (and :func:`watch_rules` asks again and again)."""
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import os
+import subprocess
+from typing import Callable
 
 from pvpn import firewall
 from pvpn import packet as pk
 from pvpn.errors import PvpnError
-from pvpn.io import rules, sockdiag
+from pvpn.io import conntrack, rules, sockdiag
+from pvpn.io.sessiondevices import SessionDevices, Take
 from pvpn.io.sockdiag import SocketOwners
-from pvpn.nodes.client import SlotSession
+from pvpn.nodes.client import RuleRunner, SlotSession
 from pvpn.reset import tcp_probe
+
+#: How often the kernel's rules are compared with the sessions held (seconds): someone else's
+#: firewall reload or `iptables -t mangle -F` takes them away; they are put back within this.
+RULES_CHECK_EVERY = 5.0
 
 
 class InstanceRules:
@@ -88,6 +98,59 @@ class InstanceRules:
         return rules.remove_instance(self.instance)
 
 
+class ClientKernel:
+    """What pvpn.nodes.client.ClientHost asks of the kernel (its HostKernel): each session's
+    TUN device and queue (``devices``, the queue's packets to ``take(session)``), its rules,
+    the marks of its connections (conntrack) and its user's TCP sockets (sock_diag)."""
+
+    def __init__(self, rules: InstanceRules, devices: SessionDevices, owners: SocketOwners,
+                 take: Callable[[SlotSession], Take]) -> None:
+        self.instance_rules = rules
+        self.rules: RuleRunner = rules  # as ClientHost runs them
+        self.devices = devices
+        self.owners = owners
+        self.take = take
+
+    def install(self, session: SlotSession) -> None:
+        """TUN device, queue, then rules: the rules go in last, fully formed, in one step."""
+        self.attach_devices(session)
+        self.instance_rules.install_session(session)
+
+    def attach_devices(self, session: SlotSession) -> None:
+        self.devices.attach(session, self.take(session))
+
+    def has_devices(self, session: SlotSession) -> bool:
+        return self.devices.attached(session)
+
+    def uninstall(self, session: SlotSession) -> list[str]:
+        errors = self.instance_rules.remove_session(session)
+        self.devices.detach(session)
+        return errors
+
+    def write_id(self, session: SlotSession) -> str | None:
+        return self.instance_rules.write_id(session)
+
+    def marked(self, mark: int) -> int:
+        return conntrack.count_marked(mark, self.instance_rules.mark_mask)
+
+    def forget_marked(self, mark: int) -> int:
+        return conntrack.forget_marked(mark, self.instance_rules.mark_mask)
+
+    def forget_marks(self, session: SlotSession) -> int | str:
+        """The marks the session's connections carry are forgotten (conntrack)."""
+        try:
+            return conntrack.forget_marked(session.mark, self.instance_rules.mark_mask)
+        except PvpnError as exc:  # the slot is checked again before it is given out
+            return f"failed: {exc}"
+
+    def abort_connections(self, session: SlotSession) -> int | str:
+        return abort_connections(self.owners, session)
+
+    def reset_connections(self, session: SlotSession) -> int:
+        fd = self.devices.tun_fds.get(session.slot)
+        return 0 if fd is None else probe_connections(self.owners, session, fd)
+
+
 def abort_connections(owners: SocketOwners, session: SlotSession) -> int | str:
     """Abort each TCP connection of the session's user that the session carried (connected
     or connecting), by the cookie that names exactly that socket (SOCK_DESTROY): the
@@ -125,3 +188,33 @@ def probe_connections(owners: SocketOwners, session: SlotSession, tun: int) -> i
             break
         probed += 1
     return probed
+
+
+async def watch_rules(rules: InstanceRules, stop: asyncio.Event, any_held: Callable[[], bool],
+                      check: Callable[[list[str], int], object],
+                      warn: Callable[[str], object]) -> None:
+    """Every RULES_CHECK_EVERY seconds while sessions are held, until ``stop``: the kernel's
+    rules to ``check`` (ClientHost.check_rules), with the epoch they were read at.
+    iptables-save runs in a thread of its own, so the packet path does not wait for it; the
+    thread is made at once and lives as long as the watch (one, whatever happens)."""
+    loop = asyncio.get_running_loop()
+    reader = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="rules")
+    reader.submit(lambda: None).result()
+    try:
+        while not stop.is_set():
+            try:
+                await asyncio.wait_for(stop.wait(), timeout=RULES_CHECK_EVERY)
+                return
+            except asyncio.TimeoutError:
+                pass
+            if not any_held():
+                continue
+            epoch = rules.epoch
+            try:
+                saved = await loop.run_in_executor(reader, rules.saved)
+            except (PvpnError, OSError, subprocess.SubprocessError) as exc:
+                warn(f"cannot read the rules: {exc}")
+                continue
+            check(saved, epoch)
+    finally:
+        reader.shutdown(wait=False)

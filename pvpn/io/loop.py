@@ -64,6 +64,16 @@ def install_signals(loop: asyncio.AbstractEventLoop, stop: asyncio.Event,
         loop.add_signal_handler(signal.SIGHUP, reload)
 
 
+async def tick_until(stop: asyncio.Event, period: float, tick: Callable[[], object]) -> None:
+    """``tick()`` every ``period`` seconds, and once more when ``stop`` is set."""
+    while not stop.is_set():
+        try:
+            await asyncio.wait_for(stop.wait(), timeout=period)
+        except asyncio.TimeoutError:
+            pass
+        tick()
+
+
 RemoveSessions = Callable[[Any, Callable[[str], None]], int]
 
 

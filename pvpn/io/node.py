@@ -19,6 +19,7 @@ from pvpn.io.control import start_control, stop_control
 from pvpn.io.localaddrs import LocalAddressWatch
 from pvpn.io.loop import (
     LISTEN_BACKLOG, WRITE_HIGH_WATER, Dispatcher, Guard, guarded, peer_text, set_nodelay,
+    tick_until,
 )
 from pvpn.names import (
     AUTH_KEY_SKIPPED, NODE_RELOADED, NODE_RELOAD_FAILED, NODE_STARTED, NODE_WARNING,
@@ -155,12 +156,7 @@ class NodeDaemon(Generic[ConfigT, NodeT]):
             "listen": [f"{h}:{p}" for h, p in config.listen], **started}))
 
     async def run_until_stopped(self) -> None:
-        while not self.stop.is_set():
-            try:
-                await asyncio.wait_for(self.stop.wait(), timeout=1.0)
-            except asyncio.TimeoutError:
-                pass
-            self.tick()
+        await tick_until(self.stop, 1.0, self.tick)
 
     def tick(self) -> None:
         guard = self.guard

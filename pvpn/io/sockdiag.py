@@ -27,24 +27,23 @@ import struct
 from typing import Callable, NamedTuple
 
 from pvpn.errors import ConfigError, PvpnError
+from pvpn.io.netlink import (
+    HEADER, NLM_F_ACK, NLM_F_REQUEST, NLMSG_ERROR, error_code, request,
+)
 from pvpn.packet import PROTO_TCP, PROTO_UDP, FlowKey
 
 NETLINK_SOCK_DIAG = 4
 SOCK_DIAG_BY_FAMILY = 20
 SOCK_DESTROY = 21
-NLM_F_REQUEST = 0x1
-NLM_F_ACK = 0x4
-NLMSG_ERROR = 2
-_HEADER = struct.Struct("=IHHII")  # nlmsghdr: length, type, flags, seq, pid
 _REQUEST = struct.Struct("=BBBBI")  # inet_diag_req_v2: family, protocol, ext, pad, states
 _PORTS = struct.Struct(">HH")  # inet_diag_sockid: sport, dport (then src, dst, if, cookie)
 _NO_COOKIE_BYTES = b"\xff" * 8  # INET_DIAG_NOCOOKIE: find by addresses and ports
 #: inet_diag_msg: family, state, timer, retrans (4), the sockid (48), expires, rqueue, wqueue
 #: (12), then uid and inode.
 _OWNER = struct.Struct("=II")
-_OWNER_AT = _HEADER.size + 4 + 48 + 12
-_STATE_AT = _HEADER.size + 1  # idiag_state
-_COOKIE_AT = _HEADER.size + 4 + 40  # idiag_cookie[2], after ports, addresses and interface
+_OWNER_AT = HEADER.size + 4 + 48 + 12
+_STATE_AT = HEADER.size + 1  # idiag_state
+_COOKIE_AT = HEADER.size + 4 + 40  # idiag_cookie[2], after ports, addresses and interface
 TIMEOUT = 1.0
 #: TCP states (linux/tcp_states.h) of a synchronized connection: one that answers a SYN with a
 #: challenge ACK (RFC 5961 4.2), where a connecting or listening socket would take it for a
@@ -94,7 +93,7 @@ def _request(flow: FlowKey, seq: int, kind: int, flags: int, cookie: bytes) -> b
         raise ValueError(f"no socket lookup for protocol {flow.proto}")
     body = (_REQUEST.pack(family, flow.proto, 0, 0, 0xFFFFFFFF) + _PORTS.pack(sport, dport)
             + _padded(src) + _padded(dst) + struct.pack("=I", 0) + cookie)
-    return _HEADER.pack(_HEADER.size + len(body), kind, flags, seq, 0) + body
+    return request(kind, flags, seq, body)
 
 
 def read_owner(data: bytes, seq: int) -> tuple[bool, int | None]:
@@ -110,15 +109,15 @@ _NONE = Found(None, 0, b"")
 
 def read_socket(data: bytes, seq: int) -> tuple[bool, Found]:
     """:func:`read_owner`'s answer, with the socket's state (``idiag_state``) and cookie."""
-    if len(data) < _HEADER.size:
+    if len(data) < HEADER.size:
         raise PvpnError("sock_diag: short answer")
-    length, kind, _, got_seq, _ = _HEADER.unpack_from(data)
-    if length < _HEADER.size or length > len(data):
+    length, kind, _, got_seq, _ = HEADER.unpack_from(data)
+    if length < HEADER.size or length > len(data):
         raise PvpnError("sock_diag: malformed answer")
     if got_seq != seq:
         return False, _NONE
     if kind == NLMSG_ERROR:
-        code = _error_code(data, length)
+        code = error_code(data, 0, length)
         if code in (0, errno.ENOENT):  # 0: the acknowledgement of a SOCK_DESTROY
             return True, _NONE
         raise PvpnError(f"sock_diag refused: {os.strerror(code)}")
@@ -127,12 +126,6 @@ def read_socket(data: bytes, seq: int) -> tuple[bool, Found]:
     uid, inode = _OWNER.unpack_from(data, _OWNER_AT)
     return True, Found(uid if inode else None, data[_STATE_AT],
                        bytes(data[_COOKIE_AT:_COOKIE_AT + 8]))
-
-
-def _error_code(data: bytes, length: int) -> int:
-    if length < _HEADER.size + 4:
-        return errno.EPROTO
-    return int(-struct.unpack_from("=i", data, _HEADER.size)[0])
 
 
 class SocketOwners:

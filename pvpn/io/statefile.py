@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from pvpn.errors import ConfigError, StateError
+from pvpn.io.safedir import nearest_existing, unsafe_directory
 from pvpn.names import NODE_STATE, NODE_STATE_REFUSED, NODE_WARNING
 from pvpn.records import Record
 from pvpn.state import MAX_BYTES, ServerState, decode_state, encode_state
@@ -39,30 +40,14 @@ MAX_INTERVAL = 60.0
 SHARE = 0.02
 
 
-def unsafe_directory(directory: Path) -> str | None:
-    """Why ``directory`` (an existing one), or one above it, may be changed by someone other
-    than root (or us), or None; a sticky directory (/tmp) is safe (OpenSSH's safe_path)."""
-    mine = (0, os.geteuid())
-    real = directory.resolve()
-    for d in (real, *real.parents):
-        st = d.stat()
-        if st.st_uid not in mine:
-            return f"{d} is owned by uid {st.st_uid}, not root"
-        if st.st_mode & 0o022 and not st.st_mode & stat.S_ISVTX:
-            return f"{d} is writable by other users"
-    return None
-
-
 class StateFile:
     def __init__(self, path: Path) -> None:
         self.path = path
         self.tmp = path.with_name(f".{path.name}.tmp")
         self.refused = path.with_name(f"{path.name}.refused")
         directory = path.parent
-        existing = directory
-        while not existing.exists():
-            existing = existing.parent
-        unsafe = unsafe_directory(existing)
+        # root's, or the uid pvpn-server runs as
+        unsafe = unsafe_directory(nearest_existing(directory), (0, os.geteuid()))
         if unsafe is not None:
             raise ConfigError(f"[server] state_file {path}: {unsafe}; whoever may change it "
                               "could forge the sessions it holds: give it a directory only "
@@ -306,4 +291,4 @@ class StateKeeper:
         return {"path": str(self.store.path), "saves": self.saves}
 
 
-__all__ = ["StateFile", "StateKeeper", "unsafe_directory"]
+__all__ = ["StateFile", "StateKeeper"]

@@ -17,7 +17,7 @@ import pytest
 from pvpn import firewall
 from pvpn.client import daemon as dm
 from pvpn.envelope import EnvelopeDecoder, MsgType, decode_control, encode_control, encode_envelope
-from pvpn.io import conntrack
+from pvpn.io import conntrack, sessiondevices
 
 from net import SID, FakeQueues, client_config, fake_tun
 
@@ -58,8 +58,8 @@ def kernel(monkeypatch: pytest.MonkeyPatch) -> Iterator[Kernel]:
         return k.marked.pop(mark, 0)
 
     monkeypatch.setattr(conntrack, "forget_marked", forget)
-    monkeypatch.setattr(dm, "open_tun", lambda name: fake_tun(pipes))
-    monkeypatch.setattr(dm, "BatchedQueue", queues)
+    monkeypatch.setattr(sessiondevices, "open_tun", lambda name: fake_tun(pipes))
+    monkeypatch.setattr(sessiondevices, "BatchedQueue", queues)
     monkeypatch.setattr(dm.rules, "ensure_rule", lambda *a: None)
     try:
         yield k
@@ -714,7 +714,7 @@ def test_a_session_whose_devices_fail_at_recovery_keeps_its_protection(
         return fake_tun(others)
 
     others: list[int] = []
-    monkeypatch.setattr(dm, "open_tun", open_tun)
+    monkeypatch.setattr(sessiondevices, "open_tun", open_tun)
 
     async def scenario() -> None:
         daemon = make_daemon(tmp_path)
@@ -884,7 +884,7 @@ def test_a_new_server_session_makes_its_tcp_connections_answer_for_their_reset(
     monkeypatch.setattr(dm, "SocketOwners", Owners, raising=False)
     read_end, write_end = os.pipe()
     os.set_blocking(read_end, False)
-    monkeypatch.setattr(dm, "open_tun", lambda name: write_end)
+    monkeypatch.setattr(sessiondevices, "open_tun", lambda name: write_end)
 
     def probes() -> list[Any]:
         try:

@@ -1,0 +1,81 @@
+"""Each client-host session's own devices on the event loop: its TUN device (replies
+written in, the kernel's copies of its too-large datagrams read out) and its NFQUEUE (its
+packets read). What becomes of a packet is pvpn.nodes.client.ClientHost's (``take``)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from typing import Callable
+
+from pvpn.errors import PvpnError
+from pvpn.fragments import Reassembler
+from pvpn.io.loop import Guard
+from pvpn.io.nfqueue import BatchedQueue
+from pvpn.io.tun import open_tun, read_copies
+from pvpn.nodes.client import SlotSession
+
+#: A packet of a session, taken (dropped by the queue: it never leaves the host in clear).
+Take = Callable[[bytes], bool]
+
+
+class SessionDevices:
+    """The sessions' queues and TUN devices by slot. After each batch read, ``flush``
+    writes out what the batch gave the local connections."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, guard: Guard,
+                 flush: Callable[[], None]) -> None:
+        self.loop = loop
+        self.guard = guard
+        self.flush = flush
+        self.queues: dict[int, BatchedQueue] = {}
+        self.tun_fds: dict[int, int] = {}
+
+    def attach(self, session: SlotSession, take: Take) -> None:
+        """The session's TUN device and queue, read from now on (PvpnError: neither is kept)."""
+        fd = open_tun(session.tun)
+        self.tun_fds[session.slot] = fd
+        try:
+            queue = BatchedQueue(session.queue, take, max_len=4096)
+        except OSError as exc:  # the queue is bound by someone else, say
+            os.close(self.tun_fds.pop(session.slot))
+            raise PvpnError(f"cannot bind NFQUEUE {session.queue}: {exc}") from None
+        except BaseException:
+            os.close(self.tun_fds.pop(session.slot))
+            raise
+        self.queues[session.slot] = queue
+
+        def drain() -> None:
+            # A packet whose handling failed is dropped (fail closed), the rest go on.
+            self.guard.call("queue drain", queue.drain)
+            self.guard.call("flush", self.flush)
+
+        self.loop.add_reader(queue.fileno(), drain)
+        copies = Reassembler()
+
+        def read_big() -> None:
+            # The session's datagrams too large for a queue message: the kernel's copies,
+            # out of its TUN device (firewall.tee), handled as the queue's packets are.
+            self.guard.call("tun copies", self._take_copies, fd, copies, take)
+            self.guard.call("flush", self.flush)
+
+        self.loop.add_reader(fd, read_big)
+
+    def _take_copies(self, fd: int, copies: Reassembler, take: Take) -> None:
+        # The kernel's copy carries DF (nf_dup_ipv4 sets it); its sender set none.
+        for datagram in read_copies(fd, copies, self.loop.time(), 0, True):
+            take(datagram)
+
+    def attached(self, session: SlotSession) -> bool:
+        return session.slot in self.queues
+
+    def detach(self, session: SlotSession) -> None:
+        """The session's queue and TUN device are closed (if it had them)."""
+        queue = self.queues.pop(session.slot, None)
+        if queue is not None:
+            self.loop.remove_reader(queue.fileno())
+            queue.close()
+        fd = self.tun_fds.pop(session.slot, None)
+        if fd is not None:
+            self.loop.remove_reader(fd)
+            os.close(fd)
