@@ -109,7 +109,8 @@ class SlotSession(Counters):
         return self.drops.count(code, now)
 
     def note_flow(self, key: FlowKey, now: float) -> None:
-        """Remember a flow this session sent (the packet path inlines the same steps)."""
+        """Remember a flow this session sent: least recently used last, so a full table
+        forgets the flow idle longest."""
         flows = self.flows
         flows.pop(key, None)
         flows[key] = now
@@ -590,15 +591,9 @@ class ClientHost(Generic[P]):
             key = pk.parse_flow(payload)
         except MalformedPacket:
             pass  # e.g. a locally generated ICMP error; it still belongs to this session
-        else:  # least recently used last; a full table forgets the flow idle longest
-            flows = session.flows
-            flows.pop(key, None)
-            flows[key] = now
-            if len(flows) > session.max_flows:
-                del flows[next(iter(flows))]
-                session.flows_evicted += 1
-        session.packets_out += 1
-        session.bytes_out += len(payload)
+        else:
+            session.note_flow(key, now)
+        session.count_out(len(payload))
         link.pending.append(link.channel.packet(session.session_id, session.uid, payload))
         self.dirty.add(link)
 
@@ -651,8 +646,7 @@ class ClientHost(Generic[P]):
             if owner is not None and owner != session.uid:
                 self.dropped(session, Drop.REPLY_NOT_YOURS, now, sent)
                 return
-        session.packets_in += 1
-        session.bytes_in += len(packet)
+        session.count_in(len(packet))
         self.commands.append(WriteTun(session, packet, sent))
 
     def tun_refused(self, cmd: WriteTun, code: Drop, now: float) -> None:
