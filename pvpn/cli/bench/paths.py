@@ -694,6 +694,8 @@ def setup_wireguard(topology: Topology, say: Say) -> BenchPath:
         "cipher": "ChaCha20-Poly1305 (fixed by WireGuard; Noise IK, Curve25519 keys made "
                   "for the run)",
         "mtu": f"{mtu if mtu is not None else '?'} (wireguard-go's default; none set)",
+        "tunnel": f"{WIREGUARD_NET}.2 (client) to {WIREGUARD_NET}.1 (server), /24; the client "
+                  f"routes {target_subnet} into it",
         "reply path": "server forwards; target routes the tunnel subnet back",
     }
     return path
