@@ -364,7 +364,7 @@ def targets(results: Results, summary: Mapping[str, Any]) -> list[Target]:
         ((test, _median(summary, "bulk", "pvpn", test),
           _median(summary, "bulk", "wireguard-go", test)) for test in TCP_TESTS), 1.0)
     out.append(Target("pvpn >= 1.0x wireguard-go on bulk TCP", _verdict(checks),
-                      ", ".join(parts) or "wireguard-go not measured"))
+                      ", ".join(parts) or "pvpn or wireguard-go not measured"))
 
     # Through two gateways, at least 0.8x of pvpn over one hop.
     g2 = _cells(summary, "throughput", "pvpn-2gw")
