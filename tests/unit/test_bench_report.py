@@ -202,3 +202,63 @@ def test_markdown_webstone_is_a_thesis_style_table() -> None:
     assert "| path | 0 B | 1 KB | 10 KB | 100 KB | 1 MB |" in lines
     assert "| pvpn | 200 | - | - | - | - |" in lines
     assert "| pvpn | 0.004000 | - | - | - | - |" in lines
+
+
+WIREGUARD_SETTINGS = {"version": "wireguard-go v0.0.20220316",
+                      "mtu": "1420 (wireguard-go's default; none set)",
+                      "cipher": "ChaCha20-Poly1305 (fixed by WireGuard)"}
+
+
+def with_wireguard() -> dict[str, Any]:
+    """The made-up run, plus wireguard-go: 400 Mbit/s one stream up (pvpn 200)."""
+    base = results()
+    paths = {**PATHS, "wireguard-go": {"status": "ok", "hops": 1,
+                                       "settings": WIREGUARD_SETTINGS}}
+    bulk = [*base["bulk"],
+            {"path": "wireguard-go", "test": "tcp1-up", "repeat": 0,
+             "bits_per_second": 400e6, "bytes": 250_000_000, "retransmits": 0, "wall": 5.0,
+             "cpu": {"wireguard-go client": 1.0, "wireguard-go server": 1.5}}]
+    return results(paths=paths, bulk=bulk)
+
+
+def test_wireguard_go_is_a_peer() -> None:
+    assert report.is_peer("wireguard-go")
+    assert "wireguard-go" in report.PEERS
+
+
+def test_pvpn_bulk_against_openvpn_udp_and_wireguard_go() -> None:
+    summary = report.summarize(with_wireguard())
+    against = summary["bulk_against_peers"]
+    # pvpn 200 Mbit/s: against OpenVPN/UDP's 250 0.80, against wireguard-go's 400 0.50
+    assert against["pvpn"]["openvpn-udp"] == {"tcp1-up": pytest.approx(0.8)}
+    assert against["pvpn"]["wireguard-go"] == {"tcp1-up": pytest.approx(0.5)}
+    assert against["pvpn-2gw"]["wireguard-go"]["tcp1-up"] == pytest.approx(0.375)
+    # 2.5 CPU seconds over 0.25 GB
+    assert summary["cpu_seconds_per_gb_total"]["wireguard-go"]["tcp1-up"]["median"] == \
+        pytest.approx(10.0)
+    wireguard = next(t for t in summary["targets"] if "wireguard-go" in t["target"])
+    assert wireguard["met"] is False and "tcp1-up 0.50x" in wireguard["detail"]
+
+
+def test_without_wireguard_go_its_target_is_not_measured() -> None:
+    summary = report.summarize(results())
+    assert "wireguard-go" not in summary["bulk_against_peers"]["pvpn"]
+    wireguard = next(t for t in summary["targets"] if "wireguard-go" in t["target"])
+    assert wireguard["met"] is None
+    assert wireguard["detail"] == "pvpn or wireguard-go not measured"
+
+
+def test_render_shows_wireguard_go_its_settings_and_pvpn_against_each_peer() -> None:
+    text = report.render(with_wireguard())
+    lines = text.splitlines()
+    assert "  wireguard-go ok" in lines
+    assert "      mtu: 1420 (wireguard-go's default; none set)" in lines
+    assert "      cipher: ChaCha20-Poly1305 (fixed by WireGuard)" in lines
+    assert any(line.startswith("wireguard-go ") and "400Mb" in line for line in lines)
+    assert "pvpn's bulk TCP against OpenVPN/UDP and wireguard-go (above 1: pvpn is faster)" \
+        in lines
+    rows = [line.split() for line in lines if line.startswith("pvpn ")]
+    assert ["pvpn", "openvpn-udp", "0.80"] in rows
+    assert ["pvpn", "wireguard-go", "0.50"] in rows
+    # pvpn's bulk ratio to the best peer is now wireguard-go's: 200 / 400
+    assert any(line.split()[:4] == ["pvpn", "0.02", "/", "0.50"] for line in lines)

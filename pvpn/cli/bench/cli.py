@@ -146,12 +146,14 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         "bench", help="measure pvpn beside a direct path and other VPNs (root)",
         description="Build labs of network namespaces and measure, side by side: a direct "
                     "routed path, pvpn over one hop, pvpn through two gateways and (with "
-                    "--peers) OpenVPN over UDP and TCP and sshuttle.  WebStone-style HTTP "
-                    "cells, iperf3 bulk transfers, round trips, scale with many users, CPU "
-                    "per GB.  Everything it builds is removed at the end.  Needs root.")
+                    "--peers) OpenVPN over UDP and TCP, wireguard-go and sshuttle.  "
+                    "WebStone-style HTTP cells, iperf3 bulk transfers, round trips, scale "
+                    "with many users, CPU per GB.  Everything it builds is removed at the "
+                    "end.  Needs root.")
     p.add_argument("--peers", action="store_true",
-                   help="also measure OpenVPN (UDP, TCP) and sshuttle, installing them if "
-                        "missing (apt-get / pip); a peer that can't be set up is skipped")
+                   help="also measure OpenVPN (UDP, TCP), wireguard-go (userspace, over "
+                        "TUN) and sshuttle, installing them if missing (apt-get / pip); a "
+                        "peer that can't be set up is skipped")
     p.add_argument("--quick", action="store_true",
                    help="a short run (about a minute): fewer cells, 1 repeat, short durations")
     p.add_argument("--only", metavar="PATHS",

@@ -12,6 +12,10 @@ it knows how to undo itself (``BenchPath.teardown``, last step first).
   at bench time, AES-256-GCM), tun devices on the client and the server hosts, the client
   routing the target's subnet into its tun, the server forwarding and the target routing the
   tunnel's subnet back to the server;
+- ``wireguard-go``: Debian's wireguard-go (userspace WireGuard over a TUN device; the
+  kernel's WireGuard is not used) on the client and the server hosts, configured with
+  ``wg setconf`` and keys made at bench time, with OpenVPN's routes on a tunnel /24 of its
+  own;
 - ``sshuttle``: sshuttle (``--method nat``) run by root on the client, through an sshd
   started on the server host for the bench, logging in as alice with her lab ssh key.
 
@@ -21,10 +25,12 @@ bench reports them as skipped and goes on.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import functools
 import os
 import re
+import secrets
 import shlex
 import shutil
 import signal
@@ -46,6 +52,9 @@ Say = Callable[[str], None]
 BENCH_USER = "alice"
 OPENVPN_PORT = 1194
 OPENVPN_NET = "10.78.0"  # the tunnel's /24: .1 on the server, .2 on the client
+WIREGUARD_PORT = 51820
+WIREGUARD_NET = "10.79.0"  # the tunnel's /24: .1 on the server, .2 on the client
+WIREGUARD_SOCKETS = Path("/var/run/wireguard")  # wireguard-go's UAPI sockets, by device
 SSH_PORT = 22
 SETUP_TIMEOUT = 30.0
 INSTALL_TIMEOUT = 600.0
@@ -438,9 +447,11 @@ def _installed(name: str) -> str | None:
     return find_program(name) or shutil.which(name)
 
 
-def ensure_program(program: str, *, apt: str | None, pip: str | None, say: Say) -> str:
+def ensure_program(program: str, *, apt: str | None, pip: str | None, say: Say,
+                   apt_recommends: bool = True) -> str:
     """The path of ``program``, installing it first (pip into pvpn's environment, else
-    apt-get) when missing; :class:`PathUnavailable` when it can't be had."""
+    apt-get, with the package's recommendations unless ``apt_recommends`` is False) when
+    missing; :class:`PathUnavailable` when it can't be had."""
     found = _installed(program)
     if found:
         return found
@@ -456,7 +467,9 @@ def ensure_program(program: str, *, apt: str | None, pip: str | None, say: Say) 
     if apt is not None and shutil.which("apt-get"):
         say(f"bench: installing {apt} with apt-get")
         env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-        result = subprocess.run(["apt-get", "install", "-y", "-q", apt], capture_output=True,
+        extra = [] if apt_recommends else ["--no-install-recommends"]
+        result = subprocess.run(["apt-get", "install", "-y", "-q", *extra, apt],
+                                capture_output=True,
                                 timeout=INSTALL_TIMEOUT, check=False, env=env)
         found = _installed(program)
         if found:
@@ -535,6 +548,156 @@ def setup_openvpn(topology: Topology, proto: str, say: Say) -> BenchPath:
                      "mode": f"p2p TLS, {proto}, AES-256-GCM, tun, default MTU and mssfix"
                              + (", TCP_NODELAY" if proto != "udp" else ""),
                      "reply path": "server forwards; target routes the tunnel subnet back"}
+    return path
+
+
+# --- wireguard-go ------------------------------------------------------------------------
+
+
+def wireguard_public_key(private_key: str) -> str:
+    """The public key of a base64 Curve25519 private key, as ``wg pubkey`` gives it."""
+    from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+    from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+    key = X25519PrivateKey.from_private_bytes(base64.b64decode(private_key, validate=True))
+    raw = key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+    return base64.b64encode(raw).decode()
+
+
+def wireguard_keypair() -> tuple[str, str]:
+    """A fresh (private, public) key pair, base64 as ``wg genkey`` / ``wg pubkey`` write it."""
+    key = bytearray(secrets.token_bytes(32))
+    # Clamped as wg genkey clamps (RFC 7748 section 5; X25519 clamps again on use).
+    key[0] &= 248
+    key[31] = (key[31] & 127) | 64
+    private_key = base64.b64encode(bytes(key)).decode()
+    return private_key, wireguard_public_key(private_key)
+
+
+def wireguard_config(private_key: str, peer_public_key: str, allowed_ips: list[str], *,
+                     listen_port: int | None = None, endpoint: str | None = None) -> str:
+    """The ``wg setconf`` file of one end of the tunnel: its key and its one peer (wg's own
+    format, not wg-quick's: addresses, MTU and routes are set with ip)."""
+    lines = ["[Interface]", f"PrivateKey = {private_key}"]
+    if listen_port is not None:
+        lines.append(f"ListenPort = {listen_port}")
+    lines += ["", "[Peer]", f"PublicKey = {peer_public_key}",
+              f"AllowedIPs = {', '.join(allowed_ips)}"]
+    if endpoint is not None:
+        lines.append(f"Endpoint = {endpoint}")
+    return "\n".join(lines) + "\n"
+
+
+def wireguard_interface(lab_name: str, role: str) -> str:
+    """The TUN device of ``role``'s end, named after the lab (at most 10 characters) so that
+    wireguard-go's UAPI socket, one directory for every namespace, is the run's own."""
+    return f"{lab_name}-wg{role[0]}"
+
+
+MTU_RE = re.compile(r"\bmtu (\d+)\b")
+
+
+def link_mtu(ip_link_show: str) -> int | None:
+    """The MTU in the output of ``ip link show DEV``, or None."""
+    match = MTU_RE.search(ip_link_show)
+    return int(match[1]) if match else None
+
+
+def _write_secret(file: Path, text: str) -> None:
+    fd = os.open(file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as out:
+        out.write(text)
+
+
+def _kernel_wireguard(topology: Topology) -> str:
+    """Whether this kernel has WireGuard (the bench measures wireguard-go either way)."""
+    probe = f"{topology.name}-wgk"
+    result = run(["ip", "-n", topology.host("client").namespace, "link", "add", probe,
+                  "type", "wireguard"], check=False, timeout=10)
+    if result.returncode != 0:
+        return "absent from this kernel"
+    _ip(topology, "client", "link", "del", probe)
+    return "present in this kernel, not used"
+
+
+def _wireguard_end(path: BenchPath, wireguard_go: str, wg: str, role: str, config: str,
+                   address: str, work: Path) -> subprocess.Popen[bytes]:
+    """wireguard-go on ``role``, configured with wg and given the tunnel ``address``; its
+    TUN device (with the routes through it) goes when it stops at teardown."""
+    topology = path.topology
+    interface = wireguard_interface(topology.name, role)
+    socket = WIREGUARD_SOCKETS / f"{interface}.sock"
+    # A wireguard-go that had to be killed leaves its UAPI socket behind.
+    path.on_teardown(f"remove {socket}", lambda: socket.unlink(missing_ok=True))
+    log = work / f"{role}.log"
+    # WG_PROCESS_FOREGROUND keeps it a child of ours that TERM stops, not a daemon.
+    proc = _start(path, f"wireguard-go {role}", lab.host_command(
+        topology, role, "env", "WG_PROCESS_FOREGROUND=1", "LOG_LEVEL=verbose", wireguard_go,
+        interface), log)
+    try:
+        wait_until(f"wireguard-go's socket on {role}",
+                   lambda: socket.exists() or proc.poll() is not None, timeout=SETUP_TIMEOUT)
+    except PvpnError as exc:
+        raise PathUnavailable(f"{exc}: {_tail(log)}") from exc
+    if proc.poll() is not None:
+        raise PathUnavailable(f"wireguard-go on {role} exited ({proc.returncode}): "
+                              f"{_tail(log)}")
+    conf = work / f"{role}.conf"
+    _write_secret(conf, config)
+    run(lab.host_command(topology, role, wg, "setconf", interface, str(conf)), timeout=10)
+    _ip(topology, role, "address", "add", f"{address}/24", "dev", interface)
+    _ip(topology, role, "link", "set", interface, "up")
+    return proc
+
+
+def setup_wireguard(topology: Topology, say: Say) -> BenchPath:
+    """wireguard-go (userspace WireGuard over TUN) between the client and the server hosts,
+    configured with wg, in a lab without pvpn nodes; the same links and routes as OpenVPN's."""
+    wireguard_go = ensure_program("wireguard-go", apt="wireguard-go", pip=None, say=say)
+    # wireguard-tools recommends the kernel's module, which apt would bring as a whole
+    # kernel image; only wg itself is needed.
+    wg = ensure_program("wg", apt="wireguard-tools", pip=None, say=say, apt_recommends=False)
+    path = _new_path("wireguard-go", topology, 1)
+    work = topology.root / "bench-wireguard"
+    server4 = str(topology.server_link.right4)
+    target_subnet = str(topology.target_link.subnet4)
+    server_key, server_public = wireguard_keypair()
+    client_key, client_public = wireguard_keypair()
+    client_interface = wireguard_interface(topology.name, "client")
+    with _undone_on_failure(path, "wireguard-go"):
+        work.mkdir(mode=0o700, parents=True, exist_ok=True)
+        kernel = _kernel_wireguard(topology)
+        server = _wireguard_end(path, wireguard_go, wg, "server", wireguard_config(
+            server_key, client_public, [f"{WIREGUARD_NET}.2/32"], listen_port=WIREGUARD_PORT),
+            f"{WIREGUARD_NET}.1", work)
+        _forwarding(path, "server")
+        # The target answers the tunnel's addresses through the server.
+        _route(path, "target", f"{WIREGUARD_NET}.0/24", str(topology.target_link.left4))
+        client = _wireguard_end(path, wireguard_go, wg, "client", wireguard_config(
+            client_key, server_public, [f"{WIREGUARD_NET}.0/24", target_subnet],
+            endpoint=f"{server4}:{WIREGUARD_PORT}"), f"{WIREGUARD_NET}.2", work)
+        # The client routes the target's subnet into the tunnel, as OpenVPN's --route does.
+        _ip(topology, "client", "route", "add", target_subnet, "dev", client_interface)
+        check_reaches(path)
+        shown = run(["ip", "-n", path.namespace("client"), "link", "show", client_interface],
+                    timeout=10)
+        mtu = link_mtu(shown.stdout.decode(errors="replace"))
+    path.processes = {"wireguard-go client": _pids_of(client),
+                      "wireguard-go server": _pids_of(server)}
+    path.logs = [work / "client.log", work / "server.log"]
+    path.settings = {
+        "version": program_version([wireguard_go, "--version"]),
+        "wg": program_version([wg, "--version"]),
+        "mode": "userspace: wireguard-go over a TUN device on the client and the server "
+                f"host, configured with wg setconf, UDP port {WIREGUARD_PORT}",
+        "kernel WireGuard": f"not used ({kernel})",
+        "cipher": "ChaCha20-Poly1305 (fixed by WireGuard; Noise IK, Curve25519 keys made "
+                  "for the run)",
+        "mtu": f"{mtu if mtu is not None else '?'} (wireguard-go's default; none set)",
+        "tunnel": f"{WIREGUARD_NET}.2 (client) to {WIREGUARD_NET}.1 (server), /24; the client "
+                  f"routes {target_subnet} into it",
+        "reply path": "server forwards; target routes the tunnel subnet back",
+    }
     return path
 
 

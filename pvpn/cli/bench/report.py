@@ -6,7 +6,8 @@ results (lists of per-repeat records, as the JSON keeps them) into medians with 
 tables and :func:`markdown_webstone` the thesis-style tables for the README.
 
 Every figure is shown as a ratio to ``direct`` (``×d``) and to the best peer in the same
-cell (``×p``: the best of OpenVPN over UDP, over TCP and sshuttle that was measured).  A
+cell (``×p``: the best of OpenVPN over UDP, over TCP, wireguard-go and sshuttle that was
+measured); pvpn's bulk figures also against OpenVPN over UDP and wireguard-go one by one.  A
 ratio is always *this path ÷ the reference*: above 1 is better for rates, worse for times.
 """
 
@@ -19,10 +20,13 @@ from dataclasses import dataclass
 from typing import Any
 
 DIRECT = "direct"
-PEERS = ("openvpn-udp", "openvpn-tcp", "sshuttle")
+PEERS = ("openvpn-udp", "openvpn-tcp", "wireguard-go", "sshuttle")
 FILES = ("0", "1k", "10k", "100k", "1m")
 FILE_LABELS = {"0": "0 B", "1k": "1 KB", "10k": "10 KB", "100k": "100 KB", "1m": "1 MB"}
 BULK_TESTS = ("tcp1-up", "tcp1-down", "tcp8-up", "tcp8-down", "udp-up")
+TCP_TESTS = ("tcp1-up", "tcp1-down", "tcp8-up", "tcp8-down")
+# The peers pvpn's bulk TCP is held against one by one (issue 12's bulk target).
+BULK_REFERENCES = ("openvpn-udp", "wireguard-go")
 BULK_LABELS = {"tcp1-up": "TCP 1 up", "tcp1-down": "TCP 1 down", "tcp8-up": "TCP 8 up",
                "tcp8-down": "TCP 8 down", "udp-up": "UDP up"}
 MB = 1_000_000
@@ -209,6 +213,7 @@ def summarize(results: Results) -> dict[str, Any]:
         scale.setdefault(path, {})[str(users)] = entry
     out["scale"] = scale
 
+    out["bulk_against_peers"] = bulk_against_peers(out)
     out["hop_cost"] = hop_cost(out)
     out["targets"] = [t.as_dict() for t in targets(results, out)]
     return out
@@ -224,6 +229,21 @@ def _median(summary: Mapping[str, Any], *keys: str) -> float | None:
         median = value.get("median")
         return float(median) if isinstance(median, (int, float)) else None
     return None
+
+
+def bulk_against_peers(summary: Mapping[str, Any]) -> dict[str, dict[str, dict[str, float]]]:
+    """pvpn's bulk TCP medians over each of :data:`BULK_REFERENCES`', by pvpn path, then
+    reference, then test (only the pairs both measured)."""
+    bulk: Mapping[str, Any] = summary.get("bulk", {})
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    for path in (p for p in bulk if p.startswith("pvpn")):
+        for reference in BULK_REFERENCES:
+            for test in TCP_TESTS:
+                r = ratio(_median(summary, "bulk", path, test),
+                          _median(summary, "bulk", reference, test))
+                if r is not None:
+                    out.setdefault(path, {}).setdefault(reference, {})[test] = r
+    return out
 
 
 def hop_cost(summary: Mapping[str, Any]) -> dict[str, Any]:
@@ -327,10 +347,9 @@ def targets(results: Results, summary: Mapping[str, Any]) -> list[Target]:
                       if common else "sshuttle not measured"))
 
     # pvpn reaches OpenVPN over UDP on bulk TCP and on the 0 B-10 KB cells.
-    tcp_tests = ("tcp1-up", "tcp1-down", "tcp8-up", "tcp8-down")
     checks, parts = _ratio_checks(
         ((test, _median(summary, "bulk", "pvpn", test),
-          _median(summary, "bulk", "openvpn-udp", test)) for test in tcp_tests), 1.0)
+          _median(summary, "bulk", "openvpn-udp", test)) for test in TCP_TESTS), 1.0)
     out.append(Target("pvpn >= 1.0x OpenVPN/UDP on bulk TCP", _verdict(checks),
                       ", ".join(parts) or "OpenVPN/UDP not measured"))
     ov_t = _cells(summary, "throughput", "openvpn-udp")
@@ -340,11 +359,18 @@ def targets(results: Results, summary: Mapping[str, Any]) -> list[Target]:
     out.append(Target("pvpn >= 1.0x OpenVPN/UDP on the 0 B-10 KB cells (file/clients)",
                       _verdict(checks), ", ".join(parts) or "OpenVPN/UDP not measured"))
 
+    # ... and is ahead of userspace WireGuard on bulk TCP (issue 12).
+    checks, parts = _ratio_checks(
+        ((test, _median(summary, "bulk", "pvpn", test),
+          _median(summary, "bulk", "wireguard-go", test)) for test in TCP_TESTS), 1.0)
+    out.append(Target("pvpn >= 1.0x wireguard-go on bulk TCP", _verdict(checks),
+                      ", ".join(parts) or "pvpn or wireguard-go not measured"))
+
     # Through two gateways, at least 0.8x of pvpn over one hop.
     g2 = _cells(summary, "throughput", "pvpn-2gw")
     checks, parts = _ratio_checks(
         [*((test, _median(summary, "bulk", "pvpn-2gw", test),
-            _median(summary, "bulk", "pvpn", test)) for test in tcp_tests),
+            _median(summary, "bulk", "pvpn", test)) for test in TCP_TESTS),
          *((cell, g2[cell], pv_t[cell]) for cell in sorted(set(g2) & set(pv_t)))], 0.8)
     out.append(Target("pvpn through 2 gateways >= 0.8x pvpn over one hop",
                       _verdict(checks), ", ".join(parts) or "not measured"))
@@ -450,6 +476,20 @@ def _metric_tables(title: str, paths: list[str], columns: list[tuple[str, str]],
     return lines + [""]
 
 
+def _against_peers_table(against: Mapping[str, Mapping[str, Mapping[str, float]]]
+                         ) -> list[str]:
+    """pvpn's bulk TCP as a ratio to each of :data:`BULK_REFERENCES`, a row per pair."""
+    pairs = [(path, reference, ratios) for path, by_reference in against.items()
+             for reference, ratios in by_reference.items()]
+    tests = [t for t in TCP_TESTS if any(t in ratios for _, _, ratios in pairs)]
+    if not tests:
+        return []
+    rows = [[path, reference, *(f"{ratios[t]:.2f}" if t in ratios else "-" for t in tests)]
+            for path, reference, ratios in pairs]
+    return ["pvpn's bulk TCP against OpenVPN/UDP and wireguard-go (above 1: pvpn is faster)",
+            *_table(["path", "against", *(BULK_LABELS[t] for t in tests)], rows), ""]
+
+
 def render(results: Results, summary: Mapping[str, Any] | None = None) -> str:
     """The readable report of one bench run."""
     summary = summary if summary is not None else summarize(results)
@@ -468,6 +508,9 @@ def render(results: Results, summary: Mapping[str, Any] | None = None) -> str:
     for name, meta in paths_meta.items():
         note = meta.get("note") or ""
         lines.append(f"  {name:<12} {meta.get('status', '?'):<8} {note}".rstrip())
+        # Each path's exact settings (versions, ciphers, MTU), so the figures can be redone.
+        for key, value in (meta.get("settings") or {}).items():
+            lines.append(f"      {key}: {value}")
     lines.append("")
 
     web = summary.get("webstone", {})
@@ -496,6 +539,7 @@ def render(results: Results, summary: Mapping[str, Any] | None = None) -> str:
                                 "to target) and down; UDP at a fixed offered rate",
                                 paths, [(t, BULK_LABELS[t]) for t in tests], bulk,
                                 lambda v: si(v, "b"), True)
+        lines += _against_peers_table(summary.get("bulk_against_peers", {}))
         loss = summary.get("udp_loss_percent", {})
         if loss:
             lines.append("UDP loss at the offered rate: " + ", ".join(

@@ -32,11 +32,12 @@ from pvpn.cli.lab.errors import LabError
 
 Say = Callable[[str], None]
 
-ALL_PATHS = ("direct", "pvpn", "pvpn-2gw", "openvpn-udp", "openvpn-tcp", "sshuttle")
+ALL_PATHS = ("direct", "pvpn", "pvpn-2gw", "openvpn-udp", "openvpn-tcp", "wireguard-go",
+             "sshuttle")
 BASE_PATHS = ("direct", "pvpn", "pvpn-2gw")
 SECTIONS = ("latency", "bulk", "webstone", "scale")
 LAB_LETTER = {"direct": "d", "pvpn": "p", "pvpn-2gw": "g", "openvpn-udp": "u",
-              "openvpn-tcp": "t", "sshuttle": "s"}
+              "openvpn-tcp": "t", "wireguard-go": "w", "sshuttle": "s"}
 LAB_GATEWAYS = {"pvpn-2gw": 2}
 SCALE_FILE = "100k"  # small enough that every user completes several in a run
 
@@ -204,6 +205,8 @@ class Bench:
                     path = paths.setup_pvpn(topology, name, self.options.nat_ports)
                 elif name.startswith("openvpn"):
                     path = paths.setup_openvpn(topology, name.split("-")[1], self.say)
+                elif name == "wireguard-go":
+                    path = paths.setup_wireguard(topology, self.say)
                 else:
                     path = paths.setup_sshuttle(topology, self.say)
             except (PathUnavailable, PvpnError) as exc:
