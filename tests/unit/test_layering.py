@@ -64,6 +64,17 @@ def test_the_adapters_import_no_program_and_no_tool() -> None:
     assert violations(ADAPTERS, PROGRAMS_AND_TOOLS, set()) == []
 
 
+PROGRAMS = sorted([*ROOT.glob("client/*.py"), *ROOT.glob("gateway/*.py"),
+                   *ROOT.glob("server/*.py")])
+
+
+def test_the_node_programs_import_no_tool() -> None:
+    # The lab and the bench ship in pvpn.cli beside the nodes (an extra would select
+    # dependencies, not modules); no node ever loads them, or the trace tools.
+    assert len(PROGRAMS) > 5
+    assert violations(PROGRAMS, ("pvpn.cli",), set()) == []
+
+
 def test_the_check_sees_a_lazy_import(tmp_path: Path) -> None:
     sneaky = tmp_path / "sneaky.py"
     sneaky.write_text("def f():\n    import socket\n    from pvpn.io import rawsock\n")
