@@ -213,6 +213,13 @@ def summarize(results: Results) -> dict[str, Any]:
         scale.setdefault(path, {})[str(users)] = entry
     out["scale"] = scale
 
+    wakeups: dict[str, Any] = {}
+    for (loop,), records in _group(results.get("wakeup", []), "loop").items():
+        s = spread(_num(r, "round_trip") for r in records)
+        if s is not None:
+            wakeups[loop] = s.as_dict()
+    out["wakeup"] = wakeups
+
     out["bulk_against_peers"] = bulk_against_peers(out)
     out["hop_cost"] = hop_cost(out)
     out["targets"] = [t.as_dict() for t in targets(results, out)]
@@ -490,6 +497,24 @@ def _against_peers_table(against: Mapping[str, Mapping[str, Mapping[str, float]]
             *_table(["path", "against", *(BULK_LABELS[t] for t in tests)], rows), ""]
 
 
+def _wakeup_table(wakeups: Mapping[str, Mapping[str, float]]) -> list[str]:
+    """Per event loop: a 1-byte round trip between two processes (two wake-ups), and its
+    cost over blocking system calls (the floor)."""
+    if not wakeups:
+        return []
+    floor = wakeups.get("blocking", {}).get("median")
+    rows = []
+    for loop, s in wakeups.items():
+        rt = s.get("median")
+        over = "-" if floor is None or rt is None else seconds((rt - floor) / 2)
+        rows.append([loop, seconds(rt), seconds(None if rt is None else rt / 2), over])
+    lines = ["Wake-ups: a 1-byte ping-pong between two processes over a unix socket (each "
+             "round trip wakes each once)"]
+    lines += _table(["loop", "round trip", "per wake-up", "per wake-up over blocking"], rows)
+    lines.append("")
+    return lines
+
+
 def render(results: Results, summary: Mapping[str, Any] | None = None) -> str:
     """The readable report of one bench run."""
     summary = summary if summary is not None else summarize(results)
@@ -616,6 +641,8 @@ def render(results: Results, summary: Mapping[str, Any] | None = None) -> str:
                                 [p for p in paths if p in totals],
                                 [(t, BULK_LABELS[t]) for t in tests], totals,
                                 lambda v: "-" if v is None else f"{v:.2f}", False)
+
+    lines += _wakeup_table(summary.get("wakeup", {}))
 
     lines.append("Targets (issue 5)")
     for target in summary.get("targets", []):
