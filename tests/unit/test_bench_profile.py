@@ -12,7 +12,7 @@ import pytest
 
 from pvpn.cli.bench import cli
 from pvpn.cli.bench.paths import BenchPath
-from pvpn.cli.bench.profile import Profiles, self_time, top_lines
+from pvpn.cli.bench.profile import Profiles, libraries, self_time, top_lines
 
 RAW = """\
 <module> (pvpn/server/daemon.py:10);serve (pvpn/io/node.py:20);drain (pvpn/io/nfqueue.py:274) 30
@@ -59,3 +59,11 @@ def test_a_real_process_is_recorded_and_summed_up(tmp_path: Path) -> None:
     samples = int(written.split("-- pvpn-server (pid ")[1].split(": ")[1].split()[0])
     assert samples > 10, written
     assert "<module> (<string>:2)" in written
+    if shutil.which("perf"):  # perf is optional (Debian's linux-perf)
+        assert "perf, by library: " in written, written
+
+
+def test_perf_s_report_by_library_is_read() -> None:
+    shown = ("    45.12%  libcrypto.so.3        \n     30.00%  [kernel.kallsyms]\n"
+             "\n# a comment\n     2.00%  \n")
+    assert libraries(shown) == ["45.12%  libcrypto.so.3", "30.00%  [kernel.kallsyms]"]

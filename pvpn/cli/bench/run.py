@@ -278,7 +278,7 @@ class Bench:
     def _profiled(self, path: BenchPath, what: str, seconds: float, repeat: int
                   ) -> Iterator[None]:
         """Profile the pvpn processes of ``path`` during the first repeat of a measurement
-        (``--profile``); the recordings are stopped and read whatever happens."""
+        (``--profile``); the recorders are stopped whatever happens."""
         profiles = self.profiles
         if profiles is None or repeat or not path.name.startswith("pvpn"):
             yield
@@ -292,8 +292,10 @@ class Bench:
             return
         try:
             yield
-        finally:
-            profiles.finish(path, what, recordings)
+        except BaseException:  # Ctrl-C, SIGTERM: the recorders go at once, unread
+            profiles.stop_all(recordings)
+            raise
+        profiles.finish(path, what, recordings)
 
     def measure_wakeup(self) -> None:
         """The event loops' cost per wake-up (pvpn.cli.bench.wakeup), 10x the latency
