@@ -1,0 +1,183 @@
+"""pvpn-server with ``workers = 2`` in a real lab (one gateway) under supervisord: both
+workers serve sessions, a resume that reaches the other worker is routed to the session's
+own and resumes, a killed worker comes back (its parent starts it again, its sessions
+restored from its own state file) with the rules as they were, and a stop leaves the host
+as it was found."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, ContextManager, Iterator
+
+import pytest
+from vpnlib import connect, disconnect, fetch_ok
+
+from pvpn.cli.main import ask_daemon
+from pvpn.config import load_server_config
+from pvpn.envelope import MsgType
+from pvpn.workers import worker_path
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def wlab(lab_factory: Callable[..., ContextManager[dict[str, Any]]]) -> Iterator[dict[str, Any]]:
+    with lab_factory(nodes=True, gateways=1) as info:
+        config = Path(info["configs"]["server"])
+        text = config.read_text()
+        config.write_text(text.replace("[server]\n", "[server]\nworkers = 2\n", 1))
+        supervisorctl(info, "restart", "pvpn-server")
+        wait_for(lambda: len(worker_pids(info)) == 2 and all(
+            answers(info, i) for i in range(2)), 20, "two workers serving")
+        yield info
+
+
+def supervisorctl(info: dict[str, Any], *args: str) -> str:
+    host = info["hosts"]["server"]
+    proc = subprocess.run(["ip", "netns", "exec", host["namespace"],
+                           str(Path(sys.executable).parent / "supervisorctl"), "-c",
+                           host["supervisord"], *args], capture_output=True, text=True,
+                          timeout=60)
+    return proc.stdout
+
+
+def parent_pid(info: dict[str, Any]) -> int:
+    out = supervisorctl(info, "pid", "pvpn-server").strip()
+    return int(out) if out.isdigit() else 0
+
+
+def worker_pids(info: dict[str, Any]) -> list[int]:
+    parent = parent_pid(info)
+    if not parent:
+        return []
+    out = subprocess.run(["pgrep", "-P", str(parent)], capture_output=True, text=True).stdout
+    return sorted(int(p) for p in out.split())
+
+
+def controls(info: dict[str, Any]) -> list[Path]:
+    control = load_server_config(Path(info["configs"]["server"])).control
+    return [worker_path(control, i) for i in range(2)]
+
+
+def answers(info: dict[str, Any], worker: int) -> bool:
+    try:
+        sessions(info, worker)
+    except Exception:  # noqa: BLE001 - not serving yet
+        return False
+    return True
+
+
+def sessions(info: dict[str, Any], worker: int) -> list[str]:
+    mtype, reply = ask_daemon(controls(info)[worker], MsgType.STATUS, {})
+    assert mtype is not MsgType.ERROR, reply
+    return [s["session"] for s in reply.get("sessions", []) if s.get("state") == "up"]
+
+
+def owner(info: dict[str, Any], session: str) -> int | None:
+    for worker in range(2):
+        if session in sessions(info, worker):
+            return worker
+    return None
+
+
+def wait_for(check: Callable[[], bool], seconds: float, what: str) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if check():
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"not within {seconds} s: {what}")
+
+
+def server_rules(info: dict[str, Any]) -> list[str]:
+    ns = info["hosts"]["server"]["namespace"]
+    lines: list[str] = []
+    for tool in ("iptables-save", "ip6tables-save"):
+        out = subprocess.run(["ip", "netns", "exec", ns, tool, "-t", "mangle"],
+                             capture_output=True, text=True, timeout=30).stdout
+        lines += [line for line in out.splitlines() if "PVPNS" in line]
+    return lines
+
+
+def server_log(info: dict[str, Any]) -> list[dict[str, Any]]:
+    out = []
+    for line in Path(info["logs"]["server"]["pvpn-server"]).read_text().splitlines():
+        if line.startswith("{"):
+            out.append(json.loads(line))
+    return out
+
+
+def cut_links(info: dict[str, Any]) -> None:
+    """Abort the client host's connections to the first hop (SOCK_DESTROY, a reset)."""
+    subprocess.run(["ip", "netns", "exec", info["hosts"]["client"]["namespace"], "ss", "-K",
+                    "-t", "dport", "=", "4433"], capture_output=True, timeout=30, check=True)
+
+
+def test_two_workers_share_users_resume_across_workers_and_survive_a_kill(
+        wlab: dict[str, Any]) -> None:
+    rules = server_rules(wlab)
+    assert any("--queue-num 4000" in r for r in rules) and any("--queue-num 4001" in r
+                                                               for r in rules), rules
+    seen: set[int] = set()
+    try:
+        # Several users at once; sessions land on both workers (the kernel's hash spreads
+        # connections; bounded tries).
+        for _ in range(12):
+            alice, bob = connect(wlab, "alice"), connect(wlab, "bob")
+            fetch_ok(wlab, "alice", "10k")
+            fetch_ok(wlab, "bob", "10k")
+            seen |= {owner(wlab, alice), owner(wlab, bob)} - {None}
+            if seen == {0, 1}:
+                break
+            disconnect(wlab, "alice")
+            disconnect(wlab, "bob")
+        assert seen == {0, 1}, "both workers serve sessions"
+        disconnect(wlab, "bob")
+
+        # A link cut: the reconnect reaches either worker; one that reaches the other is
+        # routed to the session's own, and every cut resumes the same session.
+        home = owner(wlab, alice)
+        assert home is not None
+        handed, start = 0, len(server_log(wlab))
+        for cut in range(10):
+            before = len(server_log(wlab))
+            cut_links(wlab)
+            wait_for(lambda: any(r.get("event") == "session:resumed" and
+                                 r.get("session") == alice for r in server_log(wlab)[before:]),
+                     20, f"cut {cut + 1}: session {alice} resumed")
+            assert owner(wlab, alice) == home, "the session never moves"
+            fetch_ok(wlab, "alice", "10k")
+            if any(r.get("event") == "link:closed" and "handed to worker" in r.get("reason", "")
+                   for r in server_log(wlab)[before:]):
+                handed += 1
+                break
+        assert handed, "within 10 cuts one reconnect reached the other worker"
+        assert not any(r.get("event") == "session:opened" and r.get("session") == alice
+                       for r in server_log(wlab)[start:]), "no resume became a new session"
+
+        # One worker killed: its parent starts it again, its sessions come back from its own
+        # state file and resume; the rules are the same throughout.
+        pids = worker_pids(wlab)
+        victim = pids[home]
+        os.kill(victim, signal.SIGKILL)
+        wait_for(lambda: len(worker_pids(wlab)) == 2 and victim not in worker_pids(wlab), 15,
+                 "the killed worker started again")
+        assert sorted(server_rules(wlab)) == sorted(rules), "no rule leaked or lost"
+        wait_for(lambda: owner(wlab, alice) is not None, 30, "alice's session resumed")
+        fetch_ok(wlab, "alice", "10k")
+    finally:
+        disconnect(wlab, "alice")
+        disconnect(wlab, "bob")
+    # Stopped with no session to keep: the host as it was found.
+    wait_for(lambda: not sessions(wlab, 0) and not sessions(wlab, 1), 10, "sessions ended")
+    supervisorctl(wlab, "stop", "pvpn-server")
+    assert server_rules(wlab) == [], "the parent removed every rule"
+    state = load_server_config(Path(wlab["configs"]["server"])).state_file
+    assert state is not None
+    assert not any(worker_path(state, i).exists() for i in range(2)), "no state left"
