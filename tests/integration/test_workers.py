@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Callable, ContextManager, Iterator
 
 import pytest
-from vpnlib import connect, disconnect, fetch_ok
+from vpnlib import connect, disconnect, fetch_ok, sh
 
 from pvpn.cli.main import ask_daemon
 from pvpn.config import load_server_config
@@ -113,6 +113,26 @@ def server_log(info: dict[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
+# A UDP datagram to a port nobody listens on: the ICMP port unreachable comes back to the
+# user's socket as ECONNREFUSED.
+CLOSED_PORT = """
+import socket, sys
+address = sys.argv[1]
+s = socket.socket(socket.AF_INET6 if ":" in address else socket.AF_INET, socket.SOCK_DGRAM)
+s.settimeout(3)
+s.connect((address, 9))
+for _ in range(3):
+    s.send(b"x")
+    try:
+        s.recv(10)
+    except ConnectionRefusedError:
+        print("refused")
+        break
+    except socket.timeout:
+        pass
+"""
+
+
 def cut_links(info: dict[str, Any]) -> None:
     """Abort the client host's connections to the first hop (SOCK_DESTROY, a reset)."""
     subprocess.run(["ip", "netns", "exec", info["hosts"]["client"]["namespace"], "ss", "-K",
@@ -138,6 +158,16 @@ def test_two_workers_share_users_resume_across_workers_and_survive_a_kill(
             disconnect(wlab, "alice")
             disconnect(wlab, "bob")
         assert seen == {0, 1}, "both workers serve sessions"
+        # Each worker's ICMP: echo replies by identifier (the largest by its own TUN
+        # device), errors by the port of the packet they quote.
+        for user in ("alice", "bob"):
+            for address in (wlab["target"]["ipv4"], wlab["target"]["ipv6"]):
+                for size in ("56", "65000"):
+                    ping = sh(wlab, "client", user, "ping", "-c", "1", "-W", "3", "-s", size,
+                              address, timeout=20)
+                    assert ping.returncode == 0, (user, address, size, ping.stdout.decode())
+                refused = sh(wlab, "client", user, "python3", "-c", CLOSED_PORT, address)
+                assert refused.stdout.decode().strip() == "refused", (user, address, refused)
         disconnect(wlab, "bob")
 
         # A link cut: the reconnect reaches either worker; one that reaches the other is
