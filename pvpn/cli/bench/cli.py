@@ -114,6 +114,8 @@ def options_from(args: argparse.Namespace) -> Options:
         udp_rate=args.udp_rate,
         quick=args.quick,
         nat_ports=_nat_ports(args.nat_ports),
+        server_workers=list(dict.fromkeys(_numbers(
+            "--server-workers", _words(args.server_workers), (), 1, 16))),
         command=shlex.join(["pvpn", *sys.argv[1:]]) if sys.argv[1:2] == ["bench"]
         else "pvpn bench (called from Python)",
     )
@@ -186,6 +188,10 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                    help=f"the pvpn servers' nat_ports (default {BENCH_NAT_PORTS}; the lab's "
                         "is 61000-64999); it must not overlap the server's local port range "
                         "(32768-60999)")
+    p.add_argument("--server-workers", metavar="LIST",
+                   help="measure the scale test's pvpn path with pvpn-server running each of "
+                   "these numbers of workers ([server] workers), side by side (default: as "
+                   "the lab's server.toml says, 1)")
     p.add_argument("--json", type=Path, metavar="FILE", help="write the raw results as JSON")
     p.add_argument("--text", type=Path, metavar="FILE", help="write the report to FILE too")
     p.set_defaults(func=_guarded)

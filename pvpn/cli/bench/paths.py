@@ -361,6 +361,39 @@ def server_for_bench(topology: Topology, nat_ports: str | None) -> None:
                               f"{_tail(services.node_log(topology, 'server'))}") from exc
 
 
+def set_server_workers(topology: Topology, workers: int, sessions: int) -> None:
+    """Restart the lab's pvpn-server with ``[server] workers = workers`` and wait until it
+    serves ``sessions`` sessions again (the users' processes reconnect by themselves)."""
+    from pvpn.cli.main import ask_daemon, worker_controls
+    from pvpn.config import load_server_config
+    from pvpn.envelope import MsgType
+
+    config = services.node_config(topology, "server")
+    lines = [line for line in config.read_text().splitlines()
+             if not line.startswith("workers =")]
+    at = lines.index("[server]") + 1
+    config.write_text("\n".join([*lines[:at], f"workers = {workers}", *lines[at:]]) + "\n")
+    _supervisorctl(topology, "server", "restart", "pvpn-server")
+    control = load_server_config(config).control
+
+    def up() -> bool:
+        count = 0
+        for path in worker_controls("server", config, control):
+            try:
+                mtype, reply = ask_daemon(path, MsgType.STATUS, {})
+            except (PvpnError, OSError):
+                return False
+            count += sum(1 for s in reply.get("sessions", [])
+                         if isinstance(s, dict) and s.get("state") == "up")
+        return count >= sessions
+
+    try:
+        wait_until(f"{sessions} sessions up again at pvpn-server ({workers} workers)", up,
+                   timeout=120)
+    except PvpnError as exc:
+        raise PathUnavailable(f"{exc}: {_tail(services.node_log(topology, 'server'))}") from exc
+
+
 def node_processes(topology: Topology, user: str = BENCH_USER
                    ) -> dict[str, Callable[[], list[int]]]:
     """pvpn's processes of a lab, by role: pvpn-client, the user's `pvpn connect`, each
