@@ -120,3 +120,48 @@ def test_each_slice_replies_to_its_own_workers_queue() -> None:
     assert not any("NFQUEUE" in r and "icmp" in r for r in kept.v4.splitlines())
     assert firewall.server_tun("pvpns") == "pvpns-big"
     assert firewall.server_tun("pvpns", 1) == "pvpns-big1"
+
+
+def test_a_resume_of_another_workers_session_is_handed_over_never_served(
+        tmp_path: Path) -> None:
+    """Two workers of one server (in memory): alice's session is worker 1's; her resume
+    reaching worker 0 is authenticated there, asked to be routed to worker 1 and closed
+    without a CLOSE, and worker 0 makes no session of it; at worker 1 it resumes."""
+    from test_protocol import SERVER_IP, Harness, make_node
+
+    from net import authorized, first, make_pki, user_keys
+    from pvpn.commands import ResumeElsewhere
+    from pvpn.user import LinkEstablished
+
+    ((crt, key),) = make_pki(tmp_path, {"server": SERVER_IP}).values()
+    keys = user_keys("alice")
+    p = {"ca": str(tmp_path / "ca" / "ca.crt"), "crt": str(crt), "key": str(key),
+         "users": authorized(tmp_path / "users", keys), "keys": keys}
+
+    def worker(index: int) -> Harness:
+        node = make_node(p)
+        node.config.workers = 2
+        node.config = workers.worker_config(node.config, index)
+        return Harness(p, node=node)
+
+    w0, w1 = worker(0), worker(1)
+    w1.connect(1, "alice")
+    est = first(w1.events[1], LinkEstablished)
+    assert est.token[0] == 1, "the token names its worker"
+    handed: list[ResumeElsewhere] = []
+    w0.net.carry_out = lambda name, cmd, carry=w0.net.carry_out: (  # type: ignore[method-assign]
+        handed.append(cmd) if isinstance(cmd, ResumeElsewhere) else carry(name, cmd))
+    w0.connect(1, "alice", resume=(est.session, est.token))
+    assert [c.worker for c in handed] == [1]
+    assert not any(isinstance(e, LinkEstablished) for e in w0.events[1])
+    assert w0.node.sessions == {}, "worker 0 never holds worker 1's session"
+    w0.node.hand_off(handed[0].link, w0.now)
+    w0.transfer()
+    assert 1 in w0.closed or w0.node.links[1].closed
+    assert any(r.event == "link:closed" and "handed to worker 1" in str(r.reason)
+               for r in w0.logs)
+    # At its own worker the same resume resumes.
+    w1.node.link_lost(1, w1.now)
+    w1.closed.add(1)
+    w1.connect(2, "alice", resume=(est.session, est.token))
+    assert first(w1.events[2], LinkEstablished).resumed
