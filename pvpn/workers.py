@@ -49,6 +49,12 @@ def worker_path(path: Path, index: int) -> Path:
     return path.with_name(f"{path.name}.w{index}")
 
 
+def worker_controls(config: ServerConfig) -> list[Path]:
+    """The server's status sockets: its own, or one per worker."""
+    n = config.workers
+    return [config.control] if n < 2 else [worker_path(config.control, i) for i in range(n)]
+
+
 def worker_share(limit: int, workers: int) -> int:
     """A per-user limit a worker applies so that the user's total over the whole server stays
     within ``limit``: an even share, at least 1 (so a limit below ``workers`` bounds the

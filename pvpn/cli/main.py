@@ -130,10 +130,9 @@ def worker_controls(role: str, config: Path, control: Path) -> list[Path]:
     if role != "server":
         return [control]
     from pvpn.config import load_server_config
-    from pvpn.workers import worker_path
+    from pvpn.workers import worker_controls as of_workers
 
-    workers = load_server_config(config).workers
-    return [control] if workers < 2 else [worker_path(control, i) for i in range(workers)]
+    return of_workers(load_server_config(config))
 
 
 def supervisor_health(conf: Path) -> list[str]:
