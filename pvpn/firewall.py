@@ -331,6 +331,15 @@ ICMP6_ERRORS = ("destination-unreachable", "packet-too-big", "time-exceeded",
                 "parameter-problem")
 
 
+def _server_chains(p: str, devices: str) -> list[str]:
+    """The server's chains, declared (emptied), with the defragmenting match and the guard
+    of its TUN devices."""
+    return [f":{p}-IN - [0:0]", f":{p}-OUT - [0:0]", f":{p}-DEFRAG - [0:0]",
+            f"-A {p}-DEFRAG -m socket -m comment --comment \"never entered: makes the "
+            f"kernel reassemble fragments before {p}-IN\" -j RETURN",
+            f"-A {tun_guard(f'{p}-OUT', devices)}"]
+
+
 def server_worker_rules(instance: str, slices: Sequence[tuple[int, tuple[int, int]]],
                         icmp: bool = True) -> RuleSet:
     """:func:`server_rules` for a server of several workers (pvpn.workers): worker ``i``'s
@@ -339,10 +348,7 @@ def server_worker_rules(instance: str, slices: Sequence[tuple[int, tuple[int, in
     port, ICMP echo replies by identifier, ICMP errors by the port (or identifier) of the
     packet they quote; ICMP of no slice is the host's own and never queued."""
     p = chain_prefix(instance)
-    common = [f":{p}-IN - [0:0]", f":{p}-OUT - [0:0]", f":{p}-DEFRAG - [0:0]",
-              f"-A {p}-DEFRAG -m socket -m comment --comment \"never entered: makes the "
-              f"kernel reassemble fragments before {p}-IN\" -j RETURN",
-              f"-A {tun_guard(f'{p}-OUT', f'{instance}-big+')}"]
+    common = _server_chains(p, f"{instance}-big+")
     v4, v6 = list(common), list(common)
     for worker, (queue, (low, high)) in enumerate(slices):
         tun = server_tun(instance, worker)
@@ -394,10 +400,7 @@ def server_rules(instance: str, queue: int, ports: tuple[int, int],
     p = chain_prefix(instance)
     low, high = ports
     tun = server_tun(instance)
-    common = [f":{p}-IN - [0:0]", f":{p}-OUT - [0:0]", f":{p}-DEFRAG - [0:0]",
-              f"-A {p}-DEFRAG -m socket -m comment --comment \"never entered: makes the "
-              f"kernel reassemble fragments before {p}-IN\" -j RETURN",
-              f"-A {tun_guard(f'{p}-OUT', tun)}"]
+    common = _server_chains(p, tun)
     q = f"-j NFQUEUE --queue-num {queue}"
     v4 = common + [
         f"-A {p}-IN {tee(4, tun)}",
