@@ -203,19 +203,20 @@ class Parent:
             if not data:
                 return
             try:
-                kind, link, target, address = data.decode().split()
-                if kind != "R" or not 0 <= int(target) < self.config.workers:
+                kind, link_text, target_text, address = data.decode().split()
+                link, target = int(link_text), int(target_text)
+                if kind != "R" or not 0 <= target < self.config.workers:
                     raise ValueError(kind)
                 text = str(ipaddress.ip_address(address))
             except ValueError:
                 continue
             self.redirects.pop(text, None)
-            self.redirects[text] = (int(target), time.monotonic() + workers.REDIRECT_TTL)
+            self.redirects[text] = (target, time.monotonic() + workers.REDIRECT_TTL)
             while len(self.redirects) > workers.MAX_REDIRECTS:
                 self.redirects.pop(next(iter(self.redirects)))
             self.reprogram()
             with contextlib.suppress(OSError):
-                worker.channel.send(f"A {int(link)}".encode())
+                worker.channel.send(f"A {link}".encode())
 
     def expire(self) -> None:
         now = time.monotonic()

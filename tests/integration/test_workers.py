@@ -1,8 +1,8 @@
 """pvpn-server with ``workers = 2`` in a real lab (one gateway) under supervisord: both
 workers serve sessions, a resume that reaches the other worker is routed to the session's
 own and resumes, a killed worker comes back (its parent starts it again, its sessions
-restored from its own state file) with the rules as they were, and a stop leaves the host
-as it was found."""
+restored from its own state file) with the rules as they were, so does a killed parent
+(supervisord's), and a stop leaves the host as it was found."""
 
 from __future__ import annotations
 
@@ -58,6 +58,15 @@ def worker_pids(info: dict[str, Any]) -> list[int]:
         return []
     out = subprocess.run(["pgrep", "-P", str(parent)], capture_output=True, text=True).stdout
     return sorted(int(p) for p in out.split())
+
+
+def alive(pid: int) -> bool:
+    """Running (a zombie waiting for whoever inherited it is not)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat[stat.rindex(")") + 2] != "Z"
 
 
 def controls(info: dict[str, Any]) -> list[Path]:
@@ -200,6 +209,18 @@ def test_two_workers_share_users_resume_across_workers_and_survive_a_kill(
                  "the killed worker started again")
         assert sorted(server_rules(wlab)) == sorted(rules), "no rule leaked or lost"
         wait_for(lambda: owner(wlab, alice) is not None, 30, "alice's session resumed")
+        fetch_ok(wlab, "alice", "10k")
+
+        # The parent killed: its workers go with it, supervisord starts it again, and the
+        # new workers restore and resume the session (saved every 2 s) with the same rules.
+        old_parent, old_workers = parent_pid(wlab), worker_pids(wlab)
+        time.sleep(2.5)  # the last save of the restarted worker
+        os.kill(old_parent, signal.SIGKILL)
+        wait_for(lambda: parent_pid(wlab) not in (0, old_parent) and len(worker_pids(wlab)) == 2,
+                 20, "a new parent with two workers")
+        assert not any(alive(pid) for pid in old_workers), "the old workers died with their parent"
+        assert sorted(server_rules(wlab)) == sorted(rules)
+        wait_for(lambda: owner(wlab, alice) is not None, 30, "alice's session resumed again")
         fetch_ok(wlab, "alice", "10k")
     finally:
         disconnect(wlab, "alice")

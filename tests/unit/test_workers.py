@@ -165,3 +165,24 @@ def test_a_resume_of_another_workers_session_is_handed_over_never_served(
     w1.closed.add(1)
     w1.connect(2, "alice", resume=(est.session, est.token))
     assert first(w1.events[2], LinkEstablished).resumed
+
+
+def test_the_workers_setting(tmp_path: Path) -> None:
+    from pvpn.config import load_server_config
+
+    for name in ("server.crt", "server.key"):
+        (tmp_path / name).write_text("x")
+    (tmp_path / "users").mkdir()
+    base = (f'[server]\nname = "server"\nlisten = ["127.0.0.1:4433"]\n'
+            f'certificate = "{tmp_path}/server.crt"\nprivate_key = "{tmp_path}/server.key"\n'
+            f'authorized_keys = "{tmp_path}/users"\n')
+    path = tmp_path / "server.toml"
+    path.write_text(base)
+    assert load_server_config(path).workers == 1, "one process unless asked"
+    path.write_text(base + "workers = 2\n")
+    assert load_server_config(path).workers == 2
+    for bad in ("workers = 0", "workers = 17", "workers = 2\nqueue = 65535",
+                'workers = 3\nnat_ports = "2000-2001"'):
+        path.write_text(base + bad + "\n")
+        with pytest.raises(ConfigError, match="workers"):
+            load_server_config(path)
