@@ -21,6 +21,7 @@ from vpnlib import connect, disconnect, fetch_ok, sh
 from pvpn.cli.main import ask_daemon
 from pvpn.config import load_server_config
 from pvpn.envelope import MsgType
+from pvpn.errors import PvpnError
 from pvpn.workers import worker_path
 
 pytestmark = pytest.mark.integration
@@ -89,9 +90,13 @@ def sessions(info: dict[str, Any], worker: int) -> list[str]:
 
 
 def owner(info: dict[str, Any], session: str) -> int | None:
+    """The worker whose session it is and up, or None (also while a worker starts)."""
     for worker in range(2):
-        if session in sessions(info, worker):
-            return worker
+        try:
+            if session in sessions(info, worker):
+                return worker
+        except (PvpnError, OSError):
+            continue
     return None
 
 
