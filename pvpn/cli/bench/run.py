@@ -446,6 +446,14 @@ class Bench:
                         if number and path.name != "pvpn":
                             continue  # the others are measured once a repeat
                         self._scale_run(path, count, repeat, workers)
+                # After the load, with the pvpn-server the idle figure was taken of: after the
+                # last repeat, or with --server-workers after the first setting's first (the
+                # next setting restarts pvpn-server: a new process, or several).
+                last = self.options.repeats - 1 if settings == [None] else 0
+                if repeat == last and number == 0:
+                    self._memory_after_load(pvpn)
+
+    def _memory_after_load(self, pvpn: BenchPath | None) -> None:
         if pvpn is not None and pvpn.name in self.results["memory"]:
             memory = self.results["memory"][pvpn.name]
             memory["rss_after_load"] = measure.total_rss(pvpn.processes["pvpn-server"]())
