@@ -37,7 +37,7 @@ from pvpn.envelope import (
 from pvpn.errors import CertificateError, LocalProtocolError, MalformedFrame, RemoteProtocolError
 from pvpn.events import (
     ChainEvent, ChainFailed, ChainUp, DataReceived, LinkClosed, LinkEstablished, LinkEvent,
-    LinkRefused, PacketsReceived,
+    LinkRefused, PacketsReceived, SignatureWanted,
 )
 from pvpn.local import LocalChannel
 from pvpn.nodes.base import TlsLike, client_host_name
@@ -58,7 +58,9 @@ class LinkState(enum.Enum):
 #: (a node's shortest reauth_interval).
 REAUTH_BURST = 8
 REAUTH_REFILL = 10.0
-Signer = Callable[[bytes, bytes, str], bytes]  # (challenge, binding, node) -> signature
+#: (challenge, binding, node) -> the signature, or None: asked of an agent, given later to
+#: :meth:`UserLink.signed` (the link reports SignatureWanted meanwhile).
+Signer = Callable[[bytes, bytes, str], "bytes | None"]
 
 
 class UserLink:
@@ -120,6 +122,7 @@ class UserLink:
         self._reauth_tokens = float(REAUTH_BURST)
         self._reauth_refilled = 0.0
         self._broken = False  # the link failed: nothing more is sent on it
+        self.signing = False  # a SignatureWanted is unanswered
         self._unreported: str | None = None  # a failure on output, for handle_timer to tell
         self._pending.append(encode_envelope(
             MsgType.HELLO, session, uid, self._seq.take(), encode_control({
@@ -256,10 +259,26 @@ class UserLink:
 
     def _challenge(self, envelope: Envelope, now: float) -> LinkEvent | None:
         fields = decode_control(envelope)
-        signature = self._signer(fields["nonce"], self.tls.binding(), fields["node"])
-        self._send_control(MsgType.AUTH, {"signature": signature})
         self.state = LinkState.AUTH_SENT
+        return self._sign(fields["nonce"], fields["node"])
+
+    def _sign(self, nonce: bytes, node: str) -> LinkEvent | None:
+        """AUTH with the signer's answer now, or SignatureWanted if it answers later."""
+        binding = self.tls.binding()
+        signature = self._signer(nonce, binding, node)
+        if signature is None:
+            self.signing = True
+            return SignatureWanted(nonce, binding, node)
+        self._send_control(MsgType.AUTH, {"signature": signature})
         return None
+
+    def signed(self, signature: bytes) -> None:
+        """The signature asked for by the last SignatureWanted: AUTH (only one answer per
+        request; none on a link that closed meanwhile)."""
+        if not self.signing or self.state is LinkState.CLOSED:
+            return
+        self.signing = False
+        self._send_control(MsgType.AUTH, {"signature": signature})
 
     def _rechallenge(self, envelope: Envelope, now: float) -> LinkEvent | None:
         # Re-authentication: the same key, a fresh nonce, the same TLS session's binding.
@@ -273,10 +292,8 @@ class UserLink:
             raise MalformedFrame(f"{self.node} asks for re-authentication far more often "
                                  "than a node does")
         self._reauth_tokens = tokens - 1.0
-        signature = self._signer(fields["nonce"], self.tls.binding(), fields["node"])
-        self._send_control(MsgType.AUTH, {"signature": signature})
         self.reauthenticated += 1
-        return None
+        return self._sign(fields["nonce"], fields["node"])
 
     def _accept(self, envelope: Envelope, now: float) -> LinkEvent | None:
         fields = decode_control(envelope)
@@ -405,8 +422,16 @@ class UserChain:
             else:
                 self._link_event(index, event, now, out)
 
+    def signed(self, hop: int, signature: bytes) -> None:
+        """The signature a SignatureWanted of hop ``hop`` asked for (pvpn.user.UserLink.signed)."""
+        if self.failed is None and 0 <= hop < len(self.links):
+            self.links[hop].signed(signature)
+
     def _link_event(self, index: int, event: object, now: float, out: list[ChainEvent]) -> None:
-        if isinstance(event, LinkEstablished):
+        if isinstance(event, SignatureWanted):
+            event.hop = index
+            out.append(event)
+        elif isinstance(event, LinkEstablished):
             if event.node in self.nodes:
                 first = self.nodes.index(event.node) + 1
                 out.append(self._fail(index, f"the chain visits node {event.node!r} twice (hops "
@@ -754,6 +779,225 @@ class UserTunnel:
         self.commands.append(CloseChain())
         if unregister and self.local_open:
             self._local_control(MsgType.UNREGISTER, {"reason": reason})
+        elif self.local_open:
+            self.commands.append(CloseLocalLink())
+        else:
+            if unregister and not self.registering:
+                self.commands.append(Say(
+                    "pvpn-client is not reachable now: your session stays held (its "
+                    "protected traffic blocked) until `pvpn disconnect`"))
+            self.unregistered = True
+        self.finished = True
+        self.commands.append(Finish(status))
+
+
+# ---------------------------------------------------------------- the user's process as agent
+
+
+#: Signatures the agent gives in a burst, and per second after it: a chain of the most hops
+#: authenticates, fails and is built again a few times, and every node re-authenticates at
+#: most every 10 s; a pvpn-client asking faster is refused (each answer costs an RSA
+#: signature of the user's process).
+AGENT_BURST = 2 * DEFAULT_HOPS
+AGENT_RATE = 1.0
+#: The largest challenge and TLS binding a SIGN may carry (a node's nonce is 32 bytes, the
+#: binding 32).
+MAX_SIGNED_INPUT = 64
+
+#: (challenge, binding, user, node) -> signature: auth.sign_challenge with the user's key.
+KeySigner = Callable[[bytes, bytes, str, str], bytes]
+
+
+class SigningAgent:
+    """The user's private key as pvpn-client may use it (like ssh-agent): a SIGN request
+    is answered with ``auth.sign_challenge(key, challenge, binding, user, node)`` for the
+    agent's own user only, so pvpn-client can obtain nothing but pvpn-auth signatures of
+    this user, bound to the TLS session it names; at most AGENT_BURST in a burst and
+    AGENT_RATE a second after it. The key never leaves the user's process."""
+
+    def __init__(self, user: str, sign: KeySigner) -> None:
+        self.user = user
+        self._sign = sign
+        self._tokens = float(AGENT_BURST)
+        self._refilled: float | None = None
+        self.signed = 0
+        self.refused = 0
+
+    def answer(self, fields: Mapping[str, Any], now: float) -> dict[str, Any]:
+        """SIGNED's fields for a SIGN's: the signature, or why it is refused."""
+        reason = self._refusal(fields, now)
+        if reason is not None:
+            self.refused += 1
+            return {"id": fields["id"], "signature": b"", "refused": reason}
+        self.signed += 1
+        return {"id": fields["id"], "signature": self._sign(
+            fields["challenge"], fields["binding"], self.user, fields["node"]), "refused": ""}
+
+    def _refusal(self, fields: Mapping[str, Any], now: float) -> str | None:
+        if fields["user"] != self.user:
+            return (f"asked to sign as {fields['user'][:64]!r}; this process signs for "
+                    f"{self.user!r} only")
+        challenge, binding = fields["challenge"], fields["binding"]
+        if not 16 <= len(challenge) <= MAX_SIGNED_INPUT or \
+                not 16 <= len(binding) <= MAX_SIGNED_INPUT:
+            return "a challenge or TLS binding of an impossible size"
+        if not NODE_NAME.fullmatch(fields["node"]):
+            return "a node name that is not one"
+        if self._refilled is None:
+            self._refilled = now
+        tokens = min(float(AGENT_BURST), self._tokens + (now - self._refilled) * AGENT_RATE)
+        self._refilled = now
+        if tokens < 1.0:
+            self._tokens = tokens
+            return (f"asked for signatures far faster than a chain needs (more than "
+                    f"{AGENT_BURST} at once, {AGENT_RATE:g} a second after)")
+        self._tokens = tokens - 1.0
+        return None
+
+
+class UserAgent:
+    """`pvpn connect` when pvpn-client holds the chain: the session's agent, sans-IO. It
+    registers with everything pvpn-client needs to build the chain (REGISTER), answers SIGN
+    with its :class:`SigningAgent`, tells the user what the chain does (NOTICE), writes the
+    copies of packets pvpn-client sends when a capture was asked for, and ends the VPN
+    (UNREGISTER: pvpn-client sends CLOSE to the server and removes the protection).
+
+    Driven by :meth:`local_opening`, :meth:`local_opened`, :meth:`receive_local`,
+    :meth:`local_lost` and :meth:`end`; bytes from :meth:`local_to_send`; commands (Say,
+    Capture, CloseLocalLink, Reregister, Finish) in :attr:`commands`."""
+
+    def __init__(self, uid: int, session: bytes, register: Mapping[str, Any],
+                 agent: SigningAgent) -> None:
+        self.uid = uid
+        self.session = session
+        self.token = b""
+        self._register = dict(register)
+        self.agent = agent
+        self.commands: list[Command] = []
+        self.channel = LocalChannel()
+        self._local_out: list[bytes] = []
+        self.local_open = False
+        self.registered: dict[str, Any] | None = None
+        self.refused: str | None = None
+        self.unregistered = False
+        self.up: dict[str, Any] | None = None  # the first NOTICE up: the VPN is up
+        self.failure: str | None = None  # the first chain failed: the VPN never came up
+        self.ending = False
+        self.finished = False
+
+    @property
+    def registering(self) -> bool:
+        return self.registered is None and self.refused is None
+
+    def local_opening(self) -> None:
+        self.channel = LocalChannel()
+        self._local_out.clear()
+        self.registered = self.refused = None
+        self.unregistered = False
+
+    def local_opened(self) -> None:
+        self.local_open = True
+        fields = dict(self._register, session=self.session)
+        if self.token:
+            fields["token"] = self.token  # pvpn-client resumes the server's session
+        self._control(MsgType.REGISTER, fields)
+
+    def _control(self, mtype: MsgType, fields: Mapping[str, Any]) -> None:
+        if self.local_open:
+            self._local_out.append(self.channel.control(mtype, self.session, self.uid, fields))
+
+    def local_to_send(self) -> bytes:
+        data = b"".join(self._local_out)
+        self._local_out.clear()
+        return data
+
+    def receive_local(self, data: bytes, now: float) -> None:
+        captured: list[bytes] = []
+        try:
+            for envelope in self.channel.receive(data):
+                if envelope.type is MsgType.PACKET:
+                    captured.append(envelope.body)
+                    continue
+                fields = decode_control(envelope)
+                if envelope.type is MsgType.REGISTERED and self.registering:
+                    self.registered = fields
+                elif envelope.type is MsgType.SIGN:
+                    answer = self.agent.answer(fields, now)
+                    if answer["refused"]:
+                        self.commands.append(Say(f"refused to sign for pvpn-client: "
+                                                 f"{answer['refused']}"))
+                    self._control(MsgType.SIGNED, answer)
+                elif envelope.type is MsgType.NOTICE:
+                    self._notice(fields)
+                elif envelope.type is MsgType.STATUS_REPLY and not self.unregistered:
+                    sessions = fields.get("sessions") or []
+                    if sessions and isinstance(sessions[0], dict) and str(
+                            sessions[0].get("state", "")).startswith("held"):
+                        self.commands.append(Say(
+                            "your session stays held: its protected traffic is dropped until "
+                            "`pvpn connect` brings it up again, or `pvpn disconnect` ends it"))
+                    self.unregistered = True
+                elif envelope.type is MsgType.ERROR:
+                    self._error(fields["code"], fields["reason"])
+        except RemoteProtocolError as exc:
+            self.commands += [Say(f"garbage from pvpn-client: {exc}"), CloseLocalLink()]
+        if captured:
+            self.commands.append(Capture(captured))
+
+    def _notice(self, fields: dict[str, Any]) -> None:
+        event, reason = fields["event"], fields["reason"]
+        if event == "up":
+            session, token = fields.get("session", b""), fields.get("token", b"")
+            if len(session) == 16:
+                self.session = session
+            if token:
+                self.token = token
+            if self.up is None:
+                self.up = fields
+            else:
+                state = "resumed" if fields.get("resumed") else "re-established as a new session"
+                self.commands.append(Say(f"session {self.session.hex()} {state}"))
+        elif event == "down":
+            self.commands.append(Say(f"tunnel down ({reason}); holding your protected "
+                                     "traffic and reconnecting"))
+        elif event == "retry":
+            self.commands.append(Say(f"reconnect failed: {reason}; retrying"))
+        elif event == "failed":
+            if self.up is None:
+                self.failure = reason
+            elif not (self.ending or self.finished):
+                self.end(1, reason)
+
+    def _error(self, code: str, reason: str) -> None:
+        if self.registering:
+            self.refused = f"pvpn-client refused: {reason}"
+            return
+        if code == "daemon-stopping":
+            self.commands += [Say(f"{reason}; holding your protected traffic until pvpn-client "
+                                  "is back"), CloseLocalLink()]
+            return
+        self.commands.append(Say(f"{reason}"))
+        self.end(0 if code == "disconnected" else 1, reason, unregister=False)
+
+    def local_lost(self) -> None:
+        self.local_open = False
+        self.unregistered = True
+        if self.ending or self.finished:
+            return
+        if self.registering:
+            self.refused = "pvpn-client closed the connection"
+            return
+        self.commands += [Say("lost pvpn-client; your protected traffic is held (dropped) "
+                              "until it is back"), Reregister()]
+
+    def end(self, status: int, reason: str, unregister: bool = True) -> None:
+        """End the VPN: UNREGISTER (pvpn-client sends CLOSE to the server, through the chain,
+        and removes the protection)."""
+        if self.finished:
+            return
+        self.ending = True
+        if unregister and self.local_open:
+            self._control(MsgType.UNREGISTER, {"reason": reason})
         elif self.local_open:
             self.commands.append(CloseLocalLink())
         else:
