@@ -113,7 +113,8 @@ class ClientDaemon:
         dispatcher.on(LogRecord, lambda cmd: self.log.write(cmd.record))
         dispatcher.on(WriteTun, self._write_tun)
         dispatcher.on(CloseLocal, self._close_local)
-        dispatcher.on(OpenHop, lambda cmd: self.hops.open(cmd.tunnel, cmd.host, cmd.port))
+        dispatcher.on(OpenHop, lambda cmd: self.hops.open(cmd.tunnel, cmd.host, cmd.port,
+                                                           cmd.tunnel.uid))
         dispatcher.on(CloseHop, lambda cmd: self.hops.close(cmd.tunnel))
         dispatcher.on(RetryIn, lambda cmd: self.hops.retry_in(cmd.tunnel, cmd.delay))
         return dispatcher

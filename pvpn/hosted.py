@@ -159,7 +159,7 @@ class HostedTunnel:
     :attr:`to_agent` (type and fields of each envelope), the adapter's commands in
     :attr:`commands`."""
 
-    def __init__(self, spec: ChainSpec, session: bytes, token: bytes) -> None:
+    def __init__(self, spec: ChainSpec, session: bytes, token: bytes, uid: int = -1) -> None:
         self.spec = spec
         self.session = session  # proposed, then the server's
         self.token = token
@@ -176,6 +176,9 @@ class HostedTunnel:
         self.congested = False  # its TCP connection's writes wait above the high-water mark
         self.outbox: list[bytes] = []  # packets for the chain, written once per queue drain
         self.slot = -1  # the session's, set by ClientHost
+        # Its user's, in every envelope, and the kernel counts the first hop's connection as
+        # theirs (pvpn.io.chainlink.user_socket).
+        self.uid = uid
 
     @property
     def up(self) -> bool:
@@ -190,7 +193,7 @@ class HostedTunnel:
         session = tls.TlsSession(spec.context, server_side=False, server_name=name)
         session.start()
         return UserLink(
-            session, user=spec.user, uid=0, signer=lambda nonce, binding, node: None,
+            session, user=spec.user, uid=self.uid, signer=lambda nonce, binding, node: None,
             want=spec.prefixes if last else [], client_name=spec.client_name, session=self.session,
             token=self.token if last and self.token else None,
             next_hop=None if last else endpoint_text(*spec.hops[index + 1]),

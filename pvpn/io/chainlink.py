@@ -6,11 +6,50 @@ connection's end, and writes each chain once per batch."""
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import socket
 from typing import Callable, Protocol
 
 from pvpn.hosted import CONNECT_TIMEOUT, HostedTunnel
 from pvpn.io.loop import WRITE_HIGH_WATER, Guard, set_nodelay
 from pvpn.io.reasons import connect_failure
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def user_socket(family: int, uid: int) -> socket.socket:
+    """A TCP socket the kernel counts as ``uid``'s, though root makes it: its file's
+    credentials (what ``-m owner --uid-owner`` matches) and its socket's uid (sock_diag)
+    are taken from the fsuid at creation, so every rule, tool and test that knew the
+    connection to the first hop by its user's uid (when `pvpn connect` made it) still does."""
+    previous = _libc.setfsuid(uid)
+    try:
+        return socket.socket(family, socket.SOCK_STREAM)
+    finally:
+        _libc.setfsuid(previous)
+
+
+async def connect_as(loop: asyncio.AbstractEventLoop, host: str, port: int,
+                     uid: int) -> socket.socket:
+    """A connected socket of ``uid``'s to ``host``:``port`` (each address in turn; the last
+    error if none answers)."""
+    infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    error: OSError = OSError(f"no address for {host}")
+    for family, _, _, _, address in infos:
+        sock = user_socket(family, uid)
+        sock.setblocking(False)
+        try:
+            await loop.sock_connect(sock, address)
+        except OSError as exc:
+            sock.close()
+            error = exc
+            continue
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+    raise error
 
 
 class ChainHost(Protocol):
@@ -74,15 +113,16 @@ class HopConnections:
         self.hops: dict[HostedTunnel, _Hop] = {}
         self.tasks: set[asyncio.Task[None]] = set()
 
-    def open(self, tunnel: HostedTunnel, host: str, port: int) -> None:
-        task = self.loop.create_task(self._open(tunnel, host, port))
+    def open(self, tunnel: HostedTunnel, host: str, port: int, uid: int) -> None:
+        task = self.loop.create_task(self._open(tunnel, host, port, uid))
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
 
-    async def _open(self, tunnel: HostedTunnel, host: str, port: int) -> None:
+    async def _open(self, tunnel: HostedTunnel, host: str, port: int, uid: int) -> None:
         try:
-            _, hop = await asyncio.wait_for(self.loop.create_connection(
-                lambda: _Hop(self, tunnel), host, port), CONNECT_TIMEOUT)
+            sock = await asyncio.wait_for(connect_as(self.loop, host, port, uid),
+                                          CONNECT_TIMEOUT)
+            _, hop = await self.loop.create_connection(lambda: _Hop(self, tunnel), sock=sock)
         except (OSError, asyncio.TimeoutError) as exc:
             self.guard.call("chain connect", self.host.chain_event, tunnel, self.now(), False,
                             connect_failure(exc, CONNECT_TIMEOUT))

@@ -847,7 +847,7 @@ class ClientHost(Generic[P]):
         link.send_control(MsgType.REGISTERED, {"slot": session.slot, "queue": session.queue,
                                                "uid": link.uid, "user": session.user})
         if spec is not None:
-            tunnel = HostedTunnel(spec, proposed, fields.get("token", b""))
+            tunnel = HostedTunnel(spec, proposed, fields.get("token", b""), session.uid)
             tunnel.slot = session.slot
             link.tunnel = tunnel
             tunnel.start(now)

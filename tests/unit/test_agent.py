@@ -190,7 +190,7 @@ class Held:
 def held_chain(world: dict[str, Any], net: Net, **changed: Any) -> Held:
     spec = parse_chain_spec(spec_fields(world, **changed))
     assert spec is not None
-    tunnel = HostedTunnel(spec, SID, b"")
+    tunnel = HostedTunnel(spec, SID, b"", ALICE)
     tunnel.start(net.now)
     (open_hop,) = [c for c in tunnel.commands if isinstance(c, OpenHop)]
     assert (open_hop.host, open_hop.port) == (HOPS[0], 4433)
@@ -237,7 +237,7 @@ def test_an_agent_that_will_not_sign_fails_the_chain_for_good(world: dict[str, A
     net = Net(world)
     spec = parse_chain_spec(spec_fields(world))
     assert spec is not None
-    tunnel = HostedTunnel(spec, SID, b"")
+    tunnel = HostedTunnel(spec, SID, b"", ALICE)
     tunnel.start(net.now)
     held = Held(tunnel, agent_of(world["keys"]["alice"], user="mallory"))
     tunnel.connected(net.now)
