@@ -1,13 +1,17 @@
 """`pvpn connect`: the user's own tunnel process.
 
-Runs as the user, holds the user's private key and TLS session, and relays packets between
-pvpn-client (over the local unix socket, where the kernel vouches for our uid, and for the
-daemon's: it must be root) and the server. While it reconnects to either, pvpn-client keeps
-dropping the protected packets: nothing leaks in clear. A pvpn-client that stops or restarts
-is a lost one: we hold, register again and re-attach, and never exit as if the VPN had ended.
+Runs as the user and holds the user's private key; it is the session's agent, like
+ssh-agent. pvpn-client (over the local unix socket, where the kernel vouches for our uid, and
+for the daemon's: it must be root) holds the chain to the server and writes the protected
+packets into it; we register with what it needs (the hops, the CA or pinned certificate we
+chose, as the PEM we read), sign each node's challenge for our own user only, and tell the
+user what the chain does. While the chain is rebuilt, pvpn-client keeps dropping the protected
+packets: nothing leaks in clear. A pvpn-client that stops or restarts is a lost one: we hold,
+register again (the new one resumes the chain with the server's token we kept), and never exit
+as if the VPN had ended.
 
-What the process decides is pvpn.user.UserTunnel, sans-IO; this is its asyncio adapter: the
-unix socket and the TCP connection, the retries' timing, the capture file and the terminal.
+What the process decides is pvpn.user.UserAgent, sans-IO; this is its asyncio adapter: the
+unix socket, the retries' timing, the capture file and the terminal.
 """
 
 from __future__ import annotations

@@ -2,8 +2,11 @@
 
 Users' `pvpn connect` processes register over a unix socket; the kernel tells us their uid
 (SO_PEERCRED). For each session we install owner-match rules feeding the session's own NFQUEUE,
-hand every queued packet to that user's process (which holds the user's key and TLS session),
-and deliver the replies it returns through the session's TUN device.
+hold the session's chain (its TLS sessions and the TCP connection to the first hop: pvpn.hosted,
+pvpn.io.chainlink), write every queued packet straight into it, and deliver the replies
+through the session's TUN device after anti-spoofing. The user's process is the session's
+agent (like ssh-agent): it holds the user's key and signs each node's challenge when asked;
+the VPN lives as long as it stays connected.
 
 Stopping (SIGTERM) or restarting pvpn-client leaves every session's rules in the kernel: the
 kernel drops their packets while nobody reads the queues, and the next pvpn-client picks them

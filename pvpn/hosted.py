@@ -164,7 +164,9 @@ class HostedTunnel:
         self.session = session  # proposed, then the server's
         self.token = token
         self.chain: UserChain | None = None
-        self.ever_up = False
+        # With a token the VPN was up before (its agent registers again with a restarted
+        # pvpn-client): a chain that fails is rebuilt, as after any chain that was up.
+        self.ever_up = bool(token)
         self.started = 0.0
         self.delay = MIN_BACKOFF
         self.connecting = False  # OpenHop asked, not answered

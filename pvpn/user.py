@@ -13,7 +13,10 @@ hop, the server, carries the user's packets. It is driven by :meth:`UserChain.re
 :meth:`UserChain.data_to_send`. Hops are built one after the other: hop i+1 is started once
 hop i has accepted the user.
 
-:class:`UserTunnel` is what `pvpn connect` decides: its registration with pvpn-client over
+:class:`SigningAgent` and :class:`UserAgent` are what `pvpn connect` decides since issue 12:
+pvpn-client holds the chain (pvpn.hosted) and the user's process is its agent, signing each
+challenge with the key only it holds. :class:`UserTunnel` is what `pvpn connect` decided when
+it held the chain itself (pvpn-client still serves that protocol): its registration with pvpn-client over
 the local channel, when to ATTACH, what pvpn-client's answers and errors mean, what the
 chain's events mean (up, down and rebuilt, failed for good), and how the VPN ends. Its
 commands (:class:`Say`, :class:`CloseChain`, ...) are carried out by client/connect.py.
@@ -557,112 +560,73 @@ class Finish(Command):
     status: int
 
 
-class UserTunnel:
-    """The user's tunnel process (`pvpn connect`), sans-IO: its local channel with pvpn-client
-    (REGISTER, ATTACH, UNREGISTER, packets both ways, one LocalChannel per connection) and its
-    chain to the server (:class:`UserChain`), and what passes between them.
+class _ClientSide:
+    """What the user's process does on its connection to pvpn-client, whether it holds the
+    chain (UserTunnel) or is its agent (UserAgent): the answers to REGISTER and UNREGISTER,
+    pvpn-client's errors, and losing it."""
 
-    Driven by :meth:`local_opened`, :meth:`receive_local` and :meth:`local_lost` for the unix
-    socket; :meth:`new_chain`, :meth:`receive_remote`, :meth:`handle_timer` and
-    :meth:`remote_lost` for the chain; :meth:`end`. The bytes for each socket come from
-    :meth:`local_to_send` and :meth:`remote_to_send`; what the adapter must do besides
-    (tell the user, close a socket, reconnect, exit) is appended to :attr:`commands`.
+    ending: bool
+    finished: bool
 
-    While either side is down, pvpn-client keeps dropping the protected packets: nothing
-    leaks in clear. Losing pvpn-client is not the end of the VPN: the session is held, we
-    register again and re-attach."""
-
-    def __init__(self, uid: int, session: bytes, register: Mapping[str, Any],
-                 capturing: bool = False) -> None:
+    def __init__(self, uid: int, session: bytes, register: Mapping[str, Any]) -> None:
         self.uid = uid
         # Proposed by us, so every hop logs the same session id; the server's once accepted.
         self.session = session
         self.token = b""
         self._register = dict(register)
-        self.capturing = capturing
         self.commands: list[Command] = []
         # the local side: one connection to pvpn-client at a time
         self.channel = LocalChannel()
         self._local_out: list[bytes] = []
         self.local_open = False
-        self.local_congested = False  # set by the adapter from the socket's high-water mark
         self.registered: dict[str, Any] | None = None  # REGISTERED's fields, this connection
         self.refused: str | None = None  # why this connection's registration failed
-        self.attached = False  # ATTACH sent on the current local connection
         # pvpn-client confirmed the protection is removed (or the socket is gone).
         self.unregistered = False
-        # the chain: gateways (--via) then the server
-        self.chain: UserChain | None = None
-        self.chain_up: ChainUp | None = None  # this chain is up
-        self.chain_failure: ChainFailed | None = None  # this chain failed before it was up
-        self.ending = False
-        self.finished = False
 
-    # -- the local side
-    def local_opening(self) -> None:
-        """A new connection to pvpn-client is being made: nothing of the last one carries
-        over (its channel's numbering, its registration, its ATTACH)."""
-        self.channel = LocalChannel()
-        self._local_out.clear()
-        self.registered = self.refused = None
-        self.attached = False
-        self.unregistered = False
+    def end(self, status: int, reason: str, unregister: bool = True) -> None:
+        raise NotImplementedError
 
-    def local_opened(self) -> None:
-        """The connection is made and pvpn-client trusted (root's socket): REGISTER."""
-        self.local_open = True
-        self.local_congested = False
-        self._local_control(MsgType.REGISTER, self._register)
+    def _local_control(self, mtype: MsgType, fields: Mapping[str, Any]) -> None:
+        if self.local_open:
+            self._local_out.append(self.channel.control(mtype, self.session, self.uid, fields))
+
+    def _answer(self, mtype: MsgType, fields: dict[str, Any]) -> None:
+        """pvpn-client's answers: REGISTERED, the STATUS_REPLY to UNREGISTER, an ERROR."""
+        if mtype is MsgType.REGISTERED and self.registering:
+            self.registered = fields
+        elif mtype is MsgType.STATUS_REPLY and not self.unregistered:
+            self._unregister_answer(fields)
+            self.unregistered = True
+        elif mtype is MsgType.ERROR:
+            self._local_error(fields["code"], fields["reason"])
+
+    def _end_locally(self, status: int, reason: str, unregister: bool) -> None:
+        """The end on the local side (after ``end`` sent what goes first): UNREGISTER
+        (pvpn-client removes the protection), or the connection closed, or the user told
+        that the session stays held; then Finish."""
+        if unregister and self.local_open:
+            self._local_control(MsgType.UNREGISTER, {"reason": reason})
+        elif self.local_open:
+            self.commands.append(CloseLocalLink())
+        else:
+            if unregister and not self.registering:
+                self.commands.append(Say(
+                    "pvpn-client is not reachable now: your session stays held (its "
+                    "protected traffic blocked) until `pvpn disconnect`"))
+            self.unregistered = True
+        self.finished = True
+        self.commands.append(Finish(status))
 
     @property
     def registering(self) -> bool:
         """REGISTER is unanswered on this connection."""
         return self.registered is None and self.refused is None
 
-    def attach(self) -> None:
-        """ATTACH (the session id) once both ends are up: registered with pvpn-client and the
-        chain accepted, on every new registration and every rebuilt chain."""
-        chain = self.chain
-        if not self.attached and self.registered is not None and chain is not None \
-                and chain.up:
-            self._local_control(MsgType.ATTACH, {"session": self.session, "nodes": chain.nodes})
-            self.attached = True
-
-    def _local_control(self, mtype: MsgType, fields: Mapping[str, Any]) -> None:
-        if self.local_open:
-            self._local_out.append(self.channel.control(mtype, self.session, self.uid, fields))
-
     def local_to_send(self) -> bytes:
         data = b"".join(self._local_out)
         self._local_out.clear()
         return data
-
-    def receive_local(self, data: bytes) -> bool:
-        """Bytes from pvpn-client: its answers, and the protected packets for the chain;
-        whether packets went to the chain (its bytes are then to be sent)."""
-        packets: list[bytes] = []
-        try:
-            for envelope in self.channel.receive(data):
-                if envelope.type is MsgType.PACKET:
-                    packets.append(envelope.body)
-                    continue
-                fields = decode_control(envelope)
-                if envelope.type is MsgType.REGISTERED and self.registering:
-                    self.registered = fields
-                elif envelope.type is MsgType.STATUS_REPLY and not self.unregistered:
-                    self._unregister_answer(fields)
-                    self.unregistered = True
-                elif envelope.type is MsgType.ERROR:
-                    self._local_error(fields["code"], fields["reason"])
-        except RemoteProtocolError as exc:
-            self.commands += [Say(f"garbage from pvpn-client: {exc}"), CloseLocalLink()]
-        chain = self.chain
-        if not packets or chain is None or not chain.up:
-            return False
-        if self.capturing:
-            self.commands.append(Capture(packets))
-        chain.send_packets(packets)
-        return True
 
     def _unregister_answer(self, fields: dict[str, Any]) -> None:
         """pvpn-client's answer to UNREGISTER describes the session as it leaves it: held if
@@ -698,6 +662,82 @@ class UserTunnel:
             return
         self.commands += [Say("lost pvpn-client; your protected traffic is held (dropped) "
                               "until it is back"), Reregister()]
+
+
+
+class UserTunnel(_ClientSide):
+    """The user's tunnel process (`pvpn connect`), sans-IO: its local channel with pvpn-client
+    (REGISTER, ATTACH, UNREGISTER, packets both ways, one LocalChannel per connection) and its
+    chain to the server (:class:`UserChain`), and what passes between them.
+
+    Driven by :meth:`local_opened`, :meth:`receive_local` and :meth:`local_lost` for the unix
+    socket; :meth:`new_chain`, :meth:`receive_remote`, :meth:`handle_timer` and
+    :meth:`remote_lost` for the chain; :meth:`end`. The bytes for each socket come from
+    :meth:`local_to_send` and :meth:`remote_to_send`; what the adapter must do besides
+    (tell the user, close a socket, reconnect, exit) is appended to :attr:`commands`.
+
+    While either side is down, pvpn-client keeps dropping the protected packets: nothing
+    leaks in clear. Losing pvpn-client is not the end of the VPN: the session is held, we
+    register again and re-attach."""
+
+    def __init__(self, uid: int, session: bytes, register: Mapping[str, Any],
+                 capturing: bool = False) -> None:
+        super().__init__(uid, session, register)
+        self.capturing = capturing
+        self.local_congested = False  # set by the adapter from the socket's high-water mark
+        self.attached = False  # ATTACH sent on the current local connection
+        # the chain: gateways (--via) then the server
+        self.chain: UserChain | None = None
+        self.chain_up: ChainUp | None = None  # this chain is up
+        self.chain_failure: ChainFailed | None = None  # this chain failed before it was up
+        self.ending = False
+        self.finished = False
+
+    # -- the local side
+    def local_opening(self) -> None:
+        """A new connection to pvpn-client is being made: nothing of the last one carries
+        over (its channel's numbering, its registration, its ATTACH)."""
+        self.channel = LocalChannel()
+        self._local_out.clear()
+        self.registered = self.refused = None
+        self.attached = False
+        self.unregistered = False
+
+    def local_opened(self) -> None:
+        """The connection is made and pvpn-client trusted (root's socket): REGISTER."""
+        self.local_open = True
+        self.local_congested = False
+        self._local_control(MsgType.REGISTER, self._register)
+
+    def attach(self) -> None:
+        """ATTACH (the session id) once both ends are up: registered with pvpn-client and the
+        chain accepted, on every new registration and every rebuilt chain."""
+        chain = self.chain
+        if not self.attached and self.registered is not None and chain is not None \
+                and chain.up:
+            self._local_control(MsgType.ATTACH, {"session": self.session, "nodes": chain.nodes})
+            self.attached = True
+
+
+    def receive_local(self, data: bytes) -> bool:
+        """Bytes from pvpn-client: its answers, and the protected packets for the chain;
+        whether packets went to the chain (its bytes are then to be sent)."""
+        packets: list[bytes] = []
+        try:
+            for envelope in self.channel.receive(data):
+                if envelope.type is MsgType.PACKET:
+                    packets.append(envelope.body)
+                    continue
+                self._answer(envelope.type, decode_control(envelope))
+        except RemoteProtocolError as exc:
+            self.commands += [Say(f"garbage from pvpn-client: {exc}"), CloseLocalLink()]
+        chain = self.chain
+        if not packets or chain is None or not chain.up:
+            return False
+        if self.capturing:
+            self.commands.append(Capture(packets))
+        chain.send_packets(packets)
+        return True
 
     # -- the chain
     def new_chain(self, chain: UserChain) -> None:
@@ -777,18 +817,7 @@ class UserTunnel:
         if self.chain is not None and self.chain.up:
             self.chain.close(reason)  # CLOSE to the server, through the chain
         self.commands.append(CloseChain())
-        if unregister and self.local_open:
-            self._local_control(MsgType.UNREGISTER, {"reason": reason})
-        elif self.local_open:
-            self.commands.append(CloseLocalLink())
-        else:
-            if unregister and not self.registering:
-                self.commands.append(Say(
-                    "pvpn-client is not reachable now: your session stays held (its "
-                    "protected traffic blocked) until `pvpn disconnect`"))
-            self.unregistered = True
-        self.finished = True
-        self.commands.append(Finish(status))
+        self._end_locally(status, reason, unregister)
 
 
 # ---------------------------------------------------------------- the user's process as agent
@@ -855,7 +884,7 @@ class SigningAgent:
         return None
 
 
-class UserAgent:
+class UserAgent(_ClientSide):
     """`pvpn connect` when pvpn-client holds the chain: the session's agent, sans-IO. It
     registers with everything pvpn-client needs to build the chain (REGISTER), answers SIGN
     with its :class:`SigningAgent`, tells the user what the chain does (NOTICE), writes the
@@ -868,26 +897,12 @@ class UserAgent:
 
     def __init__(self, uid: int, session: bytes, register: Mapping[str, Any],
                  agent: SigningAgent) -> None:
-        self.uid = uid
-        self.session = session
-        self.token = b""
-        self._register = dict(register)
+        super().__init__(uid, session, register)
         self.agent = agent
-        self.commands: list[Command] = []
-        self.channel = LocalChannel()
-        self._local_out: list[bytes] = []
-        self.local_open = False
-        self.registered: dict[str, Any] | None = None
-        self.refused: str | None = None
-        self.unregistered = False
         self.up: dict[str, Any] | None = None  # the first NOTICE up: the VPN is up
         self.failure: str | None = None  # the first chain failed: the VPN never came up
         self.ending = False
         self.finished = False
-
-    @property
-    def registering(self) -> bool:
-        return self.registered is None and self.refused is None
 
     def local_opening(self) -> None:
         self.channel = LocalChannel()
@@ -900,16 +915,8 @@ class UserAgent:
         fields = dict(self._register, session=self.session)
         if self.token:
             fields["token"] = self.token  # pvpn-client resumes the server's session
-        self._control(MsgType.REGISTER, fields)
+        self._local_control(MsgType.REGISTER, fields)
 
-    def _control(self, mtype: MsgType, fields: Mapping[str, Any]) -> None:
-        if self.local_open:
-            self._local_out.append(self.channel.control(mtype, self.session, self.uid, fields))
-
-    def local_to_send(self) -> bytes:
-        data = b"".join(self._local_out)
-        self._local_out.clear()
-        return data
 
     def receive_local(self, data: bytes, now: float) -> None:
         captured: list[bytes] = []
@@ -919,26 +926,16 @@ class UserAgent:
                     captured.append(envelope.body)
                     continue
                 fields = decode_control(envelope)
-                if envelope.type is MsgType.REGISTERED and self.registering:
-                    self.registered = fields
-                elif envelope.type is MsgType.SIGN:
+                if envelope.type is MsgType.SIGN:
                     answer = self.agent.answer(fields, now)
                     if answer["refused"]:
                         self.commands.append(Say(f"refused to sign for pvpn-client: "
                                                  f"{answer['refused']}"))
-                    self._control(MsgType.SIGNED, answer)
+                    self._local_control(MsgType.SIGNED, answer)
                 elif envelope.type is MsgType.NOTICE:
                     self._notice(fields)
-                elif envelope.type is MsgType.STATUS_REPLY and not self.unregistered:
-                    sessions = fields.get("sessions") or []
-                    if sessions and isinstance(sessions[0], dict) and str(
-                            sessions[0].get("state", "")).startswith("held"):
-                        self.commands.append(Say(
-                            "your session stays held: its protected traffic is dropped until "
-                            "`pvpn connect` brings it up again, or `pvpn disconnect` ends it"))
-                    self.unregistered = True
-                elif envelope.type is MsgType.ERROR:
-                    self._error(fields["code"], fields["reason"])
+                else:
+                    self._answer(envelope.type, fields)
         except RemoteProtocolError as exc:
             self.commands += [Say(f"garbage from pvpn-client: {exc}"), CloseLocalLink()]
         if captured:
@@ -968,43 +965,10 @@ class UserAgent:
             elif not (self.ending or self.finished):
                 self.end(1, reason)
 
-    def _error(self, code: str, reason: str) -> None:
-        if self.registering:
-            self.refused = f"pvpn-client refused: {reason}"
-            return
-        if code == "daemon-stopping":
-            self.commands += [Say(f"{reason}; holding your protected traffic until pvpn-client "
-                                  "is back"), CloseLocalLink()]
-            return
-        self.commands.append(Say(f"{reason}"))
-        self.end(0 if code == "disconnected" else 1, reason, unregister=False)
-
-    def local_lost(self) -> None:
-        self.local_open = False
-        self.unregistered = True
-        if self.ending or self.finished:
-            return
-        if self.registering:
-            self.refused = "pvpn-client closed the connection"
-            return
-        self.commands += [Say("lost pvpn-client; your protected traffic is held (dropped) "
-                              "until it is back"), Reregister()]
-
     def end(self, status: int, reason: str, unregister: bool = True) -> None:
         """End the VPN: UNREGISTER (pvpn-client sends CLOSE to the server, through the chain,
         and removes the protection)."""
         if self.finished:
             return
         self.ending = True
-        if unregister and self.local_open:
-            self._control(MsgType.UNREGISTER, {"reason": reason})
-        elif self.local_open:
-            self.commands.append(CloseLocalLink())
-        else:
-            if unregister and not self.registering:
-                self.commands.append(Say(
-                    "pvpn-client is not reachable now: your session stays held (its "
-                    "protected traffic blocked) until `pvpn disconnect`"))
-            self.unregistered = True
-        self.finished = True
-        self.commands.append(Finish(status))
+        self._end_locally(status, reason, unregister)

@@ -272,3 +272,19 @@ def test_a_chain_that_was_up_is_rebuilt_with_backoff_and_the_agent_told(
     net.open(HOPS[0], held)
     net.pump()
     assert tunnel.up and held.notices()[-1]["resumed"] is True
+
+
+def test_a_chain_resumed_for_a_returning_agent_is_rebuilt_not_ended(
+        world: dict[str, Any]) -> None:
+    """pvpn-client restarted: the agent registers again with the server's token. If the
+    first chain fails (the server restarting too), it is held and rebuilt, as any chain
+    that was up; without a token the VPN never came up and `pvpn connect` is told it failed."""
+    spec = parse_chain_spec(spec_fields(world))
+    assert spec is not None
+    for token, event in ((b"the server's token", "down"), (b"", "failed")):
+        tunnel = HostedTunnel(spec, SID, token, ALICE)
+        tunnel.start(0.0)
+        tunnel.connect_failed("connection refused", 1.0)
+        ((mtype, fields),) = tunnel.to_agent
+        assert mtype is MsgType.NOTICE and fields["event"] == event
+        assert any(isinstance(c, RetryIn) for c in tunnel.commands) is bool(token)
