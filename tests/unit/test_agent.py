@@ -21,7 +21,7 @@ from pvpn.user import (
     AGENT_BURST, CloseLocalLink, Say, SigningAgent, UserAgent,
 )
 
-from net import SID, LocalEnd, LocalProcess, host_and_kernel
+from net import SID, LocalEnd, LocalProcess, host_and_kernel, limits
 import test_chain
 from test_chain import ADDR, HOPS, MARKER, Net
 
@@ -288,3 +288,19 @@ def test_a_chain_resumed_for_a_returning_agent_is_rebuilt_not_ended(
         ((mtype, fields),) = tunnel.to_agent
         assert mtype is MsgType.NOTICE and fields["event"] == event
         assert any(isinstance(c, RetryIn) for c in tunnel.commands) is bool(token)
+
+
+def test_a_nodes_re_authentication_is_signed_again_by_the_agent(world: dict[str, Any]) -> None:
+    """The server challenges an established link again: pvpn-client asks the agent (SIGN on
+    the same TLS session's binding), and the link stays up on the agent's signature only."""
+    net = Net(world)
+    net.server.limits = limits(reauth_interval=60)
+    held = held_chain(world, net)
+    assert held.agent.signed == 3
+    net.pass_time(61, step=5)
+    assert held.tunnel.up and net.server.sessions
+    assert held.agent.signed == 4
+    (again,) = [f for t, f in held.heard if t is MsgType.SIGN][3:]
+    assert again["node"] == "server" and again["user"] == "alice"
+    assert held.tunnel.chain is not None
+    assert again["binding"] == held.tunnel.chain.links[-1].tls.binding()
