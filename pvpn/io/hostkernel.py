@@ -154,13 +154,17 @@ class ClientKernel:
 def abort_connections(owners: SocketOwners, session: SlotSession) -> int | str:
     """Abort each TCP connection of the session's user that the session carried (connected
     or connecting), by the cookie that names exactly that socket (SOCK_DESTROY): the
-    application's next call fails with ECONNABORTED. Listeners and other users' sockets on
-    the same ports are left alone. How many, or what failed."""
+    application's next call fails with ECONNABORTED. An orphan of hers is aborted too: a
+    socket her program closed that still retransmits its FIN would send it in clear once the
+    session's rules are gone (SOCK_DESTROY aborts an orphan in FIN_WAIT1 as `ss -K` does; seen
+    on Linux 6.18). Listeners and other users' sockets on the same ports are left alone. How
+    many, or what failed."""
     aborted = 0
     for flow in [f for f in session.flows if f.proto == pk.PROTO_TCP]:
         try:
             found = owners.find(flow)
-            if found.uid != session.uid or found.state not in sockdiag.TCP_CONNECTION:
+            holder = found.uid if found.made_by is None else found.made_by
+            if holder != session.uid or found.state not in sockdiag.TCP_CONNECTION:
                 continue
             owners.abort(flow, found.cookie)
         except PvpnError as exc:

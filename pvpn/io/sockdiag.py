@@ -57,10 +57,13 @@ TCP_CONNECTION = TCP_SYNCHRONIZED | {TCP_SYN_SENT}
 
 class Found(NamedTuple):
     """The socket a flow's replies would reach: its owner (None: no process's), its state
-    (0 if there is none) and the kernel's cookie that names exactly it."""
+    (0 if there is none), the kernel's cookie that names exactly it, and the uid the socket
+    was made with, which an orphan keeps (a socket its process closed, still sending its FIN:
+    no file, so no owner; None where not known)."""
     uid: int | None
     state: int
     cookie: bytes
+    made_by: int | None = None
 
 
 def _padded(address: bytes) -> bytes:
@@ -125,7 +128,7 @@ def read_socket(data: bytes, seq: int) -> tuple[bool, Found]:
         raise PvpnError("sock_diag: unexpected answer")
     uid, inode = _OWNER.unpack_from(data, _OWNER_AT)
     return True, Found(uid if inode else None, data[_STATE_AT],
-                       bytes(data[_COOKIE_AT:_COOKIE_AT + 8]))
+                       bytes(data[_COOKIE_AT:_COOKIE_AT + 8]), uid)
 
 
 class SocketOwners:

@@ -975,6 +975,45 @@ def test_an_ended_session_aborts_its_user_s_tcp_connections_before_its_rules_go(
     run(scenario())
 
 
+def test_an_ended_session_aborts_her_orphaned_sockets_too_and_not_bob_s(
+        kernel: Kernel, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A socket alice's program closed that still retransmits its FIN (an orphan: sock_diag
+    says no process's, but the uid it was made with is hers) is aborted with the session
+    while its rules hold. Before, only sockets with an owner were: the orphan's FIN went out
+    in clear once the rules were gone (seen in the lab after a download was cut)."""
+    from pvpn.io.sockdiag import Found
+
+    sockets: dict[Any, Found] = {}
+    aborted: list[bytes] = []
+
+    class Owners:
+        def owner(self, flow: Any) -> int | None:
+            return self.find(flow).uid
+
+        def socket(self, flow: Any) -> tuple[int | None, int]:
+            return self.find(flow)[:2]
+
+        def find(self, flow: Any) -> Found:
+            return sockets.get(flow, Found(None, 0, b""))
+
+        def abort(self, flow: Any, cookie: bytes) -> None:
+            aborted.append(cookie)
+
+    monkeypatch.setattr(dm, "SocketOwners", Owners, raising=False)
+
+    async def scenario() -> None:
+        daemon = make_daemon(tmp_path)
+        alice, flows = alice_with_flows(daemon)
+        sockets[flows[1]] = Found(None, 4, b"orphan-1", 1001)  # hers, FIN_WAIT1
+        sockets[flows[2]] = Found(None, 9, b"orphan-2", 1001)  # hers, LAST_ACK
+        sockets[flows[3]] = Found(None, 4, b"orphan-3", 1002)  # bob's orphan on the ports
+        sockets[flows[4]] = Found(None, 6, b"tw-4", 0)  # TIME_WAIT: no uid at all
+        alice.send(MsgType.UNREGISTER, {"reason": "done"})
+        assert sorted(aborted) == [b"orphan-1", b"orphan-2"]
+
+    run(scenario())
+
+
 def test_a_kernel_that_cannot_abort_still_ends_the_session_and_says_so(
         kernel: Kernel, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A kernel without SOCK_DESTROY (or a sock_diag failure) must not keep the session's
