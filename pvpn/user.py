@@ -31,8 +31,8 @@ from pvpn.commands import Command
 
 from pvpn.config import DEFAULT_DEAD_AFTER, DEFAULT_KEEPALIVE
 from pvpn.envelope import (
-    DEFAULT_HOPS, MAX_PACKET, Envelope, EnvelopeDecoder, MsgType, Sequencer, decode_control,
-    encode_control, encode_envelope,
+    DEFAULT_HOPS, MAX_PACKET, OFFLOAD, Envelope, EnvelopeDecoder, MsgType, Sequencer,
+    decode_control, encode_control, encode_envelope,
 )
 from pvpn.errors import CertificateError, LocalProtocolError, MalformedFrame, RemoteProtocolError
 from pvpn.events import (
@@ -125,6 +125,9 @@ class UserLink:
             MsgType.HELLO, session, uid, self._seq.take(), encode_control({
                 "user": user, "want": list(want), "token": token,
                 "client": client_host_name(client_name), "next": next_hop, "path": list(path),
+                # The server may send super-packets (pvpn.envelope.OFFLOAD): this process
+                # passes PACKET bodies through to pvpn-client as they are.
+                **({"offload": [OFFLOAD]} if next_hop is None else {}),
             }), hops))
 
     # -- output

@@ -24,7 +24,9 @@ from pvpn import packet as pk
 from pvpn.commands import Command, LogRecord
 from pvpn.config import ClientConfig, Network, parse_prefixes
 from pvpn.drops import Counters, Drop
-from pvpn.envelope import DEFAULT_HOPS, Envelope, MsgType, decode_control
+from pvpn.envelope import (
+    DEFAULT_HOPS, Envelope, MsgType, Offload, decode_control, is_offloaded, split_offload,
+)
 from pvpn.errors import (
     ConfigError, MalformedPacket, PolicyError, PvpnError, RemoteProtocolError,
 )
@@ -337,6 +339,9 @@ class WriteTun(Command):
     session: SlotSession
     packet: bytes
     flow: FlowKey
+    # A TCP super-packet's offload header (its checksum the pseudo-header's sum): written
+    # with its virtio_net_hdr, for the kernel to deliver whole.
+    offload: Offload | None = None
 
 
 @dataclass(slots=True)
@@ -598,13 +603,14 @@ class ClientHost(Generic[P]):
         self.dirty.add(link)
 
     def dropped(self, session: SlotSession, code: Drop, now: float,
-                flow: FlowKey | None = None) -> None:
+                flow: FlowKey | None = None, detail: str = "") -> None:
         """Count a drop by its code; log it when the session's rate limit allows."""
         count = session.drop(code, now)
         if count:
             self.log(PACKET_DROPPED, session, reason=code.value,
                      flow=flow.describe() if flow is not None else "", count=count,
-                     unlogged=session.drops.take_unlogged())
+                     unlogged=session.drops.take_unlogged(),
+                     **({"detail": clip(detail, 200)} if detail else {}))
 
     # -- the packet path: user's process -> TUN
     def reply(self, peer: LocalPeer, packet: bytes, now: float) -> None:
@@ -614,8 +620,17 @@ class ClientHost(Generic[P]):
         session = peer.session
         if session is None or not session.session_id:
             raise RemoteProtocolError("PACKET before the session is attached")
+        offload = None
+        if is_offloaded(packet):
+            # A super-packet (pvpn.envelope.OFFLOAD): its header must say the truth about
+            # it; then it is judged as strictly as any reply.
+            try:
+                offload, packet = split_offload(packet)
+            except RemoteProtocolError as exc:
+                self.dropped(session, Drop.MALFORMED_OFFLOAD, now, detail=str(exc))
+                return
         try:
-            flow, _, error = pk.classify(packet)  # one pass over the headers
+            flow, _, error = pk.classify(packet, offload is not None)  # one pass over the headers
             sent = flow if error else flow.reversed()  # an error quotes the packet as sent
         except MalformedPacket:
             self.dropped(session, Drop.MALFORMED_REPLY, now)
@@ -647,7 +662,9 @@ class ClientHost(Generic[P]):
                 self.dropped(session, Drop.REPLY_NOT_YOURS, now, sent)
                 return
         session.count_in(len(packet))
-        self.commands.append(WriteTun(session, packet, sent))
+        if offload is not None:
+            session.super_in += 1
+        self.commands.append(WriteTun(session, packet, sent, offload))
 
     def tun_refused(self, cmd: WriteTun, code: Drop, now: float) -> None:
         """The TUN device did not take the reply (full, or failed): not counted in, dropped."""

@@ -16,7 +16,10 @@ from pvpn.addresses import Destinations, Local, exclusion
 from pvpn.commands import CapturePacket, InjectPacket, SessionClosed
 from pvpn.config import Network, ServerConfig, UserPolicy, parse_prefix
 from pvpn.drops import Drop
-from pvpn.envelope import MsgType, encode_control, encode_envelope
+from pvpn.envelope import (
+    GSO_TCPV4, GSO_TCPV6, MIN_GSO_SIZE, MsgType, Offload, encode_control, encode_envelope,
+    encode_offload,
+)
 from pvpn.errors import AuthError, ConfigError, FlowTableFull, MalformedPacket, PvpnError
 from pvpn.flowtable import FlowRefused, FlowTable
 from pvpn.names import (
@@ -53,10 +56,13 @@ class ServerNode(NodeBase):
         random: Callable[[int], bytes] = os.urandom,
         flows: FlowTable | None = None,
         mtu_for: Callable[[bytes], int] | None = None,
+        offload: bool = False,
     ) -> None:
         super().__init__(config.name, keys, verify, random, config.keepalive, config.dead_after,
                          config.limits)
         self.config = config
+        # Super-packets to users whose end offers them (the reply queue hands them over whole).
+        self.takes_offload = offload
         self._source_for = source_for
         # The MTU towards a destination (pvpn.io.rawsock.PathMtu); None: nothing is too big.
         self._mtu_for = mtu_for
@@ -367,10 +373,12 @@ class ServerNode(NodeBase):
         self._drop(session, Drop.TCP_NO_MAPPING, now, flow, "answered with a reset")
         self._send_to_user(session, link, reset)
 
-    def receive_reply(self, packet: bytes, now: float) -> bool:
+    def receive_reply(self, packet: bytes, now: float, info: int = 0) -> bool:
         """A packet captured on its way in. True if it was ours (the adapter drops it from the
         kernel's path); False if it belongs to someone else on this host (accept it), and for
-        a path MTU error handed on to a session, which the server's kernel learns from too."""
+        a path MTU error handed on to a session, which the server's kernel learns from too.
+        ``info``: the queue's offload state of the packet (pvpn.packet.SKB_*; a queue with
+        NFQA_CFG_F_GSO hands over super-packets and unfinished checksums)."""
         try:
             flow, flags, error = pk.classify(packet, True)
         except pk.IpOptions:
@@ -412,11 +420,54 @@ class ServerNode(NodeBase):
             self._drop(session, Drop.LINK_CONGESTED, now, entry.original)
             return True
         # Captured as returned to the user: after the un-NAT.
-        self._send_to_user(session, link, pk.rewrite_destination(
-            packet, entry.original.src, entry.original.sport))
+        rewritten = pk.rewrite_destination(packet, entry.original.src, entry.original.sport)
+        if info & (pk.SKB_GSO | pk.SKB_CSUMNOTREADY) and not error:
+            self._offloaded_reply(session, link, rewritten, flow, info, now)
+            return True
+        self._send_to_user(session, link, rewritten)
         # A path MTU error goes to the user and to the server's own kernel as well: the MTU
         # it learns is what the server fragments its users' datagrams to (rawsock.PathMtu).
         return not (error and fragments.is_path_mtu_error(packet))
+
+    def _offloaded_reply(self, session: Session, link: NodeLink, packet: bytes,
+                         flow: pk.FlowKey, info: int, now: float) -> None:
+        """A reply the queue handed over as the kernel held it: a TCP super-packet (GRO's,
+        or a GSO segment of a local sender's), or a packet whose checksum is not done. It
+        reaches a user's end that takes super-packets whole, with an offload header (its
+        checksum field the pseudo-header's sum, for the client host's kernel to complete);
+        any other end gets it as segments of the remote end's size, checksums computed."""
+        if flow.proto != pk.PROTO_TCP:
+            if info & pk.SKB_GSO:  # UDP GSO: no segment size comes with it
+                self._drop(session, Drop.OFFLOAD_UNSUPPORTED, now, flow)
+                return
+            self._send_to_user(session, link, bytes(pk.complete_checksum(packet)))
+            return
+        mss = self._reply_mss(packet, flow.src)
+        headers = pk.tcp_headers_length(packet)
+        if not info & pk.SKB_GSO or len(packet) - headers <= mss:
+            self._send_to_user(session, link, bytes(pk.complete_checksum(packet)))
+            return
+        if link.offload:
+            gso = GSO_TCPV4 if packet[0] >> 4 == 4 else GSO_TCPV6
+            session.super_in += 1
+            self._send_to_user(session, link, encode_offload(
+                Offload(gso, mss, pk.l4_offset(packet), 16, headers),
+                bytes(pk.partial_checksum(packet))))
+            return
+        for segment in pk.segment_tcp(packet, mss):
+            self._send_to_user(session, link, segment)
+
+    def _reply_mss(self, packet: bytes, remote: bytes) -> int:
+        """The segment size a super-packet from ``remote`` stands for: the link's MTU
+        towards it, less this packet's IP and TCP headers (the remote end's MSS counts them
+        the same way), at least MIN_GSO_SIZE."""
+        mtu = 1500
+        if self._mtu_for is not None:
+            try:
+                mtu = self._mtu_for(remote)
+            except OSError:
+                pass
+        return max(MIN_GSO_SIZE, mtu - pk.tcp_headers_length(packet))
 
     def _refused_reply(self, packet: bytes, drop: Drop, now: float) -> bool:
         """A packet the strict parse refused: ours (counted and dropped) if it answers a NAT
