@@ -113,6 +113,7 @@ class UserLink:
         # What this hop carries: packets to the server, the next hop's ciphertext to a gateway.
         self.carries = MsgType.PACKET if next_hop is None else MsgType.DATA
         self.node = ""  # the node's name, once it has accepted us
+        self.offload = False  # the node said it sends super-packets (pvpn.envelope.OFFLOAD)
         self.reauthenticated = 0  # answers to a node's CHALLENGE on the established link
         # A node challenges again at most every reauth_interval (10 s at least) and on a
         # reload, one challenge at a time; each answer costs an RSA signature, so a node (a
@@ -289,6 +290,7 @@ class UserLink:
             raise MalformedFrame("ACCEPT with a node name that is not one")
         self.session = envelope.session
         self.node = fields["node"]
+        self.offload = OFFLOAD in fields.get("offload", ())  # super-packets may come
         self.state = LinkState.ESTABLISHED
         return LinkEstablished(
             envelope.session, fields["token"], [str(a) for a in fields["allow"]],
