@@ -67,8 +67,8 @@ _DESCRIPTIONS: dict[Drop, str] = {
                           "socket now holds",
     Drop.TUN_FULL: "the session's TUN device is full",
     Drop.TUN_WRITE_FAILED: "writing to the session's TUN device failed",
-    Drop.MALFORMED_OFFLOAD: "a super-packet from the tunnel whose offload header lies about "
-                            "its packet, or from a node that never offered them",
+    Drop.MALFORMED_OFFLOAD: "a super-packet whose offload header lies about its packet, or "
+                            "over a link that never offered them",
     Drop.MALFORMED_PACKET: "a packet that is not one pvpn carries",
     Drop.IP_OPTIONS: "an IPv4 packet with options (source routing among them)",
     Drop.DESTINATION_NOT_ALLOWED: "a destination outside the user's allow list",

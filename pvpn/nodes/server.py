@@ -18,9 +18,11 @@ from pvpn.config import Network, ServerConfig, UserPolicy, parse_prefix
 from pvpn.drops import Drop
 from pvpn.envelope import (
     GSO_TCPV4, GSO_TCPV6, MIN_GSO_SIZE, MsgType, Offload, encode_control, encode_envelope,
-    encode_offload,
+    encode_offload, is_offloaded, split_offload,
 )
-from pvpn.errors import AuthError, ConfigError, FlowTableFull, MalformedPacket, PvpnError
+from pvpn.errors import (
+    AuthError, ConfigError, FlowTableFull, MalformedFrame, MalformedPacket, PvpnError,
+)
 from pvpn.flowtable import FlowRefused, FlowTable
 from pvpn.names import (
     PACKET_DROPPED, SESSION_CLOSED, SESSION_DETACHED, SESSION_NARROWED, SESSION_OPENED,
@@ -198,8 +200,27 @@ class ServerNode(NodeBase):
                 self._end_session(session, f"revoked: no key left: {exc}")
 
     def _on_packet(self, link: NodeLink, packet: bytes, now: float) -> None:
-        if link.session is not None:
+        if link.session is None:
+            return
+        if is_offloaded(packet):
+            self._super_packet_from_user(link, link.session, packet, now)
+        else:
             self._packet_from_user(link.session, packet, now)
+
+    def _super_packet_from_user(self, link: NodeLink, session: Session, body: bytes,
+                                now: float) -> None:
+        """A TCP super-packet of the user's (pvpn.envelope.OFFLOAD), only on a link that
+        said it takes them: its header must tell the truth about it (else it is dropped,
+        counted and logged); then it is judged and NATed as any packet, and leaves as the
+        segments it stands for, each at most the path MTU, their checksums computed."""
+        try:
+            if not link.offload:
+                raise MalformedFrame("offload header on a link that did not offer them")
+            offload, packet = split_offload(body)
+        except MalformedFrame as exc:
+            self._drop(session, Drop.MALFORMED_OFFLOAD, now, detail=str(exc))
+            return
+        self._packet_from_user(session, packet, now, offload)
 
     def _end_session(self, session: Session, reason: str) -> None:
         self._changes += 1
@@ -235,7 +256,8 @@ class ServerNode(NodeBase):
                   flow=flow.describe() if flow is not None else "", **extra)
 
     # -- the packet path
-    def _packet_from_user(self, session: Session, packet: bytes, now: float) -> None:
+    def _packet_from_user(self, session: Session, packet: bytes, now: float,
+                          offload: Offload | None = None) -> None:
         if self.capture:  # as the user sent it: before the checks and the NAT
             self.commands.append(CapturePacket(session.id, packet))
         try:
@@ -266,9 +288,12 @@ class ServerNode(NodeBase):
                        else Drop.DESTINATION_NOT_ALLOWED, now, flow)
             return
         else:
-            mtu = self._path_mtu(packet, flow.dst)
-            if mtu and self._too_big(session, packet, flow, mtu, now):
-                return
+            if offload is not None:  # it leaves in segments that fit: never too big
+                mtu = self._segment_mtu(flow.dst)
+            else:
+                mtu = self._path_mtu(packet, flow.dst)
+                if mtu and self._too_big(session, packet, flow, mtu, now):
+                    return
             try:
                 entry = self.flows.outbound(session.id, flow, self._source_for(flow.dst), now,
                                             flags, session.user)
@@ -286,7 +311,14 @@ class ServerNode(NodeBase):
                 return
         session.count_out(len(packet))
         sent = pk.rewrite_source(packet, entry.nat_src, entry.nat_port)
-        if not error and mtu and len(sent) > mtu:
+        if offload is not None:
+            session.super_out += 1
+            mss = mtu - pk.tcp_headers_length(sent)
+            if offload.gso_size:
+                mss = min(mss, offload.gso_size)
+            for segment in pk.segment_tcp(sent, max(MIN_GSO_SIZE, mss)):
+                self.commands.append(InjectPacket(segment))
+        elif not error and mtu and len(sent) > mtu:
             self._inject_fragments(sent, mtu)
         else:
             self.commands.append(InjectPacket(sent))
@@ -457,17 +489,20 @@ class ServerNode(NodeBase):
         for segment in pk.segment_tcp(packet, mss):
             self._send_to_user(session, link, segment)
 
+    def _segment_mtu(self, destination: bytes) -> int:
+        """The MTU a super-packet's segments towards ``destination`` must fit."""
+        if self._mtu_for is not None:
+            try:
+                return self._mtu_for(destination)
+            except OSError:
+                pass
+        return 1500
+
     def _reply_mss(self, packet: bytes, remote: bytes) -> int:
         """The segment size a super-packet from ``remote`` stands for: the link's MTU
         towards it, less this packet's IP and TCP headers (the remote end's MSS counts them
         the same way), at least MIN_GSO_SIZE."""
-        mtu = 1500
-        if self._mtu_for is not None:
-            try:
-                mtu = self._mtu_for(remote)
-            except OSError:
-                pass
-        return max(MIN_GSO_SIZE, mtu - pk.tcp_headers_length(packet))
+        return max(MIN_GSO_SIZE, self._segment_mtu(remote) - pk.tcp_headers_length(packet))
 
     def _refused_reply(self, packet: bytes, drop: Drop, now: float) -> bool:
         """A packet the strict parse refused: ours (counted and dropped) if it answers a NAT

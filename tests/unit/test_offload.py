@@ -16,7 +16,7 @@ from scapy.utils import checksum as scapy_checksum
 
 from pvpn import packet as pk
 from pvpn.envelope import (
-    GSO_NONE, GSO_TCPV4, GSO_TCPV6, MAX_PACKET, OFFLOAD, OFFLOAD_HEADER, EnvelopeDecoder,
+    GSO_NONE, GSO_TCPV4, GSO_TCPV6, MAX_PACKET, OFFLOAD_HEADER, EnvelopeDecoder,
     MsgType, Offload, decode_control, encode_envelope, encode_offload, is_offloaded,
     split_offload,
 )
@@ -321,3 +321,115 @@ def test_a_udp_super_packet_is_dropped_and_counted(pki_dir: Any) -> None:  # noq
     assert h.node.receive_reply(reply, h.now, pk.SKB_GSO | pk.SKB_CSUMNOTREADY)
     (session,) = h.node.sessions.values()
     assert session.drops.as_dict() == {"offload-unsupported": 1}
+
+
+# ---------------------------------------------------------------- the server's uploads
+def user_super_packet(data: bytes = DATA) -> bytes:
+    packet = bytes(pk.partial_checksum(bytes(
+        IP(src="10.0.0.2", dst="10.9.0.5", id=300) / TCP(sport=40000, dport=80, seq=5, flags="PA")
+        / data)))
+    return encode_offload(Offload(GSO_TCPV4, 1448, 20, 16, 40), packet)
+
+
+@pytest.mark.parametrize("mtu,mss", [(1500, 1448), (1280, 1240)])
+def test_a_users_super_packet_leaves_the_server_in_segments_that_fit(
+        pki_dir: Any, mtu: int, mss: int) -> None:  # noqa: F811
+    """NATed once, then cut at the smaller of the user's segment size and the path MTU,
+    each segment's checksums computed (what reaches the remote end is what a kernel's
+    segmentation would have sent)."""
+    h = Harness(pki_dir, mtu_for=lambda destination: mtu)
+    h.node.takes_offload = True
+    h.connect(1, "alice")
+    syn = bytes(IP(src="10.0.0.2", dst="10.9.0.5") / TCP(sport=40000, dport=80, flags="S"))
+    h.links[1].send_packets([syn, user_super_packet()])
+    h.transfer()
+    segments = h.injected[1:]
+    assert len(segments) == -(-len(DATA) // mss)
+    data = b""
+    for raw in segments:
+        seg = IP(raw)
+        assert len(raw) <= mtu and pk.checksum_ok(raw)
+        assert seg.src == "10.9.0.1" and seg.dst == "10.9.0.5"
+        assert seg[TCP].sport == IP(h.injected[0])[TCP].sport and seg[TCP].dport == 80
+        chk = seg.chksum
+        del seg.chksum
+        assert IP(bytes(seg)).chksum == chk
+        data += bytes(seg[TCP].payload)
+    assert data == DATA
+    (session,) = h.node.sessions.values()
+    assert session.super_out == 1 and session.packets_out == 2
+
+
+def test_a_users_lying_super_packet_is_dropped_and_logged_and_the_link_serves_on(
+        pki_dir: Any) -> None:  # noqa: F811
+    h = Harness(pki_dir, mtu_for=lambda destination: 1500)
+    h.node.takes_offload = True
+    h.connect(1, "alice")
+    lie = bytearray(user_super_packet())
+    lie[4:6] = b"\x00\x00"  # hdr_len: a header of 0 bytes
+    syn = bytes(IP(src="10.0.0.2", dst="10.9.0.5") / TCP(sport=40000, dport=80, flags="S"))
+    h.links[1].send_packets([bytes(lie), syn])
+    h.transfer()
+    assert len(h.injected) == 1 and IP(h.injected[0])[TCP].flags == "S"
+    (session,) = h.node.sessions.values()
+    assert session.drops.as_dict() == {"malformed-offload": 1}
+    (record,) = [r for r in h.logs if r.reason == "malformed-offload"]
+    assert record.event == "packet:dropped" and "header length" in record.extra["detail"]
+
+
+def test_a_super_packet_over_a_link_that_did_not_offer_them_is_dropped(
+        pki_dir: Any) -> None:  # noqa: F811
+    h = Harness(pki_dir)  # takes_offload False: the link's offload is off
+    h.connect(1, "alice")
+    h.links[1].send_packets([user_super_packet()])
+    h.transfer()
+    assert h.injected == []
+    (session,) = h.node.sessions.values()
+    assert session.drops.as_dict() == {"malformed-offload": 1}
+
+
+# ---------------------------------------------------------------- the client host's replies
+def client_super_reply(**changes: int) -> tuple[bytes, bytes]:
+    packet = bytes(pk.partial_checksum(bytes(
+        IP(src="10.77.1.9", dst="192.168.1.5") / TCP(sport=443, dport=40000, flags="A")
+        / DATA)))
+    values = {"gso_type": GSO_TCPV4, "gso_size": 1448, "csum_start": 20, "csum_offset": 16,
+              "hdr_len": 40, "flags": 1, **changes}
+    return encode_offload(Offload(**values), packet), packet
+
+
+def test_a_super_packet_reply_is_written_whole_with_its_header_after_the_same_checks(
+        tmp_path: Path) -> None:
+    from test_client_host import ALICE, after_a_packet
+
+    from pvpn.nodes.client import WriteTun
+
+    host, owners, session, peer = after_a_packet(tmp_path)
+    (flow,) = session.flows
+    owners.of[flow] = ALICE
+    body, packet = client_super_reply()
+    host.reply(peer, body, 1.0)
+    assert host.commands == [WriteTun(session, packet, flow, split_offload(body)[0])]
+    assert (session.packets_in, session.super_in) == (1, 1)
+    host.commands.clear()
+    owners.of[flow] = ALICE + 1  # another user's socket now: anti-spoofed as any reply
+    host.reply(peer, body, 2.0)
+    assert host.commands[-1].record.reason == "reply-not-yours"  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("changes", [{"gso_size": 1}, {"csum_offset": 6}, {"hdr_len": 0}])
+def test_a_super_packet_reply_whose_header_lies_is_dropped_and_logged(
+        tmp_path: Path, changes: dict[str, int]) -> None:
+    from test_client_host import ALICE, after_a_packet
+
+    from pvpn.nodes.client import WriteTun
+
+    host, owners, session, peer = after_a_packet(tmp_path)
+    (flow,) = session.flows
+    owners.of[flow] = ALICE
+    host.reply(peer, client_super_reply(**changes)[0], 1.0)
+    assert not any(type(c) is WriteTun for c in host.commands)
+    assert session.drops.as_dict() == {"malformed-offload": 1}
+    (record,) = [c.record for c in host.commands  # type: ignore[attr-defined]
+                 if getattr(getattr(c, "record", None), "reason", "") == "malformed-offload"]
+    assert record.extra["detail"].startswith("offload header")
