@@ -433,3 +433,18 @@ def test_a_super_packet_reply_whose_header_lies_is_dropped_and_logged(
     (record,) = [c.record for c in host.commands  # type: ignore[attr-defined]
                  if getattr(getattr(c, "record", None), "reason", "") == "malformed-offload"]
     assert record.extra["detail"].startswith("offload header")
+
+
+def test_a_capture_holds_the_super_packet_not_its_header(pki_dir: Any) -> None:  # noqa: F811
+    from pvpn.commands import CapturePacket
+
+    h = Harness(pki_dir, mtu_for=lambda destination: 1500)
+    h.node.takes_offload = True
+    port = established(h)
+    h.node.capture = True
+    h.net.captured.clear()
+    assert h.node.receive_reply(remote_super_packet(port), h.now, pk.SKB_GSO)
+    h.node.flush(h.now)
+    h.transfer()
+    (captured,) = [c for c in h.net.captured if isinstance(c, CapturePacket)]
+    assert IP(captured.packet).dst == "10.0.0.2" and len(captured.packet) == 40 + len(DATA)
