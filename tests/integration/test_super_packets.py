@@ -53,28 +53,24 @@ def test_a_bulk_download_arrives_whole_in_super_packets(alice: dict[str, Any]) -
 LIAR = r"""
 import json, os, socket, sys
 from scapy.layers.inet import IP, TCP
-from pvpn.envelope import (GSO_TCPV4, MsgType, Offload, decode_control, encode_control,
-                           encode_envelope, encode_offload, EnvelopeDecoder)
+from pvpn.envelope import GSO_TCPV4, MsgType, Offload, decode_control, encode_offload
+from pvpn.local import LocalChannel
 path, target = sys.argv[1], sys.argv[2]
-local = socket.socket(socket.AF_UNIX)
-local.connect(path)
-local.settimeout(10)
-decoder, seq = EnvelopeDecoder(), 0
+conn = socket.socket(socket.AF_UNIX)
+conn.connect(path)
+conn.settimeout(10)
+channel, uid = LocalChannel(), os.getuid()
 
-def send(mtype, body):
-    global seq
-    local.sendall(encode_envelope(mtype, b"", os.getuid(), seq, body))
-    seq += 1
+def ask(mtype, fields, answer=None):
+    conn.sendall(channel.control(mtype, b"", uid, fields))
+    while answer is not None:
+        got = [e for e in channel.receive(conn.recv(65536)) if e.type is answer]
+        if got:
+            return decode_control(got[0])
 
-def receive(mtype):
-    while True:
-        for envelope in decoder.feed(local.recv(65536)):
-            if envelope.type is mtype:
-                return envelope
-
-send(MsgType.REGISTER, encode_control({"prefixes": [f"{target}/32"], "server": "nowhere:9"}))
-receive(MsgType.REGISTERED)
-send(MsgType.ATTACH, encode_control({"session": os.urandom(16)}))
+ask(MsgType.REGISTER, {"prefixes": [f"{target}/32"], "server": "nowhere:9"},
+    MsgType.REGISTERED)
+ask(MsgType.ATTACH, {"session": os.urandom(16)})
 segment = bytes(IP(src=target, dst="10.0.0.1") / TCP(sport=80, dport=40000, flags="A")
                 / (b"x" * 20000))
 lies = [
@@ -84,14 +80,13 @@ lies = [
     Offload(4, 1448, 20, 16, 40),               # IPv6 GSO for an IPv4 packet
     Offload(GSO_TCPV4, 1448, 20, 16, 9000),     # headers of 9,000 bytes
 ]
-for lie in lies:
-    send(MsgType.PACKET, encode_offload(lie, segment))
-send(MsgType.PACKET, encode_offload(lies[0], segment)[:30])  # cut short
-send(MsgType.STATUS, encode_control({}))
-status = decode_control(receive(MsgType.STATUS_REPLY))
+bodies = [encode_offload(lie, segment) for lie in lies]
+bodies.append(bodies[0][:30])  # cut short
+for body in bodies:
+    conn.sendall(channel.packet(b"", uid, body))
+status = ask(MsgType.STATUS, {}, MsgType.STATUS_REPLY)
 print(json.dumps(status["sessions"][0]["drops"]), flush=True)
-send(MsgType.UNREGISTER, encode_control({"reason": "done"}))
-receive(MsgType.STATUS_REPLY)
+ask(MsgType.UNREGISTER, {"reason": "done"}, MsgType.STATUS_REPLY)
 """
 
 
