@@ -28,7 +28,7 @@ from pvpn.config import DEFAULT_DEAD_AFTER, DEFAULT_KEEPALIVE, DEFAULT_MAX_BYTES
 from pvpn.envelope import DEFAULT_HOPS
 from pvpn.errors import ConfigError, PvpnError
 from pvpn.events import ChainUp
-from pvpn.io.loop import WRITE_HIGH_WATER, set_nodelay
+from pvpn.io.loop import WRITE_HIGH_WATER, run_loop, set_nodelay, stream_transport
 from pvpn.io.pcap import PcapWriter
 from pvpn.io.reasons import connect_failure
 from pvpn.text import printable
@@ -96,7 +96,7 @@ class _Stream(asyncio.Protocol):
         self.congested = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
+        transport = stream_transport(transport)
         self.transport = transport
         transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
 
@@ -424,7 +424,7 @@ def run_connect(options: ConnectOptions, background: bool, log_path: Path | None
             connector = Connector(options, _tell)
             return await connector.run()
         try:
-            return asyncio.run(foreground())
+            return run_loop(foreground())
         except (ConnectError, ConfigError) as exc:
             _say(f"error: {exc}")
             return 1
@@ -470,7 +470,7 @@ def run_connect(options: ConnectOptions, background: bool, log_path: Path | None
 
     status = 1
     try:
-        status = asyncio.run(detached())
+        status = run_loop(detached())
     except (ConnectError, ConfigError) as exc:
         report(str(exc))
     finally:

@@ -11,7 +11,9 @@ from pvpn import auth
 from pvpn.commands import CloseNext, OpenNextHop, SendNext
 from pvpn.config import GatewayConfig, load_gateway_config
 from pvpn.io.reasons import connect_failure
-from pvpn.io.loop import WRITE_HIGH_WATER, daemon_main, guarded, install_signals, set_nodelay
+from pvpn.io.loop import (
+    WRITE_HIGH_WATER, daemon_main, guarded, install_signals, set_nodelay, stream_transport,
+)
 from pvpn.io.node import LinkProtocol, NodeDaemon, close_transport
 from pvpn.names import NODE_STOPPED
 from pvpn.nodes.gateway import GatewayNode
@@ -98,7 +100,7 @@ class NextHopProtocol(asyncio.Protocol):
 
     @guarded("next connection_made")
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
+        transport = stream_transport(transport)
         set_nodelay(transport)
         transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
 

@@ -10,7 +10,7 @@ from typing import Any, Callable
 
 from pvpn.envelope import MsgType, decode_control
 from pvpn.errors import RemoteProtocolError
-from pvpn.io.loop import peer_credentials, prepare_unix_socket
+from pvpn.io.loop import peer_credentials, prepare_unix_socket, stream_transport
 from pvpn.local import LocalChannel
 
 StatusProvider = Callable[[], list[dict[str, Any]]]
@@ -24,7 +24,7 @@ class _ControlLink(asyncio.Protocol):
         self.uid = -1
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
+        transport = stream_transport(transport)
         self.transport = transport
         _, self.uid, _ = peer_credentials(transport)
 

@@ -14,7 +14,7 @@ from typing import Any, Callable, Iterator, Protocol
 from pvpn.envelope import Envelope, MsgType
 from pvpn.errors import ConfigError, RemoteProtocolError
 from pvpn.io.loop import (
-    WRITE_HIGH_WATER, Guard, guarded, peer_credentials, prepare_unix_socket,
+    WRITE_HIGH_WATER, Guard, guarded, peer_credentials, prepare_unix_socket, stream_transport,
 )
 from pvpn.io.safedir import nearest_existing, unsafe_directory
 from pvpn.names import LOCAL_ERROR
@@ -54,7 +54,7 @@ class LocalLink(LocalPeer, asyncio.Protocol):
 
     @guarded("local connection_made")
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
+        transport = stream_transport(transport)
         self.transport = transport
         self.daemon.by_id[self.id] = self
         transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)

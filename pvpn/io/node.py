@@ -19,7 +19,7 @@ from pvpn.io.control import start_control, stop_control
 from pvpn.io.localaddrs import LocalAddressWatch
 from pvpn.io.loop import (
     LISTEN_BACKLOG, WRITE_HIGH_WATER, Dispatcher, Guard, guarded, peer_text, set_nodelay,
-    tick_until,
+    stream_transport, tick_until,
 )
 from pvpn.names import (
     AUTH_KEY_SKIPPED, NODE_RELOADED, NODE_RELOAD_FAILED, NODE_STARTED, NODE_WARNING,
@@ -191,7 +191,7 @@ class LinkProtocol(asyncio.Protocol):
 
     @guarded("connection_made")
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
+        transport = stream_transport(transport)
         set_nodelay(transport)
         transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
         daemon = self.daemon

@@ -6,6 +6,10 @@ from __future__ import annotations
 
 import argparse
 import base64
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 
@@ -80,3 +84,26 @@ def test_peers_include_wireguard_go_and_only_names_it_with_peers() -> None:
     assert only.paths == ["direct", "wireguard-go"]
     with pytest.raises(ConfigError, match="add --peers"):
         cli.options_from(_bench_args("--only", "wireguard-go"))
+
+
+def test_pvpn_client_s_processes_are_not_the_user_s_connect_or_disconnect(tmp_path: Path
+                                                                          ) -> None:
+    # Before: the needles "pvpn-client" and ROOT/client/ matched `pvpn connect --socket
+    # ROOT/client/pvpn-client.sock` too, so its CPU counted twice in the bench's totals.
+    root = str(tmp_path)
+    sleeper = [sys.executable, "-c", "import time; time.sleep(60)"]
+    daemon = subprocess.Popen([*sleeper, "pvpn-client", "--config", f"{root}/client/client.toml"])
+    connect = subprocess.Popen([*sleeper, "pvpn", "connect", "--socket",
+                                f"{root}/client/pvpn-client.sock"])
+    other = subprocess.Popen([*sleeper, "pvpn-client", "--config", f"{root}x/client/client.toml"])
+    try:
+        for _ in range(100):  # until the three have exec'd (their command lines are set)
+            if all(Path(f"/proc/{p.pid}/cmdline").read_bytes().count(b"\0") > 4
+                   for p in (daemon, connect, other)):
+                break
+            time.sleep(0.01)
+        assert paths.daemon_processes("pvpn-client", root, "client") == [daemon.pid]
+    finally:
+        for proc in (daemon, connect, other):
+            proc.kill()
+            proc.wait()

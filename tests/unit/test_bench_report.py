@@ -262,3 +262,36 @@ def test_render_shows_wireguard_go_its_settings_and_pvpn_against_each_peer() -> 
     assert ["pvpn", "wireguard-go", "0.50"] in rows
     # pvpn's bulk ratio to the best peer is now wireguard-go's: 200 / 400
     assert any(line.split()[:4] == ["pvpn", "0.02", "/", "0.50"] for line in lines)
+
+
+def test_issue_12_s_round_trip_and_cpu_targets() -> None:
+    latency = [
+        {"path": "direct", "repeat": 0, "rr": {"median": 40e-6}},
+        {"path": "pvpn", "repeat": 0, "rr": {"median": 240e-6}},
+        {"path": "pvpn-2gw", "repeat": 0, "rr": {"median": 400e-6}},
+        {"path": "openvpn-udp", "repeat": 0, "rr": {"median": 125e-6}},
+    ]
+    bulk = [
+        {"path": "pvpn", "test": "tcp1-up", "repeat": 0, "bits_per_second": 200e6,
+         "bytes": 1_000_000_000, "cpu": {"pvpn-client": 2.0, "pvpn-server": 3.0}},
+        {"path": "openvpn-udp", "test": "tcp1-up", "repeat": 0, "bits_per_second": 250e6,
+         "bytes": 1_000_000_000, "cpu": {"openvpn client": 2.5, "openvpn server": 2.5}},
+        {"path": "pvpn", "test": "tcp1-down", "repeat": 0, "bits_per_second": 200e6,
+         "bytes": 1_000_000_000, "cpu": {"pvpn-client": 4.0, "pvpn-server": 3.0}},
+        {"path": "openvpn-udp", "test": "tcp1-down", "repeat": 0, "bits_per_second": 250e6,
+         "bytes": 1_000_000_000, "cpu": {"openvpn client": 2.5, "openvpn server": 2.5}},
+    ]
+    by = {t["target"]: t for t in report.summarize(results(latency=latency, bulk=bulk))[
+        "targets"]}
+    rtt = by["1-byte round trip <= 2x OpenVPN/UDP's (median)"]
+    assert rtt["met"] is True and "1.92x" in rtt["detail"]  # 240 us against 125 us
+    gateway = by["each gateway adds <= half the round trip the one hop adds"]
+    # one hop adds 200 us over direct; each of the two gateways (400 - 240) / 2 = 80 us
+    assert gateway["met"] is True and "(0.40x)" in gateway["detail"]
+    cpu = by["CPU seconds per GB, all of pvpn's processes <= OpenVPN/UDP's"]
+    assert cpu["met"] is False  # up 5 s/GB = OpenVPN's 5 (met), down 7 > 5 (not)
+    assert "tcp1-up 1.00x" in cpu["detail"] and "tcp1-down 1.40x" in cpu["detail"]
+
+    slow = [dict(r, rr={"median": 600e-6}) if r["path"] == "pvpn-2gw" else r for r in latency]
+    by = {t["target"]: t for t in report.summarize(results(latency=slow))["targets"]}
+    assert by["each gateway adds <= half the round trip the one hop adds"]["met"] is False

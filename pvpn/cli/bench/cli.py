@@ -114,6 +114,7 @@ def options_from(args: argparse.Namespace) -> Options:
         udp_rate=args.udp_rate,
         quick=args.quick,
         nat_ports=_nat_ports(args.nat_ports),
+        profile=args.profile,
         command=shlex.join(["pvpn", *sys.argv[1:]]) if sys.argv[1:2] == ["bench"]
         else "pvpn bench (called from Python)",
     )
@@ -186,6 +187,10 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                    help=f"the pvpn servers' nat_ports (default {BENCH_NAT_PORTS}; the lab's "
                         "is 61000-64999); it must not overlap the server's local port range "
                         "(32768-60999)")
+    p.add_argument("--profile", type=Path, metavar="DIR",
+                   help="py-spy profiles of every pvpn process during the first repeat of "
+                        "each bulk TCP test and of the round trips, into DIR (profiles.txt "
+                        "sums them up; py-spy is installed with pip if missing)")
     p.add_argument("--json", type=Path, metavar="FILE", help="write the raw results as JSON")
     p.add_argument("--text", type=Path, metavar="FILE", help="write the report to FILE too")
     p.set_defaults(func=_guarded)

@@ -369,14 +369,22 @@ def node_processes(topology: Topology, user: str = BENCH_USER
     uid = lab_users.require_user(user).uid
     sock = str(services.client_socket(topology))
     out: dict[str, Callable[[], list[int]]] = {
-        "pvpn-client": lambda: processes_matching("pvpn-client", f"{root}/client/"),
+        "pvpn-client": functools.partial(daemon_processes, "pvpn-client", root, "client"),
         "pvpn connect": lambda: processes_matching("connect", sock, uid=uid),
     }
     for role in topology.gateway_roles:
         out[f"pvpn-gateway {role}"] = functools.partial(
-            processes_matching, "pvpn-gateway", f"{root}/{role}/")
-    out["pvpn-server"] = lambda: processes_matching("pvpn-server", f"{root}/server/")
+            daemon_processes, "pvpn-gateway", root, role)
+    out["pvpn-server"] = functools.partial(daemon_processes, "pvpn-server", root, "server")
     return out
+
+
+def daemon_processes(program: str, root: str, host: str) -> list[int]:
+    """A lab host's daemon, by its ``--config`` in the host's directory: the program's name
+    and the directory alone also match `pvpn connect` and `pvpn disconnect`, whose
+    ``--socket`` is ``.../client/pvpn-client.sock`` (the bench counted their CPU as
+    pvpn-client's too)."""
+    return processes_matching(program, f"--config {root}/{host}/")
 
 
 def connect_argv(topology: Topology, user: str, key: Path, log: Path) -> list[str]:

@@ -213,6 +213,13 @@ def summarize(results: Results) -> dict[str, Any]:
         scale.setdefault(path, {})[str(users)] = entry
     out["scale"] = scale
 
+    wakeups: dict[str, Any] = {}
+    for (loop,), records in _group(results.get("wakeup", []), "loop").items():
+        s = spread(_num(r, "round_trip") for r in records)
+        if s is not None:
+            wakeups[loop] = s.as_dict()
+    out["wakeup"] = wakeups
+
     out["bulk_against_peers"] = bulk_against_peers(out)
     out["hop_cost"] = hop_cost(out)
     out["targets"] = [t.as_dict() for t in targets(results, out)]
@@ -266,14 +273,17 @@ def hop_cost(summary: Mapping[str, Any]) -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class Target:
-    """One of issue 5's targets: met (True/False) or not measured (None), and the figures."""
+    """One of the targets (issue 5's, or issue 12's): met (True/False) or not measured
+    (None), and the figures."""
 
     name: str
     met: bool | None
     detail: str
+    issue: int = 5
 
     def as_dict(self) -> dict[str, Any]:
-        return {"target": self.name, "met": self.met, "detail": self.detail}
+        return {"target": self.name, "met": self.met, "detail": self.detail,
+                "issue": self.issue}
 
 
 def _cells(summary: Mapping[str, Any], field: str, path: str) -> dict[str, float]:
@@ -299,8 +309,47 @@ def _ratio_checks(pairs: Iterable[tuple[str, float | None, float | None]], minim
     return checks, parts
 
 
+def _round_trip_targets(summary: Mapping[str, Any]) -> list[Target]:
+    """Issue 12's: pvpn's 1-byte round trip within 2x OpenVPN/UDP's, and each gateway adding
+    at most half of what the one hop adds over direct."""
+    def rr(path: str) -> float | None:
+        return _median(summary, "latency", "rr_median", path)
+
+    pvpn, openvpn, direct, two = rr("pvpn"), rr("openvpn-udp"), rr(DIRECT), rr("pvpn-2gw")
+    out = [Target("1-byte round trip <= 2x OpenVPN/UDP's (median)",
+                  None if pvpn is None or openvpn is None else pvpn <= 2 * openvpn,
+                  "not measured" if pvpn is None or openvpn is None else
+                  f"pvpn {seconds(pvpn)}, OpenVPN/UDP {seconds(openvpn)}: "
+                  f"{pvpn / openvpn:.2f}x", 12)]
+    if pvpn is None or direct is None or two is None:
+        out.append(Target("each gateway adds <= half the round trip the one hop adds", None,
+                          "not measured", 12))
+    else:
+        hop, gateway = pvpn - direct, (two - pvpn) / 2
+        out.append(Target("each gateway adds <= half the round trip the one hop adds",
+                          gateway <= hop / 2,
+                          f"one hop adds {seconds(hop)} over direct, each gateway "
+                          f"{seconds(gateway)} ({gateway / hop:.2f}x)" if hop > 0 else
+                          f"each gateway {seconds(gateway)}", 12))
+    return out
+
+
+def _cpu_target(summary: Mapping[str, Any]) -> Target:
+    """Issue 12's: CPU seconds per GB of all of pvpn's processes at most OpenVPN/UDP's, for
+    each bulk TCP test both measured."""
+    checks, parts = [], []
+    for test in TCP_TESTS:
+        mine = _median(summary, "cpu_seconds_per_gb_total", "pvpn", test)
+        theirs = _median(summary, "cpu_seconds_per_gb_total", "openvpn-udp", test)
+        if mine is not None and theirs:
+            checks.append(mine <= theirs)
+            parts.append(f"{test} {mine / theirs:.2f}x")
+    return Target("CPU seconds per GB, all of pvpn's processes <= OpenVPN/UDP's",
+                  _verdict(checks), ", ".join(parts) or "not measured", 12)
+
+
 def targets(results: Results, summary: Mapping[str, Any]) -> list[Target]:
-    """Check the measured medians against the targets of issue 5."""
+    """Check the measured medians against the targets of issues 5 and 12."""
     out: list[Target] = []
     paths: Mapping[str, Any] = results.get("paths", {})
     pvpn_paths = [p for p in _ok_paths(results) if p.startswith("pvpn")]
@@ -353,18 +402,25 @@ def targets(results: Results, summary: Mapping[str, Any]) -> list[Target]:
     out.append(Target("pvpn >= 1.0x OpenVPN/UDP on bulk TCP", _verdict(checks),
                       ", ".join(parts) or "OpenVPN/UDP not measured"))
     ov_t = _cells(summary, "throughput", "openvpn-udp")
-    checks, parts = _ratio_checks(
-        ((cell, pv_t[cell], ov_t[cell]) for cell in sorted(set(pv_t) & set(ov_t))
-         if cell.split("/")[0] in ("0", "1k", "10k")), 1.0)
+    small_cells: list[tuple[str, float | None, float | None]] = [
+        (cell, pv_t[cell], ov_t[cell]) for cell in sorted(set(pv_t) & set(ov_t))
+        if cell.split("/")[0] in ("0", "1k", "10k")]
+    checks, parts = _ratio_checks(small_cells, 1.0)
     out.append(Target("pvpn >= 1.0x OpenVPN/UDP on the 0 B-10 KB cells (file/clients)",
                       _verdict(checks), ", ".join(parts) or "OpenVPN/UDP not measured"))
+    checks, parts = _ratio_checks(small_cells, 0.7)
+    out.append(Target("pvpn >= 0.7x OpenVPN/UDP on the 0 B-10 KB cells (file/clients)",
+                      _verdict(checks), ", ".join(parts) or "OpenVPN/UDP not measured", 12))
+
+    out += _round_trip_targets(summary)
+    out.append(_cpu_target(summary))
 
     # ... and is ahead of userspace WireGuard on bulk TCP (issue 12).
     checks, parts = _ratio_checks(
         ((test, _median(summary, "bulk", "pvpn", test),
           _median(summary, "bulk", "wireguard-go", test)) for test in TCP_TESTS), 1.0)
     out.append(Target("pvpn >= 1.0x wireguard-go on bulk TCP", _verdict(checks),
-                      ", ".join(parts) or "pvpn or wireguard-go not measured"))
+                      ", ".join(parts) or "pvpn or wireguard-go not measured", 12))
 
     # Through two gateways, at least 0.8x of pvpn over one hop.
     g2 = _cells(summary, "throughput", "pvpn-2gw")
@@ -488,6 +544,24 @@ def _against_peers_table(against: Mapping[str, Mapping[str, Mapping[str, float]]
             for path, reference, ratios in pairs]
     return ["pvpn's bulk TCP against OpenVPN/UDP and wireguard-go (above 1: pvpn is faster)",
             *_table(["path", "against", *(BULK_LABELS[t] for t in tests)], rows), ""]
+
+
+def _wakeup_table(wakeups: Mapping[str, Mapping[str, float]]) -> list[str]:
+    """Per event loop: a 1-byte round trip between two processes (two wake-ups), and its
+    cost over blocking system calls (the floor)."""
+    if not wakeups:
+        return []
+    floor = wakeups.get("blocking", {}).get("median")
+    rows = []
+    for loop, s in wakeups.items():
+        rt = s.get("median")
+        over = "-" if floor is None or rt is None else seconds((rt - floor) / 2)
+        rows.append([loop, seconds(rt), seconds(None if rt is None else rt / 2), over])
+    lines = ["Wake-ups: a 1-byte ping-pong between two processes over a unix socket (each "
+             "round trip wakes each once)"]
+    lines += _table(["loop", "round trip", "per wake-up", "per wake-up over blocking"], rows)
+    lines.append("")
+    return lines
 
 
 def render(results: Results, summary: Mapping[str, Any] | None = None) -> str:
@@ -617,10 +691,14 @@ def render(results: Results, summary: Mapping[str, Any] | None = None) -> str:
                                 [(t, BULK_LABELS[t]) for t in tests], totals,
                                 lambda v: "-" if v is None else f"{v:.2f}", False)
 
-    lines.append("Targets (issue 5)")
-    for target in summary.get("targets", []):
-        mark = {True: "met", False: "NOT MET", None: "n/a"}[target["met"]]
-        lines.append(f"  [{mark}] {target['target']}: {target['detail']}")
+    lines += _wakeup_table(summary.get("wakeup", {}))
+
+    for issue in (5, 12):  # issue 12's are in addition to issue 5's
+        lines.append(f"Targets (issue {issue})")
+        for target in summary.get("targets", []):
+            if target.get("issue", 5) == issue:
+                mark = {True: "met", False: "NOT MET", None: "n/a"}[target["met"]]
+                lines.append(f"  [{mark}] {target['target']}: {target['detail']}")
     for warning in results.get("warnings", []):
         lines.append(f"warning: {warning}")
     return "\n".join(lines).rstrip() + "\n"

@@ -21,10 +21,12 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any
 
-from pvpn.cli.bench import measure, paths, report
+from pvpn.cli.bench import measure, paths, report, wakeup
 from pvpn.cli.bench.paths import BenchPath, PathUnavailable
+from pvpn.cli.bench.profile import Profiles
 from pvpn.cli.bench.scale import ScaleUsers
 from pvpn.errors import PvpnError
 from pvpn.cli.lab import lab
@@ -35,11 +37,14 @@ Say = Callable[[str], None]
 ALL_PATHS = ("direct", "pvpn", "pvpn-2gw", "openvpn-udp", "openvpn-tcp", "wireguard-go",
              "sshuttle")
 BASE_PATHS = ("direct", "pvpn", "pvpn-2gw")
-SECTIONS = ("latency", "bulk", "webstone", "scale")
+SECTIONS = ("wakeup", "latency", "bulk", "webstone", "scale")
+#: Sections that measure this machine, not a path: they run even when no path could be set up.
+MACHINE_SECTIONS = ("wakeup",)
 LAB_LETTER = {"direct": "d", "pvpn": "p", "pvpn-2gw": "g", "openvpn-udp": "u",
               "openvpn-tcp": "t", "wireguard-go": "w", "sshuttle": "s"}
 LAB_GATEWAYS = {"pvpn-2gw": 2}
-SCALE_FILE = "100k"  # small enough that every user completes several in a run
+SCALE_FILE = "100k"
+PROFILE_LATENCY_SECONDS = 3.0  # the latency section's round trips take about that  # small enough that every user completes several in a run
 
 
 @dataclass(frozen=True)
@@ -68,6 +73,7 @@ class Options(Timing):
     quick: bool
     nat_ports: str | None = None
     command: str = ""
+    profile: Path | None = None  # py-spy profiles of the pvpn processes go here
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -77,6 +83,7 @@ class Options(Timing):
             "bulk_duration": self.bulk_duration, "scale_duration": self.scale_duration,
             "repeats": self.repeats, "round_trips": self.round_trips, "pings": self.pings,
             "udp_rate": self.udp_rate, "quick": self.quick, "nat_ports": self.nat_ports,
+            "profile": None if self.profile is None else str(self.profile),
         }
 
 
@@ -160,13 +167,14 @@ class Bench:
             "machine": machine(),
             "settings": options.as_dict(),
             "paths": {},
-            "webstone": [], "bulk": [], "latency": [], "scale": [],
+            "webstone": [], "bulk": [], "latency": [], "scale": [], "wakeup": [],
             "memory": {},
             "warnings": [],
             "interrupted": False,
         }
         self.step = 0
         self.steps = 0
+        self.profiles = None if options.profile is None else Profiles(options.profile, self.say)
 
     # --- labs and paths ------------------------------------------------------------------
 
@@ -254,6 +262,8 @@ class Bench:
     def _plan(self) -> int:
         o, n = self.options, len(self.paths)
         steps = 0
+        if "wakeup" in o.sections:
+            steps += o.repeats * len(wakeup.LOOPS)
         if "latency" in o.sections:
             steps += o.repeats * n
         if "bulk" in o.sections:
@@ -263,6 +273,41 @@ class Bench:
         if "scale" in o.sections:
             steps += o.repeats * len(self._scale_paths()) * len(o.scale_users)
         return steps
+
+    @contextlib.contextmanager
+    def _profiled(self, path: BenchPath, what: str, seconds: float, repeat: int
+                  ) -> Iterator[None]:
+        """Profile the pvpn processes of ``path`` during the first repeat of a measurement
+        (``--profile``); the recorders are stopped whatever happens."""
+        profiles = self.profiles
+        if profiles is None or repeat or not path.name.startswith("pvpn"):
+            yield
+            return
+        try:
+            recordings = profiles.start(path, what, seconds)
+        except PathUnavailable as exc:
+            self.results["warnings"].append(f"profile of {path.name} {what}: {exc}")
+            self.profiles = None
+            yield
+            return
+        try:
+            yield
+        except BaseException:  # Ctrl-C, SIGTERM: the recorders go at once, unread
+            profiles.stop_all(recordings)
+            raise
+        profiles.finish(path, what, recordings)
+
+    def measure_wakeup(self) -> None:
+        """The event loops' cost per wake-up (pvpn.cli.bench.wakeup), 10x the latency
+        section's round trips, at most 20,000."""
+        count = min(20_000, 10 * self.options.round_trips)
+        for repeat in range(self.options.repeats):
+            for record in wakeup.measure(count):
+                record["repeat"] = repeat
+                self.results["wakeup"].append(record)
+                self._progress(f"wake-up {record['loop']}",
+                               report.seconds(record.get("round_trip"))
+                               + (f" ({record['error']})" if "error" in record else ""))
 
     def measure_latency(self) -> None:
         echoes: dict[str, subprocess.Popen[bytes]] = {}
@@ -277,7 +322,8 @@ class Bench:
                     self.check_path(path, f"latency, repeat {repeat + 1}")
                     record: dict[str, Any] = {"path": path.name, "repeat": repeat}
                     if path.name in echoes:
-                        record["rr"] = measure.round_trips(path, self.options.round_trips)
+                        with self._profiled(path, "latency", PROFILE_LATENCY_SECONDS, repeat):
+                            record["rr"] = measure.round_trips(path, self.options.round_trips)
                     if path.icmp:
                         record["ping"] = measure.ping(path, self.options.pings)
                     self.results["latency"].append(record)
@@ -305,8 +351,11 @@ class Bench:
                                                 udp_rate=self.options.udp_rate)
                     else:
                         streams = int(test[3:].split("-")[0])
-                        result = measure.bulk(path, self.options.bulk_duration,
-                                              streams=streams, reverse=test.endswith("down"))
+                        with self._profiled(path, test, self.options.bulk_duration - 0.5,
+                                            repeat):
+                            result = measure.bulk(path, self.options.bulk_duration,
+                                                  streams=streams,
+                                                  reverse=test.endswith("down"))
                     result.update({"path": path.name, "test": test, "repeat": repeat})
                     self.results["bulk"].append(result)
                     outcome = result.get("error") or (
@@ -416,7 +465,8 @@ class Bench:
                 self.setup_paths()
                 self.steps = self._plan()
                 for section in SECTIONS:
-                    if section in self.options.sections and self.paths:
+                    if section in self.options.sections and (
+                            self.paths or section in MACHINE_SECTIONS):
                         self.say(f"bench: {section}")
                         getattr(self, f"measure_{section}")()
         except KeyboardInterrupt:
@@ -426,6 +476,14 @@ class Bench:
             with _uninterruptible():
                 self.teardown()
         self.results["summary"] = report.summarize(self.results)
+        if self.profiles is not None and self.profiles.summary:
+            written = self.profiles.write([
+                "py-spy profiles of pvpn's processes (self time per line of Python: the "
+                "innermost frame of each sample)",
+                f"date: {self.results['date']}; {self.results['machine'].get('summary', '')}",
+                f"command: {self.options.command}"])
+            self.say(f"bench: profiles in {written}")
+            self.results["profiles"] = str(written)
         return self.results
 
     def teardown(self) -> None:
