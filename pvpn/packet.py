@@ -669,9 +669,11 @@ def complete_checksum(packet: bytes | bytearray) -> bytearray:
     l4, proto = _l4(out)
     at = l4 + (16 if proto == PROTO_TCP else 6)
     out[at] = out[at + 1] = 0
-    data = bytes(out[l4:]) + (b"\x00" if (len(out) - l4) & 1 else b"")
-    checksum = (0xFFFF - (_pseudo_sum(out, l4, proto) + int.from_bytes(data, "big")) % 0xFFFF
-                ) % 0xFFFF
+    with memoryview(out) as view:
+        words = int.from_bytes(view[l4:], "big")
+    if (len(out) - l4) & 1:
+        words <<= 8  # the odd byte padded with a zero
+    checksum = (0xFFFF - (_pseudo_sum(out, l4, proto) + words) % 0xFFFF) % 0xFFFF
     if checksum == 0 and proto == PROTO_UDP:
         checksum = 0xFFFF  # RFC 768: a computed 0 is sent as all ones
     out[at] = checksum >> 8

@@ -662,7 +662,7 @@ class ClientHost(Generic[P]):
                 self.dropped(session, Drop.REPLY_NOT_YOURS, now, sent)
                 return
         session.count_in(len(packet))
-        if offload is not None:
+        if offload is not None and offload.gso_type:
             session.super_in += 1
         self.commands.append(WriteTun(session, packet, sent, offload))
 

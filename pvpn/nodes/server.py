@@ -17,7 +17,7 @@ from pvpn.commands import CapturePacket, InjectPacket, SessionClosed
 from pvpn.config import Network, ServerConfig, UserPolicy, parse_prefix
 from pvpn.drops import Drop
 from pvpn.envelope import (
-    GSO_TCPV4, GSO_TCPV6, MIN_GSO_SIZE, OFFLOAD_HEADER, MsgType, Offload, encode_control,
+    GSO_NONE, GSO_TCPV4, GSO_TCPV6, MIN_GSO_SIZE, OFFLOAD_HEADER, MsgType, Offload, encode_control,
     encode_envelope, encode_offload, is_offloaded, split_offload,
 )
 from pvpn.errors import (
@@ -468,27 +468,33 @@ class ServerNode(NodeBase):
         or a GSO segment of a local sender's), or a packet whose checksum is not done. It
         reaches a user's end that takes super-packets whole, with an offload header (its
         checksum field the pseudo-header's sum, for the client host's kernel to complete);
-        any other end gets it as segments of the remote end's size, checksums computed."""
+        any other end gets it as segments of the remote end's size, checksums computed.
+        (The super_in count is of super-packets only, not of the headers on plain ones.)"""
         if flow.proto != pk.PROTO_TCP:
             if info & pk.SKB_GSO:  # UDP GSO: no segment size comes with it
                 self._drop(session, Drop.OFFLOAD_UNSUPPORTED, now, flow)
                 return
             self._send_to_user(session, link, bytes(pk.complete_checksum(packet)))
             return
-        mss = self._reply_mss(packet, flow.src)
         headers = pk.tcp_headers_length(packet)
-        if not info & pk.SKB_GSO or len(packet) - headers <= mss:
-            self._send_to_user(session, link, bytes(pk.complete_checksum(packet)))
-            return
+        mss = self._reply_mss(packet, flow.src) if info & pk.SKB_GSO else 0
+        whole = not mss or len(packet) - headers <= mss
         if link.offload:
-            gso = GSO_TCPV4 if packet[0] >> 4 == 4 else GSO_TCPV6
-            session.super_in += 1
+            # Its checksum is the client host's kernel's to finish (or skip: it delivers the
+            # packet locally), also for a packet that is no super-packet (a pure ACK).
+            if whole:
+                offload = Offload(GSO_NONE, 0, pk.l4_offset(packet), 16, headers)
+            else:
+                session.super_in += 1
+                offload = Offload(GSO_TCPV4 if packet[0] >> 4 == 4 else GSO_TCPV6, mss,
+                                  pk.l4_offset(packet), 16, headers)
             self._send_to_user(session, link, encode_offload(
-                Offload(gso, mss, pk.l4_offset(packet), 16, headers),
-                bytes(pk.partial_checksum(packet))))
-            return
-        for segment in pk.segment_tcp(packet, mss):
-            self._send_to_user(session, link, segment)
+                offload, bytes(pk.partial_checksum(packet))))
+        elif whole:
+            self._send_to_user(session, link, bytes(pk.complete_checksum(packet)))
+        else:
+            for segment in pk.segment_tcp(packet, mss):
+                self._send_to_user(session, link, segment)
 
     def _segment_mtu(self, destination: bytes) -> int:
         """The MTU a super-packet's segments towards ``destination`` must fit."""

@@ -448,3 +448,24 @@ def test_a_capture_holds_the_super_packet_not_its_header(pki_dir: Any) -> None: 
     h.transfer()
     (captured,) = [c for c in h.net.captured if isinstance(c, CapturePacket)]
     assert IP(captured.packet).dst == "10.0.0.2" and len(captured.packet) == 40 + len(DATA)
+
+
+def test_a_reply_whose_checksum_is_not_done_goes_to_a_user_that_takes_them_as_it_is(
+        pki_dir: Any) -> None:  # noqa: F811
+    """A pure ACK the queue hands over with CSUMNOTREADY: no sum computed at the server, an
+    offload header without GSO tells the client host's kernel to finish it."""
+    h = Harness(pki_dir, mtu_for=lambda destination: 1500)
+    h.node.takes_offload = True
+    port = established(h)
+    ack = bytes(pk.partial_checksum(bytes(IP(src="10.9.0.5", dst="10.9.0.1") / TCP(
+        sport=80, dport=port, seq=9, flags="A"))))
+    assert h.node.receive_reply(ack, h.now, pk.SKB_CSUMNOTREADY)
+    h.node.flush(h.now)
+    h.transfer()
+    (body,) = h.packets(1)
+    offload, packet = split_offload(body)
+    assert offload == Offload(GSO_NONE, 0, 20, 16, 40)
+    assert pk.complete_checksum(packet) == bytes(IP(src="10.9.0.5", dst="10.0.0.2") / TCP(
+        sport=80, dport=40000, seq=9, flags="A"))
+    (session,) = h.node.sessions.values()
+    assert session.super_in == 0
