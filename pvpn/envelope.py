@@ -115,6 +115,11 @@ def is_offloaded(body: bytes) -> bool:
     return bool(body) and body[0] == OFFLOAD_MARK
 
 
+def bare_packet(body: bytes) -> bytes:
+    """A PACKET body's IP packet, without its offload header if it has one (for captures)."""
+    return body[OFFLOAD_HEADER:] if is_offloaded(body) else body
+
+
 def split_offload(body: bytes) -> tuple[Offload, bytes]:
     """A body with an offload header: the header and the packet, checked against each other
     (MalformedFrame for a header that lies): only a TCP segment right after a 20-byte IPv4 or

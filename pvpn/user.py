@@ -32,7 +32,7 @@ from pvpn.commands import Command
 from pvpn.config import DEFAULT_DEAD_AFTER, DEFAULT_KEEPALIVE
 from pvpn.envelope import (
     DEFAULT_HOPS, MAX_PACKET, OFFLOAD, Envelope, EnvelopeDecoder, MsgType, Sequencer,
-    decode_control, encode_control, encode_envelope,
+    bare_packet, decode_control, encode_control, encode_envelope,
 )
 from pvpn.errors import CertificateError, LocalProtocolError, MalformedFrame, RemoteProtocolError
 from pvpn.events import (
@@ -726,8 +726,8 @@ class UserTunnel:
     def _chain_events(self, events: list[ChainEvent]) -> None:
         for event in events:
             if type(event) is PacketsReceived:
-                if self.capturing:
-                    self.commands.append(Capture(event.packets))
+                if self.capturing:  # super-packets without their offload header
+                    self.commands.append(Capture([bare_packet(p) for p in event.packets]))
                 if self.local_open and not self.local_congested:
                     uid, session, packet = self.uid, self.session, self.channel.packet
                     self._local_out += [packet(session, uid, p) for p in event.packets]

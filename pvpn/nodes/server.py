@@ -17,8 +17,8 @@ from pvpn.commands import CapturePacket, InjectPacket, SessionClosed
 from pvpn.config import Network, ServerConfig, UserPolicy, parse_prefix
 from pvpn.drops import Drop
 from pvpn.envelope import (
-    GSO_NONE, GSO_TCPV4, GSO_TCPV6, MIN_GSO_SIZE, OFFLOAD_HEADER, MsgType, Offload, encode_control,
-    encode_envelope, encode_offload, is_offloaded, split_offload,
+    GSO_NONE, GSO_TCPV4, GSO_TCPV6, MIN_GSO_SIZE, MsgType, Offload, bare_packet,
+    encode_control, encode_envelope, encode_offload, is_offloaded, split_offload,
 )
 from pvpn.errors import (
     AuthError, ConfigError, FlowTableFull, MalformedFrame, MalformedPacket, PvpnError,
@@ -387,8 +387,7 @@ class ServerNode(NodeBase):
         """A packet on its way to the session's user, over ``link`` (open, not congested):
         captured as the user gets it, counted in, queued for the next flush."""
         if self.capture:  # a super-packet as the user's kernel will get it
-            self.commands.append(CapturePacket(session.id, packet[OFFLOAD_HEADER:]
-                                               if is_offloaded(packet) else packet))
+            self.commands.append(CapturePacket(session.id, bare_packet(packet)))
         session.count_in(len(packet))
         link.pending.append(
             encode_envelope(MsgType.PACKET, session.id, session.uid, link.seq.take(), packet))

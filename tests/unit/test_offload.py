@@ -17,8 +17,8 @@ from scapy.utils import checksum as scapy_checksum
 from pvpn import packet as pk
 from pvpn.envelope import (
     GSO_NONE, GSO_TCPV4, GSO_TCPV6, MAX_PACKET, OFFLOAD_HEADER, EnvelopeDecoder,
-    MsgType, Offload, decode_control, encode_envelope, encode_offload, is_offloaded,
-    split_offload,
+    MsgType, Offload, bare_packet, decode_control, encode_envelope, encode_offload,
+    is_offloaded, split_offload,
 )
 from pvpn.errors import LocalProtocolError, MalformedFrame
 from pvpn.io import nfqueue
@@ -469,3 +469,9 @@ def test_a_reply_whose_checksum_is_not_done_goes_to_a_user_that_takes_them_as_it
         sport=80, dport=40000, seq=9, flags="A"))
     (session,) = h.node.sessions.values()
     assert session.super_in == 0
+
+
+def test_a_capture_of_a_body_is_its_ip_packet() -> None:
+    packet = tcp4()
+    assert bare_packet(encode_offload(header_for(packet), packet)) == packet
+    assert bare_packet(packet) == packet
