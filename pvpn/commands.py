@@ -64,6 +64,16 @@ class SessionClosed(Command):
     session: bytes
 
 
+@dataclass(slots=True)
+class ResumeElsewhere(Command):
+    """Link ``link`` (authenticated) resumes a session another worker of this server holds
+    (pvpn.workers): route its source's next connection to ``worker``, then close it without
+    a CLOSE (:meth:`ServerNode.hand_off`), so its user's process reconnects and resumes."""
+
+    link: int
+    worker: int
+
+
 # ---------------------------------------------------------------- the gateway: its next hop
 
 

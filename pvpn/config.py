@@ -295,6 +295,10 @@ class ServerConfig(NodeConfig):
     # most every state_interval seconds while they change, and on an orderly stop.
     state_file: Path | None = None
     state_interval: float = 2.0
+    # Worker processes sharing the users (pvpn.workers; 1: the server is one process), and
+    # which of them this config is for (pvpn.workers.worker_config).
+    workers: int = 1
+    worker: int = 0
 
 
 DEFAULT_PORT = 4433
@@ -398,10 +402,13 @@ def load_server_config(path: Path) -> ServerConfig:
     state_interval = float(t.get("state_interval", (int, float), default.state_interval))
     if not 0.5 <= state_interval <= 60:
         raise ConfigError(f"{t.where('state_interval')} must be 0.5 to 60 seconds")
+    workers = t.get("workers", int, default.workers)
+    if not 1 <= workers <= 16:
+        raise ConfigError(f"{t.where('workers')} must be 1 to 16")
     limits = _limits(t)
     t.finish()
     users = _users(path, data, _user_policy)
-    return ServerConfig(
+    config = ServerConfig(
         path, name, listen, certificate, private_key, authorized_keys, queue,
         (int(match[1]), int(match[2])), instance, users, grace, control,
         keepalive=keepalive, dead_after=dead_after, limits=limits,
@@ -410,8 +417,13 @@ def load_server_config(path: Path) -> ServerConfig:
         nat_flows_per_user=int(per_user), nat_flows_per_session=int(per_session),
         nat_syn_timeout=syn_timeout, nat_unreplied_timeout=unreplied_timeout,
         pcap_max_total_bytes=int(pcap_total), pcap_max_files=int(pcap_files),
-        state_file=state_file, state_interval=state_interval,
+        state_file=state_file, state_interval=state_interval, workers=int(workers),
     )
+    low, high = config.nat_ports
+    if queue + workers - 1 > 65535 or high - low + 1 < workers:
+        raise ConfigError(f"{t.where('workers')}: {workers} workers need {workers} queues from "
+                          f"queue ({queue}) and a slice of nat_ports each")
+    return config
 
 
 @dataclass(slots=True)

@@ -310,9 +310,69 @@ def check_rules(instance: str, saved: Sequence[str], held: Iterable[InstalledSes
 # ---------------------------------------------------------------- server host
 
 
-def server_tun(instance: str) -> str:
-    """The TUN device the server reads the kernel's copies of the largest replies from."""
-    return f"{instance}-big"
+def server_tun(instance: str, worker: int | None = None) -> str:
+    """The TUN device the server (or its worker ``worker``) reads the kernel's copies of the
+    largest replies from."""
+    return f"{instance}-big" if worker is None else f"{instance}-big{worker}"
+
+
+# Where an IPv4 ICMP message's identifier (echo) and its quoted packet's source port (errors:
+# the NAT port the server sent from) or echo identifier are, with the quoted protocol (u32:
+# ``A@B`` reads at offset B past the sum of the values so far; no IP options, which the
+# server refuses to send); IPv6 without extension headers, as the server sends.
+U32_ECHO4 = "0>>22&0x3C@4>>16"
+U32_QUOTE_PORT4 = "0>>22&0x3C@16>>16&0xFF=6:17&&0>>22&0x3C@8>>22&0x3C@8>>16"
+U32_QUOTE_ECHO4 = "0>>22&0x3C@16>>16&0xFF=1&&0>>22&0x3C@8>>22&0x3C@12>>16"
+U32_ECHO6 = "44>>16"
+U32_QUOTE_PORT6 = "52>>8&0xFF=6:17&&88>>16"
+U32_QUOTE_ECHO6 = "52>>8&0xFF=58&&92>>16"
+ICMP4_ERRORS = ("destination-unreachable", "time-exceeded", "parameter-problem")
+ICMP6_ERRORS = ("destination-unreachable", "packet-too-big", "time-exceeded",
+                "parameter-problem")
+
+
+def _server_chains(p: str, devices: str) -> list[str]:
+    """The server's chains, declared (emptied), with the defragmenting match and the guard
+    of its TUN devices."""
+    return [f":{p}-IN - [0:0]", f":{p}-OUT - [0:0]", f":{p}-DEFRAG - [0:0]",
+            f"-A {p}-DEFRAG -m socket -m comment --comment \"never entered: makes the "
+            f"kernel reassemble fragments before {p}-IN\" -j RETURN",
+            f"-A {tun_guard(f'{p}-OUT', devices)}"]
+
+
+def server_worker_rules(instance: str, slices: Sequence[tuple[int, tuple[int, int]]],
+                        icmp: bool = True) -> RuleSet:
+    """:func:`server_rules` for a server of several workers (pvpn.workers): worker ``i``'s
+    queue and ``(low, high)`` NAT ports in ``slices[i]``. Each slice's replies go to its own
+    worker's queue and TUN device (``server_tun(instance, i)``): TCP and UDP by destination
+    port, ICMP echo replies by identifier, ICMP errors by the port (or identifier) of the
+    packet they quote; ICMP of no slice is the host's own and never queued."""
+    p = chain_prefix(instance)
+    common = _server_chains(p, f"{instance}-big+")
+    v4, v6 = list(common), list(common)
+    for worker, (queue, (low, high)) in enumerate(slices):
+        tun = server_tun(instance, worker)
+        q = f"-j NFQUEUE --queue-num {queue}"
+        span = f"{low}:{high}"
+        echo4 = f'-p icmp --icmp-type echo-reply -m u32 --u32 "{U32_ECHO4}={span}"'
+        echo6 = f'-p ipv6-icmp --icmpv6-type echo-reply -m u32 --u32 "{U32_ECHO6}={span}"'
+        for out, version, echo in ((v4, 4, echo4), (v6, 6, echo6)):
+            out += [f"-A {p}-IN -p tcp --dport {span} {tee(version, tun)}",
+                    f"-A {p}-IN -p udp --dport {span} {tee(version, tun)}",
+                    f"-A {p}-IN {echo} {tee(version, tun)}",
+                    f"-A {p}-IN -p tcp --dport {span} {q}",
+                    f"-A {p}-IN -p udp --dport {span} {q}"]
+        if not icmp:
+            continue
+        v4.append(f"-A {p}-IN {echo4} {q}")
+        v6.append(f"-A {p}-IN {echo6} {q}")
+        for kind in ICMP4_ERRORS:
+            v4 += [f'-A {p}-IN -p icmp --icmp-type {kind} -m u32 --u32 "{u32}={span}" {q}'
+                   for u32 in (U32_QUOTE_PORT4, U32_QUOTE_ECHO4)]
+        for kind in ICMP6_ERRORS:
+            v6 += [f'-A {p}-IN -p ipv6-icmp --icmpv6-type {kind} -m u32 --u32 "{u32}={span}" '
+                   f'{q}' for u32 in (U32_QUOTE_PORT6, U32_QUOTE_ECHO6)]
+    return RuleSet(_restore(v4), _restore(v6))
 
 
 def server_rules(instance: str, queue: int, ports: tuple[int, int],
@@ -340,10 +400,7 @@ def server_rules(instance: str, queue: int, ports: tuple[int, int],
     p = chain_prefix(instance)
     low, high = ports
     tun = server_tun(instance)
-    common = [f":{p}-IN - [0:0]", f":{p}-OUT - [0:0]", f":{p}-DEFRAG - [0:0]",
-              f"-A {p}-DEFRAG -m socket -m comment --comment \"never entered: makes the "
-              f"kernel reassemble fragments before {p}-IN\" -j RETURN",
-              f"-A {tun_guard(f'{p}-OUT', tun)}"]
+    common = _server_chains(p, tun)
     q = f"-j NFQUEUE --queue-num {queue}"
     v4 = common + [
         f"-A {p}-IN {tee(4, tun)}",

@@ -11,7 +11,7 @@ from typing import Callable
 
 from pvpn import auth, firewall
 from pvpn.addresses import Local
-from pvpn.commands import CapturePacket, InjectPacket, SessionClosed
+from pvpn.commands import CapturePacket, InjectPacket, ResumeElsewhere, SessionClosed
 from pvpn.config import ServerConfig, load_server_config
 from pvpn.errors import ConfigError, PvpnError, StateError
 from pvpn.flowtable import FlowTable
@@ -29,6 +29,8 @@ from pvpn.io.statefile import StateFile, StateKeeper
 from pvpn.io.tun import open_tun, read_copies
 from pvpn.records import Record, RecordWriter
 from pvpn.state import decode_state
+from pvpn.workers import worker_config, worker_path
+from pvpn.server import workers
 
 
 def check_nat_ports(config: ServerConfig) -> None:
@@ -48,8 +50,11 @@ def check_nat_ports(config: ServerConfig) -> None:
 class Server(NodeDaemon[ServerConfig, ServerNode]):
     """Wires the sans-IO ServerNode to sockets, NFQUEUE and the raw socket."""
 
-    def __init__(self, config: ServerConfig) -> None:
+    def __init__(self, config: ServerConfig, worker: workers.WorkerHandle | None = None) -> None:
         super().__init__(config, RecordWriter("server", config.name, clock=time.time))
+        # One of several workers (pvpn.server.workers): its parent's channel and sockets.
+        self.worker = worker
+        self.handing_off: dict[int, float] = {}  # link -> when its redirect was asked for
         self.sources = SourceAddresses()
         self.mtus = PathMtu()  # what the server fragments its users' datagrams to
         self.node = ServerNode(config, self.keys, auth.verify_signature, self.sources,
@@ -64,6 +69,7 @@ class Server(NodeDaemon[ServerConfig, ServerNode]):
         self.dispatcher.on(InjectPacket, self._inject)
         self.dispatcher.on(CapturePacket, self._capture)
         self.dispatcher.on(SessionClosed, self._session_closed)
+        self.dispatcher.on(ResumeElsewhere, self._resume_elsewhere)
         self.refresh_addresses(force=True)
         # [server] state_file: sessions and NAT mappings survive a restart (ConfigError now for
         # an unsafe directory).
@@ -72,7 +78,8 @@ class Server(NodeDaemon[ServerConfig, ServerNode]):
             self.log.write, config.state_interval)
 
     def load_config(self) -> ServerConfig:
-        return load_server_config(self.config.path)
+        config = load_server_config(self.config.path)
+        return config if self.worker is None else worker_config(config, self.worker.index)
 
     def addresses_changed(self, addresses: Local) -> None:
         self.sources.clear()  # a source address the kernel chose may be gone
@@ -98,6 +105,25 @@ class Server(NodeDaemon[ServerConfig, ServerNode]):
         if self.captures is not None:
             self.captures.close(cmd.session)
 
+    def _resume_elsewhere(self, cmd: ResumeElsewhere) -> None:
+        """Ask the parent to route this link's source to the session's worker; the link closes
+        when that is done (hand_over) or, the parent silent, within 2 s (tick)."""
+        transport = self.links.get(cmd.link)
+        peer = transport.get_extra_info("peername") if transport is not None else None
+        if self.worker is None or not peer:
+            self.node.hand_off(cmd.link, self.loop.time())
+            return
+        self.handing_off[cmd.link] = self.loop.time()
+        workers.ask_redirect(self.worker.channel, cmd.link, str(peer[0]), cmd.worker)
+
+    def hand_over(self, links: list[int]) -> None:
+        now = self.loop.time()
+        for link in links:
+            if self.handing_off.pop(link, None) is not None:
+                self.node.hand_off(link, now)
+        self.node.flush(now)
+        self.dispatch()
+
     def take_reply(self, packet: bytes, info: int = 0) -> bool:
         """A queued packet: True if it was a session's reply (the queue drops the original).
         ``info``: its offload state (pvpn.packet.SKB_*)."""
@@ -116,6 +142,9 @@ class Server(NodeDaemon[ServerConfig, ServerNode]):
 
     def tick(self) -> None:
         super().tick()
+        late = [link for link, asked in self.handing_off.items() if self.loop.time() - asked > 2]
+        if late:
+            self.guard.call("hand-off", self.hand_over, late)
         if self.keeper is not None:
             self.guard.call("state", self.keeper.tick, self.loop.time())
 
@@ -146,8 +175,23 @@ def restore_state(server: Server, keeper: StateKeeper) -> None:
 
 
 async def serve(config: ServerConfig) -> None:
-    check_nat_ports(config)
-    server = Server(config)
+    """pvpn-server: one process (``workers = 1``), the parent of its workers, or a worker."""
+    worker = workers.this_worker()
+    if worker is not None:
+        await serve_one(worker_config(config, worker.index), worker)
+    elif config.workers > 1:
+        check_nat_ports(config)
+        await workers.supervise(config)
+    else:
+        await serve_one(config)
+
+
+async def serve_one(config: ServerConfig, worker: workers.WorkerHandle | None = None) -> None:
+    """One server process: the whole server, or worker ``worker`` of several, whose rules
+    its parent owns."""
+    if worker is None:
+        check_nat_ports(config)
+    server = Server(config, worker)
     loop = server.loop
     keeper = server.keeper
     kept = False  # the state was saved at the stop: the NAT ports' rules stay
@@ -166,15 +210,18 @@ async def serve(config: ServerConfig) -> None:
         except OSError as exc:
             server.log.write(Record(NODE_WARNING, reason=f"no super-packets: {exc}"))
         # Replies too large for a queue message: the kernel's copies, out of this device.
-        copies = open_tun(firewall.server_tun(config.instance), vnet=False)
-        # Replaced in place, with no moment without them: a packet of a NAT flow that
-        # reached the host's own stack while the server restarts would be answered with a
-        # reset, and end the connection a resumed session was to carry on.
-        rules.apply(firewall.server_rules(config.instance, config.queue, config.nat_ports))
-        stale = rules.ensure_only_jumps(config.instance, firewall.server_jumps(config.instance))
-        if stale:
-            server.log.write(Record(NODE_CLEANUP, reason="rules left by an earlier run",
-                                    extra={"rules": stale}))
+        copies = open_tun(firewall.server_tun(
+            config.instance, None if worker is None else worker.index), vnet=False)
+        if worker is None:
+            # Replaced in place, with no moment without them: a packet of a NAT flow that
+            # reached the host's own stack while the server restarts would be answered with
+            # a reset, and end the connection a resumed session was to carry on.
+            rules.apply(firewall.server_rules(config.instance, config.queue, config.nat_ports))
+            stale = rules.ensure_only_jumps(config.instance,
+                                            firewall.server_jumps(config.instance))
+            if stale:
+                server.log.write(Record(NODE_CLEANUP, reason="rules left by an earlier run",
+                                        extra={"rules": stale}))
         if keeper is not None:
             restore_state(server, keeper)
             took_over = True
@@ -194,8 +241,15 @@ async def serve(config: ServerConfig) -> None:
 
         loop.add_reader(queue.fileno(), drain_queue)  # bound above, so removable below
         loop.add_reader(copies, read_big_replies)
+        if worker is not None:
+            channel = worker.channel
+            channel.setblocking(False)
+            loop.add_reader(channel.fileno(), lambda: guard.call(
+                "hand-off", server.hand_over, workers.read_answers(channel)))
         await server.start_serving(lambda: LinkProtocol(server), install_signals,
-                                   queue=config.queue)
+                                   queue=config.queue,
+                                   sockets=None if worker is None else worker.sockets,
+                                   **({} if worker is None else {"worker": worker.index}))
         await server.run_until_stopped()
     finally:
         # Shutdown goes on whatever happens here. With a state file the sessions are kept
@@ -229,7 +283,10 @@ async def serve(config: ServerConfig) -> None:
             loop.remove_reader(copies)
             os.close(copies)
         errors: list[str] = []
-        if not took_over:
+        if worker is not None:  # the parent owns the rules
+            loop.remove_reader(worker.channel.fileno())
+            worker.channel.close()
+        elif not took_over:
             errors.append("it stopped before it took the saved state over: the state and the "
                           "rules stay for the next server")
         elif kept:
@@ -252,26 +309,31 @@ def remove_sessions(config: ServerConfig, out: Callable[[str], None]) -> int:
     """`pvpn-server --config FILE --remove-sessions`: with pvpn-server stopped (for good, say),
     forget the sessions it kept for the next server (naming each) and the rules it left for
     their connections."""
-    if answers(config.control):
-        out(f"pvpn-server is running (it answers on {config.control}); stop it first")
+    controls = [config.control, *(worker_path(config.control, i) for i in range(config.workers)
+                                  if config.workers > 1)]
+    running = [str(path) for path in controls if answers(path)]
+    if running:
+        out(f"pvpn-server is running (it answers on {', '.join(running)}); stop it first")
         return 1
     errors: list[str] = []
-    if config.state_file is not None:
-        store = StateFile(config.state_file)
+    paths = [] if config.state_file is None else [config.state_file, *(
+        worker_path(config.state_file, i) for i in range(config.workers) if config.workers > 1)]
+    for path in paths:
+        store = StateFile(path)
         try:
             found = store.read()
             saved = None if found is None else decode_state(found[0])
         except StateError as exc:
-            out(f"{config.state_file}: {exc}; removing it all the same")
+            out(f"{path}: {exc}; removing it all the same")
             saved = None
         for session in saved.sessions if saved is not None else ():
             out(f"forgetting session {session.id.hex()} of {session.user} "
                 f"({len(session.flows)} NAT mappings)")
         try:
             if store.remove():
-                out(f"removed {config.state_file}")
+                out(f"removed {path}")
         except OSError as exc:
-            errors.append(f"{config.state_file}: {exc.strerror or exc}")
+            errors.append(f"{path}: {exc.strerror or exc}")
     errors += rules.remove_instance(config.instance)
     for error in errors:
         out(f"error: {error}")

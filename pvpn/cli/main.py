@@ -125,6 +125,16 @@ def node_control(config: Path) -> tuple[str, Path]:
     raise ConfigError(f"{config} is not a pvpn-client, pvpn-gateway or pvpn-server config")
 
 
+def worker_controls(role: str, config: Path, control: Path) -> list[Path]:
+    """The status sockets of a node: a server of several workers has one per worker."""
+    if role != "server":
+        return [control]
+    from pvpn.config import load_server_config
+    from pvpn.workers import worker_controls as of_workers
+
+    return of_workers(load_server_config(config))
+
+
 def supervisor_health(conf: Path) -> list[str]:
     """`supervisorctl status` lines: the daemons' health as supervisord sees it."""
     import subprocess
@@ -159,11 +169,16 @@ def cmd_node_status(args: argparse.Namespace) -> int:
     report: dict[str, Any] = {"nodes": [], "supervisord": []}
     for config in args.node:
         role, path = node_control(config)
-        mtype, reply = ask_daemon(path, MsgType.STATUS, {})
-        if mtype is MsgType.ERROR:
-            raise PvpnError(f"{role} at {path}: {reply.get('reason', 'refused')}")
-        report["nodes"].append({"role": role, "config": str(config),
-                                "sessions": reply.get("sessions", [])})
+        sessions: list[Any] = []
+        for worker, control in enumerate(worker_controls(role, config, path)):
+            mtype, reply = ask_daemon(control, MsgType.STATUS, {})
+            if mtype is MsgType.ERROR:
+                raise PvpnError(f"{role} at {control}: {reply.get('reason', 'refused')}")
+            found = reply.get("sessions", [])
+            if control != path:  # one of several workers: say whose each session is
+                found = [{**s, "worker": worker} for s in found if isinstance(s, dict)]
+            sessions += found
+        report["nodes"].append({"role": role, "config": str(config), "sessions": sessions})
     if args.supervisord:
         report["supervisord"] = supervisor_health(args.supervisord)
     if args.json:

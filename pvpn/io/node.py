@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import socket
 from typing import Any, Callable, Generic, Protocol, TypeVar
 
 from pvpn import auth, tls
@@ -140,13 +141,18 @@ class NodeDaemon(Generic[ConfigT, NodeT]):
 
     # -- serving
     async def start_serving(self, link: Callable[[], asyncio.Protocol],
-                            install_signals: SignalInstaller, **started: Any) -> None:
-        """Listen (each connection a ``link()``), answer on the control socket, take SIGTERM
-        and SIGINT (stop) and SIGHUP (reload) through the program's ``install_signals`` (its
-        tests hook none), and say so in ``node:started``."""
+                            install_signals: SignalInstaller,
+                            sockets: list[socket.socket] | None = None, **started: Any) -> None:
+        """Listen (each connection a ``link()``; on ``sockets`` if given: a worker's, which
+        its parent listens on), answer on the control socket, take SIGTERM and SIGINT (stop)
+        and SIGHUP (reload) through the program's ``install_signals`` (its tests hook none),
+        and say so in ``node:started``."""
         loop, config, guard = self.loop, self.config, self.guard
         guard.install(loop)
-        for host, port in config.listen:
+        for sock in sockets or ():
+            self.listeners.append(await loop.create_server(link, sock=sock,
+                                                           backlog=LISTEN_BACKLOG))
+        for host, port in config.listen if sockets is None else ():
             self.listeners.append(await loop.create_server(
                 link, host, port, reuse_address=True, backlog=LISTEN_BACKLOG))
         self.control = await start_control(config.control,

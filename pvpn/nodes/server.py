@@ -13,7 +13,7 @@ from typing import Any, Callable, Iterable
 from pvpn import fragments
 from pvpn import packet as pk
 from pvpn.addresses import Destinations, Local, exclusion
-from pvpn.commands import CapturePacket, InjectPacket, SessionClosed
+from pvpn.commands import CapturePacket, InjectPacket, ResumeElsewhere, SessionClosed
 from pvpn.config import Network, ServerConfig, UserPolicy, parse_prefix
 from pvpn.drops import Drop
 from pvpn.envelope import (
@@ -25,12 +25,13 @@ from pvpn.errors import (
 )
 from pvpn.flowtable import FlowRefused, FlowTable
 from pvpn.names import (
-    PACKET_DROPPED, SESSION_CLOSED, SESSION_DETACHED, SESSION_NARROWED, SESSION_OPENED,
-    SESSION_RESTORED, SESSION_RESUMED,
+    LINK_CLOSED, PACKET_DROPPED, SESSION_CLOSED, SESSION_DETACHED, SESSION_NARROWED,
+    SESSION_OPENED, SESSION_RESTORED, SESSION_RESUMED,
 )
 from pvpn.nodes.base import KeyLookup, NodeBase, NodeLink, NodeLinkState, Session, Verifier
 from pvpn.reset import tcp_reset
 from pvpn.state import MAX_SESSIONS, SavedSession, ServerState, token_hash
+from pvpn.workers import token_worker, worker_token
 
 
 # ---------------------------------------------------------------- the server
@@ -122,6 +123,8 @@ class ServerNode(NodeBase):
                     self._close_link(self.links[old.link])
                 # What it asks for now (and the policy now allows); mappings outside it go.
                 self._narrow(old, policy, link.want)
+        if old is None and self._elsewhere(link):
+            return
         if session is None and not self._room_for_session(link):
             return
         if session is None:
@@ -129,7 +132,7 @@ class ServerNode(NodeBase):
             sid = link.session_id
             if len(sid) != 16 or sid in self.sessions:
                 sid = self._random(16)
-            token = self._random(16)
+            token = worker_token(self._random(16), self.config.worker, self.config.workers)
             session = Session(
                 id=sid, token=token, user=link.user, uid=link.uid,
                 client=link.client, peer=link.peer, allow=allow, opened=now,
@@ -143,6 +146,26 @@ class ServerNode(NodeBase):
         self._log(SESSION_RESUMED if resumed else SESSION_OPENED, session=session,
                   client=link.client, allow=[str(n) for n in link.want], path=link.path,
                   tls=getattr(link.tls, "version", ""))
+
+    def _elsewhere(self, link: NodeLink) -> bool:
+        """A resume of a session another worker made (its token names it): that worker is
+        asked to take the link's source's next connection (ResumeElsewhere). This worker
+        never sees that session, nor can it: the owner checks the token as always."""
+        owner = token_worker(link.token, self.config.workers)
+        if owner is None or owner == self.config.worker:
+            return False
+        self._log(LINK_CLOSED, link, None, reason=f"resuming a session of worker {owner}: "
+                  f"handed to worker {owner}")
+        self.commands.append(ResumeElsewhere(link.id, owner))
+        return True
+
+    def hand_off(self, link_id: int, now: float) -> None:
+        """Close a link handed to another worker (ResumeElsewhere) as a lost one: TLS's
+        close_notify and no CLOSE, so its user's process reconnects and resumes."""
+        self._now = now
+        link = self.links.get(link_id)
+        if link is not None and link.session is None:
+            self._close_politely(link, "resumed by another worker", tell=False)
 
     def _room_for_session(self, link: NodeLink) -> bool:
         """At most ``sessions_per_user`` sessions per user (OpenSSH's MaxSessions default, 10):

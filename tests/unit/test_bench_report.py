@@ -295,3 +295,43 @@ def test_issue_12_s_round_trip_and_cpu_targets() -> None:
     slow = [dict(r, rr={"median": 600e-6}) if r["path"] == "pvpn-2gw" else r for r in latency]
     by = {t["target"]: t for t in report.summarize(results(latency=slow))["targets"]}
     assert by["each gateway adds <= half the round trip the one hop adds"]["met"] is False
+
+
+def test_scale_by_server_workers_side_by_side_with_ratios() -> None:
+    scale = [
+        {"path": "pvpn", "users": 50, "repeat": 0, "aggregate": 20e6, "jain": 0.9,
+         "errors": 0, "workers": 1},
+        {"path": "pvpn", "users": 50, "repeat": 0, "aggregate": 36e6, "jain": 0.9,
+         "errors": 0, "workers": 2},
+        {"path": "pvpn", "users": 50, "repeat": 1, "aggregate": 22e6, "jain": 0.9,
+         "errors": 0, "workers": 1},
+        {"path": "direct", "users": 50, "repeat": 0, "aggregate": 1e9, "jain": 0.99,
+         "errors": 0},
+    ]
+    summary = report.summarize(results(scale=scale))
+    by = summary["scale_workers"]
+    assert list(by) == ["1", "2"]
+    assert by["1"]["50"]["aggregate"]["median"] == 21e6
+    assert by["2"]["50"]["ratio"] == pytest.approx(36 / 21)
+    assert by["1"]["50"]["ratio"] == 1.0
+    # The main table's pvpn figures are the first workers value's.
+    assert summary["scale"]["pvpn"]["50"]["aggregate"]["median"] == 21e6
+    text = report.render(results(scale=scale), summary)
+    assert "Scale by pvpn-server workers" in text and "(x1.71)" in text
+    assert report.scale_by_workers([]) == {} and report.scale_workers_lines({}) == []
+
+
+def test_server_workers_option_is_parsed_in_order_without_repeats() -> None:
+    import argparse
+
+    from pvpn.cli.bench.cli import options_from, register
+    from pvpn.errors import ConfigError
+
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers())
+    options = options_from(parser.parse_args(["bench", "--server-workers", "2,1,2"]))
+    assert options.server_workers == [2, 1]
+    assert options.as_dict()["server_workers"] == [2, 1]
+    assert options_from(parser.parse_args(["bench"])).server_workers == []
+    with pytest.raises(ConfigError):
+        options_from(parser.parse_args(["bench", "--server-workers", "0"]))

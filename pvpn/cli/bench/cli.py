@@ -115,6 +115,8 @@ def options_from(args: argparse.Namespace) -> Options:
         quick=args.quick,
         nat_ports=_nat_ports(args.nat_ports),
         profile=args.profile,
+        server_workers=list(dict.fromkeys(_numbers(
+            "--server-workers", _words(args.server_workers), (), 1, 16))),
         command=shlex.join(["pvpn", *sys.argv[1:]]) if sys.argv[1:2] == ["bench"]
         else "pvpn bench (called from Python)",
     )
@@ -191,6 +193,10 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                    help="py-spy profiles of every pvpn process during the first repeat of "
                         "each bulk TCP test and of the round trips, into DIR (profiles.txt "
                         "sums them up; py-spy is installed with pip if missing)")
+    p.add_argument("--server-workers", metavar="LIST",
+                   help="measure the scale test's pvpn path with pvpn-server running each of "
+                   "these numbers of workers ([server] workers), side by side (default: as "
+                   "the lab's server.toml says, 1)")
     p.add_argument("--json", type=Path, metavar="FILE", help="write the raw results as JSON")
     p.add_argument("--text", type=Path, metavar="FILE", help="write the report to FILE too")
     p.set_defaults(func=_guarded)

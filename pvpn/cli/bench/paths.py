@@ -28,6 +28,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import functools
+import json
 import os
 import re
 import secrets
@@ -359,6 +360,38 @@ def server_for_bench(topology: Topology, nat_ports: str | None) -> None:
     except PvpnError as exc:
         raise PathUnavailable(f"pvpn-server did not come back after the restart: {exc}: "
                               f"{_tail(services.node_log(topology, 'server'))}") from exc
+
+
+def set_server_workers(topology: Topology, workers: int, sessions: int) -> None:
+    """Restart the lab's pvpn-server with ``[server] workers = workers`` and wait until it
+    serves ``sessions`` sessions again (the users' processes reconnect by themselves)."""
+    config = services.node_config(topology, "server")
+    lines = [line for line in config.read_text().splitlines()
+             if not line.startswith("workers =")]
+    at = lines.index("[server]") + 1
+    config.write_text("\n".join([*lines[:at], f"workers = {workers}", *lines[at:]]) + "\n")
+    _supervisorctl(topology, "server", "restart", "pvpn-server")
+    pvpn = find_program("pvpn")
+    if pvpn is None:
+        raise PathUnavailable("the pvpn command is not found")
+
+    def up() -> bool:
+        status = run([pvpn, "status", "--node", str(config), "--json"], check=False,
+                     timeout=30)
+        if status.returncode != 0:
+            return False
+        try:
+            (node,) = json.loads(status.stdout)["nodes"]
+        except (ValueError, KeyError, TypeError):
+            return False
+        return sum(1 for s in node.get("sessions", [])
+                   if isinstance(s, dict) and s.get("state") == "up") >= sessions
+
+    try:
+        wait_until(f"{sessions} sessions up again at pvpn-server ({workers} workers)", up,
+                   timeout=120, interval=1.0)
+    except PvpnError as exc:
+        raise PathUnavailable(f"{exc}: {_tail(services.node_log(topology, 'server'))}") from exc
 
 
 def node_processes(topology: Topology, user: str = BENCH_USER

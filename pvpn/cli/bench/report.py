@@ -129,6 +129,48 @@ def utilization(record: Mapping[str, Any]) -> dict[str, float]:
             if isinstance(sec, (int, float))}
 
 
+def scale_by_workers(records: list[Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The pvpn path's scale figures by pvpn-server workers (``bench --server-workers``):
+    {workers: {users: {"aggregate": spread, "ratio": its median over the first workers
+    value's}}}, the workers in the order they were measured."""
+    out: dict[str, dict[str, Any]] = {}
+    for (workers, users), group in _group(records, "workers", "users").items():
+        agg = spread(_num(r, "aggregate") for r in group if _ok(r))
+        entry: dict[str, Any] = {"errors": sum(int(_num(r, "errors") or 0) for r in group)}
+        if agg is not None:
+            entry["aggregate"] = agg.as_dict()
+        out.setdefault(str(workers), {})[str(users)] = entry
+    base = next(iter(out.values()), {})
+    for by_users in out.values():
+        for users, entry in by_users.items():
+            mine = entry.get("aggregate", {}).get("median")
+            theirs = base.get(users, {}).get("aggregate", {}).get("median")
+            if mine and theirs:
+                entry["ratio"] = mine / theirs
+    return out
+
+
+def scale_workers_lines(by_workers: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """The table of :func:`scale_by_workers`."""
+    if not by_workers:
+        return []
+    counts = sorted({int(n) for v in by_workers.values() for n in v})
+    first = next(iter(by_workers))
+    rows = []
+    for workers, by_users in by_workers.items():
+        cells = []
+        for n in counts:
+            entry = by_users.get(str(n), {})
+            median = entry.get("aggregate", {}).get("median")
+            ratio = entry.get("ratio")
+            cells.append("n/a" if median is None else f"{si(median)}B/s"
+                         + (f" (x{ratio:.2f})" if ratio is not None else ""))
+        rows.append([workers, *cells])
+    return [f"Scale by pvpn-server workers (the pvpn path; aggregate bytes/s, median; ratio "
+            f"to {first} worker(s))", *_table(["workers", *(f"{n} user(s)" for n in counts)],
+                                              rows), ""]
+
+
 def summarize(results: Results) -> dict[str, Any]:
     """Medians and spreads of every figure, by path and cell, as JSON-ready data."""
     out: dict[str, Any] = {}
@@ -200,7 +242,13 @@ def summarize(results: Results) -> dict[str, Any]:
     out["latency"] = latency
 
     scale: dict[str, dict[str, Any]] = {}
-    for (path, users), records in _group(results.get("scale", []), "path", "users").items():
+    scale_records = list(results.get("scale", []))
+    tagged = [r for r in scale_records if "workers" in r]
+    first = tagged[0]["workers"] if tagged else None  # the main table's pvpn figures
+    out["scale_workers"] = scale_by_workers(tagged)
+    for (path, users), records in _group([r for r in scale_records
+                                          if r.get("workers", first) == first],
+                                         "path", "users").items():
         good = [r for r in records if _ok(r)]
         agg = spread(_num(r, "aggregate") for r in good)
         fair = spread(_num(r, "jain") for r in good)
@@ -654,6 +702,7 @@ def render(results: Results, summary: Mapping[str, Any] | None = None) -> str:
         lines.append("Per-user fairness (Jain's index, 1 = equal shares)")
         lines += _table(["path", *(f"{n} user(s)" for n in counts)], rows)
         lines.append("")
+    lines += scale_workers_lines(summary.get("scale_workers", {}))
 
     memory: Mapping[str, Any] = results.get("memory", {})
     for path, mem in memory.items():

@@ -19,7 +19,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -72,6 +72,8 @@ class Options(Timing):
     udp_rate: str
     quick: bool
     nat_ports: str | None = None
+    # The scale test's pvpn path once per number of pvpn-server workers (empty: as set up).
+    server_workers: list[int] = field(default_factory=list)
     command: str = ""
     profile: Path | None = None  # py-spy profiles of the pvpn processes go here
 
@@ -84,6 +86,7 @@ class Options(Timing):
             "repeats": self.repeats, "round_trips": self.round_trips, "pings": self.pings,
             "udp_rate": self.udp_rate, "quick": self.quick, "nat_ports": self.nat_ports,
             "profile": None if self.profile is None else str(self.profile),
+            "server_workers": self.server_workers,
         }
 
 
@@ -428,33 +431,63 @@ class Bench:
             except (PvpnError, OSError) as exc:
                 self.results["warnings"].append(f"scale users: {exc}")
                 self.say(f"bench: scale users could not be set up: {exc}")
+        settings: list[int | None] = list(self.options.server_workers) or [None]
         for repeat in range(self.options.repeats):
-            for count in counts:
-                for path in self._scale_paths():
-                    self.check_path(path, f"scale {count}, repeat {repeat + 1}")
-                    if path.name == "pvpn":
-                        connected = self.scale.connected if self.scale else []
-                        if len(connected) < count:
-                            self._progress(f"scale {count} {path.name}",
-                                           "n/a (not enough users connected)")
-                            continue
-                        users = connected[:count]
-                    else:
-                        users = [paths.BENCH_USER] * count
-                    per_user = measure.http_users(path, users, SCALE_FILE,
-                                                  self.options.scale_duration)
-                    record = _scale_record(path.name, count, repeat, per_user)
-                    self.results["scale"].append(record)
-                    self._progress(
-                        f"scale {count} user(s) {path.name}",
-                        f"{report.si(record.get('aggregate'))}B/s, Jain "
-                        f"{record.get('jain') or 0:.3f}"
-                        + (f", {record['errors']} errors" if record.get("errors") else ""))
+            for number, workers in enumerate(settings):
+                if workers is not None and pvpn is not None:
+                    try:
+                        self._server_workers(pvpn, workers)
+                    except (PvpnError, OSError) as exc:
+                        self.results["warnings"].append(f"server workers {workers}: {exc}")
+                        self._progress(f"scale with {workers} server workers", f"n/a ({exc})")
+                        continue
+                for count in counts:
+                    for path in self._scale_paths():
+                        if number and path.name != "pvpn":
+                            continue  # the others are measured once a repeat
+                        self._scale_run(path, count, repeat, workers)
+                # After the load, with the pvpn-server the idle figure was taken of: after the
+                # last repeat, or with --server-workers after the first setting's first (the
+                # next setting restarts pvpn-server: a new process, or several).
+                last = self.options.repeats - 1 if settings == [None] else 0
+                if repeat == last and number == 0:
+                    self._memory_after_load(pvpn)
+
+    def _memory_after_load(self, pvpn: BenchPath | None) -> None:
         if pvpn is not None and pvpn.name in self.results["memory"]:
             memory = self.results["memory"][pvpn.name]
             memory["rss_after_load"] = measure.total_rss(pvpn.processes["pvpn-server"]())
             memory["client_rss_after_load"] = measure.total_rss(
                 pvpn.processes["pvpn-client"]())
+
+    def _scale_run(self, path: BenchPath, count: int, repeat: int, workers: int | None) -> None:
+        label = f"scale {count} user(s) {path.name}" + (
+            f" ({workers} server workers)" if workers is not None and path.name == "pvpn"
+            else "")
+        self.check_path(path, f"scale {count}, repeat {repeat + 1}")
+        if path.name == "pvpn":
+            connected = self.scale.connected if self.scale else []
+            if len(connected) < count:
+                self._progress(label, "n/a (not enough users connected)")
+                return
+            users = connected[:count]
+        else:
+            users = [paths.BENCH_USER] * count
+        per_user = measure.http_users(path, users, SCALE_FILE, self.options.scale_duration)
+        record = _scale_record(path.name, count, repeat, per_user)
+        if workers is not None and path.name == "pvpn":
+            record["workers"] = workers
+        self.results["scale"].append(record)
+        self._progress(label, f"{report.si(record.get('aggregate'))}B/s, Jain "
+                       f"{record.get('jain') or 0:.3f}"
+                       + (f", {record['errors']} errors" if record.get("errors") else ""))
+
+    def _server_workers(self, path: BenchPath, workers: int) -> None:
+        """pvpn-server restarted with ``workers`` workers; back when every session of the
+        path (alice's and the scale users') is up again."""
+        expected = 1 + (len(self.scale.connected) if self.scale else 0)
+        self.say(f"bench: pvpn-server with {workers} worker(s)")
+        paths.set_server_workers(path.topology, workers, expected)
 
     # --- the whole run -------------------------------------------------------------------
 

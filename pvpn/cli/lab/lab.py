@@ -265,7 +265,9 @@ def listening(topology: Topology, role: str, proto: str, port: int) -> bool:
 def _echo_answers(topology: Topology, address: str, family: str) -> bool:
     payload = b"pvpn-lab-echo\n"
     try:
-        result = run(host_command(topology, "server", "socat", "-T", "2", "STDIO",
+        # -t: how long socat waits for the answer after its input ends (0.5 s by default,
+        # twice a lab); a late answer only means another try.
+        result = run(host_command(topology, "server", "socat", "-T", "2", "-t", "0.2", "STDIO",
                          f"{family}:{address}:{ECHO_PORT}"),
                      input=payload, check=False, timeout=5)
     except LabError:
@@ -436,32 +438,73 @@ def _supervisord_pid(host_dir: Path) -> int | None:
     return pid if b"supervisord" in cmdline and str(host_dir).encode() in cmdline else None
 
 
+def _children(pid: int) -> list[int]:
+    """The live (not zombie) child processes of ``pid``."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2:].split()
+        if int(fields[1]) == pid and fields[0] != "Z":
+            found.append(int(entry.name))
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat[stat.rindex(")") + 2:].split()[0] != "Z"
+
+
+def _signal(pid: int, sig: int, group: bool = False) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        if group:
+            os.killpg(pid, sig)
+        else:
+            os.kill(pid, sig)
+
+
 def _stop_supervisords(root: Path, warnings: list[str]) -> None:
-    """Ask every host's supervisord to shut down, then wait (bounded) for all of them."""
-    supervisorctl = find_program("supervisorctl")
-    waiting: list[tuple[Path, int]] = []
+    """Stop every host's programs, each as its stopsignal would, and then its supervisord.
+
+    supervisord acts once a second (its poll's timeout): a `supervisorctl shutdown` took 2-3 s
+    a host, in every test's teardown. Instead each supervisord is frozen (SIGSTOP: it can
+    restart nothing), its programs (each leads its own process group) get SIGTERM and are
+    waited for, bounded, as supervisord would (the pvpn nodes stop as on any SIGTERM:
+    sessions saved or released, rules removed), then SIGKILL for what is left and for the
+    frozen supervisord. The namespaces' removal after this kills anything else."""
+    hosts: list[tuple[Path, int, list[int]]] = []
     if not root.is_dir():
         return
     for host_dir in sorted(p for p in root.iterdir() if p.is_dir()):
         pid = _supervisord_pid(host_dir)
-        if pid is None:
+        if pid is None or not _alive(pid):
             continue
-        conf = host_dir / "supervisord.conf"
-        if supervisorctl is not None and conf.exists():
-            try:
-                run([supervisorctl, "-c", str(conf), "shutdown"], check=False, timeout=10)
-            except LabError as exc:
-                warnings.append(str(exc))
-        waiting.append((host_dir, pid))
+        _signal(pid, signal.SIGSTOP)
+        hosts.append((host_dir, pid, _children(pid)))
+    for _, _, programs in hosts:
+        for program in programs:
+            _signal(program, signal.SIGTERM, group=True)
     deadline = time.monotonic() + SHUTDOWN_TIMEOUT
+    waiting = [(d, p) for d, _, programs in hosts for p in programs]
     while waiting and time.monotonic() < deadline:
-        waiting = [(d, pid) for d, pid in waiting if Path(f"/proc/{pid}").exists()]
+        waiting = [(d, p) for d, p in waiting if _alive(p)]
         if waiting:
-            time.sleep(0.2)
-    for host_dir, pid in waiting:
-        # Whatever is left is killed with its namespace's processes below.
-        warnings.append(f"supervisord of {host_dir.name} (pid {pid}) did not stop in "
-                        f"{SHUTDOWN_TIMEOUT:g} s; killing it")
+            time.sleep(0.05)
+    for host_dir, program in waiting:
+        warnings.append(f"a program of {host_dir.name}'s supervisord (pid {program}) did not "
+                        f"stop in {SHUTDOWN_TIMEOUT:g} s; killing it")
+        _signal(program, signal.SIGKILL, group=True)
+    for _, pid, programs in hosts:
+        _signal(pid, signal.SIGKILL)
+        for program in programs:  # a program's children that outlived it
+            _signal(program, signal.SIGKILL, group=True)
 
 
 def down(name: str, *, say: Say = _say) -> list[str]:

@@ -1,0 +1,247 @@
+"""pvpn-server with ``workers = 2`` in a real lab (one gateway) under supervisord: both
+workers serve sessions, a resume that reaches the other worker is routed to the session's
+own and resumes, a killed worker comes back (its parent starts it again, its sessions
+restored from its own state file) with the rules as they were, so does a killed parent
+(supervisord's), and a stop leaves the host as it was found."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, ContextManager, Iterator
+
+import pytest
+from vpnlib import connect, disconnect, fetch_ok, sh
+
+from pvpn.cli.main import ask_daemon
+from pvpn.config import load_server_config
+from pvpn.envelope import MsgType
+from pvpn.errors import PvpnError
+from pvpn.workers import worker_path
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def wlab(lab_factory: Callable[..., ContextManager[dict[str, Any]]]) -> Iterator[dict[str, Any]]:
+    with lab_factory(nodes=True, gateways=1) as info:
+        config = Path(info["configs"]["server"])
+        text = config.read_text()
+        config.write_text(text.replace("[server]\n", "[server]\nworkers = 2\n", 1))
+        supervisorctl(info, "restart", "pvpn-server")
+        wait_for(lambda: len(worker_pids(info)) == 2 and all(
+            answers(info, i) for i in range(2)), 20, "two workers serving")
+        yield info
+
+
+def supervisorctl(info: dict[str, Any], *args: str) -> str:
+    host = info["hosts"]["server"]
+    proc = subprocess.run(["ip", "netns", "exec", host["namespace"],
+                           str(Path(sys.executable).parent / "supervisorctl"), "-c",
+                           host["supervisord"], *args], capture_output=True, text=True,
+                          timeout=60)
+    return proc.stdout
+
+
+def parent_pid(info: dict[str, Any]) -> int:
+    out = supervisorctl(info, "pid", "pvpn-server").strip()
+    return int(out) if out.isdigit() else 0
+
+
+def worker_pids(info: dict[str, Any]) -> list[int]:
+    parent = parent_pid(info)
+    if not parent:
+        return []
+    out = subprocess.run(["pgrep", "-P", str(parent)], capture_output=True, text=True).stdout
+    return sorted(int(p) for p in out.split())
+
+
+def alive(pid: int) -> bool:
+    """Running (a zombie waiting for whoever inherited it is not)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat[stat.rindex(")") + 2] != "Z"
+
+
+def controls(info: dict[str, Any]) -> list[Path]:
+    control = load_server_config(Path(info["configs"]["server"])).control
+    return [worker_path(control, i) for i in range(2)]
+
+
+def answers(info: dict[str, Any], worker: int) -> bool:
+    try:
+        sessions(info, worker)
+    except Exception:  # noqa: BLE001 - not serving yet
+        return False
+    return True
+
+
+def sessions(info: dict[str, Any], worker: int, every: bool = False) -> list[str]:
+    """The sessions up at ``worker`` (``every``: detached ones too)."""
+    mtype, reply = ask_daemon(controls(info)[worker], MsgType.STATUS, {})
+    assert mtype is not MsgType.ERROR, reply
+    return [s["session"] for s in reply.get("sessions", [])
+            if every or s.get("state") == "up"]
+
+
+def owner(info: dict[str, Any], session: str) -> int | None:
+    """The worker whose session it is and up, or None (also while a worker starts)."""
+    for worker in range(2):
+        try:
+            if session in sessions(info, worker):
+                return worker
+        except (PvpnError, OSError):
+            continue
+    return None
+
+
+def wait_for(check: Callable[[], bool], seconds: float, what: str) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if check():
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"not within {seconds} s: {what}")
+
+
+def server_rules(info: dict[str, Any]) -> list[str]:
+    ns = info["hosts"]["server"]["namespace"]
+    lines: list[str] = []
+    for tool in ("iptables-save", "ip6tables-save"):
+        out = subprocess.run(["ip", "netns", "exec", ns, tool, "-t", "mangle"],
+                             capture_output=True, text=True, timeout=30).stdout
+        lines += [line for line in out.splitlines() if "PVPNS" in line]
+    return lines
+
+
+def server_log(info: dict[str, Any]) -> list[dict[str, Any]]:
+    out = []
+    for line in Path(info["logs"]["server"]["pvpn-server"]).read_text().splitlines():
+        if line.startswith("{"):
+            out.append(json.loads(line))
+    return out
+
+
+# A UDP datagram to a port nobody listens on: the ICMP port unreachable comes back to the
+# user's socket as ECONNREFUSED.
+CLOSED_PORT = """
+import socket, sys
+address = sys.argv[1]
+s = socket.socket(socket.AF_INET6 if ":" in address else socket.AF_INET, socket.SOCK_DGRAM)
+s.settimeout(3)
+s.connect((address, 9))
+for _ in range(3):
+    s.send(b"x")
+    try:
+        s.recv(10)
+    except ConnectionRefusedError:
+        print("refused")
+        break
+    except socket.timeout:
+        pass
+"""
+
+
+def cut_links(info: dict[str, Any]) -> None:
+    """Abort the client host's connections to the first hop (SOCK_DESTROY, a reset)."""
+    subprocess.run(["ip", "netns", "exec", info["hosts"]["client"]["namespace"], "ss", "-K",
+                    "-t", "dport", "=", "4433"], capture_output=True, timeout=30, check=True)
+
+
+def test_two_workers_share_users_resume_across_workers_and_survive_a_kill(
+        wlab: dict[str, Any]) -> None:
+    rules = server_rules(wlab)
+    assert any("--queue-num 4000" in r for r in rules) and any("--queue-num 4001" in r
+                                                               for r in rules), rules
+    seen: set[int] = set()
+    try:
+        # Several users at once; sessions land on both workers (the kernel's hash spreads
+        # connections; bounded tries).
+        for _ in range(12):
+            alice, bob = connect(wlab, "alice"), connect(wlab, "bob")
+            fetch_ok(wlab, "alice", "10k")
+            fetch_ok(wlab, "bob", "10k")
+            seen |= {owner(wlab, alice), owner(wlab, bob)} - {None}
+            if seen == {0, 1}:
+                break
+            disconnect(wlab, "alice")
+            disconnect(wlab, "bob")
+        assert seen == {0, 1}, "both workers serve sessions"
+        # Each worker's ICMP: echo replies by identifier (the largest by its own TUN
+        # device), errors by the port of the packet they quote.
+        for user in ("alice", "bob"):
+            for address in (wlab["target"]["ipv4"], wlab["target"]["ipv6"]):
+                for size in ("56", "65000"):
+                    ping = sh(wlab, "client", user, "ping", "-c", "1", "-W", "3", "-s", size,
+                              address, timeout=20)
+                    assert ping.returncode == 0, (user, address, size, ping.stdout.decode())
+                refused = sh(wlab, "client", user, "python3", "-c", CLOSED_PORT, address)
+                assert refused.stdout.decode().strip() == "refused", (user, address, refused)
+        disconnect(wlab, "bob")
+
+        # A link cut: the reconnect reaches either worker; one that reaches the other is
+        # routed to the session's own, and every cut resumes the same session.
+        home = owner(wlab, alice)
+        assert home is not None
+        handed, start = 0, len(server_log(wlab))
+        for cut in range(10):
+            before = len(server_log(wlab))
+            cut_links(wlab)
+            wait_for(lambda: any(r.get("event") == "session:resumed" and
+                                 r.get("session") == alice for r in server_log(wlab)[before:]),
+                     20, f"cut {cut + 1}: session {alice} resumed")
+            assert owner(wlab, alice) == home, "the session never moves"
+            fetch_ok(wlab, "alice", "10k")
+            if any(r.get("event") == "link:closed" and "handed to worker" in r.get("reason", "")
+                   for r in server_log(wlab)[before:]):
+                handed += 1
+                break
+        assert handed, "within 10 cuts one reconnect reached the other worker"
+        assert not any(r.get("event") == "session:opened" and r.get("session") == alice
+                       for r in server_log(wlab)[start:]), "no resume became a new session"
+
+        # One worker killed: its parent starts it again, its sessions come back from its own
+        # state file and resume; the rules are the same throughout.
+        pids = worker_pids(wlab)
+        victim = pids[home]
+        os.kill(victim, signal.SIGKILL)
+        wait_for(lambda: len(worker_pids(wlab)) == 2 and victim not in worker_pids(wlab), 15,
+                 "the killed worker started again")
+        assert sorted(server_rules(wlab)) == sorted(rules), "no rule leaked or lost"
+        wait_for(lambda: owner(wlab, alice) is not None, 30, "alice's session resumed")
+        fetch_ok(wlab, "alice", "10k")
+
+        # The parent killed: its workers go with it, supervisord starts it again, and the
+        # new workers restore and resume the session (saved every 2 s) with the same rules.
+        old_parent, old_workers = parent_pid(wlab), worker_pids(wlab)
+        time.sleep(2.5)  # the last save of the restarted worker
+        os.kill(old_parent, signal.SIGKILL)
+        wait_for(lambda: parent_pid(wlab) not in (0, old_parent) and len(worker_pids(wlab)) == 2,
+                 20, "a new parent with two workers")
+        assert not any(alive(pid) for pid in old_workers), "the old workers died with their parent"
+        assert sorted(server_rules(wlab)) == sorted(rules)
+        wait_for(lambda: owner(wlab, alice) is not None, 30, "alice's session resumed again")
+        fetch_ok(wlab, "alice", "10k")
+    finally:
+        disconnect(wlab, "alice")
+        disconnect(wlab, "bob")
+    # Stopped with no session to keep: the host as it was found.
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and any(sessions(wlab, w, every=True) for w in range(2)):
+        time.sleep(0.2)
+    left = [(w, sessions(wlab, w, every=True)) for w in range(2)]
+    assert not any(found for _, found in left), (left, [
+        (r.get("event"), r.get("session"), r.get("reason")) for r in server_log(wlab)
+        if str(r.get("event", "")).startswith("session:")][-30:])
+    supervisorctl(wlab, "stop", "pvpn-server")
+    assert server_rules(wlab) == [], "the parent removed every rule"
+    state = load_server_config(Path(wlab["configs"]["server"])).state_file
+    assert state is not None
+    assert not any(worker_path(state, i).exists() for i in range(2)), "no state left"
