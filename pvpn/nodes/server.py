@@ -17,7 +17,7 @@ from pvpn.commands import CapturePacket, InjectPacket, ResumeElsewhere, SessionC
 from pvpn.config import Network, ServerConfig, UserPolicy, parse_prefix
 from pvpn.drops import Drop
 from pvpn.envelope import (
-    GSO_NONE, GSO_TCPV4, GSO_TCPV6, MIN_GSO_SIZE, MsgType, Offload, bare_packet,
+    GSO_TCPV4, GSO_TCPV6, MIN_GSO_SIZE, MsgType, Offload, bare_packet,
     encode_control, encode_envelope, encode_offload, is_offloaded, split_offload,
 )
 from pvpn.errors import (
@@ -476,44 +476,38 @@ class ServerNode(NodeBase):
             return True
         # Captured as returned to the user: after the un-NAT.
         rewritten = pk.rewrite_destination(packet, entry.original.src, entry.original.sport)
-        if info & (pk.SKB_GSO | pk.SKB_CSUMNOTREADY) and not error:
-            self._offloaded_reply(session, link, rewritten, flow, info, now)
+        if info & pk.SKB_GSO and not error:
+            self._offloaded_reply(session, link, rewritten, flow, now)
             return True
+        if info & pk.SKB_CSUMNOTREADY and not error:
+            # A packet (a pure ACK, say) whose checksum the kernel left undone: summed here,
+            # at less cost than an offload header on it would take both ends.
+            rewritten = bytes(pk.complete_checksum(rewritten))
         self._send_to_user(session, link, rewritten)
         # A path MTU error goes to the user and to the server's own kernel as well: the MTU
         # it learns is what the server fragments its users' datagrams to (rawsock.PathMtu).
         return not (error and fragments.is_path_mtu_error(packet))
 
     def _offloaded_reply(self, session: Session, link: NodeLink, packet: bytes,
-                         flow: pk.FlowKey, info: int, now: float) -> None:
-        """A reply the queue handed over as the kernel held it: a TCP super-packet (GRO's,
-        or a GSO segment of a local sender's), or a packet whose checksum is not done. It
-        reaches a user's end that takes super-packets whole, with an offload header (its
-        checksum field the pseudo-header's sum, for the client host's kernel to complete);
-        any other end gets it as segments of the remote end's size, checksums computed.
-        (The super_in count is of super-packets only, not of the headers on plain ones.)"""
-        if flow.proto != pk.PROTO_TCP:
-            if info & pk.SKB_GSO:  # UDP GSO: no segment size comes with it
-                self._drop(session, Drop.OFFLOAD_UNSUPPORTED, now, flow)
-                return
-            self._send_to_user(session, link, bytes(pk.complete_checksum(packet)))
+                         flow: pk.FlowKey, now: float) -> None:
+        """A super-packet the queue handed over whole (GRO's, or a GSO segment of a local
+        sender's), its checksum done or not. A TCP one reaches a user's end that takes
+        them whole, with an offload header (its checksum field the pseudo-header's sum, for
+        the client host's kernel to complete); any other end gets it as segments of the
+        remote end's size, checksums computed."""
+        if flow.proto != pk.PROTO_TCP:  # UDP GSO: no segment size comes with it
+            self._drop(session, Drop.OFFLOAD_UNSUPPORTED, now, flow)
             return
         headers = pk.tcp_headers_length(packet)
-        mss = self._reply_mss(packet, flow.src) if info & pk.SKB_GSO else 0
-        whole = not mss or len(packet) - headers <= mss
-        if link.offload:
-            # Its checksum is the client host's kernel's to finish (or skip: it delivers the
-            # packet locally), also for a packet that is no super-packet (a pure ACK).
-            if whole:
-                offload = Offload(GSO_NONE, 0, pk.l4_offset(packet), 16, headers)
-            else:
-                session.super_in += 1
-                offload = Offload(GSO_TCPV4 if packet[0] >> 4 == 4 else GSO_TCPV6, mss,
-                                  pk.l4_offset(packet), 16, headers)
-            self._send_to_user(session, link, encode_offload(
-                offload, bytes(pk.partial_checksum(packet))))
-        elif whole:
+        mss = self._reply_mss(packet, flow.src)
+        if len(packet) - headers <= mss:
             self._send_to_user(session, link, bytes(pk.complete_checksum(packet)))
+        elif link.offload:
+            session.super_in += 1
+            self._send_to_user(session, link, encode_offload(
+                Offload(GSO_TCPV4 if packet[0] >> 4 == 4 else GSO_TCPV6, mss,
+                        pk.l4_offset(packet), 16, headers),
+                bytes(pk.partial_checksum(packet))))
         else:
             for segment in pk.segment_tcp(packet, mss):
                 self._send_to_user(session, link, segment)
