@@ -1,13 +1,17 @@
 """`pvpn connect`: the user's own tunnel process.
 
-Runs as the user, holds the user's private key and TLS session, and relays packets between
-pvpn-client (over the local unix socket, where the kernel vouches for our uid, and for the
-daemon's: it must be root) and the server. While it reconnects to either, pvpn-client keeps
-dropping the protected packets: nothing leaks in clear. A pvpn-client that stops or restarts
-is a lost one: we hold, register again and re-attach, and never exit as if the VPN had ended.
+Runs as the user and holds the user's private key; it is the session's agent, like
+ssh-agent. pvpn-client (over the local unix socket, where the kernel vouches for our uid, and
+for the daemon's: it must be root) holds the chain to the server and writes the protected
+packets into it; we register with what it needs (the hops, the CA or pinned certificate we
+chose, as the PEM we read), sign each node's challenge for our own user only, and tell the
+user what the chain does. While the chain is rebuilt, pvpn-client keeps dropping the protected
+packets: nothing leaks in clear. A pvpn-client that stops or restarts is a lost one: we hold,
+register again (the new one resumes the chain with the server's token we kept), and never exit
+as if the VPN had ended.
 
-What the process decides is pvpn.user.UserTunnel, sans-IO; this is its asyncio adapter: the
-unix socket and the TCP connection, the retries' timing, the capture file and the terminal.
+What the process decides is pvpn.user.UserAgent, sans-IO; this is its asyncio adapter: the
+unix socket, the retries' timing, the capture file and the terminal.
 """
 
 from __future__ import annotations
@@ -25,17 +29,11 @@ from typing import Any, Callable
 from pvpn import auth, tls
 from pvpn.client.peer import untrusted_peer
 from pvpn.config import DEFAULT_DEAD_AFTER, DEFAULT_KEEPALIVE, DEFAULT_MAX_BYTES
-from pvpn.envelope import DEFAULT_HOPS
 from pvpn.errors import ConfigError, PvpnError
-from pvpn.events import ChainUp
-from pvpn.io.loop import WRITE_HIGH_WATER, run_loop, set_nodelay, stream_transport
+from pvpn.io.loop import WRITE_HIGH_WATER, run_loop, stream_transport
 from pvpn.io.pcap import PcapWriter
-from pvpn.io.reasons import connect_failure
 from pvpn.text import printable
-from pvpn.user import (
-    Capture, CloseChain, CloseLocalLink, Finish, Reconnect, Reregister, Say, UserChain, UserLink,
-    UserTunnel,
-)
+from pvpn.user import Capture, CloseLocalLink, Finish, Reregister, Say, SigningAgent, UserAgent
 
 CONNECT_TIMEOUT = 10.0
 MAX_BACKOFF = 10.0
@@ -120,36 +118,59 @@ class _Stream(asyncio.Protocol):
 
 class Connector:
     """Brings one personal VPN up and keeps it up until the user ends it: the asyncio adapter
-    of one UserTunnel (pvpn.user), which decides; this owns the two sockets, the retries'
-    timing, the capture file and the user's terminal."""
+    of one UserAgent (pvpn.user), which decides. pvpn-client holds the chain (its TLS
+    sessions and the TCP connection to the first hop); this process is the session's agent,
+    like ssh-agent: it registers with what the chain needs (the trust anchors as the PEM it
+    read itself), signs every challenge with the key only it holds, tells the user what the
+    chain does, and writes the capture file."""
 
     def __init__(self, options: ConnectOptions, on_up: Callable[[str], None]) -> None:
         self.opt = options
         self.on_up = on_up
         self.key = auth.load_private_key(options.key_path)
-        self.context = tls.make_client_context(ca_file=options.ca_file,
-                                               pinned_certificate=options.pinned_cert)
+        # Which CA or pin to trust is the user's to decide: checked here, and its PEM given to
+        # pvpn-client, which never opens a path of ours.
+        tls.make_client_context(ca_file=options.ca_file, pinned_certificate=options.pinned_cert)
+        trust = options.ca_file if options.ca_file is not None else options.pinned_cert
+        assert trust is not None
+        try:
+            pem = Path(trust).read_bytes()
+        except OSError as exc:
+            raise ConfigError(f"cannot read {trust}: {exc.strerror}") from None
+        if len(pem) > tls.MAX_PEM:
+            raise ConfigError(f"{trust} is {len(pem)} bytes; pvpn-client takes trust anchors "
+                              f"of at most {tls.MAX_PEM}")
         self.loop = asyncio.get_running_loop()
         self.uid = os.getuid()
         # the chain: gateways (--via) then the server
         self.hops = [*options.via, (options.host, options.port)]
-        self.tunnel = UserTunnel(self.uid, os.urandom(16), {
+        register: dict[str, Any] = {
             "prefixes": options.prefixes, "server": f"{options.host}:{options.port}",
-            "via": [_endpoint_text(*hop) for hop in self.hops[:-1]]},
-            capturing=options.pcap is not None)
+            "via": [_endpoint_text(*hop) for hop in self.hops[:-1]],
+            "hops": [[host, port] for host, port in self.hops],
+            "ca_pem" if options.ca_file is not None else "pin_pem": pem,
+            "trust_name": str(trust), "user": options.remote_user,
+            "client": options.client_name, "keepalive": options.keepalive,
+            "dead_after": options.dead_after, "capture": options.pcap is not None,
+        }
+        if options.server_name:
+            register["server_name"] = options.server_name
+        key = self.key
+        self.tunnel = UserAgent(self.uid, os.urandom(16), register, SigningAgent(
+            options.remote_user, lambda challenge, binding, user, node: auth.sign_challenge(
+                key, challenge, binding, user, node)))
         # Set whenever the tunnel has taken an input: what a wait below waits for may be so.
         self.moved = asyncio.Event()
         self.status = 1
         self.local: _Stream | None = None
-        self.remote: _Stream | None = None  # TCP to the first hop
         # Created here, by the user, mode 0600; every batch is flushed (a crash leaves a
         # readable file).
         self.pcap = None if options.pcap is None else PcapWriter(
             options.pcap, options.pcap_max_bytes, on_stop=_say)
 
-    # ------------------------------------------------------------ what the tunnel asks for
+    # ------------------------------------------------------------ what the agent asks for
     def _carry(self) -> None:
-        """Write what the tunnel has for each socket and carry out its commands, in order."""
+        """Write what the agent has for pvpn-client and carry out its commands, in order."""
         tunnel = self.tunnel
         self._flush_local()
         commands, tunnel.commands = tunnel.commands, []
@@ -159,16 +180,10 @@ class Connector:
                     self.pcap.write_packets(cmd.packets, time.time())
             elif type(cmd) is Say:
                 _say(cmd.text)
-            elif type(cmd) is CloseChain:
-                self._flush_remote()  # the CLOSE of an orderly end goes first
-                if self.remote is not None and self.remote.transport is not None:
-                    self.remote.transport.close()
             elif type(cmd) is CloseLocalLink:
                 self._flush_local()  # an UNREGISTER goes first
                 if self.local is not None and self.local.transport is not None:
                     self.local.transport.close()
-            elif type(cmd) is Reconnect:
-                self.loop.create_task(self._reconnect())
             elif type(cmd) is Reregister:
                 self.loop.create_task(self._relocal())
             elif type(cmd) is Finish:
@@ -192,13 +207,10 @@ class Connector:
         tunnel.local_opening()
 
         def stream() -> _Stream:
-            made = _Stream(self._local_data, lambda exc: self._local_lost(made))
-            made.on_congestion = (  # type: ignore[method-assign]
-                lambda congested: self._local_congestion(made, congested))
-            return made
+            return _Stream(self._local_data, lambda exc: self._local_lost(made))
 
         try:
-            transport, proto = await self.loop.create_unix_connection(
+            transport, made = await self.loop.create_unix_connection(
                 stream, str(self.opt.socket_path))
         except (FileNotFoundError, ConnectionRefusedError):
             raise ConnectError(
@@ -212,14 +224,12 @@ class Connector:
             tunnel.refused = distrust
             transport.abort()
             raise ConnectError(distrust)
-        self.local = proto
+        self.local = made
         tunnel.local_opened()
         self._carry()
         await self._until(lambda: not tunnel.registering, CONNECT_TIMEOUT)
         if tunnel.registered is None:
             raise ConnectError(tunnel.refused)
-        tunnel.attach()  # re-registering a running VPN: it is up again at once
-        self._carry()
         return tunnel.registered
 
     def _flush_local(self) -> None:
@@ -228,14 +238,8 @@ class Connector:
             self.local.transport.write(data)
 
     def _local_data(self, data: bytes) -> None:
-        forwarded = self.tunnel.receive_local(data)
+        self.tunnel.receive_local(data, self.loop.time())
         self._carry()
-        if forwarded:
-            self._flush_remote()
-
-    def _local_congestion(self, stream: _Stream, congested: bool) -> None:
-        if stream is self.local:
-            self.tunnel.local_congested = congested
 
     def _local_lost(self, stream: _Stream) -> None:
         if stream is not self.local:
@@ -268,119 +272,10 @@ class Connector:
                  "traffic stays blocked until `pvpn connect` or `pvpn disconnect`",
                  unregister=False)
 
-    # ------------------------------------------------------------ the chain to the server
-    def _new_link(self, index: int, nodes_before: list[str]) -> UserLink:
-        """The user's link with hop ``index``: its TLS session checks that hop's certificate
-        and name; it rides on TCP (hop 0) or inside the previous hop's DATA envelopes."""
-        opt, tunnel = self.opt, self.tunnel
-        host, _ = self.hops[index]
-        last = index == len(self.hops) - 1
-        server_name = (opt.server_name or host) if last else host
-        session = tls.TlsSession(self.context, server_side=False, server_name=server_name)
-        session.start()
-        return UserLink(
-            session, user=opt.remote_user, uid=self.uid,
-            signer=lambda nonce, binding, node: auth.sign_challenge(
-                self.key, nonce, binding, opt.remote_user, node),
-            want=opt.prefixes if last else [], client_name=opt.client_name,
-            session=tunnel.session, token=tunnel.token if last and tunnel.token else None,
-            next_hop=None if last else _endpoint_text(*self.hops[index + 1]),
-            path=nodes_before, hops=DEFAULT_HOPS - index,
-            keepalive=opt.keepalive, dead_after=opt.dead_after,
-        )
-
-    async def open_remote(self) -> ChainUp:
-        """Build the chain hop by hop; returns once the server has accepted us."""
-        host, port = self.hops[0]
-        tunnel = self.tunnel
-        chain = UserChain(self._new_link, len(self.hops),
-                          [_endpoint_text(*hop) for hop in self.hops])
-        tunnel.new_chain(chain)
-        try:
-            _, proto = await asyncio.wait_for(self.loop.create_connection(
-                lambda: _Stream(self._remote_data, self._remote_lost), host, port),
-                CONNECT_TIMEOUT)
-        except (OSError, asyncio.TimeoutError) as exc:
-            first = "the first hop " if len(self.hops) > 1 else ""
-            raise ConnectionError(f"cannot reach {first}{_endpoint_text(host, port)}: "
-                                  f"{connect_failure(exc, CONNECT_TIMEOUT)}") from None
-        assert proto.transport is not None
-        set_nodelay(proto.transport)
-        proto.on_congestion = self._congestion  # type: ignore[method-assign]
-        self.remote = proto
-        chain.start(self.loop.time())
-        self._flush_remote()
-        waited = CONNECT_TIMEOUT * (1 + len(self.hops))
-        try:
-            await self._until(lambda: not tunnel.chain_pending, waited)
-        except asyncio.TimeoutError:
-            proto.transport.close()  # a half-built chain is not kept
-            raise ConnectionError(chain.silent_hop(waited)) from None
-        except BaseException:
-            proto.transport.close()
-            raise
-        up, failure = tunnel.chain_up, tunnel.chain_failure
-        if up is None:
-            assert failure is not None
-            proto.transport.close()
-            reason = f"{failure.where}: {failure.reason}"
-            raise ConnectError(reason) if failure.fatal else ConnectionError(reason)
-        tunnel.accepted(up)
-        return up
-
-    def _congestion(self, congested: bool) -> None:
-        chain = self.tunnel.chain
-        if chain is not None and chain.links:
-            chain.links[-1].congested = congested
-
-    def _flush_remote(self) -> None:
-        remote = self.remote
-        if remote is None or remote.transport is None:
-            return
-        data = self.tunnel.remote_to_send(self.loop.time())
-        if data:
-            remote.transport.write(data)
-
-    def _remote_data(self, data: bytes) -> None:
-        self.tunnel.receive_remote(data, self.loop.time())
-        self._carry()
-        self._flush_remote()
-
-    def _remote_lost(self, exc: Exception | None) -> None:
-        self.remote = None
-        self.tunnel.remote_lost(
-            f"connection lost: {exc}" if exc else "the first hop closed the connection")
-        self._carry()
-
-    async def _reconnect(self) -> None:
-        delay = 0.5
-        while not self.tunnel.ending:
-            await asyncio.sleep(delay)
-            try:
-                event = await self.open_remote()
-            except ConnectError as exc:
-                self.end(1, str(exc))
-                return
-            except (ConnectionError, OSError, asyncio.TimeoutError) as exc:
-                _say(f"reconnect failed: {connect_failure(exc)}; retrying")
-                delay = min(delay * 2, MAX_BACKOFF)
-                continue
-            state = "resumed" if event.accept.resumed else "re-established as a new session"
-            _say(f"session {self.tunnel.session.hex()} {state}")
-            self.tunnel.renewed(event)
-            self._carry()
-            return
-
     # ------------------------------------------------------------ lifecycle
-    async def tick(self) -> None:
-        while not self.tunnel.finished:
-            await asyncio.sleep(1.0)
-            self.tunnel.handle_timer(self.loop.time())
-            self._carry()
-            self._flush_remote()
-
     def end(self, status: int, reason: str, unregister: bool = True) -> None:
-        """End the VPN: CLOSE to the server, UNREGISTER to pvpn-client (protection removed)."""
+        """End the VPN: UNREGISTER (pvpn-client sends CLOSE to the server and removes the
+        protection)."""
         self.tunnel.end(status, reason, unregister)
         self._carry()
 
@@ -392,25 +287,30 @@ class Connector:
             _say("pvpn-client did not confirm the end of the session; check `pvpn status`")
 
     async def run(self) -> int:
-        opt = self.opt
+        opt, tunnel = self.opt, self.tunnel
         reply = await self.open_local()
+        # pvpn-client builds the chain now; it says when it is up, or why not.
+        waited = CONNECT_TIMEOUT * (3 + len(self.hops))
         try:
-            event = await self.open_remote()
-        except (ConnectError, ConnectionError, OSError, asyncio.TimeoutError) as exc:
-            self.end(1, f"could not connect: {exc}")
+            await self._until(lambda: tunnel.up is not None or tunnel.failure is not None
+                              or tunnel.finished, waited)
+        except asyncio.TimeoutError:
+            tunnel.failure = f"pvpn-client did not bring the chain up within {waited:g} s"
+        if tunnel.up is None:
+            reason = tunnel.failure or "pvpn-client ended the session"
+            if not tunnel.finished:
+                self.end(1, f"could not connect: {reason}")
             await self.wait_unregistered()
-            raise ConnectError(str(exc) or "timed out waiting for the server") from None
+            raise ConnectError(reason)
         for sig in (signal.SIGINT, signal.SIGTERM):
             self.loop.add_signal_handler(sig, self.end, 0, "ended by the user")
-        self.tunnel.attach()
-        self._carry()
+        up = tunnel.up
         self.on_up(
-            f"session {self.tunnel.session.hex()} is up for {opt.remote_user} (uid "
-            f"{reply['uid']}): {', '.join(event.accept.allow)} via {' > '.join(event.nodes)} "
+            f"session {tunnel.session.hex()} is up for {opt.remote_user} (uid "
+            f"{reply['uid']}): {', '.join(str(a) for a in up.get('allow', []))} via "
+            f"{' > '.join(str(n) for n in up.get('nodes', []))} "
             f"({_endpoint_text(opt.host, opt.port)})")
-        ticker = self.loop.create_task(self.tick())
-        await self._until(lambda: self.tunnel.finished, None)
-        ticker.cancel()
+        await self._until(lambda: tunnel.finished, None)
         if self.pcap is not None:
             self.pcap.close()
         await self.wait_unregistered()

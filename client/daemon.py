@@ -2,8 +2,11 @@
 
 Users' `pvpn connect` processes register over a unix socket; the kernel tells us their uid
 (SO_PEERCRED). For each session we install owner-match rules feeding the session's own NFQUEUE,
-hand every queued packet to that user's process (which holds the user's key and TLS session),
-and deliver the replies it returns through the session's TUN device.
+hold the session's chain (its TLS sessions and the TCP connection to the first hop: pvpn.hosted,
+pvpn.io.chainlink), write every queued packet straight into it, and deliver the replies
+through the session's TUN device after anti-spoofing. The user's process is the session's
+agent (like ssh-agent): it holds the user's key and signs each node's challenge when asked;
+the VPN lives as long as it stays connected.
 
 Stopping (SIGTERM) or restarting pvpn-client leaves every session's rules in the kernel: the
 kernel drops their packets while nobody reads the queues, and the next pvpn-client picks them
@@ -35,7 +38,9 @@ from pvpn.config import ClientConfig, load_client_config
 from pvpn.drops import Drop
 from pvpn.envelope import Envelope
 from pvpn.errors import PvpnError
+from pvpn.hosted import CloseHop, OpenHop, RetryIn
 from pvpn.io import conntrack, hostkernel, localserver, rules, sockdiag
+from pvpn.io.chainlink import HopConnections
 from pvpn.io.hostkernel import ClientKernel, InstanceRules
 from pvpn.io.localserver import LocalLink, ensure_socket_dir
 from pvpn.io.loop import (
@@ -54,6 +59,8 @@ from pvpn.packet import segment_tcp
 from pvpn.records import RecordWriter
 
 TICK = 5.0
+#: The held chains' timer (keepalives, dead nodes, hops that do not answer).
+CHAIN_TICK = 1.0
 
 
 def user_name(uid: int) -> str:
@@ -85,6 +92,8 @@ class ClientDaemon:
         self.registry = self.host.registry
         self.link_ids: Iterator[int] = itertools.count(1)
         self.by_id: dict[int, LocalLink] = {}
+        # The chains pvpn-client holds for its users' agents: their TCP connections.
+        self.hops = HopConnections(self.loop, self.guard, self.host, self._after_chain)
         # The host's bookkeeping, as the tests and the shutdown read it.
         self.local = self.host.local  # every admitted connection on the socket
         self._session_logged = self.host.session_logged
@@ -109,7 +118,15 @@ class ClientDaemon:
         dispatcher.on(LogRecord, lambda cmd: self.log.write(cmd.record))
         dispatcher.on(WriteTun, self._write_tun)
         dispatcher.on(CloseLocal, self._close_local)
+        dispatcher.on(OpenHop, lambda cmd: self.hops.open(cmd.tunnel, cmd.host, cmd.port,
+                                                           cmd.tunnel.uid))
+        dispatcher.on(CloseHop, lambda cmd: self.hops.close(cmd.tunnel))
+        dispatcher.on(RetryIn, lambda cmd: self.hops.retry_in(cmd.tunnel, cmd.delay))
         return dispatcher
+
+    def _after_chain(self) -> None:
+        self.run()
+        self.flush()
 
     def _write_tun(self, cmd: WriteTun) -> None:
         try:
@@ -164,19 +181,30 @@ class ClientDaemon:
         return on_packet
 
     def flush(self) -> None:
-        for link in self.host.dirty:
+        """After a batch: one write per chain (the queue's packets straight into it), then
+        one per local connection."""
+        host = self.host
+        if host.dirty_tunnels:
+            write = self.hops.write
+            for tunnel in host.dirty_tunnels:
+                write(tunnel)
+            host.dirty_tunnels.clear()
+        for link in host.dirty:
             link.flush()
-        self.host.dirty.clear()
+        host.dirty.clear()
 
     # -- the packet path: user's process -> TUN
     def inject(self, link: LocalLink, packet: bytes) -> None:
+        """A reply from a tunnel process: judged now, written with the rest of the read
+        (the link calls :meth:`run` once per read)."""
         self.host.reply(link, packet, self.loop.time())
-        self.run()
 
     # -- local control
     def local_control(self, link: LocalLink, envelope: Envelope) -> None:
         self.host.control(link, envelope, self.loop.time())
         self.run()
+        if self.host.dirty_tunnels:  # a signature for a chain, say
+            self.flush()
 
     def local_lost(self, link: LocalLink) -> None:
         self.host.lost(link, self.loop.time())
@@ -186,6 +214,10 @@ class ClientDaemon:
         now = self.loop.time()
         self.host.tick(now)
         self.run()
+
+    def chain_tick(self) -> None:
+        self.host.chain_timers(self.loop.time())
+        self._after_chain()
 
     def shutdown(self, reason: str) -> None:
         """An orderly stop: the tunnel processes are let go and every session stays, rules and
@@ -237,12 +269,17 @@ async def serve(config: ClientConfig) -> None:
             NODE_RELOADED, reason="nothing to reload: keys live in the users' processes"))
         daemon.log_event(NODE_STARTED, socket=str(config.socket))
         watcher = loop.create_task(daemon.watch_rules(stop))
+        chains = loop.create_task(tick_until(
+            stop, CHAIN_TICK, lambda: daemon.guard.call("chain timer", daemon.chain_tick)))
         await tick_until(stop, TICK, lambda: daemon.guard.call("timer", daemon.tick))
         await watcher
+        await chains
     finally:
         if listener is not None:
             listener.close()
         daemon.guard.call("shutdown", daemon.shutdown, "pvpn-client stopping")
+        daemon.flush()
+        daemon.hops.close_all()
         await asyncio.sleep(0.05)  # the links' ends are logged (session:held)
         errors = daemon.release_host()
         localserver.remove_socket(config.socket)

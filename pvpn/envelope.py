@@ -60,6 +60,10 @@ class MsgType(enum.IntEnum):
     STATUS = 25  # -> pvpn-client: list sessions
     STATUS_REPLY = 26
     ERROR = 27  # pvpn-client -> user process: request refused, with a message
+    # pvpn-client holds the chain, the user's process is its agent (like ssh-agent).
+    SIGN = 28  # pvpn-client -> user process: sign this challenge of this node, bound so
+    SIGNED = 29  # user process -> pvpn-client: the signature (or why not)
+    NOTICE = 30  # pvpn-client -> user process: the chain is up, down, back, failed
 
 
 _TYPES = {int(t): t for t in MsgType}
@@ -331,6 +335,14 @@ CONTROL_SCHEMAS: dict[MsgType, dict[str, tuple[type, ...]]] = {
     MsgType.STATUS: {},
     MsgType.STATUS_REPLY: {"sessions": _LIST, "more": (bool,)},
     MsgType.ERROR: {"code": _STR, "reason": _STR},
+    # pvpn-client asks the user's process (its agent) to sign: ``id`` numbers the request,
+    # ``user`` is whom pvpn-client authenticates as (the agent refuses any but its own).
+    MsgType.SIGN: {"id": _INT, "challenge": _BYTES, "binding": _BYTES, "node": _STR,
+                   "user": _STR},
+    MsgType.SIGNED: {"id": _INT, "signature": _BYTES, "refused": _STR},
+    # ``event``: up (with the server's session, token, allow, nodes, resumed), down, retry,
+    # failed (``fatal``: for good); ``reason`` says why.
+    MsgType.NOTICE: {"event": _STR, "reason": _STR},
 }
 
 #: Fields a body may leave out, so that a peer older than the field still speaks: a
@@ -342,6 +354,20 @@ OPTIONAL_FIELDS: dict[MsgType, dict[str, tuple[type, ...]]] = {
     MsgType.ACCEPT: {"offload": _LIST},
     MsgType.ATTACH: {"nodes": _LIST},  # the names the chain's nodes gave, the server last
 }
+#: REGISTER of a user's process that has pvpn-client hold its chain (pvpn.hosted.ChainSpec):
+#: the hops, the server's name, the trust anchors' PEM (contents, never a path), ...
+OPTIONAL_FIELDS[MsgType.REGISTER].update({
+    "hops": _LIST, "server_name": _STR, "ca_pem": _BYTES, "pin_pem": _BYTES,
+    "trust_name": _STR, "user": _STR, "client": _STR, "keepalive": (int, float),
+    "dead_after": (int, float), "session": _BYTES, "token": _BYTES, "capture": (bool,),
+})
+OPTIONAL_FIELDS[MsgType.NOTICE] = {
+    "session": _BYTES, "token": _BYTES, "allow": _LIST, "nodes": _LIST, "resumed": (bool,),
+    "fatal": (bool,),
+}
+#: The bodies whose byte strings may be longer than a control field's 4096 bytes: REGISTER
+#: carries the trust anchors' PEM (bounded by pvpn.tls.MAX_PEM and the frame).
+_MAX_BIN = {MsgType.REGISTER: MAX_FRAME}
 
 
 #: Sessions in one STATUS_REPLY page: under the decoder's array bound (256).
@@ -381,7 +407,7 @@ def decode_control(envelope: Envelope) -> dict[str, Any]:
     try:
         fields = msgpack.unpackb(
             envelope.body, raw=False, strict_map_key=True, max_str_len=4096,
-            max_bin_len=4096, max_array_len=256, max_map_len=32, max_ext_len=0,
+            max_bin_len=_MAX_BIN.get(envelope.type, 4096), max_array_len=256, max_map_len=32, max_ext_len=0,
         )
     except (msgpack.UnpackException, ValueError, TypeError) as exc:
         raise MalformedFrame(f"undecodable {envelope.type.name} body: {clip(str(exc), 200)}"

@@ -54,7 +54,20 @@ class LinkClosed(Event):
     fatal: bool = False  # retrying can't help (the node's certificate was refused)
 
 
-LinkEvent = Union[LinkEstablished, LinkRefused, PacketsReceived, DataReceived, LinkClosed]
+@dataclass(slots=True)
+class SignatureWanted(Event):
+    """The node challenged the user and the signer answers later (the user's process, an
+    agent, signs for pvpn-client): sign this, then give it to the link (``signed``).
+    ``hop`` is the link's place in its chain (set by UserChain)."""
+
+    challenge: bytes
+    binding: bytes
+    node: str
+    hop: int = 0
+
+
+LinkEvent = Union[LinkEstablished, LinkRefused, PacketsReceived, DataReceived, LinkClosed,
+                  SignatureWanted]
 
 
 # ---------------------------------------------------------------- the chain of links (UserChain)
@@ -78,4 +91,4 @@ class ChainFailed(Event):
     fatal: bool
 
 
-ChainEvent = Union[ChainUp, ChainFailed, PacketsReceived]
+ChainEvent = Union[ChainUp, ChainFailed, PacketsReceived, SignatureWanted]

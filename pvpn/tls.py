@@ -113,9 +113,19 @@ def _read_file(path: str, role: str) -> bytes:
         raise ConfigError(f"cannot read the {role} file {path}: {exc.strerror}") from exc
 
 
-def _read_pem_certificates(path: str, role: str) -> list[x509.Certificate]:
-    """Read *path* as PEM certificates, or ConfigError saying which file and what to do."""
-    data = _read_file(path, role)
+#: The most a PEM of trust anchors handed over by a user's process may be (a bundle of a few
+#: dozen certificates; pvpn's own CA or pin is about 2 KB).
+MAX_PEM = 48 * 1024
+
+
+def _read_pem_certificates(path: str, role: str, data: bytes | None = None
+                           ) -> list[x509.Certificate]:
+    """Read *path* (or *data*, the contents a user's process read from it: then *path* only
+    names it) as PEM certificates, or ConfigError saying which file and what to do."""
+    if data is None:
+        data = _read_file(path, role)
+    elif len(data) > MAX_PEM:
+        raise ConfigError(f"the {role} {path} is {len(data)} bytes; at most {MAX_PEM}")
     try:
         certificates = x509.load_pem_x509_certificates(data)
     except ValueError:
@@ -143,9 +153,9 @@ def _spki(key: PublicKeyTypes) -> bytes:
     return key.public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
 
 
-def _load_pin(path: str) -> _Pin:
+def _load_pin(path: str, data: bytes | None = None) -> _Pin:
     # The first certificate of the file is the leaf; a pinned file may carry its chain too.
-    leaf = _read_pem_certificates(path, "pinned certificate")[0]
+    leaf = _read_pem_certificates(path, "pinned certificate", data)[0]
     return _Pin(file=path, sha256=leaf.fingerprint(hashes.SHA256()))
 
 
@@ -205,27 +215,36 @@ def make_server_context(certificate: str, private_key: str) -> SSL.Context:
 
 
 def make_client_context(
-    *, ca_file: str | None = None, pinned_certificate: str | None = None
+    *, ca_file: str | None = None, pinned_certificate: str | None = None,
+    pem: bytes | None = None,
 ) -> SSL.Context:
     """A client context trusting exactly one of: the CA in *ca_file*, or one pinned leaf.
 
     With a pinned certificate the chain checks are replaced by an exact match of the leaf
     (SHA-256 of DER); its validity period is still enforced.
+
+    With *pem*, the file's contents as a user's process read them (pvpn-client, root, never
+    opens a path a user chose), the path only names them in messages.
     """
     if (ca_file is None) == (pinned_certificate is None):
         raise ConfigError("give exactly one of a CA file (ca_file) or a pinned certificate")
     context = _base_context()
     pin: _Pin | None = None
     if ca_file is not None:
-        _read_pem_certificates(ca_file, "CA certificate")
+        anchors = _read_pem_certificates(ca_file, "CA certificate", pem)
         try:
-            context.load_verify_locations(ca_file)
-        except SSL.Error as exc:
-            raise ConfigError(
-                f"cannot load the CA certificate {ca_file}: {_openssl_reason(exc)}"
-            ) from None
+            if pem is None:
+                context.load_verify_locations(ca_file)
+            else:
+                store = context.get_cert_store()
+                assert store is not None  # a new context always has one
+                for anchor in anchors:
+                    store.add_cert(crypto.X509.from_cryptography(anchor))
+        except (SSL.Error, crypto.Error) as exc:
+            reason = _openssl_reason(exc) if isinstance(exc, SSL.Error) else str(exc)
+            raise ConfigError(f"cannot load the CA certificate {ca_file}: {reason}") from None
     elif pinned_certificate is not None:
-        pin = _load_pin(pinned_certificate)
+        pin = _load_pin(pinned_certificate, pem)
     context.set_verify(SSL.VERIFY_PEER, _verify_callback)
     context.set_app_data(_ClientPolicy(ca_file=ca_file, pin=pin))
     return context

@@ -13,7 +13,10 @@ hop, the server, carries the user's packets. It is driven by :meth:`UserChain.re
 :meth:`UserChain.data_to_send`. Hops are built one after the other: hop i+1 is started once
 hop i has accepted the user.
 
-:class:`UserTunnel` is what `pvpn connect` decides: its registration with pvpn-client over
+:class:`SigningAgent` and :class:`UserAgent` are what `pvpn connect` decides since issue 12:
+pvpn-client holds the chain (pvpn.hosted) and the user's process is its agent, signing each
+challenge with the key only it holds. :class:`UserTunnel` is what `pvpn connect` decided when
+it held the chain itself (pvpn-client still serves that protocol): its registration with pvpn-client over
 the local channel, when to ATTACH, what pvpn-client's answers and errors mean, what the
 chain's events mean (up, down and rebuilt, failed for good), and how the VPN ends. Its
 commands (:class:`Say`, :class:`CloseChain`, ...) are carried out by client/connect.py.
@@ -37,7 +40,7 @@ from pvpn.envelope import (
 from pvpn.errors import CertificateError, LocalProtocolError, MalformedFrame, RemoteProtocolError
 from pvpn.events import (
     ChainEvent, ChainFailed, ChainUp, DataReceived, LinkClosed, LinkEstablished, LinkEvent,
-    LinkRefused, PacketsReceived,
+    LinkRefused, PacketsReceived, SignatureWanted,
 )
 from pvpn.local import LocalChannel
 from pvpn.nodes.base import TlsLike, client_host_name
@@ -58,7 +61,9 @@ class LinkState(enum.Enum):
 #: (a node's shortest reauth_interval).
 REAUTH_BURST = 8
 REAUTH_REFILL = 10.0
-Signer = Callable[[bytes, bytes, str], bytes]  # (challenge, binding, node) -> signature
+#: (challenge, binding, node) -> the signature, or None: asked of an agent, given later to
+#: :meth:`UserLink.signed` (the link reports SignatureWanted meanwhile).
+Signer = Callable[[bytes, bytes, str], "bytes | None"]
 
 
 class UserLink:
@@ -121,13 +126,15 @@ class UserLink:
         self._reauth_tokens = float(REAUTH_BURST)
         self._reauth_refilled = 0.0
         self._broken = False  # the link failed: nothing more is sent on it
+        self.signing = False  # a SignatureWanted is unanswered
         self._unreported: str | None = None  # a failure on output, for handle_timer to tell
         self._pending.append(encode_envelope(
             MsgType.HELLO, session, uid, self._seq.take(), encode_control({
                 "user": user, "want": list(want), "token": token,
                 "client": client_host_name(client_name), "next": next_hop, "path": list(path),
-                # The server may send super-packets (pvpn.envelope.OFFLOAD): this process
-                # passes PACKET bodies through to pvpn-client as they are.
+                # The server may send super-packets (pvpn.envelope.OFFLOAD): pvpn-client,
+                # whose chain this is (or which a user's process relays bodies to as they
+                # are), takes them.
                 **({"offload": [OFFLOAD]} if next_hop is None else {}),
             }), hops))
 
@@ -260,10 +267,26 @@ class UserLink:
 
     def _challenge(self, envelope: Envelope, now: float) -> LinkEvent | None:
         fields = decode_control(envelope)
-        signature = self._signer(fields["nonce"], self.tls.binding(), fields["node"])
-        self._send_control(MsgType.AUTH, {"signature": signature})
         self.state = LinkState.AUTH_SENT
+        return self._sign(fields["nonce"], fields["node"])
+
+    def _sign(self, nonce: bytes, node: str) -> LinkEvent | None:
+        """AUTH with the signer's answer now, or SignatureWanted if it answers later."""
+        binding = self.tls.binding()
+        signature = self._signer(nonce, binding, node)
+        if signature is None:
+            self.signing = True
+            return SignatureWanted(nonce, binding, node)
+        self._send_control(MsgType.AUTH, {"signature": signature})
         return None
+
+    def signed(self, signature: bytes) -> None:
+        """The signature asked for by the last SignatureWanted: AUTH (only one answer per
+        request; none on a link that closed meanwhile)."""
+        if not self.signing or self.state is LinkState.CLOSED:
+            return
+        self.signing = False
+        self._send_control(MsgType.AUTH, {"signature": signature})
 
     def _rechallenge(self, envelope: Envelope, now: float) -> LinkEvent | None:
         # Re-authentication: the same key, a fresh nonce, the same TLS session's binding.
@@ -277,10 +300,8 @@ class UserLink:
             raise MalformedFrame(f"{self.node} asks for re-authentication far more often "
                                  "than a node does")
         self._reauth_tokens = tokens - 1.0
-        signature = self._signer(fields["nonce"], self.tls.binding(), fields["node"])
-        self._send_control(MsgType.AUTH, {"signature": signature})
         self.reauthenticated += 1
-        return None
+        return self._sign(fields["nonce"], fields["node"])
 
     def _accept(self, envelope: Envelope, now: float) -> LinkEvent | None:
         fields = decode_control(envelope)
@@ -410,8 +431,16 @@ class UserChain:
             else:
                 self._link_event(index, event, now, out)
 
+    def signed(self, hop: int, signature: bytes) -> None:
+        """The signature a SignatureWanted of hop ``hop`` asked for (pvpn.user.UserLink.signed)."""
+        if self.failed is None and 0 <= hop < len(self.links):
+            self.links[hop].signed(signature)
+
     def _link_event(self, index: int, event: object, now: float, out: list[ChainEvent]) -> None:
-        if isinstance(event, LinkEstablished):
+        if isinstance(event, SignatureWanted):
+            event.hop = index
+            out.append(event)
+        elif isinstance(event, LinkEstablished):
             if event.node in self.nodes:
                 first = self.nodes.index(event.node) + 1
                 out.append(self._fail(index, f"the chain visits node {event.node!r} twice (hops "
@@ -537,112 +566,73 @@ class Finish(Command):
     status: int
 
 
-class UserTunnel:
-    """The user's tunnel process (`pvpn connect`), sans-IO: its local channel with pvpn-client
-    (REGISTER, ATTACH, UNREGISTER, packets both ways, one LocalChannel per connection) and its
-    chain to the server (:class:`UserChain`), and what passes between them.
+class _ClientSide:
+    """What the user's process does on its connection to pvpn-client, whether it holds the
+    chain (UserTunnel) or is its agent (UserAgent): the answers to REGISTER and UNREGISTER,
+    pvpn-client's errors, and losing it."""
 
-    Driven by :meth:`local_opened`, :meth:`receive_local` and :meth:`local_lost` for the unix
-    socket; :meth:`new_chain`, :meth:`receive_remote`, :meth:`handle_timer` and
-    :meth:`remote_lost` for the chain; :meth:`end`. The bytes for each socket come from
-    :meth:`local_to_send` and :meth:`remote_to_send`; what the adapter must do besides
-    (tell the user, close a socket, reconnect, exit) is appended to :attr:`commands`.
+    ending: bool
+    finished: bool
 
-    While either side is down, pvpn-client keeps dropping the protected packets: nothing
-    leaks in clear. Losing pvpn-client is not the end of the VPN: the session is held, we
-    register again and re-attach."""
-
-    def __init__(self, uid: int, session: bytes, register: Mapping[str, Any],
-                 capturing: bool = False) -> None:
+    def __init__(self, uid: int, session: bytes, register: Mapping[str, Any]) -> None:
         self.uid = uid
         # Proposed by us, so every hop logs the same session id; the server's once accepted.
         self.session = session
         self.token = b""
         self._register = dict(register)
-        self.capturing = capturing
         self.commands: list[Command] = []
         # the local side: one connection to pvpn-client at a time
         self.channel = LocalChannel()
         self._local_out: list[bytes] = []
         self.local_open = False
-        self.local_congested = False  # set by the adapter from the socket's high-water mark
         self.registered: dict[str, Any] | None = None  # REGISTERED's fields, this connection
         self.refused: str | None = None  # why this connection's registration failed
-        self.attached = False  # ATTACH sent on the current local connection
         # pvpn-client confirmed the protection is removed (or the socket is gone).
         self.unregistered = False
-        # the chain: gateways (--via) then the server
-        self.chain: UserChain | None = None
-        self.chain_up: ChainUp | None = None  # this chain is up
-        self.chain_failure: ChainFailed | None = None  # this chain failed before it was up
-        self.ending = False
-        self.finished = False
 
-    # -- the local side
-    def local_opening(self) -> None:
-        """A new connection to pvpn-client is being made: nothing of the last one carries
-        over (its channel's numbering, its registration, its ATTACH)."""
-        self.channel = LocalChannel()
-        self._local_out.clear()
-        self.registered = self.refused = None
-        self.attached = False
-        self.unregistered = False
+    def end(self, status: int, reason: str, unregister: bool = True) -> None:
+        raise NotImplementedError
 
-    def local_opened(self) -> None:
-        """The connection is made and pvpn-client trusted (root's socket): REGISTER."""
-        self.local_open = True
-        self.local_congested = False
-        self._local_control(MsgType.REGISTER, self._register)
+    def _local_control(self, mtype: MsgType, fields: Mapping[str, Any]) -> None:
+        if self.local_open:
+            self._local_out.append(self.channel.control(mtype, self.session, self.uid, fields))
+
+    def _answer(self, mtype: MsgType, fields: dict[str, Any]) -> None:
+        """pvpn-client's answers: REGISTERED, the STATUS_REPLY to UNREGISTER, an ERROR."""
+        if mtype is MsgType.REGISTERED and self.registering:
+            self.registered = fields
+        elif mtype is MsgType.STATUS_REPLY and not self.unregistered:
+            self._unregister_answer(fields)
+            self.unregistered = True
+        elif mtype is MsgType.ERROR:
+            self._local_error(fields["code"], fields["reason"])
+
+    def _end_locally(self, status: int, reason: str, unregister: bool) -> None:
+        """The end on the local side (after ``end`` sent what goes first): UNREGISTER
+        (pvpn-client removes the protection), or the connection closed, or the user told
+        that the session stays held; then Finish."""
+        if unregister and self.local_open:
+            self._local_control(MsgType.UNREGISTER, {"reason": reason})
+        elif self.local_open:
+            self.commands.append(CloseLocalLink())
+        else:
+            if unregister and not self.registering:
+                self.commands.append(Say(
+                    "pvpn-client is not reachable now: your session stays held (its "
+                    "protected traffic blocked) until `pvpn disconnect`"))
+            self.unregistered = True
+        self.finished = True
+        self.commands.append(Finish(status))
 
     @property
     def registering(self) -> bool:
         """REGISTER is unanswered on this connection."""
         return self.registered is None and self.refused is None
 
-    def attach(self) -> None:
-        """ATTACH (the session id) once both ends are up: registered with pvpn-client and the
-        chain accepted, on every new registration and every rebuilt chain."""
-        chain = self.chain
-        if not self.attached and self.registered is not None and chain is not None \
-                and chain.up:
-            self._local_control(MsgType.ATTACH, {"session": self.session, "nodes": chain.nodes})
-            self.attached = True
-
-    def _local_control(self, mtype: MsgType, fields: Mapping[str, Any]) -> None:
-        if self.local_open:
-            self._local_out.append(self.channel.control(mtype, self.session, self.uid, fields))
-
     def local_to_send(self) -> bytes:
         data = b"".join(self._local_out)
         self._local_out.clear()
         return data
-
-    def receive_local(self, data: bytes) -> bool:
-        """Bytes from pvpn-client: its answers, and the protected packets for the chain;
-        whether packets went to the chain (its bytes are then to be sent)."""
-        packets: list[bytes] = []
-        try:
-            for envelope in self.channel.receive(data):
-                if envelope.type is MsgType.PACKET:
-                    packets.append(envelope.body)
-                    continue
-                fields = decode_control(envelope)
-                if envelope.type is MsgType.REGISTERED and self.registering:
-                    self.registered = fields
-                elif envelope.type is MsgType.STATUS_REPLY and not self.unregistered:
-                    self._unregister_answer(fields)
-                    self.unregistered = True
-                elif envelope.type is MsgType.ERROR:
-                    self._local_error(fields["code"], fields["reason"])
-        except RemoteProtocolError as exc:
-            self.commands += [Say(f"garbage from pvpn-client: {exc}"), CloseLocalLink()]
-        chain = self.chain
-        if not packets or chain is None or not chain.up:
-            return False
-        if self.capturing:
-            self.commands.append(Capture(packets))
-        chain.send_packets(packets)
-        return True
 
     def _unregister_answer(self, fields: dict[str, Any]) -> None:
         """pvpn-client's answer to UNREGISTER describes the session as it leaves it: held if
@@ -678,6 +668,82 @@ class UserTunnel:
             return
         self.commands += [Say("lost pvpn-client; your protected traffic is held (dropped) "
                               "until it is back"), Reregister()]
+
+
+
+class UserTunnel(_ClientSide):
+    """The user's tunnel process (`pvpn connect`), sans-IO: its local channel with pvpn-client
+    (REGISTER, ATTACH, UNREGISTER, packets both ways, one LocalChannel per connection) and its
+    chain to the server (:class:`UserChain`), and what passes between them.
+
+    Driven by :meth:`local_opened`, :meth:`receive_local` and :meth:`local_lost` for the unix
+    socket; :meth:`new_chain`, :meth:`receive_remote`, :meth:`handle_timer` and
+    :meth:`remote_lost` for the chain; :meth:`end`. The bytes for each socket come from
+    :meth:`local_to_send` and :meth:`remote_to_send`; what the adapter must do besides
+    (tell the user, close a socket, reconnect, exit) is appended to :attr:`commands`.
+
+    While either side is down, pvpn-client keeps dropping the protected packets: nothing
+    leaks in clear. Losing pvpn-client is not the end of the VPN: the session is held, we
+    register again and re-attach."""
+
+    def __init__(self, uid: int, session: bytes, register: Mapping[str, Any],
+                 capturing: bool = False) -> None:
+        super().__init__(uid, session, register)
+        self.capturing = capturing
+        self.local_congested = False  # set by the adapter from the socket's high-water mark
+        self.attached = False  # ATTACH sent on the current local connection
+        # the chain: gateways (--via) then the server
+        self.chain: UserChain | None = None
+        self.chain_up: ChainUp | None = None  # this chain is up
+        self.chain_failure: ChainFailed | None = None  # this chain failed before it was up
+        self.ending = False
+        self.finished = False
+
+    # -- the local side
+    def local_opening(self) -> None:
+        """A new connection to pvpn-client is being made: nothing of the last one carries
+        over (its channel's numbering, its registration, its ATTACH)."""
+        self.channel = LocalChannel()
+        self._local_out.clear()
+        self.registered = self.refused = None
+        self.attached = False
+        self.unregistered = False
+
+    def local_opened(self) -> None:
+        """The connection is made and pvpn-client trusted (root's socket): REGISTER."""
+        self.local_open = True
+        self.local_congested = False
+        self._local_control(MsgType.REGISTER, self._register)
+
+    def attach(self) -> None:
+        """ATTACH (the session id) once both ends are up: registered with pvpn-client and the
+        chain accepted, on every new registration and every rebuilt chain."""
+        chain = self.chain
+        if not self.attached and self.registered is not None and chain is not None \
+                and chain.up:
+            self._local_control(MsgType.ATTACH, {"session": self.session, "nodes": chain.nodes})
+            self.attached = True
+
+
+    def receive_local(self, data: bytes) -> bool:
+        """Bytes from pvpn-client: its answers, and the protected packets for the chain;
+        whether packets went to the chain (its bytes are then to be sent)."""
+        packets: list[bytes] = []
+        try:
+            for envelope in self.channel.receive(data):
+                if envelope.type is MsgType.PACKET:
+                    packets.append(envelope.body)
+                    continue
+                self._answer(envelope.type, decode_control(envelope))
+        except RemoteProtocolError as exc:
+            self.commands += [Say(f"garbage from pvpn-client: {exc}"), CloseLocalLink()]
+        chain = self.chain
+        if not packets or chain is None or not chain.up:
+            return False
+        if self.capturing:
+            self.commands.append(Capture(packets))
+        chain.send_packets(packets)
+        return True
 
     # -- the chain
     def new_chain(self, chain: UserChain) -> None:
@@ -757,15 +823,158 @@ class UserTunnel:
         if self.chain is not None and self.chain.up:
             self.chain.close(reason)  # CLOSE to the server, through the chain
         self.commands.append(CloseChain())
-        if unregister and self.local_open:
-            self._local_control(MsgType.UNREGISTER, {"reason": reason})
-        elif self.local_open:
-            self.commands.append(CloseLocalLink())
-        else:
-            if unregister and not self.registering:
-                self.commands.append(Say(
-                    "pvpn-client is not reachable now: your session stays held (its "
-                    "protected traffic blocked) until `pvpn disconnect`"))
-            self.unregistered = True
-        self.finished = True
-        self.commands.append(Finish(status))
+        self._end_locally(status, reason, unregister)
+
+
+# ---------------------------------------------------------------- the user's process as agent
+
+
+#: Signatures the agent gives in a burst, and per second after it: a chain of the most hops
+#: authenticates, fails and is built again a few times, and every node re-authenticates at
+#: most every 10 s; a pvpn-client asking faster is refused (each answer costs an RSA
+#: signature of the user's process).
+AGENT_BURST = 2 * DEFAULT_HOPS
+AGENT_RATE = 1.0
+#: The largest challenge and TLS binding a SIGN may carry (a node's nonce is 32 bytes, the
+#: binding 32).
+MAX_SIGNED_INPUT = 64
+
+#: (challenge, binding, user, node) -> signature: auth.sign_challenge with the user's key.
+KeySigner = Callable[[bytes, bytes, str, str], bytes]
+
+
+class SigningAgent:
+    """The user's private key as pvpn-client may use it (like ssh-agent): a SIGN request
+    is answered with ``auth.sign_challenge(key, challenge, binding, user, node)`` for the
+    agent's own user only, so pvpn-client can obtain nothing but pvpn-auth signatures of
+    this user, bound to the TLS session it names; at most AGENT_BURST in a burst and
+    AGENT_RATE a second after it. The key never leaves the user's process."""
+
+    def __init__(self, user: str, sign: KeySigner) -> None:
+        self.user = user
+        self._sign = sign
+        self._tokens = float(AGENT_BURST)
+        self._refilled: float | None = None
+        self.signed = 0
+        self.refused = 0
+
+    def answer(self, fields: Mapping[str, Any], now: float) -> dict[str, Any]:
+        """SIGNED's fields for a SIGN's: the signature, or why it is refused."""
+        reason = self._refusal(fields, now)
+        if reason is not None:
+            self.refused += 1
+            return {"id": fields["id"], "signature": b"", "refused": reason}
+        self.signed += 1
+        return {"id": fields["id"], "signature": self._sign(
+            fields["challenge"], fields["binding"], self.user, fields["node"]), "refused": ""}
+
+    def _refusal(self, fields: Mapping[str, Any], now: float) -> str | None:
+        if fields["user"] != self.user:
+            return (f"asked to sign as {fields['user'][:64]!r}; this process signs for "
+                    f"{self.user!r} only")
+        challenge, binding = fields["challenge"], fields["binding"]
+        if not 16 <= len(challenge) <= MAX_SIGNED_INPUT or \
+                not 16 <= len(binding) <= MAX_SIGNED_INPUT:
+            return "a challenge or TLS binding of an impossible size"
+        if not NODE_NAME.fullmatch(fields["node"]):
+            return "a node name that is not one"
+        if self._refilled is None:
+            self._refilled = now
+        tokens = min(float(AGENT_BURST), self._tokens + (now - self._refilled) * AGENT_RATE)
+        self._refilled = now
+        if tokens < 1.0:
+            self._tokens = tokens
+            return (f"asked for signatures far faster than a chain needs (more than "
+                    f"{AGENT_BURST} at once, {AGENT_RATE:g} a second after)")
+        self._tokens = tokens - 1.0
+        return None
+
+
+class UserAgent(_ClientSide):
+    """`pvpn connect` when pvpn-client holds the chain: the session's agent, sans-IO. It
+    registers with everything pvpn-client needs to build the chain (REGISTER), answers SIGN
+    with its :class:`SigningAgent`, tells the user what the chain does (NOTICE), writes the
+    copies of packets pvpn-client sends when a capture was asked for, and ends the VPN
+    (UNREGISTER: pvpn-client sends CLOSE to the server and removes the protection).
+
+    Driven by :meth:`local_opening`, :meth:`local_opened`, :meth:`receive_local`,
+    :meth:`local_lost` and :meth:`end`; bytes from :meth:`local_to_send`; commands (Say,
+    Capture, CloseLocalLink, Reregister, Finish) in :attr:`commands`."""
+
+    def __init__(self, uid: int, session: bytes, register: Mapping[str, Any],
+                 agent: SigningAgent) -> None:
+        super().__init__(uid, session, register)
+        self.agent = agent
+        self.up: dict[str, Any] | None = None  # the first NOTICE up: the VPN is up
+        self.failure: str | None = None  # the first chain failed: the VPN never came up
+        self.ending = False
+        self.finished = False
+
+    def local_opening(self) -> None:
+        self.channel = LocalChannel()
+        self._local_out.clear()
+        self.registered = self.refused = None
+        self.unregistered = False
+
+    def local_opened(self) -> None:
+        self.local_open = True
+        fields = dict(self._register, session=self.session)
+        if self.token:
+            fields["token"] = self.token  # pvpn-client resumes the server's session
+        self._local_control(MsgType.REGISTER, fields)
+
+
+    def receive_local(self, data: bytes, now: float) -> None:
+        captured: list[bytes] = []
+        try:
+            for envelope in self.channel.receive(data):
+                if envelope.type is MsgType.PACKET:
+                    captured.append(envelope.body)
+                    continue
+                fields = decode_control(envelope)
+                if envelope.type is MsgType.SIGN:
+                    answer = self.agent.answer(fields, now)
+                    if answer["refused"]:
+                        self.commands.append(Say(f"refused to sign for pvpn-client: "
+                                                 f"{answer['refused']}"))
+                    self._local_control(MsgType.SIGNED, answer)
+                elif envelope.type is MsgType.NOTICE:
+                    self._notice(fields)
+                else:
+                    self._answer(envelope.type, fields)
+        except RemoteProtocolError as exc:
+            self.commands += [Say(f"garbage from pvpn-client: {exc}"), CloseLocalLink()]
+        if captured:
+            self.commands.append(Capture(captured))
+
+    def _notice(self, fields: dict[str, Any]) -> None:
+        event, reason = fields["event"], fields["reason"]
+        if event == "up":
+            session, token = fields.get("session", b""), fields.get("token", b"")
+            if len(session) == 16:
+                self.session = session
+            if token:
+                self.token = token
+            if self.up is None:
+                self.up = fields
+            else:
+                state = "resumed" if fields.get("resumed") else "re-established as a new session"
+                self.commands.append(Say(f"session {self.session.hex()} {state}"))
+        elif event == "down":
+            self.commands.append(Say(f"tunnel down ({reason}); holding your protected "
+                                     "traffic and reconnecting"))
+        elif event == "retry":
+            self.commands.append(Say(f"reconnect failed: {reason}; retrying"))
+        elif event == "failed":
+            if self.up is None:
+                self.failure = reason
+            elif not (self.ending or self.finished):
+                self.end(1, reason)
+
+    def end(self, status: int, reason: str, unregister: bool = True) -> None:
+        """End the VPN: UNREGISTER (pvpn-client sends CLOSE to the server, through the chain,
+        and removes the protection)."""
+        if self.finished:
+            return
+        self.ending = True
+        self._end_locally(status, reason, unregister)

@@ -36,6 +36,7 @@ class LocalServed(Protocol):
     def local_record(self, event: str, link: LocalLink, session: SlotSession | None = None,
                      **kw: Any) -> None: ...
     def local_lost(self, link: LocalLink) -> None: ...
+    def run(self) -> None: ...
 
 
 class LocalLink(LocalPeer, asyncio.Protocol):
@@ -86,6 +87,8 @@ class LocalLink(LocalPeer, asyncio.Protocol):
             self.daemon.local_record(LOCAL_ERROR, self, self.session,
                                      reason=clip(f"{type(exc).__name__}: {exc}"))
             self.close()
+        finally:
+            self.daemon.run()  # the read's TUN writes, together
         self.flush()
 
     @guarded("local connection_lost")

@@ -25,8 +25,10 @@ from pvpn.commands import Command, LogRecord
 from pvpn.config import ClientConfig, Network, parse_prefixes
 from pvpn.drops import Counters, Drop
 from pvpn.envelope import (
-    DEFAULT_HOPS, Envelope, MsgType, Offload, decode_control, is_offloaded, split_offload,
+    DEFAULT_HOPS, Envelope, MsgType, Offload, bare_packet, decode_control, is_offloaded,
+    split_offload,
 )
+from pvpn.hosted import HostedEvents, HostedTunnel, parse_chain_spec
 from pvpn.errors import (
     ConfigError, MalformedPacket, PolicyError, PvpnError, RemoteProtocolError,
 )
@@ -459,6 +461,7 @@ class LocalPeer:
         self.congested = False
         self.last_active = 0.0
         self.admitted = False
+        self.tunnel: HostedTunnel | None = None  # the chain pvpn-client holds for it
 
     def send_control(self, mtype: MsgType, fields: dict[str, Any]) -> None:
         session = self.session.session_id if self.session else b""
@@ -509,6 +512,9 @@ class ClientHost(Generic[P]):
         self.session_logged: dict[tuple[str, int], tuple[float, int]] = {}
         # The connections with envelopes pending from the packet path, to be written.
         self.dirty: set[P] = set()
+        # The chains pvpn-client holds (slot -> its tunnel), and those with bytes to write.
+        self.tunnels: dict[int, HostedTunnel] = {}
+        self.dirty_tunnels: set[HostedTunnel] = set()
         self.pruned = 0.0
 
     def log(self, event: str, session: SlotSession | None = None, **kw: Any) -> None:
@@ -589,7 +595,11 @@ class ClientHost(Generic[P]):
         if link is None or not session.session_id:
             self.dropped(session, Drop.TUNNEL_DOWN, now)
             return
-        if link.congested:
+        tunnel = link.tunnel
+        if tunnel is not None and not tunnel.up:
+            self.dropped(session, Drop.TUNNEL_DOWN, now)
+            return
+        if tunnel.congested if tunnel is not None else link.congested:
             self.dropped(session, Drop.TUNNEL_CONGESTED, now)
             return
         try:
@@ -599,6 +609,12 @@ class ClientHost(Generic[P]):
         else:
             session.note_flow(key, now)
         session.count_out(len(payload))
+        if tunnel is not None:
+            # Straight into the chain: written once per drain (the adapter's flush).
+            tunnel.outbox.append(payload)
+            self.dirty_tunnels.add(tunnel)
+            if not tunnel.spec.capture or link.congested:
+                return
         link.pending.append(link.channel.packet(session.session_id, session.uid, payload))
         self.dirty.add(link)
 
@@ -620,10 +636,16 @@ class ClientHost(Generic[P]):
         session = peer.session
         if session is None or not session.session_id:
             raise RemoteProtocolError("PACKET before the session is attached")
+        if peer.tunnel is not None:
+            raise RemoteProtocolError("PACKET from an agent: pvpn-client holds its chain")
+        self.reply_of(session, packet, now)
+
+    def reply_of(self, session: SlotSession, packet: bytes, now: float) -> None:
+        """A packet that came back for the session (from its chain or its tunnel process):
+        anti-spoofed, then WriteTun. A super-packet (pvpn.envelope.OFFLOAD) must say the
+        truth about itself in its header; then it is judged as strictly as any reply."""
         offload = None
         if is_offloaded(packet):
-            # A super-packet (pvpn.envelope.OFFLOAD): its header must say the truth about
-            # it; then it is judged as strictly as any reply.
             try:
                 offload, packet = split_offload(packet)
             except RemoteProtocolError as exc:
@@ -684,6 +706,9 @@ class ClientHost(Generic[P]):
         fields = decode_control(envelope)
         if mtype is MsgType.REGISTER:
             self._register(link, fields, now)
+        elif mtype is MsgType.SIGNED and link.tunnel is not None:
+            link.tunnel.signed(fields, now)
+            self.hosted(link.tunnel, HostedEvents([]), now)
         elif mtype is MsgType.ATTACH and link.session is not None:
             try:
                 nodes = chain_names(fields.get("nodes", []), "node names")
@@ -805,6 +830,12 @@ class ClientHost(Generic[P]):
             if not all(isinstance(p, str) for p in fields["prefixes"]):
                 raise ConfigError("prefixes must be strings")
             networks = parse_prefixes(fields["prefixes"])
+            # The chain pvpn-client is to hold for it, checked before anything is allocated
+            # (a bad PEM, a hop too many: a clear refusal, and nothing else spent).
+            spec = parse_chain_spec(fields)
+            proposed = fields.get("session", b"")
+            if spec is not None and len(proposed) != 16:
+                raise ConfigError("a session id of 16 bytes is needed to build the chain")
             session = self.registry.find_held(link.uid, networks)
             if session is None:
                 session = self.registry.allocate(link.uid, self.user_name(link.uid), server,
@@ -832,12 +863,90 @@ class ClientHost(Generic[P]):
         self.links[session.slot] = link
         link.send_control(MsgType.REGISTERED, {"slot": session.slot, "queue": session.queue,
                                                "uid": link.uid, "user": session.user})
+        if spec is not None:
+            tunnel = HostedTunnel(spec, proposed, fields.get("token", b""), session.uid)
+            tunnel.slot = session.slot
+            link.tunnel = tunnel
+            tunnel.start(now)
+            self.hosted(tunnel, HostedEvents([]), now)
+
+    # -- the chains pvpn-client holds (pvpn.hosted)
+    def hosted(self, tunnel: HostedTunnel, events: HostedEvents, now: float) -> None:
+        """What a chain's input gave: replies anti-spoofed into the TUN device, a chain up
+        attached, the agent told (NOTICE, SIGN) and the adapter's commands taken."""
+        link = self.links.get(tunnel.slot)
+        session = self.registry.sessions.get(tunnel.slot)
+        if link is None or link.tunnel is not tunnel or session is None:
+            # An old chain of a session that moved on: it only closes.
+            self.commands += tunnel.commands
+            tunnel.commands.clear()
+            return
+        if events.packets:
+            if tunnel.spec.capture and not link.congested:
+                packet = link.channel.packet
+                link.pending += [packet(session.session_id, session.uid, bare_packet(p))
+                                 for p in events.packets]  # without offload headers
+            reply = self.reply_of
+            for p in events.packets:
+                reply(session, p, now)
+        up = events.up
+        if up is not None:
+            if not link.attached_here or not up.accept.resumed:
+                try:
+                    self._attach(link, session, up.accept.session, now)
+                except RemoteProtocolError as exc:
+                    tunnel.end(str(exc), orderly=True)
+            session.nodes = list(up.nodes)
+        for mtype, fields in tunnel.to_agent:
+            link.send_control(mtype, fields)
+        if tunnel.to_agent:
+            tunnel.to_agent.clear()
+            self.dirty.add(link)
+        self.commands += tunnel.commands
+        tunnel.commands.clear()
+        self.dirty_tunnels.add(tunnel)
+
+    def chain_data(self, tunnel: HostedTunnel, data: bytes, now: float) -> None:
+        self.hosted(tunnel, tunnel.receive_data(data, now), now)
+
+    def chain_event(self, tunnel: HostedTunnel, now: float, connected: bool | None = None,
+                    reason: str = "") -> None:
+        """The chain's TCP connection: made (True), not made (False, why), lost (None, why)."""
+        if connected:
+            tunnel.connected(now)
+        elif connected is False:
+            tunnel.connect_failed(reason, now)
+        else:
+            tunnel.connection_lost(reason, now)
+        self.hosted(tunnel, HostedEvents([]), now)
+
+    def chain_retry(self, tunnel: HostedTunnel, now: float) -> None:
+        tunnel.retry(now)
+        self.hosted(tunnel, HostedEvents([]), now)
+
+    def chain_timers(self, now: float) -> None:
+        """Every held chain's keepalives, dead nodes and slow hops (each second)."""
+        for link in list(self.links.values()):
+            if link.tunnel is not None:
+                self.hosted(link.tunnel, link.tunnel.handle_timer(now), now)
+
+    def _end_tunnel(self, link: P | None, reason: str, orderly: bool) -> None:
+        """The chain of the session ``link`` held goes: orderly (CLOSE to the server, the VPN
+        ends) or not (its agent is gone: the server holds the session for a resume)."""
+        if link is None or link.tunnel is None:
+            return
+        tunnel, link.tunnel = link.tunnel, None
+        tunnel.end(reason, orderly)
+        self.commands += tunnel.commands
+        tunnel.commands.clear()
+        self.dirty_tunnels.add(tunnel)
 
     def _detach(self, link: P, session: SlotSession, reason: str, now: float) -> None:
         """The session's tunnel process is gone; its packets keep being queued and dropped
         until the user reconnects or runs `pvpn disconnect` (fail closed)."""
         if self.links.get(session.slot) is link:
             del self.links[session.slot]
+        self._end_tunnel(link, reason, orderly=False)
         if session.attached:
             session.attached = False
             session.held_since = now
@@ -862,6 +971,7 @@ class ClientHost(Generic[P]):
         resets the kernel sends go into its queue, never out in clear."""
         link = self.links.pop(session.slot, None)
         if link is not None:
+            self._end_tunnel(link, reason, orderly=True)
             link.session = None
         kernel = self.kernel
         aborted = kernel.abort_connections(session)
@@ -922,6 +1032,7 @@ class ClientHost(Generic[P]):
         all (held): the kernel drops its packets until the next pvpn-client picks it up and the
         user's `pvpn connect` registers again."""
         for link in list(self.local):
+            self._end_tunnel(link, reason, orderly=False)
             self.commands.append(CloseLocal(link))
         kept = list(self.registry.sessions.values())
         if kept:

@@ -468,3 +468,65 @@ def test_rules_someone_else_flushes_are_put_back_within_seconds(lab1: dict[str, 
         assert [s["session"] for s in session_state(lab1, "alice")] == [session]
     finally:
         disconnect(lab1, "alice")
+
+
+BOB_AGAINST_AGENT = r"""
+import json, os, socket, sys
+from pvpn import tls
+from pvpn.envelope import EnvelopeDecoder, MsgType, decode_control, encode_control, encode_envelope
+path, target = sys.argv[1], sys.argv[2]
+
+def ask(*messages):
+    # One connection: these envelopes, then what pvpn-client answers (None: it closed).
+    local = socket.socket(socket.AF_UNIX)
+    local.connect(path)
+    local.settimeout(10)
+    for seq, (mtype, fields) in enumerate(messages):
+        local.sendall(encode_envelope(mtype, b"", os.getuid(), seq, encode_control(fields)))
+    decoder = EnvelopeDecoder()
+    while True:
+        data = local.recv(65536)
+        if not data:
+            return None
+        for envelope in decoder.feed(data):
+            return envelope.type.name, decode_control(envelope)
+
+chain = {"prefixes": [f"{target}/32"], "server": "10.0.0.1:4433", "hops": [["10.0.0.1", 4433]],
+         "user": "alice", "client": "c", "session": os.urandom(16), "trust_name": "mine"}
+out = {
+    "huge": ask((MsgType.REGISTER, dict(chain, ca_pem=b"-----BEGIN CERTIFICATE-----\n"
+                                        + b"A" * (tls.MAX_PEM + 1)))),
+    "bad": ask((MsgType.REGISTER, dict(chain, ca_pem=b"-----BEGIN CERTIFICATE-----\nx\n"))),
+    "signed": ask((MsgType.SIGNED, {"id": 1, "signature": b"s" * 256, "refused": ""})),
+    "status": ask((MsgType.STATUS, {})),
+}
+print(json.dumps(out), flush=True)
+"""
+
+
+def test_bob_cannot_register_as_sign_for_or_take_alices_agent_session(
+        lab1: dict[str, Any]) -> None:
+    """alice's VPN up (pvpn-client holds her chain, her `pvpn connect` is its agent). bob's
+    own program on the socket: a REGISTER with a PEM over the bound, one with a PEM that is
+    none (each a clear refusal, nothing installed), a SIGNED out of the blue (garbage: his
+    connection closes), and STATUS shows him none of alice's. Her VPN never notices."""
+    with contextlib.ExitStack() as stack:
+        stack.callback(disconnect, lab1, "alice")
+        session = connect(lab1, "alice")
+        rules_before = client_rules(lab1)
+        argv, cwd = exec_argv(lab1["name"], "client", "bob", [
+            sys.executable, "-c", BOB_AGAINST_AGENT, lab1["client_socket"],
+            lab1["target"]["ipv4"]])
+        proc = subprocess.run(argv, cwd=cwd, capture_output=True, timeout=60)
+        assert proc.returncode == 0, proc.stderr.decode()
+        out = json.loads(proc.stdout)
+        assert out["huge"][0] == "ERROR" and "at most" in out["huge"][1]["reason"], out
+        assert out["bad"][0] == "ERROR" and "not a PEM certificate" in out["bad"][1]["reason"]
+        assert out["signed"] is None, "a SIGNED from a process that holds no chain is garbage"
+        assert out["status"] == ["STATUS_REPLY", {"sessions": [], "more": False}]
+        def rules(text: str) -> list[str]:  # without the counters
+            return sorted(line.split("]", 1)[-1] for line in text.splitlines() if "PVPNC" in line)
+        assert rules(client_rules(lab1)) == rules(rules_before), "bob's refusals installed nothing"
+        (mine,) = session_state(lab1, "alice")
+        assert mine["session"] == session and mine["state"] == "up" and mine["user"] == "alice"
+        assert reaches(lab1), "alice's VPN carries on"

@@ -122,6 +122,52 @@ def test_fail_closed_when_the_tunnel_process_is_gone(lab: dict[str, Any]) -> Non
     assert clear_packets(pcap, lab)
 
 
+def test_kill_9_of_the_agent_mid_transfer_holds_the_session_and_nothing_leaks(
+        lab: dict[str, Any]) -> None:
+    """pvpn-client holds the chain, alice's `pvpn connect` is only its agent: killed with -9
+    in the middle of a download, the chain goes with it (pvpn-client drops it at once), the
+    download stalls (its packets dropped), the session is held, and not one packet of the
+    target's leaves or arrives in clear."""
+    words = shlex.split(lab["connect"]["alice"])
+    hop = words[words.index("--to") - 1]
+    host = hop.rsplit(":", 1)[0] if hop.count(":") == 1 else hop
+    ns = lab["hosts"]["client"]["namespace"]
+
+    def to_first_hop() -> str:
+        return subprocess.run(["ip", "netns", "exec", ns, "ss", "-Htn", "state", "established",
+                               "dst", host], capture_output=True, text=True).stdout.strip()
+
+    connect(lab, "alice")
+    try:
+        with capture(lab) as pcap:
+            argv, cwd = exec_argv(lab["name"], "client", "alice", [
+                "curl", "-sS", "--limit-rate", "100k", "--max-time", "6", "-o", "/dev/null",
+                "-w", "%{size_download}", lab["files"]["1m"]["url4"]])
+            download = subprocess.Popen(argv, cwd=cwd, stdout=subprocess.PIPE,
+                                        stderr=subprocess.PIPE)
+            time.sleep(1.5)
+            assert to_first_hop(), "the chain's connection, made by pvpn-client"
+            pids = tunnel_pids(lab, "alice")
+            assert pids
+            for pid in pids:
+                subprocess.run(["kill", "-9", str(pid)], check=True)
+            # pvpn-client drops the chain with its agent: no connection to the first hop left.
+            deadline = time.monotonic() + 3
+            while to_first_hop() and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert to_first_hop() == "", "the chain outlived its agent"
+            out, _ = download.communicate(timeout=30)
+            assert download.returncode != 0, "the download finished without its tunnel"
+            assert 0 < int(out or b"0") < lab["files"]["1m"]["size"], out
+            assert "held" in status(lab, "alice")
+            assert curl(lab, "alice", lab["files"]["1k"]["url4"], 2).returncode != 0
+        assert clear_packets(pcap, lab) == []
+        connect(lab, "alice")  # the held session picked up again
+        fetch_ok(lab, "alice", "1k")
+    finally:
+        disconnect(lab, "alice")
+
+
 def test_fail_closed_while_the_tunnel_reconnects(lab: dict[str, Any]) -> None:
     """Server unreachable for a while: nothing leaks; the tunnel resumes by itself."""
     server_ns = lab["hosts"]["server"]["namespace"]
