@@ -49,12 +49,13 @@ from pvpn.io.loop import (
 )
 from pvpn.io.sessiondevices import SessionDevices
 from pvpn.io.sockdiag import SocketOwners
-from pvpn.io.tun import strict_rp_filter
+from pvpn.io.tun import strict_rp_filter, vnet_header
 from pvpn.names import NODE_RELOADED, NODE_STARTED, NODE_STOPPED, NODE_WARNING
 from pvpn.nodes.client import (
     LOCAL_LOG_EVERY as LOCAL_LOG_EVERY, RECORD_EVERY as RECORD_EVERY, ClientHost, CloseLocal,
     SlotSession, WriteTun,
 )
+from pvpn.packet import segment_tcp
 from pvpn.records import RecordWriter
 
 TICK = 5.0
@@ -84,6 +85,7 @@ class ClientDaemon:
         self.rules = InstanceRules(config.instance, config.mark_mask)
         devices = SessionDevices(self.loop, self.guard, self.flush)
         self.queues, self.tun_fds = devices.queues, devices.tun_fds  # by slot
+        self.vnet_fds = devices.vnet  # the TUN fds that take a virtio_net_hdr
         owners = SocketOwners()  # whose socket a reply would reach
         kernel = ClientKernel(self.rules, devices, owners, self._queue_callback)
         self.host: ClientHost[LocalLink] = ClientHost(config, owners, user_name, kernel)
@@ -128,7 +130,14 @@ class ClientDaemon:
 
     def _write_tun(self, cmd: WriteTun) -> None:
         try:
-            os.write(self.tun_fds[cmd.session.slot], cmd.packet)
+            fd = self.tun_fds[cmd.session.slot]
+            if fd in self.vnet_fds:  # a super-packet whole, the kernel segments it
+                os.writev(fd, (vnet_header(cmd.offload), cmd.packet))
+            elif cmd.offload is not None:  # a device without the header: segments
+                for segment in segment_tcp(cmd.packet, cmd.offload.gso_size or 0xFFFF):
+                    os.write(fd, segment)
+            else:
+                os.write(fd, cmd.packet)
         except BlockingIOError:
             self.host.tun_refused(cmd, Drop.TUN_FULL, self.loop.time())
         except OSError:

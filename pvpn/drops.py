@@ -30,6 +30,7 @@ class Drop(enum.Enum):
     REPLY_NOT_YOURS = "reply-not-yours"
     TUN_FULL = "tun-full"
     TUN_WRITE_FAILED = "tun-write-failed"
+    MALFORMED_OFFLOAD = "malformed-offload"
     # pvpn-server: packets a session sends (IP_OPTIONS also for replies)
     MALFORMED_PACKET = "malformed-packet"
     IP_OPTIONS = "ip-options"
@@ -45,6 +46,7 @@ class Drop(enum.Enum):
     NO_ROUTE = "no-route"
     TOO_BIG = "too-big"
     TCP_NO_MAPPING = "tcp-no-mapping"
+    OFFLOAD_UNSUPPORTED = "offload-unsupported"
     # pvpn-server: replies on their way to a session
     SESSION_DETACHED = "session-detached"
     LINK_CONGESTED = "link-congested"
@@ -65,6 +67,8 @@ _DESCRIPTIONS: dict[Drop, str] = {
                           "socket now holds",
     Drop.TUN_FULL: "the session's TUN device is full",
     Drop.TUN_WRITE_FAILED: "writing to the session's TUN device failed",
+    Drop.MALFORMED_OFFLOAD: "a super-packet whose offload header lies about its packet, or "
+                            "over a link that never offered them",
     Drop.MALFORMED_PACKET: "a packet that is not one pvpn carries",
     Drop.IP_OPTIONS: "an IPv4 packet with options (source routing among them)",
     Drop.DESTINATION_NOT_ALLOWED: "a destination outside the user's allow list",
@@ -84,6 +88,8 @@ _DESCRIPTIONS: dict[Drop, str] = {
     Drop.TCP_NO_MAPPING: "a TCP segment (not a SYN) of a connection the server has no "
                          "mapping for (lost in a restart, expired, or ended): answered "
                          "with a reset",
+    Drop.OFFLOAD_UNSUPPORTED: "a reply the kernel queued as one UDP super-packet (UDP GSO), "
+                              "which pvpn does not carry",
     Drop.SESSION_DETACHED: "a reply while the user reconnects",
     Drop.LINK_CONGESTED: "the link to the user is congested",
 }
@@ -133,6 +139,10 @@ class Counters:
     packets_in: int = 0
     bytes_out: int = 0
     bytes_in: int = 0
+    # Super-packets (issue 12): TCP segments of up to 64 KB carried whole, each counted once
+    # in packets_* as well.
+    super_out: int = 0
+    super_in: int = 0
     drops: DropCounter = field(default_factory=DropCounter)
 
     def count_out(self, size: int) -> None:
@@ -147,4 +157,6 @@ class Counters:
         """The counters as ``pvpn status`` and the records show them, out before in."""
         return {"packets_out": self.packets_out, "packets_in": self.packets_in,
                 "bytes_out": self.bytes_out, "bytes_in": self.bytes_in,
+                **({"super_out": self.super_out, "super_in": self.super_in}
+                   if self.super_out or self.super_in else {}),
                 "drops": self.drops.as_dict()}

@@ -18,6 +18,7 @@ the stream is out of step, so the caller closes that link and serves everyone el
 from __future__ import annotations
 
 import enum
+import struct
 from dataclasses import dataclass
 from typing import Any, Iterator, Mapping, NoReturn, Sequence
 
@@ -68,6 +69,99 @@ class MsgType(enum.IntEnum):
 _TYPES = {int(t): t for t in MsgType}
 
 
+# ---------------------------------------------------------------- super-packets (issue 12)
+#
+# A PACKET body is an IP packet, or, between nodes that both announced ``OFFLOAD`` in the
+# handshake (HELLO's and ACCEPT's optional "offload" list), an offload header and then the
+# packet: a TCP segment of up to 64 KB that the receiving kernel segments or delivers whole
+# (a virtio_net_hdr's fields, linux/virtio_net.h). An IP packet's first byte starts with its
+# version (4 or 6), so the header's first byte, OFFLOAD_MARK, tells the two apart. The header
+# is big-endian on the wire:
+#
+#     mark (1) | flags (1) | gso_type (1) | reserved 0 (1) | hdr_len (2) | gso_size (2)
+#     | csum_start (2) | csum_offset (2)
+#
+# A header's packet carries in its TCP checksum field the sum of its pseudo-header only (the
+# kernel's CHECKSUM_PARTIAL; pvpn.packet.partial_checksum): whoever segments it (the kernel)
+# or delivers it completes the checksum of each segment.
+
+#: What a node announces it takes (HELLO's and ACCEPT's "offload").
+OFFLOAD = "tcp-gso-1"
+OFFLOAD_MARK = 0x01
+OFFLOAD_HEADER = 12
+F_NEEDS_CSUM = 1  # VIRTIO_NET_HDR_F_NEEDS_CSUM
+GSO_NONE, GSO_TCPV4, GSO_TCPV6 = 0, 1, 4  # VIRTIO_NET_HDR_GSO_*
+#: The smallest segment size a header may ask for (IPv4's minimum MSS, RFC 879): a lying peer
+#: must not make one 64 KB packet into thousands of segments.
+MIN_GSO_SIZE = 536
+_OFFLOAD = struct.Struct(">BBBxHHHH")
+
+
+@dataclass(frozen=True, slots=True)
+class Offload:
+    """A super-packet's offload state: a virtio_net_hdr's fields."""
+
+    gso_type: int
+    gso_size: int
+    csum_start: int
+    csum_offset: int
+    hdr_len: int
+    flags: int = F_NEEDS_CSUM
+
+
+def encode_offload(offload: Offload, packet: bytes) -> bytes:
+    """The PACKET body carrying ``packet`` with its offload header."""
+    return _OFFLOAD.pack(OFFLOAD_MARK, offload.flags, offload.gso_type, offload.hdr_len,
+                         offload.gso_size, offload.csum_start, offload.csum_offset) + packet
+
+
+def is_offloaded(body: bytes) -> bool:
+    return bool(body) and body[0] == OFFLOAD_MARK
+
+
+def bare_packet(body: bytes) -> bytes:
+    """A PACKET body's IP packet, without its offload header if it has one (for captures)."""
+    return body[OFFLOAD_HEADER:] if is_offloaded(body) else body
+
+
+def split_offload(body: bytes) -> tuple[Offload, bytes]:
+    """A body with an offload header: the header and the packet, checked against each other
+    (MalformedFrame for a header that lies): only a TCP segment right after a 20-byte IPv4 or
+    40-byte IPv6 header (no options: the strict parse refuses them anyway), the checksum
+    field at csum_start + 16, hdr_len the IP and TCP headers, a GSO type that is the packet's
+    IP version, a segment size of MIN_GSO_SIZE to what the packet holds, the packet at most
+    65,535 bytes (IPv4) or 65,575 (IPv6) and its IP length all of it."""
+    if len(body) < OFFLOAD_HEADER + 40 or body[0] != OFFLOAD_MARK:
+        raise MalformedFrame("offload header: too short")
+    _, flags, gso_type, hdr_len, gso_size, start, offset = _OFFLOAD.unpack_from(body)
+    packet = body[OFFLOAD_HEADER:]
+    n = len(packet)
+    version = packet[0] >> 4
+    if version == 4:
+        ip_len, proto, bound = (packet[2] << 8 | packet[3]), packet[9], 65535
+        ihl, gso = (packet[0] & 0x0F) * 4, GSO_TCPV4
+    elif version == 6:
+        ip_len, proto, bound = 40 + (packet[4] << 8 | packet[5]), packet[6], MAX_PACKET
+        ihl, gso = 40, GSO_TCPV6
+    else:
+        raise MalformedFrame("offload header: not an IP packet after it")
+    if n > bound or ip_len != n:
+        raise MalformedFrame(f"offload header: IP length {ip_len} for {n} bytes")
+    if proto != 6 or ihl != (20 if version == 4 else 40):
+        raise MalformedFrame("offload header: only a TCP segment without IP options")
+    if flags != F_NEEDS_CSUM or start != ihl or offset != 16:
+        raise MalformedFrame(f"offload header: checksum at {start}+{offset}, flags {flags}")
+    if hdr_len != ihl + (packet[ihl + 12] >> 4) * 4 or hdr_len < ihl + 20 or hdr_len > n:
+        raise MalformedFrame(f"offload header: header length {hdr_len}")
+    if gso_type == GSO_NONE:
+        if gso_size:
+            raise MalformedFrame("offload header: a segment size without GSO")
+    elif gso_type != gso or not MIN_GSO_SIZE <= gso_size < n - hdr_len:
+        raise MalformedFrame(f"offload header: GSO type {gso_type}, segment size {gso_size} "
+                             f"for {n - hdr_len} bytes")
+    return Offload(gso_type, gso_size, start, offset, hdr_len, flags), packet
+
+
 @dataclass(slots=True)
 class Envelope:
     """One decoded frame. ``body`` is raw bytes; control bodies go through decode_control."""
@@ -87,7 +181,8 @@ def encode_envelope(
     type: MsgType, session: bytes, uid: int, seq: int, body: bytes, hops: int = DEFAULT_HOPS
 ) -> bytes:
     """Encode one envelope. Only our own misuse can fail here (LocalProtocolError)."""
-    if len(body) > MAX_PACKET:
+    if len(body) > MAX_PACKET and not (body[0] == OFFLOAD_MARK
+                                       and len(body) <= MAX_PACKET + OFFLOAD_HEADER):
         raise LocalProtocolError(f"envelope body of {len(body)} bytes exceeds {MAX_PACKET}")
     return _packer.pack([VERSION, int(type), session, uid, seq, hops, body])  # type: ignore[no-any-return]
 
@@ -254,6 +349,9 @@ CONTROL_SCHEMAS: dict[MsgType, dict[str, tuple[type, ...]]] = {
 #: `pvpn connect` that was running when pvpn-client was upgraded registers again without them.
 OPTIONAL_FIELDS: dict[MsgType, dict[str, tuple[type, ...]]] = {
     MsgType.REGISTER: {"via": _LIST},  # the gateways' endpoints, in order
+    # Super-packets (OFFLOAD): a user's process offers them, a node that takes them says so.
+    MsgType.HELLO: {"offload": _LIST},
+    MsgType.ACCEPT: {"offload": _LIST},
     MsgType.ATTACH: {"nodes": _LIST},  # the names the chain's nodes gave, the server last
 }
 #: REGISTER of a user's process that has pvpn-client hold its chain (pvpn.hosted.ChainSpec):
@@ -318,8 +416,8 @@ def decode_control(envelope: Envelope) -> dict[str, Any]:
         raise MalformedFrame(f"{envelope.type.name} body must be a map")
     optional = OPTIONAL_FIELDS.get(envelope.type, {})
     if not set(schema) <= set(fields) <= set(schema) | set(optional):
-        names = sorted(clip(str(name), 32) for name in list(fields)[:8])
-        more = f" and {len(fields) - 8} more" if len(fields) > 8 else ""
+        names = sorted(clip(str(name), 32) for name in list(fields)[:6])
+        more = f" and {len(fields) - 6} more" if len(fields) > 6 else ""
         also = f" (and optionally {sorted(optional)})" if optional else ""
         raise MalformedFrame(
             f"{envelope.type.name} body has fields {names}{more}, expected {sorted(schema)}"

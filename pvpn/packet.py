@@ -608,3 +608,120 @@ def _rewrite_quote(
         else:
             icmp_new += _fix(buf, ck, old_addr + old_port, new_addr + port)
     _fix(buf, l4 + 2, icmp_old, icmp_new)
+
+
+# ---------------------------------------------------------------- super-packets (issue 12)
+def _pseudo_sum(packet: bytes | bytearray, l4: int, proto: int) -> int:
+    """The pseudo-header's words summed, modulo 0xFFFF (addresses, protocol, L4 length)."""
+    if packet[0] >> 4 == 4:
+        addresses = int.from_bytes(packet[12:20], "big")
+    else:
+        addresses = int.from_bytes(packet[8:40], "big")
+    return (addresses + proto + len(packet) - l4) % 0xFFFF
+
+
+#: NFQA_SKB_INFO's flags, as pvpn.io.nfqueue hands them over with a packet: its checksum
+#: holds the pseudo-header's sum only (CHECKSUM_PARTIAL), it is a GSO super-packet, its
+#: checksum was not verified.
+SKB_CSUMNOTREADY: Final = 1
+SKB_GSO: Final = 2
+SKB_CSUM_NOTVERIFIED: Final = 4
+
+
+def l4_offset(packet: bytes | bytearray) -> int:
+    """Where the L4 header starts in a packet without IP options or extension headers."""
+    return (packet[0] & 0x0F) * 4 if packet[0] >> 4 == 4 else 40
+
+
+def tcp_headers_length(packet: bytes | bytearray) -> int:
+    """The IP and TCP headers' length of a TCP packet :func:`classify` took."""
+    l4 = l4_offset(packet)
+    return l4 + (packet[l4 + 12] >> 4) * 4
+
+
+def _l4(packet: bytes | bytearray) -> tuple[int, int]:
+    """(L4 offset, protocol) of a packet without IP options or extension headers."""
+    if packet[0] >> 4 == 4:
+        return (packet[0] & 0x0F) * 4, packet[9]
+    return 40, packet[6]
+
+
+def partial_checksum(packet: bytes | bytearray) -> bytearray:
+    """A copy of a TCP ``packet`` whose checksum field holds its pseudo-header's sum only,
+    folded, not complemented: the kernel's CHECKSUM_PARTIAL (``~tcp_v4_check(len, s, d, 0)``),
+    which whoever segments or delivers it completes (csum_start: the TCP header, csum_offset:
+    16). Whatever the field held before (a GRO'd super-packet has its first segment's sum, a
+    NAT rewrite updated it as a full checksum) does not count."""
+    out = bytearray(packet)
+    l4, proto = _l4(out)
+    folded = _pseudo_sum(out, l4, proto) or 0xFFFF  # a sum of nonzero words is never +0
+    out[l4 + 16] = folded >> 8
+    out[l4 + 17] = folded & 0xFF
+    return out
+
+
+def complete_checksum(packet: bytes | bytearray) -> bytearray:
+    """A copy of a TCP or UDP ``packet`` with its L4 checksum computed over all of it (the
+    pseudo-header, the header and the data), whatever its field held: what the kernel's
+    skb_checksum_help does for a CHECKSUM_PARTIAL packet. One ones'-complement sum at C
+    speed: ``int.from_bytes`` of the whole segment modulo 0xFFFF."""
+    out = bytearray(packet)
+    l4, proto = _l4(out)
+    at = l4 + (16 if proto == PROTO_TCP else 6)
+    out[at] = out[at + 1] = 0
+    with memoryview(out) as view:
+        words = int.from_bytes(view[l4:], "big")
+    if (len(out) - l4) & 1:
+        words <<= 8  # the odd byte padded with a zero
+    checksum = (0xFFFF - (_pseudo_sum(out, l4, proto) + words) % 0xFFFF) % 0xFFFF
+    if checksum == 0 and proto == PROTO_UDP:
+        checksum = 0xFFFF  # RFC 768: a computed 0 is sent as all ones
+    out[at] = checksum >> 8
+    out[at + 1] = checksum & 0xFF
+    return out
+
+
+def checksum_ok(packet: bytes | bytearray) -> bool:
+    """Whether a TCP or UDP packet's L4 checksum is right (a UDP checksum of 0: none)."""
+    l4, proto = _l4(packet)
+    at = l4 + (16 if proto == PROTO_TCP else 6)
+    if proto == PROTO_UDP and packet[at] == packet[at + 1] == 0:
+        return True
+    return complete_checksum(packet)[at:at + 2] == packet[at:at + 2]
+
+
+def segment_tcp(packet: bytes | bytearray, mss: int) -> list[bytes]:
+    """A TCP super-packet (one TCP header, up to 64 KB of data) as the segments of at most
+    ``mss`` bytes of data it stands for, each with its own IP length, IPv4 id (counting up
+    from the super-packet's) and header checksum, sequence number and TCP checksum, as the
+    kernel's tcp_gso_segment makes them: CWR only on the first, FIN and PSH only on the last.
+    A packet that fits comes back alone, its checksum completed."""
+    l4, _ = _l4(packet)
+    header_len = l4 + (packet[l4 + 12] >> 4) * 4
+    data = memoryview(bytes(packet))[header_len:]
+    if len(data) <= mss:
+        return [bytes(complete_checksum(packet))]
+    header = bytearray(packet[:header_len])
+    version = header[0] >> 4
+    seq = int.from_bytes(header[l4 + 4:l4 + 8], "big")
+    ident = int.from_bytes(header[4:6], "big") if version == 4 else 0
+    flags = header[l4 + 13]
+    out = []
+    for start in range(0, len(data), mss):
+        piece = data[start:start + mss]
+        last = start + mss >= len(data)
+        segment = bytearray(header)
+        segment += piece
+        total = len(segment)
+        if version == 4:
+            segment[2:4] = total.to_bytes(2, "big")
+            segment[4:6] = ((ident + start // mss) & 0xFFFF).to_bytes(2, "big")
+            segment[10:12] = b"\x00\x00"
+            ip_sum = int.from_bytes(segment[:20], "big") % 0xFFFF
+            segment[10:12] = ((0xFFFF - ip_sum) % 0xFFFF).to_bytes(2, "big")
+        else:
+            segment[4:6] = (total - 40).to_bytes(2, "big")
+        segment[l4 + 4:l4 + 8] = ((seq + start) & 0xFFFFFFFF).to_bytes(4, "big")
+        segment[l4 + 13] = (flags & ~0x80 if start else flags) & (0xFF if last else ~0x09)
+        out.append(bytes(complete_checksum(segment)))
+    return out

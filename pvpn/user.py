@@ -34,8 +34,8 @@ from pvpn.commands import Command
 
 from pvpn.config import DEFAULT_DEAD_AFTER, DEFAULT_KEEPALIVE
 from pvpn.envelope import (
-    DEFAULT_HOPS, MAX_PACKET, Envelope, EnvelopeDecoder, MsgType, Sequencer, decode_control,
-    encode_control, encode_envelope,
+    DEFAULT_HOPS, MAX_PACKET, OFFLOAD, Envelope, EnvelopeDecoder, MsgType, Sequencer,
+    bare_packet, decode_control, encode_control, encode_envelope,
 )
 from pvpn.errors import CertificateError, LocalProtocolError, MalformedFrame, RemoteProtocolError
 from pvpn.events import (
@@ -118,6 +118,7 @@ class UserLink:
         # What this hop carries: packets to the server, the next hop's ciphertext to a gateway.
         self.carries = MsgType.PACKET if next_hop is None else MsgType.DATA
         self.node = ""  # the node's name, once it has accepted us
+        self.offload = False  # the node said it sends super-packets (pvpn.envelope.OFFLOAD)
         self.reauthenticated = 0  # answers to a node's CHALLENGE on the established link
         # A node challenges again at most every reauth_interval (10 s at least) and on a
         # reload, one challenge at a time; each answer costs an RSA signature, so a node (a
@@ -131,6 +132,10 @@ class UserLink:
             MsgType.HELLO, session, uid, self._seq.take(), encode_control({
                 "user": user, "want": list(want), "token": token,
                 "client": client_host_name(client_name), "next": next_hop, "path": list(path),
+                # The server may send super-packets (pvpn.envelope.OFFLOAD): pvpn-client,
+                # whose chain this is (or which a user's process relays bodies to as they
+                # are), takes them.
+                **({"offload": [OFFLOAD]} if next_hop is None else {}),
             }), hops))
 
     # -- output
@@ -306,6 +311,7 @@ class UserLink:
             raise MalformedFrame("ACCEPT with a node name that is not one")
         self.session = envelope.session
         self.node = fields["node"]
+        self.offload = OFFLOAD in fields.get("offload", ())  # super-packets may come
         self.state = LinkState.ESTABLISHED
         return LinkEstablished(
             envelope.session, fields["token"], [str(a) for a in fields["allow"]],
@@ -786,8 +792,8 @@ class UserTunnel(_ClientSide):
     def _chain_events(self, events: list[ChainEvent]) -> None:
         for event in events:
             if type(event) is PacketsReceived:
-                if self.capturing:
-                    self.commands.append(Capture(event.packets))
+                if self.capturing:  # super-packets without their offload header
+                    self.commands.append(Capture([bare_packet(p) for p in event.packets]))
                 if self.local_open and not self.local_congested:
                     uid, session, packet = self.uid, self.session, self.channel.packet
                     self._local_out += [packet(session, uid, p) for p in event.packets]

@@ -16,11 +16,11 @@ from pvpn.config import ServerConfig, load_server_config
 from pvpn.errors import ConfigError, PvpnError, StateError
 from pvpn.flowtable import FlowTable
 from pvpn.fragments import Reassembler
-from pvpn.names import NODE_CLEANUP, NODE_STATE_RESTORED, NODE_STOPPED
+from pvpn.names import NODE_CLEANUP, NODE_STATE_RESTORED, NODE_STOPPED, NODE_WARNING
 from pvpn.nodes.server import ServerNode
 from pvpn.packet import destination_address
 from pvpn.io import rules
-from pvpn.io.nfqueue import BatchedQueue
+from pvpn.io.nfqueue import F_GSO, BatchedQueue
 from pvpn.io.loop import answers, daemon_main, install_signals
 from pvpn.io.node import LinkProtocol, NodeDaemon
 from pvpn.io.pcap import SessionCaptures
@@ -124,10 +124,11 @@ class Server(NodeDaemon[ServerConfig, ServerNode]):
         self.node.flush(now)
         self.dispatch()
 
-    def take_reply(self, packet: bytes) -> bool:
-        """A queued packet: True if it was a session's reply (the queue drops the original)."""
+    def take_reply(self, packet: bytes, info: int = 0) -> bool:
+        """A queued packet: True if it was a session's reply (the queue drops the original).
+        ``info``: its offload state (pvpn.packet.SKB_*)."""
         try:
-            return self.node.receive_reply(packet, self.loop.time())
+            return self.node.receive_reply(packet, self.loop.time(), info)
         except Exception as exc:  # noqa: BLE001 - the guard's; the packet is dropped (fail closed)
             self.guard.failed("reply", exc)
             return True
@@ -201,9 +202,16 @@ async def serve_one(config: ServerConfig, worker: workers.WorkerHandle | None = 
     copies: int | None = None
     try:
         queue = BatchedQueue(config.queue, server.take_reply, max_len=8192)
+        # Super-packets whole (the users' ends that take them get them so), if the kernel
+        # hands them over; else it segments them and finishes their checksums, as before.
+        try:
+            queue.set_flags(F_GSO)
+            server.node.takes_offload = True
+        except OSError as exc:
+            server.log.write(Record(NODE_WARNING, reason=f"no super-packets: {exc}"))
         # Replies too large for a queue message: the kernel's copies, out of this device.
         copies = open_tun(firewall.server_tun(
-            config.instance, None if worker is None else worker.index))
+            config.instance, None if worker is None else worker.index), vnet=False)
         if worker is None:
             # Replaced in place, with no moment without them: a packet of a NAT flow that
             # reached the host's own stack while the server restarts would be answered with

@@ -20,6 +20,7 @@ from pvpn.errors import PvpnError
 from pvpn.io import conntrack, rules, sockdiag
 from pvpn.io.sessiondevices import SessionDevices, Take
 from pvpn.io.sockdiag import SocketOwners
+from pvpn.io.tun import PLAIN_HDR
 from pvpn.nodes.client import RuleRunner, SlotSession
 from pvpn.reset import tcp_probe
 
@@ -148,7 +149,8 @@ class ClientKernel:
 
     def reset_connections(self, session: SlotSession) -> int:
         fd = self.devices.tun_fds.get(session.slot)
-        return 0 if fd is None else probe_connections(self.owners, session, fd)
+        return 0 if fd is None else probe_connections(self.owners, session, fd,
+                                                      fd in self.devices.vnet)
 
 
 def abort_connections(owners: SocketOwners, session: SlotSession) -> int | str:
@@ -173,7 +175,8 @@ def abort_connections(owners: SocketOwners, session: SlotSession) -> int | str:
     return aborted
 
 
-def probe_connections(owners: SocketOwners, session: SlotSession, tun: int) -> int:
+def probe_connections(owners: SocketOwners, session: SlotSession, tun: int,
+                      vnet: bool = False) -> int:
     """Write a probe (pvpn.reset.tcp_probe) into the session's TUN device for each
     synchronized TCP socket of the session's user, as if from its remote end: it answers
     with a challenge ACK, which the server resets. A connecting socket is not probed (it
@@ -187,7 +190,8 @@ def probe_connections(owners: SocketOwners, session: SlotSession, tun: int) -> i
         if uid != session.uid or state not in sockdiag.TCP_SYNCHRONIZED:
             continue
         try:
-            os.write(tun, tcp_probe(flow, int.from_bytes(os.urandom(4), "big")))
+            # ``vnet``: the device takes a virtio_net_hdr before each packet (sessiondevices).
+            os.write(tun, (PLAIN_HDR if vnet else b"") + tcp_probe(flow, int.from_bytes(os.urandom(4), "big")))
         except OSError:
             break
         probed += 1

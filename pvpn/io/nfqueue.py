@@ -52,6 +52,7 @@ _NFQA_PACKET_HDR: Final = 1
 _NFQA_VERDICT_HDR: Final = 2
 _NFQA_PAYLOAD: Final = 10
 _NFQA_CAP_LEN: Final = 13
+_NFQA_SKB_INFO: Final = 14
 _NFQA_CFG_CMD: Final = 1
 _NFQA_CFG_PARAMS: Final = 2
 _NFQA_CFG_QUEUE_MAXLEN: Final = 3
@@ -67,6 +68,12 @@ _PACKET_TYPE: Final = (_NFNL_SUBSYS_QUEUE << 8) | _NFQNL_MSG_PACKET
 _NLMSGHDR: Final = struct.Struct("=IHHII")
 _NLATTR: Final = struct.Struct("=HH")
 _BE32: Final = struct.Struct(">I")
+
+#: NFQA_CFG_F_GSO: the kernel queues GSO packets (up to 64 KB) whole instead of segmenting
+#: them, and leaves a CHECKSUM_PARTIAL packet's checksum unfinished (NFQA_SKB_CSUMNOTREADY: its
+#: TCP or UDP checksum field holds the pseudo-header's sum only).
+F_GSO: Final = 4
+#: NFQA_SKB_INFO's flags (linux/netfilter/nfnetlink_queue.h): pvpn.packet.SKB_*.
 
 #: Taken packets waiting for their verdict; well under any queue's max_len.
 BATCH: Final = 64
@@ -135,9 +142,17 @@ def verdict_batch_message(queue_num: int, last_id: int, verdict: int = _NF_DROP,
 
 def parse_packets(buffer: bytearray | bytes | memoryview, length: int
                   ) -> Iterator[tuple[int, bytes, int]]:
+    """:func:`packets_with_info` without the skb info."""
+    for packet_id, payload, original, _ in packets_with_info(buffer, length):
+        yield packet_id, payload, original
+
+
+def packets_with_info(buffer: bytearray | bytes | memoryview, length: int
+                      ) -> Iterator[tuple[int, bytes, int, int]]:
     """The packets in the first ``length`` bytes of ``buffer`` (what one recv gave):
-    ``(packet id, payload, original length)`` each. The original length exceeds the
-    payload's when the kernel cut the packet (NFQA_CAP_LEN). Error and other messages are
+    ``(packet id, payload, original length, skb info)`` each. The original length exceeds the
+    payload's when the kernel cut the packet (NFQA_CAP_LEN); the skb info is NFQA_SKB_INFO's
+    flags (SKB_*; 0 without it). Error and other messages are
     skipped; parsing stops at a message whose length does not fit (the kernel's messages
     always do), and a packet message without its header gives id -1 (dropped by the batch
     after it, never accepted)."""
@@ -148,7 +163,7 @@ def parse_packets(buffer: bytearray | bytes | memoryview, length: int
         if size < 16 or at + size > length:
             return
         if kind == _PACKET_TYPE:
-            packet_id, payload, original = -1, b"", -1
+            packet_id, payload, original, info = -1, b"", -1, 0
             end = at + size
             a = at + 20  # nlmsghdr, nfgenmsg
             while a + 4 <= end:
@@ -162,8 +177,10 @@ def parse_packets(buffer: bytearray | bytes | memoryview, length: int
                     packet_id = _BE32.unpack_from(view, a + 4)[0]
                 elif atype == _NFQA_CAP_LEN and alen >= 8:
                     original = _BE32.unpack_from(view, a + 4)[0]
+                elif atype == _NFQA_SKB_INFO and alen >= 8:
+                    info = _BE32.unpack_from(view, a + 4)[0]
                 a += (alen + 3) & ~3
-            yield packet_id, payload, original if original >= 0 else len(payload)
+            yield packet_id, payload, original if original >= 0 else len(payload), info
         at += (size + 3) & ~3
 
 
@@ -185,12 +202,14 @@ class BatchedQueue:
     """One bound NFQUEUE. ``take(payload)`` decides per packet: True drops it (in the next
     batch), False accepts it now. An exception in ``take`` drops the packet (fail closed), and
     so does a packet the kernel had to cut (longer than MAX_COPY), which ``take`` never sees.
-    ``flags`` are NFQA_CFG_F_* flags for the queue (none by default)."""
+    ``flags`` are NFQA_CFG_F_* flags for the queue (none by default); with F_GSO, ``take`` is
+    called as ``take(payload, info)``, info being the packet's NFQA_SKB_INFO flags (SKB_*)."""
 
-    def __init__(self, queue_num: int, take: Callable[[bytes], bool], max_len: int,
+    def __init__(self, queue_num: int, take: Callable[..., bool], max_len: int,
                  flags: int = 0) -> None:
         self.queue_num = queue_num
         self._take = take
+        self._with_info = bool(flags & F_GSO)
         # NetfilterQueue binds the queue (OSError if someone else holds it); its callback is
         # never called, as its receive path is never run.
         self._binding = NetfilterQueue()
@@ -213,11 +232,11 @@ class BatchedQueue:
             # not fail open); the read goes on without an ENOBUFS error to handle.
             self._sock.setsockopt(_SOL_NETLINK, _NETLINK_NO_ENOBUFS, 1)
             self._configure(config_message(queue_num, max_len, flags=flags, seq=1), 1)
-            self._sock.setblocking(False)
         except BaseException:
             self._sock.close()
             self._binding.unbind()
             raise
+        self._max_len = max_len
         self._buffer = bytearray(RECV_BUFFER)
         self._last_id = -1
         self._waiting = 0
@@ -229,28 +248,40 @@ class BatchedQueue:
         """Send a config message and wait (bounded) for its acknowledgement; OSError with the
         kernel's errno if it refused (EBUSY: another process holds the queue)."""
         self._sock.settimeout(5.0)
-        self._sock.send(message)
-        for _ in range(64):  # packets queued meanwhile are skipped: the next batch drops them
-            answer = self._sock.recv(RECV_BUFFER)
-            error = ack_error(answer, seq)
-            if error is None:
-                continue
-            if error:
-                raise OSError(error, f"NFQUEUE {self.queue_num}: {os.strerror(error)}"
-                              + (" (bound by another process?)" if error == errno.EBUSY else ""))
-            return
-        raise OSError(errno.EPROTO, f"NFQUEUE {self.queue_num}: no answer to the bind")
+        try:
+            self._sock.send(message)
+            for _ in range(64):  # packets queued meanwhile are skipped: the next batch drops them
+                answer = self._sock.recv(RECV_BUFFER)
+                error = ack_error(answer, seq)
+                if error is None:
+                    continue
+                if error:
+                    busy = " (bound by another process?)" if error == errno.EBUSY else ""
+                    raise OSError(error, f"NFQUEUE {self.queue_num}: {os.strerror(error)}{busy}")
+                return
+            raise OSError(errno.EPROTO, f"NFQUEUE {self.queue_num}: no answer to the bind")
+        finally:
+            self._sock.setblocking(False)
+
+    def set_flags(self, flags: int) -> None:
+        """Give the queue these NFQA_CFG_F_* flags (OSError if the kernel refuses them: the
+        queue stays as it was). With F_GSO, ``take`` is called with the skb info too. Before
+        the rules send packets here: any queued meanwhile are dropped by the next batch."""
+        self._seq += 1
+        self._configure(config_message(self.queue_num, self._max_len, flags=flags,
+                                       seq=self._seq), self._seq)
+        self._with_info = bool(flags & F_GSO)
 
     def fileno(self) -> int:
         return self._sock.fileno()
 
-    def _on_packet(self, packet_id: int, payload: bytes, original: int) -> None:
+    def _on_packet(self, packet_id: int, payload: bytes, original: int, info: int) -> None:
         take = True
         try:
             if original > len(payload):
                 self.truncated += 1  # cut by the kernel: dropped, its copy comes by a TUN
             elif packet_id >= 0:
-                take = self._take(payload)
+                take = self._take(payload, info) if self._with_info else self._take(payload)
         finally:
             if take:
                 if packet_id > self._last_id:
@@ -278,8 +309,8 @@ class BatchedQueue:
                     if exc.errno == errno.ENOBUFS:
                         continue
                     raise
-                for packet_id, payload, original in parse_packets(buffer, length):
-                    self._on_packet(packet_id, payload, original)
+                for packet_id, payload, original, info in packets_with_info(buffer, length):
+                    self._on_packet(packet_id, payload, original, info)
         finally:
             self.flush()
 
@@ -300,3 +331,4 @@ class BatchedQueue:
         self.flush()
         self._sock.close()
         self._binding.unbind()
+

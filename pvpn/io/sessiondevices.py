@@ -12,7 +12,7 @@ from pvpn.errors import PvpnError
 from pvpn.fragments import Reassembler
 from pvpn.io.loop import Guard
 from pvpn.io.nfqueue import BatchedQueue
-from pvpn.io.tun import open_tun, read_copies
+from pvpn.io.tun import VNET_HDR_LEN, has_vnet_header, open_tun, read_copies
 from pvpn.nodes.client import SlotSession
 
 #: A packet of a session, taken (dropped by the queue: it never leaves the host in clear).
@@ -30,17 +30,22 @@ class SessionDevices:
         self.flush = flush
         self.queues: dict[int, BatchedQueue] = {}
         self.tun_fds: dict[int, int] = {}
+        self.vnet: set[int] = set()  # the TUN fds whose packets carry a virtio_net_hdr
 
     def attach(self, session: SlotSession, take: Take) -> None:
         """The session's TUN device and queue, read from now on (PvpnError: neither is kept)."""
-        fd = open_tun(session.tun)
+        fd = open_tun(session.tun)  # with a virtio_net_hdr: replies may be super-packets
         self.tun_fds[session.slot] = fd
+        if has_vnet_header(fd):
+            self.vnet.add(fd)
         try:
             queue = BatchedQueue(session.queue, take, max_len=4096)
         except OSError as exc:  # the queue is bound by someone else, say
+            self.vnet.discard(fd)
             os.close(self.tun_fds.pop(session.slot))
             raise PvpnError(f"cannot bind NFQUEUE {session.queue}: {exc}") from None
         except BaseException:
+            self.vnet.discard(fd)
             os.close(self.tun_fds.pop(session.slot))
             raise
         self.queues[session.slot] = queue
@@ -63,7 +68,8 @@ class SessionDevices:
 
     def _take_copies(self, fd: int, copies: Reassembler, take: Take) -> None:
         # The kernel's copy carries DF (nf_dup_ipv4 sets it); its sender set none.
-        for datagram in read_copies(fd, copies, self.loop.time(), 0, True):
+        for datagram in read_copies(fd, copies, self.loop.time(), 0, True,
+                                    header=VNET_HDR_LEN if fd in self.vnet else 0):
             take(datagram)
 
     def attached(self, session: SlotSession) -> bool:
@@ -78,4 +84,5 @@ class SessionDevices:
         fd = self.tun_fds.pop(session.slot, None)
         if fd is not None:
             self.loop.remove_reader(fd)
+            self.vnet.discard(fd)
             os.close(fd)

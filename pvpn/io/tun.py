@@ -8,17 +8,32 @@ import os
 import struct
 import subprocess
 
+from pvpn.envelope import Offload
 from pvpn.errors import MalformedPacket, PvpnError
 from pvpn.fragments import NFQUEUE_MAX_COPY, Reassembler, undo_copy
 
 _TUNSETIFF = 0x400454CA
 _IFF_TUN = 0x0001
 _IFF_NO_PI = 0x1000
+_IFF_VNET_HDR = 0x4000
+_TUNGETIFF = 0x800454D2
+#: A struct virtio_net_hdr (linux/virtio_net.h) in the device's byte order (the host's: the
+#: kernel's default for a TUN device): flags, gso_type, hdr_len, gso_size, csum_start,
+#: csum_offset. With IFF_VNET_HDR every packet read or written starts with one.
+_VNET_HDR = struct.Struct("=BBHHHH")
+VNET_HDR_LEN = _VNET_HDR.size
+#: The header of a packet with no offload: a whole packet, its checksums done.
+PLAIN_HDR = bytes(VNET_HDR_LEN)
 _READ_SIZE = 1 << 17  # more than the device's MTU, so no packet is cut
 
 
-def open_tun(name: str) -> int:
+def open_tun(name: str, vnet: bool = True) -> int:
     """Create (or attach to) TUN device ``name``, bring it up, and return its fd.
+
+    ``vnet`` (unless told otherwise): IFF_VNET_HDR, every packet written or read starts with a virtio_net_hdr
+    (:func:`vnet_header`), so a TCP super-packet written whole is delivered (or segmented)
+    by the kernel. No TUNSETOFFLOAD: what the kernel hands out of the device comes in
+    packets of its MTU with their checksums done, as before.
 
     The device disappears when the fd is closed, also when the process dies.
     """
@@ -27,7 +42,8 @@ def open_tun(name: str) -> int:
     except OSError as exc:
         raise PvpnError(f"cannot open /dev/net/tun: {exc} (is the tun module loaded?)") from None
     try:
-        fcntl.ioctl(fd, _TUNSETIFF, struct.pack("16sH", name.encode(), _IFF_TUN | _IFF_NO_PI))
+        fcntl.ioctl(fd, _TUNSETIFF, struct.pack("16sH", name.encode(), _IFF_TUN | _IFF_NO_PI
+                                                 | (_IFF_VNET_HDR if vnet else 0)))
         # Replies arrive from addresses routed elsewhere; strict reverse-path filtering on this
         # device would drop them (the effective value is max(all, device)).
         _sysctl(f"net/ipv4/conf/{name}/rp_filter", "0")
@@ -41,19 +57,39 @@ def open_tun(name: str) -> int:
     return fd
 
 
+def has_vnet_header(fd: int) -> bool:
+    """Whether ``fd`` is a TUN device whose packets carry a virtio_net_hdr (TUNGETIFF)."""
+    try:
+        answer = fcntl.ioctl(fd, _TUNGETIFF, bytes(40))
+    except OSError:
+        return False
+    return bool(struct.unpack_from("16sH", answer)[1] & _IFF_VNET_HDR)
+
+
+def vnet_header(offload: Offload | None) -> bytes:
+    """The virtio_net_hdr a packet is written with into a device opened with ``vnet``."""
+    if offload is None:
+        return PLAIN_HDR
+    return _VNET_HDR.pack(offload.flags, offload.gso_type, offload.hdr_len, offload.gso_size,
+                          offload.csum_start, offload.csum_offset)
+
+
 def read_copies(fd: int, reassembler: Reassembler, now: float, hop: int, clear_df: bool,
-                limit: int = 256) -> list[bytes]:
+                limit: int = 256, header: int = 0) -> list[bytes]:
     """The datagrams the kernel's copies (firewall.tee) brought out of a TUN device: its
     packets read (at most ``limit``), put together (the kernel fragments the copies to the
     device's MTU or to the fragments it reassembled), and restored as they were
     (``fragments.undo_copy``). Anything else leaving the device (the kernel's own router
-    solicitations, say) is no datagram too large for a queue message, and is left out."""
+    solicitations, say) is no datagram too large for a queue message, and is left out.
+    ``header``: the bytes of virtio_net_hdr each read starts with (a ``vnet`` device's)."""
     out = []
     for _ in range(limit):
         try:
             packet = os.read(fd, _READ_SIZE)
         except BlockingIOError:
             break
+        if header:
+            packet = packet[header:]
         try:
             whole = reassembler.feed(packet, now)
         except MalformedPacket:

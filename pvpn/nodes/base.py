@@ -29,7 +29,8 @@ from pvpn.commands import CloseLink, Command, LogRecord, SendBytes
 from pvpn.config import Network, NodeLimits, parse_prefix
 from pvpn.drops import Counters
 from pvpn.envelope import (
-    Envelope, EnvelopeDecoder, MsgType, Sequencer, decode_control, encode_control, encode_envelope,
+    OFFLOAD, Envelope, EnvelopeDecoder, MsgType, Sequencer, decode_control, encode_control,
+    encode_envelope,
 )
 from pvpn.errors import (
     AuthError, ConfigError, LocalProtocolError, MalformedFrame, RemoteProtocolError,
@@ -149,6 +150,9 @@ class NodeLink:
     hops: int = 0
     nonce: bytes = b""
     session: Session | None = None  # the server's session once established
+    # The user's end offered super-packets (HELLO's "offload") and this node takes them: it
+    # said so in ACCEPT, and may send them on this link (pvpn.envelope.OFFLOAD).
+    offload: bool = False
     last_received: float = 0.0
     last_sent: float = 0.0
     # Authentication: when the user last proved their key on this link (None: not yet), and
@@ -247,6 +251,9 @@ class NodeBase:
 
     MAX_LINKS = 4096
     role = "node"
+    #: Whether this node takes and sends super-packets (pvpn.envelope.OFFLOAD) when the user's
+    #: end offers them; a gateway relays opaque bytes and has no use for them.
+    takes_offload = False
 
     def __init__(self, name: str, keys: KeyLookup, verify: Verifier,
                  random: Callable[[int], bytes], keepalive: float, dead_after: float,
@@ -548,6 +555,7 @@ class NodeBase:
         link.path, link.next_hop = list(path), next_hop
         token = fields["token"]
         link.token = token if isinstance(token, bytes) else None
+        link.offload = self.takes_offload and OFFLOAD in fields.get("offload", ())
         # Always challenge, known user or not, so a probe learns nothing about who exists.
         link.nonce = self._random(32)
         self._send(link, MsgType.CHALLENGE, b"",
@@ -750,8 +758,10 @@ class NodeBase:
                 resumed: bool) -> None:
         link.state = NodeLinkState.ESTABLISHED
         link.session_id = session_id
+        # "offload" only to a user's end that offered it: an older one knows no such field.
         self._send(link, MsgType.ACCEPT, session_id, encode_control({
-            "token": token, "allow": allow, "node": self.name, "resumed": resumed}))
+            "token": token, "allow": allow, "node": self.name, "resumed": resumed,
+            **({"offload": [OFFLOAD]} if link.offload else {})}))
 
 
 Handler = Callable[[NodeBase, NodeLink, Envelope, float], None]

@@ -24,7 +24,10 @@ from pvpn import packet as pk
 from pvpn.commands import Command, LogRecord
 from pvpn.config import ClientConfig, Network, parse_prefixes
 from pvpn.drops import Counters, Drop
-from pvpn.envelope import DEFAULT_HOPS, Envelope, MsgType, decode_control
+from pvpn.envelope import (
+    DEFAULT_HOPS, Envelope, MsgType, Offload, bare_packet, decode_control, is_offloaded,
+    split_offload,
+)
 from pvpn.hosted import HostedEvents, HostedTunnel, parse_chain_spec
 from pvpn.errors import (
     ConfigError, MalformedPacket, PolicyError, PvpnError, RemoteProtocolError,
@@ -338,6 +341,9 @@ class WriteTun(Command):
     session: SlotSession
     packet: bytes
     flow: FlowKey
+    # A TCP super-packet's offload header (its checksum the pseudo-header's sum): written
+    # with its virtio_net_hdr, for the kernel to deliver whole.
+    offload: Offload | None = None
 
 
 @dataclass(slots=True)
@@ -613,13 +619,14 @@ class ClientHost(Generic[P]):
         self.dirty.add(link)
 
     def dropped(self, session: SlotSession, code: Drop, now: float,
-                flow: FlowKey | None = None) -> None:
+                flow: FlowKey | None = None, detail: str = "") -> None:
         """Count a drop by its code; log it when the session's rate limit allows."""
         count = session.drop(code, now)
         if count:
             self.log(PACKET_DROPPED, session, reason=code.value,
                      flow=flow.describe() if flow is not None else "", count=count,
-                     unlogged=session.drops.take_unlogged())
+                     unlogged=session.drops.take_unlogged(),
+                     **({"detail": clip(detail, 200)} if detail else {}))
 
     # -- the packet path: user's process -> TUN
     def reply(self, peer: LocalPeer, packet: bytes, now: float) -> None:
@@ -635,9 +642,17 @@ class ClientHost(Generic[P]):
 
     def reply_of(self, session: SlotSession, packet: bytes, now: float) -> None:
         """A packet that came back for the session (from its chain or its tunnel process):
-        anti-spoofed, then WriteTun."""
+        anti-spoofed, then WriteTun. A super-packet (pvpn.envelope.OFFLOAD) must say the
+        truth about itself in its header; then it is judged as strictly as any reply."""
+        offload = None
+        if is_offloaded(packet):
+            try:
+                offload, packet = split_offload(packet)
+            except RemoteProtocolError as exc:
+                self.dropped(session, Drop.MALFORMED_OFFLOAD, now, detail=str(exc))
+                return
         try:
-            flow, _, error = pk.classify(packet)  # one pass over the headers
+            flow, _, error = pk.classify(packet, offload is not None)  # one pass over the headers
             sent = flow if error else flow.reversed()  # an error quotes the packet as sent
         except MalformedPacket:
             self.dropped(session, Drop.MALFORMED_REPLY, now)
@@ -669,7 +684,9 @@ class ClientHost(Generic[P]):
                 self.dropped(session, Drop.REPLY_NOT_YOURS, now, sent)
                 return
         session.count_in(len(packet))
-        self.commands.append(WriteTun(session, packet, sent))
+        if offload is not None and offload.gso_type:
+            session.super_in += 1
+        self.commands.append(WriteTun(session, packet, sent, offload))
 
     def tun_refused(self, cmd: WriteTun, code: Drop, now: float) -> None:
         """The TUN device did not take the reply (full, or failed): not counted in, dropped."""
@@ -867,8 +884,8 @@ class ClientHost(Generic[P]):
         if events.packets:
             if tunnel.spec.capture and not link.congested:
                 packet = link.channel.packet
-                link.pending += [packet(session.session_id, session.uid, p)
-                                 for p in events.packets]
+                link.pending += [packet(session.session_id, session.uid, bare_packet(p))
+                                 for p in events.packets]  # without offload headers
             reply = self.reply_of
             for p in events.packets:
                 reply(session, p, now)

@@ -16,8 +16,13 @@ from pvpn.addresses import Destinations, Local, exclusion
 from pvpn.commands import CapturePacket, InjectPacket, ResumeElsewhere, SessionClosed
 from pvpn.config import Network, ServerConfig, UserPolicy, parse_prefix
 from pvpn.drops import Drop
-from pvpn.envelope import MsgType, encode_control, encode_envelope
-from pvpn.errors import AuthError, ConfigError, FlowTableFull, MalformedPacket, PvpnError
+from pvpn.envelope import (
+    GSO_TCPV4, GSO_TCPV6, MIN_GSO_SIZE, MsgType, Offload, bare_packet,
+    encode_control, encode_envelope, encode_offload, is_offloaded, split_offload,
+)
+from pvpn.errors import (
+    AuthError, ConfigError, FlowTableFull, MalformedFrame, MalformedPacket, PvpnError,
+)
 from pvpn.flowtable import FlowRefused, FlowTable
 from pvpn.names import (
     LINK_CLOSED, PACKET_DROPPED, SESSION_CLOSED, SESSION_DETACHED, SESSION_NARROWED,
@@ -54,10 +59,13 @@ class ServerNode(NodeBase):
         random: Callable[[int], bytes] = os.urandom,
         flows: FlowTable | None = None,
         mtu_for: Callable[[bytes], int] | None = None,
+        offload: bool = False,
     ) -> None:
         super().__init__(config.name, keys, verify, random, config.keepalive, config.dead_after,
                          config.limits)
         self.config = config
+        # Super-packets to users whose end offers them (the reply queue hands them over whole).
+        self.takes_offload = offload
         self._source_for = source_for
         # The MTU towards a destination (pvpn.io.rawsock.PathMtu); None: nothing is too big.
         self._mtu_for = mtu_for
@@ -215,8 +223,27 @@ class ServerNode(NodeBase):
                 self._end_session(session, f"revoked: no key left: {exc}")
 
     def _on_packet(self, link: NodeLink, packet: bytes, now: float) -> None:
-        if link.session is not None:
+        if link.session is None:
+            return
+        if is_offloaded(packet):
+            self._super_packet_from_user(link, link.session, packet, now)
+        else:
             self._packet_from_user(link.session, packet, now)
+
+    def _super_packet_from_user(self, link: NodeLink, session: Session, body: bytes,
+                                now: float) -> None:
+        """A TCP super-packet of the user's (pvpn.envelope.OFFLOAD), only on a link that
+        said it takes them: its header must tell the truth about it (else it is dropped,
+        counted and logged); then it is judged and NATed as any packet, and leaves as the
+        segments it stands for, each at most the path MTU, their checksums computed."""
+        try:
+            if not link.offload:
+                raise MalformedFrame("offload header on a link that did not offer them")
+            offload, packet = split_offload(body)
+        except MalformedFrame as exc:
+            self._drop(session, Drop.MALFORMED_OFFLOAD, now, detail=str(exc))
+            return
+        self._packet_from_user(session, packet, now, offload)
 
     def _end_session(self, session: Session, reason: str) -> None:
         self._changes += 1
@@ -252,7 +279,8 @@ class ServerNode(NodeBase):
                   flow=flow.describe() if flow is not None else "", **extra)
 
     # -- the packet path
-    def _packet_from_user(self, session: Session, packet: bytes, now: float) -> None:
+    def _packet_from_user(self, session: Session, packet: bytes, now: float,
+                          offload: Offload | None = None) -> None:
         if self.capture:  # as the user sent it: before the checks and the NAT
             self.commands.append(CapturePacket(session.id, packet))
         try:
@@ -283,9 +311,12 @@ class ServerNode(NodeBase):
                        else Drop.DESTINATION_NOT_ALLOWED, now, flow)
             return
         else:
-            mtu = self._path_mtu(packet, flow.dst)
-            if mtu and self._too_big(session, packet, flow, mtu, now):
-                return
+            if offload is not None:  # it leaves in segments that fit: never too big
+                mtu = self._segment_mtu(flow.dst)
+            else:
+                mtu = self._path_mtu(packet, flow.dst)
+                if mtu and self._too_big(session, packet, flow, mtu, now):
+                    return
             try:
                 entry = self.flows.outbound(session.id, flow, self._source_for(flow.dst), now,
                                             flags, session.user)
@@ -303,7 +334,14 @@ class ServerNode(NodeBase):
                 return
         session.count_out(len(packet))
         sent = pk.rewrite_source(packet, entry.nat_src, entry.nat_port)
-        if not error and mtu and len(sent) > mtu:
+        if offload is not None:
+            session.super_out += 1
+            mss = mtu - pk.tcp_headers_length(sent)
+            if offload.gso_size:
+                mss = min(mss, offload.gso_size)
+            for segment in pk.segment_tcp(sent, max(MIN_GSO_SIZE, mss)):
+                self.commands.append(InjectPacket(segment))
+        elif not error and mtu and len(sent) > mtu:
             self._inject_fragments(sent, mtu)
         else:
             self.commands.append(InjectPacket(sent))
@@ -371,8 +409,8 @@ class ServerNode(NodeBase):
     def _send_to_user(self, session: Session, link: NodeLink, packet: bytes) -> None:
         """A packet on its way to the session's user, over ``link`` (open, not congested):
         captured as the user gets it, counted in, queued for the next flush."""
-        if self.capture:
-            self.commands.append(CapturePacket(session.id, packet))
+        if self.capture:  # a super-packet as the user's kernel will get it
+            self.commands.append(CapturePacket(session.id, bare_packet(packet)))
         session.count_in(len(packet))
         link.pending.append(
             encode_envelope(MsgType.PACKET, session.id, session.uid, link.seq.take(), packet))
@@ -390,10 +428,12 @@ class ServerNode(NodeBase):
         self._drop(session, Drop.TCP_NO_MAPPING, now, flow, "answered with a reset")
         self._send_to_user(session, link, reset)
 
-    def receive_reply(self, packet: bytes, now: float) -> bool:
+    def receive_reply(self, packet: bytes, now: float, info: int = 0) -> bool:
         """A packet captured on its way in. True if it was ours (the adapter drops it from the
         kernel's path); False if it belongs to someone else on this host (accept it), and for
-        a path MTU error handed on to a session, which the server's kernel learns from too."""
+        a path MTU error handed on to a session, which the server's kernel learns from too.
+        ``info``: the queue's offload state of the packet (pvpn.packet.SKB_*; a queue with
+        NFQA_CFG_F_GSO hands over super-packets and unfinished checksums)."""
         try:
             flow, flags, error = pk.classify(packet, True)
         except pk.IpOptions:
@@ -435,11 +475,57 @@ class ServerNode(NodeBase):
             self._drop(session, Drop.LINK_CONGESTED, now, entry.original)
             return True
         # Captured as returned to the user: after the un-NAT.
-        self._send_to_user(session, link, pk.rewrite_destination(
-            packet, entry.original.src, entry.original.sport))
+        rewritten = pk.rewrite_destination(packet, entry.original.src, entry.original.sport)
+        if info & pk.SKB_GSO and not error:
+            self._offloaded_reply(session, link, rewritten, flow, now)
+            return True
+        if info & pk.SKB_CSUMNOTREADY and not error:
+            # A packet (a pure ACK, say) whose checksum the kernel left undone: summed here,
+            # at less cost than an offload header on it would take both ends.
+            rewritten = bytes(pk.complete_checksum(rewritten))
+        self._send_to_user(session, link, rewritten)
         # A path MTU error goes to the user and to the server's own kernel as well: the MTU
         # it learns is what the server fragments its users' datagrams to (rawsock.PathMtu).
         return not (error and fragments.is_path_mtu_error(packet))
+
+    def _offloaded_reply(self, session: Session, link: NodeLink, packet: bytes,
+                         flow: pk.FlowKey, now: float) -> None:
+        """A super-packet the queue handed over whole (GRO's, or a GSO segment of a local
+        sender's), its checksum done or not. A TCP one reaches a user's end that takes
+        them whole, with an offload header (its checksum field the pseudo-header's sum, for
+        the client host's kernel to complete); any other end gets it as segments of the
+        remote end's size, checksums computed."""
+        if flow.proto != pk.PROTO_TCP:  # UDP GSO: no segment size comes with it
+            self._drop(session, Drop.OFFLOAD_UNSUPPORTED, now, flow)
+            return
+        headers = pk.tcp_headers_length(packet)
+        mss = self._reply_mss(packet, flow.src)
+        if len(packet) - headers <= mss:
+            self._send_to_user(session, link, bytes(pk.complete_checksum(packet)))
+        elif link.offload:
+            session.super_in += 1
+            self._send_to_user(session, link, encode_offload(
+                Offload(GSO_TCPV4 if packet[0] >> 4 == 4 else GSO_TCPV6, mss,
+                        pk.l4_offset(packet), 16, headers),
+                bytes(pk.partial_checksum(packet))))
+        else:
+            for segment in pk.segment_tcp(packet, mss):
+                self._send_to_user(session, link, segment)
+
+    def _segment_mtu(self, destination: bytes) -> int:
+        """The MTU a super-packet's segments towards ``destination`` must fit."""
+        if self._mtu_for is not None:
+            try:
+                return self._mtu_for(destination)
+            except OSError:
+                pass
+        return 1500
+
+    def _reply_mss(self, packet: bytes, remote: bytes) -> int:
+        """The segment size a super-packet from ``remote`` stands for: the link's MTU
+        towards it, less this packet's IP and TCP headers (the remote end's MSS counts them
+        the same way), at least MIN_GSO_SIZE."""
+        return max(MIN_GSO_SIZE, self._segment_mtu(remote) - pk.tcp_headers_length(packet))
 
     def _refused_reply(self, packet: bytes, drop: Drop, now: float) -> bool:
         """A packet the strict parse refused: ours (counted and dropped) if it answers a NAT

@@ -335,6 +335,9 @@ class FakeQueue:
     def drain(self) -> None:
         pass
 
+    def set_flags(self, flags: int) -> None:
+        self.flags = flags  # as BatchedQueue.set_flags (issue 12's F_GSO)
+
     def close(self) -> None:
         self.closed = True  # its sockets stay open until the test ends: no fd is reused
 

@@ -1,0 +1,111 @@
+"""Super-packets (issue 12): a bulk TCP download crosses the Python path in 64 KB units (the
+server's reply queue hands over GSO packets whole, the client host's kernel takes each from
+the session's TUN device whole), byte-exact; a user's own tunnel process that hands
+pvpn-client a super-packet whose offload header lies gets it dropped and logged, and
+pvpn-client goes on serving everyone.
+
+One lab for the module (no gateway: the lab's links are veth pairs, across which the target's
+TCP sends GSO packets as they are, so no GRO is needed for the server to see them)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from typing import Any, Iterator
+
+import pytest
+from vpnlib import disconnect, fetch_ok, sh, vpn
+
+from pvpn.cli.lab.lab import exec_argv
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def alice(lab: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    """alice's VPN, up for the whole module."""
+    with vpn(lab, "alice") as session:
+        lab["alice_session"] = session
+        yield lab
+
+
+def alice_status(info: dict[str, Any]) -> dict[str, Any]:
+    proc = sh(info, "client", "alice", "pvpn", "status", "--json", "--socket",
+              info["client_socket"])
+    (mine,) = [s for s in json.loads(proc.stdout) if s["session"] == info["alice_session"]]
+    return dict(mine)
+
+
+def test_a_bulk_download_arrives_whole_in_super_packets(alice: dict[str, Any]) -> None:
+    before = alice_status(alice)
+    fetch_ok(alice, "alice", "big")  # 64 MB, its sha256 checked
+    fetch_ok(alice, "alice", "1m", "url6")
+    after = alice_status(alice)
+    supers = after.get("super_in", 0) - before.get("super_in", 0)
+    packets = after["packets_in"] - before["packets_in"]
+    # 65 MB in packets of at most 1,500 bytes would be some 45,000 of them.
+    assert supers > 100, (supers, packets)
+    assert packets < 30000, f"{packets} packets for 65 MB: few super-packets ({supers})"
+    assert after["drops"].get("malformed-offload", 0) == 0, after["drops"]
+
+
+LIAR = r"""
+import json, os, socket, sys
+from scapy.layers.inet import IP, TCP
+from pvpn.envelope import GSO_TCPV4, MsgType, Offload, decode_control, encode_offload
+from pvpn.local import LocalChannel
+path, target = sys.argv[1], sys.argv[2]
+conn = socket.socket(socket.AF_UNIX)
+conn.connect(path)
+conn.settimeout(10)
+channel, uid = LocalChannel(), os.getuid()
+
+def ask(mtype, fields, answer=None):
+    conn.sendall(channel.control(mtype, b"", uid, fields))
+    while answer is not None:
+        got = [e for e in channel.receive(conn.recv(65536)) if e.type is answer]
+        if got:
+            return decode_control(got[0])
+
+ask(MsgType.REGISTER, {"prefixes": [f"{target}/32"], "server": "nowhere:9"},
+    MsgType.REGISTERED)
+ask(MsgType.ATTACH, {"session": os.urandom(16)})
+segment = bytes(IP(src=target, dst="10.0.0.1") / TCP(sport=80, dport=40000, flags="A")
+                / (b"x" * 20000))
+lies = [
+    Offload(GSO_TCPV4, 1, 20, 16, 40),          # a segment size of 1 byte
+    Offload(GSO_TCPV4, 1448, 20, 60000, 40),    # the checksum far past the packet
+    Offload(GSO_TCPV4, 1448, 0, 16, 40),        # the checksum in the IP header
+    Offload(4, 1448, 20, 16, 40),               # IPv6 GSO for an IPv4 packet
+    Offload(GSO_TCPV4, 1448, 20, 16, 9000),     # headers of 9,000 bytes
+]
+bodies = [encode_offload(lie, segment) for lie in lies]
+bodies.append(bodies[0][:30])  # cut short
+for body in bodies:
+    conn.sendall(channel.packet(b"", uid, body))
+status = ask(MsgType.STATUS, {}, MsgType.STATUS_REPLY)
+print(json.dumps(status["sessions"][0]["drops"]), flush=True)
+ask(MsgType.UNREGISTER, {"reason": "done"}, MsgType.STATUS_REPLY)
+"""
+
+
+def test_a_lying_offload_header_is_dropped_and_logged_and_others_are_served(
+        alice: dict[str, Any]) -> None:
+    """bob's own tunnel process (no server anywhere) hands pvpn-client super-packets whose
+    headers lie about them: each is dropped (malformed-offload) and logged, pvpn-client lives
+    on, and alice's download through it is byte-exact."""
+    argv, cwd = exec_argv(alice["name"], "client", "bob", [
+        sys.executable, "-c", LIAR, alice["client_socket"], alice["target"]["ipv4"]])
+    try:
+        bob = subprocess.run(argv, cwd=cwd, capture_output=True, timeout=60)
+        assert bob.returncode == 0, bob.stderr.decode()
+        drops = json.loads(bob.stdout.decode().splitlines()[-1])
+        assert drops.get("malformed-offload") == 6, drops
+    finally:
+        disconnect(alice, "bob")
+    with open(alice["logs"]["client"]["pvpn-client"]) as handle:
+        records = [json.loads(line) for line in handle if "malformed-offload" in line]
+    logged = [r for r in records if r["event"] == "packet:dropped"]
+    assert logged and all(r["detail"].startswith("offload header") for r in logged), logged
+    fetch_ok(alice, "alice", "1m")

@@ -1,0 +1,474 @@
+"""Super-packets (issue 12), their pure parts: the offload header's codec and its bounds,
+partial and complete checksums against scapy's, TCP segmentation as the kernel does it, the
+queue's skb info, the handshake's offer and answer, and what the server and the client host
+make of a super-packet."""
+
+from __future__ import annotations
+
+import struct
+from pathlib import Path
+from typing import Any
+
+import pytest
+from scapy.layers.inet import IP, TCP, UDP
+from scapy.layers.inet6 import IPv6
+from scapy.utils import checksum as scapy_checksum
+
+from pvpn import packet as pk
+from pvpn.envelope import (
+    GSO_NONE, GSO_TCPV4, GSO_TCPV6, MAX_PACKET, OFFLOAD_HEADER, EnvelopeDecoder,
+    MsgType, Offload, bare_packet, decode_control, encode_envelope, encode_offload,
+    is_offloaded, split_offload,
+)
+from pvpn.errors import LocalProtocolError, MalformedFrame
+from pvpn.io import nfqueue
+from pvpn import user as user_module
+
+from test_protocol import Harness, pki_dir  # noqa: F401 - the fixture
+from test_nfqueue import attribute
+
+DATA = bytes(range(256)) * 160  # 40,960 bytes
+
+
+def tcp4(data: bytes = DATA, flags: str = "PA", **ip: Any) -> bytes:
+    return bytes(IP(src="10.9.0.5", dst="10.0.0.2", id=7, **ip)
+                 / TCP(sport=80, dport=40000, seq=1000, flags=flags,
+                       options=[("NOP", None), ("NOP", None), ("Timestamp", (1, 2))])
+                 / data)
+
+
+def tcp6(data: bytes = DATA, flags: str = "PA") -> bytes:
+    return bytes(IPv6(src="fd09::5", dst="fd09::2") / TCP(sport=80, dport=40000, seq=1000,
+                                                         flags=flags) / data)
+
+
+def header_for(packet: bytes, gso_size: int = 1448) -> Offload:
+    l4 = pk.l4_offset(packet)
+    return Offload(GSO_TCPV4 if packet[0] >> 4 == 4 else GSO_TCPV6, gso_size, l4, 16,
+                   pk.tcp_headers_length(packet))
+
+
+# ---------------------------------------------------------------- the codec and its bounds
+@pytest.mark.parametrize("packet", [tcp4(), tcp6()])
+def test_an_offload_header_round_trips_in_an_envelope(packet: bytes) -> None:
+    offload = header_for(packet)
+    body = encode_offload(offload, packet)
+    assert is_offloaded(body) and not is_offloaded(packet) and len(body) == len(packet) + 12
+    (envelope,) = EnvelopeDecoder().feed(encode_envelope(MsgType.PACKET, b"", 0, 0, body))
+    assert split_offload(envelope.body) == (offload, packet)
+
+
+def test_the_largest_super_packets_fit_an_envelope_and_nothing_larger_does() -> None:
+    v6 = tcp6(b"z" * (65535 - 20))
+    assert len(v6) == MAX_PACKET
+    body = encode_offload(header_for(v6), v6)
+    assert len(body) == MAX_PACKET + OFFLOAD_HEADER
+    (envelope,) = EnvelopeDecoder().feed(encode_envelope(MsgType.PACKET, b"", 0, 0, body))
+    assert split_offload(envelope.body)[1] == v6
+    with pytest.raises(LocalProtocolError):
+        encode_envelope(MsgType.PACKET, b"", 0, 0, body + b"x")
+    with pytest.raises(LocalProtocolError):  # a plain body keeps its bound
+        encode_envelope(MsgType.PACKET, b"", 0, 0, b"E" + body[1:])
+
+
+def lies() -> list[tuple[str, bytes]]:
+    v4, v6 = tcp4(), tcp6()
+    good4, good6 = header_for(v4), header_for(v6)
+    udp = bytes(IP(src="10.9.0.5", dst="10.0.0.2") / UDP(sport=53, dport=9) / DATA)
+    options = bytes(IP(src="10.9.0.5", dst="10.0.0.2", options=b"\x01\x01\x01\x00")
+                    / TCP(sport=80, dport=40000) / DATA)
+
+    def lie(packet: bytes, **changes: int) -> bytes:
+        base = good4 if packet[0] >> 4 == 4 else good6
+        values = {name: getattr(base, name) for name in
+                  ("gso_type", "gso_size", "csum_start", "csum_offset", "hdr_len", "flags")}
+        values.update(changes)
+        return encode_offload(Offload(**values), packet)
+
+    return [
+        ("segment size of 1", lie(v4, gso_size=1)),
+        ("segment size 0 with GSO", lie(v4, gso_size=0)),
+        ("segment size of all the data", lie(v4, gso_size=len(DATA))),
+        ("segment size without GSO", lie(v4, gso_type=GSO_NONE)),
+        ("IPv6 GSO for IPv4", lie(v4, gso_type=GSO_TCPV6)),
+        ("IPv4 GSO for IPv6", lie(v6, gso_type=GSO_TCPV4)),
+        ("UDP GSO", lie(v4, gso_type=5)),
+        ("checksum in the IP header", lie(v4, csum_start=0)),
+        ("checksum past the packet", lie(v4, csum_offset=60000)),
+        ("checksum at the wrong offset", lie(v4, csum_offset=6)),
+        ("no NEEDS_CSUM", lie(v4, flags=0)),
+        ("unknown flags", lie(v4, flags=3)),
+        ("header length too long", lie(v4, hdr_len=9000)),
+        ("header length short", lie(v4, hdr_len=40)),
+        ("a UDP packet", encode_offload(good4, udp)),
+        ("IPv4 options", encode_offload(Offload(GSO_TCPV4, 1448, 24, 16, 44), options)),
+        ("bytes past the IP length", lie(v4) + b"pad"),
+        ("IP length longer than the packet", lie(v4)[:-1]),
+        ("cut short", lie(v4)[:40]),
+        ("not IP", encode_offload(good4, b"\x00" * 100)),
+    ]
+
+
+@pytest.mark.parametrize("name,body", lies(), ids=[n for n, _ in lies()])
+def test_an_offload_header_that_lies_is_refused(name: str, body: bytes) -> None:
+    with pytest.raises(MalformedFrame) as caught:
+        split_offload(body)
+    assert str(caught.value).startswith("offload header") and len(str(caught.value)) < 200
+
+
+# ---------------------------------------------------------------- checksums
+def scapy_sum(data: bytes) -> int:
+    """The ones'-complement sum of ``data``, folded (scapy's checksum, uncomplemented)."""
+    return ~scapy_checksum(data) & 0xFFFF
+
+
+@pytest.mark.parametrize("make", [tcp4, tcp6], ids=["ipv4", "ipv6"])
+def test_a_partial_checksum_is_the_pseudo_header_sum_and_completes_to_scapys(make: Any) -> None:
+    packet = make()
+    partial = pk.partial_checksum(packet)
+    l4 = pk.l4_offset(packet)
+    if packet[0] >> 4 == 4:
+        pseudo = packet[12:20] + struct.pack(">BBH", 0, 6, len(packet) - l4)
+    else:
+        pseudo = packet[8:40] + struct.pack(">IxxxB", len(packet) - l4, 6)
+    assert int.from_bytes(partial[l4 + 16:l4 + 18], "big") == scapy_sum(pseudo)
+    # What the kernel does with it (skb_checksum_help): the sum from csum_start, complemented.
+    completed = ~scapy_sum(bytes(partial[l4:])) & 0xFFFF
+    assert completed == int.from_bytes(packet[l4 + 16:l4 + 18], "big")  # scapy's own
+
+
+@pytest.mark.parametrize("packet", [
+    tcp4(), tcp6(), tcp4(DATA[:1001]),
+    bytes(IP(src="10.9.0.5", dst="10.0.0.2") / UDP(sport=53, dport=9) / DATA[:999]),
+    bytes(IPv6(src="fd09::5", dst="fd09::2") / UDP(sport=53, dport=9) / DATA[:1000]),
+], ids=["tcp4", "tcp6", "tcp4-odd", "udp4-odd", "udp6"])
+def test_a_complete_checksum_is_scapys(packet: bytes) -> None:
+    broken = bytearray(packet)
+    at = pk.l4_offset(packet) + (16 if packet[9 if packet[0] >> 4 == 4 else 6] == 6 else 6)
+    broken[at] ^= 0x5A
+    assert not pk.checksum_ok(broken) and pk.checksum_ok(packet)
+    assert pk.complete_checksum(broken) == packet
+
+
+def test_a_nat_rewritten_super_packet_gets_the_new_pseudo_header_sum() -> None:
+    """The un-NAT changes the destination (a pseudo-header field): the partial sum must be
+    the new addresses', whatever the incremental update left in the field."""
+    packet = tcp4()
+    rewritten = pk.rewrite_destination(packet, bytes([10, 1, 2, 3]), 5555)
+    partial = pk.partial_checksum(rewritten)
+    expected = bytes(IP(src="10.9.0.5", dst="10.1.2.3", id=7)
+                     / TCP(sport=80, dport=5555, seq=1000, flags="PA",
+                           options=[("NOP", None), ("NOP", None), ("Timestamp", (1, 2))])
+                     / DATA)
+    assert pk.complete_checksum(partial) == expected
+
+
+# ---------------------------------------------------------------- segmentation
+@pytest.mark.parametrize("make", [tcp4, tcp6], ids=["ipv4", "ipv6"])
+def test_a_super_packet_segments_as_the_kernel_segments_it(make: Any) -> None:
+    packet = make(DATA, flags="FPAC")  # FIN, PSH, ACK, CWR
+    segments = pk.segment_tcp(pk.partial_checksum(packet), 1448)
+    assert len(segments) == -(-len(DATA) // 1448)
+    layer = IP if packet[0] >> 4 == 4 else IPv6
+    data = b""
+    for n, raw in enumerate(segments):
+        seg = layer(raw)
+        tcp = seg[TCP]
+        assert tcp.seq == 1000 + n * 1448
+        first, last = n == 0, n == len(segments) - 1
+        assert bool(tcp.flags.C) == first and bool(tcp.flags.F) == bool(tcp.flags.P) == last
+        assert tcp.flags.A
+        chk = tcp.chksum
+        del tcp.chksum
+        if layer is IP:
+            assert seg.id == 7 + n and seg.len == len(raw)
+            ip_chk = seg.chksum
+            del seg.chksum
+            assert IP(bytes(seg)).chksum == ip_chk
+        else:
+            assert seg.plen == len(raw) - 40
+        assert layer(bytes(seg))[TCP].chksum == chk, f"segment {n}"
+        assert len(raw) <= pk.tcp_headers_length(packet) + 1448
+        data += bytes(tcp.payload)
+    assert data == DATA
+
+
+def test_a_super_packet_that_fits_comes_back_whole_with_its_checksum() -> None:
+    packet = tcp4(DATA[:1000])
+    assert pk.segment_tcp(pk.partial_checksum(packet), 1448) == [packet]
+
+
+# ---------------------------------------------------------------- the queue's skb info
+def test_the_queue_hands_over_the_skb_info() -> None:
+    message = (attribute(1, struct.pack(">IHBx", 3, 0x0800, 3))
+               + attribute(14, struct.pack(">I", pk.SKB_GSO | pk.SKB_CSUMNOTREADY))
+               + attribute(10, b"payload"))
+    body = struct.pack(">BBH", 2, 0, 7) + message
+    buffer = struct.pack("=IHHII", 16 + len(body), 0x0300, 0, 0, 0) + body
+    assert list(nfqueue.packets_with_info(buffer, len(buffer))) == [(3, b"payload", 7, 3)]
+    assert list(nfqueue.parse_packets(buffer, len(buffer))) == [(3, b"payload", 7)]
+    assert nfqueue.F_GSO == 4 and pk.SKB_CSUM_NOTVERIFIED == 4
+
+
+# ---------------------------------------------------------------- the handshake
+@pytest.mark.parametrize("takes,offered", [(True, True), (False, True), (True, False)])
+def test_super_packets_only_between_ends_that_both_said_so(
+        pki_dir: Any, monkeypatch: pytest.MonkeyPatch, takes: bool, offered: bool  # noqa: F811
+) -> None:
+    if not offered:  # a user's end that offers no version this server knows
+        monkeypatch.setattr(user_module, "OFFLOAD", "tcp-gso-99")
+    h = Harness(pki_dir)
+    h.node.takes_offload = takes
+    user = h.connect(1, "alice")
+    assert user.state.value == "established"
+    (link,) = h.node.links.values()
+    assert link.offload == user.offload == (takes and offered)
+
+
+def test_a_hello_to_a_gateway_offers_nothing() -> None:
+    """Only the server hop is offered super-packets: a gateway relays opaque bytes."""
+    sent: list[bytes] = []
+
+    class Tls:
+        def send(self, data: bytes) -> None:
+            sent.append(data)
+
+        def data_to_send(self) -> bytes:
+            return b""
+
+    for next_hop, offered in ((None, True), ("10.0.0.9:443", False)):
+        sent.clear()
+        user_module.UserLink(Tls(), user="alice", uid=1000, signer=None,  # type: ignore[arg-type]
+                             want=["10.9.0.0/24"], client_name="c", next_hop=next_hop
+                             ).data_to_send()
+        (hello,) = EnvelopeDecoder().feed(b"".join(sent))
+        assert ("offload" in decode_control(hello)) == offered
+
+
+# ---------------------------------------------------------------- the server's replies
+def established(h: Harness) -> int:
+    """alice's session with a TCP flow to 10.9.0.5:80; the flow's NAT port."""
+    h.connect(1, "alice")
+    syn = bytes(IP(src="10.0.0.2", dst="10.9.0.5") / TCP(sport=40000, dport=80, flags="S"))
+    h.links[1].send_packets([syn])
+    h.transfer()
+    port = IP(h.injected[-1])[TCP].sport
+    h.node.receive_reply(bytes(IP(src="10.9.0.5", dst="10.9.0.1") / TCP(
+        sport=80, dport=port, flags="SA")), h.now)
+    h.node.flush(h.now)
+    h.transfer()
+    h.packets(1)
+    return int(port)
+
+
+def remote_super_packet(port: int) -> bytes:
+    """As the queue hands one over with F_GSO: its checksum the pseudo-header's sum."""
+    return bytes(pk.partial_checksum(bytes(
+        IP(src="10.9.0.5", dst="10.9.0.1", id=7) / TCP(sport=80, dport=port, seq=1000,
+                                                       flags="PA") / DATA)))
+
+
+def test_a_super_packet_reaches_a_user_that_takes_them_whole(pki_dir: Any) -> None:  # noqa: F811
+    h = Harness(pki_dir, mtu_for=lambda destination: 1500)
+    h.node.takes_offload = True
+    port = established(h)
+    assert h.node.receive_reply(remote_super_packet(port), h.now,
+                                pk.SKB_GSO | pk.SKB_CSUMNOTREADY)
+    h.node.flush(h.now)
+    h.transfer()
+    (body,) = h.packets(1)
+    offload, packet = split_offload(body)
+    assert offload == Offload(GSO_TCPV4, 1460, 20, 16, 40)
+    expected = bytes(IP(src="10.9.0.5", dst="10.0.0.2", id=7)
+                     / TCP(sport=80, dport=40000, seq=1000, flags="PA") / DATA)
+    assert pk.complete_checksum(packet) == expected
+    (session,) = h.node.sessions.values()
+    assert session.super_in == 1 and session.packets_in == 2
+
+
+@pytest.mark.parametrize("takes", [False, True])
+def test_a_super_packet_reaches_any_other_user_in_segments(pki_dir: Any,  # noqa: F811
+                                                           takes: bool) -> None:
+    """A user's end that did not offer them (takes=False here: the server did not take
+    them; either way the link's offload is off) gets segments of the link's MTU with their
+    checksums computed; so does a packet of a GSO-less queue whose checksum is not done."""
+    h = Harness(pki_dir, mtu_for=lambda destination: 1500)
+    h.node.takes_offload = takes
+    port = established(h)
+    if takes:
+        next(iter(h.node.links.values())).offload = False  # as for a user that did not offer
+    assert h.node.receive_reply(remote_super_packet(port), h.now,
+                                pk.SKB_GSO | pk.SKB_CSUMNOTREADY)
+    small = bytes(pk.partial_checksum(bytes(IP(src="10.9.0.5", dst="10.9.0.1") / TCP(
+        sport=80, dport=port, seq=50000, flags="A") / b"tail")))
+    assert h.node.receive_reply(small, h.now, pk.SKB_CSUMNOTREADY)
+    h.node.flush(h.now)
+    h.transfer()
+    got = h.packets(1)
+    assert len(got) == -(-len(DATA) // 1460) + 1
+    assert all(len(p) <= 1500 and pk.checksum_ok(p) and not is_offloaded(p) for p in got)
+    assert b"".join(bytes(IP(p)[TCP].payload) for p in got) == DATA + b"tail"
+
+
+def test_a_udp_super_packet_is_dropped_and_counted(pki_dir: Any) -> None:  # noqa: F811
+    h = Harness(pki_dir)
+    h.connect(1, "alice")
+    h.links[1].send_packets([bytes(IP(src="10.0.0.2", dst="10.9.0.5")
+                                   / UDP(sport=5000, dport=53) / b"q")])
+    h.transfer()
+    port = IP(h.injected[-1])[UDP].sport
+    reply = bytes(IP(src="10.9.0.5", dst="10.9.0.1") / UDP(sport=53, dport=port) / DATA)
+    assert h.node.receive_reply(reply, h.now, pk.SKB_GSO | pk.SKB_CSUMNOTREADY)
+    (session,) = h.node.sessions.values()
+    assert session.drops.as_dict() == {"offload-unsupported": 1}
+
+
+# ---------------------------------------------------------------- the server's uploads
+def user_super_packet(data: bytes = DATA) -> bytes:
+    packet = bytes(pk.partial_checksum(bytes(
+        IP(src="10.0.0.2", dst="10.9.0.5", id=300) / TCP(sport=40000, dport=80, seq=5, flags="PA")
+        / data)))
+    return encode_offload(Offload(GSO_TCPV4, 1448, 20, 16, 40), packet)
+
+
+@pytest.mark.parametrize("mtu,mss", [(1500, 1448), (1280, 1240)])
+def test_a_users_super_packet_leaves_the_server_in_segments_that_fit(
+        pki_dir: Any, mtu: int, mss: int) -> None:  # noqa: F811
+    """NATed once, then cut at the smaller of the user's segment size and the path MTU,
+    each segment's checksums computed (what reaches the remote end is what a kernel's
+    segmentation would have sent)."""
+    h = Harness(pki_dir, mtu_for=lambda destination: mtu)
+    h.node.takes_offload = True
+    h.connect(1, "alice")
+    syn = bytes(IP(src="10.0.0.2", dst="10.9.0.5") / TCP(sport=40000, dport=80, flags="S"))
+    h.links[1].send_packets([syn, user_super_packet()])
+    h.transfer()
+    segments = h.injected[1:]
+    assert len(segments) == -(-len(DATA) // mss)
+    data = b""
+    for raw in segments:
+        seg = IP(raw)
+        assert len(raw) <= mtu and pk.checksum_ok(raw)
+        assert seg.src == "10.9.0.1" and seg.dst == "10.9.0.5"
+        assert seg[TCP].sport == IP(h.injected[0])[TCP].sport and seg[TCP].dport == 80
+        chk = seg.chksum
+        del seg.chksum
+        assert IP(bytes(seg)).chksum == chk
+        data += bytes(seg[TCP].payload)
+    assert data == DATA
+    (session,) = h.node.sessions.values()
+    assert session.super_out == 1 and session.packets_out == 2
+
+
+def test_a_users_lying_super_packet_is_dropped_and_logged_and_the_link_serves_on(
+        pki_dir: Any) -> None:  # noqa: F811
+    h = Harness(pki_dir, mtu_for=lambda destination: 1500)
+    h.node.takes_offload = True
+    h.connect(1, "alice")
+    lie = bytearray(user_super_packet())
+    lie[4:6] = b"\x00\x00"  # hdr_len: a header of 0 bytes
+    syn = bytes(IP(src="10.0.0.2", dst="10.9.0.5") / TCP(sport=40000, dport=80, flags="S"))
+    h.links[1].send_packets([bytes(lie), syn])
+    h.transfer()
+    assert len(h.injected) == 1 and IP(h.injected[0])[TCP].flags == "S"
+    (session,) = h.node.sessions.values()
+    assert session.drops.as_dict() == {"malformed-offload": 1}
+    (record,) = [r for r in h.logs if r.reason == "malformed-offload"]
+    assert record.event == "packet:dropped" and "header length" in record.extra["detail"]
+
+
+def test_a_super_packet_over_a_link_that_did_not_offer_them_is_dropped(
+        pki_dir: Any) -> None:  # noqa: F811
+    h = Harness(pki_dir)  # takes_offload False: the link's offload is off
+    h.connect(1, "alice")
+    h.links[1].send_packets([user_super_packet()])
+    h.transfer()
+    assert h.injected == []
+    (session,) = h.node.sessions.values()
+    assert session.drops.as_dict() == {"malformed-offload": 1}
+
+
+# ---------------------------------------------------------------- the client host's replies
+def client_super_reply(**changes: int) -> tuple[bytes, bytes]:
+    packet = bytes(pk.partial_checksum(bytes(
+        IP(src="10.77.1.9", dst="192.168.1.5") / TCP(sport=443, dport=40000, flags="A")
+        / DATA)))
+    values = {"gso_type": GSO_TCPV4, "gso_size": 1448, "csum_start": 20, "csum_offset": 16,
+              "hdr_len": 40, "flags": 1, **changes}
+    return encode_offload(Offload(**values), packet), packet
+
+
+def test_a_super_packet_reply_is_written_whole_with_its_header_after_the_same_checks(
+        tmp_path: Path) -> None:
+    from test_client_host import ALICE, after_a_packet
+
+    from pvpn.nodes.client import WriteTun
+
+    host, owners, session, peer = after_a_packet(tmp_path)
+    (flow,) = session.flows
+    owners.of[flow] = ALICE
+    body, packet = client_super_reply()
+    host.reply(peer, body, 1.0)
+    assert host.commands == [WriteTun(session, packet, flow, split_offload(body)[0])]
+    assert (session.packets_in, session.super_in) == (1, 1)
+    host.commands.clear()
+    owners.of[flow] = ALICE + 1  # another user's socket now: anti-spoofed as any reply
+    host.reply(peer, body, 2.0)
+    assert host.commands[-1].record.reason == "reply-not-yours"  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("changes", [{"gso_size": 1}, {"csum_offset": 6}, {"hdr_len": 0}])
+def test_a_super_packet_reply_whose_header_lies_is_dropped_and_logged(
+        tmp_path: Path, changes: dict[str, int]) -> None:
+    from test_client_host import ALICE, after_a_packet
+
+    from pvpn.nodes.client import WriteTun
+
+    host, owners, session, peer = after_a_packet(tmp_path)
+    (flow,) = session.flows
+    owners.of[flow] = ALICE
+    host.reply(peer, client_super_reply(**changes)[0], 1.0)
+    assert not any(type(c) is WriteTun for c in host.commands)
+    assert session.drops.as_dict() == {"malformed-offload": 1}
+    (record,) = [c.record for c in host.commands  # type: ignore[attr-defined]
+                 if getattr(getattr(c, "record", None), "reason", "") == "malformed-offload"]
+    assert record.extra["detail"].startswith("offload header")
+
+
+def test_a_capture_holds_the_super_packet_not_its_header(pki_dir: Any) -> None:  # noqa: F811
+    from pvpn.commands import CapturePacket
+
+    h = Harness(pki_dir, mtu_for=lambda destination: 1500)
+    h.node.takes_offload = True
+    port = established(h)
+    h.node.capture = True
+    h.net.captured.clear()
+    assert h.node.receive_reply(remote_super_packet(port), h.now, pk.SKB_GSO)
+    h.node.flush(h.now)
+    h.transfer()
+    (captured,) = [c for c in h.net.captured if isinstance(c, CapturePacket)]
+    assert IP(captured.packet).dst == "10.0.0.2" and len(captured.packet) == 40 + len(DATA)
+
+
+def test_a_reply_whose_checksum_is_not_done_is_summed_for_any_user(
+        pki_dir: Any) -> None:  # noqa: F811
+    """A pure ACK the queue hands over with CSUMNOTREADY: summed at the server, sent plain
+    (an offload header on every ACK cost both ends more than the sum, measured)."""
+    h = Harness(pki_dir, mtu_for=lambda destination: 1500)
+    h.node.takes_offload = True
+    port = established(h)
+    ack = bytes(pk.partial_checksum(bytes(IP(src="10.9.0.5", dst="10.9.0.1") / TCP(
+        sport=80, dport=port, seq=9, flags="A"))))
+    assert h.node.receive_reply(ack, h.now, pk.SKB_CSUMNOTREADY)
+    h.node.flush(h.now)
+    h.transfer()
+    assert h.packets(1) == [bytes(IP(src="10.9.0.5", dst="10.0.0.2") / TCP(
+        sport=80, dport=40000, seq=9, flags="A"))]
+    (session,) = h.node.sessions.values()
+    assert session.super_in == 0
+
+
+def test_a_capture_of_a_body_is_its_ip_packet() -> None:
+    packet = tcp4()
+    assert bare_packet(encode_offload(header_for(packet), packet)) == packet
+    assert bare_packet(packet) == packet
