@@ -10,7 +10,7 @@ import ipaddress
 import os
 import struct
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import pytest
 
@@ -924,6 +924,28 @@ def test_a_new_server_session_makes_its_tcp_connections_answer_for_their_reset(
         os.close(write_end)
 
 
+class TableOwners:
+    """sock_diag's answers from a table of flow -> Found; each abort is handed to
+    ``on_abort``."""
+
+    def __init__(self, sockets: dict[Any, Any], on_abort: Callable[[Any, bytes], object]
+                 ) -> None:
+        self.sockets, self.on_abort = sockets, on_abort
+
+    def owner(self, flow: Any) -> int | None:
+        return self.find(flow).uid
+
+    def socket(self, flow: Any) -> tuple[int | None, int]:
+        return self.find(flow)[:2]
+
+    def find(self, flow: Any) -> Any:
+        from pvpn.io.sockdiag import Found
+        return self.sockets.get(flow, Found(None, 0, b""))
+
+    def abort(self, flow: Any, cookie: bytes) -> None:
+        self.on_abort(flow, cookie)
+
+
 def test_an_ended_session_aborts_its_user_s_tcp_connections_before_its_rules_go(
         kernel: Kernel, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Issue 10: alice's key was revoked at the server, and her tunnel process ended her
@@ -936,21 +958,9 @@ def test_an_ended_session_aborts_its_user_s_tcp_connections_before_its_rules_go(
 
     sockets: dict[Any, Found] = {}
     aborted: list[tuple[Any, bytes, int]] = []
-
-    class Owners:
-        def owner(self, flow: Any) -> int | None:
-            return self.find(flow).uid
-
-        def socket(self, flow: Any) -> tuple[int | None, int]:
-            return self.find(flow)[:2]
-
-        def find(self, flow: Any) -> Found:
-            return sockets.get(flow, Found(None, 0, b""))
-
-        def abort(self, flow: Any, cookie: bytes) -> None:
-            aborted.append((flow, cookie, len(kernel.removed)))
-
-    monkeypatch.setattr(dm, "SocketOwners", Owners, raising=False)
+    monkeypatch.setattr(dm, "SocketOwners", lambda: TableOwners(
+        sockets, lambda flow, cookie: aborted.append((flow, cookie, len(kernel.removed)))),
+        raising=False)
 
     async def scenario() -> None:
         daemon = make_daemon(tmp_path)
@@ -985,21 +995,8 @@ def test_an_ended_session_aborts_her_orphaned_sockets_too_and_not_bob_s(
 
     sockets: dict[Any, Found] = {}
     aborted: list[bytes] = []
-
-    class Owners:
-        def owner(self, flow: Any) -> int | None:
-            return self.find(flow).uid
-
-        def socket(self, flow: Any) -> tuple[int | None, int]:
-            return self.find(flow)[:2]
-
-        def find(self, flow: Any) -> Found:
-            return sockets.get(flow, Found(None, 0, b""))
-
-        def abort(self, flow: Any, cookie: bytes) -> None:
-            aborted.append(cookie)
-
-    monkeypatch.setattr(dm, "SocketOwners", Owners, raising=False)
+    monkeypatch.setattr(dm, "SocketOwners", lambda: TableOwners(
+        sockets, lambda flow, cookie: aborted.append(cookie)), raising=False)
 
     async def scenario() -> None:
         daemon = make_daemon(tmp_path)
