@@ -63,3 +63,13 @@ def test_without_server_workers_memory_is_read_after_the_last_repeat(
     assert steps == ["load 10 (repeat 0, 1 worker(s))", "load 50 (repeat 0, 1 worker(s))",
                      "load 10 (repeat 1, 1 worker(s))", "load 50 (repeat 1, 1 worker(s))",
                      "rss with 1 worker(s)", "rss with 1 worker(s)"]
+
+
+def test_the_plan_counts_every_server_workers_setting(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Before: a run with --server-workers 1,2 counted its steps as [269/266].
+    bench, steps = _bench(monkeypatch, "--scale-users", "1,50", "--server-workers", "1,2",
+                          "--repeats", "2", "--sections", "scale")
+    monkeypatch.setattr(bench, "_scale_run", lambda *a: steps.append("run"))
+    planned = bench._plan()
+    bench.measure_scale()
+    assert planned == steps.count("run") == 8

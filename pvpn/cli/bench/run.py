@@ -275,6 +275,9 @@ class Bench:
             steps += o.repeats * n * len(o.files) * len(o.clients)
         if "scale" in o.sections:
             steps += o.repeats * len(self._scale_paths()) * len(o.scale_users)
+            if any(p.name == "pvpn" for p in self._scale_paths()):
+                # each further --server-workers setting measures the pvpn path again
+                steps += o.repeats * max(0, len(o.server_workers) - 1) * len(o.scale_users)
         return steps
 
     @contextlib.contextmanager
