@@ -242,6 +242,11 @@ async def supervise(config: ServerConfig) -> None:
     parent = Parent(config, log, groups)
     stop = asyncio.Event()
     tasks: list[asyncio.Task[None]] = []
+    # First of all: a SIGTERM while the workers start (supervisord stopping a parent it has
+    # just restarted) must end in the clean-up below, not in Python's default exit, which
+    # left every rule behind.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
     try:
         # The one-process server's rules (instance chain) are replaced in place, atomically.
         rules.apply(parent.rule_set())
@@ -259,8 +264,6 @@ async def supervise(config: ServerConfig) -> None:
         for worker in parent.workers:
             await parent.start(worker)
             tasks.append(loop.create_task(parent.watch(worker)))
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
         loop.add_signal_handler(signal.SIGHUP, lambda: parent_signal(parent, signal.SIGHUP))
         log.write(Record(NODE_STARTED, extra={
             "listen": [f"{h}:{p}" for h, p in config.listen], "workers": config.workers,
