@@ -193,6 +193,10 @@ async def serve_one(config: ServerConfig, worker: workers.WorkerHandle | None = 
         check_nat_ports(config)
     server = Server(config, worker)
     loop = server.loop
+    # Before the rules: a SIGTERM while the server starts (restoring its state can take a
+    # while) ends in the clean-up below, not in Python's default exit (start_serving
+    # installs them again, with SIGHUP's reload).
+    install_signals(loop, server.stop)
     keeper = server.keeper
     kept = False  # the state was saved at the stop: the NAT ports' rules stay
     # This run has taken the state over (put it back): until then a failure to start leaves

@@ -249,16 +249,22 @@ def test_two_workers_share_users_resume_across_workers_and_survive_a_kill(
     assert not any(worker_path(state, i).exists() for i in range(2)), "no state left"
 
 
+@pytest.mark.parametrize("workers", [2, 1])
 def test_a_sigterm_while_the_workers_start_still_removes_every_rule(
-        wlab: dict[str, Any]) -> None:
-    """supervisord stopping a parent it has just started (or restarted): the SIGTERM comes
-    while the workers start. The parent's handler was installed only after they had started,
-    so Python's default action ended it there and every rule stayed (seen once in CI)."""
+        wlab: dict[str, Any], workers: int) -> None:
+    """supervisord stopping a server it has just started (or restarted): the SIGTERM comes
+    while it starts (the parent: its workers; one process: its state, its listeners). The
+    handler was installed only after that, so Python's default action ended it there and
+    every rule stayed (seen once in CI)."""
     supervisorctl(wlab, "stop", "pvpn-server")
     wait_for(lambda: not server_rules(wlab), 20, "no pvpn-server rules before the test")
+    config = Path(wlab["configs"]["server"])
+    if workers == 1:
+        one = config.with_name("server-one-process.toml")
+        one.write_text(config.read_text().replace("workers = 2\n", "", 1))
+        config = one
     argv = ["ip", "netns", "exec", wlab["hosts"]["server"]["namespace"],
-            str(Path(sys.executable).parent / "pvpn-server"), "--config",
-            wlab["configs"]["server"]]
+            str(Path(sys.executable).parent / "pvpn-server"), "--config", str(config)]
     for attempt in range(3):
         proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
