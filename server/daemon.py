@@ -269,11 +269,12 @@ async def serve_one(config: ServerConfig, worker: workers.WorkerHandle | None = 
                 kept = await keeper.final(now)
             except Exception as exc:  # noqa: BLE001 - the guard's; the stop goes on
                 server.guard.failed("shutdown state", exc)
-            if not kept:
+            if not kept:  # the sessions end: a file of an earlier save must not bring them back
                 server.guard.call("shutdown", server.node.close_all, "server shutting down")
+                await discard_state(server, keeper)
         elif keeper is not None:  # nothing to keep: the host as it was found
             server.guard.call("shutdown", server.node.close_all, "server shutting down")
-            server.guard.call("shutdown state", keeper.store.remove)
+            await discard_state(server, keeper)
         else:
             server.guard.call("shutdown", server.node.close_all, "server shutting down")
         server.guard.call("shutdown dispatch", server.dispatch)
@@ -307,6 +308,13 @@ async def serve_one(config: ServerConfig, worker: workers.WorkerHandle | None = 
         server.log.write(Record(NODE_STOPPED, reason="; ".join(errors) or "clean", extra={
             "state": "saved: the sessions are kept for the next server" if kept else
                      "none kept: the sessions ended"}))
+
+
+async def discard_state(server: Server, keeper: StateKeeper) -> None:
+    try:
+        await keeper.discard()
+    except OSError as exc:
+        server.guard.failed("shutdown state", exc)
 
 
 def remove_sessions(config: ServerConfig, out: Callable[[str], None]) -> int:

@@ -181,6 +181,7 @@ class StateKeeper:
         self._last = float("-inf")  # when it last saved or touched (loop clock)
         self._writing: asyncio.Future[None] | None = None
         self._said: tuple[str, float] = ("", float("-inf"))  # the last failure, and when
+        self._done = False  # stopped: final() or discard() ran, no more saves
         self.saves = 0
 
     # -- start
@@ -222,7 +223,7 @@ class StateKeeper:
     def tick(self, now: float) -> None:
         """From the daemon's timer: save a changed state when due (written in a thread), or
         say the server is alive."""
-        if self._writing is not None or now - self._last < self._wait:
+        if self._done or self._writing is not None or now - self._last < self._wait:
             return
         version = self._version()
         if version == self._saved_version:
@@ -268,14 +269,20 @@ class StateKeeper:
             self._log(Record(NODE_WARNING, reason=f"state not saved: {reason}",
                              extra={"path": str(self.store.path)}))
 
-    async def final(self, now: float) -> bool:
-        """The last save, on an orderly stop (after any write under way). False if it
-        failed (logged)."""
+    async def _settle(self) -> None:
+        """Wait for a write under way (its thread would otherwise put a file back after the
+        stop removed it), and save no more."""
+        self._done = True
         if self._writing is not None:
             try:
                 await asyncio.wait_for(asyncio.shield(self._writing), 10)
             except (asyncio.TimeoutError, StateError):
                 pass
+
+    async def final(self, now: float) -> bool:
+        """The last save, on an orderly stop (after any write under way). False if it
+        failed (logged)."""
+        await self._settle()
         data = self._encode(now)
         if data is None:
             return False
@@ -286,6 +293,14 @@ class StateKeeper:
             return False
         self.saves += 1
         return True
+
+    async def discard(self) -> bool:
+        """On a stop with nothing to keep: remove the file, after any write under way (a save
+        that landed after the removal left a file of ended sessions behind, which made the
+        parent of workers keep its rules and the next server restore those sessions).
+        False if there was none."""
+        await self._settle()
+        return self.store.remove()
 
     def describe(self) -> dict[str, Any]:
         return {"path": str(self.store.path), "saves": self.saves}

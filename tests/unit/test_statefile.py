@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import os
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -154,6 +155,49 @@ def test_the_keeper_saves_what_changed_at_a_bounded_rate_then_touches(tmp_path: 
     saved = decode_state(keep.store.read()[0])  # type: ignore[index]
     assert abs(saved.saved_at - time.time()) < 60 and saved.sessions == sessions()
     assert logs == []
+
+
+class SlowStore(StateFile):
+    """A disk that takes its time: each write waits in its thread until ``go`` is set, between
+    the temporary file and its rename."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self.go = threading.Event()
+        self.started = threading.Event()
+
+    def write(self, data: bytes) -> None:
+        self.started.set()
+        self.go.wait(5)
+        super().write(data)
+
+
+def test_a_stop_with_nothing_to_keep_removes_the_file_even_with_a_save_under_way(
+        tmp_path: Path) -> None:
+    """The save of the timer, in its thread, finished after the stop had removed the file and
+    put it back: a file of ended sessions stayed (the parent of workers then kept its rules,
+    seen in CI, and the next server would restore those sessions)."""
+    node, logs = Node(), []
+    store = SlowStore(tmp_path / "server.state")
+    keep = StateKeeper(store, node.snapshot, lambda: node.version, logs.append, interval=2.0)
+
+    async def run() -> bool:
+        node.version += 1
+        keep.tick(0.0)  # a save under way, held in its thread
+        assert await asyncio.get_running_loop().run_in_executor(None, store.started.wait, 5)
+        discard = asyncio.ensure_future(keep.discard())
+        await asyncio.sleep(0.1)
+        assert not discard.done(), "the removal waits for the save"
+        store.go.set()
+        removed = await discard
+        node.version += 1
+        keep.tick(10.0)  # stopped: no more saves
+        await asyncio.sleep(0.1)
+        return removed
+
+    assert asyncio.run(run()), "the file the save wrote was removed"
+    assert not store.path.exists() and not store.tmp.exists()
+    assert logs == [] and keep.saves == 1
 
 
 def test_a_refused_file_is_said_and_set_aside_and_a_stale_one_expires(tmp_path: Path) -> None:
