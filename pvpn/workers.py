@@ -27,6 +27,20 @@ MAX_REDIRECTS = 32
 REDIRECT_TTL = 15.0
 
 
+#: A worker that ends sooner than this after its start failed to start (a config, module or
+#: permission it lacks), not one that crashed while serving.
+START_GRACE = 5.0
+#: Failed starts in a row after which the parent gives up and stops the server: a worker
+#: that cannot start would otherwise be started again each second for ever, its share of the
+#: new connections waiting unserved in its listening socket.
+MAX_FAILED_STARTS = 3
+
+
+def failed_starts(previous: int, ran: float) -> int:
+    """The failed starts in a row after a worker that ran ``ran`` seconds ended."""
+    return previous + 1 if ran < START_GRACE else 0
+
+
 def port_slices(ports: tuple[int, int], workers: int) -> list[tuple[int, int]]:
     """``ports`` (inclusive) cut into ``workers`` disjoint contiguous slices covering it, the
     first ones one port longer when it does not divide evenly."""

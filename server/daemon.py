@@ -205,7 +205,12 @@ async def serve_one(config: ServerConfig, worker: workers.WorkerHandle | None = 
     queue: BatchedQueue | None = None
     copies: int | None = None
     try:
-        queue = BatchedQueue(config.queue, server.take_reply, max_len=8192)
+        try:
+            queue = BatchedQueue(config.queue, server.take_reply, max_len=8192)
+        except OSError as exc:
+            raise PvpnError(f"cannot bind NFQUEUE {config.queue}: {exc}; another program "
+                            "(an earlier pvpn-server still running?) holds it, or set "
+                            "[server] queue to a free one") from None
         # Super-packets whole (the users' ends that take them get them so), if the kernel
         # hands them over; else it segments them and finishes their checksums, as before.
         try:
@@ -254,6 +259,8 @@ async def serve_one(config: ServerConfig, worker: workers.WorkerHandle | None = 
                                    queue=config.queue,
                                    sockets=None if worker is None else worker.sockets,
                                    **({} if worker is None else {"worker": worker.index}))
+        if worker is not None:
+            workers.say_serving(worker.channel)
         await server.run_until_stopped()
     finally:
         # Shutdown goes on whatever happens here. With a state file the sessions are kept

@@ -29,7 +29,7 @@ from pvpn.config import ServerConfig
 from pvpn.errors import ConfigError, PvpnError
 from pvpn.io import rules
 from pvpn.io.loop import LISTEN_BACKLOG
-from pvpn.names import NODE_CLEANUP, NODE_STARTED, NODE_STOPPED, NODE_WARNING
+from pvpn.names import NODE_CLEANUP, NODE_ERROR, NODE_STARTED, NODE_STOPPED, NODE_WARNING
 from pvpn.records import Record, RecordWriter
 
 ENV = "PVPN_SERVER_WORKER"
@@ -68,6 +68,13 @@ def ask_redirect(channel: socket.socket, link: int, address: str, worker: int) -
     link's id) comes back on the channel."""
     with contextlib.suppress(OSError):  # the parent is gone: the link closes all the same
         channel.send(f"R {link} {worker} {address}".encode())
+
+
+def say_serving(channel: socket.socket) -> None:
+    """Tell the parent this worker serves: from now on it takes a SIGHUP (until then the
+    signal's default action would end it, so the parent holds a reload for it)."""
+    with contextlib.suppress(OSError):
+        channel.send(b"S")
 
 
 def read_answers(channel: socket.socket) -> list[int]:
@@ -147,6 +154,9 @@ class Worker:
     process: asyncio.subprocess.Process | None = None
     started: float = 0.0
     restarts: int = 0
+    failed_starts: int = 0  # in a row (pvpn.workers.failed_starts)
+    serving: bool = False  # it said so (say_serving): it takes a SIGHUP
+    reload_held: bool = False  # a SIGHUP came while it started: sent once it serves
 
 
 @dataclass(slots=True)
@@ -157,6 +167,8 @@ class Parent:
     workers: list[Worker] = field(default_factory=list)
     redirects: dict[str, tuple[int, float]] = field(default_factory=dict)
     stopping: bool = False
+    stop: asyncio.Event = field(default_factory=asyncio.Event)
+    failure: str = ""  # why the parent gave up (a worker that cannot start)
 
     def rule_set(self, icmp: bool = True) -> firewall.RuleSet:
         config = self.config
@@ -168,10 +180,13 @@ class Parent:
         fds = ",".join(str(group[worker.index].fileno()) for group in self.groups)
         env = {**os.environ, ENV: f"{worker.index};{worker.child.fileno()};{fds}"}
         passed = [worker.child.fileno(), *(group[worker.index].fileno() for group in self.groups)]
+        # In /, the config by its absolute path: started in a directory that holds a pvpn/
+        # (a source checkout), `python -m` imported that one, and no worker could start.
+        worker.serving = worker.reload_held = False  # it reads the config as it starts
         worker.process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "pvpn.server.daemon", "--config", str(self.config.path),
-            env=env, pass_fds=passed, stdin=asyncio.subprocess.DEVNULL,
-            preexec_fn=_die_with_parent)
+            sys.executable, "-m", "pvpn.server.daemon", "--config",
+            str(self.config.path.absolute()), env=env, pass_fds=passed, cwd="/",
+            stdin=asyncio.subprocess.DEVNULL, preexec_fn=_die_with_parent)
         worker.started = time.monotonic()
 
     async def watch(self, worker: Worker) -> None:
@@ -182,6 +197,16 @@ class Parent:
                 return
             status = await process.wait()
             if self.stopping:
+                return
+            worker.failed_starts = workers.failed_starts(worker.failed_starts,
+                                                         time.monotonic() - worker.started)
+            if worker.failed_starts >= workers.MAX_FAILED_STARTS:
+                self.failure = (f"worker {worker.index} ended {worker.failed_starts} times in "
+                                f"a row within {workers.START_GRACE:g} s of its start (last "
+                                f"status {status}): its output says why; the server stops")
+                self.log.write(Record(NODE_ERROR, reason=self.failure,
+                                      extra={"worker": worker.index}))
+                self.stop.set()
                 return
             worker.restarts += 1
             self.log.write(Record(NODE_WARNING, reason=f"worker {worker.index} ended "
@@ -202,6 +227,12 @@ class Parent:
                 return
             if not data:
                 return
+            if data == b"S":
+                worker.serving = True
+                if worker.reload_held:
+                    worker.reload_held = False
+                    send_signal(worker, signal.SIGHUP)
+                continue
             try:
                 kind, link_text, target_text, address = data.decode().split()
                 link, target = int(link_text), int(target_text)
@@ -240,13 +271,16 @@ async def supervise(config: ServerConfig) -> None:
     loop = asyncio.get_running_loop()
     groups = listening_groups(config)
     parent = Parent(config, log, groups)
-    stop = asyncio.Event()
+    stop = parent.stop
     tasks: list[asyncio.Task[None]] = []
     # First of all: a SIGTERM while the workers start (supervisord stopping a parent it has
     # just restarted) must end in the clean-up below, not in Python's default exit, which
     # left every rule behind.
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    # A SIGHUP goes to the workers that serve, and to the others once they do (its default
+    # action ended the parent, rules and all, or a worker still importing).
+    loop.add_signal_handler(signal.SIGHUP, lambda: forward_reload(parent))
     try:
         # The one-process server's rules (instance chain) are replaced in place, atomically.
         rules.apply(parent.rule_set())
@@ -264,7 +298,6 @@ async def supervise(config: ServerConfig) -> None:
         for worker in parent.workers:
             await parent.start(worker)
             tasks.append(loop.create_task(parent.watch(worker)))
-        loop.add_signal_handler(signal.SIGHUP, lambda: parent_signal(parent, signal.SIGHUP))
         log.write(Record(NODE_STARTED, extra={
             "listen": [f"{h}:{p}" for h, p in config.listen], "workers": config.workers,
             "pids": [w.process.pid for w in parent.workers if w.process is not None]}))
@@ -298,13 +331,27 @@ async def supervise(config: ServerConfig) -> None:
             "workers": config.workers,
             "state": "saved: the sessions are kept for the next server" if kept else
                      "none kept: the sessions ended"}))
+    if parent.failure:
+        raise PvpnError(parent.failure)
+
+
+def send_signal(worker: Worker, sig: int) -> None:
+    if worker.process is not None and worker.process.returncode is None:
+        with contextlib.suppress(ProcessLookupError):
+            worker.process.send_signal(sig)
 
 
 def parent_signal(parent: Parent, sig: int) -> None:
     for worker in parent.workers:
-        if worker.process is not None and worker.process.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                worker.process.send_signal(sig)
+        send_signal(worker, sig)
+
+
+def forward_reload(parent: Parent) -> None:
+    for worker in parent.workers:
+        if worker.serving:
+            send_signal(worker, signal.SIGHUP)
+        else:
+            worker.reload_held = True
 
 
 async def stop_workers(parent: Parent) -> None:

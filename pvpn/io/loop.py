@@ -13,6 +13,7 @@ import stat
 import struct
 import sys
 import traceback
+import weakref
 from pathlib import Path
 from typing import Any, Callable, Concatenate, Coroutine, ParamSpec, Protocol, TypeVar, cast
 
@@ -76,12 +77,25 @@ def peer_credentials(transport: asyncio.BaseTransport) -> tuple[int, int, int]:
     return pid, uid, gid
 
 
+#: The loops that got a SIGHUP while their daemon started (installed without ``reload``).
+_HELD_RELOADS: "weakref.WeakSet[asyncio.AbstractEventLoop]" = weakref.WeakSet()
+
+
 def install_signals(loop: asyncio.AbstractEventLoop, stop: asyncio.Event,
                     reload: Callable[[], object] | None = None) -> None:
+    """SIGTERM and SIGINT set ``stop``; SIGHUP calls ``reload``. Without ``reload`` (the
+    daemon still starts) a SIGHUP is held, not left to its default action, which ended the
+    daemon there and left its rules (an administrator's reload right after a restart); the
+    held one runs once ``reload`` is installed."""
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    if reload is not None:
-        loop.add_signal_handler(signal.SIGHUP, reload)
+    if reload is None:
+        loop.add_signal_handler(signal.SIGHUP, _HELD_RELOADS.add, loop)
+        return
+    loop.add_signal_handler(signal.SIGHUP, reload)
+    if loop in _HELD_RELOADS:
+        _HELD_RELOADS.discard(loop)
+        loop.call_soon(reload)
 
 
 async def tick_until(stop: asyncio.Event, period: float, tick: Callable[[], object]) -> None:

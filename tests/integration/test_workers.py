@@ -251,13 +251,9 @@ def test_two_workers_share_users_resume_across_workers_and_survive_a_kill(
     assert not any(worker_path(state, i).exists() for i in range(2)), "no state left"
 
 
-@pytest.mark.parametrize("workers", [2, 1])
-def test_a_sigterm_while_the_workers_start_still_removes_every_rule(
-        wlab: dict[str, Any], workers: int) -> None:
-    """supervisord stopping a server it has just started (or restarted): the SIGTERM comes
-    while it starts (the parent: its workers; one process: its state, its listeners). The
-    handler was installed only after that, so Python's default action ended it there and
-    every rule stayed (seen once in CI)."""
+def server_by_hand(wlab: dict[str, Any], workers: int) -> list[str]:
+    """supervisord's pvpn-server stopped, its rules gone: the command that runs it by hand,
+    with ``workers`` workers (1: one process)."""
     supervisorctl(wlab, "stop", "pvpn-server")
     wait_for(lambda: not server_rules(wlab), 20, "no pvpn-server rules before the test")
     config = Path(wlab["configs"]["server"])
@@ -265,8 +261,18 @@ def test_a_sigterm_while_the_workers_start_still_removes_every_rule(
         one = config.with_name("server-one-process.toml")
         one.write_text(config.read_text().replace("workers = 2\n", "", 1))
         config = one
-    argv = ["ip", "netns", "exec", wlab["hosts"]["server"]["namespace"],
+    return ["ip", "netns", "exec", wlab["hosts"]["server"]["namespace"],
             str(Path(sys.executable).parent / "pvpn-server"), "--config", str(config)]
+
+
+@pytest.mark.parametrize("workers", [2, 1])
+def test_a_sigterm_while_the_workers_start_still_removes_every_rule(
+        wlab: dict[str, Any], workers: int) -> None:
+    """supervisord stopping a server it has just started (or restarted): the SIGTERM comes
+    while it starts (the parent: its workers; one process: its state, its listeners). The
+    handler was installed only after that, so Python's default action ended it there and
+    every rule stayed (seen once in CI)."""
+    argv = server_by_hand(wlab, workers)
     for attempt in range(3):
         proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
@@ -282,3 +288,93 @@ def test_a_sigterm_while_the_workers_start_still_removes_every_rule(
                 proc.kill()
                 proc.wait()
         assert server_rules(wlab) == [], f"attempt {attempt + 1}: the rules stayed"
+
+
+CHECKOUT = Path(__file__).resolve().parents[2]  # holds a pvpn/ of its own
+
+
+@pytest.mark.parametrize("workers", [2, 1])
+def test_a_sighup_while_the_server_starts_reloads_it_once_it_serves_and_never_ends_it(
+        wlab: dict[str, Any], workers: int, tmp_path: Path) -> None:
+    """An administrator's reload right after a restart: the SIGHUP came while the server
+    started, before its handler, and its default action ended the server (the parent, or a
+    worker still importing), rules and all. Started in a source checkout, whose pvpn/ the
+    workers' `python -m` imported instead of the installed one: none could start."""
+    argv = server_by_hand(wlab, workers)
+    out = tmp_path / "server.out"
+    with out.open("wb") as sink:
+        proc = subprocess.Popen(argv, stdout=sink, stderr=subprocess.STDOUT, cwd=CHECKOUT)
+
+    def records() -> list[dict[str, Any]]:
+        return [json.loads(line) for line in out.read_text().splitlines()
+                if line.startswith("{")]
+
+    def started() -> int:
+        return sum(r.get("event") == "node:started" for r in records())
+    try:
+        deadline = time.monotonic() + 15
+        while not server_rules(wlab) and proc.poll() is None and time.monotonic() < deadline:
+            pass  # as soon as the rules are there: it is starting
+        assert server_rules(wlab), "the server made no rules"
+        proc.send_signal(signal.SIGHUP)
+        # Every process serves (the parent and each worker say so), none ended.
+        wait_for(lambda: proc.poll() is not None or started() >= (1 if workers == 1 else 3),
+                 20, "the server and its workers started")
+        time.sleep(1.5)  # a worker that ended would be said by now
+        assert proc.poll() is None, ("the SIGHUP ended the server", out.read_text()[-3000:])
+        assert started() == (1 if workers == 1 else 3), out.read_text()[-3000:]
+        assert not any("ended" in r.get("reason", "") for r in records()), out.read_text()[-3000:]
+        if workers == 1:  # held while it started, the reload runs once it serves
+            wait_for(lambda: any(r.get("event") == "node:reloaded" for r in records()), 10,
+                     "the held reload")
+    finally:
+        stop_by_hand(proc)
+    assert server_rules(wlab) == [], "the rules went with the stop"
+
+
+def stop_by_hand(proc: subprocess.Popen[bytes]) -> None:
+    """SIGTERM (its clean-up), SIGKILL only if it does not end."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+HOLD_QUEUE = """
+import sys, time
+from netfilterqueue import NetfilterQueue
+q = NetfilterQueue()
+q.bind(int(sys.argv[1]), lambda p: p.drop())
+print("bound", flush=True)
+time.sleep(120)
+"""
+
+
+def test_a_worker_that_cannot_start_stops_the_server_with_its_reason_and_no_rule_left(
+        wlab: dict[str, Any], tmp_path: Path) -> None:
+    """Worker 1's queue held by another process: it fails at each start. It was started again
+    each second for ever, its share of the new connections waiting in its socket unserved."""
+    argv = server_by_hand(wlab, 2)
+    ns = wlab["hosts"]["server"]["namespace"]
+    holder = subprocess.Popen(["ip", "netns", "exec", ns, sys.executable, "-c", HOLD_QUEUE,
+                               "4001"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == b"bound"
+        out = tmp_path / "server.out"
+        with out.open("wb") as sink:
+            proc = subprocess.Popen(argv, stdout=sink, stderr=subprocess.STDOUT)
+        try:
+            proc.wait(timeout=40)
+        finally:
+            stop_by_hand(proc)
+        text = out.read_text()
+        assert proc.returncode == 1, (proc.returncode, text[-3000:])
+        assert "worker 1 ended 3 times in a row" in text and "NFQUEUE 4001" in text, \
+            text[-3000:]
+        assert server_rules(wlab) == [], "the rules went with the stop"
+    finally:
+        holder.kill()
+        holder.wait()

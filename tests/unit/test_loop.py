@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
+import subprocess
+import sys
 
 from pvpn.io.loop import peer_credentials, run_loop, set_nodelay, stream_transport
 
@@ -55,3 +57,36 @@ def test_the_adapters_helpers_work_on_uvloop_s_transports() -> None:
     assert nodelay == 1
     assert uid == os.getuid()
     assert accepted == 1
+
+
+# In a process of its own: without the fix the SIGHUP ends it (the signal's default action).
+HELD_SIGHUP = """
+import asyncio, os, signal
+from pvpn.io.loop import install_signals, run_loop
+
+async def main():
+    loop, stop, reloads = asyncio.get_running_loop(), asyncio.Event(), []
+    install_signals(loop, stop)  # starting: no reload yet
+    os.kill(os.getpid(), signal.SIGHUP)
+    os.kill(os.getpid(), signal.SIGHUP)
+    await asyncio.sleep(0.1)
+    install_signals(loop, stop, lambda: reloads.append(1))  # serving
+    await asyncio.sleep(0.1)
+    held = len(reloads)
+    os.kill(os.getpid(), signal.SIGHUP)
+    await asyncio.sleep(0.1)
+    os.kill(os.getpid(), signal.SIGTERM)
+    await asyncio.wait_for(stop.wait(), 5)
+    print(held, len(reloads))
+
+run_loop(main())
+"""
+
+
+def test_a_sighup_while_a_daemon_starts_is_held_for_its_reload_not_its_end() -> None:
+    """An administrator's reload right after a restart came while the daemon started, before
+    its SIGHUP handler: the default action ended it there, its rules left behind."""
+    done = subprocess.run([sys.executable, "-c", HELD_SIGHUP], capture_output=True, text=True,
+                          timeout=30)
+    assert done.returncode == 0, (done.returncode, done.stderr)
+    assert done.stdout.split() == ["1", "2"], "the held SIGHUPs reload once, later ones each"

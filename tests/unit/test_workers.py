@@ -186,3 +186,14 @@ def test_the_workers_setting(tmp_path: Path) -> None:
         path.write_text(base + bad + "\n")
         with pytest.raises(ConfigError, match="workers"):
             load_server_config(path)
+
+
+def test_a_worker_that_keeps_failing_at_its_start_ends_the_server_one_that_crashed_not() -> None:
+    # Started again each second for ever, its share of new connections waiting unserved.
+    count = 0
+    for _ in range(workers.MAX_FAILED_STARTS):
+        count = workers.failed_starts(count, 0.3)
+    assert count >= workers.MAX_FAILED_STARTS
+    # One that served a while and crashed is started again, its count from zero.
+    assert workers.failed_starts(count, workers.START_GRACE + 60) == 0
+    assert workers.failed_starts(0, workers.START_GRACE + 1) == 0
