@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import ipaddress
 import struct
-from typing import Final, NamedTuple
+from typing import Any, Final, NamedTuple
 
 from pvpn.errors import LocalProtocolError, MalformedPacket
 
@@ -695,33 +695,74 @@ def segment_tcp(packet: bytes | bytearray, mss: int) -> list[bytes]:
     ``mss`` bytes of data it stands for, each with its own IP length, IPv4 id (counting up
     from the super-packet's) and header checksum, sequence number and TCP checksum, as the
     kernel's tcp_gso_segment makes them: CWR only on the first, FIN and PSH only on the last.
-    A packet that fits comes back alone, its checksum completed."""
+    A packet that fits comes back alone, its checksum completed.
+
+    Each segment is its new header and a slice of the data (one copy); its checksum is the
+    sum of the pseudo-header, the header and the data's sum (:func:`chunk_sums`, all the
+    segments' data at once), never a sum over the segment again."""
     l4, _ = _l4(packet)
     header_len = l4 + (packet[l4 + 12] >> 4) * 4
-    data = memoryview(bytes(packet))[header_len:]
-    if len(data) <= mss:
+    length = len(packet) - header_len
+    if length <= mss:
         return [bytes(complete_checksum(packet))]
-    header = bytearray(packet[:header_len])
+    source = bytes(packet)
+    data = memoryview(source)[header_len:]
+    sums = chunk_sums(data, mss)
+    header = bytearray(source[:header_len])
     version = header[0] >> 4
     seq = int.from_bytes(header[l4 + 4:l4 + 8], "big")
-    ident = int.from_bytes(header[4:6], "big") if version == 4 else 0
     flags = header[l4 + 13]
+    if version == 4:
+        ident = int.from_bytes(header[4:6], "big")
+        addresses = int.from_bytes(header[12:20], "big") + PROTO_TCP
+    else:
+        ident = 0
+        addresses = int.from_bytes(header[8:40], "big") + PROTO_TCP
     out = []
-    for start in range(0, len(data), mss):
-        piece = data[start:start + mss]
-        last = start + mss >= len(data)
-        segment = bytearray(header)
-        segment += piece
-        total = len(segment)
+    for index, start in enumerate(range(0, length, mss)):
+        size = min(mss, length - start)
+        total = header_len + size
         if version == 4:
-            segment[2:4] = total.to_bytes(2, "big")
-            segment[4:6] = ((ident + start // mss) & 0xFFFF).to_bytes(2, "big")
-            segment[10:12] = b"\x00\x00"
-            ip_sum = int.from_bytes(segment[:20], "big") % 0xFFFF
-            segment[10:12] = ((0xFFFF - ip_sum) % 0xFFFF).to_bytes(2, "big")
+            header[2:4] = total.to_bytes(2, "big")
+            header[4:6] = ((ident + index) & 0xFFFF).to_bytes(2, "big")
+            header[10] = header[11] = 0
+            ip_sum = int.from_bytes(header[:20], "big") % 0xFFFF
+            header[10:12] = ((0xFFFF - ip_sum) % 0xFFFF).to_bytes(2, "big")
         else:
-            segment[4:6] = (total - 40).to_bytes(2, "big")
-        segment[l4 + 4:l4 + 8] = ((seq + start) & 0xFFFFFFFF).to_bytes(4, "big")
-        segment[l4 + 13] = (flags & ~0x80 if start else flags) & (0xFF if last else ~0x09)
-        out.append(bytes(complete_checksum(segment)))
+            header[4:6] = (total - 40).to_bytes(2, "big")
+        header[l4 + 4:l4 + 8] = ((seq + start) & 0xFFFFFFFF).to_bytes(4, "big")
+        header[l4 + 13] = (flags & ~0x80 if start else flags) & (
+            0xFF if start + size >= length else ~0x09)
+        header[l4 + 16] = header[l4 + 17] = 0
+        words = addresses + total - l4 + int.from_bytes(header[l4:], "big") + sums[index]
+        checksum = (0xFFFF - words % 0xFFFF) % 0xFFFF
+        header[l4 + 16] = checksum >> 8
+        header[l4 + 17] = checksum & 0xFF
+        out.append(bytes(header) + data[start:start + size])
     return out
+
+
+_numpy: Any = None
+
+
+def chunk_sums(data: bytes | memoryview, size: int) -> list[int]:
+    """The ones'-complement sum (modulo 0xFFFF, an odd byte padded with a zero) of each
+    ``size``-byte chunk of ``data``, the last one shorter. The whole chunks are summed in one
+    numpy call (about 13 us for 64 KB, a tenth of a big-int sum per chunk); the last, or any
+    chunk of an odd size, which starts off the 16-bit words, by the big int."""
+    global _numpy
+    if _numpy is None:
+        import numpy  # here: the daemons need it for super-packets only, `pvpn connect` never
+
+        _numpy = numpy
+    whole = len(data) // size if size % 2 == 0 else 0
+    sums: list[int] = []
+    if whole:
+        words = _numpy.frombuffer(data, dtype=">u2", count=whole * size // 2)
+        sums = (words.reshape(whole, size // 2).sum(axis=1, dtype=_numpy.uint64)
+                % 0xFFFF).tolist()
+    for start in range(whole * size, len(data), size):
+        piece = data[start:start + size]
+        value = int.from_bytes(piece, "big")
+        sums.append((value << 8 if len(piece) & 1 else value) % 0xFFFF)
+    return sums

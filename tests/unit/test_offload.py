@@ -164,17 +164,23 @@ def test_a_nat_rewritten_super_packet_gets_the_new_pseudo_header_sum() -> None:
 
 
 # ---------------------------------------------------------------- segmentation
+@pytest.mark.parametrize("mss,length", [(1448, len(DATA)), (1447, len(DATA)),
+                                        (1448, len(DATA) - 1), (536, 1073)],
+                         ids=["even", "odd-mss", "odd-last", "odd-both"])
 @pytest.mark.parametrize("make", [tcp4, tcp6], ids=["ipv4", "ipv6"])
-def test_a_super_packet_segments_as_the_kernel_segments_it(make: Any) -> None:
-    packet = make(DATA, flags="FPAC")  # FIN, PSH, ACK, CWR
-    segments = pk.segment_tcp(pk.partial_checksum(packet), 1448)
-    assert len(segments) == -(-len(DATA) // 1448)
+def test_a_super_packet_segments_as_the_kernel_segments_it(make: Any, mss: int,
+                                                           length: int) -> None:
+    # An odd segment size or an odd last segment: its data's words start off the super-packet's
+    # (the sums of the whole chunks are taken at once, the others one by one).
+    packet = make(DATA[:length], flags="FPAC")  # FIN, PSH, ACK, CWR
+    segments = pk.segment_tcp(pk.partial_checksum(packet), mss)
+    assert len(segments) == -(-length // mss)
     layer = IP if packet[0] >> 4 == 4 else IPv6
     data = b""
     for n, raw in enumerate(segments):
         seg = layer(raw)
         tcp = seg[TCP]
-        assert tcp.seq == 1000 + n * 1448
+        assert tcp.seq == 1000 + n * mss
         first, last = n == 0, n == len(segments) - 1
         assert bool(tcp.flags.C) == first and bool(tcp.flags.F) == bool(tcp.flags.P) == last
         assert tcp.flags.A
@@ -188,9 +194,21 @@ def test_a_super_packet_segments_as_the_kernel_segments_it(make: Any) -> None:
         else:
             assert seg.plen == len(raw) - 40
         assert layer(bytes(seg))[TCP].chksum == chk, f"segment {n}"
-        assert len(raw) <= pk.tcp_headers_length(packet) + 1448
+        assert len(raw) <= pk.tcp_headers_length(packet) + mss
         data += bytes(tcp.payload)
-    assert data == DATA
+    assert data == DATA[:length]
+
+
+def test_the_chunk_sums_are_each_chunk_s_ones_complement_sum() -> None:
+    data = bytes(range(256)) * 9 + b"\xff\x01\x02"
+    for size in (2, 7, 64, 536, 1448, len(data), len(data) + 10):
+        expected = []
+        for start in range(0, len(data), size):
+            piece = data[start:start + size] + b"\0" * ((size if start + size <= len(data)
+                                                          else len(data) - start) & 1)
+            expected.append(sum(int.from_bytes(piece[i:i + 2], "big")
+                                for i in range(0, len(piece), 2)) % 0xFFFF)
+        assert pk.chunk_sums(data, size) == expected, size
 
 
 def test_a_super_packet_that_fits_comes_back_whole_with_its_checksum() -> None:
