@@ -63,6 +63,7 @@ _NFQNL_COPY_PACKET: Final = 2
 _NLA_TYPE_MASK: Final = 0x3FFF  # without NLA_F_NESTED and NLA_F_NET_BYTEORDER
 _NF_DROP: Final = 0
 _NF_ACCEPT: Final = 1
+_NF_QUEUE: Final = 3
 
 _PACKET_TYPE: Final = (_NFNL_SUBSYS_QUEUE << 8) | _NFQNL_MSG_PACKET
 _NLMSGHDR: Final = struct.Struct("=IHHII")
@@ -129,6 +130,15 @@ def verdict_message(queue_num: int, packet_id: int, verdict: int = _NF_ACCEPT,
     """The verdict for one packet: NFQA_VERDICT_HDR (verdict and id, big-endian)."""
     return _message(_NFQNL_MSG_VERDICT, _NLM_F_REQUEST, queue_num,
                     _attribute(_NFQA_VERDICT_HDR, struct.pack(">II", verdict, packet_id)), seq)
+
+
+def requeue_verdict(queue_num: int) -> int:
+    """The verdict that hands a packet to queue ``queue_num`` (NF_QUEUE_NR): a queue without
+    NFQA_CFG_F_GSO gets a super-packet as the kernel's segments, their checksums done, and
+    with nobody reading it the kernel drops (no bypass flag: fail closed)."""
+    if not 0 <= queue_num <= 0xFFFF:
+        raise ValueError(f"no queue {queue_num}")
+    return _NF_QUEUE | queue_num << 16
 
 
 def verdict_batch_message(queue_num: int, last_id: int, verdict: int = _NF_DROP,
@@ -200,12 +210,13 @@ def ack_error(buffer: bytes, seq: int) -> int | None:
 
 class BatchedQueue:
     """One bound NFQUEUE. ``take(payload)`` decides per packet: True drops it (in the next
-    batch), False accepts it now. An exception in ``take`` drops the packet (fail closed), and
+    batch), False accepts it now, an int (:func:`requeue_verdict`) is the verdict it gets
+    now. An exception in ``take`` drops the packet (fail closed), and
     so does a packet the kernel had to cut (longer than MAX_COPY), which ``take`` never sees.
     ``flags`` are NFQA_CFG_F_* flags for the queue (none by default); with F_GSO, ``take`` is
     called as ``take(payload, info)``, info being the packet's NFQA_SKB_INFO flags (SKB_*)."""
 
-    def __init__(self, queue_num: int, take: Callable[..., bool], max_len: int,
+    def __init__(self, queue_num: int, take: Callable[..., "bool | int"], max_len: int,
                  flags: int = 0) -> None:
         self.queue_num = queue_num
         self._take = take
@@ -276,14 +287,14 @@ class BatchedQueue:
         return self._sock.fileno()
 
     def _on_packet(self, packet_id: int, payload: bytes, original: int, info: int) -> None:
-        take = True
+        take: bool | int = True
         try:
             if original > len(payload):
                 self.truncated += 1  # cut by the kernel: dropped, its copy comes by a TUN
             elif packet_id >= 0:
                 take = self._take(payload, info) if self._with_info else self._take(payload)
         finally:
-            if take:
+            if take is True:
                 if packet_id > self._last_id:
                     self._last_id = packet_id
                 self._waiting += 1
@@ -291,8 +302,10 @@ class BatchedQueue:
                     self.flush()
             else:
                 self._seq += 1
+                verdict = _NF_ACCEPT if take is False else take
                 try:
-                    self._sock.send(verdict_message(self.queue_num, packet_id, seq=self._seq))
+                    self._sock.send(verdict_message(self.queue_num, packet_id, verdict,
+                                                    seq=self._seq))
                 except OSError:
                     self.verdict_errors += 1  # it stays queued; the next batch drops it
 

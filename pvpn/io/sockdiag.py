@@ -76,6 +76,42 @@ def lookup_request(flow: FlowKey, seq: int) -> bytes:
     return _request(flow, seq, SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST, _NO_COOKIE_BYTES)
 
 
+#: inet_diag_req_v2's idiag_ext bit for INET_DIAG_INFO (struct tcp_info in the answer).
+_EXT_INFO = 1 << (2 - 1)
+_INET_DIAG_INFO = 2
+_TCPI_OPT_TIMESTAMPS = 1
+_ATTRIBUTES_AT = HEADER.size + 72  # after inet_diag_msg
+_ATTRIBUTE = struct.Struct("=HH")
+
+
+def mss_request(flow: FlowKey, seq: int) -> bytes:
+    """:func:`lookup_request` for a TCP flow, asking for the socket's tcp_info too."""
+    if flow.proto != PROTO_TCP:
+        raise ValueError("only a TCP socket has a segment size")
+    return _request(flow, seq, SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST, _NO_COOKIE_BYTES, _EXT_INFO)
+
+
+def read_mss(data: bytes, seq: int) -> tuple[bool, tuple[int, bool] | None]:
+    """``(answered, (snd_mss, timestamps))`` from one recv of :func:`mss_request`'s answer:
+    tcp_info's tcpi_snd_mss (the largest segment it sends, its usual options taken off) and
+    whether those options hold timestamps; None without a socket or a tcp_info."""
+    answered, found = read_socket(data, seq)
+    if not answered or not found.cookie:
+        return answered, None
+    length = HEADER.unpack_from(data)[0]
+    at = _ATTRIBUTES_AT
+    while at + _ATTRIBUTE.size <= length:
+        size, kind = _ATTRIBUTE.unpack_from(data, at)
+        if size < _ATTRIBUTE.size:
+            break
+        if kind == _INET_DIAG_INFO and size >= _ATTRIBUTE.size + 20:
+            info = at + _ATTRIBUTE.size
+            mss = struct.unpack_from("=I", data, info + 16)[0]
+            return True, (mss, bool(data[info + 5] & _TCPI_OPT_TIMESTAMPS))
+        at += (size + 3) & ~3
+    return True, None
+
+
 def destroy_request(flow: FlowKey, seq: int, cookie: bytes) -> bytes:
     """"Abort the TCP socket ``cookie`` names, which holds ``flow``": with the cookie the
     kernel aborts only that socket, never a listener or a newer socket on the same ports."""
@@ -84,7 +120,8 @@ def destroy_request(flow: FlowKey, seq: int, cookie: bytes) -> bytes:
     return _request(flow, seq, SOCK_DESTROY, NLM_F_REQUEST | NLM_F_ACK, cookie)
 
 
-def _request(flow: FlowKey, seq: int, kind: int, flags: int, cookie: bytes) -> bytes:
+def _request(flow: FlowKey, seq: int, kind: int, flags: int, cookie: bytes,
+             ext: int = 0) -> bytes:
     family = socket.AF_INET if len(flow.src) == 4 else socket.AF_INET6
     if flow.proto == PROTO_UDP:
         # udp_dump_one looks up by (source, destination) of an arriving packet ("src and dst
@@ -94,7 +131,7 @@ def _request(flow: FlowKey, seq: int, kind: int, flags: int, cookie: bytes) -> b
         src, sport, dst, dport = flow.src, flow.sport, flow.dst, flow.dport
     else:
         raise ValueError(f"no socket lookup for protocol {flow.proto}")
-    body = (_REQUEST.pack(family, flow.proto, 0, 0, 0xFFFFFFFF) + _PORTS.pack(sport, dport)
+    body = (_REQUEST.pack(family, flow.proto, ext, 0, 0xFFFFFFFF) + _PORTS.pack(sport, dport)
             + _padded(src) + _padded(dst) + struct.pack("=I", 0) + cookie)
     return request(kind, flags, seq, body)
 
@@ -157,6 +194,21 @@ class SocketOwners:
     def find(self, flow: FlowKey) -> Found:
         """The socket ``flow``'s replies would reach."""
         return self._ask(lookup_request, flow)
+
+    def send_mss(self, flow: FlowKey) -> tuple[int, bool] | None:
+        """The local TCP socket of ``flow`` (as sent): its segment size and whether its
+        segments carry timestamps (:func:`read_mss`); None if there is no such socket.
+        PvpnError if the kernel cannot tell."""
+        self._seq = (self._seq + 1) & 0xFFFFFFFF
+        try:
+            self._sock.send(mss_request(flow, self._seq))
+            for _ in range(16):  # answers to questions that timed out earlier come first
+                answered, found = read_mss(self._sock.recv(8192), self._seq)
+                if answered:
+                    return found
+        except OSError as exc:
+            raise PvpnError(f"sock_diag: {exc.strerror or exc}") from None
+        raise PvpnError("sock_diag gave no answer")
 
     def abort(self, flow: FlowKey, cookie: bytes) -> None:
         """Abort the TCP socket :meth:`find` named by ``cookie`` (gone already: nothing to

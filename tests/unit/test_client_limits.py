@@ -416,3 +416,33 @@ def test_sock_diag_aborts_exactly_the_socket_it_found() -> None:
         owners.close()
         for s in (client, served, listener):
             s.close()
+
+
+def test_sock_diag_tells_a_connections_segment_size_as_the_socket_itself_does() -> None:
+    """What pvpn-client puts in an upload super-packet's header as its segment size: the
+    socket's tcpi_snd_mss, asked of the kernel by the flow, as getsockopt(TCP_INFO) says it."""
+    import socket
+    import struct
+
+    from pvpn.io import sockdiag as sd
+
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(4)
+    port = listener.getsockname()[1]
+    client = socket.create_connection(("127.0.0.1", port))
+    served, _ = listener.accept()
+    owners = sd.SocketOwners()
+    try:
+        info = client.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 104)
+        expected = (struct.unpack_from("=I", info, 16)[0], bool(info[5] & 1))
+        mine = FlowKey(6, socket.inet_aton("127.0.0.1"), client.getsockname()[1],
+                       socket.inet_aton("127.0.0.1"), port)
+        assert owners.send_mss(mine) == expected and expected[0] > 1000
+        assert owners.send_mss(mine._replace(dport=1)) is None  # no such socket
+        with pytest.raises(ValueError):
+            sd.mss_request(mine._replace(proto=17), 1)
+    finally:
+        owners.close()
+        for sock in (client, served, listener):
+            sock.close()
