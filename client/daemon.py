@@ -47,13 +47,14 @@ from pvpn.io.loop import (
     WRITE_HIGH_WATER as WRITE_HIGH_WATER, Dispatcher, Guard, answers, daemon_main,
     install_signals, tick_until,
 )
+from pvpn.io.nfqueue import requeue_verdict
 from pvpn.io.sessiondevices import SessionDevices
 from pvpn.io.sockdiag import SocketOwners
 from pvpn.io.tun import strict_rp_filter, vnet_header
 from pvpn.names import NODE_RELOADED, NODE_STARTED, NODE_STOPPED, NODE_WARNING
 from pvpn.nodes.client import (
     LOCAL_LOG_EVERY as LOCAL_LOG_EVERY, RECORD_EVERY as RECORD_EVERY, ClientHost, CloseLocal,
-    SlotSession, WriteTun,
+    Queued, SlotSession, WriteTun,
 )
 from pvpn.packet import segment_tcp
 from pvpn.records import RecordWriter
@@ -168,15 +169,18 @@ class ClientDaemon:
             self.run()
 
     # -- the packet path: queue -> user's process
-    def _queue_callback(self, session: SlotSession) -> Callable[[bytes], bool]:
+    def _queue_callback(self, session: SlotSession) -> Callable[..., bool | int]:
         host, loop_time = self.host, self.loop.time
+        segment = requeue_verdict(session.segmenting_queue)
 
-        def on_packet(payload: bytes) -> bool:
-            # Always taken (dropped by the queue): it never leaves this host in clear.
-            host.queued(session, payload, loop_time())
+        def on_packet(payload: bytes, info: int = 0) -> bool | int:
+            # Always taken (dropped by the queue): it never leaves this host in clear; or
+            # handed to the session's segmenting queue, which the kernel drops from if
+            # nobody reads it.
+            queued = host.queued(session, payload, loop_time(), info)
             if host.commands:
                 self.run()
-            return True
+            return True if queued is Queued.TAKEN else segment
 
         return on_packet
 

@@ -488,8 +488,10 @@ def load_client_config(path: Path) -> ClientConfig:
         )
     if not 1 <= max_sessions <= 1024:
         raise ConfigError(f"{t.where('max_sessions')} must be 1..1024")
-    if not 0 <= queue_base <= 65535 - max_sessions:
-        raise ConfigError(f"{t.where('queue_base')} must leave room for max_sessions queues")
+    if not 0 <= queue_base <= 65536 - 2 * max_sessions:
+        raise ConfigError(f"{t.where('queue_base')} must leave room for 2 x max_sessions queues "
+                          "(each session's, and the one the kernel segments its super-packets "
+                          "in: queue_base + max_sessions + slot)")
     instance = _instance(t, "pvpnc")
     default = _defaults(ClientConfig)
     per_uid = _count(t, "max_sessions_per_uid", min(default.max_sessions_per_uid, max_sessions),

@@ -186,6 +186,12 @@ class HostedTunnel:
     def up(self) -> bool:
         return self.chain is not None and self.chain.up
 
+    @property
+    def takes_offload(self) -> bool:
+        """Its server said it takes super-packets (ACCEPT's "offload")."""
+        link = self.chain.server_link if self.chain is not None else None
+        return link is not None and link.offload
+
     # -- building
     def _link(self, index: int, nodes_before: list[str]) -> UserLink:
         spec = self.spec

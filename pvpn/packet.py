@@ -646,6 +646,22 @@ def _l4(packet: bytes | bytearray) -> tuple[int, int]:
     return 40, packet[6]
 
 
+def plain_transport(packet: bytes | bytearray) -> int | None:
+    """PROTO_TCP or PROTO_UDP for such a packet right after a plain IP header (IPv4 without
+    options, IPv6 without extension headers: where the checksum helpers look), else None."""
+    if len(packet) < 28:
+        return None
+    if packet[0] >> 4 == 4:
+        l4, proto = 20, packet[9] if packet[0] & 0x0F == 5 else -1
+    elif packet[0] >> 4 == 6:
+        l4, proto = 40, packet[6]
+    else:
+        return None
+    if proto == PROTO_TCP:
+        return proto if len(packet) >= l4 + 20 else None
+    return proto if proto == PROTO_UDP and len(packet) >= l4 + 8 else None
+
+
 def partial_checksum(packet: bytes | bytearray) -> bytearray:
     """A copy of a TCP ``packet`` whose checksum field holds its pseudo-header's sum only,
     folded, not complemented: the kernel's CHECKSUM_PARTIAL (``~tcp_v4_check(len, s, d, 0)``),

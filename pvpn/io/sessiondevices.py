@@ -11,12 +11,13 @@ from typing import Callable
 from pvpn.errors import PvpnError
 from pvpn.fragments import Reassembler
 from pvpn.io.loop import Guard
-from pvpn.io.nfqueue import BatchedQueue
+from pvpn.io.nfqueue import F_GSO, BatchedQueue
 from pvpn.io.tun import VNET_HDR_LEN, has_vnet_header, open_tun, read_copies
 from pvpn.nodes.client import SlotSession
 
-#: A packet of a session, taken (dropped by the queue: it never leaves the host in clear).
-Take = Callable[[bytes], bool]
+#: A packet of a session and its NFQA_SKB_INFO flags: True, taken (dropped by the queue: it
+#: never leaves the host in clear), or the verdict that hands it to its segmenting queue.
+Take = Callable[[bytes, int], "bool | int"]
 
 
 class SessionDevices:
@@ -29,6 +30,9 @@ class SessionDevices:
         self.guard = guard
         self.flush = flush
         self.queues: dict[int, BatchedQueue] = {}
+        # Each session's segmenting queue (no NFQA_CFG_F_GSO): the super-packets it hands
+        # back to the kernel come in here as segments, their checksums done.
+        self.segmenting: dict[int, BatchedQueue] = {}
         self.tun_fds: dict[int, int] = {}
         self.vnet: set[int] = set()  # the TUN fds whose packets carry a virtio_net_hdr
 
@@ -38,24 +42,33 @@ class SessionDevices:
         self.tun_fds[session.slot] = fd
         if has_vnet_header(fd):
             self.vnet.add(fd)
+        queues: list[BatchedQueue] = []
         try:
-            queue = BatchedQueue(session.queue, take, max_len=4096)
+            # Its packets as the local stack made them: TCP super-packets whole, checksums
+            # left undone (ClientHost.queued); the segmenting queue takes what it cannot send.
+            for number, flags in ((session.segmenting_queue, 0), (session.queue, F_GSO)):
+                queues.append(BatchedQueue(number, take, max_len=4096, flags=flags))
         except OSError as exc:  # the queue is bound by someone else, say
+            for bound in queues:
+                bound.close()
             self.vnet.discard(fd)
             os.close(self.tun_fds.pop(session.slot))
-            raise PvpnError(f"cannot bind NFQUEUE {session.queue}: {exc}") from None
+            raise PvpnError(f"cannot bind NFQUEUE {number}: {exc}") from None
         except BaseException:
+            for bound in queues:
+                bound.close()
             self.vnet.discard(fd)
             os.close(self.tun_fds.pop(session.slot))
             raise
-        self.queues[session.slot] = queue
+        self.segmenting[session.slot], self.queues[session.slot] = queues
 
-        def drain() -> None:
-            # A packet whose handling failed is dropped (fail closed), the rest go on.
-            self.guard.call("queue drain", queue.drain)
-            self.guard.call("flush", self.flush)
+        for queue in queues:
+            def drain(queue: BatchedQueue = queue) -> None:
+                # A packet whose handling failed is dropped (fail closed), the rest go on.
+                self.guard.call("queue drain", queue.drain)
+                self.guard.call("flush", self.flush)
 
-        self.loop.add_reader(queue.fileno(), drain)
+            self.loop.add_reader(queue.fileno(), drain)
         copies = Reassembler()
 
         def read_big() -> None:
@@ -70,17 +83,18 @@ class SessionDevices:
         # The kernel's copy carries DF (nf_dup_ipv4 sets it); its sender set none.
         for datagram in read_copies(fd, copies, self.loop.time(), 0, True,
                                     header=VNET_HDR_LEN if fd in self.vnet else 0):
-            take(datagram)
+            take(datagram, 0)
 
     def attached(self, session: SlotSession) -> bool:
         return session.slot in self.queues
 
     def detach(self, session: SlotSession) -> None:
         """The session's queue and TUN device are closed (if it had them)."""
-        queue = self.queues.pop(session.slot, None)
-        if queue is not None:
-            self.loop.remove_reader(queue.fileno())
-            queue.close()
+        for queues in (self.queues, self.segmenting):
+            queue = queues.pop(session.slot, None)
+            if queue is not None:
+                self.loop.remove_reader(queue.fileno())
+                queue.close()
         fd = self.tun_fds.pop(session.slot, None)
         if fd is not None:
             self.loop.remove_reader(fd)

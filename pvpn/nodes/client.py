@@ -15,6 +15,7 @@ without its tunnel process: briefly if it never came up, ``held_timeout`` if it 
 
 from __future__ import annotations
 
+import enum
 import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Generic, Protocol, TypeVar
@@ -25,8 +26,8 @@ from pvpn.commands import Command, LogRecord
 from pvpn.config import ClientConfig, Network, parse_prefixes
 from pvpn.drops import Counters, Drop
 from pvpn.envelope import (
-    DEFAULT_HOPS, Envelope, MsgType, Offload, bare_packet, decode_control, is_offloaded,
-    split_offload,
+    DEFAULT_HOPS, GSO_TCPV4, GSO_TCPV6, MIN_GSO_SIZE, Envelope, MsgType, Offload, bare_packet,
+    decode_control, encode_offload, is_offloaded, split_offload,
 )
 from pvpn.hosted import HostedEvents, HostedTunnel, parse_chain_spec
 from pvpn.errors import (
@@ -58,6 +59,18 @@ MAX_SLOT_PROBES = 8
 #: How many candidates a refusal lists.
 _LISTED = 16
 
+#: A TCP flow's segment size is asked of its socket again after this long (a path MTU that
+#: changed), and at most this many are kept per session.
+SEGMENT_SIZE_TTL = 1.0
+MAX_SEGMENT_SIZES = 64
+
+
+class Queued(enum.Enum):
+    """What becomes of a packet of a session's queue (ClientHost.queued)."""
+
+    TAKEN = "taken"  # dropped from the kernel's path: into the tunnel, or dropped and counted
+    SEGMENT = "segment"  # to the session's segmenting queue: the kernel segments it first
+
 
 @dataclass(slots=True)
 class SlotSession(Counters):
@@ -73,6 +86,13 @@ class SlotSession(Counters):
     tun: str
     opened: float  # registered (or recovered after a restart)
     max_flows: int = 8192
+    # Where a super-packet goes for the kernel to segment it (a queue without
+    # NFQA_CFG_F_GSO): queue_base + max_sessions + slot.
+    segmenting_queue: int = -1
+    # Its TCP flows' segment sizes, as their sockets said (sock_diag), until when: the
+    # upload super-packets' offload headers. Bounded (MAX_SEGMENT_SIZES).
+    segment_sizes: dict[FlowKey, tuple[tuple[int, bool] | None, float]] = field(
+        default_factory=dict)
     # The chain as its tunnel process told it: the gateways' endpoints (REGISTER) and the
     # names every node gave, the server's last (ATTACH); what `pvpn status` shows.
     via: list[str] = field(default_factory=list)
@@ -220,6 +240,7 @@ class Registry:
             slot=slot, uid=uid, user=user, server=server, networks=networks,
             queue=config.queue_base + slot, mark=self.mark_for(slot),
             tun=f"{config.instance}{slot}", opened=now, max_flows=config.max_flows_per_session,
+            segmenting_queue=config.queue_base + config.max_sessions + slot,
         )
         self.sessions[slot] = session
         return session
@@ -259,7 +280,8 @@ class Registry:
                               networks=list(networks), queue=queue, mark=mark, tun=tun,
                               opened=now, max_flows=self.config.max_flows_per_session,
                               session_id=session_id, recorded=session_id, ever_up=ever_up,
-                              held_since=now)
+                              held_since=now, segmenting_queue=self.config.queue_base
+                              + self.config.max_sessions + slot)
         self.sessions[slot] = session
         return session
 
@@ -443,6 +465,10 @@ class OwnerLookup(Protocol):
 
     def owner(self, flow: FlowKey) -> int | None: ...
 
+    def send_mss(self, flow: FlowKey) -> tuple[int, bool] | None:
+        """The local TCP socket of ``flow`` (as sent): its segment size and whether its
+        segments carry timestamps; None without one."""
+
 
 class LocalPeer:
     """One connection on pvpn-client's socket (a `pvpn connect`, `pvpn status` or `pvpn
@@ -587,36 +613,103 @@ class ClientHost(Generic[P]):
                 del self.session_logged[key]
 
     # -- the packet path: queue -> user's process
-    def queued(self, session: SlotSession, payload: bytes, now: float) -> None:
-        """A packet of the session's queue. Always taken (dropped by the queue): it never
-        leaves this host in clear. Without a tunnel process that had the session up it is
-        dropped (fail closed), and counted."""
+    def queued(self, session: SlotSession, payload: bytes, now: float,
+               info: int = 0) -> Queued:
+        """A packet of the session's queue: TAKEN (dropped by the queue: it never leaves this
+        host in clear), or SEGMENT. Without a tunnel process that had the session up it is
+        dropped (fail closed), and counted.
+
+        ``info``: the queue's NFQA_SKB_INFO flags (pvpn.packet.SKB_*; the queue has
+        NFQA_CFG_F_GSO). A TCP super-packet goes whole, with its offload header, to a chain
+        whose server takes them; a checksum the kernel left undone is done. SEGMENT: the
+        kernel is to segment it first (and finish its checksums) in the session's segmenting
+        queue, whose segments come back here one by one: a UDP super-packet (no segment size
+        comes with it), one of a socket that cannot say its segment size, one for a chain
+        or an agent's tunnel that takes none, one with IP options or extension headers."""
         link = self.links.get(session.slot)
         if link is None or not session.session_id:
             self.dropped(session, Drop.TUNNEL_DOWN, now)
-            return
+            return Queued.TAKEN
         tunnel = link.tunnel
         if tunnel is not None and not tunnel.up:
             self.dropped(session, Drop.TUNNEL_DOWN, now)
-            return
+            return Queued.TAKEN
         if tunnel.congested if tunnel is not None else link.congested:
             self.dropped(session, Drop.TUNNEL_CONGESTED, now)
-            return
+            return Queued.TAKEN
         try:
             key = pk.parse_flow(payload)
         except MalformedPacket:
-            pass  # e.g. a locally generated ICMP error; it still belongs to this session
-        else:
+            key = None  # e.g. a locally generated ICMP error; it still belongs to this session
+        body = payload
+        if info & (pk.SKB_GSO | pk.SKB_CSUMNOTREADY):
+            done = self._offloaded(session, tunnel, key, payload, info, now)
+            if done is None:
+                return Queued.SEGMENT
+            body = done
+            if is_offloaded(done):
+                session.super_out += 1
+            else:
+                payload = done  # its checksum done
+        if key is not None:
             session.note_flow(key, now)
         session.count_out(len(payload))
         if tunnel is not None:
             # Straight into the chain: written once per drain (the adapter's flush).
-            tunnel.outbox.append(payload)
+            tunnel.outbox.append(body)
             self.dirty_tunnels.add(tunnel)
             if not tunnel.spec.capture or link.congested:
-                return
+                return Queued.TAKEN
         link.pending.append(link.channel.packet(session.session_id, session.uid, payload))
         self.dirty.add(link)
+        return Queued.TAKEN
+
+    def _offloaded(self, session: SlotSession, tunnel: HostedTunnel | None,
+                   key: FlowKey | None, payload: bytes, info: int, now: float) -> bytes | None:
+        """What a packet the local stack left to offloads goes into the tunnel as (see
+        :meth:`queued`), or None: SEGMENT."""
+        proto = pk.plain_transport(payload)  # None: IP options, extension headers, not TCP/UDP
+        if not info & pk.SKB_GSO:  # one segment or datagram, its checksum left undone
+            return bytes(pk.complete_checksum(payload)) if proto is not None else None
+        if (proto != pk.PROTO_TCP or key is None or tunnel is None or not tunnel.takes_offload
+                or tunnel.spec.capture):
+            return None
+        headers = pk.tcp_headers_length(payload)
+        size = self._segment_size(session, key, payload, headers, now)
+        if size is None:
+            return None
+        if len(payload) - headers <= size:  # a "super-packet" of one segment
+            return bytes(pk.complete_checksum(payload))
+        if not info & pk.SKB_CSUMNOTREADY:  # the header's checksum is the pseudo-header's sum
+            payload = bytes(pk.partial_checksum(payload))
+        return encode_offload(Offload(GSO_TCPV4 if payload[0] >> 4 == 4 else GSO_TCPV6, size,
+                                      pk.l4_offset(payload), 16, headers), payload)
+
+    def _segment_size(self, session: SlotSession, key: FlowKey, payload: bytes, headers: int,
+                      now: float) -> int | None:
+        """The data per segment the local kernel would have cut ``payload`` into: its socket's
+        segment size (tcpi_snd_mss, asked at most every SEGMENT_SIZE_TTL), less the options
+        this segment carries beyond the usual ones (SACK blocks). None if the socket cannot
+        say (gone: data sent after its close()) or it is below what a header may carry."""
+        sizes = session.segment_sizes
+        cached = sizes.get(key)
+        if cached is not None and cached[1] > now:
+            found = cached[0]
+        else:
+            try:
+                found = self.owners.send_mss(key)
+            except PvpnError:
+                found = None
+            if cached is None and len(sizes) >= MAX_SEGMENT_SIZES:
+                for old in [k for k, (_, until) in sizes.items() if until <= now] or \
+                        [next(iter(sizes))]:
+                    del sizes[old]
+            sizes[key] = (found, now + SEGMENT_SIZE_TTL)
+        if found is None:
+            return None
+        mss, timestamps = found
+        size = mss - (headers - pk.l4_offset(payload) - 20 - (12 if timestamps else 0))
+        return size if size >= MIN_GSO_SIZE else None
 
     def dropped(self, session: SlotSession, code: Drop, now: float,
                 flow: FlowKey | None = None, detail: str = "") -> None:

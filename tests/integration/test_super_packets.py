@@ -1,6 +1,8 @@
 """Super-packets (issue 12): a bulk TCP download crosses the Python path in 64 KB units (the
 server's reply queue hands over GSO packets whole, the client host's kernel takes each from
-the session's TUN device whole), byte-exact; a user's own tunnel process that hands
+the session's TUN device whole), byte-exact, and so does an upload (the session's queue hands
+over the user's, the server segments them); a UDP super-packet is segmented by the kernel
+first; a user's own tunnel process that hands
 pvpn-client a super-packet whose offload header lies gets it dropped and logged, and
 pvpn-client goes on serving everyone.
 
@@ -9,7 +11,10 @@ TCP sends GSO packets as they are, so no GRO is needed for the server to see the
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import shlex
 import subprocess
 import sys
 from typing import Any, Iterator
@@ -109,3 +114,55 @@ def test_a_lying_offload_header_is_dropped_and_logged_and_others_are_served(
     logged = [r for r in records if r["event"] == "packet:dropped"]
     assert logged and all(r["detail"].startswith("offload header") for r in logged), logged
     fetch_ok(alice, "alice", "1m")
+
+
+def test_a_bulk_upload_leaves_in_super_packets_byte_exact(alice: dict[str, Any]) -> None:
+    """The session's queue hands pvpn-client the user's TCP super-packets whole (F_GSO): each
+    goes to the server whole, with its segment size, and leaves there in the segments the
+    user's kernel would have sent. What arrives is what was sent (ssh to the target's sshd,
+    which sums it)."""
+    data = os.urandom(24 << 20)
+    before = alice_status(alice)
+    ssh = sh(alice, "client", "alice", *shlex.split(alice["ssh"]["alice"]), "sha256sum",
+             input=data, timeout=120)
+    assert ssh.returncode == 0, ssh.stderr.decode()
+    assert ssh.stdout.decode().split()[0] == hashlib.sha256(data).hexdigest()
+    after = alice_status(alice)
+    supers = after.get("super_out", 0) - before.get("super_out", 0)
+    packets = after["packets_out"] - before["packets_out"]
+    # 24 MB in packets of at most 1,500 bytes would be some 17,000 of them.
+    assert supers > 50 and packets < 12000, (supers, packets)
+    # And over IPv6 (iperf3 to the target's server for a second).
+    iperf = sh(alice, "client", "alice", "iperf3", "-6", "-c", alice["target"]["ipv6"],
+               "-t", "1", "--json", timeout=60)
+    assert iperf.returncode == 0, iperf.stdout.decode()[-2000:]
+    assert json.loads(iperf.stdout)["end"]["sum_received"]["bytes"] > 1 << 20
+
+
+UDP_GSO = r"""
+import socket, sys
+address, port = sys.argv[1], int(sys.argv[2])
+s = socket.socket(socket.AF_INET6 if ":" in address else socket.AF_INET, socket.SOCK_DGRAM)
+s.setsockopt(socket.SOL_UDP, 103, 1000)  # UDP_SEGMENT: one send, datagrams of 1,000 bytes
+s.settimeout(3)
+s.connect((address, port))
+s.send(bytes(range(250)) * 32)  # 8,000 bytes: 8 datagrams
+got = []
+try:
+    while len(got) < 8:
+        got.append(s.recv(65536))
+except socket.timeout:
+    pass
+print(sorted(len(d) for d in got))
+"""
+
+
+@pytest.mark.parametrize("family", ["ipv4", "ipv6"])
+def test_a_udp_super_packet_is_segmented_by_the_kernel_and_each_datagram_goes(
+        alice: dict[str, Any], family: str) -> None:
+    """A UDP super-packet (UDP_SEGMENT) comes with no segment size: pvpn-client hands it to
+    the session's segmenting queue, where the kernel cuts it into its datagrams, each sent
+    through the tunnel (the target's echo answers each)."""
+    echo = sh(alice, "client", "alice", sys.executable, "-c", UDP_GSO,
+              alice["target"][family], str(alice["ports"]["udp_echo"]), timeout=30)
+    assert echo.stdout.decode().strip() == str([1000] * 8), echo.stderr.decode()

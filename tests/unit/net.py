@@ -324,8 +324,9 @@ class FakeQueue:
     """An NFQUEUE binding as a daemon holds one: pollable (one end of a socket pair nobody
     writes to), its callback kept for the test to call as the kernel's packets would."""
 
-    def __init__(self, number: int, callback: Callable[[bytes], bool]) -> None:
-        self.number, self.callback = number, callback
+    def __init__(self, number: int, callback: Callable[..., "bool | int"],
+                 flags: int = 0) -> None:
+        self.number, self.callback, self.flags = number, callback, flags
         self.ends = socket.socketpair()
         self.closed = False
 
@@ -351,12 +352,16 @@ class FakeQueues:
         self.opened: list[FakeQueue] = []
         self.busy = False
 
-    def __call__(self, number: int, callback: Callable[[bytes], bool],
-                 max_len: int) -> FakeQueue:
+    def __call__(self, number: int, callback: Callable[..., "bool | int"],
+                 max_len: int, flags: int = 0) -> FakeQueue:
         if self.busy:
             raise PvpnError("the queue is bound by another process")
-        self.opened.append(FakeQueue(number, callback))
+        self.opened.append(FakeQueue(number, callback, flags))
         return self.opened[-1]
+
+    def of(self, number: int) -> FakeQueue:
+        """The open queue ``number`` (the last bound)."""
+        return [q for q in self.opened if q.number == number and not q.closed][-1]
 
     def close_all(self) -> None:
         for queue in self.opened:
@@ -412,12 +417,20 @@ class FakeOwners:
 
     def __init__(self) -> None:
         self.of: dict[FlowKey, int | None] = {}
+        self.mss: dict[FlowKey, tuple[int, bool]] = {}  # the TCP sockets' segment sizes
+        self.mss_asked = 0
         self.broken = False
 
     def owner(self, flow: FlowKey) -> int | None:
         if self.broken:
             raise PvpnError("sock_diag: no answer")
         return self.of.get(flow)
+
+    def send_mss(self, flow: FlowKey) -> tuple[int, bool] | None:
+        self.mss_asked += 1
+        if self.broken:
+            raise PvpnError("sock_diag: no answer")
+        return self.mss.get(flow)
 
 
 class FakeRules:

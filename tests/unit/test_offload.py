@@ -490,3 +490,141 @@ def test_a_capture_of_a_body_is_its_ip_packet() -> None:
     packet = tcp4()
     assert bare_packet(encode_offload(header_for(packet), packet)) == packet
     assert bare_packet(packet) == packet
+
+
+# ---------------------------------------------------------------- the client host's uploads
+class Chain:
+    """What ClientHost.queued asks of a held chain (pvpn.hosted.HostedTunnel)."""
+
+    def __init__(self, takes_offload: bool = True, capture: bool = False) -> None:
+        self.up, self.congested, self.takes_offload = True, False, takes_offload
+        self.spec = type("Spec", (), {"capture": capture})()
+        self.outbox: list[bytes] = []
+
+
+def uploading(tmp_path: Path, chain: Chain | None = None) -> tuple[Any, Any, Any, Chain]:
+    """alice's session up, its chain held by pvpn-client (``chain``)."""
+    from test_client_host import attached
+
+    from net import make_host
+
+    host, owners = make_host(tmp_path)
+    session, peer = attached(host)
+    peer.tunnel = chain = chain or Chain()
+    return host, owners, session, chain
+
+
+def user_upload(data: bytes = DATA, options: list[Any] | None = None, **ip: Any) -> bytes:
+    """A TCP super-packet of alice's as the queue hands it over (F_GSO): its checksum the
+    pseudo-header's sum."""
+    return bytes(pk.partial_checksum(bytes(
+        IP(src="192.168.1.5", dst="10.77.1.9", id=7, **ip)
+        / TCP(sport=40000, dport=443, seq=1000, flags="PA",
+              options=options if options is not None else [
+                  ("NOP", None), ("NOP", None), ("Timestamp", (1, 2))])
+        / data)))
+
+
+GSO = pk.SKB_GSO | pk.SKB_CSUMNOTREADY
+
+
+def test_an_upload_super_packet_goes_whole_with_the_segment_size_its_socket_says(
+        tmp_path: Path) -> None:
+    from pvpn.nodes.client import SEGMENT_SIZE_TTL, Queued
+
+    host, owners, session, chain = uploading(tmp_path)
+    packet = user_upload()
+    flow = pk.parse_flow(packet)
+    owners.mss[flow] = (1448, True)  # the usual options: timestamps
+    assert host.queued(session, packet, 1.0, GSO) is Queued.TAKEN
+    assert chain.outbox == [encode_offload(Offload(GSO_TCPV4, 1448, 20, 16, 52), packet)]
+    assert (session.packets_out, session.bytes_out, session.super_out) == (1, len(packet), 1)
+    assert flow in session.flows
+    # Asked once a second, not once a packet; a segment with SACK blocks carries less data.
+    sacked = user_upload(options=[("NOP", None), ("NOP", None), ("Timestamp", (1, 2)),
+                                  ("NOP", None), ("NOP", None), ("SAck", (5000, 6000))])
+    host.queued(session, sacked, 1.5, GSO)
+    assert split_offload(chain.outbox[-1])[0].gso_size == 1448 - 12
+    assert owners.mss_asked == 1
+    host.queued(session, packet, 1.0 + SEGMENT_SIZE_TTL + 0.1, GSO)
+    assert owners.mss_asked == 2
+    # The server segments it as the local kernel would have: the segments are scapy's.
+    _, carried = split_offload(chain.outbox[0])
+    segments = pk.segment_tcp(carried, 1448)
+    assert len(segments) == -(-len(DATA) // 1448)
+    assert b"".join(bytes(IP(s)[TCP].payload) for s in segments) == DATA
+
+
+@pytest.mark.parametrize("case", ["udp", "socket-gone", "tiny-mss", "server-takes-none",
+                                  "capture", "agent-tunnel", "ip-options", "broken-diag"])
+def test_an_upload_super_packet_that_cannot_go_whole_is_segmented_by_the_kernel(
+        tmp_path: Path, case: str) -> None:
+    """Handed to the session's segmenting queue (SEGMENT): its segments come back one by
+    one. Nothing of it goes into the tunnel, nothing is counted yet."""
+    from pvpn.nodes.client import Queued
+
+    chain = Chain(takes_offload=case != "server-takes-none", capture=case == "capture")
+    host, owners, session, _ = uploading(tmp_path, chain)
+    packet = user_upload(**({"options": [(148, b"\0\0")]} if case == "ip-options" else {}))
+    if case == "udp":
+        packet = bytes(IP(src="192.168.1.5", dst="10.77.1.9") / UDP(sport=5000, dport=443)
+                       / DATA[:8000])
+    if case == "agent-tunnel":
+        host.links[session.slot].tunnel = None
+    flow = pk.parse_flow(packet) if case != "ip-options" else None
+    if flow is not None and case != "socket-gone":
+        owners.mss[flow] = (400, True) if case == "tiny-mss" else (1448, True)
+    owners.broken = case == "broken-diag"
+    assert host.queued(session, packet, 1.0, GSO) is Queued.SEGMENT
+    assert chain.outbox == [] and session.packets_out == 0
+
+
+def test_an_upload_whose_checksum_the_kernel_left_undone_goes_with_it_done(
+        tmp_path: Path) -> None:
+    from pvpn.nodes.client import Queued
+
+    host, owners, session, chain = uploading(tmp_path)
+    done = bytes(IP(src="192.168.1.5", dst="10.77.1.9") / UDP(sport=5000, dport=53)
+                 / b"a question")
+    undone = bytearray(done)
+    undone[26:28] = b"\x12\x34"  # the pseudo-header's sum, say: not the checksum
+    assert host.queued(session, bytes(undone), 1.0, pk.SKB_CSUMNOTREADY) is Queued.TAKEN
+    # A TCP "super-packet" of one segment goes without a header, its checksum done.
+    small = user_upload(DATA[:1000])
+    owners.mss[pk.parse_flow(small)] = (1448, True)
+    assert host.queued(session, small, 1.0, GSO) is Queued.TAKEN
+    whole = bytes(IP(src="192.168.1.5", dst="10.77.1.9", id=7)
+                  / TCP(sport=40000, dport=443, seq=1000, flags="PA",
+                        options=[("NOP", None), ("NOP", None), ("Timestamp", (1, 2))])
+                  / DATA[:1000])
+    assert chain.outbox == [done, whole]
+
+
+def test_the_segment_sizes_a_session_keeps_are_bounded(tmp_path: Path) -> None:
+    from pvpn.nodes.client import MAX_SEGMENT_SIZES
+
+    host, owners, session, chain = uploading(tmp_path)
+    for port in range(MAX_SEGMENT_SIZES * 3):
+        packet = bytes(pk.partial_checksum(bytes(
+            IP(src="192.168.1.5", dst="10.77.1.9") / TCP(sport=20000 + port, dport=443)
+            / DATA[:5000])))
+        owners.mss[pk.parse_flow(packet)] = (1460, False)
+        host.queued(session, packet, 1.0 + port * 0.001, GSO)
+        assert len(session.segment_sizes) <= MAX_SEGMENT_SIZES
+    assert len(chain.outbox) == MAX_SEGMENT_SIZES * 3
+
+
+def test_a_requeue_verdict_names_its_queue_and_the_queue_sends_it() -> None:
+    assert nfqueue.requeue_verdict(3064) == 3 | 3064 << 16
+    with pytest.raises(ValueError):
+        nfqueue.requeue_verdict(70000)
+    sent: list[bytes] = []
+    queue = object.__new__(nfqueue.BatchedQueue)
+    queue.queue_num, queue._with_info, queue._seq = 3000, True, 1  # type: ignore[attr-defined]
+    queue._last_id, queue._waiting, queue.verdict_errors = -1, 0, 0  # type: ignore[attr-defined]
+    queue.truncated = 0
+    queue._sock = type("Sock", (), {"send": lambda self, m: sent.append(m)})()  # type: ignore
+    queue._take = lambda payload, info: nfqueue.requeue_verdict(3064)  # type: ignore
+    queue._on_packet(9, b"packet", 6, pk.SKB_GSO)  # type: ignore[attr-defined]
+    assert sent == [nfqueue.verdict_message(3000, 9, 3 | 3064 << 16, seq=2)]
+    assert queue._waiting == 0  # type: ignore[attr-defined]  # not in the batch it drops
