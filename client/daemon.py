@@ -32,6 +32,10 @@ import pwd
 import time
 from typing import Any, Callable, Iterator
 
+# Super-packets' checksums (pvpn.packet.chunk_sums, imported there when first used): a
+# missing numpy fails the daemon at its start, not each super-packet later.
+import numpy  # noqa: F401
+
 from pvpn import firewall
 from pvpn.commands import LogRecord
 from pvpn.config import ClientConfig, load_client_config
@@ -171,7 +175,9 @@ class ClientDaemon:
     # -- the packet path: queue -> user's process
     def _queue_callback(self, session: SlotSession) -> Callable[..., bool | int]:
         host, loop_time = self.host, self.loop.time
-        segment = requeue_verdict(session.segmenting_queue)
+        # None: its queue has no F_GSO, so the host never asks to segment (True: dropped).
+        segment = requeue_verdict(session.segmenting_queue) \
+            if session.segmenting_queue >= 0 else True
 
         def on_packet(payload: bytes, info: int = 0) -> bool | int:
             # Always taken (dropped by the queue): it never leaves this host in clear; or

@@ -46,8 +46,13 @@ class SessionDevices:
         try:
             # Its packets as the local stack made them: TCP super-packets whole, checksums
             # left undone (ClientHost.queued); the segmenting queue takes what it cannot send.
-            for number, flags in ((session.segmenting_queue, 0), (session.queue, F_GSO)):
-                queues.append(BatchedQueue(number, take, max_len=4096, flags=flags))
+            if session.segmenting_queue < 0:  # none: the kernel segments everything first
+                queues.append(BatchedQueue(number := session.queue, take, max_len=4096))
+            else:
+                for number, flags in ((session.segmenting_queue, 0), (session.queue, F_GSO)):
+                    queues.append(BatchedQueue(number, take, max_len=4096, flags=flags,
+                                               segment_to=session.segmenting_queue
+                                               if flags else None))
         except OSError as exc:  # the queue is bound by someone else, say
             for bound in queues:
                 bound.close()
@@ -60,7 +65,9 @@ class SessionDevices:
             self.vnet.discard(fd)
             os.close(self.tun_fds.pop(session.slot))
             raise
-        self.segmenting[session.slot], self.queues[session.slot] = queues
+        if len(queues) == 2:
+            self.segmenting[session.slot] = queues[0]
+        self.queues[session.slot] = queues[-1]
 
         for queue in queues:
             def drain(queue: BatchedQueue = queue) -> None:

@@ -87,7 +87,8 @@ class SlotSession(Counters):
     opened: float  # registered (or recovered after a restart)
     max_flows: int = 8192
     # Where a super-packet goes for the kernel to segment it (a queue without
-    # NFQA_CFG_F_GSO): queue_base + max_sessions + slot.
+    # NFQA_CFG_F_GSO): queue_base + max_sessions + slot; -1 for none (its queue then has no
+    # F_GSO either: the kernel segments everything first, as before super-packets).
     segmenting_queue: int = -1
     # Its TCP flows' segment sizes, as their sockets said (sock_diag), until when: the
     # upload super-packets' offload headers. Bounded (MAX_SEGMENT_SIZES).
@@ -177,6 +178,10 @@ class Registry:
         # uid -> (allowance of new sessions, when it was counted): a token bucket of
         # max_sessions_per_uid refilled at max_new_sessions_per_minute.
         self.rates: dict[int, tuple[float, float]] = {}
+        # Set at recovery: rules of an earlier pvpn-client named queues this config would not
+        # give (another queue_base or max_sessions), or were incomplete. Until this process
+        # ends no session gets a segmenting queue (segmenting_queue): any number may be one.
+        self.foreign_rules = False
 
     def mark_for(self, slot: int) -> int:
         # Slot 0 gets mark 1 (shifted into the mask): an unmarked connection is never a session.
@@ -240,7 +245,7 @@ class Registry:
             slot=slot, uid=uid, user=user, server=server, networks=networks,
             queue=config.queue_base + slot, mark=self.mark_for(slot),
             tun=f"{config.instance}{slot}", opened=now, max_flows=config.max_flows_per_session,
-            segmenting_queue=config.queue_base + config.max_sessions + slot,
+            segmenting_queue=self.segmenting_queue(slot),
         )
         self.sessions[slot] = session
         return session
@@ -270,6 +275,25 @@ class Registry:
             if tokens + (now - then) * rate >= burst:
                 del self.rates[uid]
 
+    def segmenting_queue(self, slot: int, queue: int | None = None) -> int:
+        """Slot ``slot``'s segmenting queue, or -1 if that number is, or may become, another
+        session's queue (``queue`` its own: one a recovered session's rules name, which an
+        earlier config gave). Its number must never be one that rules of a session feed:
+        the packets of that session's user would enter this session's tunnel. Rules made
+        under another queue_base or max_sessions may name any number, so a session whose
+        queue is not this config's gets none, and no segmenting queue is one that a held
+        session's rules name."""
+        config = self.config
+        number = config.queue_base + config.max_sessions + slot
+        if self.foreign_rules or not 0 <= slot < config.max_sessions or number > 0xFFFF:
+            return -1
+        if queue is not None and queue != config.queue_base + slot:
+            return -1
+        if any(s.queue == number or s.queue != config.queue_base + s.slot
+               for s in self.sessions.values()):
+            return -1  # rules of another config are about: none is safe to guess
+        return number
+
     def adopt(self, slot: int, uid: int, user: str, networks: list[Network], queue: int,
               mark: int, tun: str, now: float, session_id: bytes = b"",
               ever_up: bool = False) -> SlotSession:
@@ -280,8 +304,8 @@ class Registry:
                               networks=list(networks), queue=queue, mark=mark, tun=tun,
                               opened=now, max_flows=self.config.max_flows_per_session,
                               session_id=session_id, recorded=session_id, ever_up=ever_up,
-                              held_since=now, segmenting_queue=self.config.queue_base
-                              + self.config.max_sessions + slot)
+                              held_since=now, segmenting_queue=self.segmenting_queue(
+                                  slot, queue))
         self.sessions[slot] = session
         return session
 
@@ -1166,6 +1190,10 @@ class ClientHost(Generic[P]):
             self.log(NODE_WARNING, reason="the instance's hook chains were missing in "
                      + " and ".join(f for f, m in zip(("IPv4", "IPv6"), missing) if m)
                      + "; put back")
+        config = self.config
+        self.registry.foreign_rules = self.registry.foreign_rules or bool(broken) or any(
+            f.queue != config.queue_base + f.slot or not 0 <= f.slot < config.max_sessions
+            for f in installed)
         for found in installed:
             # A session whose rules predate the record of its id (legacy) may have been up:
             # it is held as long as one that was.

@@ -353,7 +353,7 @@ class FakeQueues:
         self.busy = False
 
     def __call__(self, number: int, callback: Callable[..., "bool | int"],
-                 max_len: int, flags: int = 0) -> FakeQueue:
+                 max_len: int, flags: int = 0, segment_to: int | None = None) -> FakeQueue:
         if self.busy:
             raise PvpnError("the queue is bound by another process")
         self.opened.append(FakeQueue(number, callback, flags))

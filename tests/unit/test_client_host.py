@@ -674,3 +674,34 @@ def test_the_client_hosts_core_imports_no_io_and_no_program(module: str) -> None
                  or name.startswith(("pvpn.io", "pvpn.client", "pvpn.server",
                                      "pvpn.gateway"))}
     assert forbidden == set()
+
+
+def test_a_segmenting_queue_is_never_a_queue_another_sessions_rules_feed(
+        tmp_path: Path) -> None:
+    """The administrator lowers max_sessions (or moves queue_base) and restarts pvpn-client
+    while sessions are held: slot 40's rules, made under the old config, feed queue 3040, which
+    is slot 8's segmenting queue under the new one (3000 + 32 + 8). Bound first, it would have
+    put bob's packets into alice's tunnel (found in review). Rules of another config about:
+    no session gets a segmenting queue (its queue then has no F_GSO: the kernel segments
+    everything first); with this config's rules only, each gets its own, apart from all."""
+    def rules_of(uid: int, slot: int) -> firewall.RuleSet:
+        return firewall.client_session("pvpnc", slot, uid, [NET], 3000 + slot,
+                                       (slot + 1) << 16, 0xFF0000, f"pvpnc{slot}",
+                                       session_id=SID)
+
+    host, _ = make_host(tmp_path, max_sessions=32)
+    host.recover(saved_with(rules_of(ALICE, 8), rules_of(ALICE + 1, 40)), 0.0)
+    queues = {s.queue for s in host.registry.sessions.values()}
+    assert queues == {3008, 3040}
+    assert [s.segmenting_queue for s in host.registry.sessions.values()] == [-1, -1]
+    later = host.registry.allocate(ALICE + 2, "carol", "vpn.example:4433", [NET], 1.0)
+    assert later.segmenting_queue == -1
+    # This config's own rules: every session's segmenting queue apart from every queue.
+    (tmp_path / "again").mkdir()
+    host, _ = make_host(tmp_path / "again", max_sessions=32)
+    host.recover(saved_with(rules_of(ALICE, 8), rules_of(ALICE + 1, 20)), 0.0)
+    later = host.registry.allocate(ALICE + 2, "carol", "vpn.example:4433", [NET], 1.0)
+    sessions = list(host.registry.sessions.values())
+    segmenting = {s.segmenting_queue for s in sessions}
+    assert segmenting == {3000 + 32 + s.slot for s in sessions}
+    assert not segmenting & {s.queue for s in sessions} and -1 not in segmenting
