@@ -35,6 +35,8 @@ from typing import Any, Callable, Final, Iterator
 
 from netfilterqueue import NetfilterQueue
 
+from pvpn.packet import SKB_GSO
+
 # linux/netlink.h, netfilter/nfnetlink.h, nfnetlink_queue.h, netfilter.h
 _NLMSG_ERROR: Final = 2
 _NLM_F_REQUEST: Final = 1
@@ -86,8 +88,11 @@ RECV_BUFFER: Final = 1 << 17
 #: What the socket may hold for pvpn before the kernel drops queued packets (as
 #: NetfilterQueue's default, about 2.4 MB asked, which the kernel doubles).
 SOCKET_BUFFER: Final = 4 << 20
-#: Reads per drain at most, so one busy queue cannot hold the event loop for ever.
+#: Reads per drain at most, so one busy queue cannot hold the event loop for ever; and
+#: bytes, so a drain of super-packets (64 KB each) puts at most this much into the tunnel's
+#: buffers before it is written (the rest waits in the kernel's socket).
 MAX_READS: Final = 1024
+MAX_DRAIN_BYTES: Final = 4 << 20
 
 
 def _unused_callback(packet: Any) -> None:
@@ -217,9 +222,12 @@ class BatchedQueue:
     called as ``take(payload, info)``, info being the packet's NFQA_SKB_INFO flags (SKB_*)."""
 
     def __init__(self, queue_num: int, take: Callable[..., "bool | int"], max_len: int,
-                 flags: int = 0) -> None:
+                 flags: int = 0, segment_to: int | None = None) -> None:
         self.queue_num = queue_num
         self._take = take
+        # A super-packet longer than a message holds (BIG TCP's, above 64 KB) is handed to
+        # this queue (no F_GSO: the kernel segments it there) rather than dropped cut.
+        self._cut = None if segment_to is None else requeue_verdict(segment_to)
         self._with_info = bool(flags & F_GSO)
         # NetfilterQueue binds the queue (OSError if someone else holds it); its callback is
         # never called, as its receive path is never run.
@@ -290,10 +298,15 @@ class BatchedQueue:
         take: bool | int = True
         try:
             if original > len(payload):
-                self.truncated += 1  # cut by the kernel: dropped, its copy comes by a TUN
+                if info & SKB_GSO and self._cut is not None and packet_id >= 0:
+                    take = self._cut
+                else:
+                    self.truncated += 1  # cut by the kernel: dropped, its copy comes by a TUN
             elif packet_id >= 0:
                 take = self._take(payload, info) if self._with_info else self._take(payload)
         finally:
+            if take is not False and not (type(take) is int and take & 0xFFFF == _NF_QUEUE):
+                take = True  # anything but False or a queue's verdict drops it: fail closed
             if take is True:
                 if packet_id > self._last_id:
                     self._last_id = packet_id
@@ -312,6 +325,7 @@ class BatchedQueue:
     def drain(self) -> None:
         """Handle everything waiting in the queue, then drop the taken packets."""
         buffer = self._buffer
+        read = 0
         try:
             for _ in range(MAX_READS):
                 try:
@@ -324,6 +338,9 @@ class BatchedQueue:
                     raise
                 for packet_id, payload, original, info in packets_with_info(buffer, length):
                     self._on_packet(packet_id, payload, original, info)
+                read += length
+                if read >= MAX_DRAIN_BYTES:  # super-packets: the rest waits for the next drain
+                    break
         finally:
             self.flush()
 

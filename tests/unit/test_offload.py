@@ -628,3 +628,24 @@ def test_a_requeue_verdict_names_its_queue_and_the_queue_sends_it() -> None:
     queue._on_packet(9, b"packet", 6, pk.SKB_GSO)  # type: ignore[attr-defined]
     assert sent == [nfqueue.verdict_message(3000, 9, 3 | 3064 << 16, seq=2)]
     assert queue._waiting == 0  # type: ignore[attr-defined]  # not in the batch it drops
+
+
+def test_a_cut_super_packet_goes_to_be_segmented_and_a_strange_answer_drops() -> None:
+    """BIG TCP's super-packets (above 64 KB) come cut: to the segmenting queue, not dropped
+    (found in review: before F_GSO the kernel segmented them first). And a take that answers
+    anything but True, False or a queue's verdict drops the packet (found in review: 1 would
+    have accepted it, in clear)."""
+    sent: list[bytes] = []
+    queue = object.__new__(nfqueue.BatchedQueue)
+    queue.queue_num, queue._with_info, queue._seq = 3000, True, 1  # type: ignore[attr-defined]
+    queue._last_id, queue._waiting, queue.verdict_errors = -1, 0, 0  # type: ignore[attr-defined]
+    queue.truncated = 0
+    queue._cut = nfqueue.requeue_verdict(3064)  # type: ignore[attr-defined]
+    queue._sock = type("Sock", (), {"send": lambda self, m: sent.append(m)})()  # type: ignore
+    queue._take = lambda payload, info: 1  # type: ignore[attr-defined]
+    queue._on_packet(9, b"x" * 100, 70000, pk.SKB_GSO)  # type: ignore[attr-defined]
+    assert sent == [nfqueue.verdict_message(3000, 9, nfqueue.requeue_verdict(3064), seq=2)]
+    queue._on_packet(10, b"x" * 100, 70000, 0)  # type: ignore[attr-defined]  # no GSO: cut
+    assert queue.truncated == 1 and queue._waiting == 1  # type: ignore[attr-defined]
+    queue._on_packet(11, b"packet", 6, 0)  # type: ignore[attr-defined]  # take says 1
+    assert len(sent) == 1 and queue._waiting == 2  # type: ignore[attr-defined]  # dropped
