@@ -27,18 +27,29 @@ MAX_REDIRECTS = 32
 REDIRECT_TTL = 15.0
 
 
-#: A worker that ends sooner than this after its start failed to start (a config, module or
-#: permission it lacks), not one that crashed while serving.
-START_GRACE = 5.0
-#: Failed starts in a row after which the parent gives up and stops the server: a worker
-#: that cannot start would otherwise be started again each second for ever, its share of the
-#: new connections waiting unserved in its listening socket.
+#: A worker that ended is started again this long after its start at the soonest; one that
+#: ended before it served (a config, module, queue or permission it lacks), after twice as
+#: long each time in a row, up to MAX_RESTART_DELAY.
+RESTART_DELAY = 1.0
+MAX_RESTART_DELAY = 60.0
+#: Failed starts in a row (ended before it served) after which the parent stops the server,
+#: for a worker that never served since the parent started: the server cannot run as
+#: configured, and started again each second for ever it would leave its share of the new
+#: connections waiting unserved. One that served before is only started again, later each
+#: time: the others serve on meanwhile.
 MAX_FAILED_STARTS = 3
 
 
-def failed_starts(previous: int, ran: float) -> int:
-    """The failed starts in a row after a worker that ran ``ran`` seconds ended."""
-    return previous + 1 if ran < START_GRACE else 0
+def after_end(failed: int, served: bool, ever_served: bool) -> tuple[int, float | None]:
+    """After a worker ended: its failed starts in a row, and how long after its start to
+    start it again (None: give up, stop the server). ``served``: it said it serves (this
+    run); ``ever_served``: any run of it did."""
+    if served:
+        return 0, RESTART_DELAY
+    failed += 1
+    if not ever_served and failed >= MAX_FAILED_STARTS:
+        return failed, None
+    return failed, min(MAX_RESTART_DELAY, RESTART_DELAY * 2 ** (failed - 1))
 
 
 def port_slices(ports: tuple[int, int], workers: int) -> list[tuple[int, int]]:

@@ -8,6 +8,9 @@ import os
 import time
 from typing import Callable
 
+# Super-packets' checksums (pvpn.packet.chunk_sums, imported there when first used): a
+# missing numpy fails the daemon at its start, not each super-packet later.
+import numpy  # noqa: F401
 
 from pvpn import auth, firewall
 from pvpn.addresses import Local

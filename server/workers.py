@@ -33,7 +33,6 @@ from pvpn.names import NODE_CLEANUP, NODE_ERROR, NODE_STARTED, NODE_STOPPED, NOD
 from pvpn.records import Record, RecordWriter
 
 ENV = "PVPN_SERVER_WORKER"
-RESTART_DELAY = 1.0  # before a worker that died is started again (at most once a second)
 STOP_WAIT = 12.0  # for the workers' last saves after SIGTERM (supervisord waits 15 s)
 
 
@@ -154,7 +153,8 @@ class Worker:
     process: asyncio.subprocess.Process | None = None
     started: float = 0.0
     restarts: int = 0
-    failed_starts: int = 0  # in a row (pvpn.workers.failed_starts)
+    failed_starts: int = 0  # in a row (pvpn.workers.after_end)
+    ever_served: bool = False  # it said it serves once at least, since the parent started
     serving: bool = False  # it said so (say_serving): it takes a SIGHUP
     reload_held: bool = False  # a SIGHUP came while it started: sent once it serves
 
@@ -178,15 +178,17 @@ class Parent:
 
     async def start(self, worker: Worker) -> None:
         fds = ",".join(str(group[worker.index].fileno()) for group in self.groups)
-        env = {**os.environ, ENV: f"{worker.index};{worker.child.fileno()};{fds}"}
+        # PYTHONSAFEPATH (-P): started in a directory that holds a pvpn/ (a source
+        # checkout), `python -m` imported that one and no worker could start. The parent's
+        # directory is kept: relative paths in the config mean what they meant to it.
+        env = {**os.environ, ENV: f"{worker.index};{worker.child.fileno()};{fds}",
+               "PYTHONSAFEPATH": "1"}
         passed = [worker.child.fileno(), *(group[worker.index].fileno() for group in self.groups)]
-        # In /, the config by its absolute path: started in a directory that holds a pvpn/
-        # (a source checkout), `python -m` imported that one, and no worker could start.
         worker.serving = worker.reload_held = False  # it reads the config as it starts
         worker.process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "pvpn.server.daemon", "--config",
-            str(self.config.path.absolute()), env=env, pass_fds=passed, cwd="/",
-            stdin=asyncio.subprocess.DEVNULL, preexec_fn=_die_with_parent)
+            sys.executable, "-m", "pvpn.server.daemon", "--config", str(self.config.path),
+            env=env, pass_fds=passed, stdin=asyncio.subprocess.DEVNULL,
+            preexec_fn=_die_with_parent)
         worker.started = time.monotonic()
 
     async def watch(self, worker: Worker) -> None:
@@ -198,21 +200,25 @@ class Parent:
             status = await process.wait()
             if self.stopping:
                 return
-            worker.failed_starts = workers.failed_starts(worker.failed_starts,
-                                                         time.monotonic() - worker.started)
-            if worker.failed_starts >= workers.MAX_FAILED_STARTS:
+            served = worker.serving
+            worker.ever_served = worker.ever_served or served
+            worker.failed_starts, delay = workers.after_end(
+                worker.failed_starts, served, worker.ever_served)
+            if delay is None:
                 self.failure = (f"worker {worker.index} ended {worker.failed_starts} times in "
-                                f"a row within {workers.START_GRACE:g} s of its start (last "
-                                f"status {status}): its output says why; the server stops")
+                                "a row before it served (last status "
+                                f"{status}): its output says why; the server stops")
                 self.log.write(Record(NODE_ERROR, reason=self.failure,
                                       extra={"worker": worker.index}))
                 self.stop.set()
                 return
             worker.restarts += 1
-            self.log.write(Record(NODE_WARNING, reason=f"worker {worker.index} ended "
-                                  f"(status {status}); starting it again",
-                                  extra={"worker": worker.index, "restarts": worker.restarts}))
-            await asyncio.sleep(max(0.0, RESTART_DELAY - (time.monotonic() - worker.started)))
+            self.log.write(Record(
+                NODE_WARNING if served else NODE_ERROR,
+                reason=f"worker {worker.index} ended (status {status})"
+                + ("" if served else " before it served") + "; starting it again in "
+                f"{delay:g} s", extra={"worker": worker.index, "restarts": worker.restarts}))
+            await asyncio.sleep(max(0.0, delay - (time.monotonic() - worker.started)))
             if not self.stopping:
                 await self.start(worker)
 

@@ -102,7 +102,7 @@ def read_mss(data: bytes, seq: int) -> tuple[bool, tuple[int, bool] | None]:
     at = _ATTRIBUTES_AT
     while at + _ATTRIBUTE.size <= length:
         size, kind = _ATTRIBUTE.unpack_from(data, at)
-        if size < _ATTRIBUTE.size:
+        if size < _ATTRIBUTE.size or at + size > length:
             break
         if kind == _INET_DIAG_INFO and size >= _ATTRIBUTE.size + 20:
             info = at + _ATTRIBUTE.size

@@ -21,6 +21,7 @@ once more, synchronously, on an orderly stop. Nothing is done per packet.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import stat
 import time
@@ -161,6 +162,10 @@ class StateFile:
         return True
 
 
+#: How long a stop waits for a save under way (a disk that takes longer: see discard).
+SETTLE_WAIT = 10.0
+
+
 class StateKeeper:
     """Saves the server's state when due (see the module docstring) and loads it at start.
 
@@ -182,6 +187,7 @@ class StateKeeper:
         self._writing: asyncio.Future[None] | None = None
         self._said: tuple[str, float] = ("", float("-inf"))  # the last failure, and when
         self._done = False  # stopped: final() or discard() ran, no more saves
+        self._discarded = False  # discard() is done: no file may stay
         self.saves = 0
 
     # -- start
@@ -241,7 +247,12 @@ class StateKeeper:
         def written(done: asyncio.Future[None]) -> None:
             self._writing = None
             failure = done.exception() if not done.cancelled() else None
-            if failure is None:
+            if failure is None and self._discarded:
+                # A save that outlasted the stop's wait for it (SETTLE_WAIT): its file goes
+                # after all.
+                with contextlib.suppress(OSError):
+                    self.store.remove()
+            elif failure is None:
                 self._saved_version = version
                 self.saves += 1
             else:
@@ -275,7 +286,7 @@ class StateKeeper:
         self._done = True
         if self._writing is not None:
             try:
-                await asyncio.wait_for(asyncio.shield(self._writing), 10)
+                await asyncio.wait_for(asyncio.shield(self._writing), SETTLE_WAIT)
             except (asyncio.TimeoutError, StateError):
                 pass
 
@@ -300,6 +311,7 @@ class StateKeeper:
         parent of workers keep its rules and the next server restore those sessions).
         False if there was none."""
         await self._settle()
+        self._discarded = True
         return self.store.remove()
 
     def describe(self) -> dict[str, Any]:

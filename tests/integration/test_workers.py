@@ -372,7 +372,7 @@ def test_a_worker_that_cannot_start_stops_the_server_with_its_reason_and_no_rule
             stop_by_hand(proc)
         text = out.read_text()
         assert proc.returncode == 1, (proc.returncode, text[-3000:])
-        assert "worker 1 ended 3 times in a row" in text and "NFQUEUE 4001" in text, \
+        assert "worker 1 ended 3 times in a row before it served" in text and "NFQUEUE 4001" in text, \
             text[-3000:]
         assert server_rules(wlab) == [], "the rules went with the stop"
     finally:

@@ -188,12 +188,20 @@ def test_the_workers_setting(tmp_path: Path) -> None:
             load_server_config(path)
 
 
-def test_a_worker_that_keeps_failing_at_its_start_ends_the_server_one_that_crashed_not() -> None:
+def test_a_worker_that_never_served_stops_the_server_one_that_served_is_started_again() -> None:
     # Started again each second for ever, its share of new connections waiting unserved.
-    count = 0
+    failed, delay = 0, None
     for _ in range(workers.MAX_FAILED_STARTS):
-        count = workers.failed_starts(count, 0.3)
-    assert count >= workers.MAX_FAILED_STARTS
-    # One that served a while and crashed is started again, its count from zero.
-    assert workers.failed_starts(count, workers.START_GRACE + 60) == 0
-    assert workers.failed_starts(0, workers.START_GRACE + 1) == 0
+        failed, delay = workers.after_end(failed, served=False, ever_served=False)
+    assert failed == workers.MAX_FAILED_STARTS and delay is None
+    # One that served and crashed: again at once, its count from zero.
+    assert workers.after_end(failed, served=True, ever_served=True) == (0, workers.RESTART_DELAY)
+    # One that served before and now fails to start (a config typo, then a crash): started
+    # again later each time, never the whole server stopped for it.
+    delays = []
+    failed = 0
+    for _ in range(12):
+        failed, delay = workers.after_end(failed, served=False, ever_served=True)
+        assert delay is not None
+        delays.append(delay)
+    assert delays[:3] == [1.0, 2.0, 4.0] and max(delays) == workers.MAX_RESTART_DELAY
