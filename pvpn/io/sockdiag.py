@@ -24,7 +24,7 @@ import errno
 import os
 import socket
 import struct
-from typing import Callable, NamedTuple
+from typing import Callable, NamedTuple, TypeVar
 
 from pvpn.errors import ConfigError, PvpnError
 from pvpn.io.netlink import (
@@ -168,6 +168,9 @@ def read_socket(data: bytes, seq: int) -> tuple[bool, Found]:
                        bytes(data[_COOKIE_AT:_COOKIE_AT + 8]), uid)
 
 
+_A = TypeVar("_A")
+
+
 class SocketOwners:
     """One sock_diag socket; :meth:`owner` asks the kernel about one flow."""
 
@@ -193,34 +196,26 @@ class SocketOwners:
 
     def find(self, flow: FlowKey) -> Found:
         """The socket ``flow``'s replies would reach."""
-        return self._ask(lookup_request, flow)
+        return self._ask(lookup_request, flow, read_socket)
 
     def send_mss(self, flow: FlowKey) -> tuple[int, bool] | None:
         """The local TCP socket of ``flow`` (as sent): its segment size and whether its
         segments carry timestamps (:func:`read_mss`); None if there is no such socket.
         PvpnError if the kernel cannot tell."""
-        self._seq = (self._seq + 1) & 0xFFFFFFFF
-        try:
-            self._sock.send(mss_request(flow, self._seq))
-            for _ in range(16):  # answers to questions that timed out earlier come first
-                answered, found = read_mss(self._sock.recv(8192), self._seq)
-                if answered:
-                    return found
-        except OSError as exc:
-            raise PvpnError(f"sock_diag: {exc.strerror or exc}") from None
-        raise PvpnError("sock_diag gave no answer")
+        return self._ask(mss_request, flow, read_mss)
 
     def abort(self, flow: FlowKey, cookie: bytes) -> None:
         """Abort the TCP socket :meth:`find` named by ``cookie`` (gone already: nothing to
         do). PvpnError if the kernel refuses (no CONFIG_INET_DIAG_DESTROY, not root)."""
-        self._ask(lambda f, seq: destroy_request(f, seq, cookie), flow)
+        self._ask(lambda f, seq: destroy_request(f, seq, cookie), flow, read_socket)
 
-    def _ask(self, build: Callable[[FlowKey, int], bytes], flow: FlowKey) -> Found:
+    def _ask(self, build: Callable[[FlowKey, int], bytes], flow: FlowKey,
+             read: Callable[[bytes, int], tuple[bool, _A]]) -> _A:
         self._seq = (self._seq + 1) & 0xFFFFFFFF
         try:
             self._sock.send(build(flow, self._seq))
             for _ in range(16):  # answers to questions that timed out earlier come first
-                answered, found = read_socket(self._sock.recv(8192), self._seq)
+                answered, found = read(self._sock.recv(8192), self._seq)
                 if answered:
                     return found
         except OSError as exc:
