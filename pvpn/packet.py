@@ -728,32 +728,40 @@ def segment_tcp(packet: bytes | bytearray, mss: int) -> list[bytes]:
     version = header[0] >> 4
     seq = int.from_bytes(header[l4 + 4:l4 + 8], "big")
     flags = header[l4 + 13]
+    # What changes per segment is zeroed and summed apart: a 16-bit word at any even offset
+    # adds itself to a sum modulo 0xFFFF (2**16 == 1), so each sum is the base and the
+    # segment's own words, no pass over the header again.
+    header[l4 + 4:l4 + 8] = bytes(4)
+    header[l4 + 13] = header[l4 + 16] = header[l4 + 17] = 0
+    tcp_base = int.from_bytes(header[l4:], "big")
     if version == 4:
         ident = int.from_bytes(header[4:6], "big")
-        addresses = int.from_bytes(header[12:20], "big") + PROTO_TCP
+        header[2] = header[3] = header[4] = header[5] = header[10] = header[11] = 0
+        ip_base = int.from_bytes(header[:20], "big")
+        pseudo = int.from_bytes(header[12:20], "big") + PROTO_TCP - l4
     else:
-        ident = 0
-        addresses = int.from_bytes(header[8:40], "big") + PROTO_TCP
+        ident = ip_base = 0
+        pseudo = int.from_bytes(header[8:40], "big") + PROTO_TCP - l4
+    pack_into = struct.pack_into
     out = []
     for index, start in enumerate(range(0, length, mss)):
         size = min(mss, length - start)
         total = header_len + size
         if version == 4:
-            header[2:4] = total.to_bytes(2, "big")
-            header[4:6] = ((ident + index) & 0xFFFF).to_bytes(2, "big")
-            header[10] = header[11] = 0
-            ip_sum = int.from_bytes(header[:20], "big") % 0xFFFF
-            header[10:12] = ((0xFFFF - ip_sum) % 0xFFFF).to_bytes(2, "big")
+            this_id = (ident + index) & 0xFFFF
+            ip_sum = (ip_base + total + this_id) % 0xFFFF
+            pack_into(">HH", header, 2, total, this_id)
+            pack_into(">H", header, 10, (0xFFFF - ip_sum) % 0xFFFF)
         else:
-            header[4:6] = (total - 40).to_bytes(2, "big")
-        header[l4 + 4:l4 + 8] = ((seq + start) & 0xFFFFFFFF).to_bytes(4, "big")
-        header[l4 + 13] = (flags & ~0x80 if start else flags) & (
+            pack_into(">H", header, 4, total - 40)
+        this_seq = (seq + start) & 0xFFFFFFFF
+        this_flags = (flags & ~0x80 if start else flags) & (
             0xFF if start + size >= length else ~0x09)
-        header[l4 + 16] = header[l4 + 17] = 0
-        words = addresses + total - l4 + int.from_bytes(header[l4:], "big") + sums[index]
-        checksum = (0xFFFF - words % 0xFFFF) % 0xFFFF
-        header[l4 + 16] = checksum >> 8
-        header[l4 + 17] = checksum & 0xFF
+        words = (pseudo + total + tcp_base + (this_seq >> 16) + (this_seq & 0xFFFF)
+                 + this_flags + sums[index])
+        pack_into(">I", header, l4 + 4, this_seq)
+        header[l4 + 13] = this_flags
+        pack_into(">H", header, l4 + 16, (0xFFFF - words % 0xFFFF) % 0xFFFF)
         out.append(bytes(header) + data[start:start + size])
     return out
 
