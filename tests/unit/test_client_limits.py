@@ -362,6 +362,22 @@ def test_sock_diag_questions_and_answers() -> None:
         owners.close()
 
 
+def loopback_connection() -> tuple[Any, Any, Any, FlowKey]:
+    """A listener, a TCP connection to it over loopback (both ends), and the connecting end's
+    flow as it sends."""
+    import socket
+
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(4)
+    port = listener.getsockname()[1]
+    client = socket.create_connection(("127.0.0.1", port))
+    served, _ = listener.accept()
+    loopback = socket.inet_aton("127.0.0.1")
+    return listener, client, served, FlowKey(6, loopback, client.getsockname()[1], loopback,
+                                             port)
+
+
 def test_sock_diag_aborts_exactly_the_socket_it_found() -> None:
     """The abort pvpn-client sends for an ended session's connection: SOCK_DESTROY with an
     acknowledgement, naming the socket by its cookie; on this kernel (as root) the connection's
@@ -387,16 +403,10 @@ def test_sock_diag_aborts_exactly_the_socket_it_found() -> None:
     assert sd.read_socket(ack, 9) == (True, sd.Found(None, 0, b""))
     if os.geteuid() != 0:
         pytest.skip("aborting a socket needs CAP_NET_ADMIN")
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(4)
-    port = listener.getsockname()[1]
-    client = socket.create_connection(("127.0.0.1", port))
-    served, _ = listener.accept()
+    listener, client, served, mine = loopback_connection()
+    port = mine.dport
     owners = sd.SocketOwners()
     try:
-        mine = FlowKey(6, socket.inet_aton("127.0.0.1"), client.getsockname()[1],
-                       socket.inet_aton("127.0.0.1"), port)
         found = owners.find(mine)
         assert found.uid == os.geteuid() and found.state == 1 and len(found.cookie) == 8
         # The server's end by the listener's port: the connection, not the listener.
@@ -426,18 +436,11 @@ def test_sock_diag_tells_a_connections_segment_size_as_the_socket_itself_does() 
 
     from pvpn.io import sockdiag as sd
 
-    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(4)
-    port = listener.getsockname()[1]
-    client = socket.create_connection(("127.0.0.1", port))
-    served, _ = listener.accept()
+    listener, client, served, mine = loopback_connection()
     owners = sd.SocketOwners()
     try:
         info = client.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 104)
         expected = (struct.unpack_from("=I", info, 16)[0], bool(info[5] & 1))
-        mine = FlowKey(6, socket.inet_aton("127.0.0.1"), client.getsockname()[1],
-                       socket.inet_aton("127.0.0.1"), port)
         assert owners.send_mss(mine) == expected and expected[0] > 1000
         assert owners.send_mss(mine._replace(dport=1)) is None  # no such socket
         with pytest.raises(ValueError):
