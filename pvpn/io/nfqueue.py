@@ -305,7 +305,8 @@ class BatchedQueue:
             elif packet_id >= 0:
                 take = self._take(payload, info) if self._with_info else self._take(payload)
         finally:
-            if take is not False and not (type(take) is int and take & 0xFFFF == _NF_QUEUE):
+            if take is not True and take is not False and not (
+                    type(take) is int and take & 0xFFFF == _NF_QUEUE):
                 take = True  # anything but False or a queue's verdict drops it: fail closed
             if take is True:
                 if packet_id > self._last_id:

@@ -46,13 +46,14 @@ class SessionDevices:
         try:
             # Its packets as the local stack made them: TCP super-packets whole, checksums
             # left undone (ClientHost.queued); the segmenting queue takes what it cannot send.
-            if session.segmenting_queue < 0:  # none: the kernel segments everything first
-                queues.append(BatchedQueue(number := session.queue, take, max_len=4096))
-            else:
-                for number, flags in ((session.segmenting_queue, 0), (session.queue, F_GSO)):
-                    queues.append(BatchedQueue(number, take, max_len=4096, flags=flags,
-                                               segment_to=session.segmenting_queue
-                                               if flags else None))
+            # (number, flags, segment_to) of each queue, the segmenting one first; without
+            # one the session's queue has no F_GSO: the kernel segments everything first.
+            segmenting = session.segmenting_queue
+            specs = [(session.queue, 0, None)] if segmenting < 0 else [
+                (segmenting, 0, None), (session.queue, F_GSO, segmenting)]
+            for number, flags, segment_to in specs:
+                queues.append(BatchedQueue(number, take, max_len=4096, flags=flags,
+                                           segment_to=segment_to))
         except OSError as exc:  # the queue is bound by someone else, say
             for bound in queues:
                 bound.close()
