@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from pvpn.envelope import Offload
 from pvpn.records import Record
 
 
@@ -43,9 +44,12 @@ class LogRecord(Command):
 
 @dataclass(slots=True)
 class InjectPacket(Command):
-    """Send this IP packet into the server's network (raw socket)."""
+    """Send this IP packet into the server's network: by the raw socket, or, with
+    ``offload``, as a super-packet for the kernel to forward and segment (the server's TUN
+    device, pvpn.forwarding)."""
 
     packet: bytes
+    offload: Offload | None = None
 
 
 @dataclass(slots=True)

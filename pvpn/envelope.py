@@ -91,6 +91,7 @@ OFFLOAD_MARK = 0x01
 OFFLOAD_HEADER = 12
 F_NEEDS_CSUM = 1  # VIRTIO_NET_HDR_F_NEEDS_CSUM
 GSO_NONE, GSO_TCPV4, GSO_TCPV6 = 0, 1, 4  # VIRTIO_NET_HDR_GSO_*
+GSO_ECN = 0x80  # VIRTIO_NET_HDR_GSO_ECN: the super-packet carries CWR (its first segment)
 #: The smallest segment size a header may ask for (IPv4's minimum MSS, RFC 879): a lying peer
 #: must not make one 64 KB packet into thousands of segments.
 MIN_GSO_SIZE = 536

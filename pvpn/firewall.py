@@ -335,9 +335,21 @@ def _server_chains(p: str, devices: str) -> list[str]:
     """The server's chains, declared (emptied), with the defragmenting match and the guard
     of its TUN devices."""
     return [f":{p}-IN - [0:0]", f":{p}-OUT - [0:0]", f":{p}-DEFRAG - [0:0]",
+            f":{p}-FWD - [0:0]",
             f"-A {p}-DEFRAG -m socket -m comment --comment \"never entered: makes the "
             f"kernel reassemble fragments before {p}-IN\" -j RETURN",
             f"-A {tun_guard(f'{p}-OUT', devices)}"]
+
+
+def forward_count(instance: str, ports: tuple[int, int]) -> str:
+    """The rule (without ``-A``) that counts, as they leave, the super-packets the kernel
+    forwarded for the server (or the worker) of NAT ports ``ports``: what it wrote into its TUN
+    device (pvpn.forwarding). Forwarded packets have no socket; what the raw socket sends has
+    one, so only the forwarded ones count. It decides nothing (RETURN): an administrator's
+    FORWARD rules, which run before it, are what it finds out about."""
+    low, high = ports
+    return (f"{chain_prefix(instance)}-FWD -p tcp -m tcp --sport {low}:{high} -m owner "
+            f"! --socket-exists -m comment --comment \"super-packets forwarded\" -j RETURN")
 
 
 def server_worker_rules(instance: str, slices: Sequence[tuple[int, tuple[int, int]]],
@@ -354,6 +366,8 @@ def server_worker_rules(instance: str, slices: Sequence[tuple[int, tuple[int, in
         tun = server_tun(instance, worker)
         q = f"-j NFQUEUE --queue-num {queue}"
         span = f"{low}:{high}"
+        v4.append(f"-A {forward_count(instance, (low, high))}")
+        v6.append(f"-A {forward_count(instance, (low, high))}")
         echo4 = f'-p icmp --icmp-type echo-reply -m u32 --u32 "{U32_ECHO4}={span}"'
         echo6 = f'-p ipv6-icmp --icmpv6-type echo-reply -m u32 --u32 "{U32_ECHO6}={span}"'
         for out, version, echo in ((v4, 4, echo4), (v6, 6, echo6)):
@@ -403,6 +417,7 @@ def server_rules(instance: str, queue: int, ports: tuple[int, int],
     common = _server_chains(p, tun)
     q = f"-j NFQUEUE --queue-num {queue}"
     v4 = common + [
+        f"-A {forward_count(instance, ports)}",
         f"-A {p}-IN {tee(4, tun)}",
         f"-A {p}-IN -p tcp --dport {low}:{high} {q}",
         f"-A {p}-IN -p udp --dport {low}:{high} {q}",
@@ -411,6 +426,7 @@ def server_rules(instance: str, queue: int, ports: tuple[int, int],
                     "parameter-problem") if icmp),
     ]
     v6 = common + [
+        f"-A {forward_count(instance, ports)}",
         f"-A {p}-IN {tee(6, tun)}",
         f"-A {p}-IN -p tcp --dport {low}:{high} {q}",
         f"-A {p}-IN -p udp --dport {low}:{high} {q}",
@@ -424,10 +440,10 @@ def server_rules(instance: str, queue: int, ports: tuple[int, int],
 def server_jumps(instance: str) -> list[list[str]]:
     """The rules of built-in chains that lead into the server's chains (as iptables-save shows
     them, without ``-A``): PREROUTING's into the queue rules, OUTPUT's into the guard of the
-    copies' TUN device."""
+    copies' TUN device, POSTROUTING's into the count of forwarded super-packets."""
     p = chain_prefix(instance)
     return [["PREROUTING", "-m", "addrtype", "--dst-type", "LOCAL", "-j", f"{p}-IN"],
-            ["OUTPUT", "-j", f"{p}-OUT"]]
+            ["OUTPUT", "-j", f"{p}-OUT"], ["POSTROUTING", "-j", f"{p}-FWD"]]
 
 
 @dataclass(slots=True)

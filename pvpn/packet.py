@@ -40,6 +40,7 @@ TCP_FIN: Final = 0x01
 TCP_SYN: Final = 0x02
 TCP_RST: Final = 0x04
 TCP_ACK: Final = 0x10
+TCP_CWR: Final = 0x80
 
 # RFC 792: echo reply 0, echo request 8; errors: destination unreachable 3, source quench 4,
 # redirect 5, time exceeded 11, parameter problem 12. Every error quotes the offending IP header
@@ -673,6 +674,21 @@ def partial_checksum(packet: bytes | bytearray) -> bytearray:
     folded = _pseudo_sum(out, l4, proto) or 0xFFFF  # a sum of nonzero words is never +0
     out[l4 + 16] = folded >> 8
     out[l4 + 17] = folded & 0xFF
+    return out
+
+
+def to_forward(packet: bytes | bytearray) -> bytearray:
+    """A copy of a TCP super-packet the server hands the kernel's forwarding (its TUN device,
+    pvpn.forwarding): its checksum partial (:func:`partial_checksum`, the kernel completes
+    each segment's), and one hop more, which forwarding takes off again, so it leaves as the
+    raw socket would have sent it (a hop limit of 255 leaves as 254)."""
+    out = partial_checksum(packet)
+    if out[0] >> 4 == 6:
+        out[7] = min(255, out[7] + 1)
+    elif out[8] < 255:
+        word = out[8] << 8 | out[9]
+        out[8] += 1
+        _fix(out, 10, word, word + 0x100)
     return out
 
 

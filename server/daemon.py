@@ -29,7 +29,8 @@ from pvpn.io.node import LinkProtocol, NodeDaemon
 from pvpn.io.pcap import SessionCaptures
 from pvpn.io.rawsock import PathMtu, RawSender, SourceAddresses
 from pvpn.io.statefile import StateFile, StateKeeper
-from pvpn.io.tun import open_tun, read_copies
+from pvpn.forwarding import ForwardCheck
+from pvpn.io.tun import VNET_HDR_LEN, forward_from, open_tun, read_copies, write_packet
 from pvpn.records import Record, RecordWriter
 from pvpn.state import decode_state
 from pvpn.workers import worker_config, worker_path
@@ -68,6 +69,12 @@ class Server(NodeDaemon[ServerConfig, ServerNode]):
             max_total_bytes=config.pcap_max_total_bytes, max_files=config.pcap_max_files))
         self.node.capture = self.captures is not None
         self.raw = RawSender()
+        # Upload super-packets go whole into the TUN device (pvpn.forwarding), once
+        # forward_whole says which families may; until then, and for the others, in segments.
+        self.tun = -1
+        self.tun_name = ""
+        self.forwarding: ForwardCheck | None = None
+        self.may_forward: set[int] = set()
         self.seen = 0.0  # one capture timestamp per batch
         self.dispatcher.on(InjectPacket, self._inject)
         self.dispatcher.on(CapturePacket, self._capture)
@@ -97,8 +104,62 @@ class Server(NodeDaemon[ServerConfig, ServerNode]):
             self.guard.call("capture flush", self.captures.flush)
 
     def _inject(self, cmd: InjectPacket) -> None:
-        if self.raw.send(cmd.packet) == errno.EMSGSIZE:  # the link's MTU changed
+        if cmd.offload is not None and self.forwarding is not None:
+            version = cmd.packet[0] >> 4
+            try:
+                write_packet(self.tun, cmd.packet, cmd.offload)
+            except OSError as exc:
+                self.raw.errors += 1
+                if (exc.errno not in (errno.EAGAIN, errno.ENOBUFS, errno.ENOMEM)
+                        and version in self.forwarding.whole):
+                    self._segmented(version, f"the TUN device refused one: {exc}")
+                return
+            self.forwarding.wrote(version)
+        elif self.raw.send(cmd.packet) == errno.EMSGSIZE:  # the link's MTU changed
             self.mtus.forget(destination_address(cmd.packet))
+
+    def forward_whole(self, fd: int, name: str) -> None:
+        """Hand the kernel upload super-packets whole, through TUN device ``name`` (fd
+        ``fd``), in each family it forwards them in (pvpn.forwarding)."""
+        self.tun, self.tun_name = fd, name
+        reasons = forward_from(name)
+        self.may_forward = {version for version, why in reasons.items() if why is None}
+        for version, why in sorted(reasons.items()):
+            if why is not None:
+                self.log.write(Record(NODE_WARNING, reason=f"IPv{version} uploads are "
+                                      f"segmented by pvpn-server (slower): {why}"))
+        self.check_forwarding(restart=True)
+
+    def check_forwarding(self, restart: bool = False) -> None:
+        """Count the super-packets that left against those written (at most every second
+        while they are written); ``restart``: every family that may, whole again."""
+        if restart or self.forwarding is not None and self.forwarding.due(self.loop.time()):
+            counted = rules.packets_counted(firewall.forward_count(self.config.instance,
+                                                                   self.config.nat_ports))
+            if restart:
+                self.forwarding = ForwardCheck(self.may_forward, counted)
+            elif self.forwarding is not None:
+                for version, why in self.forwarding.check(counted, self.loop.time()).items():
+                    self._segmented(version, why)
+        if self.forwarding is not None:
+            self.node.forward_whole = frozenset(self.forwarding.whole)
+
+    def _segmented(self, version: int, why: str) -> None:
+        """``version``'s super-packets are segmented here from now on (the check took it off
+        its list already, or a write failed), which the log says once, with what to do."""
+        if self.forwarding is None:
+            return
+        self.forwarding.whole.discard(version)
+        self.node.forward_whole = frozenset(self.forwarding.whole)
+        self.log.write(Record(NODE_WARNING, reason=(
+            f"IPv{version} uploads are segmented by pvpn-server from now on (slower): {why}. "
+            f"Let the host forward what arrives on {self.tun_name} (iptables -I FORWARD -i "
+            f"{self.tun_name} -j ACCEPT), then reload pvpn-server (SIGHUP)")))
+
+    def reload(self) -> None:
+        super().reload()
+        if self.forwarding is not None:
+            self.guard.call("forwarding", self.check_forwarding, True)
 
     def _capture(self, cmd: CapturePacket) -> None:
         if self.captures is not None:
@@ -140,7 +201,8 @@ class Server(NodeDaemon[ServerConfig, ServerNode]):
         """Replies too large for a queue message, as the kernel's copies brought them out of
         the server's TUN device; a copy made as the reply arrived lost one hop (as if
         forwarded), given back here."""
-        for datagram in read_copies(fd, reassembler, self.loop.time(), 1, True):
+        for datagram in read_copies(fd, reassembler, self.loop.time(), 1, True,
+                                    header=VNET_HDR_LEN):
             self.take_reply(datagram)
 
     def tick(self) -> None:
@@ -150,6 +212,7 @@ class Server(NodeDaemon[ServerConfig, ServerNode]):
             self.guard.call("hand-off", self.hand_over, late)
         if self.keeper is not None:
             self.guard.call("state", self.keeper.tick, self.loop.time())
+        self.guard.call("forwarding", self.check_forwarding)
 
 
 def restore_state(server: Server, keeper: StateKeeper) -> None:
@@ -222,8 +285,8 @@ async def serve_one(config: ServerConfig, worker: workers.WorkerHandle | None = 
         except OSError as exc:
             server.log.write(Record(NODE_WARNING, reason=f"no super-packets: {exc}"))
         # Replies too large for a queue message: the kernel's copies, out of this device.
-        copies = open_tun(firewall.server_tun(
-            config.instance, None if worker is None else worker.index), vnet=False)
+        tun_name = firewall.server_tun(config.instance, None if worker is None else worker.index)
+        copies = open_tun(tun_name)
         if worker is None:
             # Replaced in place, with no moment without them: a packet of a NAT flow that
             # reached the host's own stack while the server restarts would be answered with
@@ -234,6 +297,7 @@ async def serve_one(config: ServerConfig, worker: workers.WorkerHandle | None = 
             if stale:
                 server.log.write(Record(NODE_CLEANUP, reason="rules left by an earlier run",
                                         extra={"rules": stale}))
+        server.forward_whole(copies, tun_name)  # after the rules: it counts by one of them
         if keeper is not None:
             restore_state(server, keeper)
             took_over = True

@@ -151,6 +151,24 @@ def ensure_only_jumps(instance: str, wanted: list[list[str]]) -> list[str]:
     return removed
 
 
+def packets_counted(rule: str) -> dict[int, int | None]:
+    """The packet count of ``rule`` (as iptables-save prints it, without ``-A``) in each
+    family, None where it is not found."""
+    chain = rule.split()[0]
+    out: dict[int, int | None] = {}
+    for version in (4, 6):
+        out[version] = None
+        proc = subprocess.run([_tool(version, 0), "-w", "5", "-t", TABLE, "-S", chain, "-v"],
+                              capture_output=True, text=True, timeout=30)
+        for line in proc.stdout.splitlines():
+            args = shlex.split(line)
+            if "-c" in args and args[0] == "-A":  # -A CHAIN ... -c PACKETS BYTES ...
+                at = args.index("-c")
+                if args[1:at] + args[at + 3:] == shlex.split(rule):
+                    out[version] = int(args[at + 1])
+    return out
+
+
 def remove_instance(instance: str) -> list[str]:
     """Remove every rule and chain of an instance (after a clean stop or a crash)."""
     errors: list[str] = []

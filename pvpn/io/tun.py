@@ -57,6 +57,41 @@ def open_tun(name: str, vnet: bool = True) -> int:
     return fd
 
 
+def forward_from(name: str) -> dict[int, str | None]:
+    """Let the kernel forward the packets written into TUN device ``name`` (pvpn.forwarding),
+    from the host's own addresses (the server's NAT sources): per IP version, None where it
+    does, else why not. Only this device's settings change, and they go with it: IPv4's
+    forwarding and accept_local, IPv6's force_forwarding (Linux 6.17; the host's
+    ``net.ipv6.conf.all.forwarding`` would make every interface a router's)."""
+    out: dict[int, str | None] = {}
+    if strict_rp_filter():
+        out[4] = ("net.ipv4.conf.all.rp_filter is 1 (strict): packets from the host's own "
+                  "addresses would be dropped as they arrive on the device")
+    else:
+        out[4] = _set_all({f"net/ipv4/conf/{name}/forwarding": "1",
+                           f"net/ipv4/conf/{name}/accept_local": "1"})
+    if not os.path.exists(f"/proc/sys/net/ipv6/conf/{name}/force_forwarding"):
+        out[6] = "this kernel has no net.ipv6.conf.<device>.force_forwarding (Linux 6.17)"
+    else:
+        out[6] = _set_all({f"net/ipv6/conf/{name}/force_forwarding": "1"})
+    return out
+
+
+def _set_all(settings: dict[str, str]) -> str | None:
+    for key, value in settings.items():
+        try:
+            _sysctl(key, value)
+        except OSError as exc:
+            return f"cannot set {key.replace('/', '.')}: {exc.strerror or exc}"
+    return None
+
+
+def write_packet(fd: int, packet: bytes, offload: Offload | None) -> None:
+    """Write ``packet`` into a device opened with ``vnet``, its virtio_net_hdr first (one
+    system call, no copy of the packet)."""
+    os.writev(fd, (vnet_header(offload), packet))
+
+
 def has_vnet_header(fd: int) -> bool:
     """Whether ``fd`` is a TUN device whose packets carry a virtio_net_hdr (TUNGETIFF)."""
     try:

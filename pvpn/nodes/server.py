@@ -17,7 +17,7 @@ from pvpn.commands import CapturePacket, InjectPacket, ResumeElsewhere, SessionC
 from pvpn.config import Network, ServerConfig, UserPolicy, parse_prefix
 from pvpn.drops import Drop
 from pvpn.envelope import (
-    GSO_TCPV4, GSO_TCPV6, MIN_GSO_SIZE, MsgType, Offload, bare_packet,
+    GSO_ECN, GSO_TCPV4, GSO_TCPV6, MIN_GSO_SIZE, MsgType, Offload, bare_packet,
     encode_control, encode_envelope, encode_offload, is_offloaded, split_offload,
 )
 from pvpn.errors import (
@@ -66,6 +66,9 @@ class ServerNode(NodeBase):
         self.config = config
         # Super-packets to users whose end offers them (the reply queue hands them over whole).
         self.takes_offload = offload
+        # The IP versions whose upload super-packets the daemon hands the kernel whole, to
+        # forward and segment (pvpn.forwarding); the others are segmented here.
+        self.forward_whole: frozenset[int] = frozenset()
         self._source_for = source_for
         # The MTU towards a destination (pvpn.io.rawsock.PathMtu); None: nothing is too big.
         self._mtu_for = mtu_for
@@ -336,10 +339,21 @@ class ServerNode(NodeBase):
         sent = pk.rewrite_source(packet, entry.nat_src, entry.nat_port)
         if offload is not None:
             session.super_out += 1
-            mss = mtu - pk.tcp_headers_length(sent)
+            headers = pk.tcp_headers_length(sent)
+            mss = mtu - headers
             if offload.gso_size:
                 mss = min(mss, offload.gso_size)
-            for segment in pk.segment_tcp(sent, max(MIN_GSO_SIZE, mss)):
+            mss = max(MIN_GSO_SIZE, mss)
+            if len(sent) - headers > mss and self._forwards_whole(flow.dst):
+                # The kernel segments it as we would have (the same size), in C; CWR
+                # (ECN) only on the first segment, as segment_tcp does.
+                l4 = pk.l4_offset(sent)
+                ecn = GSO_ECN if sent[l4 + 13] & pk.TCP_CWR else 0
+                self.commands.append(InjectPacket(bytes(pk.to_forward(sent)), Offload(
+                    (GSO_TCPV4 if sent[0] >> 4 == 4 else GSO_TCPV6) | ecn, mss, l4, 16,
+                    headers)))
+                return
+            for segment in pk.segment_tcp(sent, mss):
                 self.commands.append(InjectPacket(segment))
         elif not error and mtu and len(sent) > mtu:
             self._inject_fragments(sent, mtu)
@@ -511,6 +525,15 @@ class ServerNode(NodeBase):
         else:
             for segment in pk.segment_tcp(packet, mss):
                 self._send_to_user(session, link, segment)
+
+    def _forwards_whole(self, destination: bytes) -> bool:
+        """Whether a super-packet to ``destination`` may go whole to the kernel's forwarding
+        (:attr:`forward_whole`): not to one of the server's own addresses, which forwarding
+        would deliver as arrived on the TUN device, not as the raw socket's are."""
+        if (4 if len(destination) == 4 else 6) not in self.forward_whole:
+            return False
+        address = ipaddress.ip_address(destination)
+        return not any(address in network for network in self.local_addresses)
 
     def _segment_mtu(self, destination: bytes) -> int:
         """The MTU a super-packet's segments towards ``destination`` must fit."""

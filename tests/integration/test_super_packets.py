@@ -1,7 +1,8 @@
 """Super-packets (issue 12): a bulk TCP download crosses the Python path in 64 KB units (the
 server's reply queue hands over GSO packets whole, the client host's kernel takes each from
 the session's TUN device whole), byte-exact, and so does an upload (the session's queue hands
-over the user's, the server segments them); a UDP super-packet is segmented by the kernel
+over the user's, the server hands them to its kernel to forward whole, or segments them where
+the host's FORWARD rules drop them); a UDP super-packet is segmented by the kernel
 first; a user's own tunnel process that hands
 pvpn-client a super-packet whose offload header lies gets it dropped and logged, and
 pvpn-client goes on serving everyone.
@@ -17,6 +18,8 @@ import os
 import shlex
 import subprocess
 import sys
+import time
+from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
@@ -123,6 +126,7 @@ def test_a_bulk_upload_leaves_in_super_packets_byte_exact(alice: dict[str, Any])
     which sums it)."""
     data = os.urandom(24 << 20)
     before = alice_status(alice)
+    forwarded_before = forwarded(alice)
     ssh = sh(alice, "client", "alice", *shlex.split(alice["ssh"]["alice"]), "sha256sum",
              input=data, timeout=120)
     assert ssh.returncode == 0, ssh.stderr.decode()
@@ -132,11 +136,78 @@ def test_a_bulk_upload_leaves_in_super_packets_byte_exact(alice: dict[str, Any])
     packets = after["packets_out"] - before["packets_out"]
     # 24 MB in packets of at most 1,500 bytes would be some 17,000 of them.
     assert supers > 50 and packets < 12000, (supers, packets)
+    # pvpn-server handed them on whole, for the kernel to forward and segment.
+    assert forwarded(alice)[4] - forwarded_before[4] > supers // 2, (supers, forwarded(alice))
     # And over IPv6 (iperf3 to the target's server for a second).
     iperf = sh(alice, "client", "alice", "iperf3", "-6", "-c", alice["target"]["ipv6"],
                "-t", "1", "--json", timeout=60)
     assert iperf.returncode == 0, iperf.stdout.decode()[-2000:]
     assert json.loads(iperf.stdout)["end"]["sum_received"]["bytes"] > 1 << 20
+    assert forwarded(alice)[6] - forwarded_before[6] > 10
+
+
+def forwarded(info: dict[str, Any]) -> dict[int, int]:
+    """Per IP version, how many of the users' super-packets the server's kernel forwarded
+    whole (the count of firewall.forward_count's rule)."""
+    counts = {}
+    for version, tool in ((4, "iptables-save"), (6, "ip6tables-save")):
+        out = subprocess.run(["ip", "netns", "exec", info["hosts"]["server"]["namespace"],
+                              tool, "-t", "mangle", "-c"], capture_output=True, text=True,
+                             check=True, timeout=30).stdout
+        counts[version] = sum(int(line[1:].split(":")[0]) for line in out.splitlines()
+                              if "super-packets forwarded" in line)
+    return counts
+
+
+def server_records(info: dict[str, Any], event: str) -> list[dict[str, Any]]:
+    with open(info["logs"]["server"]["pvpn-server"]) as handle:
+        return [r for r in map(json.loads, handle) if r.get("event") == event]
+
+
+def ssh_upload_ok(info: dict[str, Any], size: int) -> None:
+    data = os.urandom(size)
+    ssh = sh(info, "client", "alice", *shlex.split(info["ssh"]["alice"]), "sha256sum",
+             input=data, timeout=120)
+    assert ssh.returncode == 0, ssh.stderr.decode()
+    assert ssh.stdout.decode().split()[0] == hashlib.sha256(data).hexdigest()
+
+
+def test_a_forward_rule_that_drops_super_packets_costs_speed_never_data(
+        alice: dict[str, Any]) -> None:
+    """An administrator's FORWARD policy of DROP on the server's host (a Docker host's, say):
+    the super-packets pvpn-server writes whole do not get out. Within a second it sees so by
+    their count, says what to do, and segments them itself again; the upload arrives
+    byte-exact. Once the host forwards them and pvpn-server is reloaded, they go whole
+    again."""
+    ns = alice["hosts"]["server"]["namespace"]
+
+    def iptables(*args: str) -> None:
+        for tool in ("iptables", "ip6tables"):
+            subprocess.run(["ip", "netns", "exec", ns, tool, *args], check=True, timeout=30)
+
+    warned = len(server_records(alice, "node:warning"))
+    reloaded = len(server_records(alice, "node:reloaded"))
+    iptables("-P", "FORWARD", "DROP")
+    try:
+        ssh_upload_ok(alice, 8 << 20)
+        warnings = server_records(alice, "node:warning")[warned:]
+        assert any("IPv4 uploads are segmented by pvpn-server from now on" in w["reason"]
+                   and "FORWARD" in w["reason"] for w in warnings), warnings
+        stuck = forwarded(alice)
+        ssh_upload_ok(alice, 8 << 20)
+        assert forwarded(alice) == stuck  # none written whole while they cannot get out
+    finally:
+        iptables("-P", "FORWARD", "ACCEPT")
+    subprocess.run(["ip", "netns", "exec", ns, str(Path(sys.executable).parent / "supervisorctl"),
+                    "-c", alice["hosts"]["server"]["supervisord"], "signal", "HUP",
+                    "pvpn-server"], check=True, capture_output=True, timeout=60)
+    deadline = time.monotonic() + 10
+    while len(server_records(alice, "node:reloaded")) == reloaded and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert len(server_records(alice, "node:reloaded")) > reloaded
+    before = forwarded(alice)
+    ssh_upload_ok(alice, 8 << 20)
+    assert forwarded(alice)[4] - before[4] > 20
 
 
 UDP_GSO = r"""

@@ -82,6 +82,7 @@ class Network:
         self.ends: dict[str, Ends] = {}
         self.ids = 0  # the highest link id in use, over all nodes
         self.injected: list[bytes] = []
+        self.inject_commands: list[InjectPacket] = []  # with their offload, if any
         self.captured: list[CapturePacket] = []
         self.logs: list[tuple[str, Record]] = []  # every node's records, with its name
         self.seen_by_gateways: list[bytes] = []  # what the gateways relayed, both ways
@@ -163,6 +164,7 @@ class Network:
             self.logs.append((name, command.record))
         elif isinstance(command, InjectPacket):
             self.injected.append(command.packet)
+            self.inject_commands.append(command)
         elif isinstance(command, CapturePacket):
             self.captured.append(command)
         elif isinstance(command, OpenNextHop):
