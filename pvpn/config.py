@@ -111,6 +111,15 @@ class _Table:
             raise ConfigError(f"{self.where(key)} must be a {wanted}, not {type(value).__name__}")
         return value
 
+    def flag(self, key: str, default: bool) -> bool:
+        """A true/false setting (TOML's booleans only: 1 or "yes" are refused)."""
+        self.used.add(key)
+        value = self.data.get(key, default)
+        if not isinstance(value, bool):
+            raise ConfigError(f"{self.where(key)} must be true or false, not "
+                              f"{type(value).__name__}")
+        return value
+
     def strings(self, key: str, default: Any = ...) -> list[str]:
         value = self.get(key, list, default)
         if not all(isinstance(v, str) for v in value):
@@ -299,6 +308,10 @@ class ServerConfig(NodeConfig):
     # which of them this config is for (pvpn.workers.worker_config).
     workers: int = 1
     worker: int = 0
+    # Users' TCP super-packets go whole to the kernel's forwarding (server.uploads), where
+    # the host lets them; false: every upload byte is segmented and sent by the raw socket,
+    # seen by the host's OUTPUT rules, never by its FORWARD rules.
+    forward_uploads: bool = True
 
 
 DEFAULT_PORT = 4433
@@ -405,6 +418,7 @@ def load_server_config(path: Path) -> ServerConfig:
     workers = t.get("workers", int, default.workers)
     if not 1 <= workers <= 16:
         raise ConfigError(f"{t.where('workers')} must be 1 to 16")
+    forward_uploads = t.flag("forward_uploads", default.forward_uploads)
     limits = _limits(t)
     t.finish()
     users = _users(path, data, _user_policy)
@@ -418,6 +432,7 @@ def load_server_config(path: Path) -> ServerConfig:
         nat_syn_timeout=syn_timeout, nat_unreplied_timeout=unreplied_timeout,
         pcap_max_total_bytes=int(pcap_total), pcap_max_files=int(pcap_files),
         state_file=state_file, state_interval=state_interval, workers=int(workers),
+        forward_uploads=forward_uploads,
     )
     low, high = config.nat_ports
     if queue + workers - 1 > 65535 or high - low + 1 < workers:

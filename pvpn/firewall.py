@@ -346,10 +346,14 @@ def forward_count(instance: str, ports: tuple[int, int]) -> str:
     forwarded for the server (or the worker) of NAT ports ``ports``: what it wrote into its TUN
     device (pvpn.forwarding). Forwarded packets have no socket; what the raw socket sends has
     one, so only the forwarded ones count. It decides nothing (RETURN): an administrator's
-    FORWARD rules, which run before it, are what it finds out about."""
+    FORWARD rules, which run before it, are what it finds out about (what the host forwards
+    for others is not from its own address, so it does not count)."""
     low, high = ports
-    return (f"{chain_prefix(instance)}-FWD -p tcp -m tcp --sport {low}:{high} -m owner "
-            f"! --socket-exists -m comment --comment \"super-packets forwarded\" -j RETURN")
+    span = str(low) if low == high else f"{low}:{high}"  # as iptables-save prints it
+    # From the host's own address: what the host forwards for others is none of it.
+    return (f"{chain_prefix(instance)}-FWD -p tcp -m tcp --sport {span} -m addrtype "
+            f"--src-type LOCAL -m owner ! --socket-exists -m comment --comment "
+            f"\"super-packets forwarded\" -j RETURN")
 
 
 def server_worker_rules(instance: str, slices: Sequence[tuple[int, tuple[int, int]]],

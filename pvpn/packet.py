@@ -680,15 +680,22 @@ def partial_checksum(packet: bytes | bytearray) -> bytearray:
 def to_forward(packet: bytes | bytearray) -> bytearray:
     """A copy of a TCP super-packet the server hands the kernel's forwarding (its TUN device,
     pvpn.forwarding): its checksum partial (:func:`partial_checksum`, the kernel completes
-    each segment's), and one hop more, which forwarding takes off again, so it leaves as the
-    raw socket would have sent it (a hop limit of 255 leaves as 254)."""
+    each segment's), one hop more, which forwarding takes off again, so it leaves as the raw
+    socket would have sent it (a hop limit of 255 leaves as 254; one of 0 must not come
+    here: the kernel drops it), and an IPv4 header checksum computed afresh, as the raw socket
+    computes it (an incremental update keeps a wrong one wrong, and the kernel drops that)."""
     out = partial_checksum(packet)
     if out[0] >> 4 == 6:
         out[7] = min(255, out[7] + 1)
-    elif out[8] < 255:
-        word = out[8] << 8 | out[9]
-        out[8] += 1
-        _fix(out, 10, word, word + 0x100)
+        return out
+    out[8] = min(255, out[8] + 1)
+    ihl = (out[0] & 0x0F) * 4
+    out[10] = out[11] = 0
+    with memoryview(out) as view:
+        words = int.from_bytes(view[:ihl], "big")
+    checksum = (0xFFFF - words % 0xFFFF) % 0xFFFF  # never 0xFFFF: the version nibble
+    out[10] = checksum >> 8
+    out[11] = checksum & 0xFF
     return out
 
 

@@ -29,12 +29,12 @@ from pvpn.io.node import LinkProtocol, NodeDaemon
 from pvpn.io.pcap import SessionCaptures
 from pvpn.io.rawsock import PathMtu, RawSender, SourceAddresses
 from pvpn.io.statefile import StateFile, StateKeeper
-from pvpn.forwarding import ForwardCheck
-from pvpn.io.tun import VNET_HDR_LEN, forward_from, open_tun, read_copies, write_packet
+from pvpn.io.tun import VNET_HDR_LEN, open_tun, read_copies
 from pvpn.records import Record, RecordWriter
 from pvpn.state import decode_state
 from pvpn.workers import worker_config, worker_path
 from pvpn.server import workers
+from pvpn.server.uploads import WholeUploads
 
 
 def check_nat_ports(config: ServerConfig) -> None:
@@ -69,12 +69,9 @@ class Server(NodeDaemon[ServerConfig, ServerNode]):
             max_total_bytes=config.pcap_max_total_bytes, max_files=config.pcap_max_files))
         self.node.capture = self.captures is not None
         self.raw = RawSender()
-        # Upload super-packets go whole into the TUN device (pvpn.forwarding), once
-        # forward_whole says which families may; until then, and for the others, in segments.
-        self.tun = -1
-        self.tun_name = ""
-        self.forwarding: ForwardCheck | None = None
-        self.may_forward: set[int] = set()
+        # Upload super-packets go whole into the TUN device (server.uploads), in the IP
+        # versions it says; until it is set up, and in the others, in segments.
+        self.uploads: WholeUploads | None = None
         self.seen = 0.0  # one capture timestamp per batch
         self.dispatcher.on(InjectPacket, self._inject)
         self.dispatcher.on(CapturePacket, self._capture)
@@ -104,62 +101,21 @@ class Server(NodeDaemon[ServerConfig, ServerNode]):
             self.guard.call("capture flush", self.captures.flush)
 
     def _inject(self, cmd: InjectPacket) -> None:
-        if cmd.offload is not None and self.forwarding is not None:
-            version = cmd.packet[0] >> 4
-            try:
-                write_packet(self.tun, cmd.packet, cmd.offload)
-            except OSError as exc:
-                self.raw.errors += 1
-                if (exc.errno not in (errno.EAGAIN, errno.ENOBUFS, errno.ENOMEM)
-                        and version in self.forwarding.whole):
-                    self._segmented(version, f"the TUN device refused one: {exc}")
-                return
-            self.forwarding.wrote(version)
+        if cmd.offload is not None and self.uploads is not None:
+            self.uploads.write(cmd)
+            self.node.forward_whole = self.uploads.versions
         elif self.raw.send(cmd.packet) == errno.EMSGSIZE:  # the link's MTU changed
             self.mtus.forget(destination_address(cmd.packet))
 
-    def forward_whole(self, fd: int, name: str) -> None:
-        """Hand the kernel upload super-packets whole, through TUN device ``name`` (fd
-        ``fd``), in each family it forwards them in (pvpn.forwarding)."""
-        self.tun, self.tun_name = fd, name
-        reasons = forward_from(name)
-        self.may_forward = {version for version, why in reasons.items() if why is None}
-        for version, why in sorted(reasons.items()):
-            if why is not None:
-                self.log.write(Record(NODE_WARNING, reason=f"IPv{version} uploads are "
-                                      f"segmented by pvpn-server (slower): {why}"))
-        self.check_forwarding(restart=True)
-
-    def check_forwarding(self, restart: bool = False) -> None:
-        """Count the super-packets that left against those written (at most every second
-        while they are written); ``restart``: every family that may, whole again."""
-        if restart or self.forwarding is not None and self.forwarding.due(self.loop.time()):
-            counted = rules.packets_counted(firewall.forward_count(self.config.instance,
-                                                                   self.config.nat_ports))
-            if restart:
-                self.forwarding = ForwardCheck(self.may_forward, counted)
-            elif self.forwarding is not None:
-                for version, why in self.forwarding.check(counted, self.loop.time()).items():
-                    self._segmented(version, why)
-        if self.forwarding is not None:
-            self.node.forward_whole = frozenset(self.forwarding.whole)
-
-    def _segmented(self, version: int, why: str) -> None:
-        """``version``'s super-packets are segmented here from now on (the check took it off
-        its list already, or a write failed), which the log says once, with what to do."""
-        if self.forwarding is None:
-            return
-        self.forwarding.whole.discard(version)
-        self.node.forward_whole = frozenset(self.forwarding.whole)
-        self.log.write(Record(NODE_WARNING, reason=(
-            f"IPv{version} uploads are segmented by pvpn-server from now on (slower): {why}. "
-            f"Let the host forward what arrives on {self.tun_name} (iptables -I FORWARD -i "
-            f"{self.tun_name} -j ACCEPT), then reload pvpn-server (SIGHUP)")))
-
     def reload(self) -> None:
         super().reload()
-        if self.forwarding is not None:
-            self.guard.call("forwarding", self.check_forwarding, True)
+        if self.uploads is not None:
+            self.guard.call("forwarding", self._forward_again)
+
+    def _forward_again(self) -> None:
+        assert self.uploads is not None
+        self.uploads.start()
+        self.node.forward_whole = self.uploads.versions
 
     def _capture(self, cmd: CapturePacket) -> None:
         if self.captures is not None:
@@ -212,7 +168,9 @@ class Server(NodeDaemon[ServerConfig, ServerNode]):
             self.guard.call("hand-off", self.hand_over, late)
         if self.keeper is not None:
             self.guard.call("state", self.keeper.tick, self.loop.time())
-        self.guard.call("forwarding", self.check_forwarding)
+        if self.uploads is not None:
+            self.guard.call("forwarding", self.uploads.tick)
+            self.node.forward_whole = self.uploads.versions
 
 
 def restore_state(server: Server, keeper: StateKeeper) -> None:
@@ -297,7 +255,14 @@ async def serve_one(config: ServerConfig, worker: workers.WorkerHandle | None = 
             if stale:
                 server.log.write(Record(NODE_CLEANUP, reason="rules left by an earlier run",
                                         extra={"rules": stale}))
-        server.forward_whole(copies, tun_name)  # after the rules: it counts by one of them
+        # After the rules: it counts by one of them.
+        try:
+            if config.forward_uploads:
+                server.uploads = WholeUploads(copies, tun_name, config.instance,
+                                              config.nat_ports, loop, server.log.write)
+                server.node.forward_whole = server.uploads.versions
+        except Exception as exc:  # noqa: BLE001 - the guard's; uploads go in segments
+            server.guard.failed("forwarding", exc)
         if keeper is not None:
             restore_state(server, keeper)
             took_over = True

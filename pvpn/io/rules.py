@@ -153,13 +153,16 @@ def ensure_only_jumps(instance: str, wanted: list[list[str]]) -> list[str]:
 
 def packets_counted(rule: str) -> dict[int, int | None]:
     """The packet count of ``rule`` (as iptables-save prints it, without ``-A``) in each
-    family, None where it is not found."""
+    family, None where it is not found (nor its chain); PvpnError where iptables failed (its
+    lock held too long, say), which says nothing about the rule."""
     chain = rule.split()[0]
     out: dict[int, int | None] = {}
     for version in (4, 6):
         out[version] = None
         proc = subprocess.run([_tool(version, 0), "-w", "5", "-t", TABLE, "-S", chain, "-v"],
                               capture_output=True, text=True, timeout=30)
+        if proc.returncode != 0 and not _is_missing(proc.stderr):
+            raise PvpnError(f"{_TOOLS[version][0]} -S {chain}: {proc.stderr.strip()}")
         for line in proc.stdout.splitlines():
             args = shlex.split(line)
             if "-c" in args and args[0] == "-A":  # -A CHAIN ... -c PACKETS BYTES ...

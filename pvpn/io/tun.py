@@ -77,6 +77,26 @@ def forward_from(name: str) -> dict[int, str | None]:
     return out
 
 
+def forward_settings(name: str) -> dict[int, str | None]:
+    """What of :func:`forward_from`'s settings of device ``name`` is no longer set, per IP
+    version (None: all is)."""
+    keys = {4: ("net/ipv4/conf/{}/forwarding", "net/ipv4/conf/{}/accept_local"),
+            6: ("net/ipv6/conf/{}/force_forwarding",)}
+    out: dict[int, str | None] = {}
+    for version, paths in keys.items():
+        out[version] = None
+        for path in paths:
+            try:
+                with open(f"/proc/sys/{path.format(name)}") as handle:
+                    value = handle.read().strip()
+            except OSError:
+                continue
+            if value != "1":
+                out[version] = f"{path.format(name).replace('/', '.')} is {value}"
+                break
+    return out
+
+
 def _set_all(settings: dict[str, str]) -> str | None:
     for key, value in settings.items():
         try:

@@ -69,6 +69,8 @@ class ServerNode(NodeBase):
         # The IP versions whose upload super-packets the daemon hands the kernel whole, to
         # forward and segment (pvpn.forwarding); the others are segmented here.
         self.forward_whole: frozenset[int] = frozenset()
+        self._own_hosts: frozenset[bytes] = frozenset()  # local_addresses, for the packet path
+        self._own_networks: list[tuple[int, int, int]] = []
         self._source_for = source_for
         # The MTU towards a destination (pvpn.io.rawsock.PathMtu); None: nothing is too big.
         self._mtu_for = mtu_for
@@ -344,10 +346,16 @@ class ServerNode(NodeBase):
             if offload.gso_size:
                 mss = min(mss, offload.gso_size)
             mss = max(MIN_GSO_SIZE, mss)
-            if len(sent) - headers > mss and self._forwards_whole(flow.dst):
+            l4 = pk.l4_offset(sent)
+            if (len(sent) - headers > mss and self._forwards_whole(flow.dst)
+                    and not sent[l4 + 13] & (pk.TCP_SYN | pk.TCP_RST)
+                    and sent[8 if sent[0] >> 4 == 4 else 7]):
                 # The kernel segments it as we would have (the same size), in C; CWR
-                # (ECN) only on the first segment, as segment_tcp does.
-                l4 = pk.l4_offset(sent)
+                # (ECN) only on the first segment, as segment_tcp does. Never a SYN (the
+                # raw socket's packet opens every connection, so the host's NAT and
+                # filter rules see it as they always did) nor a hop limit of 0 (the
+                # kernel's forwarding would drop it, which the check would blame on
+                # the host's FORWARD rules).
                 ecn = GSO_ECN if sent[l4 + 13] & pk.TCP_CWR else 0
                 self.commands.append(InjectPacket(bytes(pk.to_forward(sent)), Offload(
                     (GSO_TCPV4 if sent[0] >> 4 == 4 else GSO_TCPV6) | ecn, mss, l4, 16,
@@ -532,8 +540,13 @@ class ServerNode(NodeBase):
         would deliver as arrived on the TUN device, not as the raw socket's are."""
         if (4 if len(destination) == 4 else 6) not in self.forward_whole:
             return False
-        address = ipaddress.ip_address(destination)
-        return not any(address in network for network in self.local_addresses)
+        if destination in self._own_hosts:
+            return False
+        if self._own_networks:
+            value = int.from_bytes(destination, "big")
+            return not any(value & mask == network and len(destination) == size
+                           for network, mask, size in self._own_networks)
+        return True
 
     def _segment_mtu(self, destination: bytes) -> int:
         """The MTU a super-packet's segments towards ``destination`` must fit."""
@@ -616,6 +629,10 @@ class ServerNode(NodeBase):
         gone = {n.network_address.packed for n in self.local_addresses - addresses
                 if n.num_addresses == 1}
         self.local_addresses = addresses
+        self._own_hosts = frozenset(n.network_address.packed for n in addresses
+                                    if n.num_addresses == 1)
+        self._own_networks = [(int(n.network_address), int(n.netmask), n.max_prefixlen // 8)
+                              for n in addresses if n.num_addresses > 1]
         for session in list(self.sessions.values()):
             policy = self.config.users.get(session.user)
             if policy is not None:

@@ -191,23 +191,49 @@ def test_a_forward_rule_that_drops_super_packets_costs_speed_never_data(
     try:
         ssh_upload_ok(alice, 8 << 20)
         warnings = server_records(alice, "node:warning")[warned:]
-        assert any("IPv4 uploads are segmented by pvpn-server from now on" in w["reason"]
-                   and "FORWARD" in w["reason"] for w in warnings), warnings
+        assert any("IPv4 uploads are segmented by pvpn-server (slower)" in w["reason"]
+                   and "the host's FORWARD rules drop them" in w["reason"]
+                   and "iptables -I FORWARD -i" in w["reason"] for w in warnings), warnings
         stuck = forwarded(alice)
         ssh_upload_ok(alice, 8 << 20)
         assert forwarded(alice) == stuck  # none written whole while they cannot get out
     finally:
         iptables("-P", "FORWARD", "ACCEPT")
-    subprocess.run(["ip", "netns", "exec", ns, str(Path(sys.executable).parent / "supervisorctl"),
-                    "-c", alice["hosts"]["server"]["supervisord"], "signal", "HUP",
-                    "pvpn-server"], check=True, capture_output=True, timeout=60)
+    reload_and_upload_whole(alice, reloaded)
+
+
+def reload_and_upload_whole(info: dict[str, Any], reloaded: int) -> None:
+    """SIGHUP to pvpn-server: an upload goes whole again."""
+    subprocess.run(["ip", "netns", "exec", info["hosts"]["server"]["namespace"],
+                    str(Path(sys.executable).parent / "supervisorctl"), "-c",
+                    info["hosts"]["server"]["supervisord"], "signal", "HUP", "pvpn-server"],
+                   check=True, capture_output=True, timeout=60)
     deadline = time.monotonic() + 10
-    while len(server_records(alice, "node:reloaded")) == reloaded and time.monotonic() < deadline:
+    while len(server_records(info, "node:reloaded")) == reloaded and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert len(server_records(alice, "node:reloaded")) > reloaded
-    before = forwarded(alice)
+    assert len(server_records(info, "node:reloaded")) > reloaded
+    before = forwarded(info)
+    ssh_upload_ok(info, 8 << 20)
+    assert forwarded(info)[4] - before[4] > 20
+
+
+def test_an_administrator_who_toggles_ip_forward_costs_speed_never_data(
+        alice: dict[str, Any]) -> None:
+    """Writing net.ipv4.ip_forward sets every device's forwarding, the server's TUN device's
+    too: 1 then 0 turns it off there. The check sees the super-packets not leave and says
+    that setting is why (not the FORWARD rules); the upload arrives byte-exact; a reload
+    sets the device up again and they go whole."""
+    ns = alice["hosts"]["server"]["namespace"]
+    warned = len(server_records(alice, "node:warning"))
+    reloaded = len(server_records(alice, "node:reloaded"))
+    for value in ("1", "0"):
+        subprocess.run(["ip", "netns", "exec", ns, "sysctl", "-qw", f"net.ipv4.ip_forward={value}"],
+                       check=True, timeout=30)
     ssh_upload_ok(alice, 8 << 20)
-    assert forwarded(alice)[4] - before[4] > 20
+    warnings = server_records(alice, "node:warning")[warned:]
+    assert any("IPv4 uploads are segmented by pvpn-server (slower)" in w["reason"]
+               and "forwarding is 0" in w["reason"] for w in warnings), warnings
+    reload_and_upload_whole(alice, reloaded)
 
 
 UDP_GSO = r"""

@@ -33,6 +33,18 @@ def certs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return {"crt": crt, "key": key, "users": authorized(d / "users", user_keys("alice"))}
 
 
+class NoWholeUploads:
+    """server.uploads.WholeUploads on a host whose kernel forwards nothing whole."""
+
+    versions: frozenset[int] = frozenset()
+
+    def __init__(self, *args: Any) -> None:
+        pass
+
+    def tick(self) -> None:
+        pass
+
+
 class Kernel:
     def __init__(self) -> None:
         self.applied: list[firewall.RuleSet] = []
@@ -57,6 +69,7 @@ def kernel(monkeypatch: pytest.MonkeyPatch) -> Iterator[Kernel]:
     monkeypatch.setattr(daemon.rules, "remove_instance", remove_instance)
     monkeypatch.setattr(daemon, "check_nat_ports", lambda config: None)
     monkeypatch.setattr(daemon, "install_signals", lambda loop, stop, reload=None: None)
+    monkeypatch.setattr(daemon, "WholeUploads", NoWholeUploads)  # no host sysctl, no iptables
     yield k
     k.queues.close_all()
 
