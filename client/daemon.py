@@ -42,7 +42,7 @@ from pvpn.config import ClientConfig, load_client_config
 from pvpn.drops import Drop
 from pvpn.envelope import Envelope
 from pvpn.errors import PvpnError
-from pvpn.hosted import CloseHop, OpenHop, RetryIn
+from pvpn.hosted import CloseHop, HostedTunnel, OpenHop, RetryIn
 from pvpn.io import conntrack, hostkernel, localserver, rules, sockdiag
 from pvpn.io.chainlink import HopConnections
 from pvpn.io.hostkernel import ClientKernel, InstanceRules
@@ -98,7 +98,9 @@ class ClientDaemon:
         self.link_ids: Iterator[int] = itertools.count(1)
         self.by_id: dict[int, LocalLink] = {}
         # The chains pvpn-client holds for its users' agents: their TCP connections.
-        self.hops = HopConnections(self.loop, self.guard, self.host, self._after_chain)
+        self.hops = HopConnections(self.loop, self.guard, self.host, self._after_chain,
+                                   self._hold_queues)
+        self.devices = devices
         # The host's bookkeeping, as the tests and the shutdown read it.
         self.local = self.host.local  # every admitted connection on the socket
         self._session_logged = self.host.session_logged
@@ -128,6 +130,15 @@ class ClientDaemon:
         dispatcher.on(CloseHop, lambda cmd: self.hops.close(cmd.tunnel))
         dispatcher.on(RetryIn, lambda cmd: self.hops.retry_in(cmd.tunnel, cmd.delay))
         return dispatcher
+
+    def _hold_queues(self, tunnel: HostedTunnel, held: bool) -> None:
+        """A chain's writes wait above their high-water mark (or drained): its session's
+        queues are not read meanwhile (SessionDevices.hold)."""
+        link = self.host.links.get(tunnel.slot)
+        if link is not None and link.tunnel is tunnel:
+            self.devices.hold(tunnel.slot, held)
+        elif not held:
+            self.devices.hold(tunnel.slot, False)
 
     def _after_chain(self) -> None:
         self.run()

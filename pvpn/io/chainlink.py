@@ -87,6 +87,9 @@ class _Hop(asyncio.Protocol):
         chain = tunnel.chain
         if chain is not None and chain.links:
             chain.links[-1].congested = congested
+        hold = self.hops.hold
+        if hold is not None:
+            self.hops.guard.call("chain congestion", hold, tunnel, congested)
 
     def data_received(self, data: bytes) -> None:
         hops = self.hops
@@ -95,6 +98,8 @@ class _Hop(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         hops = self.hops
+        if self.tunnel.congested:  # nothing waits to be written any more: nothing held
+            self._congestion(False)
         if hops.hops.get(self.tunnel) is self:
             del hops.hops[self.tunnel]
         if self.closed:
@@ -110,8 +115,12 @@ class HopConnections:
     flushes what they left (ClientDaemon.run then flush)."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, guard: Guard, host: ChainHost,
-                 after: Callable[[], None]) -> None:
+                 after: Callable[[], None],
+                 hold: Callable[[HostedTunnel, bool], None] | None = None) -> None:
         self.loop, self.guard, self.host, self.after = loop, guard, host, after
+        # Told when a chain's writes wait above their high-water mark (True) and when they
+        # drained (False): the daemon stops reading that session's queues meanwhile.
+        self.hold = hold
         self.now = loop.time
         self.hops: dict[HostedTunnel, _Hop] = {}
         self.tasks: set[asyncio.Task[None]] = set()

@@ -35,6 +35,8 @@ class SessionDevices:
         self.segmenting: dict[int, BatchedQueue] = {}
         self.tun_fds: dict[int, int] = {}
         self.vnet: set[int] = set()  # the TUN fds whose packets carry a virtio_net_hdr
+        self.drains: dict[int, Callable[[], None]] = {}  # by queue fd: what reads it
+        self.held: set[int] = set()  # slots whose queues are not read (hold)
 
     def attach(self, session: SlotSession, take: Take) -> None:
         """The session's TUN device and queue, read from now on (PvpnError: neither is kept)."""
@@ -76,6 +78,7 @@ class SessionDevices:
                 self.guard.call("queue drain", queue.drain)
                 self.guard.call("flush", self.flush)
 
+            self.drains[queue.fileno()] = drain
             self.loop.add_reader(queue.fileno(), drain)
         copies = Reassembler()
 
@@ -96,12 +99,33 @@ class SessionDevices:
     def attached(self, session: SlotSession) -> bool:
         return session.slot in self.queues
 
+    def hold(self, slot: int, held: bool) -> None:
+        """Stop reading slot ``slot``'s queues (its tunnel's writes wait above their
+        high-water mark), or read them again. Meanwhile its packets wait in the kernel's
+        queue, bounded by its max_len (beyond, the kernel drops: fail closed), and its TCP
+        senders slow down by themselves (their unsent data counts against them, TCP Small
+        Queues), where reading them only to drop them (tunnel-congested) lost up to 64 KB
+        each and made them retransmit. No other session's queue is touched."""
+        if held == (slot in self.held):
+            return
+        queues = [q for q in (self.segmenting.get(slot), self.queues.get(slot)) if q is not None]
+        if held:
+            self.held.add(slot)
+            for queue in queues:
+                self.loop.remove_reader(queue.fileno())
+            return
+        self.held.discard(slot)
+        for queue in queues:
+            self.loop.add_reader(queue.fileno(), self.drains[queue.fileno()])
+
     def detach(self, session: SlotSession) -> None:
         """The session's queue and TUN device are closed (if it had them)."""
+        self.held.discard(session.slot)
         for queues in (self.queues, self.segmenting):
             queue = queues.pop(session.slot, None)
             if queue is not None:
                 self.loop.remove_reader(queue.fileno())
+                self.drains.pop(queue.fileno(), None)
                 queue.close()
         fd = self.tun_fds.pop(session.slot, None)
         if fd is not None:
