@@ -18,6 +18,8 @@ from pvpn.nodes.client import SlotSession
 #: A packet of a session and its NFQA_SKB_INFO flags: True, taken (dropped by the queue: it
 #: never leaves the host in clear), or the verdict that hands it to its segmenting queue.
 Take = Callable[[bytes, int], "bool | int"]
+#: Seconds a session's queues stay unread while its chain's writes are backed up (hold).
+HOLD_MAX = 0.2
 
 
 class SessionDevices:
@@ -36,7 +38,7 @@ class SessionDevices:
         self.tun_fds: dict[int, int] = {}
         self.vnet: set[int] = set()  # the TUN fds whose packets carry a virtio_net_hdr
         self.drains: dict[int, Callable[[], None]] = {}  # by queue fd: what reads it
-        self.held: set[int] = set()  # slots whose queues are not read (hold)
+        self.held: dict[int, asyncio.TimerHandle] = {}  # slots whose queues are not read
 
     def attach(self, session: SlotSession, take: Take) -> None:
         """The session's TUN device and queue, read from now on (PvpnError: neither is kept)."""
@@ -105,22 +107,27 @@ class SessionDevices:
         queue, bounded by its max_len (beyond, the kernel drops: fail closed), and its TCP
         senders slow down by themselves (their unsent data counts against them, TCP Small
         Queues), where reading them only to drop them (tunnel-congested) lost up to 64 KB
-        each and made them retransmit. No other session's queue is touched."""
+        each and made them retransmit. No other session's queue is touched. A hold lasts
+        at most HOLD_MAX: a chain that stays backed up longer gets its packets read (and
+        dropped as tunnel-congested) as before, so what a user's packets pin in the kernel
+        and how long they wait stay short whatever their chain does."""
         if held == (slot in self.held):
             return
         queues = [q for q in (self.segmenting.get(slot), self.queues.get(slot)) if q is not None]
         if held:
-            self.held.add(slot)
+            self.held[slot] = self.loop.call_later(HOLD_MAX, self.hold, slot, False)
             for queue in queues:
                 self.loop.remove_reader(queue.fileno())
             return
-        self.held.discard(slot)
+        self.held.pop(slot).cancel()
         for queue in queues:
             self.loop.add_reader(queue.fileno(), self.drains[queue.fileno()])
 
     def detach(self, session: SlotSession) -> None:
         """The session's queue and TUN device are closed (if it had them)."""
-        self.held.discard(session.slot)
+        timer = self.held.pop(session.slot, None)
+        if timer is not None:
+            timer.cancel()
         for queues in (self.queues, self.segmenting):
             queue = queues.pop(session.slot, None)
             if queue is not None:

@@ -10,7 +10,7 @@ from typing import Any, Callable
 
 from pvpn.io.chainlink import HopConnections, _Hop
 from pvpn.io.loop import Guard
-from pvpn.io.sessiondevices import SessionDevices
+from pvpn.io.sessiondevices import HOLD_MAX, SessionDevices
 
 
 class Tunnel:
@@ -21,11 +21,25 @@ class Tunnel:
     slot = 3
 
 
+class Timer:
+    def __init__(self, delay: float, callback: Callable[..., None], *args: Any) -> None:
+        self.delay, self.callback, self.args = delay, callback, args
+        self.cancelled = False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
 class Readers:
-    """The loop's readers, as add_reader / remove_reader leave them."""
+    """The loop's readers, as add_reader / remove_reader leave them, and its timers."""
 
     def __init__(self) -> None:
         self.readers: dict[int, Callable[[], None]] = {}
+        self.timers: list[Timer] = []
+
+    def call_later(self, delay: float, callback: Callable[..., None], *args: Any) -> Timer:
+        self.timers.append(Timer(delay, callback, *args))
+        return self.timers[-1]
 
     def add_reader(self, fd: int, callback: Callable[[], None]) -> None:
         self.readers[fd] = callback
@@ -115,6 +129,22 @@ def test_a_session_detached_while_held_is_not_held_after() -> None:
         slot = 3
     devices.tun_fds.clear()
     devices.detach(Session())  # type: ignore[arg-type]
-    assert devices.held == set() and 30 not in devices.drains and 31 not in devices.drains
+    assert devices.held == {} and 30 not in devices.drains and 31 not in devices.drains
+    assert loop.timers[-1].cancelled
     devices.hold(3, False)  # its hop drains after it ended: nothing to read again
     assert set(loop.readers) == {40, 41}
+
+
+def test_a_hold_ends_by_itself_after_hold_max() -> None:
+    """A chain that stays backed up gets its session's packets read (and dropped as
+    tunnel-congested) as before: what they pin in the kernel, and how long they wait, stays
+    short whatever the chain does."""
+    devices, loop = devices_with_two_sessions()
+    readers = dict(loop.readers)
+    devices.hold(3, True)
+    (timer,) = loop.timers
+    assert timer.delay == HOLD_MAX
+    timer.callback(*timer.args)
+    assert loop.readers == readers and devices.held == {}
+    devices.hold(3, False)  # the chain drains later: nothing more to do
+    assert loop.readers == readers
