@@ -135,10 +135,8 @@ class ClientDaemon:
         """A chain's writes wait above their high-water mark (or drained): its session's
         queues are not read meanwhile (SessionDevices.hold)."""
         link = self.host.links.get(tunnel.slot)
-        if link is not None and link.tunnel is tunnel:
-            self.devices.hold(tunnel.slot, held)
-        elif not held:
-            self.devices.hold(tunnel.slot, False)
+        if not held or (link is not None and link.tunnel is tunnel):
+            self.devices.hold(tunnel.slot, held, tunnel)  # ended only by the chain that asked
 
     def _after_chain(self) -> None:
         self.run()

@@ -70,18 +70,26 @@ class _Hop(asyncio.Protocol):
         self.hops, self.tunnel = hops, tunnel
         self.transport: asyncio.Transport | None = None
         self.closed = False  # closed by us: its end is no news
+        self.paused = False  # its own writes wait above the high-water mark
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport = stream_transport(transport)
         transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
 
     def pause_writing(self) -> None:
-        self._congestion(True)
+        self.paused = True
+        self.congestion(True)
 
     def resume_writing(self) -> None:
-        self._congestion(False)
+        self.paused = False
+        self.congestion(False)
 
-    def _congestion(self, congested: bool) -> None:
+    def congestion(self, congested: bool) -> None:
+        """The tunnel's congestion, as this hop's writes say it; only the tunnel's current
+        hop speaks for it (an old one, closed and still draining or ending, must not clear
+        what its successor set, or the successor's writes would grow without bound)."""
+        if self.hops.hops.get(self.tunnel) is not self:
+            return
         tunnel = self.tunnel
         tunnel.congested = congested
         chain = tunnel.chain
@@ -98,9 +106,10 @@ class _Hop(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         hops = self.hops
-        if self.tunnel.congested:  # nothing waits to be written any more: nothing held
-            self._congestion(False)
         if hops.hops.get(self.tunnel) is self:
+            if self.paused:  # nothing waits to be written any more: nothing held
+                self.paused = False
+                self.congestion(False)
             del hops.hops[self.tunnel]
         if self.closed:
             return
@@ -147,6 +156,8 @@ class HopConnections:
             return
         set_nodelay(hop.transport)
         self.hops[tunnel] = hop
+        if tunnel.congested:  # what an earlier hop said no longer holds
+            hop.congestion(False)
         self.guard.call("chain connected", self.host.chain_event, tunnel, self.now(), True)
         self.after()
 
@@ -159,6 +170,11 @@ class HopConnections:
         hop = self.hops.get(tunnel)
         if data and hop is not None and hop.transport is not None:
             hop.transport.write(data)
+            # A backstop: whatever the flags say, a buffer this large is congested (its next
+            # packets are dropped as such), so it cannot grow without bound.
+            if (not tunnel.congested
+                    and hop.transport.get_write_buffer_size() > 4 * WRITE_HIGH_WATER):
+                hop.congestion(True)
 
     def close(self, tunnel: HostedTunnel) -> None:
         self.write(tunnel)  # a CLOSE goes first

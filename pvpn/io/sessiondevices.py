@@ -18,8 +18,12 @@ from pvpn.nodes.client import SlotSession
 #: A packet of a session and its NFQA_SKB_INFO flags: True, taken (dropped by the queue: it
 #: never leaves the host in clear), or the verdict that hands it to its segmenting queue.
 Take = Callable[[bytes, int], "bool | int"]
-#: Seconds a session's queues stay unread while its chain's writes are backed up (hold).
+#: Seconds a session's queues stay unread while its chain's writes are backed up (hold),
+#: and after a hold that lasted that long, how long before the next may start: a chain kept
+#: backed up (a hop that reads just enough, on purpose) holds its queues at most a sixth of
+#: the time, and meanwhile its packets are read and dropped (tunnel-congested) as before.
 HOLD_MAX = 0.2
+HOLD_PAUSE = 1.0
 
 
 class SessionDevices:
@@ -38,7 +42,9 @@ class SessionDevices:
         self.tun_fds: dict[int, int] = {}
         self.vnet: set[int] = set()  # the TUN fds whose packets carry a virtio_net_hdr
         self.drains: dict[int, Callable[[], None]] = {}  # by queue fd: what reads it
-        self.held: dict[int, asyncio.TimerHandle] = {}  # slots whose queues are not read
+        # Slots whose queues are not read: who asked (the chain) and the hold's end.
+        self.held: dict[int, tuple[object, asyncio.TimerHandle]] = {}
+        self.no_hold_until: dict[int, float] = {}  # by slot: after a hold that timed out
 
     def attach(self, session: SlotSession, take: Take) -> None:
         """The session's TUN device and queue, read from now on (PvpnError: neither is kept)."""
@@ -101,7 +107,7 @@ class SessionDevices:
     def attached(self, session: SlotSession) -> bool:
         return session.slot in self.queues
 
-    def hold(self, slot: int, held: bool) -> None:
+    def hold(self, slot: int, held: bool, owner: object = None) -> None:
         """Stop reading slot ``slot``'s queues (its tunnel's writes wait above their
         high-water mark), or read them again. Meanwhile its packets wait in the kernel's
         queue, bounded by its max_len (beyond, the kernel drops: fail closed), and its TCP
@@ -110,24 +116,44 @@ class SessionDevices:
         each and made them retransmit. No other session's queue is touched. A hold lasts
         at most HOLD_MAX: a chain that stays backed up longer gets its packets read (and
         dropped as tunnel-congested) as before, so what a user's packets pin in the kernel
-        and how long they wait stay short whatever their chain does."""
+        and how long they wait stay short whatever their chain does. Only ``owner`` (the
+        chain that asked) ends its hold early: an old chain of the slot cannot end a new one's."""
         if held == (slot in self.held):
             return
         queues = [q for q in (self.segmenting.get(slot), self.queues.get(slot)) if q is not None]
         if held:
-            self.held[slot] = self.loop.call_later(HOLD_MAX, self.hold, slot, False)
+            if self.loop.time() < self.no_hold_until.get(slot, 0.0):
+                return
+            timer = self.loop.call_later(HOLD_MAX, self.guard.call, "queue hold",
+                                         self._timed_out, slot)
+            self.held[slot] = (owner, timer)
             for queue in queues:
                 self.loop.remove_reader(queue.fileno())
             return
-        self.held.pop(slot).cancel()
-        for queue in queues:
-            self.loop.add_reader(queue.fileno(), self.drains[queue.fileno()])
+        if self.held[slot][0] is owner:
+            self._release(slot)
+
+    def _timed_out(self, slot: int) -> None:
+        self.no_hold_until[slot] = self.loop.time() + HOLD_PAUSE
+        self._release(slot)
+
+    def _release(self, slot: int) -> None:
+        """Read the slot's queues again (every one of them, whatever fails)."""
+        found = self.held.pop(slot, None)
+        if found is None:
+            return
+        found[1].cancel()
+        for queue in (self.segmenting.get(slot), self.queues.get(slot)):
+            if queue is not None:
+                self.guard.call("queue hold", self.loop.add_reader, queue.fileno(),
+                                self.drains[queue.fileno()])
 
     def detach(self, session: SlotSession) -> None:
         """The session's queue and TUN device are closed (if it had them)."""
-        timer = self.held.pop(session.slot, None)
-        if timer is not None:
-            timer.cancel()
+        found = self.held.pop(session.slot, None)
+        if found is not None:
+            found[1].cancel()
+        self.no_hold_until.pop(session.slot, None)
         for queues in (self.queues, self.segmenting):
             queue = queues.pop(session.slot, None)
             if queue is not None:

@@ -10,7 +10,7 @@ from typing import Any, Callable
 
 from pvpn.io.chainlink import HopConnections, _Hop
 from pvpn.io.loop import Guard
-from pvpn.io.sessiondevices import HOLD_MAX, SessionDevices
+from pvpn.io.sessiondevices import HOLD_MAX, HOLD_PAUSE, SessionDevices
 
 
 class Tunnel:
@@ -47,8 +47,10 @@ class Readers:
     def remove_reader(self, fd: int) -> bool:
         return self.readers.pop(fd, None) is not None
 
+    now = 0.0
+
     def time(self) -> float:
-        return 0.0
+        return self.now
 
 
 class Queue:
@@ -64,6 +66,7 @@ class Queue:
 
 
 def hop_with(told: list[tuple[Any, bool]]) -> tuple[_Hop, Tunnel]:
+    """The tunnel's current hop."""
     loop = asyncio.new_event_loop()
     try:
         hops = HopConnections(loop, Guard(lambda record: None), host=None,  # type: ignore[arg-type]
@@ -72,7 +75,29 @@ def hop_with(told: list[tuple[Any, bool]]) -> tuple[_Hop, Tunnel]:
         loop.close()
     tunnel = Tunnel()
     hop = _Hop(hops, tunnel)  # type: ignore[arg-type]
+    hops.hops[tunnel] = hop  # type: ignore[index]
     return hop, tunnel
+
+
+def test_an_old_hop_of_the_chain_never_clears_what_its_successor_says() -> None:
+    """The chain failed and reconnected (same tunnel, a new hop); the old hop, closed by us,
+    still drains or ends. Its resume_writing or connection_lost cleared the tunnel's
+    congestion and released the new hop's hold, and the new hop, paused for good, was never
+    told again: pvpn-client buffered a local user's packets without bound (the review
+    reproduced 15 MB and growing, through a relay the user ran)."""
+    told: list[tuple[Any, bool]] = []
+    old, tunnel = hop_with(told)
+    old.pause_writing()
+    new = _Hop(old.hops, tunnel)  # type: ignore[arg-type]
+    old.hops.hops[tunnel] = new  # type: ignore[index]
+    new.pause_writing()
+    assert tunnel.congested and told == [(tunnel, True), (tunnel, True)]
+    old.closed = True
+    old.resume_writing()
+    old.connection_lost(None)
+    assert tunnel.congested and told == [(tunnel, True), (tunnel, True)]
+    new.resume_writing()
+    assert not tunnel.congested and told[-1] == (tunnel, False)
 
 
 def test_a_hop_that_cannot_write_holds_its_session_and_releases_it_when_it_drains() -> None:
@@ -112,10 +137,12 @@ def devices_with_two_sessions() -> tuple[SessionDevices, Readers]:
 def test_a_held_session_s_queues_are_not_read_and_no_other_session_is_touched() -> None:
     devices, loop = devices_with_two_sessions()
     readers = dict(loop.readers)
-    devices.hold(3, True)
+    devices.hold(3, True, "alice's chain")
     assert set(loop.readers) == {40, 41}  # bob's queues are read on
-    devices.hold(3, True)  # twice: no harm
-    devices.hold(3, False)
+    devices.hold(3, True, "alice's chain")  # twice: no harm
+    devices.hold(3, False, "an old chain of that slot")  # not who asked: no end
+    assert set(loop.readers) == {40, 41}
+    devices.hold(3, False, "alice's chain")
     assert loop.readers == readers  # the same drains as before
     devices.hold(4, False)  # not held: nothing changes
     assert loop.readers == readers
@@ -144,7 +171,14 @@ def test_a_hold_ends_by_itself_after_hold_max() -> None:
     devices.hold(3, True)
     (timer,) = loop.timers
     assert timer.delay == HOLD_MAX
-    timer.callback(*timer.args)
+    loop.now = HOLD_MAX
+    timer.callback(*timer.args)  # the guard's call of the release
     assert loop.readers == readers and devices.held == {}
     devices.hold(3, False)  # the chain drains later: nothing more to do
     assert loop.readers == readers
+    # A chain that backs up again at once is not held again for a while.
+    devices.hold(3, True)
+    assert loop.readers == readers and len(loop.timers) == 1
+    loop.now = HOLD_MAX + HOLD_PAUSE
+    devices.hold(3, True)
+    assert set(loop.readers) == {40, 41}
