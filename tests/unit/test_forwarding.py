@@ -20,6 +20,7 @@ from pvpn.errors import ConfigError
 from pvpn.forwarding import FIRST_INTERVAL, RETRY_FIRST, RETRY_MAX, SAMPLE, ForwardCheck
 
 from test_offload import DATA
+from test_workers import minimal_server_config
 from test_protocol import Harness, pki_dir  # noqa: F401 - the fixture
 
 
@@ -241,13 +242,7 @@ def test_the_counting_rule_is_in_every_servers_rules_and_postrouting_leads_to_it
 
 
 def test_the_forward_uploads_setting(tmp_path: Any) -> None:
-    for name in ("server.crt", "server.key"):
-        (tmp_path / name).write_text("x")
-    (tmp_path / "users").mkdir()
-    base = (f'[server]\nname = "server"\nlisten = ["127.0.0.1:4433"]\n'
-            f'certificate = "{tmp_path}/server.crt"\nprivate_key = "{tmp_path}/server.key"\n'
-            f'authorized_keys = "{tmp_path}/users"\n')
-    path = tmp_path / "server.toml"
+    path, base = minimal_server_config(tmp_path)
     path.write_text(base)
     assert load_server_config(path).forward_uploads, "whole unless told otherwise"
     path.write_text(base + "forward_uploads = false\n")

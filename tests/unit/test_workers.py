@@ -167,16 +167,22 @@ def test_a_resume_of_another_workers_session_is_handed_over_never_served(
     assert first(w1.events[2], LinkEstablished).resumed
 
 
-def test_the_workers_setting(tmp_path: Path) -> None:
-    from pvpn.config import load_server_config
-
+def minimal_server_config(tmp_path: Path) -> tuple[Path, str]:
+    """A server.toml path in ``tmp_path`` and the least [server] table it loads with (its
+    files made), for a test of one more setting."""
     for name in ("server.crt", "server.key"):
         (tmp_path / name).write_text("x")
     (tmp_path / "users").mkdir()
     base = (f'[server]\nname = "server"\nlisten = ["127.0.0.1:4433"]\n'
             f'certificate = "{tmp_path}/server.crt"\nprivate_key = "{tmp_path}/server.key"\n'
             f'authorized_keys = "{tmp_path}/users"\n')
-    path = tmp_path / "server.toml"
+    return tmp_path / "server.toml", base
+
+
+def test_the_workers_setting(tmp_path: Path) -> None:
+    from pvpn.config import load_server_config
+
+    path, base = minimal_server_config(tmp_path)
     path.write_text(base)
     assert load_server_config(path).workers == 1, "one process unless asked"
     path.write_text(base + "workers = 2\n")
