@@ -149,6 +149,16 @@ for _ in range(3):
 """
 
 
+def forwarded_by_worker(info: dict[str, Any]) -> list[int]:
+    """Each worker's count of the IPv4 super-packets its kernel forwarded whole
+    (firewall.forward_count: one rule per worker, in the workers' order)."""
+    out = subprocess.run(["ip", "netns", "exec", info["hosts"]["server"]["namespace"],
+                          "iptables-save", "-t", "mangle", "-c"], capture_output=True,
+                         text=True, check=True, timeout=30).stdout
+    return [int(line[1:].split(":")[0]) for line in out.splitlines()
+            if "super-packets forwarded" in line]
+
+
 def cut_links(info: dict[str, Any]) -> None:
     """Abort the client host's connections to the first hop (SOCK_DESTROY, a reset)."""
     subprocess.run(["ip", "netns", "exec", info["hosts"]["client"]["namespace"], "ss", "-K",
@@ -174,6 +184,17 @@ def test_two_workers_share_users_resume_across_workers_and_survive_a_kill(
             disconnect(wlab, "alice")
             disconnect(wlab, "bob")
         assert seen == {0, 1}, "both workers serve sessions"
+        # Each user's bulk upload goes whole to the kernel's forwarding from the worker that
+        # holds the session, counted by that worker's own rule (its slice of NAT ports).
+        for user, session in (("alice", alice), ("bob", bob)):
+            worker = owner(wlab, session)
+            assert worker is not None
+            before = forwarded_by_worker(wlab)
+            iperf = sh(wlab, "client", user, "iperf3", "-c", wlab["target"]["ipv4"], "-t", "1",
+                       timeout=60)
+            assert iperf.returncode == 0, iperf.stdout.decode()[-2000:]
+            after = forwarded_by_worker(wlab)
+            assert after[worker] - before[worker] > 10, (user, worker, before, after)
         # Each worker's ICMP: echo replies by identifier (the largest by its own TUN
         # device), errors by the port of the packet they quote.
         for user in ("alice", "bob"):
